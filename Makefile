@@ -1,0 +1,32 @@
+# Fresh clone: `make test` or `make demo` creates .venv and installs everything.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+RANK1  := $(VENV)/bin/rank1
+# torch is pinned for development and CI (a CPU wheel of it is on these machines);
+# the package itself accepts torch>=2.1.
+TORCH_PIN ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(RANK1) demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) demo-out benchmarks/work .pytest_cache

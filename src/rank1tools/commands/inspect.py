@@ -1,0 +1,105 @@
+"""`rank1 inspect`: what a model folder or a training run holds, from headers only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import Rank1Error
+from ..io.checkpoint import open_checkpoint
+from ..io.runs import discover_run, looks_like_run, select_steps
+from ..modules import parse_matrix_module
+
+
+@dataclass
+class ModelReport:
+    source: str
+    tensors: int
+    parameters: int
+    bytes: int
+    dtypes: dict[str, int]
+    shards: int
+    matrix_modules: int
+    matrix_parameters: int
+    module_types: dict[str, int]
+    layers: int
+    lm_head_tied: bool
+    revision: str | None = None
+    kind: str = "model"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunCheckpointReport:
+    step: int
+    path: str
+    layout: str
+    weights: str | None
+    status: str  # "ok" or "unusable"
+    problem: str | None = None
+    dtypes: dict[str, int] = field(default_factory=dict)
+    tensors: int = 0
+    parameters: int = 0
+
+
+@dataclass
+class RunReport:
+    source: str
+    checkpoints: list[RunCheckpointReport]
+    kind: str = "run"
+
+    @property
+    def problems(self) -> list[RunCheckpointReport]:
+        return [c for c in self.checkpoints if c.status != "ok"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def inspect_model(source: str) -> ModelReport:
+    ckpt = open_checkpoint(source)
+    types: dict[str, int] = {}
+    layers: set[int] = set()
+    matrix_params = 0
+    for name, e in ckpt.entries.items():
+        mod = parse_matrix_module(name, e.shape)
+        if mod is not None:
+            types[mod.type] = types.get(mod.type, 0) + 1
+            layers.add(mod.layer)
+            matrix_params += e.numel
+    return ModelReport(
+        source=source, tensors=len(ckpt.entries), parameters=ckpt.parameter_count, bytes=ckpt.nbytes,
+        dtypes=ckpt.dtypes(), shards=len(ckpt.shards), matrix_modules=sum(types.values()),
+        matrix_parameters=matrix_params, module_types=dict(sorted(types.items())), layers=len(layers),
+        lm_head_tied=ckpt.lm_head_tied, revision=ckpt.revision,
+    )
+
+
+def inspect_run(source: str, steps: str | None = None) -> RunReport:
+    rows = []
+    for rc in select_steps(discover_run(source), steps):
+        row = RunCheckpointReport(step=rc.step, path=str(rc.path), layout=rc.layout,
+                                  weights=str(rc.weights) if rc.weights else None,
+                                  status="ok" if rc.problem is None else "unusable", problem=rc.problem)
+        if rc.weights is not None:
+            try:
+                ckpt = open_checkpoint(rc.weights)
+                row.dtypes, row.tensors, row.parameters = ckpt.dtypes(), len(ckpt.entries), ckpt.parameter_count
+            except Rank1Error as e:
+                row.status, row.problem = "unusable", str(e)
+        rows.append(row)
+    return RunReport(source=source, checkpoints=rows)
+
+
+def inspect_source(source: str, steps: str | None = None) -> ModelReport | RunReport:
+    """A model report for weights, a run report for a directory of step folders."""
+    p = Path(source)
+    if p.is_dir() and not _has_weights(p) and looks_like_run(p):
+        return inspect_run(source, steps)
+    return inspect_model(source)
+
+
+def _has_weights(p: Path) -> bool:
+    return any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()

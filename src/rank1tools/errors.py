@@ -1,0 +1,29 @@
+"""Errors users can act on, each mapped to a CLI exit code.
+
+Exit codes: 0 success, 1 unexpected internal error, 2 usage error (bad option values),
+3 bad input (missing, corrupt or inconsistent checkpoints), 4 output refused (exists, unsafe place).
+"""
+
+
+class Rank1Error(Exception):
+    """Base class: the message is one line a user can act on."""
+
+    exit_code = 1
+
+
+class UsageError(Rank1Error):
+    """An option value is invalid (e.g. a malformed --steps)."""
+
+    exit_code = 2
+
+
+class InputError(Rank1Error):
+    """An input path, file or tensor is missing, unreadable or inconsistent."""
+
+    exit_code = 3
+
+
+class OutputError(Rank1Error):
+    """The output cannot be written where asked (exists without --force, inside an input, ...)."""
+
+    exit_code = 4

@@ -1,0 +1,202 @@
+"""Checkpoint sources: a set of named tensors read lazily, one tensor (or slice) at a time.
+
+A source is a Hugging Face model directory (`model.safetensors`, or shards listed in
+`model.safetensors.index.json`) or a single `.safetensors` file. Pickle weights (`.bin`, `.pt`)
+are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..modules import EMBEDDING_NAMES, LM_HEAD_NAME
+from .safetensors_file import TensorEntry, read_entry, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class Checkpoint:
+    """Named tensors of one model, listed from headers only and read on demand.
+
+    Attributes:
+        label: how the user named it (path or hub address), used in messages.
+        weight_dir: folder holding the weight files.
+        root: folder holding config.json/tokenizer files, or None for a bare file.
+        entries: tensor name -> TensorEntry, in file order.
+        config: parsed config.json, or None.
+        lm_head_tied: True when `lm_head.weight` is not stored because it is tied to the embedding;
+            reading `lm_head.weight` then returns the embedding.
+        revision: resolved revision (commit sha) for remote sources, None locally.
+    """
+
+    def __init__(self, label: str, weight_dir: Path, entries: dict[str, TensorEntry],
+                 config: dict | None, root: Path | None, revision: str | None = None):
+        self.label = label
+        self.weight_dir = weight_dir
+        self.entries = entries
+        self.config = config
+        self.root = root
+        self.revision = revision
+        self.lm_head_tied = LM_HEAD_NAME not in entries and self._embedding_name() is not None and (
+            config is None or config.get("tie_word_embeddings", True) is not False
+        )
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.label!r}, {len(self.entries)} tensors)"
+
+    # ---- listing (headers only) ----
+    @property
+    def names(self) -> list[str]:
+        """Stored tensor names, in file order."""
+        return list(self.entries)
+
+    @property
+    def shards(self) -> list[str]:
+        return list(dict.fromkeys(e.shard for e in self.entries.values()))
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(e.numel for e in self.entries.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def dtypes(self) -> dict[str, int]:
+        """safetensors dtype code -> number of tensors."""
+        out: dict[str, int] = {}
+        for e in self.entries.values():
+            out[e.dtype] = out.get(e.dtype, 0) + 1
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries or (name == LM_HEAD_NAME and self.lm_head_tied)
+
+    def entry(self, name: str) -> TensorEntry:
+        """The stored entry behind `name` (a tied lm_head resolves to the embedding)."""
+        if name in self.entries:
+            return self.entries[name]
+        if name == LM_HEAD_NAME and self.lm_head_tied:
+            return self.entries[self._embedding_name()]
+        raise InputError(f"{self.label}: has no tensor {name!r}")
+
+    def _embedding_name(self) -> str | None:
+        for n in self.entries:
+            if n.endswith(EMBEDDING_NAMES):
+                return n
+        return None
+
+    # ---- reading (one tensor at a time) ----
+    def shard_path(self, shard: str) -> Path:
+        """Local path of a weight file (remote sources fetch it here)."""
+        return self.weight_dir / shard
+
+    def read_raw(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype, on CPU, bit-exact."""
+        e = self.entry(name)
+        return read_entry(self.shard_path(e.shard), e).reshape(e.shape)
+
+    def read(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [a, b) of it) upcast to `dtype` on `device`."""
+        e = self.entry(name)
+        if rows is None:
+            flat = read_entry(self.shard_path(e.shard), e)
+            shape = e.shape
+        else:
+            a, b = rows
+            per_row = e.numel // e.shape[0] if e.shape and e.shape[0] else 0
+            flat = read_entry(self.shard_path(e.shard), e, a * per_row, b * per_row)
+            shape = (b - a, *e.shape[1:])
+        # move in the stored dtype, then upcast: half the host-to-device traffic for bf16
+        return flat.reshape(shape).to(device=device).to(dtype)
+
+    def read_flat(self, name: str, start: int, stop: int, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, upcast, as a 1-D tensor."""
+        e = self.entry(name)
+        return read_entry(self.shard_path(e.shard), e, start, stop).to(device=device).to(dtype)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a local model directory or `.safetensors` file (headers only)."""
+    label = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{label}: no such file or directory")
+    if p.is_file():
+        if p.suffix in PICKLE_SUFFIXES:
+            raise _pickle_error(label, p.name)
+        if p.suffix != ".safetensors":
+            raise InputError(f"{label}: not a .safetensors file")
+        entries, _ = read_header(p)
+        return Checkpoint(label, p.parent, entries, None, None)
+    config = read_config(p)
+    index = p / INDEX_FILE
+    if index.is_file():
+        entries = _read_sharded(p, index, label)
+    elif (p / SINGLE_FILE).is_file():
+        entries, _ = read_header(p / SINGLE_FILE)
+    else:
+        files = sorted(f.name for f in p.glob("*.safetensors") if f.is_file())
+        if len(files) == 1:
+            entries, _ = read_header(p / files[0])
+        elif files:
+            raise InputError(f"{label}: {len(files)} .safetensors files but no {INDEX_FILE} to say which form the model")
+        else:
+            pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise _pickle_error(label, pickles[0])
+            raise InputError(f"{label}: no safetensors weights (expected {SINGLE_FILE} or {INDEX_FILE})")
+    return Checkpoint(label, p, entries, config, p)
+
+
+def read_config(folder: Path) -> dict | None:
+    """Parsed config.json of a model folder, None if absent."""
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        return None
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{cfg}: unreadable config.json ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{cfg}: config.json is not a JSON object")
+    return data
+
+
+def _read_sharded(folder: Path, index: Path, label: str) -> dict[str, TensorEntry]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{index}: unreadable index ({' '.join(str(e).split())})") from None
+    root = folder.resolve()
+    shards = list(dict.fromkeys(weight_map.values()))
+    entries: dict[str, TensorEntry] = {}
+    for shard in shards:
+        sp = (folder / shard).resolve() if isinstance(shard, str) else None
+        if sp is None or Path(shard).is_absolute() or sp.parent != root:
+            raise InputError(f"{index}: shard {shard!r} is not a file inside {folder}")
+        if not sp.is_file():
+            raise InputError(f"{index}: names shard {shard!r}, which does not exist")
+        shard_entries, _ = read_header(sp, shard)
+        entries.update(shard_entries)
+    for name, shard in weight_map.items():
+        if name not in entries or entries[name].shard != shard:
+            raise InputError(f"{index}: maps tensor {name!r} to {shard!r}, which does not hold it")
+    return entries
+
+
+def _pickle_error(label: str, filename: str) -> InputError:
+    return InputError(
+        f"{label}: {filename} is a pickle file; rank1tools reads only safetensors and never unpickles "
+        "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
+    )

@@ -1,0 +1,149 @@
+"""One safetensors file: header-only listing and byte-range reads of single tensors.
+
+Headers are parsed with huggingface_hub (no tensor data read). Data is read with `os.preadv`
+into a fresh buffer rather than through safetensors' memory map: pages of a mapped file count
+as resident while it is open, so streaming a 16 GB checkpoint through mmap shows 16 GB RSS.
+Reading exactly the bytes of one tensor (or of a row/element range of it) keeps memory at
+one tensor, and a truncated file is detected from its header before any data is read.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _name):  # unsigned wide ints exist from torch 2.3
+        SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live: shard file (relative name), absolute offset, size."""
+
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    shard: str  # file name relative to the checkpoint's weight folder
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+
+def read_header(path: Path, shard: str | None = None) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse a safetensors header: tensor entries and the `__metadata__` dict.
+
+    Checks what safetensors itself would refuse later (truncated file, offsets that overlap,
+    leave holes or do not match shape x dtype) so that a corrupt file fails before any work.
+    """
+    from huggingface_hub import parse_local_safetensors_file_metadata
+    from huggingface_hub.errors import SafetensorsParsingError
+
+    path = Path(path)
+    shard = shard or path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise InputError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})")
+        meta = parse_local_safetensors_file_metadata(path)
+    except SafetensorsParsingError as e:
+        raise InputError(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+
+    data_start = 8 + header_len
+    entries: dict[str, TensorEntry] = {}
+    spans = []
+    for name, info in meta.tensors.items():
+        if info.dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info.dtype}")
+        begin, end = info.data_offsets
+        shape = tuple(int(s) for s in info.shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info.dtype]).element_size()
+        if end - begin != numel * itemsize:
+            raise InputError(
+                f"{path}: tensor {name!r} occupies {end - begin} bytes but shape {list(shape)} {info.dtype} needs {numel * itemsize}"
+            )
+        entries[name] = TensorEntry(name, info.dtype, shape, shard, data_start + begin, end - begin)
+        spans.append((begin, end, name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise InputError(f"{path}: tensor {name!r} data offsets overlap or leave a hole (corrupt file)")
+        pos = end
+    if data_start + pos != size:
+        raise InputError(
+            f"{path}: file is {size} bytes but its header describes {data_start + pos} (truncated or corrupt)"
+        )
+    return entries, dict(meta.metadata or {})
+
+
+def read_bytes(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    """Read `nbytes` at `offset` into a new uint8 tensor (no memory map)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes == 0:
+        return buf
+    view = memoryview(buf.numpy()).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise InputError(f"{path}: unexpected end of file at byte {offset + done} (truncated?)")
+            done += n
+    finally:
+        os.close(fd)
+    return buf
+
+
+def read_entry(path: Path, entry: TensorEntry, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Elements [start, stop) of the flattened tensor, in its stored dtype, as a 1-D CPU tensor."""
+    stop = entry.numel if stop is None else stop
+    if not 0 <= start <= stop <= entry.numel:
+        raise ValueError(f"element range [{start}, {stop}) outside tensor {entry.name!r} of {entry.numel} elements")
+    itemsize = entry.nbytes // entry.numel if entry.numel else 1
+    raw = read_bytes(path, entry.offset + start * itemsize, (stop - start) * itemsize)
+    return raw.view(entry.torch_dtype)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())

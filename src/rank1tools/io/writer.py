@@ -1,0 +1,205 @@
+"""Streaming, shard-aware checkpoint writer.
+
+The shard plan (which tensor goes to which `model-0000i-of-0000N.safetensors`) is made up front
+from names, shapes and dtypes with huggingface_hub's planner, so every shard's header and every
+tensor's byte offset are known before any data exists. Tensors are then written one at a time,
+in any order, with `pwrite`: memory stays at one tensor whatever the model size (safetensors'
+own `save_file` needs a whole shard in memory). Everything goes to a temporary directory beside
+the target, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import OutputError
+from .checkpoint import INDEX_FILE, Checkpoint
+from .safetensors_file import TORCH_TO_SAFETENSORS
+
+PROVENANCE_FILE = "rank1tools.json"
+# Files of a model folder that travel with its weights (config, tokenizer, chat template, remote code).
+AUX_PATTERNS = (
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "vocab.*", "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template*",
+    "preprocessor_config.json", "configuration_*.py", "modeling_*.py", "tokenization_*.py",
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor the writer will receive: name, shape and the dtype it is stored in."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def prepare_output(out_dir: str | Path, *, force: bool, inputs: list[Path] = ()) -> Path:
+    """Check that `out_dir` may be written: absent (or --force), and not inside or over an input."""
+    out = Path(out_dir).absolute()
+    for inp in inputs:
+        src = Path(inp).absolute()
+        src_dir = src if src.is_dir() else src.parent
+        if out == src_dir or src_dir in out.parents or out in src.parents:
+            raise OutputError(f"{out_dir}: output must not be inside or contain an input ({inp})")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"{out_dir}: exists and is not a directory")
+        if not force:
+            raise OutputError(f"{out_dir}: already exists; pass --force to replace it")
+    return out
+
+
+class ShardedWriter:
+    """Write a checkpoint folder tensor by tensor.
+
+    Usage::
+
+        with ShardedWriter(out, specs, max_shard_size="5GB", force=False) as w:
+            for spec in specs:
+                w.write(spec.name, tensor)
+            w.commit(copy_from=base, provenance={...})
+
+    Leaving the block without `commit` (an exception) removes the temporary directory: no partial output.
+    """
+
+    def __init__(self, out_dir: str | Path, specs: list[TensorSpec], *, max_shard_size: int | str = "5GB",
+                 force: bool = False):
+        from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+        self.out = prepare_output(out_dir, force=force)
+        self.specs = {s.name: s for s in specs}
+        if len(self.specs) != len(specs):
+            raise ValueError("duplicate tensor names in writer specs")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        try:
+            self.split = split_state_dict_into_shards_factory(
+                self.specs, get_storage_size=lambda s: s.nbytes,
+                filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
+            )
+            self._where: dict[str, tuple[Path, int]] = {}
+            for filename, names in self.split.filename_to_tensors.items():
+                self._create_shard(self.tmp / filename, [self.specs[n] for n in names])
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        self._pending = set(self.specs)
+        self.committed = False
+
+    def _create_shard(self, path: Path, specs: list[TensorSpec]) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for s in specs:
+            header[s.name] = {"dtype": TORCH_TO_SAFETENSORS[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [pos, pos + s.nbytes]}
+            pos += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        start = 8 + len(raw)
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            f.truncate(start + pos)  # sparse until written
+        for s in specs:
+            self._where[s.name] = (path, start + header[s.name]["data_offsets"][0])
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Store one tensor (cast to its planned dtype; moved to CPU)."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"writer was not told about tensor {name!r}")
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"tensor {name!r}: shape {list(tensor.shape)}, planned {list(spec.shape)}")
+        t = tensor.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
+        path, offset = self._where[name]
+        if spec.nbytes:
+            view = memoryview(t.view(torch.uint8).numpy()).cast("B")
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset + done)
+            finally:
+                os.close(fd)
+        self._pending.discard(name)
+
+    def commit(self, *, copy_from: Checkpoint | None = None, output_dtype: torch.dtype | None = None,
+               provenance: dict | None = None) -> Path:
+        """Finish: index, auxiliary files, provenance; rename into place. Returns the output path."""
+        if self._pending:
+            raise RuntimeError(f"writer: {len(self._pending)} tensors never written, e.g. {sorted(self._pending)[0]!r}")
+        if self.split.is_sharded:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
+                     "weight_map": dict(sorted(self.split.tensor_to_filename.items()))}
+            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if copy_from is not None and copy_from.root is not None:
+            copy_aux_files(copy_from.root, self.tmp, output_dtype)
+        if provenance is not None:
+            record = {"tool": "rank1tools", "version": __version__, **provenance}
+            (self.tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if self.out.exists():  # --force: swap, then remove the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.replace(self.out, old / "x")
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        self.committed = True
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+
+
+def copy_aux_files(src: Path, dst: Path, output_dtype: torch.dtype | None) -> list[str]:
+    """Copy config/tokenizer/chat-template files; set config's dtype field to `output_dtype`."""
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and any(fnmatch(f.name, p) for p in AUX_PATTERNS):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    cfg_path = dst / "config.json"
+    if output_dtype is not None and cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        name = str(output_dtype).removeprefix("torch.")
+        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+        if any(cfg.get(k) != name for k in keys):
+            for k in keys:
+                cfg[k] = name
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return copied
+
+
+def provenance(command: str, inputs: list[Checkpoint], parameters: dict) -> dict:
+    """How an output was made: command line, inputs with resolved revisions, method parameters."""
+    return {
+        "command": command,
+        "argv": ["rank1", *sys.argv[1:]],
+        "inputs": [{"source": c.label, "revision": c.revision} for c in inputs],
+        "parameters": parameters,
+    }

@@ -1,0 +1,60 @@
+"""What a tensor name means: SPEC "Words" (matrix modules, layer index, module type).
+
+Pure string logic, no torch: usable from the CLI and every layer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# A decoder block: `*.layers.N.*`, `*.h.N.*`, `*.blocks.N.*` (Llama/Qwen/Mistral, GPT-2/Falcon, others).
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+# Projection name -> short module type. Fused projections keep a fused name.
+_MODULE_TYPES = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+    "query": "q", "key": "k", "value": "v", "dense": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+    "w1": "gate", "w3": "up", "w2": "down",
+    "qkv_proj": "qkv", "query_key_value": "qkv", "c_attn": "qkv", "Wqkv": "qkv",
+    "gate_up_proj": "gate_up", "c_fc": "up",
+    "fc1": "up", "fc2": "down", "dense_h_to_4h": "up", "dense_4h_to_h": "down",
+    "out_proj": "o",
+}
+
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+LM_HEAD_NAME = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class ModuleName:
+    """A matrix module's place in the network."""
+
+    layer: int
+    type: str  # q, k, v, o, gate, up, down, qkv, gate_up, or the projection's own name
+
+
+def layer_index(name: str) -> int | None:
+    """Decoder block index of a tensor name, or None outside the blocks."""
+    m = _BLOCK.search(name)
+    return int(m.group(1)) if m else None
+
+
+def parse_matrix_module(name: str, shape: tuple[int, ...] | list[int]) -> ModuleName | None:
+    """The module a 2-D `.weight` inside a decoder block is, or None if not a matrix module."""
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return None
+    layer = layer_index(name)
+    if layer is None:
+        return None
+    proj = name[: -len(".weight")].rsplit(".", 1)[-1]
+    if proj == "c_proj":  # GPT-2 uses c_proj for both attention output and MLP down
+        mtype = "down" if ".mlp." in name else "o"
+    else:
+        mtype = _MODULE_TYPES.get(proj, proj)
+    return ModuleName(layer=layer, type=mtype)
+
+
+def is_embedding(name: str) -> bool:
+    return name.endswith(EMBEDDING_NAMES)
