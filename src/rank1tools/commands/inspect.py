@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import Rank1Error
 from ..io.checkpoint import open_checkpoint
+from ..io.sources import is_hub_source, open_source
 from ..io.runs import discover_run, looks_like_run, select_steps
 from ..modules import parse_matrix_module
 
@@ -59,7 +60,7 @@ class RunReport:
 
 
 def inspect_model(source: str) -> ModelReport:
-    ckpt = open_checkpoint(source)
+    ckpt = open_source(source)
     types: dict[str, int] = {}
     layers: set[int] = set()
     matrix_params = 0
@@ -96,7 +97,7 @@ def inspect_run(source: str, steps: str | None = None) -> RunReport:
 def inspect_source(source: str, steps: str | None = None) -> ModelReport | RunReport:
     """A model report for weights, a run report for a directory of step folders."""
     p = Path(source)
-    if p.is_dir() and not _has_weights(p) and looks_like_run(p):
+    if not is_hub_source(source) and p.is_dir() and not _has_weights(p) and looks_like_run(p):
         return inspect_run(source, steps)
     return inspect_model(source)
 
