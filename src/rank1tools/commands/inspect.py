@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import Rank1Error
-from ..io.checkpoint import open_checkpoint
 from ..io.sources import is_hub_source, open_source
 from ..io.runs import discover_run, looks_like_run, select_steps
 from ..modules import parse_matrix_module
@@ -81,12 +80,11 @@ def inspect_model(source: str) -> ModelReport:
 def inspect_run(source: str, steps: str | None = None) -> RunReport:
     rows = []
     for rc in select_steps(discover_run(source), steps):
-        row = RunCheckpointReport(step=rc.step, path=str(rc.path), layout=rc.layout,
-                                  weights=str(rc.weights) if rc.weights else None,
+        row = RunCheckpointReport(step=rc.step, path=rc.path, layout=rc.layout, weights=rc.weights,
                                   status="ok" if rc.problem is None else "unusable", problem=rc.problem)
         if rc.weights is not None:
             try:
-                ckpt = open_checkpoint(rc.weights)
+                ckpt = open_source(rc.weights)
                 row.dtypes, row.tensors, row.parameters = ckpt.dtypes(), len(ckpt.entries), ckpt.parameter_count
             except Rank1Error as e:
                 row.status, row.problem = "unusable", str(e)

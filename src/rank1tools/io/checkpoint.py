@@ -97,22 +97,28 @@ class Checkpoint:
         """Local path of a weight file (remote sources fetch it here)."""
         return self.weight_dir / shard
 
+    def locate(self, name: str) -> tuple[Path, TensorEntry]:
+        """Local file and entry of a tensor. The file is resolved first: a remote source
+        downloads the shard there and may refine the entry (byte offsets) from its header."""
+        path = self.shard_path(self.entry(name).shard)
+        return path, self.entry(name)
+
     def read_raw(self, name: str) -> torch.Tensor:
         """The tensor in its stored dtype, on CPU, bit-exact."""
-        e = self.entry(name)
-        return read_entry(self.shard_path(e.shard), e).reshape(e.shape)
+        path, e = self.locate(name)
+        return read_entry(path, e).reshape(e.shape)
 
     def read(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor (or rows [a, b) of it) upcast to `dtype` on `device`."""
-        e = self.entry(name)
+        path, e = self.locate(name)
         if rows is None:
-            flat = read_entry(self.shard_path(e.shard), e)
+            flat = read_entry(path, e)
             shape = e.shape
         else:
             a, b = rows
             per_row = e.numel // e.shape[0] if e.shape and e.shape[0] else 0
-            flat = read_entry(self.shard_path(e.shard), e, a * per_row, b * per_row)
+            flat = read_entry(path, e, a * per_row, b * per_row)
             shape = (b - a, *e.shape[1:])
         # move in the stored dtype, then upcast: half the host-to-device traffic for bf16
         return flat.reshape(shape).to(device=device).to(dtype)
@@ -120,8 +126,8 @@ class Checkpoint:
     def read_flat(self, name: str, start: int, stop: int, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, upcast, as a 1-D tensor."""
-        e = self.entry(name)
-        return read_entry(self.shard_path(e.shard), e, start, stop).to(device=device).to(dtype)
+        path, e = self.locate(name)
+        return read_entry(path, e, start, stop).to(device=device).to(dtype)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -29,13 +29,14 @@ _VERL_WEIGHT_DIRS = ("actor/huggingface", "huggingface", ".")
 class RunCheckpoint:
     """One checkpoint of a run.
 
-    `weights` is the folder to open with `open_checkpoint`; None when unsupported, with `problem` saying why.
+    `weights` is the source to open with `open_source` (a local folder, or an `hf://` address);
+    None when unsupported, with `problem` saying why.
     """
 
     step: int
-    path: Path
+    path: str
     layout: str
-    weights: Path | None
+    weights: str | None
     problem: str | None = None
 
 
@@ -58,7 +59,7 @@ def discover_run(run_dir: str | Path) -> list[RunCheckpoint]:
         layout, step = m
         ckpt = _locate_weights(child, layout, step)
         if step in found:
-            raise InputError(f"{run_dir}: step {step} appears twice ({found[step].path.name}, {child.name})")
+            raise InputError(f"{run_dir}: step {step} appears twice ({Path(found[step].path).name}, {child.name})")
         found[step] = ckpt
     if not found:
         raise InputError(
@@ -85,15 +86,15 @@ def _locate_weights(folder: Path, layout: str, step: int) -> RunCheckpoint:
     for sub in candidates:
         w = folder / sub if sub != "." else folder
         if _has_safetensors(w):
-            return RunCheckpoint(step, folder, layout, w)
+            return RunCheckpoint(step, str(folder), layout, str(w))
     pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         hint = ("merge the FSDP shards to a Hugging Face folder first (python -m verl.model_merger merge "
                 f"--backend fsdp --local_dir {folder}/actor --target_dir {folder}/actor/huggingface)"
                 if layout == "verl" else "save with safe_serialization=True or convert to safetensors first")
-        return RunCheckpoint(step, folder, layout, None,
+        return RunCheckpoint(step, str(folder), layout, None,
                              f"unsupported: only pickle/trainer shards ({pickles[0]}{', ...' if len(pickles) > 1 else ''}); {hint}")
-    return RunCheckpoint(step, folder, layout, None, "unsupported: no safetensors weights in this folder")
+    return RunCheckpoint(step, str(folder), layout, None, "unsupported: no safetensors weights in this folder")
 
 
 def parse_steps(spec: str) -> tuple[str, object]:
