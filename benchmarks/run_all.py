@@ -1,0 +1,12 @@
+"""`make bench`: run every benchmark; each writes results/<name>.json."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ["bench_io.py"]
+
+for b in BENCHES:
+    print(f"== {b}", file=sys.stderr)
+    subprocess.run([sys.executable, str(HERE / b)], check=True)
