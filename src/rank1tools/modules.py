@@ -58,3 +58,25 @@ def parse_matrix_module(name: str, shape: tuple[int, ...] | list[int]) -> Module
 
 def is_embedding(name: str) -> bool:
     return name.endswith(EMBEDDING_NAMES)
+
+
+def select_tensors(shapes: dict[str, tuple[int, ...]], *, include: list[str] | None = None,
+                   exclude: list[str] | None = None, all_2d: bool = False) -> list[str]:
+    """Names of the 2-D tensors a command works on, in the given order.
+
+    Default: matrix modules. `all_2d` adds every other 2-D tensor (embeddings, lm_head).
+    `include` globs replace the default set (any 2-D tensor may be named); `exclude` globs remove.
+    """
+    from fnmatch import fnmatchcase
+
+    out = []
+    for name, shape in shapes.items():
+        if len(shape) != 2:
+            continue
+        if include:
+            chosen = any(fnmatchcase(name, g) for g in include)
+        else:
+            chosen = all_2d or parse_matrix_module(name, shape) is not None
+        if chosen and not any(fnmatchcase(name, g) for g in (exclude or [])):
+            out.append(name)
+    return out

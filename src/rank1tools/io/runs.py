@@ -141,3 +141,12 @@ def select_steps(checkpoints: list[RunCheckpoint], spec: str | None) -> list[Run
 
 def _fmt(steps: list[int]) -> str:
     return ", ".join(map(str, steps[:12])) + (", ..." if len(steps) > 12 else "")
+
+
+def infer_step(source: str) -> int | None:
+    """The training step named by a checkpoint path (`.../checkpoint-500`, `global_step_50/actor/huggingface`)."""
+    for part in reversed(Path(str(source).split("@")[0]).parts):
+        m = _match(part)
+        if m:
+            return m[1]
+    return None

@@ -1,0 +1,1 @@
+"""math layer: pure functions on tensors. No files, no printing."""

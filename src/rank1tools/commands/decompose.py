@@ -1,0 +1,338 @@
+"""`rank1 decompose`: streaming spectra of dW_t = theta_t - theta_0 per matrix module and checkpoint.
+
+Module-major: the base tensor is read once, then the same tensor from every checkpoint, so
+memory is a few tensors and each file is read once. The next tensor is read in a background
+thread while the current one is decomposed.
+
+Outputs (docs/formats.md, "Factor store"): spectrum.csv / spectrum.jsonl (one row per module and
+step), summary.json, and the factor store (factors/<module>.safetensors + manifest.json) that
+later commands read instead of the checkpoints. Work happens in `.OUT.partial/` beside the target;
+each finished module is saved there atomically, so rerunning the same command after an
+interruption continues where it stopped, and the result is byte-identical to an uninterrupted run.
+Only the complete folder is renamed to OUT.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..device import resolve_device
+from ..errors import InputError, OutputError, UsageError
+from ..io.checkpoint import Checkpoint
+from ..io.runs import discover_run, infer_step, select_steps
+from ..io.sources import is_hub_source, open_source
+from ..io.writer import prepare_output
+from ..math.signs import canonicalize_signs
+from ..math.spectrum import delta, frobenius, spectrum_figures
+from ..math.svd import topk_svd
+from ..modules import LM_HEAD_NAME, is_embedding, parse_matrix_module, select_tensors
+
+TYPE_ORDER = {t: i for i, t in enumerate(["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"])}
+FACTOR_FORMAT = "rank1tools.factors"
+FACTOR_FORMAT_VERSION = 1
+SVD_SEED = 0
+
+
+@dataclass
+class DecomposeOptions:
+    rank: int = 8
+    exact: bool = False
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    all_2d: bool = False
+    device: str = "auto"
+    oversample: int = 10
+    niter: int = 4
+    prefetch: bool = True
+
+
+@dataclass
+class DecomposeResult:
+    out: str
+    steps: list[int]
+    modules: list[str]
+    rows: list[dict]
+    summary: dict
+    resumed_modules: int
+    fallbacks: list[tuple[str, int]]
+
+    def to_dict(self) -> dict:
+        return {"out": self.out, "steps": self.steps, "modules": len(self.modules),
+                "resumed_modules": self.resumed_modules,
+                "exact_fallbacks": [{"module": m, "step": s} for m, s in self.fallbacks],
+                "summary": self.summary}
+
+
+def module_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
+    """(layer, type) for a spectrum row; non-matrix 2-D tensors get embedding / lm_head / their name."""
+    mod = parse_matrix_module(name, shape)
+    if mod is not None:
+        return mod.layer, mod.type
+    if name == LM_HEAD_NAME:
+        return None, "lm_head"
+    if is_embedding(name):
+        return None, "embedding"
+    return None, name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+
+
+def open_inputs(base: str, checkpoints: list[str], run: str | None, steps: str | None
+                ) -> tuple[Checkpoint, list[tuple[int, Checkpoint]], str]:
+    """Base and (step, checkpoint) pairs, in step order; `step_source` is 'trainer' or 'position'."""
+    if run and checkpoints:
+        raise UsageError("give checkpoints as arguments or --run, not both")
+    if not run and not checkpoints:
+        raise UsageError("no checkpoints: give CHECKPOINT... or --run RUN_DIR")
+    if steps and not run:
+        raise UsageError("--steps selects checkpoints of a --run")
+    base_ckpt = open_source(base)
+    pairs: list[tuple[int, Checkpoint]] = []
+    if run:
+        for rc in select_steps(discover_run(run), steps):
+            if rc.weights is None:
+                raise InputError(f"{rc.path}: step {rc.step} {rc.problem}")
+            pairs.append((rc.step, open_source(rc.weights)))
+        return base_ckpt, pairs, "trainer"
+    inferred = [infer_step(c) for c in checkpoints]
+    step_source = "trainer" if all(s is not None for s in inferred) and len(set(inferred)) == len(inferred) else "position"
+    for i, c in enumerate(checkpoints):
+        pairs.append((inferred[i] if step_source == "trainer" else i + 1, open_source(c)))
+    pairs.sort(key=lambda p: p[0])
+    return base_ckpt, pairs, step_source
+
+
+def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modules: list[str], rank: int) -> None:
+    for name in modules:
+        shape = base.entry(name).shape
+        if rank > min(shape):
+            raise UsageError(f"--rank {rank} exceeds min(m, n) = {min(shape)} of {name} {list(shape)}")
+        for step, ck in pairs:
+            if name not in ck:
+                raise InputError(f"{ck.label}: step {step} lacks tensor {name!r}")
+            if ck.entry(name).shape != shape:
+                raise InputError(f"tensor {name!r}: shape {list(ck.entry(name).shape)} at step {step} "
+                                 f"({ck.label}) but {list(shape)} in base {base.label}")
+
+
+def _factor_file(name: str) -> str:
+    return f"{name}.safetensors"
+
+
+def _prefetched(tasks: list, read: Callable, enabled: bool) -> Iterator:
+    """Yield (task, read(task)), reading the next task in a background thread (one ahead)."""
+    if not enabled:
+        for t in tasks:
+            yield t, read(t)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        it = iter(tasks)
+        cur = next(it, None)
+        fut = pool.submit(read, cur) if cur is not None else None
+        while fut is not None:
+            nxt = next(it, None)
+            data = fut.result()
+            fut = pool.submit(read, nxt) if nxt is not None else None
+            yield cur, data
+            cur = nxt
+
+
+def _finite(t: torch.Tensor, label: str, name: str, where: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise InputError(f"{label}: tensor {name!r} {where} has non-finite values (NaN or Inf)")
+
+
+def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = None, steps: str | None = None,
+              options: DecomposeOptions = DecomposeOptions(), force: bool = False,
+              progress: Callable[[int, int], None] | None = None,
+              on_module_done: Callable[[str], None] | None = None) -> DecomposeResult:
+    """Decompose every selected module's update at every checkpoint; write the spectrum and factor store.
+
+    `progress(done, total)` is called after each (module, checkpoint); `on_module_done(name)` after
+    each module is saved (tests use it to simulate an interruption).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if options.rank < 1:
+        raise UsageError(f"--rank {options.rank}: must be at least 1")
+    base_ckpt, pairs, step_source = open_inputs(base, checkpoints, run, steps)
+    shapes = {n: e.shape for n, e in base_ckpt.entries.items()}
+    modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
+    if not modules:
+        raise UsageError("no tensors selected (check --include/--exclude)")
+    _check_selection(base_ckpt, pairs, modules, options.rank)
+    local_inputs = [Path(c.label) for c in [base_ckpt, *(c for _, c in pairs)] if not is_hub_source(c.label)]
+    target = prepare_output(out, force=force, inputs=local_inputs)
+    device = resolve_device(options.device)
+
+    manifest = {
+        "format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": __version__,
+        "base": {"source": base_ckpt.label, "revision": base_ckpt.revision},
+        "checkpoints": [{"step": s, "source": c.label, "revision": c.revision} for s, c in pairs],
+        "step_source": step_source,
+        "parameters": {"rank": options.rank, "svd": "exact" if options.exact else "randomized",
+                       "oversample": options.oversample, "niter": options.niter, "seed": SVD_SEED,
+                       "include": options.include, "exclude": options.exclude, "all_2d": options.all_2d,
+                       "device": device.type, "delta_dtype": "float32"},
+        "modules": [{"name": n, "shape": list(shapes[n]), "layer": module_labels(n, shapes[n])[0],
+                     "type": module_labels(n, shapes[n])[1], "file": f"factors/{_factor_file(n)}"} for n in modules],
+    }
+    manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
+
+    work = target.parent / f".{target.name}.partial"
+    if work.exists() and (not (work / "manifest.json").is_file() or (work / "manifest.json").read_bytes() != manifest_bytes):
+        shutil.rmtree(work)  # an interrupted run of a different command: start over
+    (work / "factors").mkdir(parents=True, exist_ok=True)
+    (work / "manifest.json").write_bytes(manifest_bytes)
+
+    done = [n for n in modules if (work / "factors" / _factor_file(n)).is_file()]
+    todo = [n for n in modules if n not in set(done)]
+    total = len(modules) * len(pairs)
+    count = len(done) * len(pairs)
+    if progress:
+        progress(count, total)
+
+    tasks = [(n, i) for n in todo for i in range(-1, len(pairs))]  # -1: the base tensor
+
+    def read(task):
+        name, i = task
+        ck = base_ckpt if i < 0 else pairs[i][1]
+        return ck.read_raw(name)
+
+    base_t = None
+    acc: dict[str, list] = {}
+    for (name, i), raw in _prefetched(tasks, read, options.prefetch):
+        t = raw.to(device).to(torch.float32)
+        if i < 0:
+            _finite(t, base_ckpt.label, name, "in base")
+            base_t = t
+            acc = {"U": [], "S": [], "V": [], "fro": [], "method": [], "residual": []}
+            continue
+        step, ck = pairs[i]
+        _finite(t, ck.label, name, f"at step {step}")
+        d = delta(t, base_t)
+        del t
+        res = topk_svd(d, options.rank, exact=options.exact, oversample=options.oversample,
+                       niter=options.niter, seed=SVD_SEED)
+        U, V = canonicalize_signs(res.U, res.V)
+        acc["U"].append(U.cpu())
+        acc["V"].append(V.cpu())
+        acc["S"].append(res.S.cpu())
+        acc["fro"].append(frobenius(d))
+        acc["method"].append(res.method)
+        acc["residual"].append(res.residual)
+        del d
+        count += 1
+        if progress:
+            progress(count, total)
+        if i == len(pairs) - 1:
+            tensors = {
+                "steps": torch.tensor([s for s, _ in pairs], dtype=torch.int64),
+                "S": torch.stack(acc["S"]), "U": torch.stack(acc["U"]), "V": torch.stack(acc["V"]),
+                "fro": torch.tensor(acc["fro"], dtype=torch.float64),
+                "base_fro": torch.tensor([frobenius(base_t)], dtype=torch.float64),
+            }
+            # one metadata key: safetensors writes __metadata__ from a hash map, so several keys
+            # would come out in a different order from run to run (outputs must be byte-identical)
+            meta = {"rank1tools": json.dumps({"module": name, "methods": acc["method"],
+                                              "residuals": acc["residual"]}, sort_keys=True)}
+            final = work / "factors" / _factor_file(name)
+            tmp = final.with_suffix(".tmp")
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, final)
+            base_t = None
+            if on_module_done:
+                on_module_done(name)
+
+    # Assemble the tables from the stored factors, so a resumed run equals an uninterrupted one.
+    rows: list[dict] = []
+    fallbacks: list[tuple[str, int]] = []
+    for name in modules:
+        path = work / "factors" / _factor_file(name)
+        with safe_open(str(path), "pt") as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}
+            methods = json.loads(f.metadata()["rank1tools"])["methods"]
+        rows.extend(_rows(name, shapes[name], data, methods))
+        fallbacks.extend((name, s) for s, m in zip(data["steps"].tolist(), methods) if m == "exact-fallback")
+    summary = summarize(rows)
+    _write_tables(work, rows, options.rank)
+    (work / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+
+    if target.exists():
+        if not force:
+            raise OutputError(f"{out}: already exists; pass --force to replace it")
+        shutil.rmtree(target)
+    os.replace(work, target)
+    return DecomposeResult(out=out, steps=[s for s, _ in pairs], modules=modules, rows=rows, summary=summary,
+                           resumed_modules=len(done), fallbacks=fallbacks)
+
+
+COLUMNS_HEAD = ["module", "layer", "type", "step", "rows", "cols", "k", "svd_method", "fro", "rel_update"]
+COLUMNS_TAIL = ["energy_1", "energy_k", "rank1pct_k", "energy_rank1pct", "norm_frac_1", "stable_rank"]
+
+
+def _rows(name: str, shape: tuple[int, ...], data: dict, methods: list[str]) -> list[dict]:
+    layer, mtype = module_labels(name, shape)
+    base_fro = float(data["base_fro"][0])
+    out = []
+    for j, step in enumerate(data["steps"].tolist()):
+        sig = [float(x) for x in data["S"][j]]
+        figs = spectrum_figures(sig, float(data["fro"][j]), base_fro, (shape[0], shape[1]))
+        out.append({"module": name, "layer": layer, "type": mtype, "step": step, "rows": shape[0], "cols": shape[1],
+                    "k": len(sig), "svd_method": methods[j], **figs})
+    return out
+
+
+def _write_tables(folder: Path, rows: list[dict], k: int) -> None:
+    cols = COLUMNS_HEAD + [f"sigma_{i + 1}" for i in range(k)] + COLUMNS_TAIL
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow(["" if (v := r.get(c)) is None or (isinstance(v, float) and math.isnan(v)) else v for c in cols])
+    (folder / "spectrum.csv").write_text(buf.getvalue())
+    with open(folder / "spectrum.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(_json_safe({c: r.get(c) for c in cols})) + "\n")
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _mean(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean energy_1 and norm_frac_1 overall, by module type and by checkpoint step."""
+    def group(key):
+        groups: dict = {}
+        order = sorted(rows, key=lambda r: (TYPE_ORDER.get(r[key], len(TYPE_ORDER)), str(r[key]))) if key == "type" else rows
+        for r in order:
+            groups.setdefault(r[key], []).append(r)
+        return {str(g): {"energy_1": _mean([r["energy_1"] for r in rs]),
+                         "norm_frac_1": _mean([r["norm_frac_1"] for r in rs]), "n": len(rs)}
+                for g, rs in groups.items()}
+
+    return {"overall": {"energy_1": _mean([r["energy_1"] for r in rows]),
+                        "norm_frac_1": _mean([r["norm_frac_1"] for r in rows]), "n": len(rows)},
+            "by_type": group("type"), "by_step": group("step")}

@@ -1,0 +1,30 @@
+"""Sign conventions for singular vectors (SPEC section 1, "Signs")."""
+
+from __future__ import annotations
+
+import torch
+
+
+def canonicalize_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each pair (u_i, v_i) so that the largest-magnitude entry of u_i is positive.
+
+    Ties in magnitude go to the first index (argmax), so the choice is deterministic.
+    sigma u v^T is unchanged.
+    """
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U.gather(0, idx.unsqueeze(0)).squeeze(0))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, V * signs
+
+
+def align_to_next(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trajectory alignment of one triplet over checkpoints (rows = checkpoints t_1..t_T).
+
+    Walking from the last checkpoint backwards, flip (u_t, v_t) together when
+    cos(u_t, u_{t+1}) < 0, as the AlphaRL reference code does. U: (T, m), V: (T, n).
+    """
+    U, V = U.clone(), V.clone()
+    for t in range(U.shape[0] - 2, -1, -1):
+        if torch.dot(U[t].double(), U[t + 1].double()) < 0:
+            U[t], V[t] = -U[t], -V[t]
+    return U, V
