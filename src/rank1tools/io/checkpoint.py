@@ -8,6 +8,7 @@ are refused: unpickling runs arbitrary code.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -184,13 +185,17 @@ def _read_sharded(folder: Path, index: Path, label: str) -> dict[str, TensorEntr
             raise TypeError("weight_map is not an object")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise InputError(f"{index}: unreadable index ({' '.join(str(e).split())})") from None
-    root = folder.resolve()
+    bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise InputError(f"{index}: weight_map values must be file names, found {bad!r}")
     shards = list(dict.fromkeys(weight_map.values()))
     entries: dict[str, TensorEntry] = {}
     for shard in shards:
-        sp = (folder / shard).resolve() if isinstance(shard, str) else None
-        if sp is None or Path(shard).is_absolute() or sp.parent != root:
+        # a plain name in this folder; checked without following symlinks, since a Hub cache
+        # snapshot links every shard to a blob elsewhere
+        if Path(shard).is_absolute() or os.path.dirname(os.path.normpath(shard)) != "" or shard in (".", ".."):
             raise InputError(f"{index}: shard {shard!r} is not a file inside {folder}")
+        sp = folder / shard
         if not sp.is_file():
             raise InputError(f"{index}: names shard {shard!r}, which does not exist")
         shard_entries, _ = read_header(sp, shard)

@@ -80,12 +80,18 @@ def read_header(path: Path, shard: str | None = None) -> tuple[dict[str, TensorE
         if header_len > size - 8:
             raise InputError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})")
         meta = parse_local_safetensors_file_metadata(path)
-    except SafetensorsParsingError as e:
+    except (SafetensorsParsingError, TypeError, ValueError, AttributeError, KeyError) as e:
         raise InputError(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
 
-    data_start = 8 + header_len
+    try:
+        return _entries(path, shard, meta, 8 + header_len, size)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # valid JSON, wrong structure
+        raise InputError(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
+
+
+def _entries(path: Path, shard: str, meta, data_start: int, size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     entries: dict[str, TensorEntry] = {}
     spans = []
     for name, info in meta.tensors.items():
