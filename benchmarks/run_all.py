@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_io.py"]
+BENCHES = ["bench_io.py", "bench_decompose.py"]
 
 for b in BENCHES:
     print(f"== {b}", file=sys.stderr)

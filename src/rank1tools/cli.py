@@ -23,10 +23,22 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help text: rich markup would turn "10:100:10" into an emoji
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (for pipelines).")
+REVISIONS_OPT = typer.Option(None, "--revisions", help="Hub run: branches matching this glob, e.g. 'step_*' (step = trailing number).")
+SUBFOLDERS_OPT = typer.Option(False, "--subfolders", help="Hub run: step folders (checkpoint-N/ ...) at one revision.")
+COMMITS_OPT = typer.Option(False, "--commits", help="Hub run: commits whose message says 'step N'.")
+HUB_CACHE_OPT = typer.Option(None, "--hub-cache-policy", help="Hub shards: 'keep' in the cache (default) or 'evict' once read.")
+
+
+def _set_hub_cache_policy(policy: str | None) -> None:
+    if policy is not None:
+        from .io.hub import set_cache_policy
+
+        set_cache_policy(policy)
 
 
 def _version(value: bool) -> None:
@@ -89,8 +101,13 @@ def _render_run(report) -> None:
 
 @app.command()
 def inspect(
-    source: str = typer.Argument(..., help="Model folder, .safetensors file, or run directory of step folders."),
+    source: str = typer.Argument(..., help="Model folder, .safetensors file, run directory of step folders, or a Hub "
+                                 "source hf://ORG/NAME, optionally @REVISION and /SUBFOLDER."),
     steps: Optional[str] = typer.Option(None, "--steps", help="For a run: steps to list, '50,100' or '10:100:10' (inclusive)."),
+    revisions: Optional[str] = REVISIONS_OPT,
+    subfolders: bool = SUBFOLDERS_OPT,
+    commits: bool = COMMITS_OPT,
+    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """What a model or training run holds: tensors, dtypes, shards, matrix modules, checkpoints.
@@ -99,7 +116,8 @@ def inspect(
     """
     from .commands.inspect import inspect_source
 
-    report = inspect_source(source, steps)
+    _set_hub_cache_policy(hub_cache_policy)
+    report = inspect_source(source, steps, revisions=revisions, subfolders=subfolders, commits=commits)
     if as_json:
         _print_json(report.to_dict())
     elif report.kind == "model":
@@ -112,6 +130,104 @@ def inspect(
             f"{source}: {len(report.problems)} of {len(report.checkpoints)} checkpoints unusable "
             f"(step {first.step}: {first.problem})"
         )
+
+
+def _stderr_progress(enabled: bool, description: str):
+    """A rich progress bar on stderr: returns (context manager, callback(done, total))."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(), None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+def _render_decompose(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result.summary
+    console = Console()
+    for key, title in (("by_type", "module type"), ("by_step", "step")):
+        t = Table(title=f"mean rank-1 share of the update, by {title}", title_justify="left")
+        t.add_column(title)
+        t.add_column("energy_1 (σ₁²/‖ΔW‖²)", justify="right")
+        t.add_column("norm_frac_1 (σ₁/‖ΔW‖)", justify="right")
+        t.add_column("rows", justify="right")
+        for g, v in s[key].items():
+            t.add_row(g, f"{v['energy_1']:.4f}", f"{v['norm_frac_1']:.4f}", str(v["n"]))
+        console.print(t)
+    o = s["overall"]
+    console.print(f"{len(result.modules)} modules x {len(result.steps)} checkpoints -> {result.out} "
+                  f"(overall energy_1 {o['energy_1']:.4f}, norm_frac_1 {o['norm_frac_1']:.4f})")
+
+
+@app.command()
+def decompose(
+    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    checkpoints: Optional[list[str]] = typer.Argument(None, help="Checkpoints θ_t (or use --run)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder: spectrum tables and factor store."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory of step folders instead of CHECKPOINT args."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="With --run: '50,100' or '10:100:10' (inclusive)."),
+    revisions: Optional[str] = REVISIONS_OPT,
+    subfolders: bool = SUBFOLDERS_OPT,
+    commits: bool = COMMITS_OPT,
+    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    rank: int = typer.Option(8, "--rank", "-k", help="Singular triplets kept per module and step."),
+    exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
+    all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Spectra of ΔW = θ_t − θ₀ for every matrix module and checkpoint (matrix rank-1, SPEC §1).
+
+    Writes spectrum.csv / spectrum.jsonl, summary.json and a factor store (top-k σ, u, v per
+    module and step). Rerunning an interrupted command resumes it.
+    """
+    from .commands.decompose import DecomposeOptions
+    from .commands.decompose import decompose as run_decompose
+
+    _set_hub_cache_policy(hub_cache_policy)
+    hub_run = {"revisions": revisions, "subfolders": subfolders, "commits": commits}
+    opts = DecomposeOptions(rank=rank, exact=exact, include=include or [], exclude=exclude or [],
+                            all_2d=all_2d, device=device)
+    bar, update = _stderr_progress(not quiet, "decompose")
+    with bar:
+        result = run_decompose(base, checkpoints or [], out, run=run, steps=steps, hub_run=hub_run, options=opts, force=force,
+                               progress=update)
+    if result.resumed_modules:
+        sys.stderr.write(f"rank1: resumed: {result.resumed_modules} modules were already done\n")
+    for module, step in result.fallbacks:
+        sys.stderr.write(f"rank1: note: {module} at step {step}: randomized SVD missed the accuracy bar, used exact\n")
+    if as_json:
+        _print_json(_json_safe(result.to_dict()))
+    else:
+        _render_decompose(result)
+
+
+def _json_safe(x):
+    import math
+
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 @app.command()

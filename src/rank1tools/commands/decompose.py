@@ -31,8 +31,8 @@ from .. import __version__
 from ..device import resolve_device
 from ..errors import InputError, OutputError, UsageError
 from ..io.checkpoint import Checkpoint
-from ..io.runs import discover_run, infer_step, select_steps
-from ..io.sources import is_hub_source, open_source
+from ..io.runs import infer_step, select_steps
+from ..io.sources import discover_checkpoints, is_hub_source, open_source
 from ..io.writer import prepare_output
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius, spectrum_figures
@@ -87,9 +87,11 @@ def module_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
     return None, name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
 
 
-def open_inputs(base: str, checkpoints: list[str], run: str | None, steps: str | None
+def open_inputs(base: str, checkpoints: list[str], run: str | None, steps: str | None, hub_run: dict | None = None
                 ) -> tuple[Checkpoint, list[tuple[int, Checkpoint]], str]:
-    """Base and (step, checkpoint) pairs, in step order; `step_source` is 'trainer' or 'position'."""
+    """Base and (step, checkpoint) pairs, in step order; `step_source` is 'trainer' or 'position'.
+
+    `hub_run`: discovery options for a Hub run (revisions / subfolders / commits)."""
     if run and checkpoints:
         raise UsageError("give checkpoints as arguments or --run, not both")
     if not run and not checkpoints:
@@ -99,7 +101,7 @@ def open_inputs(base: str, checkpoints: list[str], run: str | None, steps: str |
     base_ckpt = open_source(base)
     pairs: list[tuple[int, Checkpoint]] = []
     if run:
-        for rc in select_steps(discover_run(run), steps):
+        for rc in select_steps(discover_checkpoints(run, **(hub_run or {})), steps):
             if rc.weights is None:
                 raise InputError(f"{rc.path}: step {rc.step} {rc.problem}")
             pairs.append((rc.step, open_source(rc.weights)))
@@ -147,13 +149,12 @@ def _prefetched(tasks: list, read: Callable, enabled: bool) -> Iterator:
             cur = nxt
 
 
-def _finite(t: torch.Tensor, label: str, name: str, where: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise InputError(f"{label}: tensor {name!r} {where} has non-finite values (NaN or Inf)")
+def _nonfinite(label: str, name: str, where: str) -> InputError:
+    return InputError(f"{label}: tensor {name!r} {where} has non-finite values (NaN or Inf)")
 
 
 def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = None, steps: str | None = None,
-              options: DecomposeOptions = DecomposeOptions(), force: bool = False,
+              hub_run: dict | None = None, options: DecomposeOptions = DecomposeOptions(), force: bool = False,
               progress: Callable[[int, int], None] | None = None,
               on_module_done: Callable[[str], None] | None = None) -> DecomposeResult:
     """Decompose every selected module's update at every checkpoint; write the spectrum and factor store.
@@ -166,7 +167,7 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
 
     if options.rank < 1:
         raise UsageError(f"--rank {options.rank}: must be at least 1")
-    base_ckpt, pairs, step_source = open_inputs(base, checkpoints, run, steps)
+    base_ckpt, pairs, step_source = open_inputs(base, checkpoints, run, steps, hub_run)
     shapes = {n: e.shape for n, e in base_ckpt.entries.items()}
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
     if not modules:
@@ -215,21 +216,26 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     for (name, i), raw in _prefetched(tasks, read, options.prefetch):
         t = raw.to(device).to(torch.float32)
         if i < 0:
-            _finite(t, base_ckpt.label, name, "in base")
+            # the float64 norms double as the NaN/Inf check: no extra pass over the tensor
+            base_fro = frobenius(t)
+            if not math.isfinite(base_fro):
+                raise _nonfinite(base_ckpt.label, name, "in base")
             base_t = t
             acc = {"U": [], "S": [], "V": [], "fro": [], "method": [], "residual": []}
             continue
         step, ck = pairs[i]
-        _finite(t, ck.label, name, f"at step {step}")
         d = delta(t, base_t)
         del t
+        fro = frobenius(d)
+        if not math.isfinite(fro):
+            raise _nonfinite(ck.label, name, f"at step {step}")
         res = topk_svd(d, options.rank, exact=options.exact, oversample=options.oversample,
                        niter=options.niter, seed=SVD_SEED)
         U, V = canonicalize_signs(res.U, res.V)
         acc["U"].append(U.cpu())
         acc["V"].append(V.cpu())
         acc["S"].append(res.S.cpu())
-        acc["fro"].append(frobenius(d))
+        acc["fro"].append(fro)
         acc["method"].append(res.method)
         acc["residual"].append(res.residual)
         del d
@@ -241,7 +247,7 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
                 "steps": torch.tensor([s for s, _ in pairs], dtype=torch.int64),
                 "S": torch.stack(acc["S"]), "U": torch.stack(acc["U"]), "V": torch.stack(acc["V"]),
                 "fro": torch.tensor(acc["fro"], dtype=torch.float64),
-                "base_fro": torch.tensor([frobenius(base_t)], dtype=torch.float64),
+                "base_fro": torch.tensor([base_fro], dtype=torch.float64),
             }
             # one metadata key: safetensors writes __metadata__ from a hash map, so several keys
             # would come out in a different order from run to run (outputs must be byte-identical)

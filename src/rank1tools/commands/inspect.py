@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import Rank1Error
-from ..io.sources import is_hub_source, open_source
+from ..io.sources import discover_checkpoints, is_hub_source, open_source
 from ..io.runs import discover_run, looks_like_run, select_steps
 from ..modules import parse_matrix_module
 
@@ -77,9 +77,10 @@ def inspect_model(source: str) -> ModelReport:
     )
 
 
-def inspect_run(source: str, steps: str | None = None) -> RunReport:
+def inspect_run(source: str, steps: str | None = None, checkpoints: list | None = None) -> RunReport:
+    """`checkpoints`: already discovered (e.g. on the Hub); default: discover the local run directory."""
     rows = []
-    for rc in select_steps(discover_run(source), steps):
+    for rc in select_steps(discover_run(source) if checkpoints is None else checkpoints, steps):
         row = RunCheckpointReport(step=rc.step, path=rc.path, layout=rc.layout, weights=rc.weights,
                                   status="ok" if rc.problem is None else "unusable", problem=rc.problem)
         if rc.weights is not None:
@@ -92,8 +93,13 @@ def inspect_run(source: str, steps: str | None = None) -> RunReport:
     return RunReport(source=source, checkpoints=rows)
 
 
-def inspect_source(source: str, steps: str | None = None) -> ModelReport | RunReport:
-    """A model report for weights, a run report for a directory of step folders."""
+def inspect_source(source: str, steps: str | None = None, *, revisions: str | None = None,
+                   subfolders: bool = False, commits: bool = False) -> ModelReport | RunReport:
+    """A model report for weights, a run report for a directory of step folders or a Hub run
+    (`revisions` glob over branches, `subfolders` step folders, or `commits` with "step N")."""
+    if revisions is not None or subfolders or commits:
+        found = discover_checkpoints(source, revisions=revisions, subfolders=subfolders, commits=commits)
+        return inspect_run(source, steps, found)
     p = Path(source)
     if not is_hub_source(source) and p.is_dir() and not _has_weights(p) and looks_like_run(p):
         return inspect_run(source, steps)

@@ -22,3 +22,21 @@ def open_source(spec: str) -> Checkpoint:
 
         return open_hub_checkpoint(spec)
     return open_checkpoint(spec)
+
+
+def discover_checkpoints(run: str, *, revisions: str | None = None, subfolders: bool = False,
+                         commits: bool = False) -> list:
+    """A run's checkpoints (RunCheckpoint, step order): a local run directory, or a Hub repo by
+    branch glob (`revisions`), `checkpoint-N/` subfolders, or commits whose message names a step."""
+    from ..errors import UsageError
+    from .runs import discover_run
+
+    if revisions is not None or subfolders or commits:
+        if not is_hub_source(run):
+            raise UsageError(f"{run}: --revisions, --subfolders and --commits apply to hf:// sources only")
+        from .hub import discover_hub_run  # noqa: PLC0415
+
+        return discover_hub_run(run, revisions=revisions, subfolders=subfolders, commits=commits)
+    if is_hub_source(run):
+        raise UsageError(f"{run}: a Hub run needs --revisions GLOB, --subfolders or --commits")
+    return discover_run(run)
