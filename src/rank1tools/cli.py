@@ -136,7 +136,7 @@ def _stderr_progress(enabled: bool, description: str):
     """A rich progress bar on stderr: returns (context manager, callback(done, total))."""
     import contextlib
 
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # a bar only on a terminal: nothing in logs and pipes
         return contextlib.nullcontext(), None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -228,6 +228,65 @@ def _json_safe(x):
     if isinstance(x, list):
         return [_json_safe(v) for v in x]
     return x
+
+
+def _render_reconstruct(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"rank-k reconstructions of {result.modules} modules"
+              + (" (from the factor store)" if result.used_factors else ""), title_justify="left")
+    for col in ("rank", "output", "updated elements", "lost to rounding", "update rel. error"):
+        t.add_column(col, justify="left" if col in ("rank", "output") else "right")
+    for o in result.outputs:
+        t.add_row(o.rank, o.path, f"{o.updated_elements:,}", f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}")
+    Console().print(t)
+
+
+@app.command()
+def reconstruct(
+    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    checkpoint: str = typer.Argument(..., help="Checkpoint θ_t whose update is reduced to rank k."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (one rank) or parent of rank-K folders (several)."),
+    rank: str = typer.Option(..., "--rank", "-k", help="Rank: 8, a fraction of min(m, n) like 1%, or a list 1,2,4,8."),
+    alpha: float = typer.Option(1.0, "--alpha", help="Scale of the (norm-matched) rank-k update."),
+    no_norm_match: bool = typer.Option(False, "--no-norm-match", help="Add α·ΔW_k as is, without rescaling to ‖ΔW‖."),
+    rest: str = typer.Option("base", "--rest", help="Tensors not selected: 'base' (reference code) or 'checkpoint'."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (base dtype), float32, bfloat16 or float16."),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
+    all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
+    exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
+    factors: Optional[str] = typer.Option(None, "--factors", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Write checkpoints that keep only the top-k part of each module's update (AlphaRL Eq. 1-3, SPEC §2).
+
+    W = θ₀ + α·(‖ΔW‖/‖ΔW_k‖)·ΔW_k per selected module; other tensors from --rest. Reports how
+    much of the update the output dtype rounds away.
+    """
+    from .commands.reconstruct import ReconstructOptions
+    from .commands.reconstruct import reconstruct as run_reconstruct
+
+    _set_hub_cache_policy(hub_cache_policy)
+    opts = ReconstructOptions(rank=rank, alpha=alpha, norm_match=not no_norm_match, rest=rest, dtype=dtype,
+                              include=include or [], exclude=exclude or [], all_2d=all_2d, exact=exact,
+                              device=device, factors=factors, max_shard_size=max_shard_size)
+    bar, update = _stderr_progress(not quiet, "reconstruct")
+    with bar:
+        result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update)
+    for o in result.outputs:
+        if o.warning:
+            sys.stderr.write(f"rank1: warning: rank {o.rank}: {o.warning}\n")
+    if as_json:
+        _print_json(_json_safe(result.to_dict()))
+    else:
+        _render_reconstruct(result)
 
 
 @app.command()

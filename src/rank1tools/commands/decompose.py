@@ -31,6 +31,7 @@ from .. import __version__
 from ..device import resolve_device
 from ..errors import InputError, OutputError, UsageError
 from ..io.checkpoint import Checkpoint
+from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION
 from ..io.runs import infer_step, select_steps
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
 from ..io.writer import prepare_output
@@ -40,8 +41,6 @@ from ..math.svd import topk_svd
 from ..modules import LM_HEAD_NAME, is_embedding, parse_matrix_module, select_tensors
 
 TYPE_ORDER = {t: i for i, t in enumerate(["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"])}
-FACTOR_FORMAT = "rank1tools.factors"
-FACTOR_FORMAT_VERSION = 1
 SVD_SEED = 0
 
 
@@ -215,6 +214,7 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     acc: dict[str, list] = {}
     for (name, i), raw in _prefetched(tasks, read, options.prefetch):
         t = raw.to(device).to(torch.float32)
+        del raw
         if i < 0:
             # the float64 norms double as the NaN/Inf check: no extra pass over the tensor
             base_fro = frobenius(t)
@@ -224,7 +224,8 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
             acc = {"U": [], "S": [], "V": [], "fro": [], "method": [], "residual": []}
             continue
         step, ck = pairs[i]
-        d = delta(t, base_t)
+        # dW = theta_t - theta_0 in float32, in place: t is a fresh tensor this loop owns
+        d = t.sub_(base_t) if t.dtype == torch.float32 else delta(t, base_t)
         del t
         fro = frobenius(d)
         if not math.isfinite(fro):

@@ -142,8 +142,9 @@ class ShardedWriter:
         self._pending.discard(name)
 
     def commit(self, *, copy_from: Checkpoint | None = None, output_dtype: torch.dtype | None = None,
-               provenance: dict | None = None) -> Path:
-        """Finish: index, auxiliary files, provenance; rename into place. Returns the output path."""
+               provenance: dict | None = None, extra_json: dict[str, object] | None = None) -> Path:
+        """Finish: index, auxiliary files, provenance, `extra_json` reports (file name -> data);
+        rename into place. Returns the output path."""
         if self._pending:
             raise RuntimeError(f"writer: {len(self._pending)} tensors never written, e.g. {sorted(self._pending)[0]!r}")
         if self.split.is_sharded:
@@ -155,6 +156,8 @@ class ShardedWriter:
         if provenance is not None:
             record = {"tool": "rank1tools", "version": __version__, **provenance}
             (self.tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        for filename, data in (extra_json or {}).items():
+            (self.tmp / filename).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if self.out.exists():  # --force: swap, then remove the old one
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
             os.replace(self.out, old / "x")

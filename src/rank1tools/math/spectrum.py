@@ -12,9 +12,18 @@ def delta(checkpoint: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return checkpoint.to(torch.float32) - base.to(torch.float32)
 
 
+FRO_CHUNK = 1 << 20  # elements per float64 chunk: the float64 copy stays small
+
+
 def frobenius(x: torch.Tensor) -> float:
-    """||x||_F reduced in float64."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    """||x||_F reduced in float64, in chunks: never a float64 copy of the whole tensor."""
+    flat = x.reshape(-1)
+    if flat.numel() <= FRO_CHUNK:
+        return float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+    sq = 0.0
+    for start in range(0, flat.numel(), FRO_CHUNK):
+        sq += float(torch.linalg.vector_norm(flat[start:start + FRO_CHUNK], dtype=torch.float64)) ** 2
+    return sq ** 0.5
 
 
 def rank_for_fraction(fraction: float, shape: tuple[int, int]) -> int:

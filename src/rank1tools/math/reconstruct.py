@@ -1,0 +1,65 @@
+"""Rank-k reconstruction of an update (SPEC section 2) and what storing it in a low dtype loses (section 7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spectrum import frobenius
+
+
+def rank_k_update(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int, fro_full: float, *,
+                  alpha: float = 1.0, norm_match: bool = True) -> torch.Tensor:
+    """alpha * (||dW||_F / ||dW_k||_F) * dW_k with dW_k = sum_{i<=k} s_i u_i v_i^T (float32).
+
+    Without norm matching: alpha * dW_k. ||dW_k||_F is measured on dW_k itself (float64), which
+    stays exact when the factors are only nearly orthonormal (randomized SVD in float32).
+    """
+    Dk = (U[:, :k] * S[:k]) @ V[:, :k].T
+    if not norm_match:
+        return Dk * alpha if alpha != 1.0 else Dk
+    fk = frobenius(Dk)
+    if fk == 0.0:
+        return Dk  # nothing to rescale: dW_k = 0
+    return Dk * float(alpha * fro_full / fk)
+
+
+@dataclass
+class RoundingStats:
+    """How much of an intended update survives storage: counts and float64 squared norms."""
+
+    updated: int = 0  # elements whose intended update is non-zero
+    lost: int = 0  # ... of which the stored update is exactly zero (rounded away)
+    err_sq: float = 0.0  # ||stored update - intended update||^2
+    ref_sq: float = 0.0  # ||intended update||^2
+
+    def add(self, other: "RoundingStats") -> None:
+        self.updated += other.updated
+        self.lost += other.lost
+        self.err_sq += other.err_sq
+        self.ref_sq += other.ref_sq
+
+    @property
+    def lost_fraction(self) -> float:
+        return self.lost / self.updated if self.updated else 0.0
+
+    @property
+    def rel_error(self) -> float:
+        return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else 0.0
+
+
+def rounding_stats(base: torch.Tensor, intended: torch.Tensor, stored: torch.Tensor) -> RoundingStats:
+    """Compare the intended update with the one that was stored.
+
+    base: theta_0 in float32; intended: the float32 update meant to be added; stored: the written
+    tensor (any dtype). The stored update is stored - base, computed in float32.
+    """
+    stored_update = stored.to(torch.float32) - base
+    nz = intended != 0
+    return RoundingStats(
+        updated=int(nz.sum()),
+        lost=int((nz & (stored_update == 0)).sum()),
+        err_sq=frobenius(stored_update - intended) ** 2,
+        ref_sq=frobenius(intended) ** 2,
+    )
