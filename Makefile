@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(RANK1) demo
+	$(RANK1) demo --force
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -45,3 +45,13 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         raise RuntimeError(f"{cmd} failed ({p.returncode}): {err.decode()[-2000:]}")
     return {"seconds": seconds, "peak_rss": ru.ru_maxrss * 1024, "peak_anon_sampled": peak[0],
             "stdout": out.decode()}
+
+
+def repeat(cmd: list[str], n: int, env: dict | None = None) -> dict:
+    """`measure` n times: median seconds, every run's seconds, and the largest peaks seen."""
+    import statistics
+
+    runs = [measure(cmd, env) for _ in range(n)]
+    return {"seconds": statistics.median(r["seconds"] for r in runs), "all_seconds": [r["seconds"] for r in runs],
+            "peak_rss": max(r["peak_rss"] for r in runs),
+            "peak_anon_sampled": max(r["peak_anon_sampled"] for r in runs), "stdout": runs[-1]["stdout"]}

@@ -20,12 +20,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _proc import measure  # noqa: E402
+from _proc import measure, repeat  # noqa: E402
 
 WORK = HERE / "work"
 RESULTS = HERE / "results"
 PY = sys.executable
 RANK1 = str(Path(PY).with_name("rank1"))
+REPS = 3  # medians of this many runs: these machines are noisy
 SHAPES = {
     "135M": "SHAPE_135M",
     "4x": "LlamaShape(vocab=49152, hidden=1152, intermediate=3456, layers=30, heads=9, kv_heads=3, tie=True)",
@@ -84,10 +85,20 @@ def _ensure(name: str) -> Path:
     return root
 
 
-def _child(mode: str, root: Path) -> dict:
-    r = measure([PY, "-c", CHILD, mode, str(root)])
-    r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
-    return r
+def _child(mode: str, root: Path, reps: int) -> dict:
+    import statistics
+
+    runs = []
+    for _ in range(reps):
+        r = measure([PY, "-c", CHILD, mode, str(root)])
+        r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
+        runs.append(r)
+    out = dict(runs[-1])
+    for key in ("seconds", "work_seconds"):
+        out[key] = statistics.median(r[key] for r in runs)
+        out["all_" + key] = [r[key] for r in runs]
+    out["peak_rss"] = max(r["peak_rss"] for r in runs)
+    return out
 
 
 def main() -> None:
@@ -97,17 +108,18 @@ def main() -> None:
         size = sum(f.stat().st_size for f in root.rglob("*.safetensors"))
         m: dict = {"bytes_on_disk": size}
         # what `rank1 decompose` has imported before it reads the first tensor
-        imp = measure([PY, "-c", "import torch, typer, rich.progress, rich.table, huggingface_hub, safetensors.torch, "
-                       "rank1tools.cli, rank1tools.commands.decompose"])
-        m["import"] = {k: imp[k] for k in ("seconds", "peak_rss", "peak_anon_sampled")}
+        imp = repeat([PY, "-c", "import torch, typer, rich.progress, rich.table, huggingface_hub, safetensors.torch, "
+                       "rank1tools.cli, rank1tools.commands.decompose"], REPS)
+        m["import"] = imp
         out = root / "out-cli"
         shutil.rmtree(out, ignore_errors=True)
-        cli = measure([RANK1, "decompose", str(root / "base"), str(root / "checkpoint-100"), "--out", str(out),
-                       "--quiet", "--device", "cpu"])
+        cli = repeat([RANK1, "decompose", str(root / "base"), str(root / "checkpoint-100"), "--out", str(out),
+                      "--quiet", "--device", "cpu", "--force"], REPS)
         cli.pop("stdout")
+        imp.pop("stdout")
         m["cli"] = cli
         for mode in ("tight", "prefetch", "noprefetch") + (("naive",) if name == "135M" else ()):
-            m[mode] = _child(mode, root)
+            m[mode] = _child(mode, root, 1 if mode == "naive" else REPS)
         results["models"][name] = m
         t = m["tight"]
         line = (f"{name}: cli {cli['seconds']:.1f} s (imports {imp['seconds']:.1f} s), peak RSS {cli['peak_rss'] / 1e6:.0f} MB "

@@ -605,3 +605,29 @@ def test_cli_subprocesses(world, tmp_path, monkeypatch):
     assert res["help"].code == 0, res["help"].stderr
     assert not [r for r in world.hub.log if r.kind == "resolve" and r.method == "GET" and r.range is None
                 and r.path.endswith(".safetensors")]
+
+
+def test_decompose_a_hub_run_matches_local(hubenv, capsys, tmp_path):
+    """decompose streams base and branch checkpoints from the Hub (evict policy): same spectra as
+    the same files on disk, and no weight file left in the cache afterwards."""
+    from rank1tools.commands.decompose import DecomposeOptions, decompose
+
+    h = hubenv
+    r = rank1(capsys, "decompose", "hf://org/base", "--run", "hf://org/run", "--revisions", "step_*",
+              "--out", str(tmp_path / "hub"), "--rank", "2", "--hub-cache-policy", "evict", "--json", "--quiet")
+    assert r.code == 0, r.stderr
+    assert r.json()["steps"] == list(STEPS)
+    local = decompose(str(h.world.base), [str(h.world.steps[s]) for s in STEPS], str(tmp_path / "local"),
+                      options=DecomposeOptions(rank=2, device="cpu"))
+    with open(tmp_path / "hub" / "spectrum.jsonl") as f:
+        hub_rows = [json.loads(line) for line in f]
+    assert len(hub_rows) == len(local.rows)
+    # the local folders (stepN) name no trainer step: positions 1..T stand for STEPS
+    by = {(row["module"], STEPS[row["step"] - 1]): row for row in local.rows}
+    for row in hub_rows:
+        ref = by[(row["module"], row["step"])]
+        assert row["fro"] == ref["fro"] and row["sigma_1"] == ref["sigma_1"]
+    manifest = json.loads((tmp_path / "hub" / "manifest.json").read_text())
+    assert [c["revision"] for c in manifest["checkpoints"]] == [h.world.shas[f"step_{s}"] for s in STEPS]
+    left = [p for p in h.cache.rglob("*.safetensors")]
+    assert left == [], left

@@ -291,19 +291,24 @@ def reconstruct(
 
 @app.command()
 def demo(
-    out: str = typer.Option("demo-out", "--out", help="Folder for the generated model and run."),
+    out: str = typer.Option("demo-out", "--out", help="Folder for the generated model, run and results."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Generate a small synthetic base model and RL run (TRL layout), then inspect both."""
+    """The main job on an embedded default: a synthetic bf16 base and TRL run (steps 10..50),
+    inspected, decomposed (OUT/decompose) and reconstructed at rank 1 (OUT/rank-1)."""
     from .commands.demo import run_demo
 
     result = run_demo(out, force=force)
     if as_json:
-        _print_json({"out": result.out, "base": result.base.to_dict(), "run": result.run.to_dict()})
+        _print_json(_json_safe({"out": result.out, "base": result.base.to_dict(), "run": result.run.to_dict(),
+                                "decompose": result.decompose.to_dict(),
+                                "reconstruct": result.reconstruct.to_dict()}))
         return
     _render_model(result.base)
     _render_run(result.run)
+    _render_decompose(result.decompose)
+    _render_reconstruct(result.reconstruct)
 
 
 def main() -> None:

@@ -172,6 +172,8 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     if not modules:
         raise UsageError("no tensors selected (check --include/--exclude)")
     _check_selection(base_ckpt, pairs, modules, options.rank)
+    for ck in (base_ckpt, *(c for _, c in pairs)):
+        ck.expect(modules)
     local_inputs = [Path(c.label) for c in [base_ckpt, *(c for _, c in pairs)] if not is_hub_source(c.label)]
     target = prepare_output(out, force=force, inputs=local_inputs)
     device = resolve_device(options.device)

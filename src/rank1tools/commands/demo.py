@@ -1,7 +1,8 @@
-"""`rank1 demo`: a small synthetic base model and RL run, generated and inspected.
+"""`rank1 demo`: the main job on an embedded default, with nothing to download.
 
-The embedded default for `make demo`: it needs no download. Later commands extend it
-(decompose, reconstruct, extrapolate on the same run).
+Generates a small synthetic bf16 base and a TRL-style run of fp32 checkpoints whose updates are
+a planted rank-1 direction growing linearly with the step plus dense noise, then runs
+`inspect`, `decompose` and a rank-1 `reconstruct` of the last checkpoint on them.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import torch
 
 from ..io.writer import prepare_output
 from ..synthetic import LlamaShape, make_base, make_run
+from .decompose import DecomposeOptions, DecomposeResult, decompose
 from .inspect import ModelReport, RunReport, inspect_model, inspect_run
+from .reconstruct import ReconstructOptions, ReconstructResult, reconstruct
 
 DEMO_SHAPE = LlamaShape(vocab=256, hidden=64, intermediate=176, layers=4, heads=4, kv_heads=2, tie=True)
 DEMO_STEPS = [10, 20, 30, 40, 50]
+DEMO_NOISE = 6e-4  # dense noise per element at the last step: energy_1 ~0.6-0.9, not a perfect rank-1
 
 
 @dataclass
@@ -26,20 +30,29 @@ class DemoResult:
     out: str
     base: ModelReport
     run: RunReport
+    decompose: DecomposeResult
+    reconstruct: ReconstructResult
 
 
-def run_demo(out: str, *, force: bool = False) -> DemoResult:
+def run_demo(out: str, *, force: bool = False, device: str = "cpu") -> DemoResult:
     target = prepare_output(out, force=force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         # bf16 base, fp32 policy checkpoints: what TRL saves for a bf16 model
         make_base(tmp / "base", DEMO_SHAPE, dtype=torch.bfloat16)
-        make_run(tmp / "run", DEMO_STEPS, DEMO_SHAPE, layout="trl", base_dtype=torch.bfloat16, dtype=torch.float32)
+        make_run(tmp / "run", DEMO_STEPS, DEMO_SHAPE, layout="trl", base_dtype=torch.bfloat16,
+                 dtype=torch.float32, noise=DEMO_NOISE)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return DemoResult(out=out, base=inspect_model(str(Path(out) / "base")), run=inspect_run(str(Path(out) / "run")))
+    root = Path(out)
+    base, run = str(root / "base"), str(root / "run")
+    dec = decompose(base, [], str(root / "decompose"), run=run, options=DecomposeOptions(rank=8, device=device))
+    rec = reconstruct(base, str(root / "run" / f"checkpoint-{DEMO_STEPS[-1]}"), str(root / "rank-1"),
+                      options=ReconstructOptions(rank="1", dtype="float32", device=device,
+                                                 factors=str(root / "decompose")))
+    return DemoResult(out=out, base=inspect_model(base), run=inspect_run(run), decompose=dec, reconstruct=rec)

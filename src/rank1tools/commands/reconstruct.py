@@ -28,7 +28,7 @@ from ..io.compat import check_compatible
 from ..io.factor_store import FactorStore
 from ..io.sources import is_hub_source, open_source
 from ..io.writer import ShardedWriter, TensorSpec, prepare_output, provenance
-from ..math.reconstruct import RoundingStats, rank_k_update, rounding_stats
+from ..math.reconstruct import RoundingStats, apply_rank_k, rounding_stats
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius, rank_for_fraction
 from ..math.svd import topk_svd
@@ -166,6 +166,8 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
     if options.rest == "checkpoint" or store is None:
         _check(base_ck, ck, modules if options.rest == "base" else None)
 
+    if options.rest == "base":
+        ck.expect([] if store is not None else modules)  # the rest comes from the base
     local = [Path(c.label) for c in (base_ck, ck) if not is_hub_source(c.label)]
     if options.factors:
         local.append(Path(options.factors))
@@ -237,8 +239,6 @@ def _nonfinite(label: str, name: str) -> InputError:
 
 def _write_module(name, base_ck, ck, store, step_index, ranks, kmax, options, device, writers, stats) -> None:
     w0 = base_ck.read(name, device=device)
-    if not math.isfinite(frobenius(w0)):
-        raise _nonfinite(base_ck.label, name)
     if store is not None:
         f = store.load(name)
         U, S, V = (f[k][step_index].to(device) for k in ("U", "S", "V"))
@@ -246,17 +246,20 @@ def _write_module(name, base_ck, ck, store, step_index, ranks, kmax, options, de
     else:
         d = delta(ck.read(name, device=device), w0)
         fro = frobenius(d)
-        if not math.isfinite(fro):
-            raise _nonfinite(ck.label, name)
+        if not math.isfinite(fro):  # NaN/Inf in the base or the checkpoint: say which
+            bad = base_ck if not math.isfinite(frobenius(w0)) else ck
+            raise _nonfinite(bad.label, name)
         res = topk_svd(d, kmax, exact=options.exact)
         del d
         U, V = canonicalize_signs(res.U, res.V)
         S = res.S
     for r, w, st in zip(ranks, writers, stats):
-        upd = rank_k_update(U, S, V, r.resolve(w0.shape), fro, alpha=options.alpha, norm_match=options.norm_match)
-        stored = (w0 + upd).to(w.specs[name].dtype)
+        stored, stat = apply_rank_k(w0, U, S, V, r.resolve(w0.shape), fro, w.specs[name].dtype,
+                                    alpha=options.alpha, norm_match=options.norm_match)
+        if not math.isfinite(stat.err_sq):  # NaN/Inf in the base (the factor path reads no checkpoint)
+            raise _nonfinite(base_ck.label, name)
         w.write(name, stored)
-        st[name] = rounding_stats(w0, upd, stored)
+        st[name] = stat
 
 
 def _write_rest(name, base_ck, ck, options, device, writers, stats) -> None:

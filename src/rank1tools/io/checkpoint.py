@@ -93,6 +93,10 @@ class Checkpoint:
                 return n
         return None
 
+    def expect(self, names) -> None:
+        """Declare the only tensors a command will read (a Hub source with the evict policy frees
+        each shard once these are read). Nothing to do for local files."""
+
     # ---- reading (one tensor at a time) ----
     def shard_path(self, shard: str) -> Path:
         """Local path of a weight file (remote sources fetch it here)."""

@@ -63,3 +63,37 @@ def rounding_stats(base: torch.Tensor, intended: torch.Tensor, stored: torch.Ten
         err_sq=frobenius(stored_update - intended) ** 2,
         ref_sq=frobenius(intended) ** 2,
     )
+
+
+def update_norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """||A B^T||_F from the k x k Gram matrices, in float64: exact for any factors (not only
+    orthonormal ones) and no pass over the m x n product."""
+    A64, B64 = A.double(), B.double()
+    return float(((A64.T @ A64) * (B64.T @ B64)).sum().clamp_min(0)) ** 0.5
+
+
+def apply_rank_k(base: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int, fro_full: float,
+                 out_dtype: torch.dtype, *, alpha: float = 1.0, norm_match: bool = True,
+                 block_elems: int = 1 << 18) -> tuple[torch.Tensor, RoundingStats]:
+    """Stored W = (theta_0 + alpha * (||dW|| / ||dW_k||) * dW_k).to(out_dtype), and its rounding stats.
+
+    The same numbers as `rank_k_update` + add + cast + `rounding_stats`, fused over row blocks of
+    about `block_elems` elements: no full-size update tensor is materialised, each block stays in cache.
+    """
+    A = U[:, :k] * S[:k]
+    B = V[:, :k]
+    scale = alpha
+    if norm_match:
+        fk = update_norm(A, B)
+        scale = alpha * fro_full / fk if fk > 0 else 0.0
+    A = A * float(scale)
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    stats = RoundingStats()
+    rows = max(1, block_elems // max(1, base.shape[1]))
+    for r in range(0, base.shape[0], rows):
+        w0 = base[r:r + rows]
+        upd = A[r:r + rows] @ B.T
+        stored = (w0 + upd).to(out_dtype)
+        out[r:r + rows] = stored
+        stats.add(rounding_stats(w0, upd, stored))
+    return out, stats

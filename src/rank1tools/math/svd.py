@@ -22,6 +22,7 @@ import torch
 SIGMA_REL_TOL = 1e-4
 SIN_TOL = (1 - 0.9999**2) ** 0.5  # |cos| >= 0.9999
 SAFETY = 4.0  # bounds use the estimated gap; demand this much margin
+MIN_SKETCH = 16
 
 
 @dataclass
@@ -48,7 +49,9 @@ def randomized_topk(M: torch.Tensor, k: int, *, oversample: int = 10, niter: int
                     seed: int = 0) -> tuple[TopK, bool]:
     """Randomized top-k SVD and whether it passed the a-posteriori check."""
     m, n = M.shape
-    ell = min(k + oversample, m, n)
+    # at least MIN_SKETCH columns: more oversampling only adds accuracy, and MKL's thin matmul
+    # (M^T Q) is about 12x slower below 12 columns (54 ms vs 4.4 ms on a 3456 x 1152 matrix)
+    ell = min(max(k + oversample, MIN_SKETCH), m, n)
     g = torch.Generator().manual_seed(seed)
     omega = torch.randn(n, ell, generator=g, dtype=torch.float32).to(device=M.device, dtype=M.dtype)
     Q = torch.linalg.qr(M @ omega).Q
@@ -81,7 +84,7 @@ def topk_svd(M: torch.Tensor, k: int, *, exact: bool = False, oversample: int = 
     if not 1 <= k <= min(m, n):
         raise ValueError(f"rank {k} outside 1..{min(m, n)} for a {m} x {n} matrix")
     # exact is cheaper than a sketch that is not much smaller than the matrix
-    if exact or min(m, n) <= 2 * (k + oversample):
+    if exact or min(m, n) <= 2 * max(k + oversample, MIN_SKETCH):
         return exact_topk(M, k)
     it = niter
     while True:
