@@ -162,3 +162,24 @@ def copy_model(src: ModelFixture | Path, dst: Path) -> Path:
 
 def build_run(run_dir: Path, steps: list[int], layout: str, **kw) -> Path:
     return make_run(run_dir, steps, LlamaShape(), layout=layout, **kw)
+
+
+def run_main(*args: str) -> CliResult:
+    """`rank1 ARGS` in this process through rank1tools.cli.main (the console script's entry point,
+    with its exit-code and stderr mapping), without a torch import per call."""
+    import contextlib
+    import io
+
+    from rank1tools.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["rank1", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return CliResult(code, out.getvalue(), err.getvalue())

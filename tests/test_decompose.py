@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.errors import InputError, UsageError
 from rank1tools.io import open_checkpoint
@@ -27,25 +26,8 @@ SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_
 STEPS = [5, 10, 100]  # lexical order would put 100 before 5
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    """Run `rank1 ARGS` in-process through cli.main (exit-code and stderr mapping included)."""
-    import contextlib
-    import io
-
-    from rank1tools.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["rank1", *args]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+def _cli(*args: str):
+    return run_main(*args)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,7 @@ factor store, loading with transformers, bad input."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.commands.reconstruct import ReconstructOptions, parse_ranks, reconstruct
 from rank1tools.errors import UsageError
@@ -25,19 +23,8 @@ UNTIED = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
-    from rank1tools.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["rank1", *args]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    r = run_main(*args)
+    return r.returncode, r.stdout, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import typer
 
 from . import __version__
 from .errors import InputError, Rank1Error
+from .jsonutil import json_safe as _json_safe
 
 app = typer.Typer(
     name="rank1",
@@ -216,18 +217,6 @@ def decompose(
         _print_json(_json_safe(result.to_dict()))
     else:
         _render_decompose(result)
-
-
-def _json_safe(x):
-    import math
-
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _render_reconstruct(result) -> None:

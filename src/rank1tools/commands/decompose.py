@@ -30,6 +30,7 @@ import torch
 from .. import __version__
 from ..device import resolve_device
 from ..errors import InputError, OutputError, UsageError
+from ..jsonutil import json_safe as _json_safe
 from ..io.checkpoint import Checkpoint
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION
 from ..io.runs import infer_step, select_steps
@@ -314,16 +315,6 @@ def _write_tables(folder: Path, rows: list[dict], k: int) -> None:
     with open(folder / "spectrum.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(_json_safe({c: r.get(c) for c in cols})) + "\n")
-
-
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _mean(values: list[float]) -> float:

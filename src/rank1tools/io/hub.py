@@ -41,7 +41,7 @@ import torch
 from ..errors import InputError, Rank1Error, UsageError
 from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, Checkpoint, _pickle_error, read_config
 from .runs import _LAYOUTS, _VERL_WEIGHT_DIRS, RunCheckpoint
-from .safetensors_file import SAFETENSORS_DTYPES, TensorEntry, read_header
+from .safetensors_file import TensorEntry, entry_from_info, read_header
 from .sources import HUB_PREFIX
 
 CACHE_POLICIES = ("keep", "evict")
@@ -554,21 +554,7 @@ def _weight_files(label: str, files: dict[str, int] | list[str], read_index,
 
 def _entries_from_header(label: str, shard: str, tensors: dict) -> dict[str, TensorEntry]:
     """TensorEntries from a remote header (huggingface_hub TensorInfo); offsets unknown (-1) until downloaded."""
-    out = {}
-    for name, info in tensors.items():
-        if info.dtype not in SAFETENSORS_DTYPES:
-            raise InputError(f"{label}: tensor {name!r} in {shard} has unsupported dtype {info.dtype}")
-        begin, end = info.data_offsets
-        shape = tuple(int(s) for s in info.shape)
-        numel = 1
-        for s in shape:
-            numel *= s
-        itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info.dtype]).element_size()
-        if end - begin != numel * itemsize:
-            raise InputError(f"{label}: tensor {name!r} in {shard} occupies {end - begin} bytes but shape "
-                             f"{list(shape)} {info.dtype} needs {numel * itemsize}")
-        out[name] = TensorEntry(name, info.dtype, shape, shard, -1, end - begin)
-    return out
+    return {name: entry_from_info(f"{label} ({shard})", shard, name, info, None) for name, info in tensors.items()}
 
 
 def _check_weight_map(label: str, weight_map: dict[str, str] | None, entries: dict[str, TensorEntry]) -> None:

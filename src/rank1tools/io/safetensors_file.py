@@ -91,24 +91,32 @@ def read_header(path: Path, shard: str | None = None) -> tuple[dict[str, TensorE
         raise InputError(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
 
 
+def entry_from_info(where: str, shard: str, name: str, info, data_start: int | None) -> TensorEntry:
+    """A TensorEntry from a huggingface_hub TensorInfo, checking dtype and byte size against the shape.
+
+    `data_start` is where the data area begins in the file; None when not known yet (a remote
+    header before its shard is downloaded): the offset is then -1.
+    """
+    if info.dtype not in SAFETENSORS_DTYPES:
+        raise InputError(f"{where}: tensor {name!r} has unsupported dtype {info.dtype}")
+    begin, end = info.data_offsets
+    shape = tuple(int(s) for s in info.shape)
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info.dtype]).element_size()
+    if end - begin != numel * itemsize:
+        raise InputError(f"{where}: tensor {name!r} occupies {end - begin} bytes but shape {list(shape)} "
+                         f"{info.dtype} needs {numel * itemsize}")
+    return TensorEntry(name, info.dtype, shape, shard, -1 if data_start is None else data_start + begin, end - begin)
+
+
 def _entries(path: Path, shard: str, meta, data_start: int, size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     entries: dict[str, TensorEntry] = {}
     spans = []
     for name, info in meta.tensors.items():
-        if info.dtype not in SAFETENSORS_DTYPES:
-            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info.dtype}")
-        begin, end = info.data_offsets
-        shape = tuple(int(s) for s in info.shape)
-        numel = 1
-        for s in shape:
-            numel *= s
-        itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info.dtype]).element_size()
-        if end - begin != numel * itemsize:
-            raise InputError(
-                f"{path}: tensor {name!r} occupies {end - begin} bytes but shape {list(shape)} {info.dtype} needs {numel * itemsize}"
-            )
-        entries[name] = TensorEntry(name, info.dtype, shape, shard, data_start + begin, end - begin)
-        spans.append((begin, end, name))
+        entries[name] = entry_from_info(str(path), shard, name, info, data_start)
+        spans.append((*info.data_offsets, name))
     spans.sort()
     pos = 0
     for begin, end, name in spans:
