@@ -20,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 RESULTS = HERE / "results"
+REPS = 3  # medians: these machines are noisy
 
 # ~1.07 GB in bf16: a 535M-parameter Llama shape
 SHAPE = dict(vocab=32000, hidden=1536, intermediate=4096, layers=14, heads=12, kv_heads=4, tie=False)
@@ -85,9 +86,15 @@ def main() -> None:
     size = (model / "model.safetensors").stat().st_size
     runs = {}
     for mode in ("stream", "mmap", "load"):
-        out = subprocess.run([sys.executable, __file__, mode, str(model)], capture_output=True, text=True, check=True)
-        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = runs[mode]
+        reps = []
+        for _ in range(REPS):
+            out = subprocess.run([sys.executable, __file__, mode, str(model)], capture_output=True, text=True, check=True)
+            reps.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = runs[mode] = dict(reps[-1])
+        r["all_seconds"] = [x["seconds"] for x in reps]
+        r["seconds"] = statistics.median(r["all_seconds"])
+        for key in ("peak_rss", "peak_anon"):
+            r[key] = max(x[key] for x in reps)
         print(f"{mode:7s} peak RSS {r['peak_rss'] / 1e6:8.0f} MB (+{(r['peak_rss'] - r['import_rss']) / 1e6:.0f} over imports), "
               f"peak anon +{(r['peak_anon'] - r['anon_at_start']) / 1e6:.0f} MB, {r['seconds']:.2f} s", file=sys.stderr)
     rank1 = Path(sys.executable).with_name("rank1")
