@@ -148,6 +148,13 @@ def test_decompose_bf16_base_fp32_checkpoints(dec_run, tmp_path):
     assert st.tolist() == STEPS and U.shape == (3, *base.entry(name).shape[:1], 4)
     idx = U[0].abs().argmax(dim=0)
     assert (U[0][idx, torch.arange(4)] > 0).all()
+    # sigma_1 u_1 v_1^T of the last step equals numpy's float64 rank-1 part of that update
+    with safe_open(str(dec_run / "base" / "model.safetensors"), "pt") as f:
+        w0 = f.get_tensor(name).double().numpy()
+    D = open_checkpoint(dec_run / "run" / f"checkpoint-{STEPS[-1]}").read_raw(name).double().numpy() - w0
+    Un, Sn, Vtn = np.linalg.svd(D, full_matrices=False)
+    ours = float(S[-1, 0]) * np.outer(U[-1, :, 0].double().numpy(), V[-1, :, 0].double().numpy())
+    assert np.linalg.norm(ours - Sn[0] * np.outer(Un[:, 0], Vtn[0])) <= 1e-3 * Sn[0]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "rank1tools.factors" and manifest["format_version"] == 1
     assert [c["step"] for c in manifest["checkpoints"]] == STEPS

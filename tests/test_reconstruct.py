@@ -152,6 +152,9 @@ def test_rounding_report_bf16_loses_tiny_update(tmp_path):
     rep = json.loads(out)["outputs"][0]
     assert rep["lost_fraction"] > 0.9 and rep["rel_error"] > 0.9
     assert "rank1: warning:" in err and "--dtype float32" in err
+    prov = json.loads((tmp_path / "bf16" / "rank1tools.json").read_text())
+    assert prov["argv"] == ["rank1", "reconstruct", str(base), str(ck), "--rank", "1", "--out", str(tmp_path / "bf16"),
+                            "--json", "--quiet", "--device", "cpu"]
     on_disk = json.loads((tmp_path / "bf16" / "rank1tools-rounding.json").read_text())
     assert on_disk["lost_fraction"] == rep["lost_fraction"]
     code, out, err = _cli("reconstruct", str(base), str(ck), "--rank", "1", "--out", str(tmp_path / "f32"),

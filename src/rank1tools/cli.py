@@ -301,6 +301,9 @@ def demo(
 
 
 def main() -> None:
+    import rank1tools
+
+    rank1tools.COMMAND_LINE = ["rank1", *sys.argv[1:]]
     try:
         app()
     except Rank1Error as e:
@@ -314,6 +317,8 @@ def main() -> None:
             raise
         sys.stderr.write(f"rank1: internal error: {type(e).__name__}: {e} (set RANK1_DEBUG=1 for a traceback)\n")
         sys.exit(1)
+    finally:
+        rank1tools.COMMAND_LINE = None  # later library calls in this process have no command line
 
 
 if __name__ == "__main__":

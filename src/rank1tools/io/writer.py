@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+import rank1tools
+
 from .. import __version__
 from ..errors import OutputError
 from .checkpoint import INDEX_FILE, Checkpoint
@@ -199,10 +201,10 @@ def copy_aux_files(src: Path, dst: Path, output_dtype: torch.dtype | None) -> li
 
 
 def provenance(command: str, inputs: list[Checkpoint], parameters: dict) -> dict:
-    """How an output was made: command line, inputs with resolved revisions, method parameters."""
+    """How an output was made: command (and CLI command line), inputs with resolved revisions, parameters."""
     return {
         "command": command,
-        "argv": ["rank1", *sys.argv[1:]],
+        "argv": rank1tools.COMMAND_LINE,
         "inputs": [{"source": c.label, "revision": c.revision} for c in inputs],
         "parameters": parameters,
     }
