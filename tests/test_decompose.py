@@ -274,3 +274,27 @@ def test_errors_raised_as_types(dec_run, tmp_path):
                   options=DecomposeOptions(rank=0))
     with pytest.raises(InputError):
         decompose(str(dec_run / "base"), [str(tmp_path / "nope")], str(tmp_path / "o"))
+
+
+def test_cli_interrupt_says_how_to_resume(dec_run, tmp_path, monkeypatch):
+    import rank1tools.commands.decompose as dec
+
+    real, calls = dec.topk_svd, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 5:  # Ctrl-C in the middle of the second module
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(dec, "topk_svd", interrupted)
+    args = ("decompose", str(dec_run / "base"), "--run", str(dec_run / "run"), "--out", str(tmp_path / "o"),
+            "--rank", "2", "--quiet", "--device", "cpu")
+    r = _cli(*args)
+    assert r.returncode == 130 and r.stdout == ""
+    assert r.stderr == "rank1: interrupted: finished modules are kept; rerun the same command to resume\n"
+    assert not (tmp_path / "o").exists()
+    assert len(list((tmp_path / ".o.partial" / "factors").glob("*.safetensors"))) == 1  # 3 steps per module
+    monkeypatch.setattr(dec, "topk_svd", real)
+    r = _cli(*args)
+    assert r.returncode == 0 and "resumed: 1 modules" in r.stderr

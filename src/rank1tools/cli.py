@@ -152,6 +152,22 @@ def _stderr_progress(enabled: bool, description: str):
     return bar, update
 
 
+class _interrupt_hint:
+    """On Ctrl-C, say what state the output is in (typer would exit 130 silently)."""
+
+    def __init__(self, hint: str):
+        self.hint = hint
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is KeyboardInterrupt:
+            sys.stderr.write(f"rank1: interrupted: {self.hint}\n")
+            raise typer.Exit(130)
+        return False
+
+
 def _render_decompose(result) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -206,7 +222,7 @@ def decompose(
     opts = DecomposeOptions(rank=rank, exact=exact, include=include or [], exclude=exclude or [],
                             all_2d=all_2d, device=device)
     bar, update = _stderr_progress(not quiet, "decompose")
-    with bar:
+    with _interrupt_hint("finished modules are kept; rerun the same command to resume"), bar:
         result = run_decompose(base, checkpoints or [], out, run=run, steps=steps, hub_run=hub_run, options=opts, force=force,
                                progress=update)
     if result.resumed_modules:
@@ -267,7 +283,7 @@ def reconstruct(
                               include=include or [], exclude=exclude or [], all_2d=all_2d, exact=exact,
                               device=device, factors=factors, max_shard_size=max_shard_size)
     bar, update = _stderr_progress(not quiet, "reconstruct")
-    with bar:
+    with _interrupt_hint("nothing was written"), bar:
         result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update)
     for o in result.outputs:
         if o.warning:
