@@ -202,22 +202,10 @@ def test_single_differently_named_safetensors_file_in_folder(tmp_path, models):
         assert_bit_identical(ckpt.read_raw(name), r.tensor, name)
 
 
-def test_symlinked_single_file_opens(tmp_path, models):
-    """Hugging Face cache snapshots hold symlinks to blobs elsewhere; a single file opens through one."""
-    src = models("bf16", False, False).path
-    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
-    blobs.mkdir()
-    snap.mkdir(parents=True)
-    for f in src.iterdir():
-        shutil.copy(f, blobs / f.name)
-        os.symlink(os.path.relpath(blobs / f.name, snap), snap / f.name)
-    ckpt = open_checkpoint(snap)
-    for name, r in reference_tensors(src).items():
-        assert_bit_identical(ckpt.read_raw(name), r.tensor, name)
-
-
-def test_symlinked_shards_open(tmp_path, models):
-    src = models("bf16", False, True).path
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+def test_symlinked_snapshot_opens(tmp_path, models, sharded):
+    """Hugging Face cache snapshots hold symlinks to blobs elsewhere; a model opens through them."""
+    src = models("bf16", False, sharded).path
     blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
     blobs.mkdir()
     snap.mkdir(parents=True)
