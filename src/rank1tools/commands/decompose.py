@@ -32,6 +32,7 @@ from ..device import resolve_device
 from ..errors import InputError, OutputError, UsageError
 from ..jsonutil import json_safe as _json_safe
 from ..io.checkpoint import Checkpoint
+from ..io.compat import check_compatible
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION
 from ..io.runs import infer_step, select_steps
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
@@ -119,12 +120,8 @@ def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modu
         shape = base.entry(name).shape
         if rank > min(shape):
             raise UsageError(f"--rank {rank} exceeds min(m, n) = {min(shape)} of {name} {list(shape)}")
-        for step, ck in pairs:
-            if name not in ck:
-                raise InputError(f"{ck.label}: step {step} lacks tensor {name!r}")
-            if ck.entry(name).shape != shape:
-                raise InputError(f"tensor {name!r}: shape {list(ck.entry(name).shape)} at step {step} "
-                                 f"({ck.label}) but {list(shape)} in base {base.label}")
+    for step, ck in pairs:
+        check_compatible(base, ck, modules, label=f"{ck.label} (step {step})")
 
 
 def _factor_file(name: str) -> str:
@@ -200,7 +197,8 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     (work / "manifest.json").write_bytes(manifest_bytes)
 
     done = [n for n in modules if (work / "factors" / _factor_file(n)).is_file()]
-    todo = [n for n in modules if n not in set(done)]
+    done_set = set(done)
+    todo = [n for n in modules if n not in done_set]
     total = len(modules) * len(pairs)
     count = len(done) * len(pairs)
     if progress:

@@ -23,7 +23,6 @@ import torch
 
 from ..device import resolve_device
 from ..errors import InputError, UsageError
-from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible
 from ..io.factor_store import FactorStore
 from ..io.sources import is_hub_source, open_source
@@ -164,7 +163,7 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
             raise UsageError(f"--rank needs {kmax[short[0]]} triplets of {short[0]} but {options.factors} "
                              f"holds {store.rank}; rerun decompose with a larger --rank or drop --factors")
     if options.rest == "checkpoint" or store is None:
-        _check(base_ck, ck, modules if options.rest == "base" else None)
+        check_compatible(base_ck, ck, modules if options.rest == "base" else None)
 
     if options.rest == "base":
         ck.expect([] if store is not None else modules)  # the rest comes from the base
@@ -186,9 +185,9 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
             dest = staging / r.folder if multi else target
             writers.append(ShardedWriter(dest, specs, max_shard_size=options.max_shard_size, force=force and not multi))
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
-        names = list(base_ck.entries)
+        names, selected = list(base_ck.entries), set(modules)
         for i, name in enumerate(names):
-            if name in set(modules):
+            if name in selected:
                 _write_module(name, base_ck, ck, store, step_index, ranks, kmax[name], options, device, writers, stats)
             else:
                 _write_rest(name, base_ck, ck, options, device, writers, stats)
@@ -219,18 +218,6 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return ReconstructResult(out=out, modules=len(modules), used_factors=store is not None, outputs=outputs)
-
-
-def _check(base: Checkpoint, ck: Checkpoint, names: list[str] | None) -> None:
-    if names is None:
-        check_compatible(base, ck)
-        return
-    for name in names:
-        if name not in ck:
-            raise InputError(f"{ck.label}: lacks tensor {name!r} that base {base.label} has")
-        if ck.entry(name).shape != base.entry(name).shape:
-            raise InputError(f"tensor {name!r}: shape {list(ck.entry(name).shape)} in {ck.label} "
-                             f"but {list(base.entry(name).shape)} in base {base.label}")
 
 
 def _nonfinite(label: str, name: str) -> InputError:
@@ -270,11 +257,12 @@ def _write_rest(name, base_ck, ck, options, device, writers, stats) -> None:
         return
     theirs = ck.read_raw(name)
     b = base_ck.read(name) if theirs.is_floating_point() else None
+    intended = delta(theirs, b) if b is not None else None  # the same for every rank
     for w, st in zip(writers, stats):
         stored = theirs.to(w.specs[name].dtype)
         w.write(name, stored)
         if b is not None:
-            st[name] = rounding_stats(b, delta(theirs, b), stored)
+            st[name] = rounding_stats(b, intended, stored)
 
 
 def _report(per_tensor: dict[str, RoundingStats]) -> dict:

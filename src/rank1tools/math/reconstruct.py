@@ -9,22 +9,6 @@ import torch
 from .spectrum import frobenius
 
 
-def rank_k_update(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int, fro_full: float, *,
-                  alpha: float = 1.0, norm_match: bool = True) -> torch.Tensor:
-    """alpha * (||dW||_F / ||dW_k||_F) * dW_k with dW_k = sum_{i<=k} s_i u_i v_i^T (float32).
-
-    Without norm matching: alpha * dW_k. ||dW_k||_F is measured on dW_k itself (float64), which
-    stays exact when the factors are only nearly orthonormal (randomized SVD in float32).
-    """
-    Dk = (U[:, :k] * S[:k]) @ V[:, :k].T
-    if not norm_match:
-        return Dk * alpha if alpha != 1.0 else Dk
-    fk = frobenius(Dk)
-    if fk == 0.0:
-        return Dk  # nothing to rescale: dW_k = 0
-    return Dk * float(alpha * fro_full / fk)
-
-
 @dataclass
 class RoundingStats:
     """How much of an intended update survives storage: counts and float64 squared norms."""
@@ -77,8 +61,10 @@ def apply_rank_k(base: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.
                  block_elems: int = 1 << 18) -> tuple[torch.Tensor, RoundingStats]:
     """Stored W = (theta_0 + alpha * (||dW|| / ||dW_k||) * dW_k).to(out_dtype), and its rounding stats.
 
-    The same numbers as `rank_k_update` + add + cast + `rounding_stats`, fused over row blocks of
-    about `block_elems` elements: no full-size update tensor is materialised, each block stays in cache.
+    dW_k = sum_{i<=k} s_i u_i v_i^T; without norm matching the update is alpha * dW_k. ||dW_k||_F
+    comes from the k x k Gram matrices (exact for nearly orthonormal float32 factors too). Update,
+    add, cast and `rounding_stats` are fused over row blocks of about `block_elems` elements: no
+    full-size update tensor is materialised, each block stays in cache.
     """
     A = U[:, :k] * S[:k]
     B = V[:, :k]
