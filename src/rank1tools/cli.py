@@ -285,6 +285,8 @@ def reconstruct(
     bar, update = _stderr_progress(not quiet, "reconstruct")
     with _interrupt_hint("nothing was written"), bar:
         result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update)
+    for note in result.notes:
+        sys.stderr.write(f"rank1: note: {note}\n")
     for o in result.outputs:
         if o.warning:
             sys.stderr.write(f"rank1: warning: rank {o.rank}: {o.warning}\n")

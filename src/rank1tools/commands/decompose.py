@@ -32,15 +32,17 @@ from ..device import resolve_device
 from ..errors import InputError, OutputError, UsageError
 from ..jsonutil import json_safe as _json_safe
 from ..io.checkpoint import Checkpoint
-from ..io.compat import check_compatible
+from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION
 from ..io.runs import infer_step, select_steps
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
 from ..io.writer import prepare_output
+from ..math.finite import all_finite, dtype_max, max_abs
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius, spectrum_figures
-from ..math.svd import topk_svd
+from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, is_embedding, parse_matrix_module, select_tensors
+from ..resources import check_memory, decompose_peak_bytes, svd_bytes
 
 TYPE_ORDER = {t: i for i, t in enumerate(["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"])}
 SVD_SEED = 0
@@ -150,6 +152,37 @@ def _nonfinite(label: str, name: str, where: str) -> InputError:
     return InputError(f"{label}: tensor {name!r} {where} has non-finite values (NaN or Inf)")
 
 
+def _check_memory(base: Checkpoint, others: list[Checkpoint], modules: list[str], options: DecomposeOptions,
+                  device: torch.device) -> None:
+    """Refuse before any work when the largest module's working set exceeds the available memory."""
+    def need(name: str) -> int:
+        e = base.entry(name)
+        raw = max(c.entry(name).nbytes for c in (base, *others))
+        sketch = max(options.rank + options.oversample, MIN_SKETCH)
+        exact = options.exact or min(e.shape) <= 2 * sketch
+        return decompose_peak_bytes(e.numel, raw, svd_bytes(e.shape, exact, sketch), on_cpu=device.type == "cpu")
+
+    name = max(modules, key=need)
+    check_memory(need(name), f"tensor {name!r} {list(base.entry(name).shape)}")
+
+
+def _bad_update(ck: Checkpoint, name: str, step: int, base_t: torch.Tensor) -> InputError:
+    """Why dW of `name` at `step` is not finite: the checkpoint's own values, or (both inputs finite)
+    theta_t - theta_0 overflowing float32. Error path only: the checkpoint tensor is read again."""
+    theirs = ck.read_raw(name)
+    if not all_finite(theirs):
+        return _nonfinite(ck.label, name, f"at step {step}")
+    return InputError(f"{ck.label}: the update of tensor {name!r} at step {step} overflows float32 "
+                      f"(|values| up to {max(max_abs(theirs), max_abs(base_t)):.3g} in base and checkpoint)")
+
+
+def _discard_fresh(work: Path, resumed: list[str], err: InputError) -> InputError:
+    """A data error found mid-run: drop the work folder unless it holds modules of an earlier run."""
+    if not resumed:
+        shutil.rmtree(work, ignore_errors=True)
+    return err
+
+
 def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = None, steps: str | None = None,
               hub_run: dict | None = None, options: DecomposeOptions = DecomposeOptions(), force: bool = False,
               progress: Callable[[int, int], None] | None = None,
@@ -165,16 +198,17 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     if options.rank < 1:
         raise UsageError(f"--rank {options.rank}: must be at least 1")
     base_ckpt, pairs, step_source = open_inputs(base, checkpoints, run, steps, hub_run)
-    shapes = {n: e.shape for n, e in base_ckpt.entries.items()}
+    shapes = tensor_shapes(base_ckpt, [c for _, c in pairs])  # with an lm_head the checkpoints untied
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
     if not modules:
         raise UsageError("no tensors selected (check --include/--exclude)")
     _check_selection(base_ckpt, pairs, modules, options.rank)
     for ck in (base_ckpt, *(c for _, c in pairs)):
         ck.expect(modules)
+    device = resolve_device(options.device)
+    _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
     local_inputs = [Path(c.label) for c in [base_ckpt, *(c for _, c in pairs)] if not is_hub_source(c.label)]
     target = prepare_output(out, force=force, inputs=local_inputs)
-    device = resolve_device(options.device)
 
     manifest = {
         "format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": __version__,
@@ -220,7 +254,7 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
             # the float64 norms double as the NaN/Inf check: no extra pass over the tensor
             base_fro = frobenius(t)
             if not math.isfinite(base_fro):
-                raise _nonfinite(base_ckpt.label, name, "in base")
+                raise _discard_fresh(work, done, _nonfinite(base_ckpt.label, name, "in base"))
             base_t = t
             acc = {"U": [], "S": [], "V": [], "fro": [], "method": [], "residual": []}
             continue
@@ -229,10 +263,14 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
         d = t.sub_(base_t) if t.dtype == torch.float32 else delta(t, base_t)
         del t
         fro = frobenius(d)
-        if not math.isfinite(fro):
-            raise _nonfinite(ck.label, name, f"at step {step}")
+        if not math.isfinite(fro):  # the checkpoint's own NaN/Inf, or a float32 overflow of the difference
+            raise _discard_fresh(work, done, _bad_update(ck, name, step, base_t))
         res = topk_svd(d, options.rank, exact=options.exact, oversample=options.oversample,
-                       niter=options.niter, seed=SVD_SEED)
+                       niter=options.niter, seed=SVD_SEED, fro=fro)
+        if not all_finite(res.S):
+            raise _discard_fresh(work, done, InputError(
+                f"{ck.label}: the update of tensor {name!r} at step {step} has singular values beyond "
+                f"float32 (||dW||_F = {fro:.3g}, float32 max {dtype_max(torch.float32):.3g})"))
         U, V = canonicalize_signs(res.U, res.V)
         acc["U"].append(U.cpu())
         acc["V"].append(V.cpu())

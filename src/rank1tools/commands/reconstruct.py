@@ -23,15 +23,18 @@ import torch
 
 from ..device import resolve_device
 from ..errors import InputError, UsageError
-from ..io.compat import check_compatible
+from ..jsonutil import json_safe
+from ..io.compat import check_compatible, tensor_shapes, untied_head
 from ..io.factor_store import FactorStore
 from ..io.sources import is_hub_source, open_source
 from ..io.writer import ShardedWriter, TensorSpec, prepare_output, provenance
+from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
 from ..math.reconstruct import RoundingStats, apply_rank_k, rounding_stats
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius, rank_for_fraction
-from ..math.svd import topk_svd
-from ..modules import select_tensors
+from ..math.svd import MIN_SKETCH, topk_svd
+from ..modules import LM_HEAD_NAME, select_tensors
+from ..resources import check_memory, reconstruct_peak_bytes, svd_bytes
 
 ROUNDING_FILE = "rank1tools-rounding.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,9 +113,12 @@ class ReconstructResult:
     modules: int
     used_factors: bool
     outputs: list[RankOutput]
+    untied_lm_head: bool = False  # the output stores lm_head.weight and says tie_word_embeddings: false
+    notes: list[str] = field(default_factory=list)  # for the user (the CLI prints them on stderr)
 
     def to_dict(self) -> dict:
         return {"out": self.out, "modules": self.modules, "used_factors": self.used_factors,
+                "untied_lm_head": self.untied_lm_head, "notes": self.notes,
                 "outputs": [{"rank": o.rank, "path": o.path, "lost_fraction": o.lost_fraction,
                              "rel_error": o.rel_error, "updated_elements": o.updated_elements,
                              "warning": o.warning} for o in self.outputs]}
@@ -134,7 +140,7 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
     if not math.isfinite(options.alpha):
         raise UsageError(f"--alpha {options.alpha}: must be a finite number")
     base_ck, ck = open_source(base), open_source(checkpoint)
-    shapes = {n: e.shape for n, e in base_ck.entries.items()}
+    shapes = tensor_shapes(base_ck, [ck])  # with lm_head.weight when the checkpoint unties it
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
     if not modules:
         raise UsageError("no tensors selected (check --include/--exclude)")
@@ -167,13 +173,17 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
 
     if options.rest == "base":
         ck.expect([] if store is not None else modules)  # the rest comes from the base
+    # a checkpoint that unties the base's lm_head keeps its own head when that head is written
+    untie = untied_head(base_ck, [ck]) and (options.rest == "checkpoint" or LM_HEAD_NAME in modules)
+    names = [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]
+    specs = [TensorSpec(n, base_ck.entry(n).shape, _output_dtype(options.dtype, base_ck.entry(n).torch_dtype))
+             for n in names]
+    device = resolve_device(options.device)
+    _check_memory(base_ck, ck, specs, set(modules), kmax, store is not None, options, device)
     local = [Path(c.label) for c in (base_ck, ck) if not is_hub_source(c.label)]
     if options.factors:
         local.append(Path(options.factors))
     target = prepare_output(out, force=force, inputs=local)
-    device = resolve_device(options.device)
-
-    specs = [TensorSpec(n, e.shape, _output_dtype(options.dtype, e.torch_dtype)) for n, e in base_ck.entries.items()]
     multi = len(ranks) > 1
     staging = None
     if multi:
@@ -185,7 +195,7 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
             dest = staging / r.folder if multi else target
             writers.append(ShardedWriter(dest, specs, max_shard_size=options.max_shard_size, force=force and not multi))
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
-        names, selected = list(base_ck.entries), set(modules)
+        selected = set(modules)
         for i, name in enumerate(names):
             if name in selected:
                 _write_module(name, base_ck, ck, store, step_index, ranks, kmax[name], options, device, writers, stats)
@@ -203,7 +213,7 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
             report = _report(st)
             prov = provenance("reconstruct", [base_ck, ck], {**params, "rank": r.text})
             w.commit(copy_from=base_ck, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
-                     provenance=prov, extra_json={ROUNDING_FILE: report})
+                     provenance=prov, extra_json={ROUNDING_FILE: json_safe(report)}, untie_word_embeddings=untie)
             outputs.append(RankOutput(rank=r.text, path=str(Path(out) / r.folder) if multi else out, **{
                 k: report[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")},
                 tensors=report["tensors"]))
@@ -217,11 +227,39 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ReconstructResult(out=out, modules=len(modules), used_factors=store is not None, outputs=outputs)
+    notes = []
+    if untie:
+        how = "reconstructed (selected)" if LM_HEAD_NAME in selected else "copied (--rest checkpoint)"
+        notes.append(f"{checkpoint} stores its own {LM_HEAD_NAME} but base {base} ties it to the embedding: "
+                     f"the output stores the head, {how}, and its config.json says tie_word_embeddings: false")
+    return ReconstructResult(out=out, modules=len(modules), used_factors=store is not None, outputs=outputs,
+                             untied_lm_head=untie, notes=notes)
 
 
 def _nonfinite(label: str, name: str) -> InputError:
     return InputError(f"{label}: tensor {name!r} has non-finite values (NaN or Inf)")
+
+
+def _check_memory(base_ck, ck, specs, selected, kmax, from_factors, options, device) -> None:
+    """Refuse before any work when the largest tensor's working set exceeds the available memory."""
+    def need(spec: TensorSpec) -> int:
+        name, e = spec.name, base_ck.entry(spec.name)
+        raw = max(e.nbytes, ck.entry(spec.name).nbytes if spec.name in ck else 0)
+        item = torch.empty((), dtype=spec.dtype).element_size()
+        svd = 0
+        if spec.name in selected:
+            sketch = max(kmax[name] + 10, MIN_SKETCH)
+            svd = svd_bytes(e.shape, options.exact or min(e.shape) <= 2 * sketch, sketch)
+        return reconstruct_peak_bytes(e.numel, raw, item, selected=name in selected, from_factors=from_factors,
+                                      svd=svd, rest=options.rest, on_cpu=device.type == "cpu")
+
+    spec = max(specs, key=need)
+    check_memory(need(spec), f"tensor {spec.name!r} {list(spec.shape)}")
+
+
+def _overflow(name: str, dtype: torch.dtype, what: str, hint: str) -> InputError:
+    return InputError(f"tensor {name!r}: {what} overflow {dtype_name(dtype)} ({hint}; largest finite "
+                      f"{dtype_name(dtype)} is {dtype_max(dtype):.5g})")
 
 
 def _write_module(name, base_ck, ck, store, step_index, ranks, kmax, options, device, writers, stats) -> None:
@@ -233,18 +271,31 @@ def _write_module(name, base_ck, ck, store, step_index, ranks, kmax, options, de
     else:
         d = delta(ck.read(name, device=device), w0)
         fro = frobenius(d)
-        if not math.isfinite(fro):  # NaN/Inf in the base or the checkpoint: say which
-            bad = base_ck if not math.isfinite(frobenius(w0)) else ck
-            raise _nonfinite(bad.label, name)
-        res = topk_svd(d, kmax, exact=options.exact)
+        if not math.isfinite(fro):  # NaN/Inf in the base or the checkpoint, or theta_t - theta_0 overflows
+            if not all_finite(w0):
+                raise _nonfinite(base_ck.label, name)
+            theirs = ck.read_raw(name)
+            if not all_finite(theirs):
+                raise _nonfinite(ck.label, name)
+            raise InputError(f"{ck.label}: the update of tensor {name!r} overflows float32 "
+                             f"(|values| up to {max(max_abs(theirs), max_abs(w0)):.3g} in base and checkpoint)")
+        res = topk_svd(d, kmax, exact=options.exact, fro=fro)
         del d
+        if not all_finite(res.S):
+            raise InputError(f"{ck.label}: the update of tensor {name!r} has singular values beyond float32 "
+                             f"(||dW||_F = {fro:.3g})")
         U, V = canonicalize_signs(res.U, res.V)
         S = res.S
     for r, w, st in zip(ranks, writers, stats):
         stored, stat = apply_rank_k(w0, U, S, V, r.resolve(w0.shape), fro, w.specs[name].dtype,
                                     alpha=options.alpha, norm_match=options.norm_match)
-        if not math.isfinite(stat.err_sq):  # NaN/Inf in the base (the factor path reads no checkpoint)
-            raise _nonfinite(base_ck.label, name)
+        if stat.introduced_nonfinite or not math.isfinite(stat.err_sq):
+            if not all_finite(w0):  # NaN/Inf in the base (the factor path reads no checkpoint)
+                raise _nonfinite(base_ck.label, name)
+            if stat.introduced_nonfinite:
+                dt = w.specs[name].dtype
+                raise _overflow(name, dt, "the reconstructed weights", f"check --alpha {options.alpha:g}"
+                                + (", or write --dtype float32" if dt != torch.float32 else ""))
         w.write(name, stored)
         st[name] = stat
 
@@ -253,13 +304,22 @@ def _write_rest(name, base_ck, ck, options, device, writers, stats) -> None:
     if options.rest == "base":
         raw = base_ck.read_raw(name)  # bit-exact copy when the dtype is kept
         for w in writers:
-            w.write(name, raw)
+            stored = raw.to(w.specs[name].dtype)
+            if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):  # e.g. base values above 65504 cast to float16
+                raise _overflow(name, stored.dtype, f"base values (|values| up to {max_abs(raw):.3g})",
+                                "use --dtype float32 or bfloat16")
+            w.write(name, stored)
         return
     theirs = ck.read_raw(name)
     b = base_ck.read(name) if theirs.is_floating_point() else None
     intended = delta(theirs, b) if b is not None else None  # the same for every rank
     for w, st in zip(writers, stats):
         stored = theirs.to(w.specs[name].dtype)
+        if introduces_nonfinite(stored, b):  # no written value may be non-finite where the base is finite
+            if not all_finite(theirs):
+                raise _nonfinite(ck.label, name)
+            raise _overflow(name, stored.dtype, f"checkpoint values (|values| up to {max_abs(theirs):.3g})",
+                            "use --dtype float32 or bfloat16")
         w.write(name, stored)
         if b is not None:
             st[name] = rounding_stats(b, intended, stored)

@@ -143,9 +143,10 @@ class ShardedWriter:
         self._pending.discard(name)
 
     def commit(self, *, copy_from: Checkpoint | None = None, output_dtype: torch.dtype | None = None,
-               provenance: dict | None = None, extra_json: dict[str, object] | None = None) -> Path:
+               provenance: dict | None = None, extra_json: dict[str, object] | None = None,
+               untie_word_embeddings: bool = False) -> Path:
         """Finish: index, auxiliary files, provenance, `extra_json` reports (file name -> data);
-        rename into place. Returns the output path."""
+        rename into place. Returns the output path. `untie_word_embeddings`: see copy_aux_files."""
         if self._pending:
             raise RuntimeError(f"writer: {len(self._pending)} tensors never written, e.g. {sorted(self._pending)[0]!r}")
         if self.split.is_sharded:
@@ -153,7 +154,7 @@ class ShardedWriter:
                      "weight_map": dict(sorted(self.split.tensor_to_filename.items()))}
             (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if copy_from is not None and copy_from.root is not None:
-            copy_aux_files(copy_from.root, self.tmp, output_dtype)
+            copy_aux_files(copy_from.root, self.tmp, output_dtype, untie_word_embeddings=untie_word_embeddings)
         if provenance is not None:
             record = {"tool": "rank1tools", "version": __version__, **provenance}
             (self.tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -180,21 +181,29 @@ class ShardedWriter:
             self.abort()
 
 
-def copy_aux_files(src: Path, dst: Path, output_dtype: torch.dtype | None) -> list[str]:
-    """Copy config/tokenizer/chat-template files; set config's dtype field to `output_dtype`."""
+def copy_aux_files(src: Path, dst: Path, output_dtype: torch.dtype | None, *,
+                   untie_word_embeddings: bool = False) -> list[str]:
+    """Copy config/tokenizer/chat-template files; set config's dtype field to `output_dtype`, and
+    `tie_word_embeddings` to false when asked (the output stores its own lm_head)."""
     copied = []
     for f in sorted(src.iterdir()):
         if f.is_file() and any(fnmatch(f.name, p) for p in AUX_PATTERNS):
             shutil.copy2(f, dst / f.name)
             copied.append(f.name)
     cfg_path = dst / "config.json"
-    if output_dtype is not None and cfg_path.exists():
+    if (output_dtype is not None or untie_word_embeddings) and cfg_path.exists():
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        name = str(output_dtype).removeprefix("torch.")
-        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
-        if any(cfg.get(k) != name for k in keys):
-            for k in keys:
-                cfg[k] = name
+        changed = untie_word_embeddings and cfg.get("tie_word_embeddings") is not False
+        if changed:
+            cfg["tie_word_embeddings"] = False
+        if output_dtype is not None:
+            name = str(output_dtype).removeprefix("torch.")
+            keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+            if any(cfg.get(k) != name for k in keys):
+                changed = True
+                for k in keys:
+                    cfg[k] = name
+        if changed:
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return copied
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from .finite import count_introduced_nonfinite
 from .spectrum import frobenius
 
 
@@ -17,12 +19,14 @@ class RoundingStats:
     lost: int = 0  # ... of which the stored update is exactly zero (rounded away)
     err_sq: float = 0.0  # ||stored update - intended update||^2
     ref_sq: float = 0.0  # ||intended update||^2
+    introduced_nonfinite: int = 0  # elements stored as NaN/Inf where the base is finite
 
     def add(self, other: "RoundingStats") -> None:
         self.updated += other.updated
         self.lost += other.lost
         self.err_sq += other.err_sq
         self.ref_sq += other.ref_sq
+        self.introduced_nonfinite += other.introduced_nonfinite
 
     @property
     def lost_fraction(self) -> float:
@@ -30,6 +34,10 @@ class RoundingStats:
 
     @property
     def rel_error(self) -> float:
+        """||stored - intended|| / ||intended||; NaN when a value involved is not finite (never a
+        silent 0), 0 when nothing was meant to change."""
+        if not (math.isfinite(self.err_sq) and math.isfinite(self.ref_sq)) or self.introduced_nonfinite:
+            return math.nan
         return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else 0.0
 
 
@@ -46,6 +54,7 @@ def rounding_stats(base: torch.Tensor, intended: torch.Tensor, stored: torch.Ten
         lost=int((nz & (stored_update == 0)).sum()),
         err_sq=frobenius(stored_update - intended) ** 2,
         ref_sq=frobenius(intended) ** 2,
+        introduced_nonfinite=count_introduced_nonfinite(stored, base),
     )
 
 

@@ -11,18 +11,34 @@ exact SVD ("exact-fallback").
 
 The random test matrix comes from a generator seeded per call (not the global RNG) and is drawn
 on the CPU, so results do not depend on processing order, resumption, or device RNG state.
+
+Range: float32 overflows above 3.4e38, and products such as M @ omega (entries up to
+||M||_F * ||omega_j||, omega_j of length n) overflow long before the entries of M do (a matrix
+of 3e38 entries breaks the sketch). When ||M||_F (float64) lies outside [SAFE_FRO_MIN,
+SAFE_FRO_MAX], the SVD runs on M / s with s a power of two near ||M||_F (exact scaling: U and V
+are those of M, S is multiplied back by s). Inside that range every float32 product and squared
+norm the routines form stays within about (1e12 * 1e3)^2 = 1e30 < 3.4e38 (and far from the
+underflow at 1.2e-38), and RL updates (||dW||_F ~ 1e-6 .. 1e3) are never rescaled, so their
+results are unchanged bit for bit. S of a matrix whose singular values exceed float32 come back
+as inf: callers check it.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
 import torch
 
+from .spectrum import frobenius
+
 SIGMA_REL_TOL = 1e-4
 SIN_TOL = (1 - 0.9999**2) ** 0.5  # |cos| >= 0.9999
 SAFETY = 4.0  # bounds use the estimated gap; demand this much margin
 MIN_SKETCH = 16
+SAFE_FRO_MIN = 1e-12  # outside [SAFE_FRO_MIN, SAFE_FRO_MAX] the matrix is rescaled (module doc)
+SAFE_FRO_MAX = 1e12
 
 
 @dataclass
@@ -75,14 +91,48 @@ def randomized_topk(M: torch.Tensor, k: int, *, oversample: int = 10, niter: int
     return TopK(U.contiguous(), S[:k].contiguous(), V.contiguous(), "randomized", rho / s1), ok
 
 
+def range_scale(fro: float) -> float:
+    """1.0 when ||M||_F = fro is in the safe range (or 0), else the power of two nearest above it."""
+    if fro == 0.0 or SAFE_FRO_MIN <= fro <= SAFE_FRO_MAX:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(fro)[1])  # 2^e with fro / 2^e in [0.5, 1)
+
+
 def topk_svd(M: torch.Tensor, k: int, *, exact: bool = False, oversample: int = 10, niter: int = 4,
-             seed: int = 0, max_niter: int = 16) -> TopK:
-    """Top-k singular triplets of a float32 matrix (see module doc for the accuracy contract)."""
+             seed: int = 0, max_niter: int = 16, fro: float | None = None) -> TopK:
+    """Top-k singular triplets of a finite float32 matrix (see module doc for the accuracy contract
+    and the range handling). `fro`: ||M||_F if the caller has it (saves a pass)."""
     if M.dim() != 2:
         raise ValueError(f"expected a matrix, got shape {list(M.shape)}")
     m, n = M.shape
     if not 1 <= k <= min(m, n):
         raise ValueError(f"rank {k} outside 1..{min(m, n)} for a {m} x {n} matrix")
+    if fro is None:
+        fro = frobenius(M)
+    if not math.isfinite(fro):
+        raise ValueError("matrix has non-finite values")
+    s = range_scale(fro)
+    if s == 1.0:
+        return _topk_in_range(M, k, exact, oversample, niter, seed, max_niter)
+    res = _topk_in_range(_times_power_of_two(M, -math.frexp(s)[1] + 1), k, exact, oversample, niter, seed,
+                         max_niter)
+    res.S = (res.S.double() * s).to(res.S.dtype)  # inf where a singular value exceeds float32
+    return res
+
+
+def _times_power_of_two(M: torch.Tensor, e: int) -> torch.Tensor:
+    """M * 2^e, exact, in steps a float32 scalar can hold (2^e itself may lie outside float32)."""
+    out = M
+    while e != 0:
+        step = max(-100, min(100, e))
+        out = out * math.ldexp(1.0, step)
+        e -= step
+    return out
+
+
+def _topk_in_range(M: torch.Tensor, k: int, exact: bool, oversample: int, niter: int, seed: int,
+                   max_niter: int) -> TopK:
+    m, n = M.shape
     # exact is cheaper than a sketch that is not much smaller than the matrix
     if exact or min(m, n) <= 2 * max(k + oversample, MIN_SKETCH):
         return exact_topk(M, k)

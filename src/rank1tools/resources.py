@@ -1,0 +1,107 @@
+"""Host memory: how much is available, and a refusal before work that cannot fit.
+
+Torch-free. A safetensors header can declare a tensor of any size (a 16 GiB tensor in a sparse
+file, or simply one larger than this machine's memory); the commands estimate their peak working
+set from the headers and call `check_memory` before reading anything, so such an input fails with
+one line instead of an allocation failure or the OOM killer.
+
+`RANK1_AVAILABLE_MEMORY` (bytes) replaces the measured figure: a knob for tests and for
+containing a run to less than the machine has. GPU memory is not read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ResourceError, UsageError
+
+ENV_AVAILABLE = "RANK1_AVAILABLE_MEMORY"
+MEMINFO = Path("/proc/meminfo")
+
+
+def available_memory_bytes() -> int | None:
+    """Bytes of host memory available to a new allocation: $RANK1_AVAILABLE_MEMORY if set, else
+    Linux's MemAvailable (free memory plus reclaimable cache); None when unknown."""
+    override = os.environ.get(ENV_AVAILABLE)
+    if override is not None and override.strip():
+        try:
+            value = int(float(override))
+        except ValueError:
+            raise UsageError(f"{ENV_AVAILABLE}={override!r}: expected a number of bytes") from None
+        if value < 0:
+            raise UsageError(f"{ENV_AVAILABLE}={override!r}: expected a number of bytes")
+        return value
+    try:
+        text = MEMINFO.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            parts = line.split()
+            try:
+                return int(parts[1]) * (1024 if len(parts) > 2 and parts[2] == "kB" else 1)
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def check_memory(need_bytes: int, what: str) -> None:
+    """Raise ResourceError "WHAT: needs about X GB of memory but Y GB are available" when the
+    estimate exceeds what is available; nothing when it fits or availability is unknown."""
+    avail = available_memory_bytes()
+    if avail is not None and need_bytes > avail:
+        raise ResourceError(f"{what}: needs about {_gb(need_bytes)} of memory but {_gb(avail)} are available")
+
+
+def svd_bytes(shape: tuple[int, ...], exact: bool, sketch: int) -> int:
+    """Working memory of `topk_svd` on an m x n float32 matrix: the exact SVD's copy of the input,
+    U, V^T and workspace, or the randomized path's few (m + n) x sketch blocks. A rescaled copy
+    (matrices outside the safe range) and an exact fallback of the randomized path are rare and
+    not counted."""
+    m, n = shape[0], shape[1]
+    r = min(m, n)
+    if exact:
+        return 4 * (m * n + m * r + r * n + 4 * r * r)
+    return 4 * 4 * (m + n) * sketch
+
+
+def decompose_peak_bytes(numel: int, raw_bytes: int, svd: int, on_cpu: bool = True) -> int:
+    """Peak host bytes while `decompose` works on one tensor of N = `numel` elements, R = `raw_bytes`
+    (its largest stored size among the inputs).
+
+    Held at once: the base in float32 (4 N), the checkpoint's update in float32 (4 N), the next
+    tensor read ahead by the prefetch thread (R), and either the checkpoint's raw read being
+    upcast (R) or the SVD's working memory. On a GPU only the raw reads stay on the host.
+    """
+    if not on_cpu:
+        return 2 * raw_bytes
+    return 8 * numel + raw_bytes + max(raw_bytes, svd)
+
+
+def reconstruct_peak_bytes(numel: int, raw_bytes: int, out_itemsize: int, *, selected: bool,
+                           from_factors: bool, svd: int, rest: str, on_cpu: bool = True) -> int:
+    """Peak host bytes while `reconstruct` writes one tensor (N elements, R raw bytes).
+
+    Selected: reading and subtracting holds base, checkpoint and update in float32 plus a raw
+    read (12 N + R; with a factor store only the base, 4 N + R), then base and update with the
+    SVD's working memory, then the base and two outputs of the output dtype (the previous rank's
+    is freed as the next is made). Not selected: `--rest base` holds the raw base and its cast
+    (R + out N); `--rest checkpoint` also the base in float32, the intended and stored updates
+    and their difference (R + 20 N + out N). On a GPU the float32 copies of selected tensors
+    live there; the host holds the raw read and the outputs.
+    """
+    outs = 2 * out_itemsize * numel
+    if selected:
+        if not on_cpu:
+            return raw_bytes + outs
+        if from_factors:
+            return 4 * numel + max(raw_bytes, outs)
+        return max(12 * numel + raw_bytes, 8 * numel + svd, 4 * numel + outs)
+    if rest == "base":
+        return raw_bytes + out_itemsize * numel
+    return raw_bytes + 20 * numel + out_itemsize * numel
