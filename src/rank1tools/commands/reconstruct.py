@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from ..errors import InputError, UsageError
 from ..io.compat import check_compatible
 from ..io.factor_store import FactorStore
 from ..io.sources import is_hub_source, open_source
-from ..io.writer import ShardedWriter, TensorSpec, prepare_output, provenance
+from ..io.outputs import locked_output, make_staging, output_errors, publish
+from ..io.writer import ShardedWriter, TensorSpec, provenance, write_provenance
 from ..math.reconstruct import RoundingStats, apply_rank_k, rounding_stats
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius, rank_for_fraction
@@ -170,20 +170,24 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
     local = [Path(c.label) for c in (base_ck, ck) if not is_hub_source(c.label)]
     if options.factors:
         local.append(Path(options.factors))
-    target = prepare_output(out, force=force, inputs=local)
     device = resolve_device(options.device)
+    with locked_output(out, force=force, inputs=local) as target:
+        outputs = _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, device, out, target,
+                             force, progress)
+    return ReconstructResult(out=out, modules=len(modules), used_factors=store is not None, outputs=outputs)
 
+
+def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, device, out, target, force,
+               progress) -> list[RankOutput]:
+    """Write every rank's checkpoint (one pass over the inputs) and move them into place."""
     specs = [TensorSpec(n, e.shape, _output_dtype(options.dtype, e.torch_dtype)) for n, e in base_ck.entries.items()]
     multi = len(ranks) > 1
-    staging = None
-    if multi:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = make_staging(target) if multi else None
     writers = []
     try:
         for r in ranks:
-            dest = staging / r.folder if multi else target
-            writers.append(ShardedWriter(dest, specs, max_shard_size=options.max_shard_size, force=force and not multi))
+            writers.append(ShardedWriter(staging / r.folder if multi else target, specs,
+                                         max_shard_size=options.max_shard_size, force=force and not multi))
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
         names, selected = list(base_ck.entries), set(modules)
         for i, name in enumerate(names):
@@ -207,17 +211,18 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
             outputs.append(RankOutput(rank=r.text, path=str(Path(out) / r.folder) if multi else out, **{
                 k: report[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")},
                 tensors=report["tensors"]))
-        if multi:
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
+        if multi:  # the parent of rank-K folders is a rank1 output too: --force may replace it later
+            with output_errors(staging):
+                write_provenance(staging, {**provenance("reconstruct", [base_ck, ck], params),
+                                           "outputs": [r.folder for r in ranks]})
+            publish(staging, target, force=force, label=out)
     except BaseException:
         for w in writers:
             w.abort()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ReconstructResult(out=out, modules=len(modules), used_factors=store is not None, outputs=outputs)
+    return outputs
 
 
 def _nonfinite(label: str, name: str) -> InputError:
