@@ -1,7 +1,8 @@
 """Errors users can act on, each mapped to a CLI exit code.
 
 Exit codes: 0 success, 1 unexpected internal error, 2 usage error (bad option values),
-3 bad input (missing, corrupt or inconsistent checkpoints), 4 output refused (exists, unsafe place).
+3 bad input (missing, corrupt or inconsistent checkpoints), 4 output refused (exists, unsafe place,
+locked by another run, unwritable, disk full), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 
@@ -27,3 +28,9 @@ class OutputError(Rank1Error):
     """The output cannot be written where asked (exists without --force, inside an input, ...)."""
 
     exit_code = 4
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs exactly as for Ctrl-C."""
+
+    exit_code = 143
