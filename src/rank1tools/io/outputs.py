@@ -207,8 +207,13 @@ class OutputLock:
             os.close(fd)
         self.fd = fd
         record = json.dumps({"pid": os.getpid(), "argv": _argv()}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
+        try:
+            with output_errors(self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, record)  # the fd is at offset 0: freshly opened
+        except BaseException:
+            self.release()
+            raise
         self.removed_stale = remove_stale_staging(self.target)
         return self
 

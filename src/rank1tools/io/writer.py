@@ -172,7 +172,7 @@ def copy_aux_files(src: Path, dst: Path, output_dtype: torch.dtype | None) -> li
     copied = []
     for f in sorted(src.iterdir()):
         if f.is_file() and any(fnmatch(f.name, p) for p in AUX_PATTERNS):
-            shutil.copy2(f, dst / f.name)
+            shutil.copyfile(f, dst / f.name)  # a new file under the user's umask (copy2 would keep the source's mode)
             copied.append(f.name)
     cfg_path = dst / "config.json"
     if output_dtype is not None and cfg_path.exists():
