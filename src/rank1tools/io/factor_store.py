@@ -24,8 +24,10 @@ class FactorStore:
             self.manifest = json.loads(mf.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InputError(f"{folder}: not a factor store (no manifest.json; make one with rank1 decompose)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise InputError(f"{mf}: unreadable manifest ({' '.join(str(e).split())})") from None
+        if not isinstance(self.manifest, dict):
+            raise InputError(f"{mf}: not a rank1tools factor store (the manifest is not a JSON object)")
         if self.manifest.get("format") != FACTOR_FORMAT:
             raise InputError(f"{mf}: not a rank1tools factor store (format {self.manifest.get('format')!r})")
         if self.manifest.get("format_version") != FACTOR_FORMAT_VERSION:
@@ -37,7 +39,8 @@ class FactorStore:
             self.steps = [c["step"] for c in self.manifest["checkpoints"]]
             sources = [c["source"] for c in [self.manifest["base"], *self.manifest["checkpoints"]]]
             ok = (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1
-                  and all(isinstance(n, str) and isinstance(m.get("file"), str) for n, m in self.modules.items())
+                  and all(isinstance(n, str) and isinstance(m.get("file"), str) and _is_shape(m.get("shape"))
+                          for n, m in self.modules.items())
                   and all(isinstance(s, int) and not isinstance(s, bool) for s in self.steps)
                   and all(isinstance(s, str) for s in sources))
         except (KeyError, TypeError, AttributeError):
@@ -87,11 +90,9 @@ class FactorStore:
             raise InputError(f"{path}: unreadable factor file ({' '.join(str(e).split())})") from None
         if recorded != name:
             raise InputError(f"{path}: factor file holds module {recorded!r}, not {name!r} (manifest and files disagree)")
-        shape = self.modules[name].get("shape")
-        want = {"steps": (len(self.steps),), "fro": (len(self.steps),), "base_fro": (1,)}
-        if isinstance(shape, list) and len(shape) == 2:
-            k = min(self.rank, *shape)
-            want.update(S=(len(self.steps), k), U=(len(self.steps), shape[0], k), V=(len(self.steps), shape[1], k))
+        m, n = self.modules[name]["shape"]
+        T, k = len(self.steps), min(self.rank, m, n)
+        want = {"steps": (T,), "fro": (T,), "base_fro": (1,), "S": (T, k), "U": (T, m, k), "V": (T, n, k)}
         for key, dims in want.items():
             if key not in data or tuple(data[key].shape) != dims:
                 got = list(data[key].shape) if key in data else "missing"
@@ -99,6 +100,11 @@ class FactorStore:
         if data["steps"].tolist() != self.steps:
             raise InputError(f"{path}: factor file steps {data['steps'].tolist()} differ from the manifest's {self.steps}")
         return data
+
+
+def _is_shape(shape) -> bool:
+    return (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
 
 
 def _same_source(a: str, a_rev: str | None, b: str, b_rev: str | None) -> bool:
