@@ -101,7 +101,10 @@ def test_several_ranks_one_pass_and_provenance(pair, tmp_path):
     res = reconstruct(str(base), str(ck), str(tmp_path / "multi"),
                       options=ReconstructOptions(rank="1,2,1%", exact=True, device="cpu"))
     assert [o.rank for o in res.outputs] == ["1", "2", "1%"]
-    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["rank-1", "rank-1pct", "rank-2"]
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["rank-1", "rank-1pct", "rank-2", "rank1tools.json"]
+    top = json.loads((tmp_path / "multi" / "rank1tools.json").read_text())  # marks the parent as rank1's (--force)
+    assert top["tool"] == "rank1tools" and top["outputs"] == ["rank-1", "rank-2", "rank-1pct"]
+    assert top["parameters"]["rank"] == ["1", "2", "1%"]
     r1, r1pct = _tensors(tmp_path / "multi" / "rank-1"), _tensors(tmp_path / "multi" / "rank-1pct")
     for name in matrix_module_names(SHAPE):  # ceil(0.01 * min(m, n)) = 1 for these shapes
         assert torch.equal(r1[name], r1pct[name])

@@ -203,6 +203,7 @@ def test_force_replaces_existing_target(tmp_path, models):
     out.mkdir()
     (out / "keep.txt").write_text("old")
     (out / "model.safetensors").write_bytes(b"old weights")
+    (out / PROVENANCE_FILE).write_text('{"tool": "rank1tools"}')  # an earlier rank1 output: --force may replace it
     write_copy(ckpt, out, force=True)
     assert not (out / "keep.txt").exists()
     assert leftovers(tmp_path) == []
@@ -219,6 +220,7 @@ def test_exception_inside_block_leaves_nothing(tmp_path, models, existing):
     if existing:
         out.mkdir()
         (out / "keep.txt").write_text("old")
+        (out / PROVENANCE_FILE).write_text('{"tool": "rank1tools"}')
     before = tree_snapshot(tmp_path)
     specs = specs_of(ckpt)
     with pytest.raises(RuntimeError, match="boom"):
@@ -287,8 +289,11 @@ def test_prepare_output_refuses_places_over_inputs(tmp_path, monkeypatch):
         with pytest.raises(OutputError, match="must not be inside or contain an input") as info:
             prepare_output(out, force=True, inputs=[model])
         assert info.value.exit_code == 4
-    with pytest.raises(OutputError, match="must not be inside"):
-        prepare_output(model / "new", force=False, inputs=[model / "model.safetensors"])
+    # a file input is that file: beside it is fine, over or around it is not
+    assert prepare_output(model / "new", force=False, inputs=[model / "model.safetensors"]) == model / "new"
+    for out in (model / "model.safetensors", model / "model.safetensors" / "sub", model):
+        with pytest.raises(OutputError, match="must not be inside or contain an input"):
+            prepare_output(out, force=True, inputs=[model / "model.safetensors"])
     monkeypatch.chdir(model)
     with pytest.raises(OutputError, match="must not be inside"):
         prepare_output("sub", force=False, inputs=[Path(".")])

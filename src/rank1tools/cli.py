@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .errors import InputError, Rank1Error
+from .errors import InputError, Rank1Error, Terminated
 from .jsonutil import json_safe as _json_safe
 
 app = typer.Typer(
@@ -152,8 +152,11 @@ def _stderr_progress(enabled: bool, description: str):
     return bar, update
 
 
+_signal_state = {"terminated": False, "reported": False}
+
+
 class _interrupt_hint:
-    """On Ctrl-C, say what state the output is in (typer would exit 130 silently)."""
+    """On Ctrl-C or SIGTERM, say what state the output is in (typer would exit 130 silently)."""
 
     def __init__(self, hint: str):
         self.hint = hint
@@ -162,9 +165,11 @@ class _interrupt_hint:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is KeyboardInterrupt:
-            sys.stderr.write(f"rank1: interrupted: {self.hint}\n")
-            raise typer.Exit(130)
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            what = "terminated" if issubclass(exc_type, Terminated) else "interrupted"
+            sys.stderr.write(f"rank1: {what}: {self.hint}\n")
+            _signal_state["reported"] = True
+            raise typer.Exit(Terminated.exit_code if what == "terminated" else 130)
         return False
 
 
@@ -318,24 +323,57 @@ def demo(
     _render_reconstruct(result.reconstruct)
 
 
+def _on_sigterm(signum, frame) -> None:
+    _signal_state["terminated"] = True
+    raise Terminated()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main() -> None:
+    import signal
+
     import rank1tools
 
     rank1tools.COMMAND_LINE = ["rank1", *sys.argv[1:]]
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as for Ctrl-C, then exit 143
+    _signal_state.update(terminated=False, reported=False)
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="rank1")
+        code = code if isinstance(code, int) else 0
+        if code in (130, Terminated.exit_code) or _signal_state["terminated"]:  # typer swallows the interrupt
+            code = Terminated.exit_code if _signal_state["terminated"] else 130
+            if not _signal_state["reported"]:
+                sys.stderr.write("rank1: terminated\n" if code == Terminated.exit_code else "rank1: interrupted\n")
+        sys.exit(code)
     except Rank1Error as e:
-        sys.stderr.write(f"rank1: error: {e}\n")
+        sys.stderr.write(f"rank1: error: {_one_line(e)}\n")
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write("rank1: interrupted\n")
-        sys.exit(130)
+    except typer.TyperException as e:  # click's usage errors: one line, not click's three
+        if any(c.__name__ == "NoArgsIsHelpError" for c in type(e).__mro__):
+            e.show()
+        else:
+            cmd = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None and e.ctx.parent else ""
+            sys.stderr.write(f"rank1: error: {cmd}{_one_line(e.format_message())} (see --help)\n")
+        sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt as e:
+        sys.stderr.write("rank1: terminated\n" if isinstance(e, Terminated) else "rank1: interrupted\n")
+        sys.exit(Terminated.exit_code if isinstance(e, Terminated) else 130)
+    except OSError as e:  # an OS error no command mapped: still one line, with the path
+        if os.environ.get("RANK1_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename is not None else ""
+        sys.stderr.write(f"rank1: error: {where}{e.strerror or e} (set RANK1_DEBUG=1 for a traceback)\n")
+        sys.exit(1)
     except Exception as e:  # one line for users; the traceback on request
         if os.environ.get("RANK1_DEBUG"):
             raise
-        sys.stderr.write(f"rank1: internal error: {type(e).__name__}: {e} (set RANK1_DEBUG=1 for a traceback)\n")
+        sys.stderr.write(f"rank1: internal error: {type(e).__name__}: {_one_line(e)} (set RANK1_DEBUG=1 for a traceback)\n")
         sys.exit(1)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         rank1tools.COMMAND_LINE = None  # later library calls in this process have no command line
 
 

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 unexpected internal error, 2 usage error (bad option values),
 3 bad input (missing, corrupt or inconsistent checkpoints; also ResourceError: not enough memory
-for the input's tensors), 4 output refused (exists, unsafe place).
+for the input's tensors), 4 output refused (exists, unsafe place, locked by another run,
+unwritable, disk full), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 
@@ -34,3 +35,9 @@ class ResourceError(Rank1Error):
     """The input needs more host memory than is available (checked before any work)."""
 
     exit_code = 3
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs exactly as for Ctrl-C."""
+
+    exit_code = 143

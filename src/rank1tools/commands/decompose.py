@@ -15,10 +15,12 @@ Only the complete folder is renamed to OUT.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,8 @@ from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION
 from ..io.runs import infer_step, select_steps
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
-from ..io.writer import prepare_output
+from ..io.outputs import follow_umask, locked_output, output_errors, publish
+from ..io.writer import provenance, write_provenance
 from ..math.finite import all_finite, dtype_max, max_abs
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius, spectrum_figures
@@ -126,8 +129,27 @@ def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modu
         check_compatible(base, ck, modules, label=f"{ck.label} (step {step})")
 
 
-def _factor_file(name: str) -> str:
-    return f"{name}.safetensors"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,150}")
+
+
+def factor_file(name: str) -> str:
+    """File name (inside factors/) of a module's factors. A tensor name never becomes a path as
+    is: ordinary names (letters, digits, `_ . -`) are kept readable, anything else (`/`, `..`,
+    NUL, non-ASCII, very long) is replaced by a hash of the name."""
+    if _PLAIN_NAME.fullmatch(name) and ".." not in name:
+        return f"{name}.safetensors"
+    return f"~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:40]}.safetensors"
+
+
+def _stored_module(path: Path) -> str | None:
+    """The module name a finished factor file records, or None if unreadable (then it is redone)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["rank1tools"])["module"]
+    except Exception:  # noqa: BLE001 (any damage means: not finished work)
+        return None
 
 
 def _prefetched(tasks: list, read: Callable, enabled: bool) -> Iterator:
@@ -192,9 +214,6 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     `progress(done, total)` is called after each (module, checkpoint); `on_module_done(name)` after
     each module is saved (tests use it to simulate an interruption).
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     if options.rank < 1:
         raise UsageError(f"--rank {options.rank}: must be at least 1")
     base_ckpt, pairs, step_source = open_inputs(base, checkpoints, run, steps, hub_run)
@@ -208,7 +227,17 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     device = resolve_device(options.device)
     _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
     local_inputs = [Path(c.label) for c in [base_ckpt, *(c for _, c in pairs)] if not is_hub_source(c.label)]
-    target = prepare_output(out, force=force, inputs=local_inputs)
+    if run and not is_hub_source(run):
+        local_inputs.append(Path(run))
+    with locked_output(out, force=force, inputs=local_inputs) as target:
+        return _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
+                                 force, progress, on_module_done)
+
+
+def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target, force,
+                      progress, on_module_done) -> DecomposeResult:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     manifest = {
         "format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": __version__,
@@ -220,17 +249,23 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
                        "include": options.include, "exclude": options.exclude, "all_2d": options.all_2d,
                        "device": device.type, "delta_dtype": "float32"},
         "modules": [{"name": n, "shape": list(shapes[n]), "layer": module_labels(n, shapes[n])[0],
-                     "type": module_labels(n, shapes[n])[1], "file": f"factors/{_factor_file(n)}"} for n in modules],
+                     "type": module_labels(n, shapes[n])[1], "file": f"factors/{factor_file(n)}"} for n in modules],
     }
     manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
 
     work = target.parent / f".{target.name}.partial"
-    if work.exists() and (not (work / "manifest.json").is_file() or (work / "manifest.json").read_bytes() != manifest_bytes):
-        shutil.rmtree(work)  # an interrupted run of a different command: start over
-    (work / "factors").mkdir(parents=True, exist_ok=True)
-    (work / "manifest.json").write_bytes(manifest_bytes)
+    with output_errors(work):
+        if os.path.lexists(work) and (work.is_symlink() or not work.is_dir()):
+            raise OutputError(f"{work}: exists and is not a folder that rank1 made; remove it and rerun")
+        if work.exists() and (not (work / "manifest.json").is_file() or (work / "manifest.json").read_bytes() != manifest_bytes):
+            shutil.rmtree(work)  # an interrupted run of a different command: start over
+        for folder in (work, work / "factors"):
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                follow_umask(folder, directory=True)
+        (work / "manifest.json").write_bytes(manifest_bytes)
 
-    done = [n for n in modules if (work / "factors" / _factor_file(n)).is_file()]
+    done = [n for n in modules if _stored_module(work / "factors" / factor_file(n)) == n]
     done_set = set(done)
     todo = [n for n in modules if n not in done_set]
     total = len(modules) * len(pairs)
@@ -293,10 +328,12 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
             # would come out in a different order from run to run (outputs must be byte-identical)
             meta = {"rank1tools": json.dumps({"module": name, "methods": acc["method"],
                                               "residuals": acc["residual"]}, sort_keys=True)}
-            final = work / "factors" / _factor_file(name)
+            final = work / "factors" / factor_file(name)
             tmp = final.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, final)
+            with output_errors(final):
+                save_file(tensors, str(tmp), metadata=meta)
+                follow_umask(tmp, directory=False)  # safetensors creates files 0600
+                os.replace(tmp, final)
             base_t = None
             if on_module_done:
                 on_module_done(name)
@@ -305,21 +342,18 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     rows: list[dict] = []
     fallbacks: list[tuple[str, int]] = []
     for name in modules:
-        path = work / "factors" / _factor_file(name)
+        path = work / "factors" / factor_file(name)
         with safe_open(str(path), "pt") as f:
             data = {k: f.get_tensor(k) for k in f.keys()}
             methods = json.loads(f.metadata()["rank1tools"])["methods"]
         rows.extend(_rows(name, shapes[name], data, methods))
         fallbacks.extend((name, s) for s, m in zip(data["steps"].tolist(), methods) if m == "exact-fallback")
     summary = summarize(rows)
-    _write_tables(work, rows, options.rank)
-    (work / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
-
-    if target.exists():
-        if not force:
-            raise OutputError(f"{out}: already exists; pass --force to replace it")
-        shutil.rmtree(target)
-    os.replace(work, target)
+    with output_errors(work):
+        _write_tables(work, rows, options.rank)
+        (work / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+        write_provenance(work, provenance("decompose", [base_ckpt, *(c for _, c in pairs)], manifest["parameters"]))
+    publish(work, target, force=force, label=out)
     return DecomposeResult(out=out, steps=[s for s, _ in pairs], modules=modules, rows=rows, summary=summary,
                            resumed_modules=len(done), fallbacks=fallbacks)
 

@@ -8,13 +8,13 @@ a planted rank-1 direction growing linearly with the step plus dense noise, then
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..io.writer import prepare_output
+from ..io.outputs import locked_output, make_staging, publish
+from ..io.writer import provenance, write_provenance
 from ..synthetic import LlamaShape, make_base, make_run
 from .decompose import DecomposeOptions, DecomposeResult, decompose
 from .inspect import ModelReport, RunReport, inspect_model, inspect_run
@@ -35,20 +35,18 @@ class DemoResult:
 
 
 def run_demo(out: str, *, force: bool = False, device: str = "cpu") -> DemoResult:
-    target = prepare_output(out, force=force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        # bf16 base, fp32 policy checkpoints: what TRL saves for a bf16 model
-        make_base(tmp / "base", DEMO_SHAPE, dtype=torch.bfloat16)
-        make_run(tmp / "run", DEMO_STEPS, DEMO_SHAPE, layout="trl", base_dtype=torch.bfloat16,
-                 dtype=torch.float32, noise=DEMO_NOISE)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with locked_output(out, force=force) as target:
+        tmp = make_staging(target)
+        try:
+            # bf16 base, fp32 policy checkpoints: what TRL saves for a bf16 model
+            make_base(tmp / "base", DEMO_SHAPE, dtype=torch.bfloat16)
+            make_run(tmp / "run", DEMO_STEPS, DEMO_SHAPE, layout="trl", base_dtype=torch.bfloat16,
+                     dtype=torch.float32, noise=DEMO_NOISE)
+            write_provenance(tmp, provenance("demo", [], {"steps": DEMO_STEPS, "noise": DEMO_NOISE}))
+            publish(tmp, target, force=force, label=out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     root = Path(out)
     base, run = str(root / "base"), str(root / "run")
     dec = decompose(base, [], str(root / "decompose"), run=run, options=DecomposeOptions(rank=8, device=device))

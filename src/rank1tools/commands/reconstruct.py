@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from ..jsonutil import json_safe
 from ..io.compat import check_compatible, tensor_shapes, untied_head
 from ..io.factor_store import FactorStore
 from ..io.sources import is_hub_source, open_source
-from ..io.writer import ShardedWriter, TensorSpec, prepare_output, provenance
+from ..io.outputs import locked_output, make_staging, output_errors, publish
+from ..io.writer import ShardedWriter, TensorSpec, provenance, write_provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
 from ..math.reconstruct import RoundingStats, apply_rank_k, rounding_stats
 from ..math.signs import canonicalize_signs
@@ -175,25 +175,38 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
         ck.expect([] if store is not None else modules)  # the rest comes from the base
     # a checkpoint that unties the base's lm_head keeps its own head when that head is written
     untie = untied_head(base_ck, [ck]) and (options.rest == "checkpoint" or LM_HEAD_NAME in modules)
-    names = [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]
     specs = [TensorSpec(n, base_ck.entry(n).shape, _output_dtype(options.dtype, base_ck.entry(n).torch_dtype))
-             for n in names]
+             for n in [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]]
     device = resolve_device(options.device)
     _check_memory(base_ck, ck, specs, set(modules), kmax, store is not None, options, device)
     local = [Path(c.label) for c in (base_ck, ck) if not is_hub_source(c.label)]
     if options.factors:
         local.append(Path(options.factors))
-    target = prepare_output(out, force=force, inputs=local)
+    with locked_output(out, force=force, inputs=local) as target:
+        outputs = _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, device, out, target,
+                             force, progress, specs, untie)
+    notes = []
+    if untie:
+        how = "reconstructed (selected)" if LM_HEAD_NAME in modules else "copied (--rest checkpoint)"
+        notes.append(f"{checkpoint} stores its own {LM_HEAD_NAME} but base {base} ties it to the embedding: "
+                     f"the output stores the head, {how}, and its config.json says tie_word_embeddings: false")
+    return ReconstructResult(out=out, modules=len(modules), used_factors=store is not None, outputs=outputs,
+                             untied_lm_head=untie, notes=notes)
+
+
+def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, device, out, target, force,
+               progress, specs, untie) -> list[RankOutput]:
+    """Write every rank's checkpoint (one pass over the inputs) and move them into place.
+    `specs`: every tensor written, in order (the base's, then an untied lm_head); `untie`: the
+    output's config says tie_word_embeddings: false."""
+    names = [s.name for s in specs]
     multi = len(ranks) > 1
-    staging = None
-    if multi:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = make_staging(target) if multi else None
     writers = []
     try:
         for r in ranks:
-            dest = staging / r.folder if multi else target
-            writers.append(ShardedWriter(dest, specs, max_shard_size=options.max_shard_size, force=force and not multi))
+            writers.append(ShardedWriter(staging / r.folder if multi else target, specs,
+                                         max_shard_size=options.max_shard_size, force=force and not multi))
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
         selected = set(modules)
         for i, name in enumerate(names):
@@ -217,23 +230,18 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
             outputs.append(RankOutput(rank=r.text, path=str(Path(out) / r.folder) if multi else out, **{
                 k: report[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")},
                 tensors=report["tensors"]))
-        if multi:
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
+        if multi:  # the parent of rank-K folders is a rank1 output too: --force may replace it later
+            with output_errors(staging):
+                write_provenance(staging, {**provenance("reconstruct", [base_ck, ck], params),
+                                           "outputs": [r.folder for r in ranks]})
+            publish(staging, target, force=force, label=out)
     except BaseException:
         for w in writers:
             w.abort()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    notes = []
-    if untie:
-        how = "reconstructed (selected)" if LM_HEAD_NAME in selected else "copied (--rest checkpoint)"
-        notes.append(f"{checkpoint} stores its own {LM_HEAD_NAME} but base {base} ties it to the embedding: "
-                     f"the output stores the head, {how}, and its config.json says tie_word_embeddings: false")
-    return ReconstructResult(out=out, modules=len(modules), used_factors=store is not None, outputs=outputs,
-                             untied_lm_head=untie, notes=notes)
+    return outputs
 
 
 def _nonfinite(label: str, name: str) -> InputError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -23,16 +24,31 @@ class FactorStore:
             self.manifest = json.loads(mf.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InputError(f"{folder}: not a factor store (no manifest.json; make one with rank1 decompose)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise InputError(f"{mf}: unreadable manifest ({' '.join(str(e).split())})") from None
+        if not isinstance(self.manifest, dict):
+            raise InputError(f"{mf}: not a rank1tools factor store (the manifest is not a JSON object)")
         if self.manifest.get("format") != FACTOR_FORMAT:
             raise InputError(f"{mf}: not a rank1tools factor store (format {self.manifest.get('format')!r})")
         if self.manifest.get("format_version") != FACTOR_FORMAT_VERSION:
             raise InputError(f"{mf}: factor store format_version {self.manifest.get('format_version')} "
                              f"is not supported (this rank1tools reads {FACTOR_FORMAT_VERSION})")
-        self.modules = {m["name"]: m for m in self.manifest["modules"]}
-        self.rank = int(self.manifest["parameters"]["rank"])
-        self.steps = [c["step"] for c in self.manifest["checkpoints"]]
+        try:
+            self.modules = {m["name"]: m for m in self.manifest["modules"]}
+            self.rank = self.manifest["parameters"]["rank"]
+            self.steps = [c["step"] for c in self.manifest["checkpoints"]]
+            sources = [c["source"] for c in [self.manifest["base"], *self.manifest["checkpoints"]]]
+            ok = (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1
+                  and all(isinstance(n, str) and isinstance(m.get("file"), str) and _is_shape(m.get("shape"))
+                          for n, m in self.modules.items())
+                  and all(isinstance(s, int) and not isinstance(s, bool) for s in self.steps)
+                  and all(isinstance(s, str) for s in sources))
+        except (KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise InputError(f"{mf}: malformed factor store manifest (modules, parameters.rank, base or checkpoints "
+                             "missing or of the wrong type)")
+        self._factors_dir = Path(os.path.realpath(self.folder / "factors"))
 
     def find_checkpoint(self, label: str, revision: str | None = None) -> int:
         """Index of the stored checkpoint that `label` names (same source string, same local
@@ -46,17 +62,49 @@ class FactorStore:
         b = self.manifest["base"]
         return _same_source(b["source"], b.get("revision"), label, revision)
 
-    def load(self, name: str) -> dict[str, torch.Tensor]:
-        """All tensors of one module's factor file (steps, S, U, V, fro, base_fro)."""
-        from safetensors.torch import load_file
-
+    def factor_path(self, name: str) -> Path:
+        """The file of module `name`, confined to the store's factors/ folder (a manifest string
+        never reaches outside it, symlinks included)."""
         if name not in self.modules:
             raise InputError(f"{self.folder}: factor store has no module {name!r}")
-        path = self.folder / self.modules[name]["file"]
+        rel = self.modules[name]["file"]
+        parts = rel.split("/")
+        path = Path(os.path.realpath(self.folder / rel)) if "\x00" not in rel else None
+        if (len(parts) != 2 or parts[0] != "factors" or parts[1] in ("", ".", "..") or path is None
+                or path.parent != self._factors_dir):
+            raise InputError(f"{self.folder / 'manifest.json'}: module {name!r} names file {rel!r}, "
+                             "which is not a file in the store's factors/ folder")
+        return path
+
+    def load(self, name: str) -> dict[str, torch.Tensor]:
+        """All tensors of one module's factor file (steps, S, U, V, fro, base_fro), checked to be
+        that module's (the file records its module name) and of the manifest's shapes."""
+        from safetensors import safe_open
+
+        path = self.factor_path(name)
         try:
-            return load_file(str(path))
-        except (OSError, Exception) as e:  # safetensors raises its own error types
+            with safe_open(str(path), "pt") as f:
+                data = {k: f.get_tensor(k) for k in f.keys()}
+                recorded = json.loads((f.metadata() or {}).get("rank1tools", "{}")).get("module")
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
             raise InputError(f"{path}: unreadable factor file ({' '.join(str(e).split())})") from None
+        if recorded != name:
+            raise InputError(f"{path}: factor file holds module {recorded!r}, not {name!r} (manifest and files disagree)")
+        m, n = self.modules[name]["shape"]
+        T, k = len(self.steps), min(self.rank, m, n)
+        want = {"steps": (T,), "fro": (T,), "base_fro": (1,), "S": (T, k), "U": (T, m, k), "V": (T, n, k)}
+        for key, dims in want.items():
+            if key not in data or tuple(data[key].shape) != dims:
+                got = list(data[key].shape) if key in data else "missing"
+                raise InputError(f"{path}: factor tensor {key!r} is {got}, expected {list(dims)} (corrupt store)")
+        if data["steps"].tolist() != self.steps:
+            raise InputError(f"{path}: factor file steps {data['steps'].tolist()} differ from the manifest's {self.steps}")
+        return data
+
+
+def _is_shape(shape) -> bool:
+    return (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
 
 
 def _same_source(a: str, a_rev: str | None, b: str, b_rev: str | None) -> bool:

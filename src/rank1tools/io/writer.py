@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -23,11 +22,11 @@ import torch
 import rank1tools
 
 from .. import __version__
-from ..errors import OutputError
 from .checkpoint import INDEX_FILE, Checkpoint
+from .outputs import MARKER_FILE, make_staging, output_errors, prepare_output, publish
 from .safetensors_file import TORCH_TO_SAFETENSORS
 
-PROVENANCE_FILE = "rank1tools.json"
+PROVENANCE_FILE = MARKER_FILE  # every rank1 output folder holds it: how --force recognises one
 # Files of a model folder that travel with its weights (config, tokenizer, chat template, remote code).
 AUX_PATTERNS = (
     "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
@@ -52,22 +51,6 @@ class TensorSpec:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def prepare_output(out_dir: str | Path, *, force: bool, inputs: list[Path] = ()) -> Path:
-    """Check that `out_dir` may be written: absent (or --force), and not inside or over an input."""
-    out = Path(out_dir).absolute()
-    for inp in inputs:
-        src = Path(inp).absolute()
-        src_dir = src if src.is_dir() else src.parent
-        if out == src_dir or src_dir in out.parents or out in src.parents:
-            raise OutputError(f"{out_dir}: output must not be inside or contain an input ({inp})")
-    if out.exists():
-        if not out.is_dir():
-            raise OutputError(f"{out_dir}: exists and is not a directory")
-        if not force:
-            raise OutputError(f"{out_dir}: already exists; pass --force to replace it")
-    return out
-
-
 class ShardedWriter:
     """Write a checkpoint folder tensor by tensor.
 
@@ -85,22 +68,24 @@ class ShardedWriter:
                  force: bool = False):
         from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
+        self.label = str(out_dir)
+        self.force = force
         self.out = prepare_output(out_dir, force=force)
         self.specs = {s.name: s for s in specs}
         if len(self.specs) != len(specs):
             raise ValueError("duplicate tensor names in writer specs")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = make_staging(self.out)
         try:
             self.split = split_state_dict_into_shards_factory(
                 self.specs, get_storage_size=lambda s: s.nbytes,
                 filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
             )
             self._where: dict[str, tuple[Path, int]] = {}
-            for filename, names in self.split.filename_to_tensors.items():
-                self._create_shard(self.tmp / filename, [self.specs[n] for n in names])
+            with output_errors(self.tmp):
+                for filename, names in self.split.filename_to_tensors.items():
+                    self._create_shard(self.tmp / filename, [self.specs[n] for n in names])
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.abort()
             raise
         self._pending = set(self.specs)
         self.committed = False
@@ -133,14 +118,19 @@ class ShardedWriter:
         path, offset = self._where[name]
         if spec.nbytes:
             view = memoryview(t.view(torch.uint8).numpy()).cast("B")
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                done = 0
-                while done < len(view):
-                    done += os.pwrite(fd, view[done:], offset + done)
-            finally:
-                os.close(fd)
+            with output_errors(path):
+                self._pwrite(path, view, offset)
         self._pending.discard(name)
+
+    @staticmethod
+    def _pwrite(path: Path, view: memoryview, offset: int) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        finally:
+            os.close(fd)
 
     def commit(self, *, copy_from: Checkpoint | None = None, output_dtype: torch.dtype | None = None,
                provenance: dict | None = None, extra_json: dict[str, object] | None = None,
@@ -149,6 +139,13 @@ class ShardedWriter:
         rename into place. Returns the output path. `untie_word_embeddings`: see copy_aux_files."""
         if self._pending:
             raise RuntimeError(f"writer: {len(self._pending)} tensors never written, e.g. {sorted(self._pending)[0]!r}")
+        with output_errors(self.tmp):
+            self._finish(copy_from, output_dtype, provenance, extra_json, untie_word_embeddings)
+        publish(self.tmp, self.out, force=self.force, label=self.label)
+        self.committed = True
+        return self.out
+
+    def _finish(self, copy_from, output_dtype, provenance, extra_json, untie_word_embeddings=False) -> None:
         if self.split.is_sharded:
             index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
                      "weight_map": dict(sorted(self.split.tensor_to_filename.items()))}
@@ -156,19 +153,9 @@ class ShardedWriter:
         if copy_from is not None and copy_from.root is not None:
             copy_aux_files(copy_from.root, self.tmp, output_dtype, untie_word_embeddings=untie_word_embeddings)
         if provenance is not None:
-            record = {"tool": "rank1tools", "version": __version__, **provenance}
-            (self.tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            write_provenance(self.tmp, provenance)
         for filename, data in (extra_json or {}).items():
             (self.tmp / filename).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        if self.out.exists():  # --force: swap, then remove the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, old / "x")
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
-        self.committed = True
-        return self.out
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -188,7 +175,7 @@ def copy_aux_files(src: Path, dst: Path, output_dtype: torch.dtype | None, *,
     copied = []
     for f in sorted(src.iterdir()):
         if f.is_file() and any(fnmatch(f.name, p) for p in AUX_PATTERNS):
-            shutil.copy2(f, dst / f.name)
+            shutil.copyfile(f, dst / f.name)  # a new file under the user's umask (copy2 would keep the source's mode)
             copied.append(f.name)
     cfg_path = dst / "config.json"
     if (output_dtype is not None or untie_word_embeddings) and cfg_path.exists():
@@ -206,6 +193,12 @@ def copy_aux_files(src: Path, dst: Path, output_dtype: torch.dtype | None, *,
         if changed:
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return copied
+
+
+def write_provenance(folder: Path, record: dict) -> None:
+    """Write `rank1tools.json`: how the folder was made, and the mark that rank1 wrote it."""
+    data = {"tool": "rank1tools", "version": __version__, **record}
+    (folder / PROVENANCE_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def provenance(command: str, inputs: list[Checkpoint], parameters: dict) -> dict:

@@ -1,0 +1,282 @@
+"""Where a command may write: the output-folder contract (docs/cli.md, "What rank1 never does to your files").
+
+Every command that writes goes through this module, so the rules hold once for all of them:
+
+- the output path is resolved (symlinks and `..` included) before any check, and must not be
+  empty, the filesystem root, an input, inside an input, or contain an input;
+- work happens in a staging folder beside the target (`.NAME.tmp-PID-*`, or decompose's
+  resumable `.NAME.partial`), renamed into place only when complete;
+- an existing target is replaced only with `--force`, and only when rank1 wrote it (it holds
+  `rank1tools.json`, or a rank1 manifest) or it is empty — never an arbitrary folder;
+- one run at a time per target: an exclusive lock (`.NAME.lock`, flock) is held for the whole
+  run; a second run fails at once naming the holder. Holding the lock also proves that any
+  `.NAME.tmp-*` / `.NAME.old-*` sibling is a leftover of a killed run, so it is removed;
+- files and folders follow the user's umask (mkdtemp and safetensors would make them private).
+
+Torch-free: the CLI validates `--out` before any heavy import.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import OutputError, UsageError
+
+MARKER_FILE = "rank1tools.json"  # provenance record every rank1 output folder holds
+MANIFESTS = ("manifest.json",)  # older outputs (factor stores) are recognised by their manifest's format
+_STAGING_INFIXES = (".tmp-", ".old-")  # siblings that only a live run holding the lock may own
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import, before any thread exists (os.umask is process-wide)
+
+
+def follow_umask(path: Path, *, directory: bool) -> None:
+    """Give `path` the permissions a plain mkdir/open would (mkdtemp makes 0700, safetensors 0600)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~UMASK)
+
+
+def _as_text(out: str | os.PathLike) -> str:
+    text = os.fspath(out)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise UsageError("--out is empty; name the output folder")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"--out {text.encode('utf-8', 'surrogateescape')!r}: the path is not valid UTF-8") from None
+    if "\x00" in text:
+        raise UsageError("--out contains a NUL character")
+    return text
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def resolve_output(out: str | os.PathLike, *, inputs=(), label: str | None = None) -> Path:
+    """The real path `out` names, checked against every input; nothing is written.
+
+    `inputs`: local paths the command reads (model folders, files, run folders, stores). An input
+    that is a file counts as that file; a folder as the whole folder.
+    """
+    text = _as_text(out)
+    label = label or text
+    target = _real(text)
+    if target.parent == target or target.name in ("", ".", ".."):
+        raise OutputError(f"{label}: refusing to write to {target} (the filesystem root)")
+    for inp in inputs:
+        src = _real(inp)
+        if _inside(target, src) or _inside(src, target):
+            where = "is" if target == src else ("is inside" if _inside(target, src) else "contains")
+            raise OutputError(f"{label}: output {where} an input ({inp}); outputs must not be inside or contain an input")
+    return target
+
+
+def is_rank1_output(folder: Path) -> bool:
+    """True when `folder` was written by rank1 (its provenance record or a rank1 manifest)."""
+    for name, key in ((MARKER_FILE, "tool"), *((m, "format") for m in MANIFESTS)):
+        f = folder / name
+        try:
+            if f.is_symlink() or not f.is_file() or f.stat().st_size > (1 << 24):
+                continue
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and str(data.get(key, "")).startswith("rank1tools"):
+            return True
+    return False
+
+
+def check_replaceable(target: Path, *, force: bool, label: str) -> None:
+    """Refuse an existing `target` unless --force and rank1 wrote it (or it is empty)."""
+    if not os.path.lexists(target):
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise OutputError(f"{label}: exists and is not a directory")
+    if not force:
+        raise OutputError(f"{label}: already exists; pass --force to replace it")
+    try:
+        empty = not any(os.scandir(target))
+    except OSError as e:
+        raise OutputError(f"{label}: cannot read the existing folder ({e.strerror or e})") from None
+    if not empty and not is_rank1_output(target):
+        raise OutputError(f"{label}: exists and was not written by rank1 (no {MARKER_FILE}); "
+                          "--force replaces only rank1 output folders: remove it yourself or choose another --out")
+
+
+def prepare_output(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None) -> Path:
+    """Resolve and check an output location (see module doc); returns the real target path."""
+    target = resolve_output(out, inputs=inputs, label=label)
+    check_replaceable(target, force=force, label=label or os.fspath(out))
+    return target
+
+
+@contextmanager
+def output_errors(label: str | os.PathLike):
+    """Turn OS errors while writing (read-only place, full disk, missing permission) into an
+    OutputError that names the path: exit 4, not an internal error."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        where = e.filename if e.filename is not None else label
+        reason = e.strerror or str(e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += "; free some space and rerun"
+        raise OutputError(f"{where}: cannot write ({reason})") from None
+
+
+def make_staging(target: Path) -> Path:
+    """A fresh staging folder beside `target`, named so a later run can tell it is stale."""
+    with output_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        follow_umask(tmp, directory=True)
+    return tmp
+
+
+def publish(staging: Path, target: Path, *, force: bool, label: str) -> None:
+    """Move a complete staging folder into place; an existing target (checked again, it may
+    have appeared since the start) is swapped out and removed."""
+    check_replaceable(target, force=force, label=label)
+    with output_errors(target):
+        if os.path.lexists(target):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+
+
+class OutputLock:
+    """Exclusive lock on an output target for the whole run (see module doc).
+
+    The lock file `.NAME.lock` beside the target holds the holder's pid and command line, for the
+    message a second run prints. It is removed on release; a killed holder's file is harmless
+    (the kernel drops the flock with the process) and is reused by the next run.
+    """
+
+    def __init__(self, target: Path, label: str):
+        self.target = target
+        self.label = label
+        self.path = target.parent / f".{target.name}.lock"
+        self.fd: int | None = None
+        self.removed_stale: list[str] = []
+
+    def acquire(self) -> "OutputLock":
+        with output_errors(self.target.parent):
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            with output_errors(self.path):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise OutputError(f"{self.label}: another rank1 run is writing this output ({holder}); "
+                                  "wait for it to finish or stop it") from None
+            # the previous holder may have unlinked the file between our open and our lock
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        record = json.dumps({"pid": os.getpid(), "argv": _argv()}).encode()
+        try:
+            with output_errors(self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, record)  # the fd is at offset 0: freshly opened
+        except BaseException:
+            self.release()
+            raise
+        self.removed_stale = remove_stale_staging(self.target)
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def remove_stale_staging(target: Path) -> list[str]:
+    """Remove `.NAME.tmp-*` and `.NAME.old-*` beside `target`: only call with the target's lock held."""
+    removed = []
+    try:
+        siblings = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in siblings:
+        if any(entry.name.startswith(f".{target.name}{infix}") for infix in _STAGING_INFIXES):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    continue
+            removed.append(entry.name)
+    return removed
+
+
+def _argv() -> list[str]:
+    import rank1tools
+
+    return rank1tools.COMMAND_LINE or [sys.argv[0]]
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        data = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        return f"pid {int(data['pid'])}: {' '.join(map(str, data.get('argv') or []))}".strip()
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return "pid unknown"
+
+
+@contextmanager
+def locked_output(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None):
+    """Resolve, check and lock an output target for the whole `with` block; yields the real path."""
+    label = label or os.fspath(out)
+    target = prepare_output(out, force=force, inputs=inputs, label=label)
+    lock = OutputLock(target, label).acquire()
+    try:
+        check_replaceable(target, force=force, label=label)  # again, now that no other run can change it
+        yield target
+    finally:
+        lock.release()
