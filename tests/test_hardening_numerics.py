@@ -381,3 +381,17 @@ def test_header_declaring_a_huge_tensor_is_refused_without_reading(tmp_path, mon
                  "--device", "cpu", "--quiet")
     _assert_refused(r, 3, rf"tensor '{name}' \[32768, 32768\]: needs about \d+(\.\d+)? GB of memory but 8 GB "
                           r"are available$", out)
+
+
+@pytest.mark.integration
+def test_untied_output_loads_its_own_head_with_transformers(untied, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    base, ck = untied
+    out = tmp_path / "o"
+    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--rest", "checkpoint", "--out", str(out),
+                 "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    theirs = _tensors(ck)
+    assert torch.equal(model.lm_head.weight.detach(), theirs[HEAD])
+    assert torch.equal(model.model.embed_tokens.weight.detach(), theirs[EMB])
