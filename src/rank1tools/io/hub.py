@@ -25,7 +25,6 @@ from __future__ import annotations
 import atexit
 import fnmatch
 import itertools
-import json
 import os
 import re
 import threading
@@ -39,8 +38,11 @@ from urllib.parse import unquote
 import torch
 
 from ..errors import InputError, Rank1Error, UsageError
-from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, Checkpoint, _pickle_error, read_config
-from .runs import _LAYOUTS, _VERL_WEIGHT_DIRS, RunCheckpoint
+from ..jsonutil import read_json_file
+from .checkpoint import (INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, Checkpoint, _pickle_error, check_weight_map,
+                         merge_shards, parse_weight_map, read_config)
+from ..options import ascii_int
+from .runs import _VERL_WEIGHT_DIRS, RunCheckpoint, _match, name_problem
 from .safetensors_file import TensorEntry, entry_from_info, read_header
 from .sources import HUB_PREFIX
 
@@ -50,8 +52,9 @@ _cache_policy: str | None = None
 
 _SPEC_RE = re.compile(r"^hf://(?P<org>[^/@]+)/(?P<name>[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.*))?$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-_TRAILING_INT = re.compile(r"(\d+)$")
-_COMMIT_STEP = re.compile(r"step[ _-]?(\d+)", re.IGNORECASE)
+# [0-9], not \d: \d and int() also take other scripts' digits
+_TRAILING_INT = re.compile(r"([0-9]+)$")
+_COMMIT_STEP = re.compile(r"step[ _-]?([0-9]+)", re.IGNORECASE)
 _HEADER_THREADS = 8
 
 
@@ -528,15 +531,10 @@ def _weight_files(label: str, files: dict[str, int] | list[str], read_index,
     if SINGLE_FILE in names:
         return [SINGLE_FILE], None
     if INDEX_FILE in names:
-        try:
-            weight_map = json.loads(Path(read_index()).read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{label}: unreadable {INDEX_FILE} ({' '.join(str(e).split())})") from None
+        weight_map = parse_weight_map(read_json_file(read_index(), INDEX_FILE), f"{label}: {INDEX_FILE}")
         shards = list(dict.fromkeys(weight_map.values()))
         for shard in shards:
-            if not isinstance(shard, str) or "/" in shard or shard in ("", ".", ".."):
+            if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
                 raise InputError(f"{label}: {INDEX_FILE} names shard {shard!r}, which is not a file beside it")
             if complete and shard not in names:
                 raise InputError(f"{label}: {INDEX_FILE} names shard {shard!r}, which is missing from the repo")
@@ -557,12 +555,13 @@ def _entries_from_header(label: str, shard: str, tensors: dict) -> dict[str, Ten
     return {name: entry_from_info(f"{label} ({shard})", shard, name, info, None) for name, info in tensors.items()}
 
 
-def _check_weight_map(label: str, weight_map: dict[str, str] | None, entries: dict[str, TensorEntry]) -> None:
-    if weight_map is None:
-        return
-    for name, shard in weight_map.items():
-        if name not in entries or entries[name].shard != shard:
-            raise InputError(f"{label}: {INDEX_FILE} maps tensor {name!r} to {shard!r}, which does not hold it")
+def _check_weight_map(label: str, weight_map: dict[str, str] | None, entries: dict[str, TensorEntry],
+                      shards: list[str]) -> None:
+    """Index and headers agree (as for a local folder); a lone weight file must hold some tensor."""
+    if weight_map is not None:
+        check_weight_map(f"{label}: {INDEX_FILE}", weight_map, entries)
+    elif not entries:
+        raise InputError(f"{label}: {shards[0]} holds no tensors")
 
 
 def _aux_names(names) -> list[str]:
@@ -579,17 +578,18 @@ def _open_online(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoin
     def header(shard: str):
         where = f"{hs.subfolder}/{shard}" if hs.subfolder else shard
         with _hub_errors(label, hs.repo_id, sha, f"file {where}"):
-            return api.parse_safetensors_file_metadata(hs.repo_id, where, revision=sha)
+            try:
+                return api.parse_safetensors_file_metadata(hs.repo_id, where, revision=sha)
+            except RecursionError:  # json on deeply nested input
+                raise InputError(f"{label}: corrupt safetensors header in file {where} (JSON nested too deeply)") from None
+            except (TypeError, AttributeError, KeyError, IndexError) as e:  # valid JSON, wrong structure
+                raise InputError(f"{label}: corrupt safetensors header in file {where} ({_scrub(e)})") from None
 
     with ThreadPoolExecutor(max_workers=min(_HEADER_THREADS, len(shards))) as pool:
         metas = list(pool.map(header, shards))
-    entries: dict[str, TensorEntry] = {}
-    for shard, meta in zip(shards, metas):
-        for name, e in _entries_from_header(label, shard, meta.tensors).items():
-            if name in entries:
-                raise InputError(f"{label}: tensor {name!r} stored in both {entries[name].shard} and {shard}")
-            entries[name] = e
-    _check_weight_map(label, weight_map, entries)
+    entries = merge_shards(label, [(shard, _entries_from_header(label, shard, meta.tensors))
+                                   for shard, meta in zip(shards, metas)])
+    _check_weight_map(label, weight_map, entries, shards)
     config = None
     if "config.json" in files:
         config = read_config(Path(_download(hs, "config.json", sha=sha, label=label)).parent)
@@ -614,17 +614,17 @@ def _open_offline(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoi
         raise InputError(f"{label}: the weights of {hs.repo_id} at {sha[:12]} are not in the local cache and "
                          "HF_HUB_OFFLINE=1 is set (run once online to fill the cache, with --hub-cache-policy keep)")
     shards, weight_map = _weight_files(label, present, lambda: folder / INDEX_FILE, complete=False)
-    entries: dict[str, TensorEntry] = {}
+    per_shard = []
     local: dict[str, Path] = {}
     for shard in shards:
         path = folder / shard
         if not path.is_file():
             raise InputError(f"{label}: shard {shard} is not in the local cache and HF_HUB_OFFLINE=1 is set "
                              "(run once online to fill the cache, with --hub-cache-policy keep)")
-        shard_entries, _ = read_header(path, shard)
-        entries.update(shard_entries)
+        per_shard.append((shard, read_header(path, shard)[0]))
         local[shard] = path
-    _check_weight_map(label, weight_map, entries)
+    entries = merge_shards(label, per_shard)
+    _check_weight_map(label, weight_map, entries, shards)
     config = read_config(folder)
     root = folder if _aux_names(present) else None
     return HubCheckpoint(hs, label, sha, entries, config, aux_files=[], local=local, root=root, policy=policy)
@@ -635,15 +635,15 @@ def _open_offline(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoi
 def step_from_name(name: str) -> int | None:
     """Step number of a branch or folder name: its trailing integer (step_50, main-step-000000050, checkpoint-50)."""
     m = _TRAILING_INT.search(name)
-    return int(m.group(1)) if m else None
+    return ascii_int(m.group(1)) if m else None
 
 
 def step_from_commit(title: str, message: str = "") -> int | None:
     """Step number of a commit: 'step N' (also step_N, step-N, stepN) in its title, else its message."""
     for text in (title, message):
         m = _COMMIT_STEP.search(text or "")
-        if m:
-            return int(m.group(1))
+        if m and ascii_int(m.group(1)) is not None:
+            return ascii_int(m.group(1))
     return None
 
 
@@ -713,18 +713,17 @@ def _discover_subfolders(hs: HubSpec, label: str) -> list[RunCheckpoint]:
         if rest:
             by_folder.setdefault(top, []).append(rest)
     found: dict[int, RunCheckpoint] = {}
+    unnamed: list[RunCheckpoint] = []
     for folder in sorted(by_folder):
-        m = None
-        for layout, pattern in _LAYOUTS:
-            mm = pattern.match(folder)
-            if mm:
-                m = (layout, int(mm.group(1)))
-                break
+        m = _match(folder)
         if m is None:
             continue
         layout, step = m
         inner = by_folder[folder]
         path = hs.address(revision=hs.revision, subfolder=base + folder)
+        if step is None:  # named like a step folder, no usable step: listed, not skipped
+            unnamed.append(RunCheckpoint(None, path, f"hub-subfolder/{layout}", None, name_problem(folder)))
+            continue
         rc = None
         for cand in (_VERL_WEIGHT_DIRS if layout == "verl" else (".",)):
             prefix = "" if cand == "." else cand + "/"
@@ -741,10 +740,10 @@ def _discover_subfolders(hs: HubSpec, label: str) -> list[RunCheckpoint]:
         if step in found:
             raise InputError(f"{label}: step {step} appears twice ({found[step].path}, {path})")
         found[step] = rc
-    if not found:
+    if not found and not unnamed:
         raise InputError(f"{label}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) at revision "
                          f"{sha[:12]}")
-    return [found[s] for s in sorted(found)]
+    return [found[s] for s in sorted(found)] + unnamed
 
 
 def _discover_commits(hs: HubSpec, label: str) -> list[RunCheckpoint]:

@@ -80,14 +80,16 @@ def read_header(path: Path, shard: str | None = None) -> tuple[dict[str, TensorE
         if header_len > size - 8:
             raise InputError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})")
         meta = parse_local_safetensors_file_metadata(path)
-    except (SafetensorsParsingError, TypeError, ValueError, AttributeError, KeyError) as e:
+    except RecursionError:  # json on deeply nested input
+        raise InputError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
+    except (SafetensorsParsingError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
         raise InputError(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
 
     try:
         return _entries(path, shard, meta, 8 + header_len, size)
-    except (TypeError, ValueError, AttributeError, KeyError) as e:  # valid JSON, wrong structure
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:  # valid JSON, wrong structure
         raise InputError(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
 
 
@@ -97,18 +99,31 @@ def entry_from_info(where: str, shard: str, name: str, info, data_start: int | N
     `data_start` is where the data area begins in the file; None when not known yet (a remote
     header before its shard is downloaded): the offset is then -1.
     """
-    if info.dtype not in SAFETENSORS_DTYPES:
-        raise InputError(f"{where}: tensor {name!r} has unsupported dtype {info.dtype}")
-    begin, end = info.data_offsets
-    shape = tuple(int(s) for s in info.shape)
-    numel = 1
+    dtype, shape, offsets = info.dtype, info.shape, info.data_offsets
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise InputError(f"{where}: tensor {name!r} has unsupported dtype {dtype if isinstance(dtype, str) and dtype.isalnum() else _short(dtype)}")
+    # JSON numbers may be floats or booleans (True == 1 in Python), and negative sizes would let
+    # a truncated file add up: only non-negative ints are dimensions and offsets
+    if not isinstance(shape, (list, tuple)) or not all(_is_count(s) for s in shape):
+        raise InputError(f"{where}: corrupt safetensors header: tensor {name!r} has invalid shape {_short(shape)} "
+                         "(expected a list of non-negative integers)")
+    if not (isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise InputError(f"{where}: corrupt safetensors header: tensor {name!r} has invalid data_offsets {_short(offsets)} "
+                         "(expected [begin, end] with 0 <= begin <= end)")
+    begin, end = offsets
+    shape = tuple(shape)
+    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+    numel = 0 if 0 in shape else 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info.dtype]).element_size()
+        if len(shape) > 64 and numel * itemsize > end - begin:  # a hostile shape: stop before a huge product
+            break
     if end - begin != numel * itemsize:
-        raise InputError(f"{where}: tensor {name!r} occupies {end - begin} bytes but shape {list(shape)} "
-                         f"{info.dtype} needs {numel * itemsize}")
-    return TensorEntry(name, info.dtype, shape, shard, -1 if data_start is None else data_start + begin, end - begin)
+        needs = "needs more" if len(shape) > 64 else f"needs {numel * itemsize}"
+        raise InputError(f"{where}: tensor {name!r} occupies {end - begin} bytes but shape {_short(list(shape))} "
+                         f"{dtype} {needs}")
+    return TensorEntry(name, dtype, shape, shard, -1 if data_start is None else data_start + begin, end - begin)
 
 
 def _entries(path: Path, shard: str, meta, data_start: int, size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
@@ -157,6 +172,16 @@ def read_entry(path: Path, entry: TensorEntry, start: int = 0, stop: int | None 
     itemsize = entry.nbytes // entry.numel if entry.numel else 1
     raw = read_bytes(path, entry.offset + start * itemsize, (stop - start) * itemsize)
     return raw.view(entry.torch_dtype)
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0  # not isinstance: bool is an int subclass
+
+
+def _short(x) -> str:
+    """A JSON value for a message: one line, at most 60 characters."""
+    text = " ".join(repr(x).split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _one_line(e: BaseException) -> str:
