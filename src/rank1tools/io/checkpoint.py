@@ -167,14 +167,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(label, p, entries, config, p)
 
 
-def read_config(folder: Path) -> dict | None:
-    """Parsed config.json of a model folder, None if absent."""
+def read_config(folder: Path, where: str | None = None) -> dict | None:
+    """Parsed config.json of a model folder, None if absent. `where`: how messages name the file."""
     cfg = folder / "config.json"
     if not cfg.exists():
         return None
-    data = read_json_file(cfg, "config.json")
+    where = where or str(cfg)
+    data = read_json_file(cfg, "config.json", where)
     if not isinstance(data, dict):
-        raise InputError(f"{cfg}: config.json is not a JSON object")
+        raise InputError(f"{where}: config.json is not a JSON object")
     return data
 
 
@@ -190,9 +191,9 @@ def parse_weight_map(index: object, where: str) -> dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise InputError(f"{where}: unreadable index (no weight_map object)")
-    bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
-    if bad is not None:
-        raise InputError(f"{where}: weight_map values must be file names, found {str(bad)[:80]!r}")
+    bad = [v for v in weight_map.values() if not isinstance(v, str)]  # a list: the bad value may be None
+    if bad:
+        raise InputError(f"{where}: weight_map values must be file names, found {str(bad[0])[:80]!r}")
     if not weight_map:
         raise InputError(f"{where}: weight_map lists no tensors")
     return weight_map

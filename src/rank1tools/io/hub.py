@@ -27,6 +27,7 @@ import fnmatch
 import itertools
 import os
 import re
+import struct
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ from .checkpoint import (INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, Checkpoint, _
                          merge_shards, parse_weight_map, read_config)
 from ..options import ascii_int
 from .runs import _VERL_WEIGHT_DIRS, RunCheckpoint, _match, name_problem
-from .safetensors_file import TensorEntry, entry_from_info, read_header
+from .safetensors_file import MAX_HEADER_BYTES, TensorEntry, entry_from_info, parse_header_bytes, read_header
 from .sources import HUB_PREFIX
 
 CACHE_POLICIES = ("keep", "evict")
@@ -531,7 +532,8 @@ def _weight_files(label: str, files: dict[str, int] | list[str], read_index,
     if SINGLE_FILE in names:
         return [SINGLE_FILE], None
     if INDEX_FILE in names:
-        weight_map = parse_weight_map(read_json_file(read_index(), INDEX_FILE), f"{label}: {INDEX_FILE}")
+        where = f"{label}: {INDEX_FILE}"
+        weight_map = parse_weight_map(read_json_file(read_index(), "index", where), where)
         shards = list(dict.fromkeys(weight_map.values()))
         for shard in shards:
             if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
@@ -550,8 +552,38 @@ def _weight_files(label: str, files: dict[str, int] | list[str], read_index,
     raise InputError(f"{label}: no safetensors weights (expected {SINGLE_FILE} or {INDEX_FILE})")
 
 
+def _remote_header(repo_id: str, filename: str, sha: str, where: str) -> dict:
+    """Tensor name -> HeaderInfo of a weight file on the Hub, from HTTP range requests of its first
+    bytes (as huggingface_hub's parse_safetensors_file_metadata, whose TensorInfo multiplies each
+    shape out before any check: ["x", 10**12] would build a terabyte string)."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, filename, revision=sha, endpoint=_endpoint())
+    headers = build_hf_headers()  # token: huggingface_hub's own lookup
+    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    first = get_session().get(url, headers={**headers, "range": "bytes=0-100000"}, timeout=timeout)
+    hf_raise_for_status(first)
+    head = first.content
+    if len(head) < 8:
+        raise InputError(f"{where}: not a safetensors file (only {len(head)} bytes)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES:
+        raise InputError(f"{where}: corrupt safetensors header (header of {n} bytes, more than the "
+                         f"{MAX_HEADER_BYTES} safetensors allows)")
+    if 8 + n <= len(head):
+        raw = head[8:8 + n]
+    else:
+        rest = get_session().get(url, headers={**headers, "range": f"bytes=8-{n + 7}"}, timeout=timeout)
+        hf_raise_for_status(rest)
+        raw = rest.content
+        if len(raw) != n:
+            raise InputError(f"{where}: truncated or not a safetensors file (header of {n} bytes, got {len(raw)})")
+    return parse_header_bytes(raw, where)[0]
+
+
 def _entries_from_header(label: str, shard: str, tensors: dict) -> dict[str, TensorEntry]:
-    """TensorEntries from a remote header (huggingface_hub TensorInfo); offsets unknown (-1) until downloaded."""
+    """TensorEntries from a remote header (HeaderInfo); offsets unknown (-1) until downloaded."""
     return {name: entry_from_info(f"{label} ({shard})", shard, name, info, None) for name, info in tensors.items()}
 
 
@@ -571,28 +603,22 @@ def _aux_names(names) -> list[str]:
 
 
 def _open_online(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoint:
-    api = _api()
     files = _list_folder(hs, label, sha)
     shards, weight_map = _weight_files(label, files, lambda: _download(hs, INDEX_FILE, sha=sha, label=label))
 
     def header(shard: str):
         where = f"{hs.subfolder}/{shard}" if hs.subfolder else shard
         with _hub_errors(label, hs.repo_id, sha, f"file {where}"):
-            try:
-                return api.parse_safetensors_file_metadata(hs.repo_id, where, revision=sha)
-            except RecursionError:  # json on deeply nested input
-                raise InputError(f"{label}: corrupt safetensors header in file {where} (JSON nested too deeply)") from None
-            except (TypeError, AttributeError, KeyError, IndexError) as e:  # valid JSON, wrong structure
-                raise InputError(f"{label}: corrupt safetensors header in file {where} ({_scrub(e)})") from None
+            return _remote_header(hs.repo_id, where, sha, f"{label} ({shard})")
 
     with ThreadPoolExecutor(max_workers=min(_HEADER_THREADS, len(shards))) as pool:
-        metas = list(pool.map(header, shards))
-    entries = merge_shards(label, [(shard, _entries_from_header(label, shard, meta.tensors))
-                                   for shard, meta in zip(shards, metas)])
+        infos = list(pool.map(header, shards))
+    entries = merge_shards(label, [(shard, _entries_from_header(label, shard, tensors))
+                                   for shard, tensors in zip(shards, infos)])
     _check_weight_map(label, weight_map, entries, shards)
     config = None
     if "config.json" in files:
-        config = read_config(Path(_download(hs, "config.json", sha=sha, label=label)).parent)
+        config = read_config(Path(_download(hs, "config.json", sha=sha, label=label)).parent, f"{label}: config.json")
     aux = [f for f in _aux_names(files) if f != "config.json"]
     ckpt = HubCheckpoint(hs, label, sha, entries, config, aux_files=aux, policy=policy)
     if config is not None:
@@ -625,7 +651,7 @@ def _open_offline(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoi
         local[shard] = path
     entries = merge_shards(label, per_shard)
     _check_weight_map(label, weight_map, entries, shards)
-    config = read_config(folder)
+    config = read_config(folder, f"{label}: config.json")
     root = folder if _aux_names(present) else None
     return HubCheckpoint(hs, label, sha, entries, config, aux_files=[], local=local, root=root, policy=policy)
 
