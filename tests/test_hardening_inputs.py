@@ -257,3 +257,17 @@ def test_step_folder_linked_to_root_does_not_walk_the_filesystem(tmp_path, good_
     rows = json.loads(result.stdout)["checkpoints"]
     assert [(r["step"], r["status"]) for r in rows] == [(7, "ok"), (9, "unusable")]
     assert "no safetensors weights" in rows[1]["problem"]
+
+
+def test_openrlhf_deepspeed_state_beside_hf_weights(tmp_path):
+    """OpenRLHF keeps DeepSpeed's global_stepN/ beside global_stepN_hf/: one step N, the weights;
+    a DeepSpeed folder alone is listed unusable (it was skipped silently)."""
+    run = build_run(tmp_path / "run", [20], "openrlhf")
+    for step in (20, 30):
+        (run / f"global_step{step}").mkdir()
+        (run / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"never unpickled")
+    found = discover_run(run)
+    assert [(c.step, c.layout, Path(c.path).name) for c in found] == [
+        (20, "openrlhf", "global_step20_hf"), (30, "deepspeed", "global_step30")]
+    assert found[0].problem is None
+    assert found[1].weights is None and "mp_rank_00_model_states.pt" in found[1].problem

@@ -3,9 +3,9 @@
 * The revision (branch, tag, or sha; default: the repo's default branch) is resolved to its commit
   sha once, when the source is opened; every later request names that sha, and `Checkpoint.revision`
   (recorded in provenance) is the sha.
-* Tensors are listed from the safetensors headers only, fetched with huggingface_hub's
-  `parse_safetensors_file_metadata` (HTTP range requests of the first bytes of each weight file):
-  no tensor data is downloaded to list a model.
+* Tensors are listed from the safetensors headers only, fetched with HTTP range requests of the
+  first bytes of each weight file (as huggingface_hub's `parse_safetensors_file_metadata`) and
+  checked like a local header: no tensor data is downloaded to list a model.
 * A shard is downloaded with `hf_hub_download` into the library's cache the first time one of its
   tensors is read; its tensors' absolute byte offsets are then taken from the local file header.
 * Cache policy `keep` (default) leaves downloaded shards in the cache. `evict` deletes a shard this
@@ -43,7 +43,7 @@ from ..jsonutil import read_json_file
 from .checkpoint import (INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, Checkpoint, _pickle_error, check_weight_map,
                          merge_shards, parse_weight_map, read_config)
 from ..options import ascii_int
-from .runs import _VERL_WEIGHT_DIRS, RunCheckpoint, _match, name_problem
+from .runs import _VERL_WEIGHT_DIRS, RunCheckpoint, _match, name_problem, one_of_step
 from .safetensors_file import MAX_HEADER_BYTES, TensorEntry, entry_from_info, parse_header_bytes, read_header
 from .sources import HUB_PREFIX
 
@@ -763,9 +763,7 @@ def _discover_subfolders(hs: HubSpec, label: str) -> list[RunCheckpoint]:
             problem = (f"unsupported: only pickle/trainer shards ({pickles[0]}{', ...' if len(pickles) > 1 else ''}); "
                        "convert to safetensors first") if pickles else "unsupported: no safetensors weights in this folder"
             rc = RunCheckpoint(step, path, f"hub-subfolder/{layout}", None, problem)
-        if step in found:
-            raise InputError(f"{label}: step {step} appears twice ({found[step].path}, {path})")
-        found[step] = rc
+        found[step] = one_of_step(found[step], rc, label) if step in found else rc
     if not found and not unnamed:
         raise InputError(f"{label}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) at revision "
                          f"{sha[:12]}")

@@ -4,6 +4,8 @@ Recognised step folders (direct children of the run directory):
   HF Trainer / TRL   checkpoint-N/                weights in the folder
   verl               global_step_N/               weights in actor/huggingface/, huggingface/ or the folder
   OpenRLHF           global_stepN_hf/             weights in the folder
+  DeepSpeed          global_stepN/                engine state (*.pt); beside global_stepN_hf/ (OpenRLHF
+                                                  keeps both in one folder) the _hf folder is step N
 A step folder whose only weights are trainer-internal shards (verl FSDP `model_world_size_*.pt`,
 DeepSpeed `*.pt`) is listed with a `problem`, never skipped silently; so is a child named with a
 layout's prefix that is not a step folder (`checkpoint-abc`, a file `checkpoint-20`, a broken link).
@@ -25,6 +27,7 @@ _LAYOUTS = (
     ("trl", re.compile(r"^checkpoint-([0-9]+)$")),
     ("verl", re.compile(r"^global_step_([0-9]+)$")),
     ("openrlhf", re.compile(r"^global_step([0-9]+)_hf$")),
+    ("deepspeed", re.compile(r"^global_step([0-9]+)$")),
 )
 # A child whose name starts so is meant as a step folder: listed even when it cannot be used.
 _PREFIXES = (("checkpoint-", "trl"), ("global_step_", "verl"), ("global_step", "openrlhf"))
@@ -73,13 +76,21 @@ def discover_run(run_dir: str | Path) -> list[RunCheckpoint]:
             unnamed.append(ckpt)
             continue
         if ckpt.step in found:
-            raise InputError(f"{run_dir}: step {ckpt.step} appears twice ({Path(found[ckpt.step].path).name}, {child.name})")
+            ckpt = one_of_step(found[ckpt.step], ckpt, str(run_dir))
         found[ckpt.step] = ckpt
     if not found and not unnamed:
         raise InputError(
             f"{run_dir}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) in this directory"
         )
     return [found[s] for s in sorted(found)] + unnamed
+
+
+def one_of_step(a: RunCheckpoint, b: RunCheckpoint, where: str) -> RunCheckpoint:
+    """The checkpoint to keep of two with the same step: the weights of an OpenRLHF `global_stepN_hf`
+    over DeepSpeed's engine state `global_stepN` beside it; any other pair is an error."""
+    if {a.layout.rsplit("/", 1)[-1], b.layout.rsplit("/", 1)[-1]} == {"openrlhf", "deepspeed"}:
+        return a if a.layout.endswith("openrlhf") else b
+    raise InputError(f"{where}: step {a.step} appears twice ({Path(a.path).name}, {Path(b.path).name})")
 
 
 def _step_folder_layout(name: str) -> str | None:
