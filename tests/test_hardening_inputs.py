@@ -207,6 +207,9 @@ def test_run_lists_unusable_children(tmp_path, good_step, child):
     assert len(lines) == 1, result.stderr
     where = f"step {step}" if step is not None else re.escape(str(run / child))
     assert re.fullmatch(rf"rank1: error: {re.escape(str(run))}: 1 of 2 checkpoints unusable \({where}: .+\)", lines[0])
+    table = run_main("inspect", str(run))  # the step column names a folder without a step (rich folds long names)
+    label = str(step) if step is not None else child
+    assert table.returncode == 3 and (len(label) > 20 or re.search(rf"│ +{re.escape(label)} │", table.stdout))
     assert tree_snapshot(tmp_path) == before
 
 

@@ -95,7 +95,7 @@ def _render_run(report) -> None:
         t.add_column(col, justify="right" if col in ("step", "tensors") else "left")
     for c in report.checkpoints:
         status = "ok" if c.status == "ok" else f"[red]{c.problem}[/red]"
-        step = "-" if c.step is None else str(c.step)  # None: a step folder name without a step
+        step = str(c.step) if c.step is not None else os.path.basename(c.path)  # a name without a step
         t.add_row(step, c.layout, c.weights or "-", ", ".join(f"{k}: {v}" for k, v in c.dtypes.items()) or "-",
                   str(c.tensors or "-"), status)
     Console(width=max(120, Console().width)).print(t)
