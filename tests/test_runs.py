@@ -82,11 +82,24 @@ def test_step_folder_without_weights_is_reported(tmp_path):
 
 def test_unrelated_entries_are_ignored(tmp_path):
     run = build_run(tmp_path / "run", [7], "trl")
-    (run / "checkpoint-abc").mkdir()
     (run / "runs").mkdir()
-    (run / "checkpoint-8").write_text("a file, not a step folder")
+    (run / "global-step-3").mkdir()  # no layout's prefix (global_step)
     (run / "README.md").write_text("notes")
     assert [c.step for c in discover_run(run)] == [7]
+
+
+def test_step_folder_lookalikes_are_listed_unusable(tmp_path):
+    """A child with a layout's prefix is never skipped: listed with why it cannot be used."""
+    run = build_run(tmp_path / "run", [7], "trl")
+    (run / "checkpoint-abc").mkdir()
+    (run / "checkpoint-8").write_text("a file, not a step folder")
+    found = discover_run(run)
+    assert [(c.step, Path(c.path).name, c.weights, c.problem) for c in found] == [
+        (7, "checkpoint-7", str(run / "checkpoint-7"), None),
+        (8, "checkpoint-8", None, "not a directory"),
+        (None, "checkpoint-abc", None, found[2].problem),
+    ]
+    assert found[2].problem.startswith("not a step folder name")
 
 
 def test_same_step_twice_is_an_error(tmp_path):

@@ -95,7 +95,8 @@ def _render_run(report) -> None:
         t.add_column(col, justify="right" if col in ("step", "tensors") else "left")
     for c in report.checkpoints:
         status = "ok" if c.status == "ok" else f"[red]{c.problem}[/red]"
-        t.add_row(str(c.step), c.layout, c.weights or "-", ", ".join(f"{k}: {v}" for k, v in c.dtypes.items()) or "-",
+        step = str(c.step) if c.step is not None else os.path.basename(c.path)  # a name without a step
+        t.add_row(step, c.layout, c.weights or "-", ", ".join(f"{k}: {v}" for k, v in c.dtypes.items()) or "-",
                   str(c.tensors or "-"), status)
     Console(width=max(120, Console().width)).print(t)
 
@@ -129,7 +130,7 @@ def inspect(
         first = report.problems[0]
         raise InputError(
             f"{source}: {len(report.problems)} of {len(report.checkpoints)} checkpoints unusable "
-            f"(step {first.step}: {first.problem})"
+            f"({'step ' + str(first.step) if first.step is not None else first.path}: {first.problem})"
         )
 
 

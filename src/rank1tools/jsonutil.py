@@ -1,8 +1,31 @@
-"""JSON output helpers shared by the CLI and the commands that write JSON files."""
+"""JSON helpers: reading JSON input files, and JSON-safe output for the CLI and written files."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+
+from .errors import InputError
+
+
+def read_json_file(path: str | Path, what: str, where: str | None = None) -> object:
+    """The parsed JSON of an input file; any failure is an InputError naming the file.
+
+    RecursionError included: json raises it on deeply nested input (`[[[[...`), a few kB suffice.
+    `what` names the file's role in the message ("config.json", "index"); `where` how the message
+    names the file (default: its path; a Hub source names it by its hf:// address, not the cache).
+    """
+    where = where or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        return json.loads(text)
+    except OSError as e:
+        raise InputError(f"{where}: cannot read {what} ({e.strerror or e})") from None
+    except RecursionError:
+        raise InputError(f"{where}: unreadable {what} (JSON nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int too long to convert
+        raise InputError(f"{where}: unreadable {what} ({' '.join(str(e).split())[:200]})") from None
 
 
 def json_safe(x):

@@ -109,7 +109,7 @@ def open_inputs(base: str, checkpoints: list[str], run: str | None, steps: str |
     if run:
         for rc in select_steps(discover_checkpoints(run, **(hub_run or {})), steps):
             if rc.weights is None:
-                raise InputError(f"{rc.path}: step {rc.step} {rc.problem}")
+                raise InputError(f"{rc.path}: " + (f"step {rc.step}: " if rc.step is not None else "") + rc.problem)
             pairs.append((rc.step, open_source(rc.weights)))
         return base_ckpt, pairs, "trainer"
     inferred = [infer_step(c) for c in checkpoints]

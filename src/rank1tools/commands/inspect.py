@@ -33,7 +33,7 @@ class ModelReport:
 
 @dataclass
 class RunCheckpointReport:
-    step: int
+    step: int | None  # None: named like a step folder without a usable step number
     path: str
     layout: str
     weights: str | None

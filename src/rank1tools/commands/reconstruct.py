@@ -12,10 +12,9 @@ update the output dtype kept (SPEC section 7).
 from __future__ import annotations
 
 import math
-import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,53 +30,15 @@ from ..io.writer import ShardedWriter, TensorSpec, provenance, write_provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
 from ..math.reconstruct import RoundingStats, apply_rank_k, rounding_stats
 from ..math.signs import canonicalize_signs
-from ..math.spectrum import delta, frobenius, rank_for_fraction
+from ..math.spectrum import delta, frobenius
 from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, select_tensors
+from ..options import RankSpec, parse_ranks, parse_size  # noqa: F401 (RankSpec: importable from here)
 from ..resources import check_memory, reconstruct_peak_bytes, svd_bytes
 
 ROUNDING_FILE = "rank1tools-rounding.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOST_WARNING = 0.5  # warn when more than half of the updated elements were rounded away
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """A rank as a count (`8`) or a fraction of min(m, n) (`1%`)."""
-
-    text: str
-    count: int | None = None
-    fraction: float | None = None
-
-    def resolve(self, shape: tuple[int, ...]) -> int:
-        return self.count if self.count is not None else rank_for_fraction(self.fraction, (shape[0], shape[1]))
-
-    @property
-    def folder(self) -> str:
-        return "rank-" + self.text.replace("%", "pct")
-
-
-def parse_ranks(spec: str) -> list[RankSpec]:
-    """`8`, `1%`, or a comma list `1,2,4,8` / `1%,8`."""
-    out = []
-    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)%", part)
-        if m:
-            frac = float(m.group(1)) / 100
-            if not 0 < frac <= 1:
-                raise UsageError(f"--rank {part}: a percentage must be in (0%, 100%]")
-            out.append(RankSpec(part, fraction=frac))
-        elif re.fullmatch(r"-?\d+", part):
-            if int(part) < 1:
-                raise UsageError(f"--rank {part}: must be at least 1")
-            out.append(RankSpec(part, count=int(part)))
-        else:
-            raise UsageError(f"--rank {part!r}: expected an integer (8) or a percentage of min(m, n) (1%)")
-    if not out:
-        raise UsageError("--rank: give at least one rank")
-    if len({r.folder for r in out}) != len(out):
-        raise UsageError(f"--rank {spec}: a rank is repeated")
-    return out
 
 
 @dataclass
@@ -93,7 +54,7 @@ class ReconstructOptions:
     exact: bool = False
     device: str = "auto"
     factors: str | None = None
-    max_shard_size: str = "5GB"
+    max_shard_size: str | int = "5GB"  # text like 5GB, or bytes
 
 
 @dataclass
@@ -133,6 +94,8 @@ def _output_dtype(option: str, stored: torch.dtype) -> torch.dtype:
 def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOptions = ReconstructOptions(),
                 force: bool = False, progress: Callable[[int, int], None] | None = None) -> ReconstructResult:
     ranks = parse_ranks(options.rank)
+    if isinstance(options.max_shard_size, str):  # checked before any input is opened
+        options = replace(options, max_shard_size=parse_size(options.max_shard_size))
     if options.rest not in ("base", "checkpoint"):
         raise UsageError(f"--rest {options.rest!r}: expected base or checkpoint")
     if options.dtype != "auto" and options.dtype not in DTYPES:

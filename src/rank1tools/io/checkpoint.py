@@ -7,13 +7,13 @@ are refused: unpickling runs arbitrary code.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..jsonutil import read_json_file
 from ..modules import EMBEDDING_NAMES, LM_HEAD_NAME
 from .safetensors_file import TensorEntry, read_entry, read_header
 
@@ -146,18 +146,17 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             raise _pickle_error(label, p.name)
         if p.suffix != ".safetensors":
             raise InputError(f"{label}: not a .safetensors file")
-        entries, _ = read_header(p)
-        return Checkpoint(label, p.parent, entries, None, None)
+        return Checkpoint(label, p.parent, _read_single(p), None, None)
     config = read_config(p)
     index = p / INDEX_FILE
     if index.is_file():
-        entries = _read_sharded(p, index, label)
+        entries = _read_sharded(p, index)
     elif (p / SINGLE_FILE).is_file():
-        entries, _ = read_header(p / SINGLE_FILE)
+        entries = _read_single(p / SINGLE_FILE)
     else:
         files = sorted(f.name for f in p.glob("*.safetensors") if f.is_file())
         if len(files) == 1:
-            entries, _ = read_header(p / files[0])
+            entries = _read_single(p / files[0])
         elif files:
             raise InputError(f"{label}: {len(files)} .safetensors files but no {INDEX_FILE} to say which form the model")
         else:
@@ -168,45 +167,75 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(label, p, entries, config, p)
 
 
-def read_config(folder: Path) -> dict | None:
-    """Parsed config.json of a model folder, None if absent."""
+def read_config(folder: Path, where: str | None = None) -> dict | None:
+    """Parsed config.json of a model folder, None if absent. `where`: how messages name the file."""
     cfg = folder / "config.json"
     if not cfg.exists():
         return None
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{cfg}: unreadable config.json ({' '.join(str(e).split())})") from None
+    where = where or str(cfg)
+    data = read_json_file(cfg, "config.json", where)
     if not isinstance(data, dict):
-        raise InputError(f"{cfg}: config.json is not a JSON object")
+        raise InputError(f"{where}: config.json is not a JSON object")
     return data
 
 
-def _read_sharded(folder: Path, index: Path, label: str) -> dict[str, TensorEntry]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"{index}: unreadable index ({' '.join(str(e).split())})") from None
-    bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
-    if bad is not None:
-        raise InputError(f"{index}: weight_map values must be file names, found {bad!r}")
-    shards = list(dict.fromkeys(weight_map.values()))
+def _read_single(path: Path) -> dict[str, TensorEntry]:
+    entries, _ = read_header(path)
+    if not entries:
+        raise InputError(f"{path}: holds no tensors")
+    return entries
+
+
+def parse_weight_map(index: object, where: str) -> dict[str, str]:
+    """The `weight_map` (tensor name -> shard file name) of a parsed index file; `where` names the file."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{where}: unreadable index (no weight_map object)")
+    bad = [v for v in weight_map.values() if not isinstance(v, str)]  # a list: the bad value may be None
+    if bad:
+        raise InputError(f"{where}: weight_map values must be file names, found {str(bad[0])[:80]!r}")
+    if not weight_map:
+        raise InputError(f"{where}: weight_map lists no tensors")
+    return weight_map
+
+
+def merge_shards(where: str, shards: list[tuple[str, dict[str, TensorEntry]]]) -> dict[str, TensorEntry]:
+    """One name -> entry map from every shard's entries; a tensor in two shards is refused
+    (which copy a reader would get depends on its order)."""
     entries: dict[str, TensorEntry] = {}
-    for shard in shards:
+    for shard, shard_entries in shards:
+        for name, e in shard_entries.items():
+            if name in entries:
+                raise InputError(f"{where}: tensor {name!r} is stored in both {entries[name].shard!r} and {shard!r}")
+            entries[name] = e
+    return entries
+
+
+def check_weight_map(where: str, weight_map: dict[str, str], entries: dict[str, TensorEntry]) -> None:
+    """The index and the shards' headers must agree both ways: every listed tensor is in the
+    shard named, and every tensor of those shards is listed (else it would be counted silently)."""
+    for name, shard in weight_map.items():
+        if name not in entries or entries[name].shard != shard:
+            raise InputError(f"{where}: maps tensor {name!r} to {shard!r}, which does not hold it")
+    for name, e in entries.items():
+        if name not in weight_map:
+            raise InputError(f"{where}: shard {e.shard!r} holds tensor {name!r} that the index does not list")
+
+
+def _read_sharded(folder: Path, index: Path) -> dict[str, TensorEntry]:
+    weight_map = parse_weight_map(read_json_file(index, "index"), str(index))
+    per_shard = []
+    for shard in dict.fromkeys(weight_map.values()):
         # a plain name in this folder; checked without following symlinks, since a Hub cache
         # snapshot links every shard to a blob elsewhere
-        if Path(shard).is_absolute() or os.path.dirname(os.path.normpath(shard)) != "" or shard in (".", ".."):
+        if Path(shard).is_absolute() or os.path.dirname(os.path.normpath(shard)) != "" or shard in ("", ".", ".."):
             raise InputError(f"{index}: shard {shard!r} is not a file inside {folder}")
         sp = folder / shard
         if not sp.is_file():
             raise InputError(f"{index}: names shard {shard!r}, which does not exist")
-        shard_entries, _ = read_header(sp, shard)
-        entries.update(shard_entries)
-    for name, shard in weight_map.items():
-        if name not in entries or entries[name].shard != shard:
-            raise InputError(f"{index}: maps tensor {name!r} to {shard!r}, which does not hold it")
+        per_shard.append((shard, read_header(sp, shard)[0]))
+    entries = merge_shards(str(index), per_shard)
+    check_weight_map(str(index), weight_map, entries)
     return entries
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..jsonutil import read_json_file
 
 FACTOR_FORMAT = "rank1tools.factors"
 FACTOR_FORMAT_VERSION = 1
@@ -20,14 +21,11 @@ class FactorStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         mf = self.folder / "manifest.json"
-        try:
-            self.manifest = json.loads(mf.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"{folder}: not a factor store (no manifest.json; make one with rank1 decompose)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise InputError(f"{mf}: unreadable manifest ({' '.join(str(e).split())})") from None
+        if not mf.exists():
+            raise InputError(f"{folder}: not a factor store (no manifest.json; make one with rank1 decompose)")
+        self.manifest = read_json_file(mf, "manifest")
         if not isinstance(self.manifest, dict):
-            raise InputError(f"{mf}: not a rank1tools factor store (the manifest is not a JSON object)")
+            raise InputError(f"{mf}: manifest is not a JSON object")
         if self.manifest.get("format") != FACTOR_FORMAT:
             raise InputError(f"{mf}: not a rank1tools factor store (format {self.manifest.get('format')!r})")
         if self.manifest.get("format_version") != FACTOR_FORMAT_VERSION:

@@ -3,9 +3,9 @@
 * The revision (branch, tag, or sha; default: the repo's default branch) is resolved to its commit
   sha once, when the source is opened; every later request names that sha, and `Checkpoint.revision`
   (recorded in provenance) is the sha.
-* Tensors are listed from the safetensors headers only, fetched with huggingface_hub's
-  `parse_safetensors_file_metadata` (HTTP range requests of the first bytes of each weight file):
-  no tensor data is downloaded to list a model.
+* Tensors are listed from the safetensors headers only, fetched with HTTP range requests of the
+  first bytes of each weight file (as huggingface_hub's `parse_safetensors_file_metadata`) and
+  checked like a local header: no tensor data is downloaded to list a model.
 * A shard is downloaded with `hf_hub_download` into the library's cache the first time one of its
   tensors is read; its tensors' absolute byte offsets are then taken from the local file header.
 * Cache policy `keep` (default) leaves downloaded shards in the cache. `evict` deletes a shard this
@@ -25,9 +25,9 @@ from __future__ import annotations
 import atexit
 import fnmatch
 import itertools
-import json
 import os
 import re
+import struct
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +39,12 @@ from urllib.parse import unquote
 import torch
 
 from ..errors import InputError, Rank1Error, UsageError
-from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, Checkpoint, _pickle_error, read_config
-from .runs import _LAYOUTS, _VERL_WEIGHT_DIRS, RunCheckpoint
-from .safetensors_file import TensorEntry, entry_from_info, read_header
+from ..jsonutil import read_json_file
+from .checkpoint import (INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, Checkpoint, _pickle_error, check_weight_map,
+                         merge_shards, parse_weight_map, read_config)
+from ..options import ascii_int
+from .runs import _VERL_WEIGHT_DIRS, RunCheckpoint, _match, name_problem, one_of_step
+from .safetensors_file import MAX_HEADER_BYTES, TensorEntry, entry_from_info, parse_header_bytes, read_header
 from .sources import HUB_PREFIX
 
 CACHE_POLICIES = ("keep", "evict")
@@ -50,8 +53,9 @@ _cache_policy: str | None = None
 
 _SPEC_RE = re.compile(r"^hf://(?P<org>[^/@]+)/(?P<name>[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.*))?$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-_TRAILING_INT = re.compile(r"(\d+)$")
-_COMMIT_STEP = re.compile(r"step[ _-]?(\d+)", re.IGNORECASE)
+# [0-9], not \d: \d and int() also take other scripts' digits
+_TRAILING_INT = re.compile(r"([0-9]+)$")
+_COMMIT_STEP = re.compile(r"step[ _-]?([0-9]+)", re.IGNORECASE)
 _HEADER_THREADS = 8
 
 
@@ -528,15 +532,11 @@ def _weight_files(label: str, files: dict[str, int] | list[str], read_index,
     if SINGLE_FILE in names:
         return [SINGLE_FILE], None
     if INDEX_FILE in names:
-        try:
-            weight_map = json.loads(Path(read_index()).read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{label}: unreadable {INDEX_FILE} ({' '.join(str(e).split())})") from None
+        where = f"{label}: {INDEX_FILE}"
+        weight_map = parse_weight_map(read_json_file(read_index(), "index", where), where)
         shards = list(dict.fromkeys(weight_map.values()))
         for shard in shards:
-            if not isinstance(shard, str) or "/" in shard or shard in ("", ".", ".."):
+            if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
                 raise InputError(f"{label}: {INDEX_FILE} names shard {shard!r}, which is not a file beside it")
             if complete and shard not in names:
                 raise InputError(f"{label}: {INDEX_FILE} names shard {shard!r}, which is missing from the repo")
@@ -552,17 +552,48 @@ def _weight_files(label: str, files: dict[str, int] | list[str], read_index,
     raise InputError(f"{label}: no safetensors weights (expected {SINGLE_FILE} or {INDEX_FILE})")
 
 
+def _remote_header(repo_id: str, filename: str, sha: str, where: str) -> dict:
+    """Tensor name -> HeaderInfo of a weight file on the Hub, from HTTP range requests of its first
+    bytes (as huggingface_hub's parse_safetensors_file_metadata, whose TensorInfo multiplies each
+    shape out before any check: ["x", 10**12] would build a terabyte string)."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, filename, revision=sha, endpoint=_endpoint())
+    headers = build_hf_headers()  # token: huggingface_hub's own lookup
+    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    first = get_session().get(url, headers={**headers, "range": "bytes=0-100000"}, timeout=timeout)
+    hf_raise_for_status(first)
+    head = first.content
+    if len(head) < 8:
+        raise InputError(f"{where}: not a safetensors file (only {len(head)} bytes)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES:
+        raise InputError(f"{where}: corrupt safetensors header (header of {n} bytes, more than the "
+                         f"{MAX_HEADER_BYTES} safetensors allows)")
+    if 8 + n <= len(head):
+        raw = head[8:8 + n]
+    else:
+        rest = get_session().get(url, headers={**headers, "range": f"bytes=8-{n + 7}"}, timeout=timeout)
+        hf_raise_for_status(rest)
+        raw = rest.content
+        if len(raw) != n:
+            raise InputError(f"{where}: truncated or not a safetensors file (header of {n} bytes, got {len(raw)})")
+    return parse_header_bytes(raw, where)[0]
+
+
 def _entries_from_header(label: str, shard: str, tensors: dict) -> dict[str, TensorEntry]:
-    """TensorEntries from a remote header (huggingface_hub TensorInfo); offsets unknown (-1) until downloaded."""
+    """TensorEntries from a remote header (HeaderInfo); offsets unknown (-1) until downloaded."""
     return {name: entry_from_info(f"{label} ({shard})", shard, name, info, None) for name, info in tensors.items()}
 
 
-def _check_weight_map(label: str, weight_map: dict[str, str] | None, entries: dict[str, TensorEntry]) -> None:
-    if weight_map is None:
-        return
-    for name, shard in weight_map.items():
-        if name not in entries or entries[name].shard != shard:
-            raise InputError(f"{label}: {INDEX_FILE} maps tensor {name!r} to {shard!r}, which does not hold it")
+def _check_weight_map(label: str, weight_map: dict[str, str] | None, entries: dict[str, TensorEntry],
+                      shards: list[str]) -> None:
+    """Index and headers agree (as for a local folder); a lone weight file must hold some tensor."""
+    if weight_map is not None:
+        check_weight_map(f"{label}: {INDEX_FILE}", weight_map, entries)
+    elif not entries:
+        raise InputError(f"{label}: {shards[0]} holds no tensors")
 
 
 def _aux_names(names) -> list[str]:
@@ -572,27 +603,22 @@ def _aux_names(names) -> list[str]:
 
 
 def _open_online(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoint:
-    api = _api()
     files = _list_folder(hs, label, sha)
     shards, weight_map = _weight_files(label, files, lambda: _download(hs, INDEX_FILE, sha=sha, label=label))
 
     def header(shard: str):
         where = f"{hs.subfolder}/{shard}" if hs.subfolder else shard
         with _hub_errors(label, hs.repo_id, sha, f"file {where}"):
-            return api.parse_safetensors_file_metadata(hs.repo_id, where, revision=sha)
+            return _remote_header(hs.repo_id, where, sha, f"{label} ({shard})")
 
     with ThreadPoolExecutor(max_workers=min(_HEADER_THREADS, len(shards))) as pool:
-        metas = list(pool.map(header, shards))
-    entries: dict[str, TensorEntry] = {}
-    for shard, meta in zip(shards, metas):
-        for name, e in _entries_from_header(label, shard, meta.tensors).items():
-            if name in entries:
-                raise InputError(f"{label}: tensor {name!r} stored in both {entries[name].shard} and {shard}")
-            entries[name] = e
-    _check_weight_map(label, weight_map, entries)
+        infos = list(pool.map(header, shards))
+    entries = merge_shards(label, [(shard, _entries_from_header(label, shard, tensors))
+                                   for shard, tensors in zip(shards, infos)])
+    _check_weight_map(label, weight_map, entries, shards)
     config = None
     if "config.json" in files:
-        config = read_config(Path(_download(hs, "config.json", sha=sha, label=label)).parent)
+        config = read_config(Path(_download(hs, "config.json", sha=sha, label=label)).parent, f"{label}: config.json")
     aux = [f for f in _aux_names(files) if f != "config.json"]
     ckpt = HubCheckpoint(hs, label, sha, entries, config, aux_files=aux, policy=policy)
     if config is not None:
@@ -614,18 +640,18 @@ def _open_offline(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoi
         raise InputError(f"{label}: the weights of {hs.repo_id} at {sha[:12]} are not in the local cache and "
                          "HF_HUB_OFFLINE=1 is set (run once online to fill the cache, with --hub-cache-policy keep)")
     shards, weight_map = _weight_files(label, present, lambda: folder / INDEX_FILE, complete=False)
-    entries: dict[str, TensorEntry] = {}
+    per_shard = []
     local: dict[str, Path] = {}
     for shard in shards:
         path = folder / shard
         if not path.is_file():
             raise InputError(f"{label}: shard {shard} is not in the local cache and HF_HUB_OFFLINE=1 is set "
                              "(run once online to fill the cache, with --hub-cache-policy keep)")
-        shard_entries, _ = read_header(path, shard)
-        entries.update(shard_entries)
+        per_shard.append((shard, read_header(path, shard)[0]))
         local[shard] = path
-    _check_weight_map(label, weight_map, entries)
-    config = read_config(folder)
+    entries = merge_shards(label, per_shard)
+    _check_weight_map(label, weight_map, entries, shards)
+    config = read_config(folder, f"{label}: config.json")
     root = folder if _aux_names(present) else None
     return HubCheckpoint(hs, label, sha, entries, config, aux_files=[], local=local, root=root, policy=policy)
 
@@ -635,15 +661,15 @@ def _open_offline(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoi
 def step_from_name(name: str) -> int | None:
     """Step number of a branch or folder name: its trailing integer (step_50, main-step-000000050, checkpoint-50)."""
     m = _TRAILING_INT.search(name)
-    return int(m.group(1)) if m else None
+    return ascii_int(m.group(1)) if m else None
 
 
 def step_from_commit(title: str, message: str = "") -> int | None:
     """Step number of a commit: 'step N' (also step_N, step-N, stepN) in its title, else its message."""
     for text in (title, message):
         m = _COMMIT_STEP.search(text or "")
-        if m:
-            return int(m.group(1))
+        if m and ascii_int(m.group(1)) is not None:
+            return ascii_int(m.group(1))
     return None
 
 
@@ -713,18 +739,17 @@ def _discover_subfolders(hs: HubSpec, label: str) -> list[RunCheckpoint]:
         if rest:
             by_folder.setdefault(top, []).append(rest)
     found: dict[int, RunCheckpoint] = {}
+    unnamed: list[RunCheckpoint] = []
     for folder in sorted(by_folder):
-        m = None
-        for layout, pattern in _LAYOUTS:
-            mm = pattern.match(folder)
-            if mm:
-                m = (layout, int(mm.group(1)))
-                break
+        m = _match(folder)
         if m is None:
             continue
         layout, step = m
         inner = by_folder[folder]
         path = hs.address(revision=hs.revision, subfolder=base + folder)
+        if step is None:  # named like a step folder, no usable step: listed, not skipped
+            unnamed.append(RunCheckpoint(None, path, f"hub-subfolder/{layout}", None, name_problem(folder)))
+            continue
         rc = None
         for cand in (_VERL_WEIGHT_DIRS if layout == "verl" else (".",)):
             prefix = "" if cand == "." else cand + "/"
@@ -738,13 +763,11 @@ def _discover_subfolders(hs: HubSpec, label: str) -> list[RunCheckpoint]:
             problem = (f"unsupported: only pickle/trainer shards ({pickles[0]}{', ...' if len(pickles) > 1 else ''}); "
                        "convert to safetensors first") if pickles else "unsupported: no safetensors weights in this folder"
             rc = RunCheckpoint(step, path, f"hub-subfolder/{layout}", None, problem)
-        if step in found:
-            raise InputError(f"{label}: step {step} appears twice ({found[step].path}, {path})")
-        found[step] = rc
-    if not found:
+        found[step] = one_of_step(found[step], rc, label) if step in found else rc
+    if not found and not unnamed:
         raise InputError(f"{label}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) at revision "
                          f"{sha[:12]}")
-    return [found[s] for s in sorted(found)]
+    return [found[s] for s in sorted(found)] + unnamed
 
 
 def _discover_commits(hs: HubSpec, label: str) -> list[RunCheckpoint]:

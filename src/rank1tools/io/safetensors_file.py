@@ -1,6 +1,6 @@
 """One safetensors file: header-only listing and byte-range reads of single tensors.
 
-Headers are parsed with huggingface_hub (no tensor data read). Data is read with `os.preadv`
+Headers are parsed here, from the header bytes only (no tensor data read). Data is read with `os.preadv`
 into a fresh buffer rather than through safetensors' memory map: pages of a mapped file count
 as resident while it is open, so streaming a 16 GB checkpoint through mmap shows 16 GB RSS.
 Reading exactly the bytes of one tensor (or of a row/element range of it) keeps memory at
@@ -9,6 +9,7 @@ one tensor, and a truncated file is detected from its header before any data is 
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _name):  # unsigned wide ints exist from torch 2.3
         SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
@@ -64,31 +66,60 @@ def read_header(path: Path, shard: str | None = None) -> tuple[dict[str, TensorE
 
     Checks what safetensors itself would refuse later (truncated file, offsets that overlap,
     leave holes or do not match shape x dtype) so that a corrupt file fails before any work.
+    Parsed here rather than by huggingface_hub, whose TensorInfo multiplies the shape out before
+    any check: a shape like ["x", 10**12] would build a terabyte string.
     """
-    from huggingface_hub import parse_local_safetensors_file_metadata
-    from huggingface_hub.errors import SafetensorsParsingError
-
     path = Path(path)
     shard = shard or path.name
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-        if len(head) < 8:
-            raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise InputError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})")
-        meta = parse_local_safetensors_file_metadata(path)
-    except (SafetensorsParsingError, TypeError, ValueError, AttributeError, KeyError) as e:
-        raise InputError(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
+            if len(head) < 8:
+                raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise InputError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})")
+            if header_len > MAX_HEADER_BYTES:
+                raise InputError(f"{path}: corrupt safetensors header (header of {header_len} bytes, "
+                                 f"more than the {MAX_HEADER_BYTES} safetensors allows)")
+            raw = f.read(header_len)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    infos, metadata = parse_header_bytes(raw, str(path))
+    return _entries(path, shard, infos, 8 + header_len, size), metadata
 
+
+def parse_header_bytes(raw: bytes, where: str) -> tuple[dict[str, HeaderInfo], dict]:
+    """The JSON header of a safetensors file (without its 8-byte length): tensor name -> HeaderInfo,
+    and `__metadata__`. Only the JSON structure is checked here; entry_from_info checks the values."""
     try:
-        return _entries(path, shard, meta, 8 + header_len, size)
-    except (TypeError, ValueError, AttributeError, KeyError) as e:  # valid JSON, wrong structure
-        raise InputError(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
+        header = json.loads(raw.decode("utf-8"))
+    except RecursionError:  # json on deeply nested input
+        raise InputError(f"{where}: corrupt safetensors header (JSON nested too deeply)") from None
+    except ValueError as e:  # not UTF-8, not JSON
+        raise InputError(f"{where}: corrupt safetensors header ({_one_line(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{where}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{where}: corrupt safetensors header (__metadata__ is not an object)")
+    infos = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise InputError(f"{where}: corrupt safetensors header (tensor {name!r} needs dtype, shape and data_offsets)")
+        infos[name] = HeaderInfo(info["dtype"], info["shape"], info["data_offsets"])
+    return infos, metadata
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """One tensor's header entry as found in the JSON (types not checked yet), like
+    huggingface_hub's TensorInfo."""
+
+    dtype: object
+    shape: object
+    data_offsets: object
 
 
 def entry_from_info(where: str, shard: str, name: str, info, data_start: int | None) -> TensorEntry:
@@ -97,26 +128,40 @@ def entry_from_info(where: str, shard: str, name: str, info, data_start: int | N
     `data_start` is where the data area begins in the file; None when not known yet (a remote
     header before its shard is downloaded): the offset is then -1.
     """
-    if info.dtype not in SAFETENSORS_DTYPES:
-        raise InputError(f"{where}: tensor {name!r} has unsupported dtype {info.dtype}")
-    begin, end = info.data_offsets
-    shape = tuple(int(s) for s in info.shape)
-    numel = 1
+    dtype, shape, offsets = info.dtype, info.shape, info.data_offsets
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise InputError(f"{where}: tensor {name!r} has unsupported dtype {dtype if isinstance(dtype, str) and dtype.isalnum() else _short(dtype)}")
+    # JSON numbers may be floats or booleans (True == 1 in Python), and negative sizes would let
+    # a truncated file add up: only non-negative ints are dimensions and offsets
+    if not isinstance(shape, (list, tuple)) or not all(_is_count(s) for s in shape):
+        raise InputError(f"{where}: corrupt safetensors header: tensor {name!r} has invalid shape {_short(shape)} "
+                         "(expected a list of non-negative integers)")
+    if not (isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise InputError(f"{where}: corrupt safetensors header: tensor {name!r} has invalid data_offsets {_short(offsets)} "
+                         "(expected [begin, end] with 0 <= begin <= end)")
+    begin, end = offsets
+    shape = tuple(shape)
+    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+    numel = 0 if 0 in shape else 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info.dtype]).element_size()
+        if len(shape) > 64 and numel * itemsize > end - begin:  # a hostile shape: stop before a huge product
+            break
     if end - begin != numel * itemsize:
-        raise InputError(f"{where}: tensor {name!r} occupies {end - begin} bytes but shape {list(shape)} "
-                         f"{info.dtype} needs {numel * itemsize}")
-    return TensorEntry(name, info.dtype, shape, shard, -1 if data_start is None else data_start + begin, end - begin)
+        needs = "needs more" if len(shape) > 64 else f"needs {numel * itemsize}"
+        raise InputError(f"{where}: tensor {name!r} occupies {end - begin} bytes but shape {_short(list(shape))} "
+                         f"{dtype} {needs}")
+    return TensorEntry(name, dtype, shape, shard, -1 if data_start is None else data_start + begin, end - begin)
 
 
-def _entries(path: Path, shard: str, meta, data_start: int, size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+def _entries(path: Path, shard: str, infos: dict[str, HeaderInfo], data_start: int,
+             size: int) -> dict[str, TensorEntry]:
     entries: dict[str, TensorEntry] = {}
     spans = []
-    for name, info in meta.tensors.items():
-        entries[name] = entry_from_info(str(path), shard, name, info, data_start)
-        spans.append((*info.data_offsets, name))
+    for name, info in infos.items():
+        entries[name] = e = entry_from_info(str(path), shard, name, info, data_start)
+        spans.append((e.offset - data_start, e.offset - data_start + e.nbytes, name))
     spans.sort()
     pos = 0
     for begin, end, name in spans:
@@ -127,7 +172,7 @@ def _entries(path: Path, shard: str, meta, data_start: int, size: int) -> tuple[
         raise InputError(
             f"{path}: file is {size} bytes but its header describes {data_start + pos} (truncated or corrupt)"
         )
-    return entries, dict(meta.metadata or {})
+    return entries
 
 
 def read_bytes(path: Path, offset: int, nbytes: int) -> torch.Tensor:
@@ -157,6 +202,16 @@ def read_entry(path: Path, entry: TensorEntry, start: int = 0, stop: int | None 
     itemsize = entry.nbytes // entry.numel if entry.numel else 1
     raw = read_bytes(path, entry.offset + start * itemsize, (stop - start) * itemsize)
     return raw.view(entry.torch_dtype)
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0  # not isinstance: bool is an int subclass
+
+
+def _short(x) -> str:
+    """A JSON value for a message: one line, at most 60 characters."""
+    text = " ".join(repr(x).split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _one_line(e: BaseException) -> str:
