@@ -231,3 +231,47 @@ def test_help_does_not_import_torch():
     assert r.returncode == 0, r.stderr
     assert "Usage" in r.stdout  # help really ran
     assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+EARLY_ERRORS = [  # (args, exit code, message) — each must be refused before torch is imported
+    (["decompose", "b", "c", "--rank", "1.5", "--out", "x"], 2, "--rank '1.5': expected a positive integer"),
+    (["decompose", "b", "c", "--rank", "٣", "--out", "x"], 2, "--rank '٣': expected a positive integer"),
+    (["decompose", "b", "--run", "r", "--steps", "10,,20", "--out", "x"], 2, "--steps '10,,20'"),
+    (["decompose", "b", "c", "--device", "gpu", "--out", "x"], 2, "--device 'gpu'"),
+    (["decompose", "b", "c", "--out", "", "--force"], 2, "--out is empty"),
+    (["decompose", "b", "c", "--out", "existing"], 4, "existing: already exists; pass --force"),
+    (["decompose", "b", "c", "--out", "existing", "--force"], 4, "was not written by rank1"),
+    (["decompose", "b", "c", "--out", "b/sub"], 4, "output is inside an input (b)"),
+    (["reconstruct", "b", "c", "--rank", "1,,2", "--out", "x"], 2, "--rank '1,,2'"),
+    (["reconstruct", "b", "c", "--rank", "1", "--max-shard-size", "5XB", "--out", "x"], 2, "--max-shard-size '5XB'"),
+    (["reconstruct", "b", "c", "--rank", "1", "--max-shard-size", "-1GB", "--out", "x"], 2, "--max-shard-size '-1GB'"),
+    (["reconstruct", "b", "c", "--rank", "1", "--dtype", "float8", "--out", "x"], 2, "--dtype 'float8'"),
+    (["reconstruct", "b", "c", "--rank", "1", "--rest", "none", "--out", "x"], 2, "--rest 'none'"),
+    (["reconstruct", "b", "c", "--rank", "1", "--alpha", "inf", "--out", "x"], 2, "--alpha inf: must be a finite number"),
+    (["reconstruct", "b", "c", "--rank", "1", "--hub-cache-policy", "never", "--out", "x"], 2, "--hub-cache-policy 'never'"),
+    (["inspect", "r", "--steps", "٢٠"], 2, "--steps '٢٠'"),
+    (["demo", "--out", "existing"], 4, "already exists"),
+]
+
+
+def test_option_and_output_errors_answer_before_importing_torch(tmp_path):
+    """Option errors take no torch import and open no input: one line, the right code, at once."""
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "mine.txt").write_text("x")
+    (tmp_path / "b").mkdir()
+    code = ("import json, sys; import rank1tools.cli as c\n"
+            "results = []\n"
+            "for args in json.loads(sys.argv[1]):\n"
+            "    sys.argv = ['rank1', *args]\n"
+            "    try:\n        c.main()\n    except SystemExit as e:\n        results.append(e.code)\n"
+            "print(json.dumps([results, 'torch' in sys.modules]))")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps([a for a, _, _ in EARLY_ERRORS])], cwd=tmp_path,
+                       capture_output=True, text=True, env=cli_env(), timeout=60)
+    codes, torch_imported = json.loads(r.stdout.strip().splitlines()[-1])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == len(EARLY_ERRORS), r.stderr
+    for (args, want_code, needle), got, line in zip(EARLY_ERRORS, codes, lines):
+        assert got == want_code, (args, got, line)
+        assert line.startswith("rank1: error: ") and needle in line, (args, line)
+    assert torch_imported is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "existing"]  # nothing written

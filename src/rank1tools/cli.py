@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .errors import InputError, Rank1Error, Terminated
+from .errors import InputError, Rank1Error, Terminated, UsageError
 from .jsonutil import json_safe as _json_safe
 
 app = typer.Typer(
@@ -40,6 +40,22 @@ def _set_hub_cache_policy(policy: str | None) -> None:
         from .io.hub import set_cache_policy
 
         set_cache_policy(policy)
+
+
+def _check_output_early(out: str, force: bool, inputs: list) -> None:
+    """Refuse a bad --out before any heavy import or input is opened (the command checks again,
+    under its lock): option errors answer at once."""
+    from .io.outputs import prepare_output
+
+    prepare_output(out, force=force, inputs=[p for p in inputs if p and not p.startswith("hf://")])
+
+
+def _check_common_early(device: str, hub_cache_policy: str | None) -> None:
+    from .options import check_choice, check_device
+
+    check_device(device)
+    if hub_cache_policy is not None:
+        check_choice(hub_cache_policy, "--hub-cache-policy", ("keep", "evict"))
 
 
 def _version(value: bool) -> None:
@@ -116,6 +132,12 @@ def inspect(
 
     Reads safetensors headers only. For a run, exits 3 if any checkpoint is unusable (listed).
     """
+    if steps is not None:
+        from .options import parse_steps
+
+        parse_steps(steps)
+    if hub_cache_policy is not None:
+        _check_common_early("auto", hub_cache_policy)
     from .commands.inspect import inspect_source
 
     _set_hub_cache_policy(hub_cache_policy)
@@ -205,13 +227,13 @@ def decompose(
     subfolders: bool = SUBFOLDERS_OPT,
     commits: bool = COMMITS_OPT,
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
-    rank: int = typer.Option(8, "--rank", "-k", help="Singular triplets kept per module and step."),
+    rank: str = typer.Option("8", "--rank", "-k", help="Singular triplets kept per module and step."),
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
     include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -220,12 +242,20 @@ def decompose(
     Writes spectrum.csv / spectrum.jsonl, summary.json and a factor store (top-k σ, u, v per
     module and step). Rerunning an interrupted command resumes it.
     """
+    from .options import parse_positive_int, parse_steps
+
+    rank_k = parse_positive_int(rank, "--rank")
+    if steps is not None:
+        parse_steps(steps)
+    _check_common_early(device, hub_cache_policy)
+    _check_output_early(out, force, [base, *(checkpoints or []), run])
+
     from .commands.decompose import DecomposeOptions
     from .commands.decompose import decompose as run_decompose
 
     _set_hub_cache_policy(hub_cache_policy)
     hub_run = {"revisions": revisions, "subfolders": subfolders, "commits": commits}
-    opts = DecomposeOptions(rank=rank, exact=exact, include=include or [], exclude=exclude or [],
+    opts = DecomposeOptions(rank=rank_k, exact=exact, include=include or [], exclude=exclude or [],
                             all_2d=all_2d, device=device)
     bar, update = _stderr_progress(not quiet, "decompose")
     with _interrupt_hint("finished modules are kept; rerun the same command to resume"), bar:
@@ -272,7 +302,7 @@ def reconstruct(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -281,6 +311,19 @@ def reconstruct(
     W = θ₀ + α·(‖ΔW‖/‖ΔW_k‖)·ΔW_k per selected module; other tensors from --rest. Reports how
     much of the update the output dtype rounds away.
     """
+    import math
+
+    from .options import check_choice, parse_ranks, parse_size
+
+    parse_ranks(rank)
+    parse_size(max_shard_size)
+    check_choice(rest, "--rest", ("base", "checkpoint"))
+    check_choice(dtype, "--dtype", ("auto", "float32", "bfloat16", "float16"))
+    if not math.isfinite(alpha):
+        raise UsageError(f"--alpha {alpha}: must be a finite number")
+    _check_common_early(device, hub_cache_policy)
+    _check_output_early(out, force, [base, checkpoint, factors])
+
     from .commands.reconstruct import ReconstructOptions
     from .commands.reconstruct import reconstruct as run_reconstruct
 
@@ -305,11 +348,12 @@ def reconstruct(
 @app.command()
 def demo(
     out: str = typer.Option("demo-out", "--out", help="Folder for the generated model, run and results."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """The main job on an embedded default: a synthetic bf16 base and TRL run (steps 10..50),
     inspected, decomposed (OUT/decompose) and reconstructed at rank 1 (OUT/rank-1)."""
+    _check_output_early(out, force, [])
     from .commands.demo import run_demo
 
     result = run_demo(out, force=force)

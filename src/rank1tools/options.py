@@ -121,3 +121,20 @@ def parse_ranks(spec: str) -> list[RankSpec]:
     if len({r.folder for r in out}) != len(out):
         raise UsageError(f"--rank {spec}: a rank is repeated")
     return out
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(?::[0-9]{1,4})?")
+
+
+def check_device(spec: str) -> str:
+    """`--device` syntax (auto, cpu, cuda, cuda:N), checked without importing torch; whether the
+    device exists is checked when the command starts (rank1tools.device)."""
+    if not _DEVICE.fullmatch(str(spec)):
+        raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    return spec
+
+
+def check_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UsageError(f"{option} {value!r}: expected {', '.join(choices[:-1])} or {choices[-1]}")
+    return value
