@@ -136,5 +136,5 @@ def check_device(spec: str) -> str:
 
 def check_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise UsageError(f"{option} {value!r}: expected {', '.join(choices[:-1])} or {choices[-1]}")
+        raise UsageError(f"{option} {value!r}: expected one of {', '.join(choices)}")
     return value
