@@ -16,6 +16,7 @@ import typer
 
 from . import __version__
 from .errors import InputError, Rank1Error, Terminated, UsageError
+from . import render
 from .jsonutil import json_safe as _json_safe
 
 app = typer.Typer(
@@ -74,49 +75,6 @@ def _print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _render_model(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"model {report.source}", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("tensors", str(report.tensors))
-    t.add_row("parameters", f"{report.parameters:,}")
-    t.add_row("size", _human_bytes(report.bytes))
-    t.add_row("dtypes", ", ".join(f"{k}: {v}" for k, v in report.dtypes.items()))
-    t.add_row("shards", str(report.shards))
-    t.add_row("matrix modules", f"{report.matrix_modules} in {report.layers} layers ({report.matrix_parameters:,} parameters)")
-    t.add_row("module types", ", ".join(f"{k}: {v}" for k, v in report.module_types.items()) or "none")
-    t.add_row("lm_head", "tied to embedding" if report.lm_head_tied else "stored")
-    if report.revision:
-        t.add_row("revision", report.revision)
-    Console().print(t)
-
-
-def _render_run(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"run {report.source}: {len(report.checkpoints)} checkpoints", title_justify="left")
-    for col in ("step", "layout", "weights", "dtypes", "tensors", "status"):
-        t.add_column(col, justify="right" if col in ("step", "tensors") else "left")
-    for c in report.checkpoints:
-        status = "ok" if c.status == "ok" else f"[red]{c.problem}[/red]"
-        step = str(c.step) if c.step is not None else os.path.basename(c.path)  # a name without a step
-        t.add_row(step, c.layout, c.weights or "-", ", ".join(f"{k}: {v}" for k, v in c.dtypes.items()) or "-",
-                  str(c.tensors or "-"), status)
-    Console(width=max(120, Console().width)).print(t)
-
-
 @app.command()
 def inspect(
     source: str = typer.Argument(..., help="Model folder, .safetensors file, run directory of step folders, or a Hub "
@@ -145,9 +103,9 @@ def inspect(
     if as_json:
         _print_json(report.to_dict())
     elif report.kind == "model":
-        _render_model(report)
+        render.model(report)
     else:
-        _render_run(report)
+        render.run(report)
     if report.kind == "run" and report.problems:
         first = report.problems[0]
         raise InputError(
@@ -194,26 +152,6 @@ class _interrupt_hint:
             _signal_state["reported"] = True
             raise typer.Exit(Terminated.exit_code if what == "terminated" else 130)
         return False
-
-
-def _render_decompose(result) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    s = result.summary
-    console = Console()
-    for key, title in (("by_type", "module type"), ("by_step", "step")):
-        t = Table(title=f"mean rank-1 share of the update, by {title}", title_justify="left")
-        t.add_column(title)
-        t.add_column("energy_1 (σ₁²/‖ΔW‖²)", justify="right")
-        t.add_column("norm_frac_1 (σ₁/‖ΔW‖)", justify="right")
-        t.add_column("rows", justify="right")
-        for g, v in s[key].items():
-            t.add_row(g, f"{v['energy_1']:.4f}", f"{v['norm_frac_1']:.4f}", str(v["n"]))
-        console.print(t)
-    o = s["overall"]
-    console.print(f"{len(result.modules)} modules x {len(result.steps)} checkpoints -> {result.out} "
-                  f"(overall energy_1 {o['energy_1']:.4f}, norm_frac_1 {o['norm_frac_1']:.4f})")
 
 
 @app.command()
@@ -268,20 +206,7 @@ def decompose(
     if as_json:
         _print_json(_json_safe(result.to_dict()))
     else:
-        _render_decompose(result)
-
-
-def _render_reconstruct(result) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"rank-k reconstructions of {result.modules} modules"
-              + (" (from the factor store)" if result.used_factors else ""), title_justify="left")
-    for col in ("rank", "output", "updated elements", "lost to rounding", "update rel. error"):
-        t.add_column(col, justify="left" if col in ("rank", "output") else "right")
-    for o in result.outputs:
-        t.add_row(o.rank, o.path, f"{o.updated_elements:,}", f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}")
-    Console().print(t)
+        render.decompose(result)
 
 
 @app.command()
@@ -342,7 +267,7 @@ def reconstruct(
     if as_json:
         _print_json(_json_safe(result.to_dict()))
     else:
-        _render_reconstruct(result)
+        render.reconstruct(result)
 
 
 @app.command()
@@ -362,10 +287,10 @@ def demo(
                                 "decompose": result.decompose.to_dict(),
                                 "reconstruct": result.reconstruct.to_dict()}))
         return
-    _render_model(result.base)
-    _render_run(result.run)
-    _render_decompose(result.decompose)
-    _render_reconstruct(result.reconstruct)
+    render.model(result.base)
+    render.run(result.run)
+    render.decompose(result.decompose)
+    render.reconstruct(result.reconstruct)
 
 
 def _on_sigterm(signum, frame) -> None:

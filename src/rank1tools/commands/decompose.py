@@ -14,9 +14,7 @@ Only the complete folder is renamed to OUT.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -33,6 +31,7 @@ from .. import __version__
 from ..device import resolve_device
 from ..errors import InputError, OutputError, UsageError
 from ..jsonutil import json_safe as _json_safe
+from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION
@@ -42,12 +41,11 @@ from ..io.outputs import follow_umask, locked_output, output_errors, publish
 from ..io.writer import provenance, write_provenance
 from ..math.finite import all_finite, dtype_max, max_abs
 from ..math.signs import canonicalize_signs
-from ..math.spectrum import delta, frobenius, spectrum_figures
+from ..math.spectrum import delta, frobenius
 from ..math.svd import MIN_SKETCH, topk_svd
-from ..modules import LM_HEAD_NAME, is_embedding, parse_matrix_module, select_tensors
+from ..modules import select_tensors
 from ..resources import check_memory, decompose_peak_bytes, svd_bytes
 
-TYPE_ORDER = {t: i for i, t in enumerate(["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"])}
 SVD_SEED = 0
 
 
@@ -79,18 +77,6 @@ class DecomposeResult:
                 "resumed_modules": self.resumed_modules,
                 "exact_fallbacks": [{"module": m, "step": s} for m, s in self.fallbacks],
                 "summary": self.summary}
-
-
-def module_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
-    """(layer, type) for a spectrum row; non-matrix 2-D tensors get embedding / lm_head / their name."""
-    mod = parse_matrix_module(name, shape)
-    if mod is not None:
-        return mod.layer, mod.type
-    if name == LM_HEAD_NAME:
-        return None, "lm_head"
-    if is_embedding(name):
-        return None, "embedding"
-    return None, name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
 
 
 def open_inputs(base: str, checkpoints: list[str], run: str | None, steps: str | None, hub_run: dict | None = None
@@ -346,63 +332,13 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
         with safe_open(str(path), "pt") as f:
             data = {k: f.get_tensor(k) for k in f.keys()}
             methods = json.loads(f.metadata()["rank1tools"])["methods"]
-        rows.extend(_rows(name, shapes[name], data, methods))
+        rows.extend(spectrum_rows(name, shapes[name], data, methods))
         fallbacks.extend((name, s) for s, m in zip(data["steps"].tolist(), methods) if m == "exact-fallback")
     summary = summarize(rows)
     with output_errors(work):
-        _write_tables(work, rows, options.rank)
+        write_spectrum_tables(work, rows, options.rank)
         (work / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
         write_provenance(work, provenance("decompose", [base_ckpt, *(c for _, c in pairs)], manifest["parameters"]))
     publish(work, target, force=force, label=out)
     return DecomposeResult(out=out, steps=[s for s, _ in pairs], modules=modules, rows=rows, summary=summary,
                            resumed_modules=len(done), fallbacks=fallbacks)
-
-
-COLUMNS_HEAD = ["module", "layer", "type", "step", "rows", "cols", "k", "svd_method", "fro", "rel_update"]
-COLUMNS_TAIL = ["energy_1", "energy_k", "rank1pct_k", "energy_rank1pct", "norm_frac_1", "stable_rank"]
-
-
-def _rows(name: str, shape: tuple[int, ...], data: dict, methods: list[str]) -> list[dict]:
-    layer, mtype = module_labels(name, shape)
-    base_fro = float(data["base_fro"][0])
-    out = []
-    for j, step in enumerate(data["steps"].tolist()):
-        sig = [float(x) for x in data["S"][j]]
-        figs = spectrum_figures(sig, float(data["fro"][j]), base_fro, (shape[0], shape[1]))
-        out.append({"module": name, "layer": layer, "type": mtype, "step": step, "rows": shape[0], "cols": shape[1],
-                    "k": len(sig), "svd_method": methods[j], **figs})
-    return out
-
-
-def _write_tables(folder: Path, rows: list[dict], k: int) -> None:
-    cols = COLUMNS_HEAD + [f"sigma_{i + 1}" for i in range(k)] + COLUMNS_TAIL
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for r in rows:
-        w.writerow(["" if (v := r.get(c)) is None or (isinstance(v, float) and math.isnan(v)) else v for c in cols])
-    (folder / "spectrum.csv").write_text(buf.getvalue())
-    with open(folder / "spectrum.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(_json_safe({c: r.get(c) for c in cols})) + "\n")
-
-
-def _mean(values: list[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Mean energy_1 and norm_frac_1 overall, by module type and by checkpoint step."""
-    def group(key):
-        groups: dict = {}
-        order = sorted(rows, key=lambda r: (TYPE_ORDER.get(r[key], len(TYPE_ORDER)), str(r[key]))) if key == "type" else rows
-        for r in order:
-            groups.setdefault(r[key], []).append(r)
-        return {str(g): {"energy_1": _mean([r["energy_1"] for r in rs]),
-                         "norm_frac_1": _mean([r["norm_frac_1"] for r in rs]), "n": len(rs)}
-                for g, rs in groups.items()}
-
-    return {"overall": {"energy_1": _mean([r["energy_1"] for r in rows]),
-                        "norm_frac_1": _mean([r["norm_frac_1"] for r in rows]), "n": len(rows)},
-            "by_type": group("type"), "by_step": group("step")}

@@ -1,0 +1,78 @@
+"""The spectrum tables of `rank1 decompose` (docs/formats.md, "Factor store"): one row per module
+and step from the stored factors, the CSV / JSON Lines files, and the summary by type and step."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from ..jsonutil import json_safe
+from ..math.spectrum import spectrum_figures
+from ..modules import LM_HEAD_NAME, is_embedding, parse_matrix_module
+
+TYPE_ORDER = {t: i for i, t in enumerate(["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"])}
+
+
+def module_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
+    """(layer, type) for a spectrum row; non-matrix 2-D tensors get embedding / lm_head / their name."""
+    mod = parse_matrix_module(name, shape)
+    if mod is not None:
+        return mod.layer, mod.type
+    if name == LM_HEAD_NAME:
+        return None, "lm_head"
+    if is_embedding(name):
+        return None, "embedding"
+    return None, name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+
+
+COLUMNS_HEAD = ["module", "layer", "type", "step", "rows", "cols", "k", "svd_method", "fro", "rel_update"]
+COLUMNS_TAIL = ["energy_1", "energy_k", "rank1pct_k", "energy_rank1pct", "norm_frac_1", "stable_rank"]
+
+
+def spectrum_rows(name: str, shape: tuple[int, ...], data: dict, methods: list[str]) -> list[dict]:
+    layer, mtype = module_labels(name, shape)
+    base_fro = float(data["base_fro"][0])
+    out = []
+    for j, step in enumerate(data["steps"].tolist()):
+        sig = [float(x) for x in data["S"][j]]
+        figs = spectrum_figures(sig, float(data["fro"][j]), base_fro, (shape[0], shape[1]))
+        out.append({"module": name, "layer": layer, "type": mtype, "step": step, "rows": shape[0], "cols": shape[1],
+                    "k": len(sig), "svd_method": methods[j], **figs})
+    return out
+
+
+def write_spectrum_tables(folder: Path, rows: list[dict], k: int) -> None:
+    cols = COLUMNS_HEAD + [f"sigma_{i + 1}" for i in range(k)] + COLUMNS_TAIL
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow(["" if (v := r.get(c)) is None or (isinstance(v, float) and math.isnan(v)) else v for c in cols])
+    (folder / "spectrum.csv").write_text(buf.getvalue())
+    with open(folder / "spectrum.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(json_safe({c: r.get(c) for c in cols})) + "\n")
+
+
+def _mean(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean energy_1 and norm_frac_1 overall, by module type and by checkpoint step."""
+    def group(key):
+        groups: dict = {}
+        order = sorted(rows, key=lambda r: (TYPE_ORDER.get(r[key], len(TYPE_ORDER)), str(r[key]))) if key == "type" else rows
+        for r in order:
+            groups.setdefault(r[key], []).append(r)
+        return {str(g): {"energy_1": _mean([r["energy_1"] for r in rs]),
+                         "norm_frac_1": _mean([r["norm_frac_1"] for r in rs]), "n": len(rs)}
+                for g, rs in groups.items()}
+
+    return {"overall": {"energy_1": _mean([r["energy_1"] for r in rows]),
+                        "norm_frac_1": _mean([r["norm_frac_1"] for r in rows]), "n": len(rows)},
+            "by_type": group("type"), "by_step": group("step")}

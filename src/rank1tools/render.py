@@ -1,0 +1,84 @@
+"""How the CLI shows results on a terminal: rich tables on stdout (JSON output is in cli.py).
+
+rich is imported inside each function, so importing this module costs nothing."""
+
+from __future__ import annotations
+
+import os
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def model(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"model {report.source}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("tensors", str(report.tensors))
+    t.add_row("parameters", f"{report.parameters:,}")
+    t.add_row("size", human_bytes(report.bytes))
+    t.add_row("dtypes", ", ".join(f"{k}: {v}" for k, v in report.dtypes.items()))
+    t.add_row("shards", str(report.shards))
+    t.add_row("matrix modules", f"{report.matrix_modules} in {report.layers} layers ({report.matrix_parameters:,} parameters)")
+    t.add_row("module types", ", ".join(f"{k}: {v}" for k, v in report.module_types.items()) or "none")
+    t.add_row("lm_head", "tied to embedding" if report.lm_head_tied else "stored")
+    if report.revision:
+        t.add_row("revision", report.revision)
+    Console().print(t)
+
+
+def run(report) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=f"run {report.source}: {len(report.checkpoints)} checkpoints", title_justify="left")
+    for col in ("step", "layout", "weights", "dtypes", "tensors", "status"):
+        t.add_column(col, justify="right" if col in ("step", "tensors") else "left")
+    for c in report.checkpoints:
+        status = "ok" if c.status == "ok" else f"[red]{escape(c.problem)}[/red]"  # a path may hold [brackets]
+        step = str(c.step) if c.step is not None else os.path.basename(c.path)  # a name without a step
+        t.add_row(step, c.layout, c.weights or "-", ", ".join(f"{k}: {v}" for k, v in c.dtypes.items()) or "-",
+                  str(c.tensors or "-"), status)
+    Console(width=max(120, Console().width)).print(t)
+
+
+def decompose(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result.summary
+    console = Console()
+    for key, title in (("by_type", "module type"), ("by_step", "step")):
+        t = Table(title=f"mean rank-1 share of the update, by {title}", title_justify="left")
+        t.add_column(title)
+        t.add_column("energy_1 (σ₁²/‖ΔW‖²)", justify="right")
+        t.add_column("norm_frac_1 (σ₁/‖ΔW‖)", justify="right")
+        t.add_column("rows", justify="right")
+        for g, v in s[key].items():
+            t.add_row(g, f"{v['energy_1']:.4f}", f"{v['norm_frac_1']:.4f}", str(v["n"]))
+        console.print(t)
+    o = s["overall"]
+    console.print(f"{len(result.modules)} modules x {len(result.steps)} checkpoints -> {result.out} "
+                  f"(overall energy_1 {o['energy_1']:.4f}, norm_frac_1 {o['norm_frac_1']:.4f})")
+
+
+def reconstruct(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"rank-k reconstructions of {result.modules} modules"
+              + (" (from the factor store)" if result.used_factors else ""), title_justify="left")
+    for col in ("rank", "output", "updated elements", "lost to rounding", "update rel. error"):
+        t.add_column(col, justify="left" if col in ("rank", "output") else "right")
+    for o in result.outputs:
+        t.add_row(o.rank, o.path, f"{o.updated_elements:,}", f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}")
+    Console().print(t)
