@@ -28,11 +28,11 @@ from _support import assert_bit_identical, reference_tensors  # noqa: E402
 from hub_server import FakeHub, folder_files  # noqa: E402
 
 from rank1tools.errors import InputError, UsageError  # noqa: E402
-from rank1tools.io import hub as hubmod  # noqa: E402
+from rank1tools.io import hub_spec  # noqa: E402
 from rank1tools.io.checkpoint import open_checkpoint  # noqa: E402
-from rank1tools.io.hub import (  # noqa: E402
-    HubSpec, discover_hub_run, open_hub_checkpoint, parse_hub_spec, step_from_commit, step_from_name,
-)
+from rank1tools.io.hub_open import open_hub_checkpoint  # noqa: E402
+from rank1tools.io.hub_runs import discover_hub_run, step_from_commit, step_from_name  # noqa: E402
+from rank1tools.io.hub_spec import HubSpec, parse_hub_spec  # noqa: E402
 from rank1tools.io.sources import open_source  # noqa: E402
 from rank1tools.io.writer import ShardedWriter, TensorSpec, provenance  # noqa: E402
 from rank1tools.synthetic import LlamaShape, checkpoint_tensors, make_base, write_model  # noqa: E402
@@ -153,7 +153,7 @@ def _point_huggingface_hub(monkeypatch, url: str, home: Path, offline: bool = Fa
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(hubmod, "_cache_policy", None)
+    monkeypatch.setattr(hub_spec, "_cache_policy", None)
     return env
 
 

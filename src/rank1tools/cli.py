@@ -38,7 +38,7 @@ HUB_CACHE_OPT = typer.Option(None, "--hub-cache-policy", help="Hub shards: 'keep
 
 def _set_hub_cache_policy(policy: str | None) -> None:
     if policy is not None:
-        from .io.hub import set_cache_policy
+        from .io.hub_spec import set_cache_policy
 
         set_cache_policy(policy)
 

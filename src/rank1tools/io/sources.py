@@ -1,24 +1,21 @@
 """One entry point from a user's source string to a Checkpoint.
 
 Local paths open directly; `hf://ORG/NAME[@REVISION][/SUBFOLDER]` sources go through the Hub
-module (io/hub.py), imported only when used.
+modules (io/hub_open.py, io/hub_runs.py), imported only when used; the address syntax
+(io/hub_spec.py) is light and imported here. The dependency points one way: this module imports the
+Hub modules, none of them imports this one.
 """
 
 from __future__ import annotations
 
 from .checkpoint import Checkpoint, open_checkpoint
-
-HUB_PREFIX = "hf://"
-
-
-def is_hub_source(spec: str) -> bool:
-    return str(spec).startswith(HUB_PREFIX)
+from .hub_spec import HUB_PREFIX, is_hub_source  # noqa: F401 (HUB_PREFIX: importable from here)
 
 
 def open_source(spec: str) -> Checkpoint:
     """Open a local model folder / .safetensors file, or a Hub repo (headers only)."""
     if is_hub_source(spec):
-        from .hub import open_hub_checkpoint  # noqa: PLC0415 (Hub client only when needed)
+        from .hub_open import open_hub_checkpoint  # noqa: PLC0415 (Hub client only when needed)
 
         return open_hub_checkpoint(spec)
     return open_checkpoint(spec)
@@ -34,7 +31,7 @@ def discover_checkpoints(run: str, *, revisions: str | None = None, subfolders: 
     if revisions is not None or subfolders or commits:
         if not is_hub_source(run):
             raise UsageError(f"{run}: --revisions, --subfolders and --commits apply to hf:// sources only")
-        from .hub import discover_hub_run  # noqa: PLC0415
+        from .hub_runs import discover_hub_run  # noqa: PLC0415
 
         return discover_hub_run(run, revisions=revisions, subfolders=subfolders, commits=commits)
     if is_hub_source(run):
