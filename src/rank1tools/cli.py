@@ -46,9 +46,10 @@ def _set_hub_cache_policy(policy: str | None) -> None:
 def _check_output_early(out: str, force: bool, inputs: list) -> None:
     """Refuse a bad --out before any heavy import or input is opened (the command checks again,
     under its lock): option errors answer at once."""
+    from .io.hub_spec import is_hub_source
     from .io.outputs import prepare_output
 
-    prepare_output(out, force=force, inputs=[p for p in inputs if p and not p.startswith("hf://")])
+    prepare_output(out, force=force, inputs=[p for p in inputs if p and not is_hub_source(p)])
 
 
 def _check_common_early(device: str, hub_cache_policy: str | None) -> None:
