@@ -270,3 +270,23 @@ def test_outputs_follow_the_umask(work, mask):
             mode = path.stat().st_mode & 0o777
             want = (0o777 if path.is_dir() else 0o666) & ~mask
             assert mode == want, (str(path.relative_to(work)), oct(mode), oct(want))
+
+
+def test_input_vanishing_mid_run_is_an_input_error(work, monkeypatch):
+    """A shard that disappears after its header was read is bad input (exit 3), and nothing is left."""
+    from rank1tools.io import checkpoint as checkpoint_module
+
+    real_open = checkpoint_module.Checkpoint.locate
+    calls = []
+
+    def vanish(self, name):
+        path, entry = real_open(self, name)
+        calls.append(name)
+        if len(calls) == 3:  # the third tensor's shard is gone by the time it is read
+            return path.with_name("gone.safetensors"), entry
+        return path, entry
+
+    monkeypatch.setattr(checkpoint_module.Checkpoint, "locate", vanish)
+    before = tree_snapshot(work)
+    _one_line_error(_rec(work, "--out", str(work / "o")), 3, r"gone\.safetensors: cannot read \(No such file or directory\)")
+    assert tree_snapshot(work) == before

@@ -181,11 +181,17 @@ def read_bytes(path: Path, offset: int, nbytes: int) -> torch.Tensor:
     if nbytes == 0:
         return buf
     view = memoryview(buf.numpy()).cast("B")
-    fd = os.open(path, os.O_RDONLY)
+    try:  # an input that vanished or changed permissions mid-run: bad input (exit 3), not a crash
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         done = 0
         while done < nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise InputError(f"{path}: read error at byte {offset + done} ({e.strerror or e})") from None
             if n <= 0:
                 raise InputError(f"{path}: unexpected end of file at byte {offset + done} (truncated?)")
             done += n
