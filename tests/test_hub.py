@@ -352,6 +352,20 @@ def test_branch_glob_discovery(hubenv, capsys):
     assert not [r for r in h.hub.downloads() if r.path.endswith(".safetensors")]
 
 
+def test_branches_matched_without_a_step_are_listed_unusable(hubenv, capsys):
+    """A glob that also matches `dev` and `main` lists them as unusable, never skips them silently."""
+    found = discover_hub_run("hf://org/run", revisions="[sdm]*")  # step_*, dev, main
+    numbered = [c for c in found if c.step is not None]
+    assert [c.step for c in numbered] == list(STEPS) and all(c.problem is None for c in numbered)
+    unnamed = [c for c in found if c.step is None]
+    assert sorted(c.path for c in unnamed) == ["hf://org/run@dev", "hf://org/run@main"]
+    assert all(c.weights is None and "no step number" in c.problem for c in unnamed)
+    r = rank1(capsys, "inspect", "hf://org/run", "--revisions", "[sdm]*")
+    assert r.code == 3 and "hf://org/run@dev" in one_line_error(r) and "no step number" in one_line_error(r)
+    r = rank1(capsys, "inspect", "hf://org/run", "--revisions", "[sdm]*", "--steps", "10:30", "--json")
+    assert r.code == 0 and [c["step"] for c in r.json()["checkpoints"]] == [s for s in STEPS if s <= 30]
+
+
 def test_subfolder_discovery(hubenv, capsys):
     h = hubenv
     main = h.world.shas["run_main"]

@@ -74,9 +74,12 @@ def _discover_branches(hs: HubSpec, label: str, pattern: str) -> list[RunCheckpo
         branches = {b.name: b.target_commit for b in refs.branches}
     matched = sorted(b for b in branches if fnmatch.fnmatchcase(b, pattern))
     found: dict[int, RunCheckpoint] = {}
+    unnamed: list[RunCheckpoint] = []  # matched, but no usable step: listed, never skipped silently
     for b in matched:
         step = step_from_name(b)
         if step is None:
+            unnamed.append(RunCheckpoint(None, hs.address(revision=b), "hub-branch", None,
+                                         "branch name ends in no step number (digits 0-9, below 2**63)"))
             continue
         if step in found:
             raise InputError(f"{label}: step {step} appears twice (branches {found[step].path.split('@')[-1]}, {b})")
@@ -86,7 +89,7 @@ def _discover_branches(hs: HubSpec, label: str, pattern: str) -> list[RunCheckpo
         where = " in the local cache" if _offline() else ""
         raise InputError(f"{label}: no branch matching {pattern!r} ends in a step number{where} "
                          f"(branches: {', '.join(sorted(branches)[:12]) or 'none'})")
-    return [found[s] for s in sorted(found)]
+    return [found[s] for s in sorted(found)] + unnamed
 
 
 def _discover_subfolders(hs: HubSpec, label: str) -> list[RunCheckpoint]:
