@@ -395,3 +395,18 @@ def test_untied_output_loads_its_own_head_with_transformers(untied, tmp_path):
     theirs = _tensors(ck)
     assert torch.equal(model.lm_head.weight.detach(), theirs[HEAD])
     assert torch.equal(model.model.embed_tokens.weight.detach(), theirs[EMB])
+
+
+def test_untied_base_with_tied_checkpoint_writes_the_checkpoints_embedding_as_head(tmp_path):
+    """The reverse of the cases above: the checkpoint's head *is* its embedding, so an output that
+    keeps the base's untied layout stores that embedding as lm_head (and stays untied)."""
+    base = build_model(tmp_path / "base", tie=False).path
+    ck = build_checkpoint(tmp_path / "ck", shape=TIED, step=50)
+    out = tmp_path / "out"
+    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--rest", "checkpoint", "--out", str(out),
+                 "--device", "cpu", "-q", "--json")
+    assert r.returncode == 0, r.stderr
+    got, theirs = _tensors(out), _tensors(ck)
+    assert HEAD not in theirs and torch.equal(got[HEAD], theirs[EMB]) and torch.equal(got[EMB], theirs[EMB])
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads(r.stdout)["untied_lm_head"] is False  # nothing was untied: the base already was
