@@ -82,3 +82,36 @@ def reconstruct(result) -> None:
     for o in result.outputs:
         t.add_row(o.rank, o.path, f"{o.updated_elements:,}", f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}")
     Console().print(t)
+
+
+def fit_pls(result) -> None:
+    """The fit-pls summary: mean R²s, share of linear modules, the 5 most and least linear, warnings."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    s, console = result.summary, Console()
+    m = s["mean"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    t = Table(title=f"PLS fits of {m['n']} modules over {len(result.steps)} checkpoints (steps {result.steps[0]}.."
+              f"{result.steps[-1]})" + (f", metric {result.metric}" if result.metric else ", step only"),
+              title_justify="left")
+    for col in ("module type", "in-sample R²", "leave-one-out R²", "R²_step", "modules"):
+        t.add_column(col, justify="left" if col == "module type" else "right")
+    for g, v in s["by_type"].items():
+        t.add_row(g, f(v.get("r2")), f(v.get("loo_r2")), f(v["r2_step"]), str(v["n"]))
+    t.add_row("[bold]all[/bold]", f(m.get("r2")), f(m.get("loo_r2")), f(m["r2_step"]), str(m["n"]))
+    console.print(t)
+    if result.metric:
+        console.print(f"share of modules with leave-one-out R² > 0.9: {s['share_loo_above_0.9']:.0%}")
+    key = s["ranked_by"]
+    for title, rows in (("most linear", s["most_linear"][:5]), ("least linear", s["least_linear"][:5])):
+        console.print(f"{title} ({key}): " + ", ".join(f"{escape(r['module'])} {r[key]:.3f}" for r in rows))
+    for w in result.warnings:
+        console.print(f"[bold red]warning:[/bold red] {escape(w)}")
+    if result.plots:
+        console.print("plots: " + ", ".join(escape(p) for p in result.plots if p.endswith(".png")))
+    console.print(f"-> {escape(result.out)}")

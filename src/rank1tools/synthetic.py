@@ -172,3 +172,37 @@ def make_run(run_dir: str | Path, steps: list[int], shape: LlamaShape = LlamaSha
 
 def matrix_module_names(shape: LlamaShape) -> list[str]:
     return [n for n, s in shape.shapes().items() if parse_matrix_module(n, s) is not None]
+
+
+def write_factor_store(folder: str | Path, steps: list[int], modules: dict[str, dict]) -> Path:
+    """A factor store as `rank1 decompose` writes it, from given rank-1 factors (for fit-pls tests
+    and benchmarks: planted trajectories without decomposing anything).
+
+    `modules[name]` = {"U": (T, m), "S": (T,), "V": (T, n), "layer": int | None, "type": str};
+    U and V rows should be unit vectors. Writes k = 1.
+    """
+    from safetensors.torch import save_file
+
+    from .io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
+
+    folder = Path(folder)
+    (folder / "factors").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name, m in modules.items():
+        U, S, V = (torch.as_tensor(m[k], dtype=torch.float32) for k in ("U", "S", "V"))
+        T = len(steps)
+        tensors = {"steps": torch.tensor(steps, dtype=torch.int64), "S": S.reshape(T, 1).contiguous(),
+                   "U": U.reshape(T, -1, 1).contiguous(), "V": V.reshape(T, -1, 1).contiguous(),
+                   "fro": S.double().abs().reshape(T).contiguous(), "base_fro": torch.ones(1, dtype=torch.float64)}
+        meta = {"rank1tools": json.dumps({"module": name, "methods": ["exact"] * T, "residuals": [0.0] * T},
+                                         sort_keys=True)}
+        save_file(tensors, str(folder / "factors" / factor_file(name)), metadata=meta)
+        entries.append({"name": name, "shape": [U.shape[-1], V.shape[-1]], "layer": m.get("layer"),
+                        "type": m.get("type"), "file": f"factors/{factor_file(name)}"})
+    manifest = {"format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": "synthetic",
+                "base": {"source": "synthetic-base", "revision": None},
+                "checkpoints": [{"step": s, "source": f"synthetic/checkpoint-{s}", "revision": None} for s in steps],
+                "step_source": "trainer", "parameters": {"rank": 1, "svd": "exact"}, "modules": entries}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / "rank1tools.json").write_text(json.dumps({"tool": "rank1tools", "command": "synthetic"}) + "\n")
+    return folder

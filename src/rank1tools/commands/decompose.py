@@ -14,11 +14,9 @@ Only the complete folder is renamed to OUT.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +32,7 @@ from ..jsonutil import json_safe as _json_safe
 from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
-from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION
+from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
 from ..io.runs import infer_step, select_steps
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
@@ -60,6 +58,7 @@ class DecomposeOptions:
     oversample: int = 10
     niter: int = 4
     prefetch: bool = True
+    plots: bool = False  # energy over steps by type and a layer x type heatmap (the `plot` extra)
 
 
 @dataclass
@@ -71,12 +70,14 @@ class DecomposeResult:
     summary: dict
     resumed_modules: int
     fallbacks: list[tuple[str, int]]
+    plots: list[str] = field(default_factory=list)
+    plot_hint: str | None = None
 
     def to_dict(self) -> dict:
         return {"out": self.out, "steps": self.steps, "modules": len(self.modules),
                 "resumed_modules": self.resumed_modules,
                 "exact_fallbacks": [{"module": m, "step": s} for m, s in self.fallbacks],
-                "summary": self.summary}
+                "summary": self.summary, "plots": self.plots}
 
 
 def open_inputs(base: str, checkpoints: list[str], run: str | None, steps: str | None, hub_run: dict | None = None
@@ -113,18 +114,6 @@ def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modu
             raise UsageError(f"--rank {rank} exceeds min(m, n) = {min(shape)} of {name} {list(shape)}")
     for step, ck in pairs:
         check_compatible(base, ck, modules, label=f"{ck.label} (step {step})")
-
-
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,150}")
-
-
-def factor_file(name: str) -> str:
-    """File name (inside factors/) of a module's factors. A tensor name never becomes a path as
-    is: ordinary names (letters, digits, `_ . -`) are kept readable, anything else (`/`, `..`,
-    NUL, non-ASCII, very long) is replaced by a hash of the name."""
-    if _PLAIN_NAME.fullmatch(name) and ".." not in name:
-        return f"{name}.safetensors"
-    return f"~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:40]}.safetensors"
 
 
 def _stored_module(path: Path) -> str | None:
@@ -339,6 +328,17 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
         write_spectrum_tables(work, rows, options.rank)
         (work / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
         write_provenance(work, provenance("decompose", [base_ckpt, *(c for _, c in pairs)], manifest["parameters"]))
+        plots, hint = _plots(rows, work) if options.plots else ([], None)
     publish(work, target, force=force, label=out)
     return DecomposeResult(out=out, steps=[s for s, _ in pairs], modules=modules, rows=rows, summary=summary,
-                           resumed_modules=len(done), fallbacks=fallbacks)
+                           resumed_modules=len(done), fallbacks=fallbacks,
+                           plots=[str(Path(out) / Path(p).relative_to(work)) for p in plots], plot_hint=hint)
+
+
+def _plots(rows: list[dict], work: Path) -> tuple[list[str], str | None]:
+    from ..plots import INSTALL_HINT, PlotsUnavailable, decompose_plots
+
+    try:
+        return [str(p) for p in decompose_plots(rows, work / "plots")], None
+    except PlotsUnavailable:
+        return [], f"plots need matplotlib: {INSTALL_HINT}"

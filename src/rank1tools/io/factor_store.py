@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -13,6 +15,19 @@ from ..jsonutil import read_json_file
 
 FACTOR_FORMAT = "rank1tools.factors"
 FACTOR_FORMAT_VERSION = 1
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,150}")
+
+
+def factor_file(name: str) -> str:
+    """File name (inside factors/) of a module's factors. A tensor name never becomes a path as
+    is: ordinary names (letters, digits, `_ . -`) are kept readable, anything else (`/`, `..`,
+    NUL, non-ASCII, very long) is replaced by a hash of the name."""
+    if _PLAIN_NAME.fullmatch(name) and ".." not in name:
+        return f"{name}.safetensors"
+    return f"~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:40]}.safetensors"
+
 
 
 class FactorStore:

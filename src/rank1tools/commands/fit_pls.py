@@ -1,0 +1,286 @@
+"""`rank1 fit-pls`: how linear is each module's rank-1 trajectory (AlphaRL "rank-1 linear dynamics", SPEC §3).
+
+Reads the factor store that `decompose` wrote (no checkpoint is read again). Per module, on the
+window's checkpoints: x_t = σ₁(t)·u₁(t), sign-aligned backwards from the last checkpoint; a
+one-component PLS of the metric on x (in-sample and leave-one-out R²) and of the step on x
+(R²_step). Writes per-module and aggregated tables, a summary, plots (with the `plot` extra) and a
+fit store that `extrapolate --method alpharl` reads to predict ΔŴ for a target metric without
+refitting (docs/formats.md, "Fit store").
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import InputError, UsageError
+from ..io.factor_store import FactorStore, factor_file
+from ..io.metrics import align, read_metrics
+from ..io.outputs import follow_umask, locked_output, make_staging, output_errors, publish
+from ..io.writer import write_provenance
+from ..jsonutil import json_safe
+from ..math.pls import fit_module
+from ..math.signs import align_to_next
+from ..options import parse_steps
+from .spectrum_tables import TYPE_ORDER
+
+FIT_FORMAT = "rank1tools.pls-fits"
+FIT_FORMAT_VERSION = 1
+GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
+LOO_GOOD = 0.9  # the share of modules above this LOO R² is reported
+OVERFIT_GAP = 0.5  # warn when mean in-sample R² exceeds mean LOO R² by this much
+COLUMNS = ["module", "layer", "type", "n", "r2", "loo_r2", "r2_step", "score_a", "score_b",
+           "x_norm_first", "x_norm_last"]
+
+
+@dataclass
+class FitPlsOptions:
+    metrics: str | None = None
+    metric: str | None = None
+    step_column: str | None = None
+    window: str | None = None  # inclusive START:STOP of checkpoint steps
+    relative: bool = False
+    min_checkpoints: int = 3
+    fail_below: float | None = None
+    plots: bool = True
+
+
+@dataclass
+class FitPlsResult:
+    out: str
+    steps: list[int]
+    metric: str | None
+    rows: list[dict]
+    summary: dict
+    checkpoints_without_metric: list[int] = field(default_factory=list)
+    metric_steps_without_checkpoint: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    gate: dict | None = None
+    plots: list[str] = field(default_factory=list)
+    plot_hint: str | None = None
+
+    def to_dict(self) -> dict:
+        return json_safe({"out": self.out, "steps": self.steps, "metric": self.metric, "summary": self.summary,
+                          "checkpoints_without_metric": self.checkpoints_without_metric,
+                          "metric_steps_without_checkpoint": self.metric_steps_without_checkpoint,
+                          "warnings": self.warnings, "gate": self.gate, "plots": self.plots})
+
+
+def _window(steps: list[int], spec: str | None) -> list[int]:
+    if spec is None:
+        return list(steps)
+    kind, value = parse_steps(spec)
+    if kind != "range" or value[2] is not None:
+        raise UsageError(f"--window {spec!r}: expected an inclusive range START:STOP of steps, e.g. 10:200")
+    start, stop, _ = value
+    return [s for s in steps if (start is None or s >= start) and (stop is None or s <= stop)]
+
+
+def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(), force: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> FitPlsResult:
+    if options.min_checkpoints < 3:
+        raise UsageError(f"--min-checkpoints {options.min_checkpoints}: at least 3 (a line through 2 points always fits)")
+    store = FactorStore(factors)
+    window = _window(store.steps, options.window)
+    m, metric_name, values, no_metric, no_ckpt = None, None, None, [], []
+    if options.metrics:
+        m = read_metrics(options.metrics, options.metric, options.step_column)
+        used, no_metric, no_ckpt = align(m, window)
+        metric_name, values = m.metric, m.values
+    else:
+        used = window
+    if len(used) < options.min_checkpoints:
+        raise InputError(f"{factors}: {len(used)} checkpoints in the window"
+                         + (" with a metric" if options.metrics else "")
+                         + f" (steps {used}), fewer than --min-checkpoints {options.min_checkpoints}")
+    y = None
+    if values is not None:
+        y = np.array([values[s] for s in used], dtype=np.float64)
+        if options.relative:
+            if y[-1] == 0:
+                raise InputError(f"{options.metrics}: --relative divides by the metric at step {used[-1]}, which is 0")
+            y = y / y[-1]
+    inputs = [factors] + ([options.metrics] if options.metrics else [])
+    with locked_output(out, force=force, inputs=inputs) as target:
+        staging = make_staging(target)
+        try:
+            result = _fit_all(store, used, y, metric_name, options, staging, progress)
+            result.out = out
+            result.checkpoints_without_metric, result.metric_steps_without_checkpoint = no_metric, no_ckpt
+            _write_manifest(staging, store, used, metric_name, options, m)
+            publish(staging, target, force=force, label=out)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    result.plots = [str(Path(out) / Path(p).relative_to(staging)) for p in result.plots]
+    return result
+
+
+def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, staging: Path, progress) -> FitPlsResult:
+    from safetensors.torch import save_file
+
+    idx = [store.steps.index(s) for s in used]
+    steps_y = np.array(used, dtype=np.float64)
+    rows, trajectories = [], {}
+    with output_errors(staging):
+        (staging / "fits").mkdir()
+        follow_umask(staging / "fits", directory=True)
+    names = list(store.modules)
+    for i, name in enumerate(names):
+        f = store.load(name)
+        U, V = align_to_next(f["U"][idx, :, 0], f["V"][idx, :, 0])
+        X = (f["S"][idx, 0:1].double() * U.double()).numpy()  # x_t = sigma_1 u_1, one row per checkpoint
+        by_step = fit_module(X, steps_y)
+        fit = fit_module(X, y) if y is not None else by_step
+        mod = store.modules[name]
+        norms = np.linalg.norm(X, axis=1)
+        a, b = fit["score_line"]
+        rows.append({"module": name, "layer": mod.get("layer"), "type": mod.get("type"), "n": len(used),
+                     "r2": fit["r2"] if y is not None else None, "loo_r2": fit["loo_r2"] if y is not None else None,
+                     "r2_step": by_step["r2"], "score_a": a, "score_b": b,
+                     "x_norm_first": float(norms[0]), "x_norm_last": float(norms[-1])})
+        pls = fit["model"]
+        trajectories[name] = {"steps": used, "scores": [float(v) for v in pls.x_scores_],
+                              "metric": None if y is None else [float(v) for v in y], "score_line": (a, b),
+                              "step_scores": [float(v) for v in by_step["model"].x_scores_],
+                              "step_line": by_step["score_line"]}
+        tensors = {
+            "x_mean": torch.from_numpy(np.ascontiguousarray(pls.x_mean_)), "x_scale": torch.from_numpy(np.ascontiguousarray(pls.x_scale_)),
+            "x_weights": torch.from_numpy(np.ascontiguousarray(pls.x_weights_)),
+            "x_loadings": torch.from_numpy(np.ascontiguousarray(pls.x_loadings_)),
+            "y": torch.tensor([pls.y_mean_, pls.y_scale_, pls.y_loading_], dtype=torch.float64),
+            "score_line": torch.tensor([a, b], dtype=torch.float64),
+            "r2": torch.tensor([_nan(rows[-1]["r2"]), _nan(rows[-1]["loo_r2"]), by_step["r2"]], dtype=torch.float64),
+            "steps": torch.tensor(used, dtype=torch.int64),
+            "targets": torch.from_numpy(y.copy() if y is not None else steps_y.copy()),
+            "v_last": V[-1].contiguous(), "u_last": U[-1].contiguous(), "sigma_last": f["S"][idx[-1], 0:1].contiguous(),
+        }
+        path = staging / "fits" / factor_file(name)
+        with output_errors(path):
+            save_file(tensors, str(path), metadata={"rank1tools": json.dumps({"module": name})})
+            follow_umask(path, directory=False)
+        if progress:
+            progress(i + 1, len(names))
+    summary, warnings = summarize(rows, metric_name is not None)
+    gate = None
+    if options.fail_below is not None:
+        key = "loo_r2" if y is not None else "r2_step"
+        value = summary["mean"][key]
+        gate = {"figure": f"mean {key}", "value": value, "threshold": options.fail_below,
+                "passed": bool(value is not None and not math.isnan(value) and value >= options.fail_below)}
+    plots, hint = [], None
+    with output_errors(staging):
+        _write_tables(staging, rows, summary)
+        if options.plots:
+            from ..plots import PlotsUnavailable, fit_plots
+
+            try:
+                plots = [str(p) for p in fit_plots(rows, trajectories, staging / "plots", metric_name)]
+            except PlotsUnavailable:
+                from ..plots import INSTALL_HINT
+
+                hint = f"plots need matplotlib: {INSTALL_HINT}"
+    return FitPlsResult(out="", steps=used, metric=metric_name, rows=rows, summary=summary, warnings=warnings,
+                        gate=gate, plots=plots, plot_hint=hint)
+
+
+def _nan(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _mean(vals) -> float | None:
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(rows: list[dict], with_metric: bool) -> tuple[dict, list[str]]:
+    """Means of each R² overall, by module type and by layer × type; share with LOO R² > 0.9;
+    the 10 most and least linear modules; and the warning when in-sample and LOO disagree."""
+    kinds = ["r2", "loo_r2", "r2_step"] if with_metric else ["r2_step"]
+    rank_key = "loo_r2" if with_metric else "r2_step"
+
+    def means(rs):
+        return {k: _mean([r[k] for r in rs]) for k in kinds} | {"n": len(rs)}
+
+    by_type, by_layer_type = {}, {}
+    for r in sorted(rows, key=lambda r: (TYPE_ORDER.get(r["type"], 99), str(r["type"]))):
+        by_type.setdefault(str(r["type"]), []).append(r)
+        by_layer_type.setdefault(f"{r['layer']}/{r['type']}", []).append(r)
+    ranked = sorted((r for r in rows if r[rank_key] is not None and not math.isnan(r[rank_key])),
+                    key=lambda r: (-r[rank_key], r["module"]))
+    summary = {"mean": means(rows), "ranked_by": rank_key,
+               "by_type": {t: means(rs) for t, rs in by_type.items()},
+               "by_layer_type": {k: means(rs) for k, rs in by_layer_type.items()},
+               "most_linear": [{"module": r["module"], rank_key: r[rank_key]} for r in ranked[:10]],
+               "least_linear": [{"module": r["module"], rank_key: r[rank_key]} for r in ranked[::-1][:10]]}
+    warnings = []
+    if with_metric:
+        loo = [r["loo_r2"] for r in rows if r["loo_r2"] is not None and not math.isnan(r["loo_r2"])]
+        summary["share_loo_above_0.9"] = sum(v > LOO_GOOD for v in loo) / len(loo) if loo else None
+        m = summary["mean"]
+        if m["r2"] is not None and m["loo_r2"] is not None and m["r2"] - m["loo_r2"] > OVERFIT_GAP:
+            warnings.append(f"mean in-sample R² {m['r2']:.2f} but leave-one-out R² {m['loo_r2']:.2f}: with d_out ≫ "
+                            f"checkpoints, PLS fits any metric in-sample; the trajectory does not predict the metric "
+                            f"at held-out checkpoints, so do not extrapolate to new metric values from this fit")
+    return summary, warnings
+
+
+def _write_tables(folder: Path, rows: list[dict], summary: dict) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow(["" if (v := r.get(c)) is None or (isinstance(v, float) and math.isnan(v)) else v for c in COLUMNS])
+    (folder / "fits.csv").write_text(buf.getvalue())
+    with open(folder / "fits.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(json_safe({c: r.get(c) for c in COLUMNS})) + "\n")
+    for name, key in (("by_type.csv", "by_type"), ("by_layer_type.csv", "by_layer_type")):
+        groups = summary[key]
+        kinds = [k for k in ("r2", "loo_r2", "r2_step") if k in summary["mean"]]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow((["layer", "type"] if key == "by_layer_type" else ["type"]) + [f"mean_{k}" for k in kinds] + ["modules"])
+        for g, m in groups.items():
+            head = g.split("/", 1) if key == "by_layer_type" else [g]
+            w.writerow(head + ["" if m[k] is None else m[k] for k in kinds] + [m["n"]])
+        (folder / name).write_text(buf.getvalue())
+    (folder / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+
+
+def _write_manifest(staging: Path, store: FactorStore, used: list[int], metric_name, options, metrics) -> None:
+    manifest = {
+        "format": FIT_FORMAT, "format_version": FIT_FORMAT_VERSION, "tool_version": __version__,
+        "factor_store": {"path": str(store.folder), "base": store.manifest["base"],
+                         "checkpoints": store.manifest["checkpoints"]},
+        "target": "metric" if metric_name else "step",
+        "metric": None if metrics is None else {"file": str(options.metrics), "sha256": metrics.sha256,
+                                                 "name": metric_name, "relative": options.relative},
+        "window": used,
+        "modules": [{"name": n, "layer": m.get("layer"), "type": m.get("type"), "shape": m["shape"],
+                     "file": f"fits/{factor_file(n)}"} for n, m in store.modules.items()],
+    }
+    with output_errors(staging):
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_provenance(staging, {"command": "fit-pls", "argv": _argv(), "inputs": [{"source": str(store.folder)}],
+                                   "parameters": {"metrics": options.metrics, "metric": metric_name,
+                                                  "window": options.window, "relative": options.relative,
+                                                  "min_checkpoints": options.min_checkpoints}})
+
+
+def _argv():
+    import rank1tools
+
+    return rank1tools.COMMAND_LINE
+
