@@ -17,7 +17,7 @@ from sklearn.cross_decomposition import PLSRegression
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
-from rank1tools.math.pls import loo_r2, r2_score  # noqa: E402
+from rank1tools.math.pls import loo_r2, r2_score
 
 T, D, REPS = 50, 14336, 3
 

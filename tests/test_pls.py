@@ -9,7 +9,14 @@ import pytest
 import torch
 from sklearn.cross_decomposition import PLSRegression
 
-from rank1tools.math.pls import PLS1, fit_module, fit_step, loo_predictions, loo_r2, r2_score
+from rank1tools.math.pls import (
+    PLS1,
+    fit_module,
+    fit_step,
+    loo_predictions,
+    loo_r2,
+    r2_score,
+)
 
 TOL = 1e-9
 

@@ -57,7 +57,7 @@ def r2_score(y, y_hat) -> float:
 class PLS1:
     """PLSRegression(n_components=1, scale=True) for a single target, sklearn-equal attributes."""
 
-    def fit(self, X, y) -> "PLS1":
+    def fit(self, X, y) -> PLS1:
         X, y = _check(X, y)
         Z, self.x_mean_, self.x_scale_ = _standardize(X)
         yk, self.y_mean_, self.y_scale_ = _standardize(y)
@@ -94,7 +94,7 @@ def loo_predictions(X, y) -> np.ndarray:
     is made: the (T, d) arrays below hold row f = fold f's per-column quantity.
     """
     X, y = _check(X, y)
-    T, d = X.shape
+    T = X.shape[0]
     n = T - 1
     mu = X.mean(axis=0)
     Xc = X - mu  # centering first keeps the variance downdate well conditioned
