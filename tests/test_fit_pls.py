@@ -81,7 +81,9 @@ def test_exact_line_gives_r2_one_and_matches_sklearn(tmp_path):
     for name, X in planted.items():
         assert rows[name]["r2"] == pytest.approx(1.0, abs=1e-9)
         assert rows[name]["loo_r2"] == pytest.approx(1.0, abs=1e-9)
-        assert rows[name]["r2_step"] == pytest.approx(_sk_r2(X, np.array(STEPS, float)), abs=1e-9)
+        S = np.linalg.norm(X, axis=1).astype(np.float32)  # the store holds float32 factors
+        stored = S.astype(np.float64)[:, None] * (X / np.linalg.norm(X, axis=1)[:, None]).astype(np.float32)
+        assert rows[name]["r2_step"] == pytest.approx(_sk_r2(stored, np.array(STEPS, float)), abs=1e-9)
         assert rows[name]["x_norm_last"] == pytest.approx(np.linalg.norm(X[-1]), rel=1e-6)
     assert data["summary"]["mean"]["loo_r2"] == pytest.approx(1.0, abs=1e-9)
     assert data["summary"]["share_loo_above_0.9"] == 1.0
