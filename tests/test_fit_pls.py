@@ -183,3 +183,70 @@ def test_tables_and_plots(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["most_linear"]) == 10 and len(summary["least_linear"]) == 10
     assert not math.isnan(summary["mean"]["r2_step"])
+
+
+def test_vectorised_alignment_equals_the_reference_loop():
+    """align_to_next (cumulative signs) makes exactly the reference code's backward-walk decisions."""
+    import torch
+
+    from rank1tools.math.signs import align_to_next
+
+    def loop(U, V):
+        U, V = U.clone(), V.clone()
+        for t in range(U.shape[0] - 2, -1, -1):
+            if torch.dot(U[t].double(), U[t + 1].double()) < 0:
+                U[t], V[t] = -U[t], -V[t]
+        return U, V
+
+    g = torch.Generator().manual_seed(0)
+    for T in (1, 2, 5, 50):
+        for _ in range(20):
+            U, V = torch.randn(T, 7, generator=g), torch.randn(T, 3, generator=g)
+            for got, want in zip(align_to_next(U, V), loop(U, V)):
+                assert torch.equal(got, want)
+
+
+def test_without_matplotlib_tables_are_written_and_the_hint_given(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, as when the extra is missing
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    _store(tmp_path / "store", _line)
+    out = tmp_path / "out"
+    r = run_main("fit-pls", str(tmp_path / "store"), "--out", str(out), "-q", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "rank1: note: no plots: plots need matplotlib: pip install 'rank1tools[plot]'" in r.stderr
+    assert json.loads(r.stdout)["plots"] == [] and not (out / "plots").exists() and (out / "fits.csv").is_file()
+
+
+def test_decompose_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    import torch
+
+    from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+    shape = LlamaShape(vocab=32, hidden=16, intermediate=40, layers=2, heads=2, kv_heads=1, tie=True)
+    make_base(tmp_path / "base", shape, dtype=torch.float32)
+    make_run(tmp_path / "run", [1, 2, 3], shape, base_dtype=torch.float32, dtype=torch.float32)
+    r = run_main("decompose", str(tmp_path / "base"), "--run", str(tmp_path / "run"), "--rank", "2", "--plots",
+                 "--out", str(tmp_path / "d"), "-q", "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    plots = json.loads(r.stdout)["plots"]
+    assert sorted(Path(p).name for p in plots) == ["energy_by_type.png", "energy_by_type.svg",
+                                                  "energy_heatmap.png", "energy_heatmap.svg"]
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots if p.endswith(".png"))
+
+
+def test_same_inputs_same_bytes(tmp_path):
+    pytest.importorskip("matplotlib")
+    _store(tmp_path / "store", _line)
+    m = _metrics_csv(tmp_path / "m.csv")
+    for out in ("a", "b"):
+        r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(m), "--metric", "accuracy", "--out",
+                     str(tmp_path / out), "-q")
+        assert r.returncode == 0, r.stderr
+    a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in sorted((tmp_path / "a").rglob("*")) if p.is_file()}
+    b = {p.relative_to(tmp_path / "b"): p.read_bytes() for p in sorted((tmp_path / "b").rglob("*")) if p.is_file()}
+    prov = Path("rank1tools.json")  # its argv names the --out folder
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != prov)
+    assert len(a) >= 12

@@ -314,11 +314,11 @@ def fit_pls(
     bar, update = _stderr_progress(not quiet, "fit-pls")
     with _interrupt_hint("nothing was written"), bar:
         result = run_fit_pls(factors, out, options=opts, force=force, progress=update)
-    for w in result.warnings:
-        sys.stderr.write(f"rank1: warning: {w}\n")
     if result.plot_hint:
         sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
-    if as_json:
+    if as_json:  # the warning goes with the JSON to stderr; the rich summary shows it itself
+        for w in result.warnings:
+            sys.stderr.write(f"rank1: warning: {w}\n")
         _print_json(result.to_dict())
     else:
         render.fit_pls(result)

@@ -208,8 +208,8 @@ def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path,
               metric_name: str | None) -> list[Path]:
     """Figures for `rank1 fit-pls`. rows: one dict per module with module, layer, type, r2, loo_r2,
     r2_step (NaN allowed; r2 and loo_r2 None without a metric). trajectories[module]: steps,
-    scores, metric (or None), score_line (a, b) with metric ≈ a + b·score, step_line (a, b) with
-    step ≈ a + b·score.
+    scores, metric (or None), score_line (a, b) with metric ≈ a + b·score; step_scores (the scores
+    of the fit against the step; default: scores) and step_line (a, b) with step ≈ a + b·step_score.
 
     r2_heatmap: one layer × type panel per R² kind present, on a shared diverging scale clipped to
     [-1, 1]. linear_modules: the 5 most and 5 least linear modules (by loo_r2 when there is one,
@@ -270,8 +270,9 @@ def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path,
                                 _fit_panel(ax, scores, list(metric) if metric is not None else [],
                                            tr.get("score_line"), "PLS score", mname, title)
                             else:
-                                _fit_panel(ax, scores, list(tr.get("steps") or []), tr.get("step_line"),
-                                           "PLS score", "step", title)
+                                step_scores = list(tr.get("step_scores") or scores)  # the step fit's own scores
+                                _fit_panel(ax, step_scores, list(tr.get("steps") or []), tr.get("step_line"),
+                                           "PLS score (step fit)", "step", title)
                 fig.suptitle(f"Most and least linear modules (ranked by {key}); red: fitted line")
                 fig.tight_layout()
                 written += _save(fig, out_dir, "linear_modules")

@@ -141,7 +141,7 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
         f = store.load(name)
         U, V = align_to_next(f["U"][idx, :, 0], f["V"][idx, :, 0])
         X = (f["S"][idx, 0:1].double() * U.double()).numpy()  # x_t = sigma_1 u_1, one row per checkpoint
-        by_step = fit_module(X, steps_y)
+        by_step = fit_module(X, steps_y, loo=False)  # R²_step is in-sample (SPEC §3)
         fit = fit_module(X, y) if y is not None else by_step
         mod = store.modules[name]
         norms = np.linalg.norm(X, axis=1)

@@ -146,12 +146,13 @@ def loo_r2(X, y) -> float:
     return r2_score(y, loo_predictions(X, y))
 
 
-def fit_module(X, y) -> dict:
-    """Everything for one module: in-sample and LOO R², the score line, the fitted PLS1."""
+def fit_module(X, y, *, loo: bool = True) -> dict:
+    """Everything for one module: in-sample and (unless loo=False) LOO R², the score line, the fitted PLS1."""
     model = PLS1().fit(X, y)
-    return {"r2": model.r2_, "loo_r2": loo_r2(X, y), "score_line": model.score_line_, "model": model}
+    return {"r2": model.r2_, "loo_r2": loo_r2(X, y) if loo else None, "score_line": model.score_line_,
+            "model": model}
 
 
-def fit_step(X, steps) -> dict:
+def fit_step(X, steps, *, loo: bool = True) -> dict:
     """fit_module with y = the checkpoint steps."""
-    return fit_module(X, steps)
+    return fit_module(X, steps, loo=loo)

@@ -22,9 +22,13 @@ def align_to_next(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch
 
     Walking from the last checkpoint backwards, flip (u_t, v_t) together when
     cos(u_t, u_{t+1}) < 0, as the AlphaRL reference code does. U: (T, m), V: (T, n).
+    Vectorised: with d_t = <u_t, u_{t+1}> of the stored vectors, row t's sign is the product of
+    sign(d) from t to the end (each flip of u_{t+1} reverses the test for u_t).
     """
-    U, V = U.clone(), V.clone()
-    for t in range(U.shape[0] - 2, -1, -1):
-        if torch.dot(U[t].double(), U[t + 1].double()) < 0:
-            U[t], V[t] = -U[t], -V[t]
-    return U, V
+    if U.shape[0] < 2:
+        return U.clone(), V.clone()
+    dots = (U[:-1].double() * U[1:].double()).sum(dim=1)
+    step = torch.where(dots < 0, -1.0, 1.0)
+    signs = torch.ones(U.shape[0], dtype=torch.float64)
+    signs[:-1] = torch.flip(torch.cumprod(torch.flip(step, [0]), 0), [0])
+    return U * signs.to(U.dtype)[:, None], V * signs.to(V.dtype)[:, None]
