@@ -146,6 +146,12 @@ def test_metric_alignment_lists_both_sides_and_relative(tmp_path):
     d = json.loads(r.stdout)
     assert d["steps"] == STEPS[1:] and d["checkpoints_without_metric"] == [10]
     assert d["metric_steps_without_checkpoint"] == [80]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoints_without_metric"] == [10] and manifest["metric_steps_without_checkpoint"] == [80]
+    shown = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(tmp_path / "m.csv"), "--metric", "accuracy",
+                     "--out", str(tmp_path / "shown"), "-q", "--no-plots")
+    assert "checkpoints without a metric (not fitted): steps [10]" in shown.stdout
+    assert "metric rows without a checkpoint (not fitted): steps [80]" in shown.stdout
     with safe_open(str(out / json.loads((out / "manifest.json").read_text())["modules"][0]["file"]), "pt") as f:
         assert np.allclose(f.get_tensor("targets").numpy(), ACC[1:] / ACC[-1])  # relative to the last in the window
 

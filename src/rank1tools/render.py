@@ -107,6 +107,10 @@ def fit_pls(result) -> None:
     console.print(t)
     if result.metric:
         console.print(f"share of modules with leave-one-out R² > 0.9: {s['share_loo_above_0.9']:.0%}")
+    if result.checkpoints_without_metric:
+        console.print(f"checkpoints without a metric (not fitted): steps {result.checkpoints_without_metric}")
+    if result.metric_steps_without_checkpoint:
+        console.print(f"metric rows without a checkpoint (not fitted): steps {result.metric_steps_without_checkpoint}")
     key = s["ranked_by"]
     for title, rows in (("most linear", s["most_linear"][:5]), ("least linear", s["least_linear"][:5])):
         console.print(f"{title} ({key}): " + ", ".join(f"{escape(r['module'])} {r[key]:.3f}" for r in rows))

@@ -116,7 +116,7 @@ def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(),
             result = _fit_all(store, used, y, metric_name, options, staging, progress)
             result.out = out
             result.checkpoints_without_metric, result.metric_steps_without_checkpoint = no_metric, no_ckpt
-            _write_manifest(staging, store, used, metric_name, options, m)
+            _write_manifest(staging, store, used, metric_name, options, m, no_metric, no_ckpt)
             publish(staging, target, force=force, label=out)
         except BaseException:
             import shutil
@@ -259,7 +259,8 @@ def _write_tables(folder: Path, rows: list[dict], summary: dict) -> None:
     (folder / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
 
 
-def _write_manifest(staging: Path, store: FactorStore, used: list[int], metric_name, options, metrics) -> None:
+def _write_manifest(staging: Path, store: FactorStore, used: list[int], metric_name, options, metrics,
+                    no_metric: list[int], no_checkpoint: list[int]) -> None:
     manifest = {
         "format": FIT_FORMAT, "format_version": FIT_FORMAT_VERSION, "tool_version": __version__,
         "factor_store": {"path": str(store.folder), "base": store.manifest["base"],
@@ -268,6 +269,7 @@ def _write_manifest(staging: Path, store: FactorStore, used: list[int], metric_n
         "metric": None if metrics is None else {"file": str(options.metrics), "sha256": metrics.sha256,
                                                  "name": metric_name, "relative": options.relative},
         "window": used,
+        "checkpoints_without_metric": no_metric, "metric_steps_without_checkpoint": no_checkpoint,
         "modules": [{"name": n, "layer": m.get("layer"), "type": m.get("type"), "shape": m["shape"],
                      "file": f"fits/{factor_file(n)}"} for n, m in store.modules.items()],
     }
