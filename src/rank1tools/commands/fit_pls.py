@@ -31,7 +31,7 @@ from ..jsonutil import json_safe
 from ..math.pls import fit_module
 from ..math.signs import align_to_next
 from ..options import parse_steps
-from .spectrum_tables import TYPE_ORDER
+from .spectrum_tables import TYPE_ORDER, write_row_tables
 
 FIT_FORMAT = "rank1tools.pls-fits"
 FIT_FORMAT_VERSION = 1
@@ -237,15 +237,7 @@ def summarize(rows: list[dict], with_metric: bool) -> tuple[dict, list[str]]:
 
 
 def _write_tables(folder: Path, rows: list[dict], summary: dict) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
-    for r in rows:
-        w.writerow(["" if (v := r.get(c)) is None or (isinstance(v, float) and math.isnan(v)) else v for c in COLUMNS])
-    (folder / "fits.csv").write_text(buf.getvalue())
-    with open(folder / "fits.jsonl", "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(json_safe({c: r.get(c) for c in COLUMNS})) + "\n")
+    write_row_tables(folder, "fits", rows, COLUMNS)
     for name, key in (("by_type.csv", "by_type"), ("by_layer_type.csv", "by_layer_type")):
         groups = summary[key]
         kinds = [k for k in ("r2", "loo_r2", "r2_step") if k in summary["mean"]]

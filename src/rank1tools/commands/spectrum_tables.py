@@ -44,17 +44,21 @@ def spectrum_rows(name: str, shape: tuple[int, ...], data: dict, methods: list[s
     return out
 
 
-def write_spectrum_tables(folder: Path, rows: list[dict], k: int) -> None:
-    cols = COLUMNS_HEAD + [f"sigma_{i + 1}" for i in range(k)] + COLUMNS_TAIL
+def write_row_tables(folder: Path, stem: str, rows: list[dict], cols: list[str]) -> None:
+    """STEM.csv and STEM.jsonl with the given columns; None and NaN are an empty cell / null."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
         w.writerow(["" if (v := r.get(c)) is None or (isinstance(v, float) and math.isnan(v)) else v for c in cols])
-    (folder / "spectrum.csv").write_text(buf.getvalue())
-    with open(folder / "spectrum.jsonl", "w") as f:
+    (folder / f"{stem}.csv").write_text(buf.getvalue())
+    with open(folder / f"{stem}.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(json_safe({c: r.get(c) for c in cols})) + "\n")
+
+
+def write_spectrum_tables(folder: Path, rows: list[dict], k: int) -> None:
+    write_row_tables(folder, "spectrum", rows, COLUMNS_HEAD + [f"sigma_{i + 1}" for i in range(k)] + COLUMNS_TAIL)
 
 
 def _mean(values: list[float]) -> float:
