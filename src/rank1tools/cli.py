@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .errors import InputError, Rank1Error, Terminated, UsageError
+from .errors import InputError, Rank1Error, Terminated
 from . import render
 from .jsonutil import json_safe as _json_safe
 
@@ -240,16 +240,13 @@ def reconstruct(
     W = θ₀ + α·(‖ΔW‖/‖ΔW_k‖)·ΔW_k per selected module; other tensors from --rest. Reports how
     much of the update the output dtype rounds away.
     """
-    import math
-
-    from .options import check_choice, parse_ranks, parse_size
+    from .options import check_choice, check_finite, parse_ranks, parse_size
 
     parse_ranks(rank)
     parse_size(max_shard_size)
-    check_choice(rest, "--rest", ("base", "checkpoint"))
+    check_choice(rest, "--rest", ("base", "checkpoint"))  # reconstruct.REST_CHOICES / DTYPE_CHOICES (torch-free here)
     check_choice(dtype, "--dtype", ("auto", "float32", "bfloat16", "float16"))
-    if not math.isfinite(alpha):
-        raise UsageError(f"--alpha {alpha}: must be a finite number")
+    check_finite(alpha, "--alpha")
     _check_common_early(device, hub_cache_policy)
     _check_output_early(out, force, [base, checkpoint, factors])
 
@@ -295,15 +292,13 @@ def fit_pls(
     One-component PLS per module: in-sample R², leave-one-out R² and R²_step; tables, plots and a
     fit store for extrapolate --method alpharl. Reads only the factor store.
     """
-    import math
-
-    from .options import parse_positive_int, parse_steps
+    from .options import check_finite, parse_positive_int, parse_steps
 
     min_ck = parse_positive_int(min_checkpoints, "--min-checkpoints")
     if window is not None:
         parse_steps(window)
-    if fail_below is not None and not math.isfinite(fail_below):
-        raise UsageError(f"--fail-below {fail_below}: must be a finite number")
+    if fail_below is not None:
+        check_finite(fail_below, "--fail-below")
     _check_output_early(out, force, [factors, metrics])
 
     from .commands.fit_pls import GATE_EXIT_CODE, FitPlsOptions

@@ -138,3 +138,11 @@ def check_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise UsageError(f"{option} {value!r}: expected one of {', '.join(choices)}")
     return value
+
+
+def check_finite(value: float, option: str) -> float:
+    import math
+
+    if not math.isfinite(value):
+        raise UsageError(f"{option} {value}: must be a finite number")
+    return value

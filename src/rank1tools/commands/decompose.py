@@ -37,7 +37,7 @@ from ..io.runs import infer_step, select_steps
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
 from ..io.writer import provenance, write_provenance
-from ..math.finite import all_finite, dtype_max, max_abs
+from ..math.finite import all_finite, dtype_max, max_abs, nonfinite_update_cause
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius
 from ..math.svd import MIN_SKETCH, topk_svd
@@ -167,7 +167,7 @@ def _bad_update(ck: Checkpoint, name: str, step: int, base_t: torch.Tensor) -> I
     """Why dW of `name` at `step` is not finite: the checkpoint's own values, or (both inputs finite)
     theta_t - theta_0 overflowing float32. Error path only: the checkpoint tensor is read again."""
     theirs = ck.read_raw(name)
-    if not all_finite(theirs):
+    if nonfinite_update_cause(base_t, theirs) == "checkpoint":  # the base was checked when read
         return _nonfinite(ck.label, name, f"at step {step}")
     return InputError(f"{ck.label}: the update of tensor {name!r} at step {step} overflows float32 "
                       f"(|values| up to {max(max_abs(theirs), max_abs(base_t)):.3g} in base and checkpoint)")

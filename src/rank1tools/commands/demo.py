@@ -7,13 +7,12 @@ a planted rank-1 direction growing linearly with the step plus dense noise, then
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..io.outputs import locked_output, make_staging, publish
+from ..io.outputs import locked_output, staged_output
 from ..io.writer import provenance, write_provenance
 from ..synthetic import LlamaShape, make_base, make_run
 from .decompose import DecomposeOptions, DecomposeResult, decompose
@@ -35,18 +34,12 @@ class DemoResult:
 
 
 def run_demo(out: str, *, force: bool = False, device: str = "cpu") -> DemoResult:
-    with locked_output(out, force=force) as target:
-        tmp = make_staging(target)
-        try:
-            # bf16 base, fp32 policy checkpoints: what TRL saves for a bf16 model
-            make_base(tmp / "base", DEMO_SHAPE, dtype=torch.bfloat16)
-            make_run(tmp / "run", DEMO_STEPS, DEMO_SHAPE, layout="trl", base_dtype=torch.bfloat16,
-                     dtype=torch.float32, noise=DEMO_NOISE)
-            write_provenance(tmp, provenance("demo", [], {"steps": DEMO_STEPS, "noise": DEMO_NOISE}))
-            publish(tmp, target, force=force, label=out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with locked_output(out, force=force) as target, staged_output(target, force=force, label=out) as tmp:
+        # bf16 base, fp32 policy checkpoints: what TRL saves for a bf16 model
+        make_base(tmp / "base", DEMO_SHAPE, dtype=torch.bfloat16)
+        make_run(tmp / "run", DEMO_STEPS, DEMO_SHAPE, layout="trl", base_dtype=torch.bfloat16,
+                 dtype=torch.float32, noise=DEMO_NOISE)
+        write_provenance(tmp, provenance("demo", [], {"steps": DEMO_STEPS, "noise": DEMO_NOISE}))
     root = Path(out)
     base, run = str(root / "base"), str(root / "run")
     dec = decompose(base, [], str(root / "decompose"), run=run, options=DecomposeOptions(rank=8, device=device))

@@ -25,8 +25,8 @@ from .. import __version__
 from ..errors import InputError, UsageError
 from ..io.factor_store import FactorStore, factor_file
 from ..io.metrics import align, read_metrics
-from ..io.outputs import follow_umask, locked_output, make_staging, output_errors, publish
-from ..io.writer import write_provenance
+from ..io.outputs import follow_umask, locked_output, output_errors, staged_output
+from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from ..math.pls import fit_module
 from ..math.signs import align_to_next
@@ -110,19 +110,12 @@ def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(),
                 raise InputError(f"{options.metrics}: --relative divides by the metric at step {used[-1]}, which is 0")
             y = y / y[-1]
     inputs = [factors] + ([options.metrics] if options.metrics else [])
-    with locked_output(out, force=force, inputs=inputs) as target:
-        staging = make_staging(target)
-        try:
-            result = _fit_all(store, used, y, metric_name, options, staging, progress)
-            result.out = out
-            result.checkpoints_without_metric, result.metric_steps_without_checkpoint = no_metric, no_ckpt
-            _write_manifest(staging, store, used, metric_name, options, m, no_metric, no_ckpt)
-            publish(staging, target, force=force, label=out)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    with locked_output(out, force=force, inputs=inputs) as target, \
+            staged_output(target, force=force, label=out) as staging:
+        result = _fit_all(store, used, y, metric_name, options, staging, progress)
+        result.out = out
+        result.checkpoints_without_metric, result.metric_steps_without_checkpoint = no_metric, no_ckpt
+        _write_manifest(staging, store, used, metric_name, options, m, no_metric, no_ckpt)
     result.plots = [str(Path(out) / Path(p).relative_to(staging)) for p in result.plots]
     return result
 
@@ -267,14 +260,7 @@ def _write_manifest(staging: Path, store: FactorStore, used: list[int], metric_n
     }
     with output_errors(staging):
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        write_provenance(staging, {"command": "fit-pls", "argv": _argv(), "inputs": [{"source": str(store.folder)}],
-                                   "parameters": {"metrics": options.metrics, "metric": metric_name,
-                                                  "window": options.window, "relative": options.relative,
-                                                  "min_checkpoints": options.min_checkpoints}})
-
-
-def _argv():
-    import rank1tools
-
-    return rank1tools.COMMAND_LINE
+        write_provenance(staging, provenance("fit-pls", [str(store.folder)], {
+            "metrics": options.metrics, "metric": metric_name, "window": options.window,
+            "relative": options.relative, "min_checkpoints": options.min_checkpoints}))
 

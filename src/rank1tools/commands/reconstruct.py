@@ -27,17 +27,19 @@ from ..io.factor_store import FactorStore
 from ..io.sources import is_hub_source, open_source
 from ..io.outputs import locked_output, make_staging, output_errors, publish
 from ..io.writer import ShardedWriter, TensorSpec, provenance, write_provenance
-from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
+from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs, nonfinite_update_cause
 from ..math.reconstruct import RoundingStats, apply_rank_k, rounding_stats
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius
 from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, select_tensors
-from ..options import RankSpec, parse_ranks, parse_size  # noqa: F401 (RankSpec: importable from here)
+from ..options import RankSpec, check_choice, check_finite, parse_ranks, parse_size  # noqa: F401 (RankSpec: importable from here)
 from ..resources import check_memory, reconstruct_peak_bytes, svd_bytes
 
 ROUNDING_FILE = "rank1tools-rounding.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REST_CHOICES = ("base", "checkpoint")
+DTYPE_CHOICES = ("auto", *DTYPES)
 LOST_WARNING = 0.5  # warn when more than half of the updated elements were rounded away
 
 
@@ -96,12 +98,9 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
     ranks = parse_ranks(options.rank)
     if isinstance(options.max_shard_size, str):  # checked before any input is opened
         options = replace(options, max_shard_size=parse_size(options.max_shard_size))
-    if options.rest not in ("base", "checkpoint"):
-        raise UsageError(f"--rest {options.rest!r}: expected base or checkpoint")
-    if options.dtype != "auto" and options.dtype not in DTYPES:
-        raise UsageError(f"--dtype {options.dtype!r}: expected auto, float32, bfloat16 or float16")
-    if not math.isfinite(options.alpha):
-        raise UsageError(f"--alpha {options.alpha}: must be a finite number")
+    check_choice(options.rest, "--rest", REST_CHOICES)
+    check_choice(options.dtype, "--dtype", DTYPE_CHOICES)
+    check_finite(options.alpha, "--alpha")
     base_ck, ck = open_source(base), open_source(checkpoint)
     shapes = tensor_shapes(base_ck, [ck])  # with lm_head.weight when the checkpoint unties it
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
@@ -243,11 +242,10 @@ def _write_module(name, base_ck, ck, store, step_index, ranks, kmax, options, de
         d = delta(ck.read(name, device=device), w0)
         fro = frobenius(d)
         if not math.isfinite(fro):  # NaN/Inf in the base or the checkpoint, or theta_t - theta_0 overflows
-            if not all_finite(w0):
-                raise _nonfinite(base_ck.label, name)
-            theirs = ck.read_raw(name)
-            if not all_finite(theirs):
-                raise _nonfinite(ck.label, name)
+            theirs = ck.read_raw(name)  # error path only
+            cause = nonfinite_update_cause(w0, theirs)
+            if cause != "overflow":
+                raise _nonfinite((base_ck if cause == "base" else ck).label, name)
             raise InputError(f"{ck.label}: the update of tensor {name!r} overflows float32 "
                              f"(|values| up to {max(max_abs(theirs), max_abs(w0)):.3g} in base and checkpoint)")
         res = topk_svd(d, kmax, exact=options.exact, fro=fro)
@@ -272,28 +270,30 @@ def _write_module(name, base_ck, ck, store, step_index, ranks, kmax, options, de
 
 
 def _write_rest(name, base_ck, ck, options, device, writers, stats) -> None:
+    # every rank's writer has the same spec: cast, check and measure once, write to each
+    dtype = writers[0].specs[name].dtype
     if options.rest == "base":
         raw = base_ck.read_raw(name)  # bit-exact copy when the dtype is kept
+        stored = raw.to(dtype)
+        if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):  # e.g. base values above 65504 cast to float16
+            raise _overflow(name, stored.dtype, f"base values (|values| up to {max_abs(raw):.3g})",
+                            "use --dtype float32 or bfloat16")
         for w in writers:
-            stored = raw.to(w.specs[name].dtype)
-            if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):  # e.g. base values above 65504 cast to float16
-                raise _overflow(name, stored.dtype, f"base values (|values| up to {max_abs(raw):.3g})",
-                                "use --dtype float32 or bfloat16")
             w.write(name, stored)
         return
     theirs = ck.read_raw(name)
     b = base_ck.read(name) if theirs.is_floating_point() else None
-    intended = delta(theirs, b) if b is not None else None  # the same for every rank
+    stored = theirs.to(dtype)
+    if introduces_nonfinite(stored, b):  # no written value may be non-finite where the base is finite
+        if not all_finite(theirs):
+            raise _nonfinite(ck.label, name)
+        raise _overflow(name, stored.dtype, f"checkpoint values (|values| up to {max_abs(theirs):.3g})",
+                        "use --dtype float32 or bfloat16")
+    stat = rounding_stats(b, delta(theirs, b), stored) if b is not None else None
     for w, st in zip(writers, stats):
-        stored = theirs.to(w.specs[name].dtype)
-        if introduces_nonfinite(stored, b):  # no written value may be non-finite where the base is finite
-            if not all_finite(theirs):
-                raise _nonfinite(ck.label, name)
-            raise _overflow(name, stored.dtype, f"checkpoint values (|values| up to {max_abs(theirs):.3g})",
-                            "use --dtype float32 or bfloat16")
         w.write(name, stored)
-        if b is not None:
-            st[name] = rounding_stats(b, intended, stored)
+        if stat is not None:
+            st[name] = stat
 
 
 def _report(per_tensor: dict[str, RoundingStats]) -> dict:

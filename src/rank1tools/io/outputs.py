@@ -169,6 +169,19 @@ def publish(staging: Path, target: Path, *, force: bool, label: str) -> None:
             os.replace(staging, target)
 
 
+@contextmanager
+def staged_output(target: Path, *, force: bool, label: str):
+    """A staging folder for the `with` block, published to `target` when the block succeeds and
+    removed when it (or the publishing) fails: no partial output either way."""
+    staging = make_staging(target)
+    try:
+        yield staging
+        publish(staging, target, force=force, label=label)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 class OutputLock:
     """Exclusive lock on an output target for the whole run (see module doc).
 
@@ -273,10 +286,10 @@ def _read_holder(fd: int) -> str:
 def locked_output(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None):
     """Resolve, check and lock an output target for the whole `with` block; yields the real path."""
     label = label or os.fspath(out)
-    target = prepare_output(out, force=force, inputs=inputs, label=label)
+    target = resolve_output(out, inputs=inputs, label=label)
     lock = OutputLock(target, label).acquire()
     try:
-        check_replaceable(target, force=force, label=label)  # again, now that no other run can change it
+        check_replaceable(target, force=force, label=label)  # under the lock: no other run can change it now
         yield target
     finally:
         lock.release()

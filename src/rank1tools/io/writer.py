@@ -201,11 +201,13 @@ def write_provenance(folder: Path, record: dict) -> None:
     (folder / PROVENANCE_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def provenance(command: str, inputs: list[Checkpoint], parameters: dict) -> dict:
-    """How an output was made: command (and CLI command line), inputs with resolved revisions, parameters."""
+def provenance(command: str, inputs: list[Checkpoint | str], parameters: dict) -> dict:
+    """How an output was made: command (and CLI command line), inputs with resolved revisions
+    (a plain path string, e.g. a factor store, has none), parameters."""
     return {
         "command": command,
         "argv": rank1tools.COMMAND_LINE,
-        "inputs": [{"source": c.label, "revision": c.revision} for c in inputs],
+        "inputs": [{"source": c, "revision": None} if isinstance(c, str) else {"source": c.label, "revision": c.revision}
+                   for c in inputs],
         "parameters": parameters,
     }

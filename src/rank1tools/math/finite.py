@@ -31,6 +31,14 @@ def introduces_nonfinite(stored: torch.Tensor, base: torch.Tensor | None) -> boo
     return count_introduced_nonfinite(stored, base) > 0
 
 
+def nonfinite_update_cause(base: torch.Tensor, checkpoint: torch.Tensor) -> str:
+    """Why theta_t - theta_0 is not finite: "base" or "checkpoint" (an input holds NaN/Inf), else
+    "overflow" (both finite, the float32 difference is not)."""
+    if not all_finite(base):
+        return "base"
+    return "checkpoint" if not all_finite(checkpoint) else "overflow"
+
+
 def max_abs(x: torch.Tensor) -> float:
     """Largest |value| as a Python float (NaN ignored; 0 for an empty tensor)."""
     if x.numel() == 0:
