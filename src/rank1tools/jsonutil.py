@@ -19,12 +19,20 @@ def read_json_file(path: str | Path, what: str, where: str | None = None) -> obj
     where = where or str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
-        return json.loads(text)
     except OSError as e:
         raise InputError(f"{where}: cannot read {what} ({e.strerror or e})") from None
+    except ValueError as e:  # UnicodeDecodeError
+        raise InputError(f"{where}: unreadable {what} ({' '.join(str(e).split())[:200]})") from None
+    return parse_json_text(text, what, where)
+
+
+def parse_json_text(text: str, what: str, where: str) -> object:
+    """json.loads with read_json_file's one-line errors (for text already read, e.g. to hash it)."""
+    try:
+        return json.loads(text)
     except RecursionError:
         raise InputError(f"{where}: unreadable {what} (JSON nested too deeply)") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int too long to convert
+    except ValueError as e:  # JSONDecodeError, int too long to convert
         raise InputError(f"{where}: unreadable {what} ({' '.join(str(e).split())[:200]})") from None
 
 

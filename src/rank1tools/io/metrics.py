@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..jsonutil import read_json_file
+from ..jsonutil import parse_json_text
 from ..options import INT64_MAX, ascii_int
 
 STEP_COLUMNS = ("step", "global_step", "Step", "_step")
@@ -236,7 +236,7 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
         rows = _jsonl_rows(text, where)
         columns = _columns(rows)
     else:
-        obj = read_json_file(p, "metrics file", where)
+        obj = parse_json_text(text, "metrics file", where)  # the bytes hashed above, not a second read
         if isinstance(obj, dict) and "log_history" in obj:
             if not isinstance(obj["log_history"], list):
                 raise InputError(f"{where}: log_history is not a list")
