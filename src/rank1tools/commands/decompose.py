@@ -18,8 +18,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +32,7 @@ from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spec
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
-from ..io.runs import infer_step, select_steps
-from ..io.sources import discover_checkpoints, is_hub_source, open_source
+from ..io.run_inputs import open_run_inputs, prefetched
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
 from ..io.writer import provenance, write_provenance
 from ..math.finite import all_finite, dtype_max, max_abs, nonfinite_update_cause
@@ -80,33 +78,6 @@ class DecomposeResult:
                 "summary": self.summary, "plots": self.plots}
 
 
-def open_inputs(base: str, checkpoints: list[str], run: str | None, steps: str | None, hub_run: dict | None = None
-                ) -> tuple[Checkpoint, list[tuple[int, Checkpoint]], str]:
-    """Base and (step, checkpoint) pairs, in step order; `step_source` is 'trainer' or 'position'.
-
-    `hub_run`: discovery options for a Hub run (revisions / subfolders / commits)."""
-    if run and checkpoints:
-        raise UsageError("give checkpoints as arguments or --run, not both")
-    if not run and not checkpoints:
-        raise UsageError("no checkpoints: give CHECKPOINT... or --run RUN_DIR")
-    if steps and not run:
-        raise UsageError("--steps selects checkpoints of a --run")
-    base_ckpt = open_source(base)
-    pairs: list[tuple[int, Checkpoint]] = []
-    if run:
-        for rc in select_steps(discover_checkpoints(run, **(hub_run or {})), steps):
-            if rc.weights is None:
-                raise InputError(f"{rc.path}: " + (f"step {rc.step}: " if rc.step is not None else "") + rc.problem)
-            pairs.append((rc.step, open_source(rc.weights)))
-        return base_ckpt, pairs, "trainer"
-    inferred = [infer_step(c) for c in checkpoints]
-    step_source = "trainer" if all(s is not None for s in inferred) and len(set(inferred)) == len(inferred) else "position"
-    for i, c in enumerate(checkpoints):
-        pairs.append((inferred[i] if step_source == "trainer" else i + 1, open_source(c)))
-    pairs.sort(key=lambda p: p[0])
-    return base_ckpt, pairs, step_source
-
-
 def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modules: list[str], rank: int) -> None:
     for name in modules:
         shape = base.entry(name).shape
@@ -125,24 +96,6 @@ def _stored_module(path: Path) -> str | None:
             return json.loads(f.metadata()["rank1tools"])["module"]
     except Exception:  # noqa: BLE001 (any damage means: not finished work)
         return None
-
-
-def _prefetched(tasks: list, read: Callable, enabled: bool) -> Iterator:
-    """Yield (task, read(task)), reading the next task in a background thread (one ahead)."""
-    if not enabled:
-        for t in tasks:
-            yield t, read(t)
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        it = iter(tasks)
-        cur = next(it, None)
-        fut = pool.submit(read, cur) if cur is not None else None
-        while fut is not None:
-            nxt = next(it, None)
-            data = fut.result()
-            fut = pool.submit(read, nxt) if nxt is not None else None
-            yield cur, data
-            cur = nxt
 
 
 def _nonfinite(label: str, name: str, where: str) -> InputError:
@@ -191,7 +144,8 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     """
     if options.rank < 1:
         raise UsageError(f"--rank {options.rank}: must be at least 1")
-    base_ckpt, pairs, step_source = open_inputs(base, checkpoints, run, steps, hub_run)
+    inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
+    base_ckpt, pairs, step_source = inputs.base, inputs.checkpoints, inputs.step_source
     shapes = tensor_shapes(base_ckpt, [c for _, c in pairs])  # with an lm_head the checkpoints untied
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
     if not modules:
@@ -201,10 +155,7 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
         ck.expect(modules)
     device = resolve_device(options.device)
     _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
-    local_inputs = [Path(c.label) for c in [base_ckpt, *(c for _, c in pairs)] if not is_hub_source(c.label)]
-    if run and not is_hub_source(run):
-        local_inputs.append(Path(run))
-    with locked_output(out, force=force, inputs=local_inputs) as target:
+    with locked_output(out, force=force, inputs=inputs.local_paths()) as target:
         return _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
                                  force, progress, on_module_done)
 
@@ -257,7 +208,7 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
 
     base_t = None
     acc: dict[str, list] = {}
-    for (name, i), raw in _prefetched(tasks, read, options.prefetch):
+    for (name, i), raw in prefetched(tasks, read, options.prefetch):
         t = raw.to(device).to(torch.float32)
         del raw
         if i < 0:

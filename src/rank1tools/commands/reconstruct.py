@@ -12,7 +12,6 @@ update the output dtype kept (SPEC section 7).
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,26 +20,23 @@ import torch
 
 from ..device import resolve_device
 from ..errors import InputError, UsageError
-from ..jsonutil import json_safe
 from ..io.compat import check_compatible, tensor_shapes, untied_head
 from ..io.factor_store import FactorStore
 from ..io.sources import is_hub_source, open_source
-from ..io.outputs import locked_output, make_staging, output_errors, publish
-from ..io.writer import ShardedWriter, TensorSpec, provenance, write_provenance
+from ..io.outputs import locked_output
+from ..io.writer import TensorSpec, provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs, nonfinite_update_cause
-from ..math.reconstruct import RoundingStats, apply_rank_k, rounding_stats
+from ..math.reconstruct import apply_rank_k, rounding_stats
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius
 from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, select_tensors
 from ..options import RankSpec, check_choice, check_finite, parse_ranks, parse_size  # noqa: F401 (RankSpec: importable from here)
 from ..resources import check_memory, reconstruct_peak_bytes, svd_bytes
+from .checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WARNING: importable from here)
+    DTYPE_CHOICES, DTYPES, LOST_WARNING, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report)
 
-ROUNDING_FILE = "rank1tools-rounding.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REST_CHOICES = ("base", "checkpoint")
-DTYPE_CHOICES = ("auto", *DTYPES)
-LOST_WARNING = 0.5  # warn when more than half of the updated elements were rounded away
 
 
 @dataclass
@@ -87,12 +83,6 @@ class ReconstructResult:
                              "warning": o.warning} for o in self.outputs]}
 
 
-def _output_dtype(option: str, stored: torch.dtype) -> torch.dtype:
-    if option == "auto" or not stored.is_floating_point:
-        return stored
-    return DTYPES[option]
-
-
 def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOptions = ReconstructOptions(),
                 force: bool = False, progress: Callable[[int, int], None] | None = None) -> ReconstructResult:
     ranks = parse_ranks(options.rank)
@@ -137,7 +127,7 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
         ck.expect([] if store is not None else modules)  # the rest comes from the base
     # a checkpoint that unties the base's lm_head keeps its own head when that head is written
     untie = untied_head(base_ck, [ck]) and (options.rest == "checkpoint" or LM_HEAD_NAME in modules)
-    specs = [TensorSpec(n, base_ck.entry(n).shape, _output_dtype(options.dtype, base_ck.entry(n).torch_dtype))
+    specs = [TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype))
              for n in [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]]
     device = resolve_device(options.device)
     _check_memory(base_ck, ck, specs, set(modules), kmax, store is not None, options, device)
@@ -162,13 +152,9 @@ def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, de
     `specs`: every tensor written, in order (the base's, then an untied lm_head); `untie`: the
     output's config says tie_word_embeddings: false."""
     names = [s.name for s in specs]
-    multi = len(ranks) > 1
-    staging = make_staging(target) if multi else None
-    writers = []
-    try:
-        for r in ranks:
-            writers.append(ShardedWriter(staging / r.folder if multi else target, specs,
-                                         max_shard_size=options.max_shard_size, force=force and not multi))
+    with CheckpointOutputs(target, [r.folder for r in ranks], specs, max_shard_size=options.max_shard_size,
+                           force=force) as outs:
+        writers = outs.writers
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
         selected = set(modules)
         for i, name in enumerate(names):
@@ -183,27 +169,15 @@ def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, de
                   "exclude": options.exclude, "all_2d": options.all_2d,
                   "svd": "factor-store" if store else ("exact" if options.exact else "randomized"),
                   "factors": options.factors, "device": device.type}
-        outputs = []
-        for r, w, st in zip(ranks, writers, stats):
-            report = _report(st)
-            prov = provenance("reconstruct", [base_ck, ck], {**params, "rank": r.text})
-            w.commit(copy_from=base_ck, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
-                     provenance=prov, extra_json={ROUNDING_FILE: json_safe(report)}, untie_word_embeddings=untie)
-            outputs.append(RankOutput(rank=r.text, path=str(Path(out) / r.folder) if multi else out, **{
-                k: report[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")},
-                tensors=report["tensors"]))
-        if multi:  # the parent of rank-K folders is a rank1 output too: --force may replace it later
-            with output_errors(staging):
-                write_provenance(staging, {**provenance("reconstruct", [base_ck, ck], params),
-                                           "outputs": [r.folder for r in ranks]})
-            publish(staging, target, force=force, label=out)
-    except BaseException:
-        for w in writers:
-            w.abort()
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return outputs
+        reports = [rounding_report(st) for st in stats]
+        outs.commit(copy_from=base_ck, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
+                    provenances=[provenance("reconstruct", [base_ck, ck], {**params, "rank": r.text}) for r in ranks],
+                    reports=[{ROUNDING_FILE: rep} for rep in reports],
+                    parent_provenance=provenance("reconstruct", [base_ck, ck], params), label=out,
+                    untie_word_embeddings=untie)
+        return [RankOutput(rank=r.text, path=path, tensors=rep["tensors"],
+                           **{k: rep[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")})
+                for r, path, rep in zip(ranks, outs.paths(out), reports)]
 
 
 def _nonfinite(label: str, name: str) -> InputError:
@@ -294,18 +268,3 @@ def _write_rest(name, base_ck, ck, options, device, writers, stats) -> None:
         w.write(name, stored)
         if stat is not None:
             st[name] = stat
-
-
-def _report(per_tensor: dict[str, RoundingStats]) -> dict:
-    total = RoundingStats()
-    rows = []
-    for name, s in per_tensor.items():
-        total.add(s)
-        rows.append({"tensor": name, "updated_elements": s.updated, "lost_fraction": s.lost_fraction,
-                     "rel_error": s.rel_error})
-    warning = None
-    if total.lost_fraction > LOST_WARNING:
-        warning = (f"{total.lost_fraction:.0%} of the updated elements were rounded away by the output dtype "
-                   "(the update is below its resolution); write with --dtype float32")
-    return {"updated_elements": total.updated, "lost_fraction": total.lost_fraction,
-            "rel_error": total.rel_error, "warning": warning, "tensors": rows}

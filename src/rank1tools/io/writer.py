@@ -88,6 +88,7 @@ class ShardedWriter:
             self.abort()
             raise
         self._pending = set(self.specs)
+        self._filled: dict[str, int] = {}
         self.committed = False
 
     def _create_shard(self, path: Path, specs: list[TensorSpec]) -> None:
@@ -121,6 +122,26 @@ class ShardedWriter:
             with output_errors(path):
                 self._pwrite(path, view, offset)
         self._pending.discard(name)
+
+    def write_range(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Store elements [start, start + n) of the flattened tensor (a streaming pass writes a
+        tensor chunk by chunk, never holding it whole). The tensor counts as written once its
+        ranges cover every element; callers write disjoint ranges."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"writer was not told about tensor {name!r}")
+        t = values.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
+        numel = spec.nbytes // torch.empty((), dtype=spec.dtype).element_size() if spec.nbytes else 0
+        if start < 0 or start + t.numel() > numel:
+            raise ValueError(f"tensor {name!r}: range [{start}, {start + t.numel()}) outside its {numel} elements")
+        path, offset = self._where[name]
+        if t.numel():
+            view = memoryview(t.view(torch.uint8).numpy()).cast("B")
+            with output_errors(path):
+                self._pwrite(path, view, offset + start * t.element_size())
+        self._filled[name] = self._filled.get(name, 0) + t.numel()
+        if self._filled[name] >= numel:
+            self._pending.discard(name)
 
     @staticmethod
     def _pwrite(path: Path, view: memoryview, offset: int) -> None:

@@ -1,0 +1,170 @@
+"""The `rank1` application: shared options, progress on stderr, interrupt handling and `main`.
+
+The commands live beside this module (one module per group of commands) and register on `app`.
+
+Heavy modules (torch, scikit-learn) are imported inside the commands that need them, so
+`rank1 --help` and option errors answer at once. Results go to stdout (a rich table, or JSON
+with --json); progress and errors go to stderr. Exit codes: see rank1tools.errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import typer
+
+from .. import __version__
+from ..errors import Rank1Error, Terminated
+
+app = typer.Typer(
+    name="rank1",
+    help="Diagnose, reconstruct and extrapolate RLVR checkpoints from their nearly rank-1 weight updates.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help text: rich markup would turn "10:100:10" into an emoji
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (for pipelines).")
+REVISIONS_OPT = typer.Option(None, "--revisions", help="Hub run: branches matching this glob, e.g. 'step_*' (step = trailing number).")
+SUBFOLDERS_OPT = typer.Option(False, "--subfolders", help="Hub run: step folders (checkpoint-N/ ...) at one revision.")
+COMMITS_OPT = typer.Option(False, "--commits", help="Hub run: commits whose message says 'step N'.")
+HUB_CACHE_OPT = typer.Option(None, "--hub-cache-policy", help="Hub shards: 'keep' in the cache (default) or 'evict' once read.")
+
+
+def set_hub_cache_policy(policy: str | None) -> None:
+    if policy is not None:
+        from ..io.hub_spec import set_cache_policy
+
+        set_cache_policy(policy)
+
+
+def check_output_early(out: str, force: bool, inputs: list) -> None:
+    """Refuse a bad --out before any heavy import or input is opened (the command checks again,
+    under its lock): option errors answer at once."""
+    from ..io.hub_spec import is_hub_source
+    from ..io.outputs import prepare_output
+
+    prepare_output(out, force=force, inputs=[p for p in inputs if p and not is_hub_source(p)])
+
+
+def check_common_early(device: str, hub_cache_policy: str | None) -> None:
+    from ..options import check_choice, check_device
+
+    check_device(device)
+    if hub_cache_policy is not None:
+        check_choice(hub_cache_policy, "--hub-cache-policy", ("keep", "evict"))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rank1tools {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+def print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def stderr_progress(enabled: bool, description: str):
+    """A rich progress bar on stderr: returns (context manager, callback(done, total))."""
+    import contextlib
+
+    if not enabled or not sys.stderr.isatty():  # a bar only on a terminal: nothing in logs and pipes
+        return contextlib.nullcontext(), None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+_signal_state = {"terminated": False, "reported": False}
+
+
+class interrupt_hint:
+    """On Ctrl-C or SIGTERM, say what state the output is in (typer would exit 130 silently)."""
+
+    def __init__(self, hint: str):
+        self.hint = hint
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            what = "terminated" if issubclass(exc_type, Terminated) else "interrupted"
+            sys.stderr.write(f"rank1: {what}: {self.hint}\n")
+            _signal_state["reported"] = True
+            raise typer.Exit(Terminated.exit_code if what == "terminated" else 130)
+        return False
+
+
+def _on_sigterm(signum, frame) -> None:
+    _signal_state["terminated"] = True
+    raise Terminated()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main() -> None:
+    import signal
+
+    import rank1tools
+
+    rank1tools.COMMAND_LINE = ["rank1", *sys.argv[1:]]
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as for Ctrl-C, then exit 143
+    _signal_state.update(terminated=False, reported=False)
+    try:
+        code = app(standalone_mode=False, prog_name="rank1")
+        code = code if isinstance(code, int) else 0
+        if code in (130, Terminated.exit_code) or _signal_state["terminated"]:  # typer swallows the interrupt
+            code = Terminated.exit_code if _signal_state["terminated"] else 130
+            if not _signal_state["reported"]:
+                sys.stderr.write("rank1: terminated\n" if code == Terminated.exit_code else "rank1: interrupted\n")
+        sys.exit(code)
+    except Rank1Error as e:
+        sys.stderr.write(f"rank1: error: {_one_line(e)}\n")
+        sys.exit(e.exit_code)
+    except typer.TyperException as e:  # click's usage errors: one line, not click's three
+        if any(c.__name__ == "NoArgsIsHelpError" for c in type(e).__mro__):
+            e.show()
+        else:
+            cmd = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None and e.ctx.parent else ""
+            sys.stderr.write(f"rank1: error: {cmd}{_one_line(e.format_message())} (see --help)\n")
+        sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt as e:
+        sys.stderr.write("rank1: terminated\n" if isinstance(e, Terminated) else "rank1: interrupted\n")
+        sys.exit(Terminated.exit_code if isinstance(e, Terminated) else 130)
+    except OSError as e:  # an OS error no command mapped: still one line, with the path
+        if os.environ.get("RANK1_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename is not None else ""
+        sys.stderr.write(f"rank1: error: {where}{e.strerror or e} (set RANK1_DEBUG=1 for a traceback)\n")
+        sys.exit(1)
+    except Exception as e:  # one line for users; the traceback on request
+        if os.environ.get("RANK1_DEBUG"):
+            raise
+        sys.stderr.write(f"rank1: internal error: {type(e).__name__}: {_one_line(e)} (set RANK1_DEBUG=1 for a traceback)\n")
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        rank1tools.COMMAND_LINE = None  # later library calls in this process have no command line
+

@@ -1,0 +1,192 @@
+"""`rank1 inspect`, `decompose`, `reconstruct` and `demo`: commands that read models and runs."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from .. import render
+from ..errors import InputError
+from ..jsonutil import json_safe as _json_safe
+from .app import (COMMITS_OPT, HUB_CACHE_OPT, JSON_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, check_common_early,
+                  check_output_early, interrupt_hint, print_json, set_hub_cache_policy, stderr_progress, app)
+
+
+@app.command()
+def inspect(
+    source: str = typer.Argument(..., help="Model folder, .safetensors file, run directory of step folders, or a Hub "
+                                 "source hf://ORG/NAME, optionally @REVISION and /SUBFOLDER."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="For a run: steps to list, '50,100' or '10:100:10' (inclusive)."),
+    revisions: Optional[str] = REVISIONS_OPT,
+    subfolders: bool = SUBFOLDERS_OPT,
+    commits: bool = COMMITS_OPT,
+    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """What a model or training run holds: tensors, dtypes, shards, matrix modules, checkpoints.
+
+    Reads safetensors headers only. For a run, exits 3 if any checkpoint is unusable (listed).
+    """
+    if steps is not None:
+        from ..options import parse_steps
+
+        parse_steps(steps)
+    if hub_cache_policy is not None:
+        check_common_early("auto", hub_cache_policy)
+    from ..commands.inspect import inspect_source
+
+    set_hub_cache_policy(hub_cache_policy)
+    report = inspect_source(source, steps, revisions=revisions, subfolders=subfolders, commits=commits)
+    if as_json:
+        print_json(report.to_dict())
+    elif report.kind == "model":
+        render.model(report)
+    else:
+        render.run(report)
+    if report.kind == "run" and report.problems:
+        first = report.problems[0]
+        raise InputError(
+            f"{source}: {len(report.problems)} of {len(report.checkpoints)} checkpoints unusable "
+            f"({'step ' + str(first.step) if first.step is not None else first.path}: {first.problem})"
+        )
+
+
+@app.command()
+def decompose(
+    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    checkpoints: Optional[list[str]] = typer.Argument(None, help="Checkpoints θ_t (or use --run)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder: spectrum tables and factor store."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory of step folders instead of CHECKPOINT args."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="With --run: '50,100' or '10:100:10' (inclusive)."),
+    revisions: Optional[str] = REVISIONS_OPT,
+    subfolders: bool = SUBFOLDERS_OPT,
+    commits: bool = COMMITS_OPT,
+    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    rank: str = typer.Option("8", "--rank", "-k", help="Singular triplets kept per module and step."),
+    exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
+    all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    plots: bool = typer.Option(False, "--plots", help="Also draw energy_1/norm_frac_1 over steps and a layer x type heatmap (OUT/plots)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Spectra of ΔW = θ_t − θ₀ for every matrix module and checkpoint (matrix rank-1, SPEC §1).
+
+    Writes spectrum.csv / spectrum.jsonl, summary.json and a factor store (top-k σ, u, v per
+    module and step). Rerunning an interrupted command resumes it.
+    """
+    from ..options import parse_positive_int, parse_steps
+
+    rank_k = parse_positive_int(rank, "--rank")
+    if steps is not None:
+        parse_steps(steps)
+    check_common_early(device, hub_cache_policy)
+    check_output_early(out, force, [base, *(checkpoints or []), run])
+
+    from ..commands.decompose import DecomposeOptions
+    from ..commands.decompose import decompose as run_decompose
+
+    set_hub_cache_policy(hub_cache_policy)
+    hub_run = {"revisions": revisions, "subfolders": subfolders, "commits": commits}
+    opts = DecomposeOptions(rank=rank_k, exact=exact, include=include or [], exclude=exclude or [],
+                            all_2d=all_2d, device=device, plots=plots)
+    bar, update = stderr_progress(not quiet, "decompose")
+    with interrupt_hint("finished modules are kept; rerun the same command to resume"), bar:
+        result = run_decompose(base, checkpoints or [], out, run=run, steps=steps, hub_run=hub_run, options=opts, force=force,
+                               progress=update)
+    if result.resumed_modules:
+        sys.stderr.write(f"rank1: resumed: {result.resumed_modules} modules were already done\n")
+    for module, step in result.fallbacks:
+        sys.stderr.write(f"rank1: note: {module} at step {step}: randomized SVD missed the accuracy bar, used exact\n")
+    if result.plot_hint:
+        sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
+    if as_json:
+        print_json(_json_safe(result.to_dict()))
+    else:
+        render.decompose(result)
+
+
+@app.command()
+def reconstruct(
+    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    checkpoint: str = typer.Argument(..., help="Checkpoint θ_t whose update is reduced to rank k."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (one rank) or parent of rank-K folders (several)."),
+    rank: str = typer.Option(..., "--rank", "-k", help="Rank: 8, a fraction of min(m, n) like 1%, or a list 1,2,4,8."),
+    alpha: float = typer.Option(1.0, "--alpha", help="Scale of the (norm-matched) rank-k update."),
+    no_norm_match: bool = typer.Option(False, "--no-norm-match", help="Add α·ΔW_k as is, without rescaling to ‖ΔW‖."),
+    rest: str = typer.Option("base", "--rest", help="Tensors not selected: 'base' (reference code) or 'checkpoint'."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (base dtype), float32, bfloat16 or float16."),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
+    all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
+    exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
+    factors: Optional[str] = typer.Option(None, "--factors", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Write checkpoints that keep only the top-k part of each module's update (AlphaRL Eq. 1-3, SPEC §2).
+
+    W = θ₀ + α·(‖ΔW‖/‖ΔW_k‖)·ΔW_k per selected module; other tensors from --rest. Reports how
+    much of the update the output dtype rounds away.
+    """
+    from ..options import check_choice, check_finite, parse_ranks, parse_size
+
+    parse_ranks(rank)
+    parse_size(max_shard_size)
+    check_choice(rest, "--rest", ("base", "checkpoint"))  # reconstruct.REST_CHOICES / DTYPE_CHOICES (torch-free here)
+    check_choice(dtype, "--dtype", ("auto", "float32", "bfloat16", "float16"))
+    check_finite(alpha, "--alpha")
+    check_common_early(device, hub_cache_policy)
+    check_output_early(out, force, [base, checkpoint, factors])
+
+    from ..commands.reconstruct import ReconstructOptions
+    from ..commands.reconstruct import reconstruct as run_reconstruct
+
+    set_hub_cache_policy(hub_cache_policy)
+    opts = ReconstructOptions(rank=rank, alpha=alpha, norm_match=not no_norm_match, rest=rest, dtype=dtype,
+                              include=include or [], exclude=exclude or [], all_2d=all_2d, exact=exact,
+                              device=device, factors=factors, max_shard_size=max_shard_size)
+    bar, update = stderr_progress(not quiet, "reconstruct")
+    with interrupt_hint("nothing was written"), bar:
+        result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update)
+    for note in result.notes:
+        sys.stderr.write(f"rank1: note: {note}\n")
+    for o in result.outputs:
+        if o.warning:
+            sys.stderr.write(f"rank1: warning: rank {o.rank}: {o.warning}\n")
+    if as_json:
+        print_json(_json_safe(result.to_dict()))
+    else:
+        render.reconstruct(result)
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("demo-out", "--out", help="Folder for the generated model, run and results."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """The main job on an embedded default: a synthetic bf16 base and TRL run (steps 10..50),
+    inspected, decomposed (OUT/decompose) and reconstructed at rank 1 (OUT/rank-1)."""
+    check_output_early(out, force, [])
+    from ..commands.demo import run_demo
+
+    result = run_demo(out, force=force)
+    if as_json:
+        print_json(_json_safe({"out": result.out, "base": result.base.to_dict(), "run": result.run.to_dict(),
+                                "decompose": result.decompose.to_dict(),
+                                "reconstruct": result.reconstruct.to_dict()}))
+        return
+    render.model(result.base)
+    render.run(result.run)
+    render.decompose(result.decompose)
+    render.reconstruct(result.reconstruct)

@@ -1,0 +1,118 @@
+"""Writing one or several checkpoints in one pass: what `reconstruct` (one per rank) and
+`extrapolate` (one per target) share.
+
+With one output the checkpoint is OUT itself; with several, OUT is a parent folder holding one
+checkpoint folder each (rank-8/, step-500/, metric-0.7/), made in a staging folder and renamed
+into place only when all are complete. Each checkpoint carries its provenance and a rounding
+report: how much of the intended update the output dtype kept (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..io.checkpoint import Checkpoint
+from ..io.outputs import make_staging, output_errors, publish
+from ..io.writer import ShardedWriter, TensorSpec, write_provenance
+from ..jsonutil import json_safe
+from ..math.reconstruct import RoundingStats
+
+ROUNDING_FILE = "rank1tools-rounding.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+LOST_WARNING = 0.5  # warn when more than half of the updated elements were rounded away
+
+
+def output_dtype(option: str, stored: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is written in: the base's (`auto`), or the one asked for (floats only)."""
+    if option == "auto" or not stored.is_floating_point:
+        return stored
+    return DTYPES[option]
+
+
+def tensor_specs(base: Checkpoint, names: list[str], dtype_option: str) -> list[TensorSpec]:
+    """What the writer will receive: each name with the base's shape and the output dtype."""
+    return [TensorSpec(n, base.entry(n).shape, output_dtype(dtype_option, base.entry(n).torch_dtype)) for n in names]
+
+
+def rounding_report(per_tensor: dict[str, RoundingStats]) -> dict:
+    """Totals and per-tensor figures of what the output dtype rounded away, with a warning when
+    most of the update was lost."""
+    total = RoundingStats()
+    rows = []
+    for name, s in per_tensor.items():
+        total.add(s)
+        rows.append({"tensor": name, "updated_elements": s.updated, "lost_fraction": s.lost_fraction,
+                     "rel_error": s.rel_error})
+    warning = None
+    if total.lost_fraction > LOST_WARNING:
+        warning = (f"{total.lost_fraction:.0%} of the updated elements were rounded away by the output dtype "
+                   "(the update is below its resolution); write with --dtype float32")
+    return {"updated_elements": total.updated, "lost_fraction": total.lost_fraction,
+            "rel_error": total.rel_error, "warning": warning, "tensors": rows}
+
+
+class CheckpointOutputs:
+    """Writers for `folders` (one: the target itself; several: target/<folder> each).
+
+    Usage::
+
+        with CheckpointOutputs(target, folders, specs, max_shard_size=..., force=...) as outs:
+            for w in outs.writers: w.write(...)
+            outs.commit(copy_from=base, output_dtype=..., provenances=[...], reports=[...],
+                        parent_provenance={...}, label=out)
+
+    Leaving the block without `commit` removes everything staged: no partial output.
+    """
+
+    def __init__(self, target: Path, folders: list[str], specs: list[TensorSpec], *,
+                 max_shard_size: int | str, force: bool):
+        self.target = target
+        self.folders = folders
+        self.multi = len(folders) > 1
+        self.force = force
+        self.staging = make_staging(target) if self.multi else None
+        self.writers: list[ShardedWriter] = []
+        self.committed = False
+        try:
+            for f in folders:
+                self.writers.append(ShardedWriter(self.staging / f if self.multi else target, specs,
+                                                  max_shard_size=max_shard_size, force=force and not self.multi))
+        except BaseException:
+            self.abort()
+            raise
+
+    def paths(self, out: str) -> list[str]:
+        """Where each checkpoint will be, as the user named the output."""
+        return [str(Path(out) / f) if self.multi else out for f in self.folders]
+
+    def commit(self, *, copy_from: Checkpoint, output_dtype: torch.dtype | None, provenances: list[dict],
+               reports: list[dict[str, object]], parent_provenance: dict, label: str,
+               untie_word_embeddings: bool = False) -> None:
+        """Finish every checkpoint (`reports[i]`: file name -> JSON data written beside it), then
+        move the parent folder into place when there are several."""
+        for w, prov, extra in zip(self.writers, provenances, reports):
+            w.commit(copy_from=copy_from, output_dtype=output_dtype, provenance=prov,
+                     extra_json={k: json_safe(v) for k, v in extra.items()},
+                     untie_word_embeddings=untie_word_embeddings)
+        if self.multi:  # the parent is a rank1 output too: --force may replace it later
+            with output_errors(self.staging):
+                write_provenance(self.staging, {**parent_provenance, "outputs": list(self.folders)})
+            publish(self.staging, self.target, force=self.force, label=label)
+        self.committed = True
+
+    def abort(self) -> None:
+        for w in self.writers:
+            w.abort()
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> CheckpointOutputs:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()

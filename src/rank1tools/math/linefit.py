@@ -1,0 +1,79 @@
+"""Straight lines through series over training steps: the fitting vocabulary of every extrapolation.
+
+One OLS line y ≈ intercept + slope·t per column of Y (T × n), in float64: RELEX fits its r
+coefficient series (SPEC §5), `linear --mode lstsq` and `linearity` fit every element of a tensor
+(SPEC §6). `LineFit` is a small estimator in scikit-learn's manner (fit / predict, fitted
+attributes end in `_`); `two_point` is the RLVR-linearity reference's extrapolation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+R2_LINEAR = 0.7  # RLVR linearity's threshold: an element "evolves linearly" when its R² exceeds this
+
+
+class LineFit:
+    """Least-squares line per column: Y[:, j] ≈ y_mean_[j] + slope_[j] · (t − t_mean_).
+
+    Fitted attributes (float64 tensors on Y's device): `t_mean_` (float), `y_mean_`, `slope_`,
+    `intercept_` (the value at t = 0), `r2_` (coefficient of determination per column; NaN for a
+    column that does not change, whose line is flat and exact).
+    """
+
+    def fit(self, t, Y: torch.Tensor) -> LineFit:
+        Y = Y.to(torch.float64)
+        if Y.ndim == 1:
+            Y = Y[:, None]
+        t = torch.as_tensor(t, dtype=torch.float64, device=Y.device).reshape(-1)
+        if t.numel() != Y.shape[0]:
+            raise ValueError(f"t has {t.numel()} points but Y has {Y.shape[0]} rows")
+        if t.numel() < 2:
+            raise ValueError("a line needs at least 2 points")
+        self.t_mean_ = float(t.mean())
+        tc = t - self.t_mean_
+        stt = float(tc @ tc)
+        if stt == 0:
+            raise ValueError("all points are at the same step")
+        self.y_mean_ = Y.mean(dim=0)
+        Yc = Y - self.y_mean_
+        sty = tc @ Yc
+        self.slope_ = sty / stt
+        self.intercept_ = self.y_mean_ - self.slope_ * self.t_mean_
+        syy = (Yc * Yc).sum(dim=0)
+        # R² = 1 − SS_res/SS_tot = (S_ty)² / (S_tt · S_yy) for a line with intercept
+        r2 = sty * sty / (stt * syy)
+        self.r2_ = torch.where(syy > 0, r2.clamp(max=1.0), torch.full_like(r2, math.nan))
+        return self
+
+    def predict(self, s: float) -> torch.Tensor:
+        """The fitted value of every column at step `s` (float64)."""
+        return self.y_mean_ + self.slope_ * (float(s) - self.t_mean_)
+
+
+def fraction_above(r2: torch.Tensor, threshold: float = R2_LINEAR) -> tuple[int, int, int]:
+    """(columns with R² > threshold, columns that change, all columns). A column that does not
+    change over the window has no R² (NaN) and is counted only in the last figure."""
+    changing = ~torch.isnan(r2)
+    return int((r2[changing] > threshold).sum()), int(changing.sum()), int(r2.numel())
+
+
+def two_point(value_a: torch.Tensor, value_b: torch.Tensor, a: float, b: float, s: float) -> torch.Tensor:
+    """theta(s) = theta_a + (s − a)/(b − a) · (theta_b − theta_a), in float64 (SPEC §6)."""
+    if a == b:
+        raise ValueError("the two points are at the same step")
+    va, vb = value_a.to(torch.float64), value_b.to(torch.float64)
+    return va + ((float(s) - a) / (b - a)) * (vb - va)
+
+
+def positions_for(steps: list[int], targets: list[float]) -> tuple[list[float], list[float]]:
+    """The RELEX reference code's x-axis: positions 0, 1, ..., T−1 instead of the steps, and the
+    target steps mapped onto it with the window's mean spacing, (s − t₁)/h̄. Equal to fitting on
+    steps when the checkpoints are evenly spaced; wrong (on purpose, to reproduce the reference)
+    when they are not."""
+    if len(steps) < 2:
+        raise ValueError("need at least 2 steps")
+    h = (steps[-1] - steps[0]) / (len(steps) - 1)
+    return [float(i) for i in range(len(steps))], [(s - steps[0]) / h for s in targets]
