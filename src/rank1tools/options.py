@@ -7,6 +7,7 @@ Every refusal is a UsageError (exit code 2) with one line naming the option and 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -146,3 +147,31 @@ def check_finite(value: float, option: str) -> float:
     if not math.isfinite(value):
         raise UsageError(f"{option} {value}: must be a finite number")
     return value
+
+
+def parse_step_list(text: str, option: str) -> list[int]:
+    """Steps given as `500` or `500,1000,2000` (ASCII digits; duplicates kept once, in order given)."""
+    items = [p.strip() for p in str(text).split(",")]
+    steps = [ascii_int(p) for p in items]
+    if any(v is None for v in steps):
+        raise UsageError(f"{option} {text!r}: expected a step or a list of steps like 500,1000")
+    return list(dict.fromkeys(steps))
+
+
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_number_list(text: str, option: str) -> list[float]:
+    """Finite real numbers given as `0.7` or `0.6,0.7,0.8` (ASCII; duplicates kept once)."""
+    items = [p.strip() for p in str(text).split(",")]
+    if not all(_NUMBER.fullmatch(p) for p in items):
+        raise UsageError(f"{option} {text!r}: expected a number or a list of numbers like 0.6,0.7")
+    values = [float(p) for p in items]
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{option} {text!r}: numbers must be finite")
+    return list(dict.fromkeys(values))
+
+
+def number_label(value: float) -> str:
+    """A number as a folder-name part: shortest round-trip text, `0.7`, `1.7`, `-0.5`, `1e-05`."""
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))

@@ -119,3 +119,30 @@ def fit_pls(result) -> None:
     if result.plots:
         console.print("plots: " + ", ".join(escape(p) for p in result.plots if p.endswith(".png")))
     console.print(f"-> {escape(result.out)}")
+
+
+def extrapolate(result) -> None:
+    """One row per written checkpoint: target, folder, norm ratios, flagged tensors, rounding."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    hist = result.history_steps
+    where = f" from steps {hist[0]}..{hist[-1]} ({len(hist)} checkpoints)" if hist else ""
+    t = Table(title=f"{result.method} extrapolation of {len(result.tensors)} tensors{where}", title_justify="left")
+    for col in ("target", "output", "norm ratio (median)", "(max)", "flagged", "lost to rounding", "update rel. error"):
+        t.add_column(col, justify="left" if col in ("target", "output") else "right")
+
+    def f(v):
+        return "-" if v is None else f"{v:.3g}"
+
+    for o in result.outputs:
+        t.add_row(f"{o.kind} {o.target:g}", escape(o.path), f(o.norm_ratio_median), f(o.norm_ratio_max),
+                  str(len(o.flagged)), f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}")
+    console.print(t)
+    for o in result.outputs:
+        if o.flagged:
+            worst = sorted(o.flagged, key=lambda r: -r["norm_ratio"])[:3]
+            console.print(f"{o.kind} {o.target:g}: {len(o.flagged)} tensors above their norm-ratio limit, e.g. "
+                          + ", ".join(f"{escape(r['tensor'])} {r['norm_ratio']:.3g} (limit {r['limit']:.3g})" for r in worst))

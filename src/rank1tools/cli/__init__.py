@@ -10,7 +10,8 @@ registers its commands on the app when imported here.
 
 # imported in the order `rank1 --help` lists the commands
 from . import model_commands  # noqa: F401, I001 (registers inspect, decompose, reconstruct, demo)
-from . import fit_commands  # noqa: F401 (registers fit-pls)
+from . import fit_commands  # noqa: F401 (registers fit-pls, linearity)
+from . import extrapolate_commands  # noqa: F401 (registers extrapolate)
 from .app import app, main
 
 __all__ = ["app", "main"]

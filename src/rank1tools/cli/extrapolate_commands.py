@@ -1,0 +1,104 @@
+"""`rank1 extrapolate`: write the checkpoints AlphaRL, RELEX or a straight line predict."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from .. import render
+from .app import (COMMITS_OPT, HUB_CACHE_OPT, JSON_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, check_common_early,
+                  check_output_early, interrupt_hint, print_json, set_hub_cache_policy, stderr_progress, app)
+
+
+@app.command()
+def extrapolate(
+    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    checkpoints: Optional[list[str]] = typer.Argument(None, help="relex/linear: history checkpoints (or use --run)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output checkpoint (one target) or parent of step-S / metric-Y folders."),
+    method: str = typer.Option(..., "--method", help="alpharl (from a fit-pls output), relex (trajectory rank-r) or linear."),
+    run: Optional[str] = typer.Option(None, "--run", help="relex/linear: run directory of step folders."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="With --run: '50,100' or '10:100:10' (inclusive)."),
+    revisions: Optional[str] = REVISIONS_OPT,
+    subfolders: bool = SUBFOLDERS_OPT,
+    commits: bool = COMMITS_OPT,
+    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    history_until: Optional[str] = typer.Option(None, "--history-until", help="relex/linear: use checkpoints up to this step (default all)."),
+    target_step: Optional[str] = typer.Option(None, "--target-step", help="Step(s) to predict, e.g. 500 or 500,1000,2000."),
+    rank: str = typer.Option("1", "--rank", "-k", help="relex: trajectory rank r."),
+    fit_window: Optional[str] = typer.Option(None, "--fit-window", help="relex: fit the coefficient lines on the last W history points."),
+    position_index: bool = typer.Option(False, "--position-index", help="relex: fit on positions 0..T-1 as the reference code does (wrong for uneven spacing)."),
+    mode: str = typer.Option("lstsq", "--mode", help="linear: lstsq (per-element least squares over the history) or two-point."),
+    from_step: Optional[str] = typer.Option(None, "--from", help="linear two-point: first step (default the first history checkpoint)."),
+    to_step: Optional[str] = typer.Option(None, "--to", help="linear two-point: second step (default the last history checkpoint)."),
+    extrapolate_norms: bool = typer.Option(False, "--extrapolate-norms", help="linear: extrapolate norm weights too (default: copy them from the last checkpoint)."),
+    fits: Optional[str] = typer.Option(None, "--fits", help="alpharl: a fit-pls --out folder (fit store)."),
+    target_metric: Optional[str] = typer.Option(None, "--target-metric", help="alpharl: target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."),
+    container: str = typer.Option("base", "--container", help="alpharl: add the predicted update to 'base' (default) or to the window's 'last' checkpoint."),
+    last_checkpoint: Optional[str] = typer.Option(None, "--last-checkpoint", help="alpharl --container last: the window's last checkpoint (default: as the fit store records it)."),
+    min_r2: Optional[float] = typer.Option(None, "--min-r2", help="alpharl: modules whose R² is below this keep the container's value."),
+    r2_kind: str = typer.Option("r2", "--r2", help="alpharl: which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable)."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
+    rest: str = typer.Option("last", "--rest", help="relex/linear: tensors not selected from the 'last' history checkpoint or the 'base'."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (base dtype), float32, bfloat16 or float16."),
+    flag_ratio: float = typer.Option(4.0, "--flag-ratio", help="Flag tensors whose predicted update norm exceeds this many times a straight line's."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Write the checkpoint(s) a method predicts for later steps or a target metric (SPEC §4-6).
+
+    relex and linear read the base and a history of checkpoints (streamed, several targets in one
+    pass); alpharl reads a fit-pls output and the base. Each output loads like the base and
+    records how it was made; a rounding report and per-tensor norm ratios come with it.
+    """
+    from ..options import check_finite, parse_number_list, parse_positive_int, parse_size, parse_step_list, parse_steps
+
+    if steps is not None:
+        parse_steps(steps)
+    parse_size(max_shard_size)
+    check_finite(flag_ratio, "--flag-ratio")
+    if min_r2 is not None:
+        check_finite(min_r2, "--min-r2")
+    from ..commands.extrapolate import ExtrapolateOptions, check_options
+
+    opts = ExtrapolateOptions(
+        method=method, checkpoints=checkpoints or [], run=run, steps=steps,
+        hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
+        history_until=None if history_until is None else parse_step_list(history_until, "--history-until")[0],
+        target_steps=parse_step_list(target_step, "--target-step") if target_step is not None else [],
+        rank=parse_positive_int(rank, "--rank"),
+        fit_window=None if fit_window is None else parse_positive_int(fit_window, "--fit-window"),
+        position_index=position_index, mode=mode,
+        from_step=None if from_step is None else parse_step_list(from_step, "--from")[0],
+        to_step=None if to_step is None else parse_step_list(to_step, "--to")[0],
+        extrapolate_norms=extrapolate_norms, fits=fits,
+        target_metrics=parse_number_list(target_metric, "--target-metric") if target_metric is not None else [],
+        container=container, last_checkpoint=last_checkpoint, min_r2=min_r2, r2_kind=r2_kind,
+        include=include or [], exclude=exclude or [], rest=rest, dtype=dtype, device=device,
+        max_shard_size=max_shard_size, flag_ratio=flag_ratio)
+    check_options(opts)
+    check_common_early(device, hub_cache_policy)
+    check_output_early(out, force, [base, *(checkpoints or []), run, fits, last_checkpoint])
+
+    from ..commands.extrapolate import extrapolate as run_extrapolate
+
+    set_hub_cache_policy(hub_cache_policy)
+    bar, update = stderr_progress(not quiet, f"extrapolate ({method})")
+    with interrupt_hint("nothing was written"), bar:
+        result = run_extrapolate(base, out, options=opts, force=force, progress=update)
+    for note in result.notes:
+        sys.stderr.write(f"rank1: note: {note}\n")
+    for w in result.warnings:
+        sys.stderr.write(f"rank1: warning: {w}\n")
+    for o in result.outputs:
+        if o.warning:
+            sys.stderr.write(f"rank1: warning: {o.path}: {o.warning}\n")
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        render.extrapolate(result)
