@@ -1,4 +1,4 @@
-"""Figures for `rank1 decompose` and `rank1 fit-pls` (docs/formats.md, "Plots").
+"""Figures for `rank1 decompose`, `rank1 fit-pls` and `rank1 linearity` (docs/formats.md, "Plots").
 
 matplotlib is optional (the `plot` extra) and imported only inside the functions here, with the Agg
 backend, so nothing ever opens a window. Every figure is written as PNG and SVG with the metadata
@@ -14,7 +14,7 @@ from pathlib import Path
 INSTALL_HINT = "pip install 'rank1tools[plot]'"
 
 # Same order as the spectrum summary (commands/spectrum_tables.py); unknown types go last, by name.
-_TYPE_ORDER = ["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "embedding", "lm_head"]
+_TYPE_ORDER = ["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "norm", "bias", "embedding", "lm_head", "other"]
 _R2_KINDS = [("r2", "in-sample R²"), ("loo_r2", "leave-one-out R²"), ("r2_step", "R² vs step")]
 _DPI = 100
 _RC = {"svg.hashsalt": "rank1tools", "svg.fonttype": "path", "font.size": 9, "axes.titlesize": 10}
@@ -276,6 +276,87 @@ def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path,
                 fig.suptitle(f"Most and least linear modules (ranked by {key}); red: fitted line")
                 fig.tight_layout()
                 written += _save(fig, out_dir, "linear_modules")
+            finally:
+                plt.close(fig)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# linearity
+
+_FRAC_KEY = "frac_r2_above_0.7"
+
+
+def _weighted_frac(rows: list[dict]) -> float:
+    """Element-weighted share of changing elements with R² > 0.7 (counts scaled to numel)."""
+    above = changing = 0.0
+    for r in rows:
+        elements = _num(r.get("elements"))
+        if not elements or math.isnan(elements):
+            continue
+        scale = _num(r.get("numel")) / elements
+        above += _num(r.get("linear")) * scale
+        changing += _num(r.get("changing")) * scale
+    return above / changing if changing else math.nan
+
+
+def linearity_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Figures for `rank1 linearity`. rows: one dict per tensor with tensor, layer, type, numel,
+    explained_1, frac_r2_above_0.7, elements, changing, linear (None / NaN allowed).
+
+    linear_fraction_by_type: per module type, the element-weighted share of changing elements with
+    per-element R² > 0.7 (bars), each tensor's own share (dots) and the all-tensor figure (dashed).
+    linearity_heatmap: layer × type panels of explained_1 (trajectory rank-1 explained variance) and
+    of frac_r2_above_0.7 (mean over the tensors of a cell); tensors without a layer are left out.
+    Returns the files written, PNG then SVG per figure; a figure with no data is not written."""
+    matplotlib, plt = _pyplot()
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    if not rows:
+        return written
+    with matplotlib.rc_context(_RC):
+        types = sorted({str(r["type"]) for r in rows}, key=_type_key)
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(types) + 2.0), 4))
+        try:
+            xs = list(range(len(types)))
+            ax.bar(xs, [_weighted_frac([r for r in rows if str(r["type"]) == t]) for t in types],
+                   color="C0", alpha=0.6, label="element-weighted")
+            for x, t in zip(xs, types):
+                vals = sorted(v for r in rows if str(r["type"]) == t and not math.isnan(v := _num(r.get(_FRAC_KEY))))
+                ax.scatter([x] * len(vals), vals, s=10, color="C1", zorder=3,
+                           label="per tensor" if x == xs[0] else None)
+            overall = _weighted_frac(rows)
+            if not math.isnan(overall):
+                ax.axhline(overall, color="C3", linestyle="--", linewidth=1.2, label=f"all tensors {overall:.1%}")
+            ax.set_xticks(xs, types, rotation=45 if len(types) > 6 else 0)
+            ax.set_ylim(0.0, 1.05)
+            ax.set_xlabel("type")
+            ax.set_ylabel("share of changing elements with R² > 0.7")
+            ax.set_title("Per-element linearity over the window (static elements left out)")
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+            fig.tight_layout()
+            written += _save(fig, out_dir, "linear_fraction_by_type")
+        finally:
+            plt.close(fig)
+
+        grids = [(label, *_grid(rows, key)) for key, label in
+                 (("explained_1", "trajectory rank-1 explained variance"), (_FRAC_KEY, "share with R² > 0.7"))]
+        grids = [g for g in grids if g[1]]
+        if grids:
+            n_types = max(len(g[2]) for g in grids)
+            n_layers = max(len(g[1]) for g in grids)
+            w = max(3.2, 0.45 * n_types + 1.6)
+            fig, axes = plt.subplots(1, len(grids), figsize=(w * len(grids) + 1.0, min(10, max(3.5, 0.25 * n_layers + 2))),
+                                     squeeze=False, layout="constrained")
+            try:
+                im = None
+                for ax, (label, layers, gtypes, mat) in zip(axes[0], grids):
+                    im = _heatmap(ax, plt, layers, gtypes, mat, "viridis", 0.0, 1.0)
+                    ax.set_title(label)
+                fig.suptitle("Linearity per layer and type (grey: no value)")
+                fig.colorbar(im, ax=list(axes[0]), fraction=0.05 if len(grids) > 1 else 0.08, pad=0.02)
+                written += _save(fig, out_dir, "linearity_heatmap")
             finally:
                 plt.close(fig)
     return written

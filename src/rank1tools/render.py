@@ -146,3 +146,42 @@ def extrapolate(result) -> None:
             worst = sorted(o.flagged, key=lambda r: -r["norm_ratio"])[:3]
             console.print(f"{o.kind} {o.target:g}: {len(o.flagged)} tensors above their norm-ratio limit, e.g. "
                           + ", ".join(f"{escape(r['tensor'])} {r['norm_ratio']:.3g} (limit {r['limit']:.3g})" for r in worst))
+
+
+def linearity(result) -> None:
+    """The linearity summary: a table by module type, the headline line, the least linear tensors."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    s, console = result.summary, Console(width=max(110, Console().width))
+    key, r = "frac_r2_above_0.7", result.rank
+
+    def f(v, pct=False):
+        return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3f}")
+
+    t = Table(title=f"linearity of {s['mean']['n']} tensors over {len(result.steps)} checkpoints "
+              f"(steps {result.steps[0]}..{result.steps[-1]})", title_justify="left")
+    cols = ["type", "tensors", "mean explained_1"] + ([f"mean explained_{r}"] if r > 1 else []) + \
+        ["mean coef R²_1", "elements R² > 0.7", "static elements"]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "type" else "right")
+
+    def add(label, g):
+        t.add_row(label, str(g["n"]), f(g["mean_explained_1"]), *([f(g["mean_explained_r"])] if r > 1 else []),
+                  f(g["mean_coef_r2_1"]), f(g[key], True), f(g["static_fraction"], True))
+
+    for name, g in s["by_type"].items():
+        add(escape(name), g)
+    add("[bold]all[/bold]", s["mean"])
+    console.print(t)
+    h = s["headline"]
+    sample = f", sampled: up to {s['sample']:,} elements per tensor" if s["sample"] else ""
+    console.print(f"[bold]{f(h[key], True)}[/bold] of the changing elements have per-element linear R² > 0.7 "
+                  f"(weighted by tensor size; {f(h['static_fraction'], True)} of elements do not change and are "
+                  f"left out{sample})")
+    if s["least_linear"]:
+        console.print("least linear: " + ", ".join(f"{escape(x['tensor'])} {f(x[key], True)}" for x in s["least_linear"][:5]))
+    if result.plots:
+        console.print("plots: " + ", ".join(escape(p) for p in result.plots if p.endswith(".png")))
+    console.print(f"-> {escape(result.out)}")

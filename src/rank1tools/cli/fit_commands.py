@@ -1,4 +1,4 @@
-"""`rank1 fit-pls`: commands that fit lines to a run's trajectories."""
+"""`rank1 fit-pls` and `rank1 linearity`: commands that fit lines to a run's trajectories."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (JSON_OPT, check_output_early, interrupt_hint, print_json, stderr_progress, app)
+from .app import (COMMITS_OPT, HUB_CACHE_OPT, JSON_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, check_common_early,
+                  check_output_early, interrupt_hint, print_json, set_hub_cache_policy, stderr_progress, app)
 
 
 @app.command("fit-pls")
@@ -62,3 +63,82 @@ def fit_pls(
         sys.stderr.write(f"rank1: gate: {g['figure']} {g['value']} is below --fail-below {g['threshold']} "
                          f"(outputs written to {out})\n")
         raise typer.Exit(GATE_EXIT_CODE)
+
+
+@app.command()
+def linearity(
+    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    checkpoints: Optional[list[str]] = typer.Argument(None, help="Checkpoints θ_t (or use --run)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder: tables, summary and plots."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory of step folders instead of CHECKPOINT args."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="With --run: the window, '50,100' or '10:100:10' (inclusive)."),
+    revisions: Optional[str] = REVISIONS_OPT,
+    subfolders: bool = SUBFOLDERS_OPT,
+    commits: bool = COMMITS_OPT,
+    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    rank: str = typer.Option("1", "--rank", "-k", help="Trajectory rank r for explained_r and coef_r2_1..r (capped at the checkpoints)."),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); default every tensor with 2+ elements."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
+    sample: Optional[str] = typer.Option(None, "--sample", help="Per-element R² on a seeded uniform sample of N elements per tensor (default all)."),
+    seed: str = typer.Option("0", "--seed", help="Seed of --sample."),
+    fail_below: Optional[float] = typer.Option(None, "--fail-below", help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """How linear the run is per tensor, before trusting extrapolate --method relex or linear (SPEC §5-6).
+
+    Over the window (step 0 excluded): trajectory rank-1 / rank-r explained variance, R² of the
+    top coefficient series against the step, and the share of elements whose per-element linear
+    R² exceeds 0.7 (static elements reported apart). One streaming pass per tensor; read-only.
+    """
+    from ..options import check_finite, parse_positive_int, parse_steps
+
+    rank_r = parse_positive_int(rank, "--rank")
+    n_sample = None if sample is None else parse_positive_int(sample, "--sample")
+    seed_value = _seed(seed)
+    if steps is not None:
+        parse_steps(steps)
+    if fail_below is not None:
+        check_finite(fail_below, "--fail-below")
+    check_common_early(device, hub_cache_policy)
+    check_output_early(out, force, [base, *(checkpoints or []), run])
+
+    from ..commands.fit_pls import GATE_EXIT_CODE
+    from ..commands.linearity import LinearityOptions
+    from ..commands.linearity import linearity as run_linearity
+
+    set_hub_cache_policy(hub_cache_policy)
+    opts = LinearityOptions(rank=rank_r, include=include or [], exclude=exclude or [], sample=n_sample,
+                            seed=seed_value, fail_below=fail_below, plots=not no_plots, device=device)
+    bar, update = stderr_progress(not quiet, "linearity")
+    with interrupt_hint("nothing was written"), bar:
+        result = run_linearity(base, checkpoints or [], out, run=run, steps=steps,
+                               hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
+                               options=opts, force=force, progress=update)
+    for note in result.notes:
+        sys.stderr.write(f"rank1: note: {note}\n")
+    if result.plot_hint:
+        sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        render.linearity(result)
+    if result.gate is not None and not result.gate["passed"]:
+        g = result.gate
+        sys.stderr.write(f"rank1: gate: {g['figure']} {g['value']} is below --fail-below {g['threshold']} "
+                         f"(outputs written to {out})\n")
+        raise typer.Exit(GATE_EXIT_CODE)
+
+
+def _seed(text: str) -> int:
+    """--seed: a non-negative integer (ASCII digits)."""
+    from ..errors import UsageError
+    from ..options import ascii_int
+
+    value = ascii_int(str(text).strip())
+    if value is None:
+        raise UsageError(f"--seed {text!r}: expected a non-negative integer")
+    return value

@@ -1,0 +1,227 @@
+"""`rank1 linearity`: how linear a run is, per tensor, before trusting `extrapolate --method relex`
+or `--method linear` (SPEC §5, §6). Read-only diagnostic: nothing but its report is written.
+
+Per tensor, over the window's checkpoints t₁ < … < t_T (step 0 excluded; the trainer's steps):
+
+- trajectory rank-1 and rank-r explained variance of M = [vec ΔW_t] (T × d, uncentred), from the
+  float64 Gram matrix G = M Mᵀ (math.trajectory);
+- R² of each top coefficient series c_t = (M V)_t, i ≤ r, against the step (math.linefit.LineFit);
+- the share of elements whose per-element linear R² against the step exceeds 0.7 (RLVR
+  linearity's headline). An element that does not change over the window has no R²: it is left
+  out of that share and counted in `static_fraction`. The R² of an element is that of θ_t (float32
+  values read exactly into float64): the same as ΔW_t's, without the float32 rounding of the
+  subtraction. `sample`: only a seeded uniform subsample of the elements (sorted indices).
+
+Everything per tensor comes from ONE streaming pass (io.run_inputs.trajectory_chunks): each chunk
+adds to G and to the per-element counts, so memory is O(T × chunk), whatever the model size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..device import resolve_device
+from ..errors import InputError, UsageError
+from ..io.checkpoint import Checkpoint
+from ..io.compat import check_compatible, tensor_shapes
+from ..io.outputs import locked_output, output_errors, staged_output
+from ..io.run_inputs import open_run_inputs, trajectory_chunks
+from ..io.writer import provenance, write_provenance
+from ..jsonutil import json_safe
+from ..math.linefit import LineFit, fraction_above
+from ..math.trajectory import gram_update, trajectory_basis
+from .linearity_tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
+
+MIN_CHECKPOINTS = 3  # a line through 2 points always fits
+SAMPLE_BLOCK = 1 << 20  # sampling splits a tensor into blocks of this many elements (see sample_indices)
+
+
+@dataclass
+class LinearityOptions:
+    rank: int = 1
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    sample: int | None = None  # elements per tensor for the per-element R² (None: all)
+    seed: int = 0
+    fail_below: float | None = None  # gate on the element-weighted share of elements with R² > 0.7
+    plots: bool = True
+    device: str = "auto"
+    chunk: int | None = None  # elements per chunk (default: io.run_inputs.chunk_elements)
+    prefetch: bool = True
+
+
+@dataclass
+class LinearityResult:
+    out: str
+    steps: list[int]
+    step_source: str
+    rank: int
+    rows: list[dict]
+    summary: dict
+    notes: list[str] = field(default_factory=list)
+    gate: dict | None = None
+    plots: list[str] = field(default_factory=list)
+    plot_hint: str | None = None
+
+    def to_dict(self) -> dict:
+        return json_safe({"out": self.out, "steps": self.steps, "step_source": self.step_source, "rank": self.rank,
+                          "tensors": len(self.rows), "summary": self.summary, "notes": self.notes,
+                          "gate": self.gate, "plots": self.plots})
+
+
+def _stable_hash(s: str) -> int:
+    h = 0
+    for ch in s.encode():
+        h = (h * 131 + ch) % 2_147_483_647
+    return h
+
+
+def sample_indices(numel: int, n: int | None, seed: int, name: str) -> np.ndarray | None:
+    """Sorted indices of a uniform random subset of n of the tensor's numel elements (None: n is
+    None or at least numel, so every element counts). Deterministic for (seed, name): the
+    generator is seeded with both, so each tensor gets its own sample. Memory O(n): the blocks of
+    SAMPLE_BLOCK elements get their counts from one multivariate hypergeometric draw (the counts
+    a uniform n-subset has), then a uniform subset within each block."""
+    if n is None or n >= numel:
+        return None
+    rng = np.random.default_rng([seed, _stable_hash(name)])
+    blocks = -(-numel // SAMPLE_BLOCK)
+    sizes = np.full(blocks, SAMPLE_BLOCK, dtype=np.int64)
+    sizes[-1] = numel - SAMPLE_BLOCK * (blocks - 1)
+    counts = rng.multivariate_hypergeometric(sizes, n) if blocks > 1 else np.array([n])
+    parts = [b * SAMPLE_BLOCK + np.sort(rng.choice(int(sizes[b]), int(k), replace=False))
+             for b, k in enumerate(counts) if k]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def tensor_figures(base: Checkpoint, checkpoints: list[Checkpoint], name: str, steps: list[int], rank: int, *,
+                   indices: np.ndarray | None = None, chunk: int | None = None, device="cpu",
+                   prefetch: bool = True) -> dict:
+    """The figures of one tensor from one pass over its chunks: explained_1, explained_r,
+    coef_r2 (r values), elements / changing / linear (counts over the evaluated elements)."""
+    t = torch.tensor(steps, dtype=torch.float64, device=device)
+    G, linear, changing = None, 0, 0
+    for ch in trajectory_chunks(base, checkpoints, name, chunk=chunk, device=device, prefetch=prefetch):
+        G = gram_update(G, ch.values - ch.base)  # ΔW_t in float32, the Gram sum in float64
+        Y = ch.values
+        if indices is not None:
+            lo, hi = np.searchsorted(indices, [ch.start, ch.stop])
+            Y = Y[:, torch.from_numpy(indices[lo:hi] - ch.start).to(device)]
+        if Y.shape[1]:
+            above, moving, _ = fraction_above(LineFit().fit(t, Y).r2_)
+            linear, changing = linear + above, changing + moving
+    if not bool(torch.isfinite(G).all()):
+        raise InputError(f"tensor {name!r}: non-finite values (NaN or Inf) in the base or a checkpoint, "
+                         f"or an update θ_t − θ₀ that overflows float32")
+    basis = trajectory_basis(G, rank)
+    lam = basis.eigenvalues
+    total = float(lam.sum())
+    coef_r2 = LineFit().fit(t, basis.coefficients()).r2_.tolist()
+    elements = base.entry(name).numel if indices is None else len(indices)
+    return {"explained_1": float(lam[0]) / total if total > 0 else math.nan,
+            "explained_r": basis.explained_variance(), "coef_r2": coef_r2,
+            "elements": elements, "changing": changing, "linear": linear}
+
+
+def _row(name: str, shape: tuple[int, ...], T: int, figs: dict, sampled: bool) -> dict:
+    layer, mtype = tensor_labels(name, shape)
+    frac = figs["linear"] / figs["changing"] if figs["changing"] else None
+    return {"tensor": name, "layer": layer, "type": mtype, "numel": math.prod(shape), "T": T,
+            "explained_1": _num(figs["explained_1"]), "explained_r": _num(figs["explained_r"]),
+            **{f"coef_r2_{i + 1}": _num(v) for i, v in enumerate(figs["coef_r2"])},
+            FRAC_KEY: frac, "static_fraction": 1.0 - figs["changing"] / figs["elements"],
+            "elements": figs["elements"], "changing": figs["changing"], "linear": figs["linear"],
+            "sampled": sampled}
+
+
+def check_options(options: LinearityOptions) -> None:
+    """Option checks that need no input (the CLI runs them before importing torch)."""
+    if options.rank < 1:
+        raise UsageError(f"--rank {options.rank}: must be at least 1")
+    if options.sample is not None and options.sample < 1:
+        raise UsageError(f"--sample {options.sample}: must be at least 1")
+    if options.seed < 0:
+        raise UsageError(f"--seed {options.seed}: must be at least 0")
+    if options.fail_below is not None and not math.isfinite(options.fail_below):
+        raise UsageError(f"--fail-below {options.fail_below}: must be a finite number")
+
+
+def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = None, steps: str | None = None,
+              hub_run: dict | None = None, options: LinearityOptions = LinearityOptions(), force: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> LinearityResult:
+    """Measure every selected tensor's linearity over the window; write the report to `out`."""
+    check_options(options)
+    inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
+    notes = []
+    pairs = [(s, c) for s, c in inputs.checkpoints if s != 0]
+    if len(pairs) < len(inputs.checkpoints):
+        notes.append("the checkpoint at step 0 is left out (its update is the start of the trajectory, not a point on it)")
+    window = [s for s, _ in pairs]
+    if len(pairs) < MIN_CHECKPOINTS:
+        raise InputError(f"{run or 'CHECKPOINT arguments'}: {len(pairs)} checkpoints in the window (steps {window}); linearity needs "
+                         f"at least {MIN_CHECKPOINTS} (a line through 2 points always fits)")
+    if inputs.step_source == "position":
+        notes.append("steps are the checkpoints' positions 1..T: no distinct trainer step could be read from their paths")
+    cks = [c for _, c in pairs]
+    shapes = tensor_shapes(inputs.base, cks)
+    names = select_all(shapes, options.include, options.exclude)
+    if not names:
+        raise UsageError("no tensors selected (check --include/--exclude)")
+    for s, ck in pairs:
+        check_compatible(inputs.base, ck, names, label=f"{ck.label} (step {s})")
+    for ck in (inputs.base, *cks):
+        ck.expect(names)
+    rank = min(options.rank, len(pairs))
+    if rank < options.rank:
+        notes.append(f"--rank {options.rank} capped at the {len(pairs)} checkpoints of the window")
+    device = resolve_device(options.device)
+    with locked_output(out, force=force, inputs=inputs.local_paths()) as target, \
+            staged_output(target, force=force, label=out) as staging:
+        rows = []
+        for i, name in enumerate(names):
+            numel = math.prod(shapes[name])
+            idx = sample_indices(numel, options.sample, options.seed, name)
+            figs = tensor_figures(inputs.base, cks, name, window, rank, indices=idx, chunk=options.chunk,
+                                  device=device, prefetch=options.prefetch)
+            rows.append(_row(name, shapes[name], len(pairs), figs, idx is not None))
+            if progress:
+                progress(i + 1, len(names))
+        summary = summarize(rows, steps=window, rank=rank, sample=options.sample, seed=options.seed)
+        gate = _gate(summary, options.fail_below)
+        params = {"steps": window, "step_source": inputs.step_source, "rank": rank, "include": options.include,
+                  "exclude": options.exclude, "sample": options.sample, "seed": options.seed,
+                  "threshold": summary["threshold"], "fail_below": options.fail_below}
+        with output_errors(staging):
+            write_tables(staging, rows, summary, rank)
+            write_provenance(staging, provenance("linearity", [inputs.base, *cks], params))
+            plots, hint = _plots(rows, staging) if options.plots else ([], None)
+    return LinearityResult(out=out, steps=window, step_source=inputs.step_source, rank=rank, rows=rows,
+                           summary=summary, notes=notes, gate=gate,
+                           plots=[str(Path(out) / Path(p).relative_to(staging)) for p in plots], plot_hint=hint)
+
+
+def _gate(summary: dict, threshold: float | None) -> dict | None:
+    if threshold is None:
+        return None
+    value = summary["headline"][FRAC_KEY]
+    return {"figure": f"element-weighted {FRAC_KEY}", "value": value, "threshold": threshold,
+            "passed": bool(value is not None and value >= threshold)}
+
+
+def _plots(rows: list[dict], staging: Path) -> tuple[list[str], str | None]:
+    from ..plots import INSTALL_HINT, PlotsUnavailable, linearity_plots
+
+    try:
+        return [str(p) for p in linearity_plots(rows, staging / "plots")], None
+    except PlotsUnavailable:
+        return [], f"plots need matplotlib: {INSTALL_HINT}"

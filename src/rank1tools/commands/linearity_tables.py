@@ -1,0 +1,141 @@
+"""The tables of `rank1 linearity` (docs/formats.md): which tensors, their (layer, type) labels,
+the per-tensor row, the summary (means overall and by type, the element-weighted headline, the
+least linear tensors) and the CSV / JSON Lines / JSON files.
+
+Types: a matrix module keeps its module type (q, k, v, o, gate, up, down, ...; SPEC "Words");
+every other tensor gets one of `NON_MATRIX_TYPES`:
+  embedding  the token embedding (`embed_tokens.weight`, `wte.weight`, ...)
+  lm_head    `lm_head.weight` (a tied head is the embedding and is not a tensor of its own)
+  norm       a 1-D `.weight` whose module is a norm (`*norm*`, `ln_*`, `ln_f`)
+  bias       any `.bias`
+  other      anything else (position embeddings, scales, buffers saved with the weights)
+Norms and biases inside a decoder block keep the block's layer index.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from ..jsonutil import json_safe
+from ..math.linefit import R2_LINEAR
+from ..modules import LM_HEAD_NAME, is_embedding, layer_index, parse_matrix_module
+from .spectrum_tables import TYPE_ORDER, write_row_tables
+
+FRAC_KEY = f"frac_r2_above_{R2_LINEAR}"  # "frac_r2_above_0.7": RLVR linearity's headline figure
+NON_MATRIX_TYPES = ("norm", "bias", "embedding", "lm_head", "other")
+_ORDER = {**TYPE_ORDER, **{t: len(TYPE_ORDER) + i for i, t in enumerate(NON_MATRIX_TYPES)}}
+_NORM = re.compile(r".*norm.*|ln(_\w+|\d+)?", re.IGNORECASE)
+HEAD = ["tensor", "layer", "type", "numel", "T", "explained_1", "explained_r"]
+TAIL = [FRAC_KEY, "static_fraction", "elements", "changing", "linear", "sampled"]
+MEAN_KEYS = ["explained_1", "explained_r", "coef_r2_1", FRAC_KEY, "static_fraction"]
+LEAST_LINEAR = 10
+
+
+def tensor_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
+    """(layer, type) of any tensor (see the module doc)."""
+    mod = parse_matrix_module(name, shape)
+    if mod is not None:
+        return mod.layer, mod.type
+    if name == LM_HEAD_NAME:
+        return None, "lm_head"
+    if is_embedding(name):
+        return None, "embedding"
+    layer = layer_index(name)
+    if name.endswith(".bias"):
+        return layer, "bias"
+    owner = name[: -len(".weight")].rsplit(".", 1)[-1] if name.endswith(".weight") else ""
+    if len(shape) == 1 and _NORM.fullmatch(owner):
+        return layer, "norm"
+    return layer, "other"
+
+
+def type_key(t: str) -> tuple:
+    return (_ORDER.get(t, len(_ORDER)), t)
+
+
+def select_all(shapes: dict[str, tuple[int, ...]], include: list[str], exclude: list[str]) -> list[str]:
+    """Every tensor with at least 2 elements (RELEX and RLVR linearity look at all of them), in
+    file order; `include` globs restrict, `exclude` globs remove (fnmatchcase)."""
+    out = []
+    for name, shape in shapes.items():
+        if math.prod(shape) < 2:
+            continue
+        if include and not any(fnmatchcase(name, g) for g in include):
+            continue
+        if not any(fnmatchcase(name, g) for g in exclude):
+            out.append(name)
+    return out
+
+
+def columns(rank: int) -> list[str]:
+    return HEAD + [f"coef_r2_{i + 1}" for i in range(rank)] + TAIL
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def weighted(rows: list[dict]) -> tuple[float | None, float | None]:
+    """(fraction of changing elements with R² > 0.7, fraction of static elements), element-weighted
+    over the tensors' sizes: a sampled tensor's counts are scaled by numel / elements, so that each
+    tensor weighs its size, not its sample size."""
+    above = changing = total = 0.0
+    for r in rows:
+        scale = r["numel"] / r["elements"]
+        above += r["linear"] * scale
+        changing += r["changing"] * scale
+        total += r["numel"]
+    frac = above / changing if changing else None
+    static = (total - changing) / total if total else None
+    return frac, static
+
+
+def _group(rows: list[dict]) -> dict:
+    frac, static = weighted(rows)
+    return {**{f"mean_{k}": _mean([r[k] for r in rows]) for k in MEAN_KEYS},
+            FRAC_KEY: frac, "static_fraction": static, "numel": sum(r["numel"] for r in rows), "n": len(rows)}
+
+
+def summarize(rows: list[dict], *, steps: list[int], rank: int, sample: int | None, seed: int) -> dict:
+    """Means overall and by type, the element-weighted headline and the least linear tensors."""
+    by_type: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: type_key(r["type"])):
+        by_type.setdefault(r["type"], []).append(r)
+    frac, static = weighted(rows)
+    ranked = sorted((r for r in rows if r[FRAC_KEY] is not None and not math.isnan(r[FRAC_KEY])),
+                    key=lambda r: (r[FRAC_KEY], r["tensor"]))
+    return {
+        "steps": steps, "T": len(steps), "rank": rank, "threshold": R2_LINEAR,
+        "sample": sample, "seed": seed if sample is not None else None,
+        "headline": {
+            FRAC_KEY: frac, "static_fraction": static, "numel": sum(r["numel"] for r in rows),
+            "note": (f"share of the elements that change over the window whose per-element linear R² against "
+                     f"the step exceeds {R2_LINEAR}, weighted by tensor size; elements that do not change have "
+                     f"no R², are left out of it and counted in static_fraction"
+                     + (f"; estimated from a seeded sample of up to {sample} elements per tensor" if sample else "")),
+        },
+        "mean": _group(rows),
+        "by_type": {t: _group(rs) for t, rs in by_type.items()},
+        "least_linear": [{"tensor": r["tensor"], "layer": r["layer"], "type": r["type"], FRAC_KEY: r[FRAC_KEY],
+                          "explained_1": r["explained_1"]} for r in ranked[:LEAST_LINEAR]],
+    }
+
+
+def write_tables(folder: Path, rows: list[dict], summary: dict, rank: int) -> None:
+    """linearity.csv / .jsonl, by_type.csv and summary.json."""
+    write_row_tables(folder, "linearity", rows, columns(rank))
+    keys = [f"mean_{k}" for k in MEAN_KEYS] + [FRAC_KEY, "static_fraction"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["type", "tensors", "numel"] + keys)
+    for t, g in summary["by_type"].items():
+        w.writerow([t, g["n"], g["numel"]] + ["" if g[k] is None else g[k] for k in keys])
+    (folder / "by_type.csv").write_text(buf.getvalue())
+    (folder / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
