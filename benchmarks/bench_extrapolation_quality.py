@@ -105,8 +105,8 @@ def main() -> None:
         s = lin["summary"]
         row = {"run": kind, "window": f"10..{CUT}", "target": TARGET,
                "linearity_frac_r2_above_0.7": s["headline"]["frac_r2_above_0.7"],
-               "explained_1_mean": s.get("mean", {}).get("explained_1"),
-               "coef_r2_1_mean": s.get("mean", {}).get("coef_r2_1"),
+               "explained_1_mean": s["mean"]["mean_explained_1"],
+               "coef_r2_1_mean": s["mean"]["mean_coef_r2_1"],
                "error_stop_at_cut": error(run / f"checkpoint-{CUT}", run / f"checkpoint-{TARGET}", base)}
         for method, extra in (("relex", ["--rank", "1"]), ("linear", ["--mode", "lstsq"])):
             dest = out / method
