@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..errors import InputError, UsageError
 from ..io.factor_store import FactorStore, factor_file
+from ..io.fit_store import FIT_FORMAT, FIT_FORMAT_VERSION  # noqa: F401 (importable from here)
 from ..io.metrics import align, read_metrics
 from ..io.outputs import follow_umask, locked_output, output_errors, staged_output
 from ..io.writer import provenance, write_provenance
@@ -33,8 +34,6 @@ from ..math.signs import align_to_next
 from ..options import parse_steps
 from .spectrum_tables import TYPE_ORDER, write_row_tables
 
-FIT_FORMAT = "rank1tools.pls-fits"
-FIT_FORMAT_VERSION = 1
 GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
 LOO_GOOD = 0.9  # the share of modules above this LOO R² is reported
 OVERFIT_GAP = 0.5  # warn when mean in-sample R² exceeds mean LOO R² by this much
@@ -158,6 +157,7 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
             "steps": torch.tensor(used, dtype=torch.int64),
             "targets": torch.from_numpy(y.copy() if y is not None else steps_y.copy()),
             "v_last": V[-1].contiguous(), "u_last": U[-1].contiguous(), "sigma_last": f["S"][idx[-1], 0:1].contiguous(),
+            "fro": f["fro"][idx].double().contiguous(),  # ||dW_t||_F: alpharl's norm ratio needs no factor store
         }
         path = staging / "fits" / factor_file(name)
         with output_errors(path):

@@ -1,0 +1,364 @@
+"""`rank1 extrapolate --method alpharl`: the update AlphaRL predicts for a target metric (SPEC §4).
+
+Reads a fit-pls output (the fit store) and the base; no checkpoint of the run is read unless
+`--container last`. Per selected module and target y* (the metric, or the step for a store fitted
+against the step):
+
+    s* = (y* − a) / b                     on the fitted score line y ≈ a + b·s
+    x̂  = x_mean + x_scale ⊙ (s* · p)      the one-component PLS inverse transform (p: x loadings)
+    ΔŴ = x̂ v̂ᵀ                             v̂: the window's last, sign-aligned right singular vector
+    W  = θ₀ + ΔŴ                          container base (default): x̂ models the cumulative update
+    W  = θ_last + ΔŴ                      container last: what the public reference script does
+
+Container last adds a cumulative update on top of a checkpoint that already holds ΔW_last: the
+update up to the window's last step is counted twice (docs, and a note on every such run).
+Modules whose R² is below `--min-r2`, or whose score line is flat (b = 0, no inverse), keep the
+container's value, as does every tensor not selected; those are copied bit-exactly when the dtype
+is kept. ΔŴ is formed in float32 from x̂ (float64) and v̂ and added to the container upcast to
+float32, row block by row block; several targets are written in one pass (each input tensor read
+once). Each output carries a report (per module: R² used, selected or kept and why, s*, the norm
+ratio ‖ΔŴ‖_F / ‖ΔW_last‖_F = ‖x̂‖·‖v̂‖ / fro_last, flagged above `flag_limit`) and a rounding report.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+
+from ..device import resolve_device
+from ..errors import InputError, Rank1Error, UsageError
+from ..io.checkpoint import Checkpoint
+from ..io.compat import check_compatible, tensor_shapes
+from ..io.factor_store import _same_source
+from ..io.fit_store import FitStore
+from ..io.outputs import locked_output
+from ..io.sources import is_hub_source, open_source
+from ..io.writer import TensorSpec, provenance
+from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
+from ..math.reconstruct import RoundingStats, rounding_stats
+from ..modules import LM_HEAD_NAME, select_tensors
+from ..options import parse_size
+from ..resources import check_memory, reconstruct_peak_bytes
+from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
+from .extrapolate import REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, flag_limit, target_folder
+
+R2_INDEX = {"r2": 0, "loo_r2": 1, "r2_step": 2}  # positions in a fit file's `r2` tensor
+BLOCK_ELEMS = 1 << 18  # update, add, cast and rounding stats are fused over row blocks of this size
+
+
+@dataclass
+class ModulePlan:
+    """One fit-store module: whether it is extrapolated, and its prediction for every target."""
+
+    name: str
+    r2: float | None  # the R² --r2 names (NaN: not fitted; None: not selected, not read)
+    reason: str | None  # why it keeps the container's value; None when extrapolated
+    score_line: tuple[float, float] | None = None
+    scores: list[float] = field(default_factory=list)  # s* per target
+    ratios: list[float] = field(default_factory=list)  # ‖ΔŴ‖_F / ‖ΔW_last‖_F per target
+    x_hat: list[torch.Tensor] = field(default_factory=list)  # per target, float64 (d_out,)
+    v: torch.Tensor | None = None  # float32 (d_in,)
+
+    @property
+    def extrapolated(self) -> bool:
+        return self.reason is None
+
+
+def predict(fit: dict[str, torch.Tensor], target: float) -> tuple[float, torch.Tensor]:
+    """(s*, x̂) for one target from a fit file's tensors, in float64 (SPEC §4 steps 2-3)."""
+    a, b = (float(v) for v in fit["score_line"])
+    s = (target - a) / b
+    x = fit["x_mean"].double() + fit["x_scale"].double() * (s * fit["x_loadings"].double())
+    return s, x
+
+
+def apply_outer(container: torch.Tensor, x: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype,
+                block_elems: int = BLOCK_ELEMS) -> tuple[torch.Tensor, RoundingStats]:
+    """Stored W = (container + x vᵀ).to(out_dtype) and the rounding stats of the intended update.
+
+    `container` float32 (m, n); the update is formed in float32 (one rounding of each product)
+    and added in float32, block by block: no full-size update tensor is materialised."""
+    xf = x.to(device=container.device, dtype=torch.float32)
+    vf = v.to(device=container.device, dtype=torch.float32)
+    out = torch.empty(container.shape, dtype=out_dtype, device=container.device)
+    stats = RoundingStats()
+    rows = max(1, block_elems // max(1, container.shape[1]))
+    for r in range(0, container.shape[0], rows):
+        w0 = container[r:r + rows]
+        upd = xf[r:r + rows, None] * vf[None, :]
+        stored = (w0 + upd).to(out_dtype)
+        out[r:r + rows] = stored
+        stats.add(rounding_stats(w0, upd, stored))
+    return out, stats
+
+
+def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, force: bool = False,
+                        progress: Callable[[int, int], None] | None = None) -> ExtrapolateResult:
+    """Write the checkpoint AlphaRL predicts for each target (one pass over the container)."""
+    if isinstance(options.max_shard_size, str):
+        options = replace(options, max_shard_size=parse_size(options.max_shard_size))
+    if options.checkpoints or options.run:
+        raise UsageError("--method alpharl reads no run (CHECKPOINT arguments, --run): it reads --fits and the base")
+    if options.last_checkpoint and options.container != "last":
+        raise UsageError("--last-checkpoint applies to --container last only")
+    fits = str(options.fits)
+    store = FitStore(fits)
+    kind, targets = _targets(store, options)
+    r2_index, notes, warnings = _r2_index(store, options), [], []
+    base_ck = open_source(base)
+    if not store.same_base(base_ck.label, base_ck.revision):
+        raise InputError(f"{fits}: fit store was made from base {store.base['source']}, not {base}")
+    last_step = store.window[-1]
+    last_ck = _open_last(store, options, last_step, notes) if options.container == "last" else None
+    if last_ck is not None:
+        check_compatible(base_ck, last_ck, label=f"last checkpoint {last_ck.label}")
+    shapes = tensor_shapes(base_ck, [last_ck] if last_ck is not None else [])
+    if base_ck.lm_head_tied and LM_HEAD_NAME in store.modules and LM_HEAD_NAME not in shapes:
+        shapes[LM_HEAD_NAME] = base_ck.entry(LM_HEAD_NAME).shape  # a head the run untied: selectable
+    selected = _select(store, shapes, base_ck, options)
+    chosen = set(selected)  # a subset of the store's modules (_select checked it)
+    plans = {n: _plan(store, n, targets, kind, r2_index, options) if n in chosen
+             else ModulePlan(n, None, "not selected (--include/--exclude)") for n in store.modules}
+
+    container = last_ck if last_ck is not None else base_ck
+    untie = base_ck.lm_head_tied and (LM_HEAD_NAME in selected or (last_ck is not None and LM_HEAD_NAME in last_ck.entries))
+    names = [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]
+    specs = [TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype)) for n in names]
+    base_ck.expect(names if last_ck is None else [])
+    if last_ck is not None:
+        last_ck.expect(names)
+    device = resolve_device(options.device)
+    _check_memory(container, specs, {n for n in selected if plans[n].extrapolated}, device)
+
+    params = {"method": "alpharl", "targets": targets, "target_kind": kind, "container": options.container,
+              "min_r2": options.min_r2, "r2": options.r2_kind, "include": options.include, "exclude": options.exclude,
+              "dtype": options.dtype, "flag_ratio": options.flag_ratio, "device": device.type,
+              "fit_store": {"path": fits, "target": store.target, "metric": store.metric, "window": store.window},
+              "last_checkpoint": None if last_ck is None else last_ck.label}
+    inputs = [base_ck, fits, *([last_ck] if last_ck is not None else [])]
+    local = [Path(c.label) for c in (base_ck, last_ck) if c is not None and not is_hub_source(c.label)] + [Path(fits)]
+    folders = [target_folder(kind, t) for t in targets]
+    with locked_output(out, force=force, inputs=local) as target_path, \
+            CheckpointOutputs(target_path, folders, specs, max_shard_size=options.max_shard_size, force=force) as outs:
+        stats = [dict() for _ in targets]
+        for i, name in enumerate(names):
+            plan = plans.get(name)
+            if plan is not None and plan.extrapolated:
+                _write_module(name, plan, container, targets, kind, device, outs.writers, stats)
+            else:
+                _write_rest(name, container, outs.writers)
+            if progress:
+                progress(i + 1, len(names))
+        limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
+        reports = [_report(plans, i, t, kind, limits[i], store, options) for i, t in enumerate(targets)]
+        roundings = [rounding_report(st) for st in stats]
+        outs.commit(copy_from=base_ck, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
+                    provenances=[provenance("extrapolate", inputs, {**params, "target": t}) for t in targets],
+                    reports=[{REPORT_FILE: rep, ROUNDING_FILE: rnd} for rep, rnd in zip(reports, roundings)],
+                    parent_provenance=provenance("extrapolate", inputs, params), label=out,
+                    untie_word_embeddings=untie)
+        paths = outs.paths(out)
+    outputs = [TargetOutput(target=t, kind=kind, path=p, flagged=rep["flagged"],
+                            norm_ratio_median=rep["norm_ratio_median"], norm_ratio_max=rep["norm_ratio_max"],
+                            **{k: rnd[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")})
+               for t, p, rep, rnd in zip(targets, paths, reports, roundings)]
+    _notes(store, plans, options, kind, last_step, untie, notes, warnings)
+    tensors = [{"tensor": p.name, "r2": p.r2, "score_line": list(p.score_line), "scores": p.scores,
+                "norm_ratio": p.ratios} for p in plans.values() if p.extrapolated]
+    return ExtrapolateResult(out=out, method="alpharl", history_steps=list(store.window), outputs=outputs,
+                             tensors=tensors, parameters=params, notes=notes, warnings=warnings)
+
+
+def _targets(store: FitStore, options: ExtrapolateOptions) -> tuple[str, list[float]]:
+    """The target kind the store was fitted against and the values asked for; the other flag is misuse."""
+    if store.target == "metric":
+        if options.target_steps:
+            raise UsageError(f"fit store {options.fits} was fitted against the metric {store.metric_name!r}: "
+                             "use --target-metric Y, not --target-step")
+        if not options.target_metrics:
+            raise UsageError(f"fit store {options.fits} was fitted against the metric {store.metric_name!r}: "
+                             "give --target-metric Y")
+        return "metric", [float(y) for y in options.target_metrics]
+    if options.target_metrics:
+        raise UsageError(f"fit store {options.fits} was fitted against the step (fit-pls without --metrics): "
+                         "use --target-step S, not --target-metric")
+    if not options.target_steps:
+        raise UsageError(f"fit store {options.fits} was fitted against the step: give --target-step S")
+    return "step", [float(s) for s in options.target_steps]
+
+
+def _r2_index(store: FitStore, options: ExtrapolateOptions) -> int:
+    """Which entry of a fit file's r2 = [in-sample, leave-one-out, step] --r2 names. A store fitted
+    against the step has only R²_step, which is then also its in-sample R²."""
+    if store.target == "step":
+        if options.r2_kind == "loo_r2":
+            raise UsageError(f"--r2 loo_r2: fit store {options.fits} was fitted against the step, without a "
+                             "leave-one-out R²; use --r2 r2_step")
+        return R2_INDEX["r2_step"]
+    return R2_INDEX[options.r2_kind]
+
+
+def _open_last(store: FitStore, options: ExtrapolateOptions, step: int, notes: list[str]) -> Checkpoint:
+    """The window's last checkpoint: --last-checkpoint, else the factor store's record of it."""
+    rec = store.checkpoint_at(step)
+    if options.last_checkpoint:
+        ck = open_source(options.last_checkpoint)
+        if rec is not None and not _same_source(rec["source"], rec.get("revision"), ck.label, ck.revision):
+            notes.append(f"--last-checkpoint {ck.label} is not {rec['source']}, the checkpoint the fit store "
+                         f"records for step {step}")
+        return ck
+    need = f"--container last needs the window's last checkpoint (step {step})"
+    if rec is None:
+        raise InputError(f"{need}, which fit store {options.fits} does not record; pass --last-checkpoint PATH")
+    try:
+        ck = open_source(rec["source"])
+    except Rank1Error as e:
+        raise InputError(f"{need}: {rec['source']}, as fit store {options.fits} records it, cannot be opened "
+                         f"({e}); pass --last-checkpoint PATH") from None
+    if rec.get("revision") is not None and ck.revision != rec["revision"]:
+        raise InputError(f"{need}: {rec['source']} is now at revision {ck.revision}, fit store {options.fits} "
+                         f"recorded {rec['revision']}; pass --last-checkpoint with that revision")
+    return ck
+
+
+def _select(store: FitStore, shapes: dict, base_ck: Checkpoint, options: ExtrapolateOptions) -> list[str]:
+    """Every fit-store module minus --exclude; with --include, the base's 2-D tensors it names,
+    each of which the fit store must hold. Every module must have the base's shape."""
+    if options.include:
+        names = select_tensors(shapes, include=options.include, exclude=options.exclude)
+        missing = [n for n in names if n not in store.modules]
+        if missing:
+            raise InputError(f"fit store {options.fits} has no module {missing[0]!r}")
+    else:
+        names = [n for n in store.modules if not any(fnmatchcase(n, g) for g in options.exclude)]
+    if not names:
+        raise UsageError("no tensors selected (check --include/--exclude)")
+    for n in names:
+        if n not in shapes:
+            raise InputError(f"base {base_ck.label} has no tensor {n!r}, a module of fit store {options.fits}")
+        if list(shapes[n]) != store.modules[n]["shape"]:
+            raise InputError(f"tensor {n!r}: shape {list(shapes[n])} in base {base_ck.label} but "
+                             f"{store.modules[n]['shape']} in fit store {options.fits}")
+    return names
+
+
+def _plan(store: FitStore, name: str, targets: list[float], kind: str, r2_index: int,
+          options: ExtrapolateOptions) -> ModulePlan:
+    fit = store.load(name)
+    r2 = float(fit["r2"][r2_index])
+    a, b = (float(v) for v in fit["score_line"])
+    if options.min_r2 is not None and not r2 >= options.min_r2:
+        label = "R²_step" if r2_index == 2 else ("R²" if r2_index == 0 else "LOO R²")
+        why = f"{label} not fitted (NaN)" if math.isnan(r2) else f"{label} {r2:.4g} below --min-r2 {options.min_r2:g}"
+        return ModulePlan(name, r2, why, (a, b))
+    if b == 0:
+        return ModulePlan(name, r2, f"flat score line (slope 0): no score gives the target {kind}", (a, b))
+    v_norm = float(fit["v_last"].double().norm())
+    fro_last = float(fit["fro"][-1])
+    plan = ModulePlan(name, r2, None, (a, b), v=fit["v_last"].float())
+    for t in targets:
+        s, x = predict(fit, t)
+        if not (math.isfinite(s) and bool(torch.isfinite(x).all())):
+            raise InputError(f"module {name!r}: --target-{kind} {t:g} gives score {s:.3g} on a score line of slope "
+                             f"{b:.3g}; the predicted update is not finite")
+        norm = float(x.norm()) * v_norm
+        plan.scores.append(s)
+        plan.x_hat.append(x)
+        plan.ratios.append(norm / fro_last if fro_last > 0 else (math.inf if norm > 0 else 0.0))
+    return plan
+
+
+def _check_memory(container: Checkpoint, specs: list[TensorSpec], extrapolated: set, device) -> None:
+    """Refuse before any work when the largest tensor's working set exceeds the available memory."""
+    def need(spec: TensorSpec) -> int:
+        e = container.entry(spec.name)
+        item = torch.empty((), dtype=spec.dtype).element_size()
+        return reconstruct_peak_bytes(e.numel, e.nbytes, item, selected=spec.name in extrapolated, from_factors=True,
+                                      svd=0, rest="base", on_cpu=device.type == "cpu")
+
+    spec = max(specs, key=need)
+    check_memory(need(spec), f"tensor {spec.name!r} {list(spec.shape)}")
+
+
+def _overflow(name: str, dtype: torch.dtype, what: str, hint: str) -> InputError:
+    return InputError(f"tensor {name!r}: {what} overflow {dtype_name(dtype)} ({hint}; largest finite "
+                      f"{dtype_name(dtype)} is {dtype_max(dtype):.5g})")
+
+
+def _write_module(name, plan: ModulePlan, container: Checkpoint, targets, kind, device, writers, stats) -> None:
+    """container + ΔŴ of every target, each written to its output; rounding stats of ΔŴ."""
+    w0 = container.read(name, device=device)  # float32 from the stored dtype (SPEC "Words")
+    if not all_finite(w0):
+        raise InputError(f"{container.label}: tensor {name!r} has non-finite values (NaN or Inf)")
+    for t, x, ratio, w, st in zip(targets, plan.x_hat, plan.ratios, writers, stats):
+        dtype = w.specs[name].dtype
+        stored, stat = apply_outer(w0, x, plan.v, dtype)
+        if stat.introduced_nonfinite or not math.isfinite(stat.err_sq):
+            raise _overflow(name, dtype, f"the extrapolated weights at --target-{kind} {t:g}",
+                            f"norm ratio {ratio:.3g}: check the target"
+                            + (", or write --dtype float32" if dtype != torch.float32 else ""))
+        w.write(name, stored)
+        st[name] = stat
+
+
+def _write_rest(name: str, container: Checkpoint, writers) -> None:
+    """The container's value: cast once (bit-exact when the dtype is kept), written to every output."""
+    raw = container.read_raw(name)
+    stored = raw.to(writers[0].specs[name].dtype)
+    if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):
+        raise _overflow(name, stored.dtype, f"{container.label} values (|values| up to {max_abs(raw):.3g})",
+                        "use --dtype float32 or bfloat16")
+    for w in writers:
+        w.write(name, stored)
+
+
+def _report(plans: dict[str, ModulePlan], i: int, target: float, kind: str, limit: float, store: FitStore,
+            options: ExtrapolateOptions) -> dict:
+    """REPORT_FILE of output i: per module R², selected or kept and why, s*, norm ratio; flagged ones."""
+    rows, flagged, ratios = [], [], []
+    for p in plans.values():
+        row = {"module": p.name, "r2": p.r2, "status": "extrapolated" if p.extrapolated else "kept",
+               "reason": p.reason, "score": None, "norm_ratio": None, "flagged": False}
+        if p.extrapolated:
+            ratio = p.ratios[i]
+            row.update(score=p.scores[i], norm_ratio=ratio, flagged=ratio > limit)
+            ratios.append(ratio)
+            if ratio > limit:
+                flagged.append({"tensor": p.name, "norm_ratio": ratio, "limit": limit})
+        rows.append(row)
+    return {"method": "alpharl", "kind": kind, "target": target, "relative": store.relative,
+            "metric": store.metric_name, "container": options.container, "fit_store": str(options.fits),
+            "window": store.window, "r2_kind": options.r2_kind, "min_r2": options.min_r2, "flag_limit": limit,
+            "extrapolated": len(ratios), "kept": len(rows) - len(ratios),
+            "norm_ratio_median": statistics.median(ratios) if ratios else None,
+            "norm_ratio_max": max(ratios) if ratios else None, "flagged": flagged, "modules": rows}
+
+
+def _notes(store, plans, options, kind, last_step, untie, notes, warnings) -> None:
+    if store.relative:
+        notes.append(f"the fit is on the metric relative to its value at step {last_step} (fit-pls --relative): "
+                     f"--target-metric is relative too (1.0 = the metric of step {last_step})")
+    if options.container == "last":
+        notes.append(f"--container last: W = θ_last + ΔŴ, and ΔŴ models the cumulative update from the base, which "
+                     f"θ_last (step {last_step}) already holds in part: the update up to step {last_step} is "
+                     "counted twice (the reference script's choice; --container base avoids it)")
+    if store.target == "step" and options.r2_kind == "r2" and options.min_r2 is not None:
+        notes.append("the fit store was fitted against the step: --min-r2 reads its in-sample R²_step")
+    kept = [p for p in plans.values() if not p.extrapolated and not p.reason.startswith("not selected")]
+    low = [p for p in kept if not p.reason.startswith("flat")]
+    if low:
+        notes.append(f"{len(low)} modules below --min-r2 {options.min_r2:g} ({options.r2_kind}) keep the "
+                     f"{options.container} value")
+    flat = [p.name for p in kept if p.reason.startswith("flat")]
+    if flat:
+        warnings.append(f"{len(flat)} modules have a flat score line (slope 0: the {kind} does not move with "
+                        f"their trajectory) and keep the {options.container} value, e.g. {flat[0]}")
+    if untie:
+        notes.append(f"the base ties {LM_HEAD_NAME} to its embedding; the output stores its own head and its "
+                     "config.json says tie_word_embeddings: false")
