@@ -35,7 +35,7 @@ from ..device import resolve_device
 from ..errors import InputError, Rank1Error, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
-from ..io.factor_store import _same_source
+from ..io.factor_store import same_source
 from ..io.fit_store import FitStore
 from ..io.outputs import locked_output
 from ..io.sources import is_hub_source, open_source
@@ -209,7 +209,7 @@ def _open_last(store: FitStore, options: ExtrapolateOptions, step: int, notes: l
     rec = store.checkpoint_at(step)
     if options.last_checkpoint:
         ck = open_source(options.last_checkpoint)
-        if rec is not None and not _same_source(rec["source"], rec.get("revision"), ck.label, ck.revision):
+        if rec is not None and not same_source(rec["source"], rec.get("revision"), ck.label, ck.revision):
             notes.append(f"--last-checkpoint {ck.label} is not {rec['source']}, the checkpoint the fit store "
                          f"records for step {step}")
         return ck

@@ -52,7 +52,7 @@ class FactorStore:
             self.steps = [c["step"] for c in self.manifest["checkpoints"]]
             sources = [c["source"] for c in [self.manifest["base"], *self.manifest["checkpoints"]]]
             ok = (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1
-                  and all(isinstance(n, str) and isinstance(m.get("file"), str) and _is_shape(m.get("shape"))
+                  and all(isinstance(n, str) and isinstance(m.get("file"), str) and is_shape(m.get("shape"))
                           for n, m in self.modules.items())
                   and all(isinstance(s, int) and not isinstance(s, bool) for s in self.steps)
                   and all(isinstance(s, str) for s in sources))
@@ -67,13 +67,13 @@ class FactorStore:
         """Index of the stored checkpoint that `label` names (same source string, same local
         path, or same Hub revision sha), or -1."""
         for i, c in enumerate(self.manifest["checkpoints"]):
-            if _same_source(c["source"], c.get("revision"), label, revision):
+            if same_source(c["source"], c.get("revision"), label, revision):
                 return i
         return -1
 
     def same_base(self, label: str, revision: str | None = None) -> bool:
         b = self.manifest["base"]
-        return _same_source(b["source"], b.get("revision"), label, revision)
+        return same_source(b["source"], b.get("revision"), label, revision)
 
     def factor_path(self, name: str) -> Path:
         """The file of module `name`, confined to the store's factors/ folder (a manifest string
@@ -115,12 +115,12 @@ class FactorStore:
         return data
 
 
-def _is_shape(shape) -> bool:
+def is_shape(shape) -> bool:
     return (isinstance(shape, list) and len(shape) == 2
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
 
 
-def _same_source(a: str, a_rev: str | None, b: str, b_rev: str | None) -> bool:
+def same_source(a: str, a_rev: str | None, b: str, b_rev: str | None) -> bool:
     if a == b:
         return True
     if a.startswith("hf://") or b.startswith("hf://"):

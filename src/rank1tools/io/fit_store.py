@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError
 from ..jsonutil import read_json_file
-from .factor_store import _is_shape, _same_source
+from .factor_store import is_shape, same_source
 
 FIT_FORMAT = "rank1tools.pls-fits"
 FIT_FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ class FitStore:
                   and isinstance(self.window, list) and len(self.window) >= 1 and all(map(_is_int, self.window))
                   and all(a < b for a, b in zip(self.window, self.window[1:]))
                   and len(self.modules) == len(m["modules"])
-                  and all(isinstance(n, str) and isinstance(e.get("file"), str) and _is_shape(e.get("shape"))
+                  and all(isinstance(n, str) and isinstance(e.get("file"), str) and is_shape(e.get("shape"))
                           for n, e in self.modules.items()))
         except (KeyError, TypeError, AttributeError):
             ok = False
@@ -87,7 +87,7 @@ class FitStore:
     def same_base(self, label: str, revision: str | None = None) -> bool:
         """Whether the factor store behind these fits was made from the base `label` (same
         comparison as FactorStore.same_base)."""
-        return _same_source(self.base["source"], self.base.get("revision"), label, revision)
+        return same_source(self.base["source"], self.base.get("revision"), label, revision)
 
     def checkpoint_at(self, step: int) -> dict | None:
         """The factor store's record ({step, source, revision}) of the checkpoint at `step`."""
