@@ -1,0 +1,117 @@
+"""`rank1 extrapolate --method linear`: weight-space straight lines (SPEC §6).
+
+`--mode lstsq` (default): per element, the least-squares line through the updates ΔW_t of the
+last W history checkpoints (all by default), θ̂(s) = θ₀ + Δ̄ + slope·(s − t̄), with each element's
+R² over the window (the fraction above 0.7 is RLVR linearity's figure). `--mode two-point`: the
+reference code's θ̂(s) = θ_a + (s − a)/(b − a)·(θ_b − θ_a) for two history steps a ≠ b (default the
+first and the last). Both are computed on float32 updates in float64 and streamed in element
+chunks: one pass, O(W × chunk) memory. Norm weights are copied from the last history checkpoint
+(the reference's behaviour) unless --extrapolate-norms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..errors import UsageError
+from ..math.linefit import R2_LINEAR, LineFit, fraction_above, two_point
+from .extrapolate import ExtrapolateOptions, ExtrapolateResult
+from .history_extrapolation import (History, TargetSink, check_history_tensors, checked_options, history_chunks,
+                                    nonfinite_history, open_history, plan_tensors, window_size, write_extrapolation)
+
+
+def extrapolate_linear(base: str, out: str, *, options: ExtrapolateOptions, force: bool = False,
+                       progress: Callable[[int, int], None] | None = None) -> ExtrapolateResult:
+    """Write θ̂(s) for every --target-step s from straight lines through the history's weights."""
+    options = checked_options(options, "linear")
+    two = options.mode == "two-point"
+    for flag, given in (("--rank", options.rank != 1), ("--position-index", options.position_index)):
+        if given:
+            raise UsageError(f"{flag} applies to --method relex, not linear")
+    if not two and (options.from_step is not None or options.to_step is not None):
+        raise UsageError("--from/--to apply to --mode two-point")
+    if two and options.fit_window is not None:
+        raise UsageError("--fit-window applies to --mode lstsq (two-point uses --from and --to)")
+    h = open_history(base, options)
+    T = len(h.steps)
+    plan = plan_tensors(h, options, copy_norms=not options.extrapolate_norms)
+    if two:
+        a = h.steps[0] if options.from_step is None else options.from_step
+        b = h.steps[-1] if options.to_step is None else options.to_step
+        for flag, s in (("--from", a), ("--to", b)):
+            if s not in h.steps:
+                raise UsageError(f"{flag} {s} is not a history step ({_steps_text(h.steps)})")
+        if a == b:
+            raise UsageError(f"--from and --to are both step {a}: a line needs two different steps")
+        read = sorted({h.steps.index(a), h.steps.index(b), T - 1})
+        params = {"mode": "two-point", "from": a, "to": b, "extrapolate_norms": options.extrapolate_norms}
+
+        def one(name: str, sink: TargetSink) -> dict:
+            return _two_point_tensor(h, name, sink, read, a, b)
+    else:
+        W = window_size(options, T)
+        read = list(range(T - W, T))
+        params = {"mode": "lstsq", "fit_window": W, "fit_steps": h.steps[-W:],
+                  "extrapolate_norms": options.extrapolate_norms, "r2_threshold": R2_LINEAR}
+
+        def one(name: str, sink: TargetSink) -> dict:
+            return _lstsq_tensor(h, name, sink, read)
+    check_history_tensors(h, plan, read)
+    notes = []
+    copied = plan.norms
+    if copied:
+        notes.append(f"{len(copied)} norm weights copied from the last history checkpoint (step {h.steps[-1]}); "
+                     "--extrapolate-norms extrapolates them too")
+    return write_extrapolation(h, plan, out, options, force, progress, params={**params, "copied_norms": copied},
+                               tensor_fn=one, read=read, notes=notes)
+
+
+def _steps_text(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
+
+
+def _ratio(sq_pred: float, sq_last: float) -> float:
+    return math.sqrt(sq_pred / sq_last) if sq_last > 0 else math.nan
+
+
+def _lstsq_tensor(h: History, name: str, sink: TargetSink, read: list[int]) -> dict:
+    cks = [h.checkpoints[i] for i in read]
+    t = [float(h.steps[i]) for i in read]
+    sq_last, sq_pred = 0.0, [0.0] * len(h.targets)
+    above = changing = total = 0
+    for ch in history_chunks(h, cks, name):
+        M = ch.values.sub_(ch.base)  # W × n float32 updates, in place
+        fit = LineFit().fit(t, M)
+        for j, s in enumerate(h.targets):
+            d = fit.predict(s)
+            sq_pred[j] += float(d @ d)
+            sink.write(j, name, ch.start, ch.base, d)
+        sq_last += float(torch.linalg.vector_norm(M[-1], dtype=torch.float64)) ** 2
+        n_above, n_changing, n_all = fraction_above(fit.r2_)
+        above, changing, total = above + n_above, changing + n_changing, total + n_all
+    if not all(math.isfinite(v) for v in (sq_last, *sq_pred)):
+        raise nonfinite_history(h, name, cks)
+    common = {"numel": total, "last_update_norm": math.sqrt(sq_last),
+              "r2_above_threshold": above / changing if changing else math.nan,
+              "elements_above_threshold": above, "elements_changing": changing}
+    return {"common": common, "per_target": [{"norm_ratio": _ratio(q, sq_last)} for q in sq_pred]}
+
+
+def _two_point_tensor(h: History, name: str, sink: TargetSink, read: list[int], a: int, b: int) -> dict:
+    cks = [h.checkpoints[i] for i in read]
+    row = {h.steps[i]: k for k, i in enumerate(read)}
+    sq_last, sq_pred = 0.0, [0.0] * len(h.targets)
+    for ch in history_chunks(h, cks, name):
+        M = ch.values.sub_(ch.base)
+        for j, s in enumerate(h.targets):
+            d = two_point(M[row[a]], M[row[b]], a, b, s)  # θ_a − θ₀ + f·(θ_b − θ_a), float64
+            sq_pred[j] += float(d @ d)
+            sink.write(j, name, ch.start, ch.base, d)
+        sq_last += float(torch.linalg.vector_norm(M[row[h.steps[-1]]], dtype=torch.float64)) ** 2
+    if not all(math.isfinite(v) for v in (sq_last, *sq_pred)):
+        raise nonfinite_history(h, name, cks)
+    return {"common": {"numel": h.base.entry(name).numel, "last_update_norm": math.sqrt(sq_last)},
+            "per_target": [{"norm_ratio": _ratio(q, sq_last)} for q in sq_pred]}

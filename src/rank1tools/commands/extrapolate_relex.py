@@ -1,0 +1,88 @@
+"""`rank1 extrapolate --method relex`: trajectory rank-r extrapolation (SPEC §5).
+
+Per tensor, M is the T × d matrix of the history's updates ΔW_t (float32, uncentred), never held
+whole. Pass 1 streams column chunks of M into the Gram matrix G = M Mᵀ (float64); its
+eigendecomposition gives the coefficients C = U_r σ_r of the top-r trajectory directions. Each
+coefficient series is fitted with a line over the last W history points, on the step numbers
+(or, with --position-index, on the reference code's positions 0..W−1, wrong for uneven spacing).
+Pass 2 streams M again and writes, for every target s, θ̂(s) = θ₀ + Mᵀ w(s) with w(s) the weights
+that turn the predicted coefficients a + b·s into a combination of the checkpoints' updates.
+Memory is O(T × chunk) per pass, nothing is written to disk but the outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..errors import UsageError
+from ..math.linefit import LineFit, positions_for
+from ..math.trajectory import combine, gram_update, trajectory_basis
+from .extrapolate import ExtrapolateOptions, ExtrapolateResult
+from .history_extrapolation import (History, TargetSink, check_history_tensors, checked_options, history_chunks,
+                                    nonfinite_history, open_history, plan_tensors, window_size, write_extrapolation)
+
+
+def extrapolate_relex(base: str, out: str, *, options: ExtrapolateOptions, force: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> ExtrapolateResult:
+    """Write θ̂(s) for every --target-step s from the trajectory rank-r fit of the history."""
+    options = checked_options(options, "relex")
+    for flag, given in (("--mode two-point", options.mode != "lstsq"), ("--from", options.from_step is not None),
+                        ("--to", options.to_step is not None), ("--extrapolate-norms", options.extrapolate_norms)):
+        if given:
+            raise UsageError(f"{flag} applies to --method linear, not relex")
+    h = open_history(base, options)
+    T = len(h.steps)
+    if options.rank > T:
+        raise UsageError(f"--rank {options.rank} exceeds the {T} history checkpoints (steps {h.steps[0]}..{h.steps[-1]})")
+    W = window_size(options, T)
+    plan = plan_tensors(h, options, copy_norms=False)
+    check_history_tensors(h, plan, list(range(T)))
+    window = h.steps[-W:]
+    if options.position_index:
+        t_fit, x_targets = positions_for(window, [float(s) for s in h.targets])
+    else:
+        t_fit, x_targets = [float(s) for s in window], [float(s) for s in h.targets]
+    notes = []
+    gaps = {b - a for a, b in zip(window, window[1:])}
+    if options.position_index and len(gaps) > 1:
+        notes.append(f"--position-index fits on positions 0..{W - 1} although the window's steps are unevenly "
+                     f"spaced ({', '.join(map(str, window))}): the reference code's axis, not the steps")
+    params = {"rank": options.rank, "fit_window": W, "fit_steps": window, "position_index": options.position_index,
+              "fit_axis": "position" if options.position_index else "step"}
+
+    def one(name: str, sink: TargetSink) -> dict:
+        return _relex_tensor(h, name, sink, options.rank, W, t_fit, x_targets)
+
+    return write_extrapolation(h, plan, out, options, force, progress, params=params, tensor_fn=one,
+                               read=list(range(T)), notes=notes)
+
+
+def _relex_tensor(h: History, name: str, sink: TargetSink, r: int, W: int, t_fit: list[float],
+                  x_targets: list[float]) -> dict:
+    T = len(h.steps)
+    G = None
+    for ch in history_chunks(h, h.checkpoints, name):  # pass 1: G = Σ M Mᵀ
+        G = gram_update(G, ch.values.sub_(ch.base))  # M = θ_t − θ₀ in float32, in place (the chunk is ours)
+    if not bool(torch.isfinite(G).all()):
+        raise nonfinite_history(h, name)
+    basis = trajectory_basis(G, r)
+    C = basis.coefficients()  # T × r
+    fit = LineFit().fit(t_fit, C[T - W:])
+    predicted = [fit.predict(x) for x in x_targets]  # r coefficients per target
+    weights = [basis.weights(c) for c in predicted]
+    live = basis.sigma > 0
+    last_norm = math.sqrt(max(float(G[T - 1, T - 1]), 0.0))
+    ratios = [float(torch.linalg.vector_norm(c[live])) / last_norm if last_norm > 0 else math.nan
+              for c in predicted]
+    for ch in history_chunks(h, h.checkpoints, name):  # pass 2: write every target
+        M64 = ch.values.sub_(ch.base).to(torch.float64)
+        for j, w in enumerate(weights):
+            sink.write(j, name, ch.start, ch.base, combine(M64, w))
+    common = {"numel": h.base.entry(name).numel, "explained_variance": basis.explained_variance(),
+              "sigma": basis.sigma.tolist(), "r2": fit.r2_.tolist(), "slope": fit.slope_.tolist(),
+              "intercept": fit.intercept_.tolist(), "last_update_norm": last_norm}
+    return {"common": common,
+            "per_target": [{"norm_ratio": q, "coefficients": c.tolist()} for q, c in zip(ratios, predicted)]}

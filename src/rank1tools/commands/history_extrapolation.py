@@ -1,0 +1,314 @@
+"""What `extrapolate --method relex` and `--method linear` share (SPEC §5, §6, §7).
+
+Both read a history of checkpoints (CHECKPOINT arguments or --run, cut at --history-until, step 0
+left out: it is the base), pick the tensors to extrapolate, and stream every tensor in element
+chunks, writing one checkpoint per target step in the same pass. A method supplies one function
+per tensor that hands each target's float64 update chunk to a `TargetSink`; this module opens and
+checks the inputs, plans the tensors, copies the ones that are not extrapolated, measures what
+the output dtype rounds away, flags absurd norm ratios and writes the reports and provenance.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
+
+import torch
+
+from ..device import resolve_device
+from ..errors import InputError, UsageError
+from ..io.checkpoint import Checkpoint
+from ..io.compat import check_compatible, tensor_shapes, untied_head
+from ..io.outputs import locked_output
+from ..io.run_inputs import RunInputs, chunk_elements, open_run_inputs, trajectory_chunks
+from ..io.writer import provenance
+from ..math.finite import all_finite, dtype_max, dtype_name, max_abs
+from ..math.reconstruct import RoundingStats, rounding_stats
+from ..modules import LM_HEAD_NAME
+from ..options import parse_size
+from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
+from .extrapolate import (REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, check_options, flag_limit,
+                          target_folder)
+
+COPY_CHUNK = 1 << 22  # elements per chunk when a tensor is copied from the base or the last checkpoint
+# Elements of the T × chunk block of updates a method works on at once (float32: 8 MiB). Its float64
+# copies (Gram matrix, fits) stay below the allocator's mmap threshold and are reused chunk after
+# chunk instead of being faulted in anew: faster than io.run_inputs' default and 4x less memory.
+HISTORY_BUDGET = 1 << 21
+_LN = re.compile(r"(?:^|\.)ln_")
+
+
+@dataclass
+class History:
+    """The base, the history checkpoints (step order, step 0 left out) and the targets."""
+
+    inputs: RunInputs
+    steps: list[int]
+    checkpoints: list[Checkpoint]
+    targets: list[int]
+    device: torch.device
+    notes: list[str]
+
+    @property
+    def base(self) -> Checkpoint:
+        return self.inputs.base
+
+    @property
+    def last(self) -> Checkpoint:
+        return self.checkpoints[-1]
+
+
+def checked_options(options: ExtrapolateOptions, method: str) -> ExtrapolateOptions:
+    """The options for `method`, checked as the CLI checks them (a direct call may skip the CLI),
+    with --max-shard-size in bytes."""
+    options = replace(options, method=method)
+    check_options(options)
+    if isinstance(options.max_shard_size, str):
+        options = replace(options, max_shard_size=parse_size(options.max_shard_size))
+    return options
+
+
+def open_history(base: str, options: ExtrapolateOptions) -> History:
+    """Open the inputs and check what every history method needs: at least two checkpoints after
+    step 0 and no target before the first of them (targets inside the history are allowed)."""
+    method = options.method
+    inputs = open_run_inputs(base, options.checkpoints, options.run, options.steps, options.hub_run)
+    inputs = inputs.until(options.history_until)
+    notes = []
+    zero = [c for s, c in inputs.checkpoints if s == 0]
+    if zero:
+        notes.append(f"{zero[0].label} is step 0 (the base's step): left out of the history")
+    pairs = [(s, c) for s, c in inputs.checkpoints if s != 0]
+    if len(pairs) < 2:
+        cut = f" up to --history-until {options.history_until}" if options.history_until is not None else ""
+        found = f"step {pairs[0][0]}" if pairs else "none"
+        raise UsageError(f"--method {method} needs at least 2 history checkpoints{cut} besides the base; found {found}")
+    steps = [s for s, _ in pairs]
+    early = [s for s in options.target_steps if s < steps[0]]
+    if early:
+        raise UsageError(f"--target-step {early[0]} is before the first history checkpoint (step {steps[0]})")
+    if inputs.step_source == "position":
+        notes.append("the checkpoints' steps could not be read from their names: using their positions 1, 2, ... "
+                     "as steps (name them checkpoint-STEP or use --run)")
+    inputs = RunInputs(inputs.base, pairs, inputs.step_source, inputs.run)
+    return History(inputs, steps, [c for _, c in pairs], list(options.target_steps),
+                   resolve_device(options.device), notes)
+
+
+def history_chunks(h: History, cks: list[Checkpoint], name: str):
+    """Chunks of `name` across the base and `cks` (io.run_inputs.trajectory_chunks), sized for T = len(cks)."""
+    return trajectory_chunks(h.base, cks, name, chunk=chunk_elements(len(cks), HISTORY_BUDGET), device=h.device)
+
+
+def window_size(options: ExtrapolateOptions, T: int) -> int:
+    """--fit-window W (default all T history points); 2 <= W <= T."""
+    W = T if options.fit_window is None else options.fit_window
+    if W < 2 or W > T:
+        raise UsageError(f"--fit-window {W}: must be between 2 and the {T} history checkpoints")
+    return W
+
+
+def is_norm_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """A normalisation layer's 1-D parameter: `*norm*` (input_layernorm, model.norm, ...) or GPT-2's `ln_*`."""
+    return len(shape) == 1 and ("norm" in name.lower() or _LN.search(name) is not None)
+
+
+@dataclass
+class TensorPlan:
+    """Every tensor written, in order, and where its values come from: `extrapolate`, `last` (the
+    last history checkpoint) or `base`."""
+
+    source: dict[str, str]
+    untie: bool  # the output stores lm_head.weight that the base ties to its embedding
+    norms: list[str]  # selected norm weights copied from the last checkpoint (linear without --extrapolate-norms)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.source)
+
+    def of(self, kind: str) -> list[str]:
+        return [n for n, s in self.source.items() if s == kind]
+
+
+def plan_tensors(h: History, options: ExtrapolateOptions, *, copy_norms: bool) -> TensorPlan:
+    """All tensors by default (norms and biases included); --include/--exclude globs restrict.
+    Tensors not selected, and integer/bool tensors, come from --rest; with `copy_norms` selected
+    norm weights come from the last checkpoint. A tied lm_head needs nothing (it follows its
+    embedding); one the checkpoints untie is a tensor of its own."""
+    shapes = tensor_shapes(h.base, h.checkpoints)
+    source = {}
+    norms = []
+    for name, shape in shapes.items():
+        chosen = (not options.include or any(fnmatchcase(name, g) for g in options.include)) and not any(
+            fnmatchcase(name, g) for g in options.exclude)
+        if not chosen or not h.base.entry(name).torch_dtype.is_floating_point:
+            source[name] = options.rest
+        elif copy_norms and is_norm_weight(name, shape):
+            source[name] = "last"
+            norms.append(name)
+        else:
+            source[name] = "extrapolate"
+    if "extrapolate" not in source.values():
+        why = (f" ({len(norms)} norm weights are copied from the last checkpoint unless --extrapolate-norms)"
+               if norms else "")
+        raise UsageError(f"no floating-point tensors to extrapolate (check --include/--exclude){why}")
+    untie = untied_head(h.base, h.checkpoints) and source[LM_HEAD_NAME] != "base"
+    if LM_HEAD_NAME in source and not untie:
+        del source[LM_HEAD_NAME]  # written tied: it is the embedding
+    return TensorPlan(source, untie, norms)
+
+
+def check_history_tensors(h: History, plan: TensorPlan, used: list[int]) -> None:
+    """Headers only: the checkpoints the method reads (indices `used`) hold every extrapolated
+    tensor with the base's shape; the last one also the tensors copied from it."""
+    ext, last = plan.of("extrapolate"), plan.of("last")
+    T = len(h.steps)
+    wanted = {i: list(ext) for i in used}
+    if last:
+        wanted.setdefault(T - 1, []).extend(last)
+    for i, names in sorted(wanted.items()):
+        ck = h.checkpoints[i]
+        check_compatible(h.base, ck, names, label=f"{ck.label} (step {h.steps[i]})")
+        ck.expect(names)
+    h.base.expect(plan.names)
+
+
+def nonfinite_history(h: History, name: str, cks: list[Checkpoint] | None = None) -> InputError:
+    """Why the updates of `name` are not finite (error path: the inputs are read again)."""
+    base = h.base.read_raw(name)
+    if not all_finite(base):
+        return InputError(f"{h.base.label}: tensor {name!r} has non-finite values (NaN or Inf)")
+    for ck in cks or h.checkpoints:
+        theirs = ck.read_raw(name)
+        if not all_finite(theirs):
+            return InputError(f"{ck.label}: tensor {name!r} has non-finite values (NaN or Inf)")
+    return InputError(f"tensor {name!r}: its updates or their extrapolation overflow float32 "
+                      f"(|base values| up to {max_abs(base):.3g})")
+
+
+def _overflow(name: str, dtype: torch.dtype, what: str) -> InputError:
+    return InputError(f"tensor {name!r}: {what} overflow {dtype_name(dtype)} (largest finite {dtype_name(dtype)} "
+                      f"is {dtype_max(dtype):.5g}); write --dtype float32")
+
+
+class TargetSink:
+    """Where a method puts each target's update chunk: stored = (base + update).to(dtype), written
+    at its place, its rounding measured (per target: tensor name -> RoundingStats)."""
+
+    def __init__(self, h: History, writers: list, cks: list[Checkpoint]):
+        self.h = h
+        self.writers = writers
+        self.cks = cks
+        self.stats: list[dict[str, RoundingStats]] = [dict() for _ in writers]
+
+    def write(self, j: int, name: str, start: int, base: torch.Tensor, update: torch.Tensor) -> None:
+        """`base`: float32 chunk of θ₀; `update`: the float64 predicted update Δ̂ for target j."""
+        dtype = self.writers[j].specs[name].dtype
+        stored = (base.to(torch.float64) + update).to(dtype)
+        stat = rounding_stats(base, update.to(torch.float32), stored)
+        if stat.introduced_nonfinite:
+            if not all_finite(update):
+                raise nonfinite_history(self.h, name, self.cks)
+            raise _overflow(name, dtype, f"the extrapolated weights at step {self.h.targets[j]}")
+        self.writers[j].write_range(name, start, stored)
+        self.stats[j].setdefault(name, RoundingStats()).add(stat)
+
+    def copy(self, name: str, src: Checkpoint, from_base: bool) -> None:
+        """Write `name` from `src` to every target, chunk by chunk (bit-exact when the dtype is kept)."""
+        e = src.entry(name)
+        dtype = self.writers[0].specs[name].dtype
+        floating = e.torch_dtype.is_floating_point and dtype.is_floating_point
+        for a in range(0, e.numel, COPY_CHUNK) if e.numel else [0]:
+            b = min(a + COPY_CHUNK, e.numel)
+            raw = src.read_flat(name, a, b, dtype=e.torch_dtype)
+            stored = raw.to(dtype)
+            stat = None
+            if floating:
+                b0 = raw.to(torch.float32) if from_base else self.h.base.read_flat(name, a, b)
+                stat = rounding_stats(b0, raw.to(torch.float32) - b0, stored)
+                if stat.introduced_nonfinite:  # non-finite where the base is finite
+                    if not all_finite(raw):
+                        raise InputError(f"{src.label}: tensor {name!r} has non-finite values (NaN or Inf)")
+                    raise _overflow(name, dtype, f"values of {src.label} (|values| up to {max_abs(raw):.3g})")
+            for j, w in enumerate(self.writers):
+                w.write_range(name, a, stored)
+                if stat is not None and not from_base:
+                    self.stats[j].setdefault(name, RoundingStats()).add(stat)
+
+
+# A method's work on one tensor: (name, sink) -> figures {"common": {...}, "per_target": [{...}, ...]},
+# each per-target dict holding at least "norm_ratio" (float or NaN).
+TensorFn = Callable[[str, TargetSink], dict]
+
+
+def write_extrapolation(h: History, plan: TensorPlan, out: str, options: ExtrapolateOptions, force: bool,
+                        progress: Callable[[int, int], None] | None, *, params: dict, tensor_fn: TensorFn,
+                        read: list[int], notes: list[str]) -> ExtrapolateResult:
+    """One pass over the tensors writing every target's checkpoint; `read`: indices of the history
+    checkpoints the method reads (they are the provenance's inputs with the base)."""
+    targets = h.targets
+    specs = tensor_specs(h.base, plan.names, options.dtype)
+    folders = [target_folder("step", s) for s in targets]
+    used = [h.checkpoints[i] for i in read]
+    if plan.of("last") and h.last not in used:
+        used.append(h.last)
+    figures: dict[str, dict] = {}
+    with locked_output(out, force=force, inputs=h.inputs.local_paths()) as target:
+        with CheckpointOutputs(target, folders, specs, max_shard_size=options.max_shard_size, force=force) as outs:
+            sink = TargetSink(h, outs.writers, used)
+            names = plan.names
+            for i, name in enumerate(names):
+                src = plan.source[name]
+                if src == "extrapolate":
+                    figures[name] = tensor_fn(name, sink)
+                else:
+                    sink.copy(name, h.base if src == "base" else h.last, from_base=src == "base")
+                if progress:
+                    progress(i + 1, len(names))
+            base_params = {"method": options.method, "history_steps": h.steps, "step_source": h.inputs.step_source,
+                           "history_until": options.history_until, "include": options.include,
+                           "exclude": options.exclude, "rest": options.rest, "dtype": options.dtype,
+                           "device": h.device.type, "flag_ratio": options.flag_ratio, "delta_dtype": "float32",
+                           **params}
+            reports, tables, outputs = [], [], []
+            for j, s in enumerate(targets):
+                limit = flag_limit("step", s, h.steps[-1], options.flag_ratio)
+                rows = [{"tensor": n, **f["common"], **f["per_target"][j]} for n, f in figures.items()]
+                flagged = [{"tensor": r["tensor"], "norm_ratio": r["norm_ratio"], "limit": limit}
+                           for r in rows if r["norm_ratio"] > limit]  # NaN never compares greater
+                rep = rounding_report(sink.stats[j])
+                reports.append(rep)
+                tables.append({"method": options.method, "target_step": s, "history_steps": h.steps,
+                               "norm_ratio_limit": limit, "flagged": flagged, "tensors": rows,
+                               "copied": {"last": plan.of("last"), "base": plan.of("base")}})
+                ratios = [r["norm_ratio"] for r in rows if math.isfinite(r["norm_ratio"])]
+                outputs.append(TargetOutput(
+                    target=s, kind="step", path="", flagged=flagged,
+                    norm_ratio_median=statistics.median(ratios) if ratios else None,
+                    norm_ratio_max=max(ratios) if ratios else None,
+                    **{k: rep[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")}))
+            inputs = [h.base, *used]
+            outs.commit(copy_from=h.base, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
+                        provenances=[provenance("extrapolate", inputs, {**base_params, "target_step": s})
+                                     for s in targets],
+                        reports=[{ROUNDING_FILE: rep, REPORT_FILE: tab} for rep, tab in zip(reports, tables)],
+                        parent_provenance=provenance("extrapolate", inputs, {**base_params, "target_steps": targets}),
+                        label=out, untie_word_embeddings=plan.untie)
+            for o, path in zip(outputs, outs.paths(out)):
+                o.path = path
+    notes = [*h.notes, *notes]
+    if plan.untie:
+        notes.append(f"the checkpoints store their own {LM_HEAD_NAME} but the base ties it to the embedding: the "
+                     "output stores the head and its config.json says tie_word_embeddings: false")
+    warnings = [f"step {o.target}: {len(o.flagged)} tensors have a predicted update norm above {o.flagged[0]['limit']:.3g}x "
+                f"that of the last history checkpoint, e.g. {o.flagged[0]['tensor']}" for o in outputs if o.flagged]
+    tensors = [{"tensor": n, **f["common"],
+                "norm_ratio": {str(s): f["per_target"][j]["norm_ratio"] for j, s in enumerate(targets)}}
+               for n, f in figures.items()]
+    return ExtrapolateResult(out=out, method=options.method, history_steps=h.steps, outputs=outputs,
+                             tensors=tensors, parameters={**base_params, "target_steps": targets}, notes=notes,
+                             warnings=warnings)
