@@ -64,25 +64,26 @@ def test_lstsq_matches_dense_reference(noisy, tmp_path):
         ("linear", "lstsq", 4, STEPS[-4:], 120)
 
 
-@pytest.mark.parametrize("frm,to", [(None, None), (20, 40)])
+@pytest.mark.parametrize("frm,to", [(None, None), (20, 40), (0, 50)])
 def test_two_point_matches_dense_reference(noisy, tmp_path, frm, to):
     root, _, base, cks = noisy
     out = tmp_path / "out"
     extrapolate_linear(str(root / "base"), str(out), options=_opts(
         run=str(root / "run"), target_steps=[100], mode="two-point", from_step=frm, to_step=to,
         extrapolate_norms=True))
-    a, b = frm or STEPS[0], to or STEPS[-1]
+    a, b = STEPS[0] if frm is None else frm, to or STEPS[-1]
     got = read_folder(out)
     rows = {r["tensor"]: r for r in report(out, REPORT_FILE)["tensors"]}
     for name in base:
         M = trajectory(base, cks, name)
-        da, db = M[STEPS.index(a)], M[STEPS.index(b)]
+        da = np.zeros_like(M[0]) if a == 0 else M[STEPS.index(a)]  # --from 0: the base, a zero update
+        db = M[STEPS.index(b)]
         pred = da + (100 - a) / (b - a) * (db - da)  # θ_a + (s − a)/(b − a)(θ_b − θ_a), as an update
         assert_update_close(got[name], base[name], pred, name)
         assert rows[name]["norm_ratio"] == pytest.approx(np.linalg.norm(pred) / np.linalg.norm(M[-1]), rel=1e-6)
     p = json.loads((out / "rank1tools.json").read_text())["parameters"]
     assert (p["mode"], p["from"], p["to"]) == ("two-point", a, b)
-    assert len(json.loads((out / "rank1tools.json").read_text())["inputs"]) == 1 + len({a, b, STEPS[-1]})
+    assert len(json.loads((out / "rank1tools.json").read_text())["inputs"]) == 1 + len({a, b, STEPS[-1]} - {0})
 
 
 def test_planted_line_recovered_by_lstsq_and_two_point(tmp_path):
@@ -136,7 +137,7 @@ def test_several_targets_equal_separate_runs_byte_for_byte(noisy, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--mode", "two-point", "--from", "15"], "--from 15 is not a history step (10, 20, 30, 40, 50)"),
+    (["--mode", "two-point", "--from", "15"], "--from 15 is not a history step (10, 20, 30, 40, 50, or --from 0 for the base)"),
     (["--mode", "two-point", "--from", "30", "--to", "30"], "--from and --to are both step 30"),
     (["--fit-window", "1"], "--fit-window 1: at least 2"),
     (["--from", "10"], "--from/--to apply to --mode two-point"),

@@ -4,7 +4,7 @@
 last W history checkpoints (all by default), θ̂(s) = θ₀ + Δ̄ + slope·(s − t̄), with each element's
 R² over the window (the fraction above 0.7 is RLVR linearity's figure). `--mode two-point`: the
 reference code's θ̂(s) = θ_a + (s − a)/(b − a)·(θ_b − θ_a) for two history steps a ≠ b (default the
-first and the last). Both are computed on float32 updates in float64 and streamed in element
+first and the last; `--from 0` is the base, the re-grounding recipe's θ₀ + α(θ_M − θ₀)). Both are computed on float32 updates in float64 and streamed in element
 chunks: one pass, O(W × chunk) memory. Norm weights are copied from the last history checkpoint
 (the reference's behaviour) unless --extrapolate-norms.
 """
@@ -42,11 +42,11 @@ def extrapolate_linear(base: str, out: str, *, options: ExtrapolateOptions, forc
         a = h.steps[0] if options.from_step is None else options.from_step
         b = h.steps[-1] if options.to_step is None else options.to_step
         for flag, s in (("--from", a), ("--to", b)):
-            if s not in h.steps:
-                raise UsageError(f"{flag} {s} is not a history step ({_steps_text(h.steps)})")
+            if s not in h.steps and not (flag == "--from" and s == 0):  # --from 0: the base
+                raise UsageError(f"{flag} {s} is not a history step ({_steps_text(h.steps)}, or --from 0 for the base)")
         if a == b:
             raise UsageError(f"--from and --to are both step {a}: a line needs two different steps")
-        read = sorted({h.steps.index(a), h.steps.index(b), T - 1})
+        read = sorted({h.steps.index(x) for x in (a, b) if x in h.steps} | {T - 1})
         params = {"mode": "two-point", "from": a, "to": b, "extrapolate_norms": options.extrapolate_norms}
 
         def one(name: str, sink: TargetSink) -> dict:
@@ -107,7 +107,7 @@ def _two_point_tensor(h: History, name: str, sink: TargetSink, read: list[int], 
     for ch in history_chunks(h, cks, name):
         M = ch.values.sub_(ch.base)
         for j, s in enumerate(h.targets):
-            d = two_point(M[row[a]], M[row[b]], a, b, s)  # θ_a − θ₀ + f·(θ_b − θ_a), float64
+            d = two_point(M[row[a]] if a in row else torch.zeros_like(M[0]), M[row[b]], a, b, s)  # θ_a − θ₀ + f·(θ_b − θ_a), float64
             sq_pred[j] += float(d @ d)
             sink.write(j, name, ch.start, ch.base, d)
         sq_last += float(torch.linalg.vector_norm(M[row[h.steps[-1]]], dtype=torch.float64)) ** 2
