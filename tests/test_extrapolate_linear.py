@@ -1,5 +1,5 @@
 """rank1 extrapolate --method linear against dense float64 numpy lines (SPEC §6): per-element least
-squares (values and the R² > 0.7 fraction), two-point, planted recovery, norm weights copied vs
+squares (values and norm ratios), two-point, planted recovery, norm weights copied vs
 --extrapolate-norms, several targets in one pass, errors through the CLI."""
 
 from __future__ import annotations
@@ -49,16 +49,10 @@ def test_lstsq_matches_dense_reference(noisy, tmp_path):
         rows = {r["tensor"]: r for r in report(out / f"step-{s}", REPORT_FILE)["tensors"]}
         for name in base:
             M = trajectory(base, cks, name)[-4:]
-            pred, r2 = lstsq_reference(M, STEPS[-4:], s)
+            pred, _ = lstsq_reference(M, STEPS[-4:], s)
             assert_update_close(got[name], base[name], pred, f"{name} step {s}")
             row = rows[name]
             assert row["norm_ratio"] == pytest.approx(np.linalg.norm(pred) / np.linalg.norm(M[-1]), rel=1e-6)
-            changing = ~np.isnan(r2)
-            assert row["elements_changing"] == int(changing.sum())
-            # elements within rounding of 0.7 could go either way: the count may differ by those
-            near = int((np.abs(r2[changing] - 0.7) < 1e-9).sum())
-            assert abs(row["elements_above_threshold"] - int((r2[changing] > 0.7).sum())) <= near
-            assert row["r2_above_threshold"] == row["elements_above_threshold"] / row["elements_changing"]
     p = json.loads((out / "step-120" / "rank1tools.json").read_text())["parameters"]
     assert (p["method"], p["mode"], p["fit_window"], p["fit_steps"], p["target_step"]) == \
         ("linear", "lstsq", 4, STEPS[-4:], 120)
@@ -97,8 +91,6 @@ def test_planted_line_recovered_by_lstsq_and_two_point(tmp_path):
         for name in base:
             assert_update_close(got[name], base[name], want[name] - base[name], f"{mode} {name}", rel=1e-5)
         assert np.allclose([t["norm_ratio"]["100"] for t in res.tensors], 2.5, rtol=1e-5)
-        if mode == "lstsq":  # every element is exactly on its line
-            assert all(t["r2_above_threshold"] == 1.0 for t in res.tensors)
 
 
 def test_norm_weights_copied_unless_extrapolate_norms(noisy, tmp_path):

@@ -1,8 +1,8 @@
 """`rank1 extrapolate --method linear`: weight-space straight lines (SPEC §6).
 
 `--mode lstsq` (default): per element, the least-squares line through the updates ΔW_t of the
-last W history checkpoints (all by default), θ̂(s) = θ₀ + Δ̄ + slope·(s − t̄), with each element's
-R² over the window (the fraction above 0.7 is RLVR linearity's figure). `--mode two-point`: the
+last W history checkpoints (all by default), θ̂(s) = θ₀ + Δ̄ + slope·(s − t̄) (each element's R² is
+`rank1 linearity`'s job: computing it here would triple the fit's cost). `--mode two-point`: the
 reference code's θ̂(s) = θ_a + (s − a)/(b − a)·(θ_b − θ_a) for two history steps a ≠ b (default the
 first and the last; `--from 0` is the base, the re-grounding recipe's θ₀ + α(θ_M − θ₀)). Both are computed on float32 updates in float64 and streamed in element
 chunks: one pass, O(W × chunk) memory. Norm weights are copied from the last history checkpoint
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import UsageError
-from ..math.linefit import R2_LINEAR, LineFit, fraction_above, two_point
+from ..math.linefit import LineFit, two_point
 from .extrapolate import ExtrapolateOptions, ExtrapolateResult
 from .history_extrapolation import (History, TargetSink, check_history_tensors, checked_options, history_chunks,
                                     nonfinite_history, open_history, plan_tensors, window_size, write_extrapolation)
@@ -55,7 +55,7 @@ def extrapolate_linear(base: str, out: str, *, options: ExtrapolateOptions, forc
         W = window_size(options, T)
         read = list(range(T - W, T))
         params = {"mode": "lstsq", "fit_window": W, "fit_steps": h.steps[-W:],
-                  "extrapolate_norms": options.extrapolate_norms, "r2_threshold": R2_LINEAR}
+                  "extrapolate_norms": options.extrapolate_norms}
 
         def one(name: str, sink: TargetSink) -> dict:
             return _lstsq_tensor(h, name, sink, read)
@@ -81,22 +81,20 @@ def _lstsq_tensor(h: History, name: str, sink: TargetSink, read: list[int]) -> d
     cks = [h.checkpoints[i] for i in read]
     t = [float(h.steps[i]) for i in read]
     sq_last, sq_pred = 0.0, [0.0] * len(h.targets)
-    above = changing = total = 0
+    total = 0
     for ch in history_chunks(h, cks, name):
         M = ch.values.sub_(ch.base)  # W × n float32 updates, in place
-        fit = LineFit().fit(t, M)
+        # no per-element R² here: it triples the cost of the fit; `rank1 linearity` reports it
+        fit = LineFit(r2=False).fit(t, M)
         for j, s in enumerate(h.targets):
             d = fit.predict(s)
             sq_pred[j] += float(d @ d)
             sink.write(j, name, ch.start, ch.base, d)
         sq_last += float(torch.linalg.vector_norm(M[-1], dtype=torch.float64)) ** 2
-        n_above, n_changing, n_all = fraction_above(fit.r2_)
-        above, changing, total = above + n_above, changing + n_changing, total + n_all
+        total += M.shape[1]
     if not all(math.isfinite(v) for v in (sq_last, *sq_pred)):
         raise nonfinite_history(h, name, cks)
-    common = {"numel": total, "last_update_norm": math.sqrt(sq_last),
-              "r2_above_threshold": above / changing if changing else math.nan,
-              "elements_above_threshold": above, "elements_changing": changing}
+    common = {"numel": total, "last_update_norm": math.sqrt(sq_last)}
     return {"common": common, "per_target": [{"norm_ratio": _ratio(q, sq_last)} for q in sq_pred]}
 
 

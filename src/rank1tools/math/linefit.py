@@ -20,8 +20,11 @@ class LineFit:
 
     Fitted attributes (float64 tensors on Y's device): `t_mean_` (float), `y_mean_`, `slope_`,
     `intercept_` (the value at t = 0), `r2_` (coefficient of determination per column; NaN for a
-    column that does not change, whose line is flat and exact).
+    column that does not change, whose line is flat and exact; None with `LineFit(r2=False)`).
     """
+
+    def __init__(self, r2: bool = True):
+        self.r2 = r2  # False: skip the R² (S_yy costs two more passes over Y; r2_ is then None)
 
     def fit(self, t, Y: torch.Tensor) -> LineFit:
         Y = Y.to(torch.float64)
@@ -37,12 +40,17 @@ class LineFit:
         stt = float(tc @ tc)
         if stt == 0:
             raise ValueError("all points are at the same step")
+        # Σ(t − t̄) = 0, so S_ty = (t − t̄)·Y needs no centred copy of Y (one BLAS pass), and
+        # S_yy = Σy² − T·ȳ²; for a constant column both terms are exact in float64 (float32 data:
+        # squares fit in 48 bits), so such a column gets S_yy = 0 exactly and R² NaN.
         self.y_mean_ = Y.mean(dim=0)
-        Yc = Y - self.y_mean_
-        sty = tc @ Yc
+        sty = tc @ Y
         self.slope_ = sty / stt
         self.intercept_ = self.y_mean_ - self.slope_ * self.t_mean_
-        syy = (Yc * Yc).sum(dim=0)
+        if not self.r2:
+            self.r2_ = None
+            return self
+        syy = ((Y * Y).sum(dim=0) - t.numel() * self.y_mean_ * self.y_mean_).clamp_min(0)
         # R² = 1 − SS_res/SS_tot = (S_ty)² / (S_tt · S_yy) for a line with intercept
         r2 = sty * sty / (stt * syy)
         self.r2_ = torch.where(syy > 0, r2.clamp(max=1.0), torch.full_like(r2, math.nan))
@@ -56,8 +64,8 @@ class LineFit:
 def fraction_above(r2: torch.Tensor, threshold: float = R2_LINEAR) -> tuple[int, int, int]:
     """(columns with R² > threshold, columns that change, all columns). A column that does not
     change over the window has no R² (NaN) and is counted only in the last figure."""
-    changing = ~torch.isnan(r2)
-    return int((r2[changing] > threshold).sum()), int(changing.sum()), int(r2.numel())
+    nan = int(torch.isnan(r2).sum())
+    return int((r2 > threshold).sum()), r2.numel() - nan, int(r2.numel())  # NaN > x is False
 
 
 def two_point(value_a: torch.Tensor, value_b: torch.Tensor, a: float, b: float, s: float) -> torch.Tensor:
