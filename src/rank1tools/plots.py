@@ -91,6 +91,28 @@ def _grid(rows: list[dict], key: str, step=None):
     return layers, types, mat
 
 
+def _heatmap_panels(plt, grids, cmap, vmin, vmax, bar_label, title, out_dir, name) -> list[Path]:
+    """One figure of layer × type heatmaps side by side (grids: (title, layers, types, matrix)),
+    one colour scale; nothing when there is no grid."""
+    if not grids:
+        return []
+    n_types = max(len(g[2]) for g in grids)
+    n_layers = max(len(g[1]) for g in grids)
+    w = max(3.2, 0.45 * n_types + 1.6)
+    fig, axes = plt.subplots(1, len(grids), figsize=(w * len(grids) + 1.0, min(10, max(3.5, 0.25 * n_layers + 2))),
+                             squeeze=False, layout="constrained")
+    try:
+        im = None
+        for ax, (label, layers, types, mat) in zip(axes[0], grids):
+            im = _heatmap(ax, plt, layers, types, mat, cmap, vmin, vmax)
+            ax.set_title(label)
+        fig.suptitle(title)
+        fig.colorbar(im, ax=list(axes[0]), label=bar_label or "", fraction=0.05 if len(grids) > 1 else 0.08, pad=0.02)
+        return _save(fig, out_dir, name)
+    finally:
+        plt.close(fig)
+
+
 def _heatmap(ax, plt, layers, types, mat, cmap, vmin, vmax):
     import numpy as np
 
@@ -223,24 +245,10 @@ def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path,
         # (1) R² heatmaps
         kinds = [(k, label) for k, label in _R2_KINDS if _present(rows, k)]
         grids = [(label, *_grid(rows, k)) for k, label in kinds]
-        grids = [g for g in grids if g[1]]
-        if grids:
-            n_types = max(len(g[2]) for g in grids)
-            n_layers = max(len(g[1]) for g in grids)
-            w = max(3.2, 0.45 * n_types + 1.6)
-            fig, axes = plt.subplots(1, len(grids), figsize=(w * len(grids) + 1.0, min(10, max(3.5, 0.25 * n_layers + 2))),
-                                     squeeze=False, layout="constrained")
-            try:
-                im = None
-                for ax, (label, layers, types, mat) in zip(axes[0], grids):
-                    clipped = [[v if math.isnan(v) else min(1.0, max(-1.0, v)) for v in row] for row in mat]
-                    im = _heatmap(ax, plt, layers, types, clipped, "RdBu", -1.0, 1.0)
-                    ax.set_title(label)
-                fig.suptitle("PLS fit per module (R² clipped to [-1, 1]; grey: no value)")
-                fig.colorbar(im, ax=list(axes[0]), label="R²", fraction=0.05 if len(grids) > 1 else 0.08, pad=0.02)
-                written += _save(fig, out_dir, "r2_heatmap")
-            finally:
-                plt.close(fig)
+        grids = [(label, layers, types, [[v if math.isnan(v) else min(1.0, max(-1.0, v)) for v in row] for row in mat])
+                 for label, layers, types, mat in grids if layers]
+        written += _heatmap_panels(plt, grids, "RdBu", -1.0, 1.0, "R²",
+                                   "PLS fit per module (R² clipped to [-1, 1]; grey: no value)", out_dir, "r2_heatmap")
 
         # (2) small multiples of the most / least linear modules
         key, top, bottom = _ranked(rows, trajectories)
@@ -342,21 +350,6 @@ def linearity_plots(rows: list[dict], out_dir: Path) -> list[Path]:
 
         grids = [(label, *_grid(rows, key)) for key, label in
                  (("explained_1", "trajectory rank-1 explained variance"), (_FRAC_KEY, "share with R² > 0.7"))]
-        grids = [g for g in grids if g[1]]
-        if grids:
-            n_types = max(len(g[2]) for g in grids)
-            n_layers = max(len(g[1]) for g in grids)
-            w = max(3.2, 0.45 * n_types + 1.6)
-            fig, axes = plt.subplots(1, len(grids), figsize=(w * len(grids) + 1.0, min(10, max(3.5, 0.25 * n_layers + 2))),
-                                     squeeze=False, layout="constrained")
-            try:
-                im = None
-                for ax, (label, layers, gtypes, mat) in zip(axes[0], grids):
-                    im = _heatmap(ax, plt, layers, gtypes, mat, "viridis", 0.0, 1.0)
-                    ax.set_title(label)
-                fig.suptitle("Linearity per layer and type (grey: no value)")
-                fig.colorbar(im, ax=list(axes[0]), fraction=0.05 if len(grids) > 1 else 0.08, pad=0.02)
-                written += _save(fig, out_dir, "linearity_heatmap")
-            finally:
-                plt.close(fig)
+        written += _heatmap_panels(plt, [g for g in grids if g[1]], "viridis", 0.0, 1.0, None,
+                                   "Linearity per layer and type (grey: no value)", out_dir, "linearity_heatmap")
     return written

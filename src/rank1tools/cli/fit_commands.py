@@ -12,6 +12,16 @@ from .app import (COMMITS_OPT, HUB_CACHE_OPT, JSON_OPT, REVISIONS_OPT, SUBFOLDER
                   check_output_early, interrupt_hint, print_json, set_hub_cache_policy, stderr_progress, app)
 
 
+def exit_on_gate(gate: dict | None, out: str) -> None:
+    """--fail-below: everything was written; exit 5 with one line when the figure is below the bar."""
+    from ..commands.fit_pls import GATE_EXIT_CODE
+
+    if gate is not None and not gate["passed"]:
+        sys.stderr.write(f"rank1: gate: {gate['figure']} {gate['value']} is below --fail-below {gate['threshold']} "
+                         f"(outputs written to {out})\n")
+        raise typer.Exit(GATE_EXIT_CODE)
+
+
 @app.command("fit-pls")
 def fit_pls(
     factors: str = typer.Argument(..., help="A decompose --out folder (factor store)."),
@@ -42,7 +52,7 @@ def fit_pls(
         check_finite(fail_below, "--fail-below")
     check_output_early(out, force, [factors, metrics])
 
-    from ..commands.fit_pls import GATE_EXIT_CODE, FitPlsOptions
+    from ..commands.fit_pls import FitPlsOptions
     from ..commands.fit_pls import fit_pls as run_fit_pls
 
     opts = FitPlsOptions(metrics=metrics, metric=metric, step_column=step_column, window=window, relative=relative,
@@ -58,11 +68,7 @@ def fit_pls(
         print_json(result.to_dict())
     else:
         render.fit_pls(result)
-    if result.gate is not None and not result.gate["passed"]:
-        g = result.gate
-        sys.stderr.write(f"rank1: gate: {g['figure']} {g['value']} is below --fail-below {g['threshold']} "
-                         f"(outputs written to {out})\n")
-        raise typer.Exit(GATE_EXIT_CODE)
+    exit_on_gate(result.gate, out)
 
 
 @app.command()
@@ -106,7 +112,6 @@ def linearity(
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run])
 
-    from ..commands.fit_pls import GATE_EXIT_CODE
     from ..commands.linearity import LinearityOptions
     from ..commands.linearity import linearity as run_linearity
 
@@ -126,11 +131,7 @@ def linearity(
         print_json(result.to_dict())
     else:
         render.linearity(result)
-    if result.gate is not None and not result.gate["passed"]:
-        g = result.gate
-        sys.stderr.write(f"rank1: gate: {g['figure']} {g['value']} is below --fail-below {g['threshold']} "
-                         f"(outputs written to {out})\n")
-        raise typer.Exit(GATE_EXIT_CODE)
+    exit_on_gate(result.gate, out)
 
 
 def _seed(text: str) -> int:
