@@ -25,7 +25,7 @@ from pathlib import Path
 from ..jsonutil import json_safe
 from ..math.linefit import R2_LINEAR
 from ..modules import LM_HEAD_NAME, is_embedding, layer_index, parse_matrix_module
-from .spectrum_tables import TYPE_ORDER, write_row_tables
+from .spectrum_tables import TYPE_ORDER, module_labels, write_row_tables
 
 FRAC_KEY = f"frac_r2_above_{R2_LINEAR}"  # "frac_r2_above_0.7": RLVR linearity's headline figure
 NON_MATRIX_TYPES = ("norm", "bias", "embedding", "lm_head", "other")
@@ -39,13 +39,8 @@ LEAST_LINEAR = 10
 
 def tensor_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
     """(layer, type) of any tensor (see the module doc)."""
-    mod = parse_matrix_module(name, shape)
-    if mod is not None:
-        return mod.layer, mod.type
-    if name == LM_HEAD_NAME:
-        return None, "lm_head"
-    if is_embedding(name):
-        return None, "embedding"
+    if parse_matrix_module(name, shape) is not None or name == LM_HEAD_NAME or is_embedding(name):
+        return module_labels(name, shape)  # as decompose's tables label them
     layer = layer_index(name)
     if name.endswith(".bias"):
         return layer, "bias"
