@@ -5,7 +5,8 @@ Three planted runs of the same small Llama shape, steps 10..100, each tensor's u
   saturating  ΔW_t = sqrt(t/100)·D + noise         (progress slows down after the window)
   rotating    ΔW_t = (t/100)·(cos φ_t D + sin φ_t E), φ_t = (π/2)(t/100)   (the direction turns)
 For each: `rank1 linearity` on the window 10..40 (what a user sees before trusting a method),
-then `rank1 extrapolate` from that window to step 100 with relex (rank 1) and linear lstsq, and
+then `rank1 extrapolate` from that window to step 100 with relex (rank 1) and linear lstsq (norm
+weights copied from the last checkpoint as the reference does, and with --extrapolate-norms), and
 the error of each written checkpoint against the true step-100 weights,
   err = ‖θ̂ − θ₁₀₀‖ / ‖θ₁₀₀ − θ₀‖  over all tensors (float64),
 beside the do-nothing baseline θ̂ = θ₄₀ (stop training at the cut). Results:
@@ -108,11 +109,12 @@ def main() -> None:
                "explained_1_mean": s["mean"]["mean_explained_1"],
                "coef_r2_1_mean": s["mean"]["mean_coef_r2_1"],
                "error_stop_at_cut": error(run / f"checkpoint-{CUT}", run / f"checkpoint-{TARGET}", base)}
-        for method, extra in (("relex", ["--rank", "1"]), ("linear", ["--mode", "lstsq"])):
-            dest = out / method
+        for label, method, extra in (("relex", "relex", ["--rank", "1"]), ("linear", "linear", ["--mode", "lstsq"]),
+                                     ("linear_norms", "linear", ["--mode", "lstsq", "--extrapolate-norms"])):
+            dest = out / label
             rank1("extrapolate", str(base), "--run", str(run), "--method", method, *extra, "--history-until", str(CUT),
                   "--target-step", str(TARGET), "--dtype", "float32", "--out", str(dest))
-            row[f"error_{method}"] = error(dest, run / f"checkpoint-{TARGET}", base)
+            row[f"error_{label}"] = error(dest, run / f"checkpoint-{TARGET}", base)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     RESULTS.parent.mkdir(exist_ok=True)
