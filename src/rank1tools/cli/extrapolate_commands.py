@@ -27,7 +27,7 @@ def extrapolate(
     history_until: Optional[str] = typer.Option(None, "--history-until", help="relex/linear: use checkpoints up to this step (default all)."),
     target_step: Optional[str] = typer.Option(None, "--target-step", help="Step(s) to predict, e.g. 500 or 500,1000,2000."),
     rank: str = typer.Option("1", "--rank", "-k", help="relex: trajectory rank r."),
-    fit_window: Optional[str] = typer.Option(None, "--fit-window", help="relex: fit the coefficient lines on the last W history points."),
+    fit_window: Optional[str] = typer.Option(None, "--fit-window", help="relex: fit the coefficient lines on the last W history points; linear lstsq: fit on the last W checkpoints."),
     position_index: bool = typer.Option(False, "--position-index", help="relex: fit on positions 0..T-1 as the reference code does (wrong for uneven spacing)."),
     mode: str = typer.Option("lstsq", "--mode", help="linear: lstsq (per-element least squares over the history) or two-point."),
     from_step: Optional[str] = typer.Option(None, "--from", help="linear two-point: first step (default the first history checkpoint)."),
