@@ -56,6 +56,17 @@ def parse_matrix_module(name: str, shape: tuple[int, ...] | list[int]) -> Module
     return ModuleName(layer=layer, type=mtype)
 
 
+# The module holding a normalisation layer's parameters: input_layernorm, post_attention_layernorm,
+# model.norm, q_norm, ... and GPT-2 / NeoX style ln_1, ln_f, ln1.
+_NORM_MODULE = re.compile(r".*norm.*|ln(_\w+|\d+)?", re.IGNORECASE)
+
+
+def is_norm_parameter(name: str, shape: tuple[int, ...] | list[int]) -> bool:
+    """A 1-D parameter (weight or bias) of a normalisation layer, judged by its module's name."""
+    owner = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+    return len(shape) == 1 and _NORM_MODULE.fullmatch(owner) is not None
+
+
 def is_embedding(name: str) -> bool:
     return name.endswith(EMBEDDING_NAMES)
 

@@ -11,7 +11,6 @@ the output dtype rounds away, flags absurd norm ratios and writes the reports an
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,7 +27,7 @@ from ..io.run_inputs import RunInputs, chunk_elements, open_run_inputs, trajecto
 from ..io.writer import provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, max_abs
 from ..math.reconstruct import RoundingStats, rounding_stats
-from ..modules import LM_HEAD_NAME
+from ..modules import LM_HEAD_NAME, is_norm_parameter
 from ..options import parse_size
 from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
 from .extrapolate import (REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, check_options, flag_limit,
@@ -39,7 +38,6 @@ COPY_CHUNK = 1 << 22  # elements per chunk when a tensor is copied from the base
 # copies (Gram matrix, fits) stay below the allocator's mmap threshold and are reused chunk after
 # chunk instead of being faulted in anew: faster than io.run_inputs' default and 4x less memory.
 HISTORY_BUDGET = 1 << 21
-_LN = re.compile(r"(?:^|\.)ln_")
 
 
 @dataclass
@@ -112,11 +110,6 @@ def window_size(options: ExtrapolateOptions, T: int) -> int:
     return W
 
 
-def is_norm_weight(name: str, shape: tuple[int, ...]) -> bool:
-    """A normalisation layer's 1-D parameter: `*norm*` (input_layernorm, model.norm, ...) or GPT-2's `ln_*`."""
-    return len(shape) == 1 and ("norm" in name.lower() or _LN.search(name) is not None)
-
-
 @dataclass
 class TensorPlan:
     """Every tensor written, in order, and where its values come from: `extrapolate`, `last` (the
@@ -147,7 +140,7 @@ def plan_tensors(h: History, options: ExtrapolateOptions, *, copy_norms: bool) -
             fnmatchcase(name, g) for g in options.exclude)
         if not chosen or not h.base.entry(name).torch_dtype.is_floating_point:
             source[name] = options.rest
-        elif copy_norms and is_norm_weight(name, shape):
+        elif copy_norms and is_norm_parameter(name, shape):
             source[name] = "last"
             norms.append(name)
         else:

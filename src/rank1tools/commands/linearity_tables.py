@@ -18,19 +18,17 @@ import csv
 import io
 import json
 import math
-import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ..jsonutil import json_safe
 from ..math.linefit import R2_LINEAR
-from ..modules import LM_HEAD_NAME, is_embedding, layer_index, parse_matrix_module
+from ..modules import LM_HEAD_NAME, is_embedding, is_norm_parameter, layer_index, parse_matrix_module
 from .spectrum_tables import TYPE_ORDER, module_labels, write_row_tables
 
 FRAC_KEY = f"frac_r2_above_{R2_LINEAR}"  # "frac_r2_above_0.7": RLVR linearity's headline figure
 NON_MATRIX_TYPES = ("norm", "bias", "embedding", "lm_head", "other")
 _ORDER = {**TYPE_ORDER, **{t: len(TYPE_ORDER) + i for i, t in enumerate(NON_MATRIX_TYPES)}}
-_NORM = re.compile(r".*norm.*|ln(_\w+|\d+)?", re.IGNORECASE)
 HEAD = ["tensor", "layer", "type", "numel", "T", "explained_1", "explained_r"]
 TAIL = [FRAC_KEY, "static_fraction", "elements", "changing", "linear", "sampled"]
 MEAN_KEYS = ["explained_1", "explained_r", "coef_r2_1", FRAC_KEY, "static_fraction"]
@@ -44,8 +42,7 @@ def tensor_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
     layer = layer_index(name)
     if name.endswith(".bias"):
         return layer, "bias"
-    owner = name[: -len(".weight")].rsplit(".", 1)[-1] if name.endswith(".weight") else ""
-    if len(shape) == 1 and _NORM.fullmatch(owner):
+    if name.endswith(".weight") and is_norm_parameter(name, shape):
         return layer, "norm"
     return layer, "other"
 

@@ -92,17 +92,9 @@ class FactorStore:
     def load(self, name: str) -> dict[str, torch.Tensor]:
         """All tensors of one module's factor file (steps, S, U, V, fro, base_fro), checked to be
         that module's (the file records its module name) and of the manifest's shapes."""
-        from safetensors import safe_open
 
         path = self.factor_path(name)
-        try:
-            with safe_open(str(path), "pt") as f:
-                data = {k: f.get_tensor(k) for k in f.keys()}
-                recorded = json.loads((f.metadata() or {}).get("rank1tools", "{}")).get("module")
-        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
-            raise InputError(f"{path}: unreadable factor file ({' '.join(str(e).split())})") from None
-        if recorded != name:
-            raise InputError(f"{path}: factor file holds module {recorded!r}, not {name!r} (manifest and files disagree)")
+        data = read_module_file(path, name, "factor file")
         m, n = self.modules[name]["shape"]
         T, k = len(self.steps), min(self.rank, m, n)
         want = {"steps": (T,), "fro": (T,), "base_fro": (1,), "S": (T, k), "U": (T, m, k), "V": (T, n, k)}
@@ -126,3 +118,19 @@ def same_source(a: str, a_rev: str | None, b: str, b_rev: str | None) -> bool:
     if a.startswith("hf://") or b.startswith("hf://"):
         return a_rev is not None and a_rev == b_rev and a.split("@")[0] == b.split("@")[0]
     return Path(a).resolve() == Path(b).resolve()
+
+
+def read_module_file(path: Path, name: str, kind: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a per-module store file (a factor or fit file), which must record module
+    `name` in its metadata; one-line InputError naming the `kind` of file otherwise."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}
+            recorded = json.loads((f.metadata() or {}).get("rank1tools", "{}")).get("module")
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
+        raise InputError(f"{path}: unreadable {kind} ({' '.join(str(e).split())})") from None
+    if recorded != name:
+        raise InputError(f"{path}: {kind} holds module {recorded!r}, not {name!r} (manifest and files disagree)")
+    return data

@@ -7,7 +7,6 @@ module and hold tensors of the manifest's shapes. Anything wrong is a one-line I
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 from ..errors import InputError
 from ..jsonutil import read_json_file
-from .factor_store import is_shape, same_source
+from .factor_store import is_shape, read_module_file, same_source
 
 FIT_FORMAT = "rank1tools.pls-fits"
 FIT_FORMAT_VERSION = 1
@@ -109,17 +108,9 @@ class FitStore:
     def load(self, name: str) -> dict[str, torch.Tensor]:
         """All tensors of one module's fit file, checked: it records module `name`, every tensor
         has the manifest's shape, its steps are the window, what a prediction uses is finite."""
-        from safetensors import safe_open
 
         path = self.fit_path(name)
-        try:
-            with safe_open(str(path), "pt") as f:
-                data = {k: f.get_tensor(k) for k in f.keys()}
-                recorded = json.loads((f.metadata() or {}).get("rank1tools", "{}")).get("module")
-        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
-            raise InputError(f"{path}: unreadable fit file ({' '.join(str(e).split())})") from None
-        if recorded != name:
-            raise InputError(f"{path}: fit file holds module {recorded!r}, not {name!r} (manifest and files disagree)")
+        data = read_module_file(path, name, "fit file")
         if "fro" not in data:
             raise InputError(f"{path}: fit file has no 'fro' (||dW_t||_F of the window): it was written by an "
                              f"older rank1tools; rerun rank1 fit-pls to update {self.folder}")
