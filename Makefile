@@ -8,7 +8,7 @@ RANK1  := $(VENV)/bin/rank1
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-report clean
 
 install: $(STAMP)
 
@@ -25,8 +25,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(RANK1) demo --force
 
+# Every benchmark, then docs/benchmarks.md regenerated from benchmarks/results/*.json.
+# `$(PY) benchmarks/run_all.py --only NAME` runs one; `--quick` checks every script at tiny sizes.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# Only the page, from the existing results files (needs no venv: it imports no torch).
+bench-report:
+	$(PYTHON) benchmarks/run_all.py --report-only
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/work .pytest_cache
