@@ -50,7 +50,7 @@ def extrapolate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Write the checkpoint(s) a method predicts for later steps or a target metric (SPEC §4-6).
+    """Write the checkpoint(s) a method predicts for later steps or a target metric.
 
     relex and linear read the base and a history of checkpoints (streamed, several targets in one
     pass); alpharl reads a fit-pls output and the base. Each output loads like the base and

@@ -38,7 +38,7 @@ def fit_pls(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """How linear each module's rank-1 trajectory x_t = σ₁u₁ is against a metric and the step (SPEC §3).
+    """How linear each module's rank-1 trajectory x_t = σ₁u₁ is against a metric and the step (AlphaRL).
 
     One-component PLS per module: in-sample R², leave-one-out R² and R²_step; tables, plots and a
     fit store for extrapolate --method alpharl. Reads only the factor store.
@@ -94,7 +94,7 @@ def linearity(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """How linear the run is per tensor, before trusting extrapolate --method relex or linear (SPEC §5-6).
+    """How linear the run is per tensor, before trusting extrapolate --method relex or linear.
 
     Over the window (step 0 excluded): trajectory rank-1 / rank-r explained variance, R² of the
     top coefficient series against the step, and the share of elements whose per-element linear

@@ -75,7 +75,7 @@ def decompose(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Spectra of ΔW = θ_t − θ₀ for every matrix module and checkpoint (matrix rank-1, SPEC §1).
+    """Spectra of ΔW = θ_t − θ₀ for every matrix module and checkpoint (matrix rank-1, AlphaRL).
 
     Writes spectrum.csv / spectrum.jsonl, summary.json and a factor store (top-k σ, u, v per
     module and step). Rerunning an interrupted command resumes it.
@@ -133,7 +133,7 @@ def reconstruct(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Write checkpoints that keep only the top-k part of each module's update (AlphaRL Eq. 1-3, SPEC §2).
+    """Write checkpoints that keep only the top-k part of each module's update (AlphaRL's rank-k ablation).
 
     W = θ₀ + α·(‖ΔW‖/‖ΔW_k‖)·ΔW_k per selected module; other tensors from --rest. Reports how
     much of the update the output dtype rounds away.
