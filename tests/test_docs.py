@@ -65,6 +65,7 @@ def _anchors(path: Path) -> set[str]:
             n = seen.get(base, 0)
             seen[base] = n + 1
             out.add(base if n == 0 else f"{base}-{n}")
+        out.update(re.findall(r'<a id="([^"]+)"></a>', line))  # explicit anchors (the generated benchmarks page)
     return out
 
 
