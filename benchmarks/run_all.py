@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = [
     "io",
     "decompose",
+    "decompose_run",
     "reconstruct",
     "fit_pls",
     "pls",

@@ -43,7 +43,7 @@ ex inspect_json "rank1 inspect demo-out/run --steps 20:40 --json | jq -c '.check
 
 # decompose
 ex decompose "rank1 decompose demo-out/base --run demo-out/run --out spectra --plots"
-ex decompose_files "ls spectra spectra/plots && head -3 spectra/spectrum.csv | cut -d, -f1-11,19-24"
+ex decompose_files "ls spectra spectra/plots && head -3 spectra/spectrum.csv | cut -d, -f1-12,20-25"
 ex decompose_json "rank1 decompose demo-out/base --run demo-out/run --steps 40:50 --rank 2 --exact --out spectra-exact -q --json | jq -c '.summary.by_step'"
 
 # reconstruct

@@ -70,17 +70,21 @@ def svd_bytes(shape: tuple[int, ...], exact: bool, sketch: int) -> int:
     return 4 * 4 * (m + n) * sketch
 
 
-def decompose_peak_bytes(numel: int, raw_bytes: int, svd: int, on_cpu: bool = True) -> int:
+def decompose_peak_bytes(numel: int, raw_bytes: int, svd: int, on_cpu: bool = True, workers: int = 1) -> int:
     """Peak host bytes while `decompose` works on one tensor of N = `numel` elements, R = `raw_bytes`
     (its largest stored size among the inputs).
 
-    Held at once: the base in float32 (4 N), the checkpoint's update in float32 (4 N), the next
-    tensor read ahead by the prefetch thread (R), and either the checkpoint's raw read being
-    upcast (R) or the SVD's working memory. On a GPU only the raw reads stay on the host.
+    One worker: the base in float32 (4 N), the update being decomposed (4 N) and the SVD's working
+    memory, while the read-ahead thread forms the next update (or the next module's base): its raw
+    read (R) and its float32 copy (4 N). Two workers (no read-ahead): each holds the base, the update
+    and either a raw read or the SVD's working memory, counted for the largest tensor twice. On a
+    GPU only the raw reads stay on the host.
     """
     if not on_cpu:
         return 2 * raw_bytes
-    return 8 * numel + raw_bytes + max(raw_bytes, svd)
+    if workers > 1:
+        return workers * (8 * numel + raw_bytes + svd)
+    return 12 * numel + raw_bytes + svd
 
 
 def reconstruct_peak_bytes(numel: int, raw_bytes: int, out_itemsize: int, *, selected: bool,

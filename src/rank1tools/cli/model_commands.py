@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .. import render
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
 from .app import (COMMITS_OPT, HUB_CACHE_OPT, JSON_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, check_common_early,
                   check_output_early, interrupt_hint, print_json, set_hub_cache_policy, stderr_progress, app)
@@ -66,6 +66,9 @@ def decompose(
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
     rank: str = typer.Option("8", "--rank", "-k", help="Singular triplets kept per module and step."),
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
+    cold_start: bool = typer.Option(False, "--cold-start", help="Every matrix from a fresh random sketch with 4 power "
+                                    "iterations, instead of warm-starting from the module's previous checkpoint and "
+                                    "stopping once the accuracy certificates pass."),
     include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
@@ -83,6 +86,8 @@ def decompose(
     from ..options import parse_positive_int, parse_steps
 
     rank_k = parse_positive_int(rank, "--rank")
+    if cold_start and exact:
+        raise UsageError("--cold-start selects the randomized SVD's start; it cannot be combined with --exact")
     if steps is not None:
         parse_steps(steps)
     check_common_early(device, hub_cache_policy)
@@ -94,7 +99,7 @@ def decompose(
     set_hub_cache_policy(hub_cache_policy)
     hub_run = {"revisions": revisions, "subfolders": subfolders, "commits": commits}
     opts = DecomposeOptions(rank=rank_k, exact=exact, include=include or [], exclude=exclude or [],
-                            all_2d=all_2d, device=device, plots=plots)
+                            all_2d=all_2d, device=device, plots=plots, warm_start=not cold_start)
     bar, update = stderr_progress(not quiet, "decompose")
     with interrupt_hint("finished modules are kept; rerun the same command to resume"), bar:
         result = run_decompose(base, checkpoints or [], out, run=run, steps=steps, hub_run=hub_run, options=opts, force=force,

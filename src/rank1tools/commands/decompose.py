@@ -1,8 +1,9 @@
 """`rank1 decompose`: streaming spectra of dW_t = theta_t - theta_0 per matrix module and checkpoint.
 
 Module-major: the base tensor is read once, then the same tensor from every checkpoint, so
-memory is a few tensors and each file is read once. The next tensor is read in a background
-thread while the current one is decomposed.
+memory is a few tensors and each file is read once. The per-module work (decompose_modules.py) runs
+in two worker threads on a multi-core CPU, else in one whose next tensor is read and subtracted in
+a background thread while the current one is decomposed.
 
 Outputs (docs/formats.md, "Factor store"): spectrum.csv / spectrum.jsonl (one row per module and
 step), summary.json, and the factor store (factors/<module>.safetensors + manifest.json) that
@@ -15,10 +16,11 @@ Only the complete folder is renamed to OUT.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
+import threading
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,17 +34,13 @@ from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spec
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
-from ..io.run_inputs import open_run_inputs, prefetched
+from ..io.run_inputs import open_run_inputs
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
 from ..io.writer import provenance, write_provenance
-from ..math.finite import all_finite, dtype_max, max_abs, nonfinite_update_cause
-from ..math.signs import canonicalize_signs
-from ..math.spectrum import delta, frobenius
-from ..math.svd import MIN_SKETCH, topk_svd
+from ..math.svd import MIN_SKETCH
 from ..modules import select_tensors
-from ..resources import check_memory, decompose_peak_bytes, svd_bytes
-
-SVD_SEED = 0
+from ..resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
+from .decompose_modules import SVD_SEED, cpu_threads, in_order, module_factors, worker_count
 
 
 @dataclass
@@ -54,8 +52,13 @@ class DecomposeOptions:
     all_2d: bool = False
     device: str = "auto"
     oversample: int = 10
-    niter: int = 4
-    prefetch: bool = True
+    niter: int = 4  # the cold start's fixed power iterations (doubled up to max_niter on a miss)
+    max_niter: int = 16
+    # warm: each checkpoint's sketch starts from the previous checkpoint's factors of the same module and
+    # iterates until the certificate passes; cold: a fresh Gaussian sketch, `niter` iterations
+    warm_start: bool = True
+    prefetch: bool = True  # background threads: a second worker on a multi-core CPU, else read-ahead
+    workers: int | None = None  # None: decompose_modules.worker_count; 1 or 2 to force
     plots: bool = False  # energy over steps by type and a layer x type heatmap (the `plot` extra)
 
 
@@ -98,32 +101,25 @@ def _stored_module(path: Path) -> str | None:
         return None
 
 
-def _nonfinite(label: str, name: str, where: str) -> InputError:
-    return InputError(f"{label}: tensor {name!r} {where} has non-finite values (NaN or Inf)")
-
-
 def _check_memory(base: Checkpoint, others: list[Checkpoint], modules: list[str], options: DecomposeOptions,
-                  device: torch.device) -> None:
-    """Refuse before any work when the largest module's working set exceeds the available memory."""
-    def need(name: str) -> int:
+                  device: torch.device) -> int:
+    """The number of workers (decompose_modules.worker_count); refuse before any work when even one
+    worker's working set for the largest module exceeds the available memory."""
+    def need(name: str, workers: int) -> int:
         e = base.entry(name)
         raw = max(c.entry(name).nbytes for c in (base, *others))
         sketch = max(options.rank + options.oversample, MIN_SKETCH)
         exact = options.exact or min(e.shape) <= 2 * sketch
-        return decompose_peak_bytes(e.numel, raw, svd_bytes(e.shape, exact, sketch), on_cpu=device.type == "cpu")
+        return decompose_peak_bytes(e.numel, raw, svd_bytes(e.shape, exact, sketch), on_cpu=device.type == "cpu",
+                                    workers=workers)
 
-    name = max(modules, key=need)
-    check_memory(need(name), f"tensor {name!r} {list(base.entry(name).shape)}")
-
-
-def _bad_update(ck: Checkpoint, name: str, step: int, base_t: torch.Tensor) -> InputError:
-    """Why dW of `name` at `step` is not finite: the checkpoint's own values, or (both inputs finite)
-    theta_t - theta_0 overflowing float32. Error path only: the checkpoint tensor is read again."""
-    theirs = ck.read_raw(name)
-    if nonfinite_update_cause(base_t, theirs) == "checkpoint":  # the base was checked when read
-        return _nonfinite(ck.label, name, f"at step {step}")
-    return InputError(f"{ck.label}: the update of tensor {name!r} at step {step} overflows float32 "
-                      f"(|values| up to {max(max_abs(theirs), max_abs(base_t)):.3g} in base and checkpoint)")
+    name = max(modules, key=lambda n: need(n, 1))
+    avail = available_memory_bytes()
+    two = need(max(modules, key=lambda n: need(n, 2)), 2)
+    workers = options.workers or worker_count(device, options, max(base.entry(n).numel for n in modules),
+                                              avail is None or two <= avail)
+    check_memory(need(name, 1) if workers == 1 else two, f"tensor {name!r} {list(base.entry(name).shape)}")
+    return workers
 
 
 def _discard_fresh(work: Path, resumed: list[str], err: InputError) -> InputError:
@@ -154,24 +150,21 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     for ck in (base_ckpt, *(c for _, c in pairs)):
         ck.expect(modules)
     device = resolve_device(options.device)
-    _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
-    with locked_output(out, force=force, inputs=inputs.local_paths()) as target:
+    workers = _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
+    with locked_output(out, force=force, inputs=inputs.local_paths()) as target, cpu_threads(device, options):
         return _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
-                                 force, progress, on_module_done)
+                                 force, progress, on_module_done, workers)
 
 
 def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target, force,
-                      progress, on_module_done) -> DecomposeResult:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+                      progress, on_module_done, workers) -> DecomposeResult:
     manifest = {
         "format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": __version__,
         "base": {"source": base_ckpt.label, "revision": base_ckpt.revision},
         "checkpoints": [{"step": s, "source": c.label, "revision": c.revision} for s, c in pairs],
         "step_source": step_source,
         "parameters": {"rank": options.rank, "svd": "exact" if options.exact else "randomized",
-                       "oversample": options.oversample, "niter": options.niter, "seed": SVD_SEED,
+                       "oversample": options.oversample, **_svd_parameters(options), "seed": SVD_SEED,
                        "include": options.include, "exclude": options.exclude, "all_2d": options.all_2d,
                        "device": device.type, "delta_dtype": "float32"},
         "modules": [{"name": n, "shape": list(shapes[n]), "layer": module_labels(n, shapes[n])[0],
@@ -199,81 +192,36 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
     if progress:
         progress(count, total)
 
-    tasks = [(n, i) for n in todo for i in range(-1, len(pairs))]  # -1: the base tensor
+    lock = threading.Lock()
 
-    def read(task):
-        name, i = task
-        ck = base_ckpt if i < 0 else pairs[i][1]
-        return ck.read_raw(name)
+    def step_done() -> None:
+        nonlocal count
+        with lock:
+            count += 1
+            if progress:
+                progress(count, total)
 
-    base_t = None
-    acc: dict[str, list] = {}
-    for (name, i), raw in prefetched(tasks, read, options.prefetch):
-        t = raw.to(device).to(torch.float32)
-        del raw
-        if i < 0:
-            # the float64 norms double as the NaN/Inf check: no extra pass over the tensor
-            base_fro = frobenius(t)
-            if not math.isfinite(base_fro):
-                raise _discard_fresh(work, done, _nonfinite(base_ckpt.label, name, "in base"))
-            base_t = t
-            acc = {"U": [], "S": [], "V": [], "fro": [], "method": [], "residual": []}
-            continue
-        step, ck = pairs[i]
-        # dW = theta_t - theta_0 in float32, in place: t is a fresh tensor this loop owns
-        d = t.sub_(base_t) if t.dtype == torch.float32 else delta(t, base_t)
-        del t
-        fro = frobenius(d)
-        if not math.isfinite(fro):  # the checkpoint's own NaN/Inf, or a float32 overflow of the difference
-            raise _discard_fresh(work, done, _bad_update(ck, name, step, base_t))
-        res = topk_svd(d, options.rank, exact=options.exact, oversample=options.oversample,
-                       niter=options.niter, seed=SVD_SEED, fro=fro)
-        if not all_finite(res.S):
-            raise _discard_fresh(work, done, InputError(
-                f"{ck.label}: the update of tensor {name!r} at step {step} has singular values beyond "
-                f"float32 (||dW||_F = {fro:.3g}, float32 max {dtype_max(torch.float32):.3g})"))
-        U, V = canonicalize_signs(res.U, res.V)
-        acc["U"].append(U.cpu())
-        acc["V"].append(V.cpu())
-        acc["S"].append(res.S.cpu())
-        acc["fro"].append(fro)
-        acc["method"].append(res.method)
-        acc["residual"].append(res.residual)
-        del d
-        count += 1
-        if progress:
-            progress(count, total)
-        if i == len(pairs) - 1:
-            tensors = {
-                "steps": torch.tensor([s for s, _ in pairs], dtype=torch.int64),
-                "S": torch.stack(acc["S"]), "U": torch.stack(acc["U"]), "V": torch.stack(acc["V"]),
-                "fro": torch.tensor(acc["fro"], dtype=torch.float64),
-                "base_fro": torch.tensor([base_fro], dtype=torch.float64),
-            }
-            # one metadata key: safetensors writes __metadata__ from a hash map, so several keys
-            # would come out in a different order from run to run (outputs must be byte-identical)
-            meta = {"rank1tools": json.dumps({"module": name, "methods": acc["method"],
-                                              "residuals": acc["residual"]}, sort_keys=True)}
-            final = work / "factors" / factor_file(name)
-            tmp = final.with_suffix(".tmp")
-            with output_errors(final):
-                save_file(tensors, str(tmp), metadata=meta)
-                follow_umask(tmp, directory=False)  # safetensors creates files 0600
-                os.replace(tmp, final)
-            base_t = None
-            if on_module_done:
-                on_module_done(name)
+    def compute(name: str, stop: threading.Event):
+        return module_factors(name, base_ckpt, pairs, options, device, read_ahead=options.prefetch and workers == 1,
+                              on_step=step_done, stop=stop)
+
+    steps = [s for s, _ in pairs]
+    try:
+        with closing(in_order(todo, compute, workers)) as results:
+            for name, (acc, base_fro) in results:
+                _save_module(work / "factors" / factor_file(name), name, steps, acc, base_fro)
+                if on_module_done:
+                    on_module_done(name)
+    except InputError as err:
+        raise _discard_fresh(work, done, err) from None
 
     # Assemble the tables from the stored factors, so a resumed run equals an uninterrupted one.
     rows: list[dict] = []
     fallbacks: list[tuple[str, int]] = []
     for name in modules:
-        path = work / "factors" / factor_file(name)
-        with safe_open(str(path), "pt") as f:
-            data = {k: f.get_tensor(k) for k in f.keys()}
-            methods = json.loads(f.metadata()["rank1tools"])["methods"]
-        rows.extend(spectrum_rows(name, shapes[name], data, methods))
-        fallbacks.extend((name, s) for s, m in zip(data["steps"].tolist(), methods) if m == "exact-fallback")
+        data, meta = _stored_figures(work / "factors" / factor_file(name))
+        rows.extend(spectrum_rows(name, shapes[name], data, meta["methods"], meta.get("iterations")))
+        fallbacks.extend((name, s) for s, m in zip(data["steps"].tolist(), meta["methods"]) if m == "exact-fallback")
     summary = summarize(rows)
     with output_errors(work):
         write_spectrum_tables(work, rows, options.rank)
@@ -284,6 +232,44 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
     return DecomposeResult(out=out, steps=[s for s, _ in pairs], modules=modules, rows=rows, summary=summary,
                            resumed_modules=len(done), fallbacks=fallbacks,
                            plots=[str(Path(out) / Path(p).relative_to(work)) for p in plots], plot_hint=hint)
+
+
+def _save_module(final: Path, name: str, steps: list[int], acc: dict, base_fro: float) -> None:
+    """Write one module's factor file atomically (tmp + rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        "steps": torch.tensor(steps, dtype=torch.int64),
+        "S": torch.stack(acc["S"]), "U": torch.stack(acc["U"]), "V": torch.stack(acc["V"]),
+        "fro": torch.tensor(acc["fro"], dtype=torch.float64),
+        "base_fro": torch.tensor([base_fro], dtype=torch.float64),
+    }
+    # one metadata key: safetensors writes __metadata__ from a hash map, so several keys
+    # would come out in a different order from run to run (outputs must be byte-identical)
+    meta = {"rank1tools": json.dumps({"module": name, "methods": acc["method"], "residuals": acc["residual"],
+                                      "iterations": acc["iterations"]}, sort_keys=True)}
+    tmp = final.with_suffix(".tmp")
+    with output_errors(final):
+        save_file(tensors, str(tmp), metadata=meta)
+        follow_umask(tmp, directory=False)  # safetensors creates files 0600
+        os.replace(tmp, final)
+
+
+def _stored_figures(path: Path) -> tuple[dict, dict]:
+    """What the tables need from a finished factor file: steps, S, fro, base_fro and the metadata
+    (U and V are not read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return ({k: f.get_tensor(k) for k in ("steps", "S", "fro", "base_fro")},
+                json.loads(f.metadata()["rank1tools"]))
+
+
+def _svd_parameters(options: DecomposeOptions) -> dict:
+    """The manifest's description of the SVD schedule (a .partial folder of another one is not reused)."""
+    if options.warm_start and not options.exact:
+        return {"start": "warm", "niter": "adaptive", "max_niter": options.max_niter}
+    return {"start": "cold", "niter": options.niter, "max_niter": options.max_niter}
 
 
 def _plots(rows: list[dict], work: Path) -> tuple[list[str], str | None]:

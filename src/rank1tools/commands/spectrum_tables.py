@@ -28,11 +28,15 @@ def module_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
     return None, name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
 
 
-COLUMNS_HEAD = ["module", "layer", "type", "step", "rows", "cols", "k", "svd_method", "fro", "rel_update"]
+COLUMNS_HEAD = ["module", "layer", "type", "step", "rows", "cols", "k", "svd_method", "iterations", "fro",
+                "rel_update"]
 COLUMNS_TAIL = ["energy_1", "energy_k", "rank1pct_k", "energy_rank1pct", "norm_frac_1", "stable_rank"]
 
 
-def spectrum_rows(name: str, shape: tuple[int, ...], data: dict, methods: list[str]) -> list[dict]:
+def spectrum_rows(name: str, shape: tuple[int, ...], data: dict, methods: list[str],
+                  iterations: list[int] | None = None) -> list[dict]:
+    """One row per step from a module's stored S, fro, base_fro and steps; `iterations`: the power
+    iterations each step's SVD ran (None: not recorded, an empty cell)."""
     layer, mtype = module_labels(name, shape)
     base_fro = float(data["base_fro"][0])
     out = []
@@ -40,7 +44,8 @@ def spectrum_rows(name: str, shape: tuple[int, ...], data: dict, methods: list[s
         sig = [float(x) for x in data["S"][j]]
         figs = spectrum_figures(sig, float(data["fro"][j]), base_fro, (shape[0], shape[1]))
         out.append({"module": name, "layer": layer, "type": mtype, "step": step, "rows": shape[0], "cols": shape[1],
-                    "k": len(sig), "svd_method": methods[j], **figs})
+                    "k": len(sig), "svd_method": methods[j],
+                    "iterations": iterations[j] if iterations is not None else None, **figs})
     return out
 
 

@@ -13,15 +13,31 @@ def delta(checkpoint: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 FRO_CHUNK = 1 << 20  # elements per float64 chunk: the float64 copy stays small
+FRO_BLOCK = 1024  # float32 tensors: elements per float32 partial sum (see frobenius)
 
 
 def frobenius(x: torch.Tensor) -> float:
-    """||x||_F reduced in float64, in chunks: never a float64 copy of the whole tensor."""
+    """||x||_F reduced in float64, never through a float64 copy of the whole tensor.
+
+    float32 input (the deltas): the norms of blocks of FRO_BLOCK elements are taken in float32
+    (torch's blocked summation: relative error ~1e-7 per block) and their squares added in float64;
+    the result agrees with an all-float64 reduction to ~1e-8 relative (64 x 176) .. 1e-9 (4096 x 4096)
+    and costs an eighth of it.
+    Where float32 squares could overflow (|x| > ~1e19) or lose the result to underflow (RMS below
+    1e-10), or for other dtypes, the elements are converted to float64 chunk by chunk instead."""
     flat = x.reshape(-1)
-    if flat.numel() <= FRO_CHUNK:
+    n = flat.numel()
+    if flat.dtype == torch.float32 and n >= FRO_BLOCK:
+        nb = n // FRO_BLOCK
+        sq = float(torch.linalg.vector_norm(flat[:nb * FRO_BLOCK].view(nb, FRO_BLOCK), dim=1).double().square().sum())
+        if nb * FRO_BLOCK < n:
+            sq += float(torch.linalg.vector_norm(flat[nb * FRO_BLOCK:], dtype=torch.float64)) ** 2
+        if math.isfinite(sq) and sq > n * 1e-20:  # no block overflowed, and underflow cannot matter
+            return sq ** 0.5
+    if n <= FRO_CHUNK:
         return float(torch.linalg.vector_norm(flat, dtype=torch.float64))
     sq = 0.0
-    for start in range(0, flat.numel(), FRO_CHUNK):
+    for start in range(0, n, FRO_CHUNK):
         sq += float(torch.linalg.vector_norm(flat[start:start + FRO_CHUNK], dtype=torch.float64)) ** 2
     return sq ** 0.5
 

@@ -1,13 +1,25 @@
-"""Top-k SVD of an update matrix: randomized range finder with an a-posteriori accuracy check.
+"""Top-k SVD of an update matrix: randomized subspace iteration with an a-posteriori accuracy check.
 
-SPEC section 1: randomized (oversampling >= 10, >= 4 power iterations, fixed seed) by default,
-exact on request. The randomized result must reach |sigma_1 error| / sigma_1 <= 1e-4 and
-|cos(u_1, u_1 exact)| >= 0.9999. That is checked without an exact SVD: with B = Q^T M = Ub S Vh,
-u = Q Ub and v = Vh^T satisfy M^T u_1 = sigma_1 v_1 exactly, so the only residual is
-rho = ||M v_1 - sigma_1 u_1|| = ||(I - Q Q^T) M v_1||. Wedin-type bounds give
-sin angle(u_1, u_1 true) <= rho / gap and |sigma_1 - true| <= min(rho, rho^2 / gap), with
-gap ~ sigma_1 - sigma_2. When the bounds miss the bar, more power iterations are tried, then the
-exact SVD ("exact-fallback").
+SPEC section 1: randomized (oversampling >= 10, fixed seed) by default, exact on request. The
+randomized result must reach |sigma_1 error| / sigma_1 <= 1e-4 and |cos(u_1, u_1 exact)| >= 0.9999.
+That is checked on every matrix without an exact SVD. Each Rayleigh-Ritz step makes one of the two
+singular-triplet relations exact: from a left basis Q, B = Q^T M = Ub S Vh gives u = Q Ub and
+v = Vh^T with M^T u_1 = sigma_1 v_1 exactly, so the only residual is rho = ||M v_1 - sigma_1 u_1||;
+from a right basis X (orthonormal), M X = Uy S Wh gives u = Uy, v = X Wh^T with
+M v_1 = sigma_1 u_1 exactly and rho = ||M^T u_1 - sigma_1 v_1||. Wedin-type bounds give
+sin angle(u_1, u_1 true), sin angle(v_1, v_1 true) <= rho / gap and
+|sigma_1 - true| <= min(rho, rho^2 / gap), with gap ~ sigma_1 - sigma_2 of the Ritz values; both
+bounds must hold with a SAFETY margin. When they miss the bar the iteration goes on, up to
+max_niter power iterations, then the exact SVD is used ("exact-fallback").
+
+Two schedules (docs/concepts.md, "Top-k SVD"):
+- cold (the default of `topk_svd`): a Gaussian sketch, `niter` power iterations, the check after
+  the projection B = Q^T M; on a miss the count is doubled (niter, 2 niter, ... up to max_niter).
+- adaptive, optionally warm-started: the sketch starts with given directions (a run's previous
+  checkpoint's singular vectors of the same module) plus Gaussian columns, and the check runs
+  after every product with M or M^T, stopping at the first pass of the top triplet's certificate
+  and of the values 2..k (`lower_values_bound`; values no certificate reaches, such as a noise
+  bulk, are accepted after the cold schedule's 2 + 2 niter steps instead).
 
 The random test matrix comes from a generator seeded per call (not the global RNG) and is drawn
 on the CPU, so results do not depend on processing order, resumption, or device RNG state.
@@ -26,8 +38,8 @@ as inf: callers check it.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -37,6 +49,7 @@ SIGMA_REL_TOL = 1e-4
 SIN_TOL = (1 - 0.9999**2) ** 0.5  # |cos| >= 0.9999
 SAFETY = 4.0  # bounds use the estimated gap; demand this much margin
 MIN_SKETCH = 16
+MIN_RANDOM = 4  # a warm-started sketch keeps at least this many Gaussian columns
 SAFE_FRO_MIN = 1e-12  # outside [SAFE_FRO_MIN, SAFE_FRO_MAX] the matrix is rescaled (module doc)
 SAFE_FRO_MAX = 1e12
 
@@ -46,7 +59,10 @@ class TopK:
     """Top-k singular triplets: M ~ U diag(S) V^T with U (m, k), S (k,), V (n, k).
 
     `method` is "exact", "randomized", or "exact-fallback" (randomized missed the accuracy bar).
-    `residual` is rho / sigma_1 for randomized results (0 for exact).
+    `residual` is rho / sigma_1 for randomized results (0 for exact). `iterations`: the subspace
+    iteration's steps, i.e. products of M or M^T with the thin sketch, before the result was
+    accepted or, for "exact-fallback", given up (0 for "exact"). The cold default (4 power
+    iterations) takes 10: the sketch M omega, 2 per power iteration, and B = Q^T M.
     """
 
     U: torch.Tensor
@@ -54,6 +70,7 @@ class TopK:
     V: torch.Tensor
     method: str
     residual: float = 0.0
+    iterations: int = 0
 
 
 def exact_topk(M: torch.Tensor, k: int) -> TopK:
@@ -61,34 +78,166 @@ def exact_topk(M: torch.Tensor, k: int) -> TopK:
     return TopK(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].T.contiguous(), "exact")
 
 
-def randomized_topk(M: torch.Tensor, k: int, *, oversample: int = 10, niter: int = 4,
-                    seed: int = 0) -> tuple[TopK, bool]:
-    """Randomized top-k SVD and whether it passed the a-posteriori check."""
-    m, n = M.shape
+def sketch_width(k: int, oversample: int, m: int, n: int) -> int:
     # at least MIN_SKETCH columns: more oversampling only adds accuracy, and MKL's thin matmul
     # (M^T Q) is about 12x slower below 12 columns (54 ms vs 4.4 ms on a 3456 x 1152 matrix)
-    ell = min(max(k + oversample, MIN_SKETCH), m, n)
+    return min(max(k + oversample, MIN_SKETCH), m, n)
+
+
+@lru_cache(maxsize=64)
+def _gaussian(n: int, cols: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    omega = torch.randn(n, ell, generator=g, dtype=torch.float32).to(device=M.device, dtype=M.dtype)
-    Q = torch.linalg.qr(M @ omega).Q
-    for _ in range(niter):  # re-orthonormalise each half step: float32 loses the small directions otherwise
-        Z = torch.linalg.qr(M.T @ Q).Q
-        Q = torch.linalg.qr(M @ Z).Q
-    B = Q.T @ M
-    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
-    U = Q @ Ub[:, :k]
-    V = Vh[:k].T
-    s1 = float(S[0])
-    if s1 == 0.0:
-        return TopK(U.contiguous(), S[:k].contiguous(), V.contiguous(), "randomized", 0.0), True
-    Mv = M @ V[:, 0]
-    rho = float(torch.linalg.vector_norm((Mv - S[0] * U[:, 0]).double()))
-    gap = s1 - float(S[1]) if S.numel() > 1 else s1
-    gap = max(gap, 1e-30)
+    return torch.randn(n, cols, generator=g, dtype=torch.float32)
+
+
+def start_sketch(n: int, ell: int, seed: int, start: torch.Tensor | None = None,
+                 like: torch.Tensor | None = None) -> torch.Tensor:
+    """The n x ell test matrix: Gaussian (cold), or a warm start [start | Gaussian columns] whose
+    first columns are given directions (e.g. the previous checkpoint's singular vectors) and
+    at least MIN_RANDOM columns Gaussian, so a direction absent from `start` is still caught.
+    The Gaussian columns come from a CPU generator seeded with `seed` (never the global RNG). A new
+    tensor on the device and of the dtype of `like` (default: CPU float32)."""
+    device, dtype = (like.device, like.dtype) if like is not None else (torch.device("cpu"), torch.float32)
+    if start is None:
+        return _gaussian(n, ell, seed).to(device=device, dtype=dtype, copy=True)
+    keep = min(start.shape[1], ell - MIN_RANDOM)
+    return torch.cat([start[:, :keep].to(device=device, dtype=dtype),
+                      _gaussian(n, ell - keep, seed).to(device=device, dtype=dtype)], dim=1)
+
+
+def _times(M: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """M X (or M^T X) for a thin X, formed as (X^T M^T)^T (or (X^T M)^T): MKL's float32 matmul with
+    the thin factor on the right is 1.5-4x slower, and erratic below 16 columns."""
+    return torch.mm(X.T.contiguous(), M if transpose else M.T).T
+
+
+def _ritz(M: torch.Tensor, X: torch.Tensor, transpose: bool
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One-sided Rayleigh-Ritz step (module doc): Y, P (the next step's basis), S (descending), Wh.
+
+    transpose=False ("right step"): X (n x ell) orthonormal; Y = M X = P S Wh gives U = P and
+    V = X Wh^T with M V = U diag(S) exactly.
+    transpose=True ("left step"): X (m x ell) orthonormal; Y = M^T X = P S Wh gives V = P and
+    U = X Wh^T with M^T U = V diag(S) exactly (the projection B = Q^T M).
+    The thin SVD is of a tall matrix (about 6x faster than of the wide B)."""
+    Y = _times(M, X, transpose)
+    P, S, Wh = torch.linalg.svd(Y, full_matrices=False)
+    return Y, P, S, Wh
+
+
+def _top_certificate(M: torch.Tensor, X: torch.Tensor, transpose: bool, P: torch.Tensor, S: torch.Tensor,
+                     Wh: torch.Tensor) -> tuple[float, bool]:
+    """rho / s_1 of the top Ritz triplet of `_ritz` and whether the bar is met (module doc): the
+    residual of the relation that is not exact, ||M^T u_1 - s_1 v_1|| for a right step,
+    ||M v_1 - s_1 u_1|| for a left one (one matrix-vector product)."""
+    s = S[:2].tolist()
+    if s[0] == 0.0:
+        return 0.0, True
+    w = torch.mv(M if transpose else M.T, P[:, 0])
+    rho = float(torch.linalg.vector_norm(w.sub_(torch.mv(X, Wh[0]), alpha=s[0]), dtype=torch.float64))
+    gap = max(s[0] - s[1] if len(s) > 1 else s[0], 1e-30)
     sin_bound = rho / gap
-    sigma_bound = min(rho, rho * rho / gap) / s1
-    ok = SAFETY * sin_bound <= SIN_TOL and SAFETY * sigma_bound <= SIGMA_REL_TOL
-    return TopK(U.contiguous(), S[:k].contiguous(), V.contiguous(), "randomized", rho / s1), ok
+    sigma_bound = min(rho, rho * rho / gap) / s[0]
+    return rho / s[0], SAFETY * sin_bound <= SIN_TOL and SAFETY * sigma_bound <= SIGMA_REL_TOL
+
+
+def lower_values_bound(Y: torch.Tensor, prev_S: torch.Tensor, prev_other: torch.Tensor, S: torch.Tensor
+                       ) -> float:
+    """Certificate of the singular values below the top one (the adaptive schedule, module doc): the
+    largest bound on |sigma_i - true sigma_i| / sigma_1, i = 2..k, of the Ritz values S of the
+    current step, or 0.0 for k = 1.
+
+    The previous Rayleigh-Ritz step left Ritz values prev_S and, on one side, vectors prev_other
+    (k columns) whose relation M x_i = s_i y_i (or M^T) is exact; Y, this step's product of M with
+    that step's other-side Ritz vectors, gives the residuals rho_i = ||Y_i - s_i prev_other_i||
+    of all k pairs at no extra product. Each previous value is within min(rho_i, rho_i^2 / gap_i)
+    of its true value (gap_i: distance to the neighbouring Ritz values); Ritz values never exceed
+    the true ones, so the current value, if it fell below the previous one (float32 rounding),
+    is off by at most that much more."""
+    k = prev_other.shape[1]
+    if k == 1:
+        return 0.0
+    rho = torch.linalg.vector_norm(Y[:, :k] - prev_other * prev_S[:k], dim=0, dtype=torch.float64).tolist()
+    p, s = prev_S[:k + 1].tolist(), S[:k].tolist()
+    worst = 0.0
+    for i in range(1, k):
+        gap = max(min(p[i - 1] - p[i], p[i] - p[i + 1] if i + 1 < len(p) else math.inf), 1e-30)
+        worst = max(worst, min(rho[i], rho[i] * rho[i] / gap) + max(0.0, p[i] - s[i]))
+    return worst / s[0] if s[0] > 0 else 0.0
+
+
+def check_steps(niter: int, max_niter: int, adaptive: bool, warm: bool = False) -> list[int]:
+    """The step counts (products with M or M^T) after which the certificate is evaluated.
+
+    Fixed (the cold schedule): after the sketch M omega, `it` power iterations (two steps each)
+    and the projection B = Q^T M, i.e. at 2 + 2 it steps, for it = niter, 2 niter, 4 niter, ... up
+    to the first >= max_niter. Adaptive: after every step up to 2 + 2 max_niter, from the first
+    one for a warm start, from the second for a Gaussian sketch (a Rayleigh-Ritz step on a random
+    subspace cannot pass). The last one is where the randomized path gives up (exact fallback)."""
+    if adaptive:
+        return list(range(1 if warm else 2, 3 + 2 * max_niter))
+    pts, it = [], niter
+    while True:
+        pts.append(2 + 2 * it)
+        if it >= max_niter:
+            return pts
+        it = max(1, 2 * it)
+
+
+def randomized_topk(M: torch.Tensor, k: int, *, oversample: int = 10, niter: int = 4, seed: int = 0,
+                    max_niter: int = 16, start: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    adaptive: bool = False, early: bool = True) -> tuple[TopK, bool]:
+    """Randomized top-k SVD and whether it passed the a-posteriori check.
+
+    Subspace iteration from the sketch (`start_sketch`), alternating products with M and M^T and
+    re-orthonormalising after each (float32 loses the small directions otherwise). At the steps of
+    `check_steps` the basis comes from a Rayleigh-Ritz step (`_ritz`, whose Ritz vectors are the
+    next basis) and the certificate is evaluated; the first pass returns, else the last result
+    comes back with False.
+
+    The cold schedule certifies the top triplet; its values 2..k are those of the fixed schedule.
+    The adaptive one also needs values 2..k: certified (`lower_values_bound` within SIGMA_REL_TOL
+    sigma_1, with the SAFETY margin) or, where no certificate can pass (a noise bulk), computed with
+    at least the cold schedule's 2 + 2 niter steps, so that they are never less converged than there.
+    The top triplet's certificate (a matrix-vector product) is evaluated only where values 2..k
+    pass; the checks go on only while their bound at least halves per step, otherwise the steps up
+    to 2 + 2 niter are plain ones (no Rayleigh-Ritz, cheaper). `early=False` (k > 1): no attempt
+    before 2 + 2 niter steps (a caller's hint that values 2..k are a noise bulk: the previous
+    checkpoint of the same module needed those steps); the result is the same up to rounding.
+
+    `start` = (U, V) of a nearby matrix: the sketch starts on the smaller side (U when m < n, so
+    the first product is M^T X), where a perturbation moves the singular vector least (its
+    angle grows with the square root of the dimension under dense noise)."""
+    m, n = M.shape
+    ell = sketch_width(k, oversample, m, n)
+    left = start is not None and m < n
+    X = start_sketch(m if left else n, ell, seed, None if start is None else start[0 if left else 1], like=M)
+    pts = check_steps(niter, max_niter, adaptive, warm=start is not None)
+    checks, last, full = set(pts), pts[-1], 2 + 2 * niter
+    resume = full if adaptive and k > 1 and not early else 0  # no check before step `resume`
+    if 1 in checks and resume <= 1:  # Rayleigh-Ritz on span(omega) itself needs an orthonormal basis of it
+        X = torch.linalg.qr(X).Q
+    step, transpose, prev, bound = 0, left, None, math.inf
+    while True:
+        step += 1
+        if step in checks and step >= resume:
+            Y, P, S, Wh = _ritz(M, X, transpose)
+            other = X @ Wh[:k].T
+            rest = True  # values 2..k: certified, or given the cold schedule's steps
+            if adaptive and k > 1 and step < full:
+                last_bound, bound = bound, math.inf if prev is None else lower_values_bound(Y, *prev, S)
+                rest = SAFETY * bound <= SIGMA_REL_TOL
+                if not rest and not bound <= last_bound / 2:
+                    resume = full  # a bulk: no certificate before `full`; plain steps until then
+            residual, ok = _top_certificate(M, X, transpose, P, S, Wh) if rest or step >= last else (math.nan, False)
+            ok = ok and rest
+            if ok or step >= last:
+                U, V = (other, P[:, :k]) if transpose else (P[:, :k], other)
+                return TopK(U.contiguous(), S[:k].contiguous(), V.contiguous(), "randomized", residual, step), ok
+            X, prev = P, (S, other)
+        else:
+            X, prev = torch.linalg.qr(_times(M, X, transpose)).Q, None
+        transpose = not transpose
 
 
 def range_scale(fro: float) -> float:
@@ -99,23 +248,36 @@ def range_scale(fro: float) -> float:
 
 
 def topk_svd(M: torch.Tensor, k: int, *, exact: bool = False, oversample: int = 10, niter: int = 4,
-             seed: int = 0, max_niter: int = 16, fro: float | None = None) -> TopK:
+             seed: int = 0, max_niter: int = 16, fro: float | None = None,
+             start: tuple[torch.Tensor, torch.Tensor] | None = None, adaptive: bool = False,
+             early: bool = True) -> TopK:
     """Top-k singular triplets of a finite float32 matrix (see module doc for the accuracy contract
-    and the range handling). `fro`: ||M||_F if the caller has it (saves a pass)."""
+    and the range handling). `fro`: ||M||_F if the caller has it (saves a pass).
+
+    Default: `niter` power iterations from a Gaussian sketch, doubled up to `max_niter` while the
+    certificate fails, then exact. `start` = (U (m x j), V (n x j)): warm start, the sketch begins
+    with the singular vectors of a nearby matrix (`randomized_topk`). `adaptive`: evaluate the certificate after every product with M
+    or M^T (`check_steps`) and stop at the first pass (still up to `max_niter` power iterations,
+    then exact); `early` (`randomized_topk`)."""
     if M.dim() != 2:
         raise ValueError(f"expected a matrix, got shape {list(M.shape)}")
     m, n = M.shape
     if not 1 <= k <= min(m, n):
         raise ValueError(f"rank {k} outside 1..{min(m, n)} for a {m} x {n} matrix")
+    if start is not None and (start[0].dim() != 2 or start[0].shape[0] != m or start[1].dim() != 2
+                              or start[1].shape[0] != n):
+        raise ValueError(f"warm start of shapes {list(start[0].shape)}, {list(start[1].shape)} does not fit a "
+                         f"{m} x {n} matrix")
     if fro is None:
         fro = frobenius(M)
     if not math.isfinite(fro):
         raise ValueError("matrix has non-finite values")
     s = range_scale(fro)
+    opts = dict(exact=exact, oversample=oversample, niter=niter, seed=seed, max_niter=max_niter, start=start,
+                adaptive=adaptive, early=early)
     if s == 1.0:
-        return _topk_in_range(M, k, exact, oversample, niter, seed, max_niter)
-    res = _topk_in_range(_times_power_of_two(M, -math.frexp(s)[1] + 1), k, exact, oversample, niter, seed,
-                         max_niter)
+        return _topk_in_range(M, k, **opts)
+    res = _topk_in_range(_times_power_of_two(M, -math.frexp(s)[1] + 1), k, **opts)
     res.S = (res.S.double() * s).to(res.S.dtype)  # inf where a singular value exceeds float32
     return res
 
@@ -130,19 +292,20 @@ def _times_power_of_two(M: torch.Tensor, e: int) -> torch.Tensor:
     return out
 
 
-def _topk_in_range(M: torch.Tensor, k: int, exact: bool, oversample: int, niter: int, seed: int,
-                   max_niter: int) -> TopK:
+def uses_exact(k: int, oversample: int, m: int, n: int) -> bool:
+    """Whether `topk_svd` goes straight to the exact SVD: a sketch not much smaller than the
+    matrix costs more than the exact SVD."""
+    return min(m, n) <= 2 * max(k + oversample, MIN_SKETCH)
+
+
+def _topk_in_range(M: torch.Tensor, k: int, *, exact: bool, max_niter: int, **kw) -> TopK:
     m, n = M.shape
-    # exact is cheaper than a sketch that is not much smaller than the matrix
-    if exact or min(m, n) <= 2 * max(k + oversample, MIN_SKETCH):
+    if exact or uses_exact(k, kw["oversample"], m, n):
         return exact_topk(M, k)
-    it = niter
-    while True:
-        res, ok = randomized_topk(M, k, oversample=oversample, niter=it, seed=seed)
-        if ok:
-            return res
-        if it >= max_niter:
-            out = exact_topk(M, k)
-            out.method = "exact-fallback"
-            return out
-        it *= 2
+    res, ok = randomized_topk(M, k, max_niter=max_niter, **kw)
+    if ok:
+        return res
+    out = exact_topk(M, k)
+    out.method = "exact-fallback"
+    out.iterations = res.iterations
+    return out

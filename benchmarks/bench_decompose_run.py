@@ -1,0 +1,238 @@
+"""Benchmark (issue #12): `rank1 decompose` of a whole run against the I/O floor and the cold start.
+
+A generated bf16 run of the 135M Llama shape (`rank1tools.synthetic.make_run`, steps 10..100, 10
+checkpoints; about 3 GB). Six modes, each a whole process (imports included), run interleaved
+(floor, before, cold, warm, cold1, warm1, floor, ...) so that load from other processes hits them
+alike; medians of REPS runs:
+  floor   read every base/checkpoint tensor once (rank1tools' reader, module-major), form the
+          float32 update and its norm: the work no decomposition can skip
+  before  `rank1 decompose BASE --run RUN --rank 8` of the code before issue #12 (commit
+          BASELINE, extracted with `git archive` into work/; skipped outside a git checkout)
+  cold    the same command with `--cold-start`: this version's pipeline, every matrix from a fresh
+          sketch with 4 power iterations (the SVD schedule before warm starts)
+  warm    `rank1 decompose BASE --run RUN --rank 8` (the default)
+  cold1, warm1  the same two at `--rank 1`, where only the top triplet is reported (σ₂..σ₈ of this
+          run are bf16 rounding noise: at rank 8 they take the cold schedule's steps either way)
+Each decompose output is checked: the SVD method of every row (an exact fallback means the
+certificate was missed) and the subspace-iteration steps it took.
+Targets (docs/benchmarks.md): warm <= 2.5x floor, warm >= 3x faster than the cold start.
+
+`--reps N`: medians of N runs instead of 3 (the table's `runs` column says how many).
+`--quick` (or BENCH_QUICK=1): a 2-layer run of small matrices with 3 checkpoints, one repetition,
+results under benchmarks/work/quick/ (checks that the script runs and reports; measures nothing).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _proc import measure  # noqa: E402
+from _report import extra, machine, quick_mode, report, row, runs_of, table, target, work_dir, write_results  # noqa: E402
+
+QUICK = quick_mode()
+WORK = work_dir(QUICK)
+PY = sys.executable
+RANK1 = str(Path(PY).with_name("rank1"))
+REPS = 1 if QUICK else int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
+STEPS = [10, 20, 30] if QUICK else list(range(10, 101, 10))
+ROOT = WORK / ("decompose-run-quick" if QUICK else "decompose-run-135M")
+SHAPE = ("LlamaShape(vocab=256, hidden=256, intermediate=704, layers=2, heads=4, kv_heads=2, tie=True)" if QUICK
+         else "SHAPE_135M")
+BASELINE = "7a456c9bd359200690cdb1825f6631c00b7599b5"  # main before issue #12 (cold-start decompose)
+MODES = ("cold", "warm", "cold1", "warm1")  # this version's decompose: schedule, and rank 8 or (…1) rank 1
+
+
+def _env(src: Path) -> dict:
+    """The children run `src`'s rank1tools even where the venv's editable install points elsewhere."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+
+
+ENV = _env(HERE.parent / "src")
+
+GEN = """
+import sys, torch
+from pathlib import Path
+from rank1tools.synthetic import SHAPE_135M, LlamaShape, make_base, make_run
+root, shape = Path(sys.argv[1]), {shape}
+make_base(root / "base", shape, dtype=torch.bfloat16)
+make_run(root / "run", {steps}, shape, base_dtype=torch.bfloat16, dtype=torch.bfloat16)
+"""
+
+FLOOR = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from rank1tools.io import open_checkpoint
+from rank1tools.math.spectrum import frobenius
+from rank1tools.modules import select_tensors
+root, steps = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
+base = open_checkpoint(root + "/base")
+cks = [open_checkpoint(f"{root}/run/checkpoint-{s}") for s in steps]
+mods = select_tensors({n: e.shape for n, e in base.entries.items()})
+total = 0.0
+for n in mods:
+    b = base.read_raw(n).to(torch.float32)
+    total += frobenius(b)
+    for ck in cks:
+        d = ck.read_raw(n).to(torch.float32).sub_(b)
+        total += frobenius(d)
+print(json.dumps({"modules": len(mods), "matrices": len(mods) * len(cks), "seconds_in_process": time.perf_counter() - t0}))
+"""
+
+
+def _ensure() -> None:
+    if all((ROOT / "run" / f"checkpoint-{s}" / "model.safetensors").exists() for s in STEPS) and \
+            (ROOT / "base" / "model.safetensors").exists():
+        return
+    shutil.rmtree(ROOT, ignore_errors=True)
+    print(f"generating the {len(STEPS)}-checkpoint run in {ROOT}" + ("" if QUICK else " (about 3 minutes)"),
+          file=sys.stderr)
+    measure([PY, "-c", GEN.format(steps=STEPS, shape=SHAPE), str(ROOT)], ENV)
+
+
+def _baseline_src() -> Path | None:
+    """The `src/` folder of BASELINE, extracted once; None where git or the commit is unavailable."""
+    dst = WORK / f"src-{BASELINE[:10]}"
+    if (dst / "src" / "rank1tools" / "cli").is_dir():
+        return dst / "src"
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", BASELINE, "src"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"no baseline run: cannot extract {BASELINE[:10]} ({e})", file=sys.stderr)
+        shutil.rmtree(dst, ignore_errors=True)
+        return None
+    return dst / "src"
+
+
+def _decompose(mode: str, env: dict = ENV) -> dict:
+    """One `rank1 decompose` process: mode before/cold/warm at rank 8, cold1/warm1 at rank 1."""
+    out = WORK / f"decompose-run-out-{mode}"
+    cmd = [RANK1, "decompose", str(ROOT / "base"), "--run", str(ROOT / "run"), "--rank", "1" if mode[-1] == "1" else "8",
+           "--out", str(out), "--device", "cpu", "--quiet", "--force"] + (["--cold-start"] if "cold" in mode else [])
+    r = measure(cmd, env)
+    r.pop("stdout")
+    with open(out / "spectrum.csv") as f:
+        rows = list(csv.DictReader(f))
+    methods: dict[str, int] = {}
+    for line in rows:
+        methods[line["svd_method"]] = methods.get(line["svd_method"], 0) + 1
+    r.update({"matrices": len(rows), "methods": methods,
+              "exact_fallbacks": [f"{line['module']}@{line['step']}" for line in rows
+                                  if line["svd_method"] == "exact-fallback"]})
+    if "iterations" in rows[0]:  # the baseline's tables have no such column
+        steps = [int(line["iterations"]) for line in rows]
+        r.update({"steps_total": sum(steps), "steps_histogram": {str(k): steps.count(k) for k in sorted(set(steps))}})
+    return r
+
+
+def _summary(runs: list[dict]) -> dict:
+    out = dict(runs[-1])
+    out["seconds"] = statistics.median(r["seconds"] for r in runs)
+    out["all_seconds"] = [r["seconds"] for r in runs]
+    out["peak_rss"] = max(r["peak_rss"] for r in runs)
+    out["peak_anon_sampled"] = max(r["peak_anon_sampled"] for r in runs)
+    return out
+
+
+def main() -> None:
+    raw: dict = {"machine_info": machine()}
+    _ensure()
+    baseline = _baseline_src()
+    runs: dict[str, list] = {"floor": [], "before": [], **{m: [] for m in MODES}}
+    for _ in range(REPS):
+        r = measure([PY, "-c", FLOOR, str(ROOT), ",".join(map(str, STEPS))], ENV)
+        r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
+        runs["floor"].append(r)
+        if baseline is not None:
+            runs["before"].append(_decompose("before", _env(baseline)))
+        for mode in MODES:
+            runs[mode].append(_decompose(mode))
+    raw.update({"bytes_on_disk": sum(f.stat().st_size for f in ROOT.rglob("*.safetensors")),
+                "checkpoints": len(STEPS), "baseline_commit": BASELINE if baseline is not None else None,
+                "modes": {k: _summary(v) for k, v in runs.items() if v}})
+    sec = {k: v["seconds"] for k, v in raw["modes"].items()}
+    print(f"decompose run ({len(STEPS)} checkpoints, {raw['bytes_on_disk'] / 1e9:.2f} GB): "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items()) + "; steps per matrix "
+          + ", ".join(f"{k} {raw['modes'][k]['steps_total'] / raw['modes'][k]['matrices']:.2f}" for k in MODES),
+          file=sys.stderr)
+    write_results("decompose_run", raw, summarise, QUICK)
+
+
+MEASURED = """A generated bf16 run of the 135M Llama shape (`rank1tools.synthetic.make_run`, steps 10..100:
+10 checkpoints plus the base, about 3 GB): 210 matrix modules × 10 checkpoints = 2100 matrices, CPU. Whole
+processes (imports included), the modes interleaved in one run of the benchmark, medians: the I/O floor (a
+process reading every base/checkpoint tensor once with rank1tools' reader, forming the float32 update and its
+norm: the work no decomposition can skip); `rank1 decompose --rank 8` of the code before issue #12 (commit
+7a456c9, extracted with `git archive`); this version with `--cold-start` (a fresh sketch and 4 power iterations
+per matrix) and with the default warm start; the last two again at `--rank 1`. Each output is checked: the SVD
+method of every row (an exact fallback means the certificate was missed) and the subspace-iteration steps
+(products of ΔW or ΔWᵀ with the sketch) it took."""
+
+def summarise(raw: dict) -> dict:
+    modes = raw["modes"]
+    names = {"floor": "I/O floor: read, float32 update and its norm", "before": "`rank1 decompose` before #12 (7a456c9)",
+             "cold": "`rank1 decompose --cold-start`", "warm": "`rank1 decompose` (warm start)",
+             "cold1": "`--rank 1 --cold-start`", "warm1": "`--rank 1` (warm start)"}
+    base = {"before": "warm", "cold": "warm", "warm": "floor", "cold1": "warm1", "warm1": "floor"}
+    rows = [row(names[k] + ("" if k == "floor" or k.endswith("1") else ", rank 8"), m["seconds"], runs_of(m),
+                names[base[k]] + ("" if base[k] in ("floor", "warm1") else ", rank 8") if k in base else None,
+                m.get("peak_rss")) for k, m in modes.items()]
+    steps = [[names[k], m["matrices"], m.get("steps_total"),
+              m["steps_total"] / m["matrices"] if m.get("steps_total") is not None else None,
+              ", ".join(f"{n}: {c}" for n, c in m.get("steps_histogram", {}).items()) or None,
+              len(m["exact_fallbacks"])] for k, m in modes.items() if "exact_fallbacks" in m]
+    sec = {k: m["seconds"] for k, m in modes.items()}
+    fallbacks = sum(len(m["exact_fallbacks"]) for k, m in modes.items() if k in MODES)
+    targets = [
+        target("warm_over_floor", "`rank1 decompose` of the run within 2.5× the I/O floor (issue #12)", "<=", 2.5,
+               sec["warm"] / sec["floor"], unit="×",
+               met_limit="Reading, upcasting, subtracting and the norm are paid by every mode; the SVD adds the rest.",
+               missed_limit="At rank 8 every matrix takes the cold schedule's 10 products: σ₂..σ₈ of this run are bf16 "
+               "rounding noise, which no certificate reaches, and they must be as accurate as the cold path's. The "
+               "SVD then costs what it cost before the warm start; the floor is a few seconds of it."),
+        target("cold_over_warm", "warm start at least 3× faster than `--cold-start` (issue #12)", ">=", 3.0,
+               sec["cold"] / sec["warm"], unit="×",
+               met_limit="The warm start certifies every reported value in a few products instead of 10.",
+               missed_limit="The warm start saves products only where every reported value can be certified: σ₁ at "
+               "rank 1 (see the rank-1 rows), or k values standing out of the noise. Here σ₂..σ₈ are noise that is "
+               "new at every checkpoint, so at rank 8 both schedules take 10 products per matrix."),
+        target("fallbacks", "every matrix meets the accuracy certificate: exact fallbacks in this version's runs",
+               "<=", 0, fallbacks,
+               met_limit="σ₁ of this run stands far above its noise: the certificate passes on every matrix.",
+               missed_limit="A matrix whose σ₁ and σ₂ nearly coincide has no well-defined u₁; the exact SVD is then "
+               "the honest answer (listed in the results file)."),
+    ]
+    notes = [
+        "What the warm start saves depends on k against the directions that stand out of the noise: the rank-1 rows "
+        "show it where only σ₁ is reported (1–2 products per matrix from the second checkpoint on, instead of 10).",
+        "Speed-ups common to both schedules, measured on the way during issue #12 (single-threaded, this machine): "
+        "the norm ‖ΔW‖_F from float32 sums over 1024-element blocks added in float64 instead of a float64 copy "
+        "(1.7 → 0.2 ms for a 1536 × 576 matrix); thin products formed as Xᵀ·ΔWᵀ (1.5 → 1.1 ms with 18 columns); the "
+        "SVD of the tall n × 18 block instead of the wide one (2.2 → 0.3 ms); the update formed in the read-ahead "
+        "thread; two workers taking whole modules on a multi-core CPU, torch's intra-op threads halved so that "
+        "they do not compete for every core; the tables reading only S and ‖ΔW‖ back from the factor files.",
+        "The floor includes the imports (about 1.8 s of it is importing torch), paid by every mode.",
+        "The benchmark runs on the CPU (`--device cpu`); the GPU path was not measured for issue #12 (no GPU was "
+        "lent to its sessions)."]
+    return report(raw, name="decompose_run", title="`rank1 decompose` of a whole run", issue="#12",
+                  measured=MEASURED, table=table(rows, memory="peak RSS, whole process"),
+                  tables=[extra("Subspace-iteration steps", ["mode", "matrices", "steps", "steps per matrix",
+                                                             "matrices by steps", "exact fallbacks"], steps)],
+                  targets=targets, notes=notes)
+
+
+if __name__ == "__main__":
+    main()
