@@ -353,3 +353,28 @@ def linearity_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         written += _heatmap_panels(plt, [g for g in grids if g[1]], "viridis", 0.0, 1.0, None,
                                    "Linearity per layer and type (grey: no value)", out_dir, "linearity_heatmap")
     return written
+
+
+def demo_accuracy_plot(curve: dict[int, float], cut: int, points: list[tuple[str, int, float]],
+                       out_dir: Path) -> list[Path]:
+    """accuracy (`rank1 demo`): the run's held-out accuracy by step (line), the cut of the
+    extrapolations' history (dotted), and each synthesized model (name, step, accuracy) as a marker
+    at the step it stands for. Returns the PNG and SVG written."""
+    matplotlib, plt = _pyplot()
+    with matplotlib.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        try:
+            steps = sorted(curve)
+            ax.plot(steps, [curve[s] for s in steps], marker="o", color="black", label="run checkpoints")
+            ax.axvline(cut, color="grey", linestyle=":", label=f"history ends (step {cut})")
+            for (name, step, acc), marker in zip(points, "sDv^P*X"):
+                ax.scatter([step], [acc], marker=marker, s=70, zorder=3, label=f"{name}: {acc:.1%}")
+            ax.set_xlabel("GRPO step")
+            ax.set_ylabel("held-out exact-match accuracy")
+            ax.set_title("rank1 demo: accuracy of the run and of the synthesized checkpoints")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+            fig.tight_layout()
+            return _save(fig, Path(out_dir), "accuracy")
+        finally:
+            plt.close(fig)

@@ -185,3 +185,41 @@ def linearity(result) -> None:
     if result.plots:
         console.print("plots: " + ", ".join(escape(p) for p in result.plots if p.endswith(".png")))
     console.print(f"-> {escape(result.out)}")
+
+
+def demo(result) -> None:
+    """The trained demo's results table (accuracy and kept gain per model) and its figures."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"rank1 demo (seed {result.seed}{', quick' if result.quick else ''}): held-out accuracy, "
+              f"GRPO steps {result.steps[0]}..{result.final}, history for extrapolation up to step {result.cut}",
+              title_justify="left")
+    for col in ("model", "step", "accuracy", "gain kept", "how"):
+        t.add_column(col, justify="right" if col in ("step", "accuracy", "gain kept") else "left")
+    for r in result.rows:
+        t.add_row(escape(r.name), str(r.step), f"{r.accuracy:.1%}", "-" if r.kept is None else f"{r.kept:.0%}",
+                  escape(r.note))
+    console.print(t)
+    f = result.figures
+
+    def v(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    s = Table(title="what the tool tells about the run", show_header=False, title_justify="left")
+    s.add_column(style="bold")
+    s.add_column(justify="right")
+    for label, key in (("mean energy_1 (all matrices, all checkpoints)", "energy_1_mean"),
+                       ("mean energy_1 at the final step", "energy_1_final"),
+                       ("mean PLS R² vs accuracy, in-sample", "pls_r2"),
+                       ("mean PLS R² vs accuracy, leave-one-out", "pls_loo_r2"),
+                       ("mean PLS R² vs step", "pls_r2_step"),
+                       ("mean trajectory explained variance (rank 1, all tensors)", "trajectory_explained_1"),
+                       ("share of changing weights with per-element R² > 0.7", "linear_elements")):
+        s.add_row(label, v(f.get(key)))
+    console.print(s)
+    console.print(f"results: {escape(str(result.out))}/results.json"
+                  + (f"; plot: {escape(result.plots[0])}" if result.plots else "")
+                  + f"; {result.seconds['total']:.0f} s (training {result.seconds['train']:.0f} s)")

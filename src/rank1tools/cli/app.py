@@ -28,6 +28,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (for pipelines).")
 REVISIONS_OPT = typer.Option(None, "--revisions", help="Hub run: branches matching this glob, e.g. 'step_*' (step = trailing number).")
 SUBFOLDERS_OPT = typer.Option(False, "--subfolders", help="Hub run: step folders (checkpoint-N/ ...) at one revision.")

@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (COMMITS_OPT, HUB_CACHE_OPT, JSON_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, check_common_early,
-                  check_output_early, interrupt_hint, print_json, set_hub_cache_policy, stderr_progress, app)
+from .app import (COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, app,
+                  check_common_early, check_output_early, interrupt_hint, print_json, set_hub_cache_policy,
+                  stderr_progress)
 
 
 @app.command()
@@ -45,9 +46,9 @@ def extrapolate(
     dtype: str = typer.Option("auto", "--dtype", help="auto (base dtype), float32, bfloat16 or float16."),
     flag_ratio: float = typer.Option(4.0, "--flag-ratio", help="Flag tensors whose predicted update norm exceeds this many times a straight line's."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = DEVICE_OPT,
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Write the checkpoint(s) a method predicts for later steps or a target metric.

@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (COMMITS_OPT, HUB_CACHE_OPT, JSON_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, check_common_early,
-                  check_output_early, interrupt_hint, print_json, set_hub_cache_policy, stderr_progress, app)
+from .app import (COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, app,
+                  check_common_early, check_output_early, interrupt_hint, print_json, set_hub_cache_policy,
+                  stderr_progress)
 
 
 def exit_on_gate(gate: dict | None, out: str) -> None:
@@ -35,7 +36,7 @@ def fit_pls(
     fail_below: Optional[float] = typer.Option(None, "--fail-below", help="Exit 5 (after writing) when mean LOO R² (or R²_step without --metrics) is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """How linear each module's rank-1 trajectory x_t = σ₁u₁ is against a metric and the step (AlphaRL).
@@ -89,9 +90,9 @@ def linearity(
     seed: str = typer.Option("0", "--seed", help="Seed of --sample."),
     fail_below: Optional[float] = typer.Option(None, "--fail-below", help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = DEVICE_OPT,
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """How linear the run is per tensor, before trusting extrapolate --method relex or linear.

@@ -10,8 +10,9 @@ import typer
 from .. import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from .app import (COMMITS_OPT, HUB_CACHE_OPT, JSON_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, check_common_early,
-                  check_output_early, interrupt_hint, print_json, set_hub_cache_policy, stderr_progress, app)
+from .app import (COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, app,
+                  check_common_early, check_output_early, interrupt_hint, print_json, set_hub_cache_policy,
+                  stderr_progress)
 
 
 @app.command()
@@ -72,10 +73,10 @@ def decompose(
     include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = DEVICE_OPT,
     plots: bool = typer.Option(False, "--plots", help="Also draw energy_1/norm_frac_1 over steps and a layer x type heatmap (OUT/plots)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Spectra of ΔW = θ_t − θ₀ for every matrix module and checkpoint (matrix rank-1, AlphaRL).
@@ -132,10 +133,10 @@ def reconstruct(
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
     factors: Optional[str] = typer.Option(None, "--factors", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = DEVICE_OPT,
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Write checkpoints that keep only the top-k part of each module's update (AlphaRL's rank-k ablation).
@@ -176,22 +177,48 @@ def reconstruct(
 
 @app.command()
 def demo(
-    out: str = typer.Option("demo-out", "--out", help="Folder for the generated model, run and results."),
+    out: str = typer.Option("demo-out", "--out", help="Folder for the trained model, run and results."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the model, the task's data and the sampling."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller, shorter run (under a minute): what the tests run."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="The planted synthetic run instead of training "
+                                   "(inspect, decompose and a rank-1 reconstruct; its answer is known)."),
+    device: str = DEVICE_OPT,
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """The main job on an embedded default: a synthetic bf16 base and TRL run (steps 10..50),
-    inspected, decomposed (OUT/decompose) and reconstructed at rank 1 (OUT/rank-1)."""
+    """Train a tiny Llama policy with GRPO on integer addition (a verifiable reward), then run
+    decompose, fit-pls, linearity, reconstruct --rank 1 and extrapolate (relex, linear, alpharl) on
+    the run and score every written checkpoint on held-out problems (OUT/results.json)."""
     check_output_early(out, force, [])
-    from ..commands.demo import run_demo
+    check_common_early(device, None)
+    if synthetic:
+        if seed != 0 or quick:
+            raise UsageError("--seed and --quick apply to the trained demo, not to --synthetic")
+        from ..commands.demo import run_synthetic_demo
 
-    result = run_demo(out, force=force)
-    if as_json:
-        print_json(_json_safe({"out": result.out, "base": result.base.to_dict(), "run": result.run.to_dict(),
-                                "decompose": result.decompose.to_dict(),
-                                "reconstruct": result.reconstruct.to_dict()}))
+        result = run_synthetic_demo(out, force=force)
+        if as_json:
+            print_json(_json_safe({"out": result.out, "base": result.base.to_dict(), "run": result.run.to_dict(),
+                                    "decompose": result.decompose.to_dict(),
+                                    "reconstruct": result.reconstruct.to_dict()}))
+            return
+        render.model(result.base)
+        render.run(result.run)
+        render.decompose(result.decompose)
+        render.reconstruct(result.reconstruct)
         return
-    render.model(result.base)
-    render.run(result.run)
-    render.decompose(result.decompose)
-    render.reconstruct(result.reconstruct)
+    from ..commands.demo_rl import run_rl_demo
+
+    def say(line: str) -> None:
+        if not quiet:
+            sys.stderr.write(f"rank1 demo: {line}\n")
+
+    with interrupt_hint(f"{out} may hold a partial demo; rerun with --force"):
+        result = run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, say=say)
+    for note in result.notes:
+        sys.stderr.write(f"rank1: note: {note}\n")
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        render.demo(result)

@@ -1,8 +1,9 @@
-"""`rank1 demo`: the main job on an embedded default, with nothing to download.
+"""`rank1 demo --synthetic`: the planted run, whose answer is known, with nothing to download.
 
 Generates a small synthetic bf16 base and a TRL-style run of fp32 checkpoints whose updates are
 a planted rank-1 direction growing linearly with the step plus dense noise, then runs
-`inspect`, `decompose` and a rank-1 `reconstruct` of the last checkpoint on them.
+`inspect`, `decompose` and a rank-1 `reconstruct` of the last checkpoint on them. The default
+`rank1 demo` trains a real run instead (commands/demo_rl.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class DemoResult:
     reconstruct: ReconstructResult
 
 
-def run_demo(out: str, *, force: bool = False, device: str = "cpu") -> DemoResult:
+def run_synthetic_demo(out: str, *, force: bool = False, device: str = "cpu") -> DemoResult:
     with locked_output(out, force=force) as target, staged_output(target, force=force, label=out) as tmp:
         # bf16 base, fp32 policy checkpoints: what TRL saves for a bf16 model
         make_base(tmp / "base", DEMO_SHAPE, dtype=torch.bfloat16)

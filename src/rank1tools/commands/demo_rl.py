@@ -1,0 +1,185 @@
+"""`rank1 demo` on a real RL run: train a tiny policy with GRPO (rank1tools.demo), then run every
+analysis command on the run and evaluate every checkpoint they write on the held-out set.
+
+The cut: the history window of the extrapolations is the first third of the checkpoints (at
+least 3); every method predicts the final step from it, so their accuracy can be set against the
+final checkpoint's. AlphaRL needs a target metric: the accuracy the window's own trend (a least
+squares line of accuracy against step over the window) predicts at the final step; nothing after
+the cut is used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io.outputs import locked_output, staged_output
+from ..io.writer import provenance, write_provenance
+from ..jsonutil import json_safe
+from .decompose import DecomposeOptions, decompose
+from .extrapolate import ExtrapolateOptions, extrapolate
+from .fit_pls import FitPlsOptions, fit_pls
+from .linearity import LinearityOptions, linearity
+from .reconstruct import ReconstructOptions, reconstruct
+
+RESULTS_FILE = "results.json"
+DECOMPOSE_RANK = 8
+WINDOW_SHARE = 1 / 3  # the extrapolations see the first third of the checkpoints
+MIN_WINDOW = 3
+
+
+@dataclass
+class DemoRow:
+    """One evaluated model: its accuracy and the share of the run's gain it keeps."""
+
+    name: str
+    path: str
+    step: int | None  # the step it stands for (a prediction: the target step)
+    accuracy: float
+    kept: float | None  # (accuracy − base) / (final − base); None when final == base
+    note: str = ""
+
+
+@dataclass
+class RLDemoResult:
+    out: str
+    seed: int
+    quick: bool
+    steps: list[int]
+    cut: int
+    final: int
+    rows: list[DemoRow]
+    figures: dict  # mean energy_1, PLS R² (in-sample, LOO, step), trajectory explained variance, linearity
+    curve: dict[int, float]  # step -> held-out accuracy of the run's checkpoints (0 = base)
+    seconds: dict[str, float]
+    plots: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return json_safe({
+            "out": self.out, "seed": self.seed, "quick": self.quick, "steps": self.steps, "cut": self.cut,
+            "final": self.final, "figures": self.figures,
+            "rows": [{"name": r.name, "path": r.path, "step": r.step, "accuracy": r.accuracy, "kept": r.kept,
+                      "note": r.note} for r in self.rows],
+            "curve": {str(s): a for s, a in self.curve.items()}, "seconds": self.seconds, "plots": self.plots,
+            "notes": self.notes,
+        })
+
+
+def window_cut(steps: list[int]) -> int:
+    """The last step of the extrapolations' history: the first third of the checkpoints, at least 3."""
+    n = max(MIN_WINDOW, math.ceil(len(steps) * WINDOW_SHARE))
+    if n >= len(steps):
+        raise ValueError(f"{len(steps)} checkpoints: too few to keep a window of {n} and a later final step")
+    return steps[n - 1]
+
+
+def trend_target(curve: dict[int, float], window: list[int], final: int) -> float:
+    """The accuracy at `final` on the least squares line of accuracy against step over `window`."""
+    import torch
+
+    from ..math.linefit import LineFit
+
+    y = torch.tensor([curve[s] for s in window], dtype=torch.float64)
+    return float(LineFit(r2=False).fit(window, y).predict(final)[0])
+
+
+def kept_share(acc: float, base: float, final: float) -> float | None:
+    return None if final == base else (acc - base) / (final - base)
+
+
+def run_rl_demo(out: str, *, seed: int = 0, quick: bool = False, force: bool = False, device: str = "auto",
+                say: Callable[[str], None] | None = None) -> RLDemoResult:
+    """Train the demo run into `out` (staged, renamed when training is done), then analyse it."""
+    from ..demo import DemoTraining, evaluate_checkpoint, train_demo_run
+
+    say = say or (lambda _line: None)
+    config = DemoTraining.quick(seed) if quick else DemoTraining(seed=seed)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with locked_output(out, force=force) as target, staged_output(target, force=force, label=out) as tmp:
+        trained = train_demo_run(tmp, config, progress=say)
+        write_provenance(tmp, provenance("demo", [], {"seed": seed, "quick": quick, "steps": trained.steps}))
+    seconds["train"] = time.perf_counter() - t0
+
+    root = Path(out)
+    base, run = str(root / "base"), str(root / "run")
+    steps, curve = trained.steps, dict(trained.accuracy)
+    final, cut = steps[-1], window_cut(steps)
+    window = [s for s in steps if s <= cut]
+    metrics = str(root / "run" / Path(trained.metrics).name)
+
+    def stage(name: str, fn):
+        say(f"{name} ...")
+        t = time.perf_counter()
+        value = fn()
+        seconds[name] = time.perf_counter() - t
+        return value
+
+    dec = stage("decompose", lambda: decompose(base, [], str(root / "decompose"), run=run,
+                                               options=DecomposeOptions(rank=DECOMPOSE_RANK, device=device)))
+    pls = stage("fit-pls", lambda: fit_pls(str(root / "decompose"), str(root / "fit-pls"),
+                                           options=FitPlsOptions(metrics=metrics, metric="accuracy")))
+    lin = stage("linearity", lambda: linearity(base, [], str(root / "linearity"), run=run,
+                                               options=LinearityOptions(device=device)))
+    rec = stage("reconstruct", lambda: reconstruct(
+        base, str(root / "run" / f"checkpoint-{final}"), str(root / "rank-1"),
+        options=ReconstructOptions(rank="1", factors=str(root / "decompose"), device=device)))
+    target_metric = trend_target(curve, window, final)
+    history = {"run": run, "history_until": cut, "target_steps": [final], "device": device}
+    relex = stage("extrapolate relex", lambda: extrapolate(
+        base, str(root / "extrapolate-relex"), options=ExtrapolateOptions(method="relex", **history)))
+    lstsq = stage("extrapolate linear", lambda: extrapolate(
+        base, str(root / "extrapolate-linear"), options=ExtrapolateOptions(method="linear", mode="lstsq", **history)))
+    stage("fit-pls window", lambda: fit_pls(str(root / "decompose"), str(root / "fit-pls-window"),
+                                            options=FitPlsOptions(metrics=metrics, metric="accuracy",
+                                                                  window=f":{cut}", plots=False)))
+    alpharl = stage("extrapolate alpharl", lambda: extrapolate(
+        base, str(root / "extrapolate-alpharl"),
+        options=ExtrapolateOptions(method="alpharl", fits=str(root / "fit-pls-window"),
+                                   target_metrics=[target_metric], device=device)))
+
+    base_acc, final_acc = curve[0], curve[final]
+    models = [("base (SFT warm-up)", base, 0, curve[0], "step 0 of the run"),
+              ("checkpoint at the cut", str(root / "run" / f"checkpoint-{cut}"), cut, curve[cut],
+               "where the extrapolations' history ends"),
+              ("final checkpoint", str(root / "run" / f"checkpoint-{final}"), final, final_acc, "what they predict")]
+    written = [("rank-1 of the final", rec.outputs[0].path, final, "top singular triplet of every matrix update"),
+               ("relex (rank 1)", relex.outputs[0].path, final, f"history steps {window[0]}..{cut}"),
+               ("linear lstsq", lstsq.outputs[0].path, final, f"history steps {window[0]}..{cut}"),
+               ("alpharl", alpharl.outputs[0].path, final, f"target accuracy {target_metric:.3f} (window trend)")]
+
+    def evaluate_all():
+        return [(name, path, step, evaluate_checkpoint(path, config), note) for name, path, step, note in written]
+
+    evaluated = stage("evaluate", evaluate_all)
+    rows = [DemoRow(name, path, step, acc, kept_share(acc, base_acc, final_acc), note)
+            for name, path, step, acc, note in models + evaluated]
+    figures = {
+        "energy_1_mean": dec.summary["overall"]["energy_1"],
+        "energy_1_final": dec.summary["by_step"][str(final)]["energy_1"],
+        "pls_r2": pls.summary["mean"]["r2"], "pls_loo_r2": pls.summary["mean"]["loo_r2"],
+        "pls_r2_step": pls.summary["mean"]["r2_step"],
+        "trajectory_explained_1": lin.summary["mean"]["mean_explained_1"],
+        "linear_elements": lin.summary["headline"]["frac_r2_above_0.7"],
+        "alpharl_target_accuracy": target_metric,
+    }
+    seconds["total"] = time.perf_counter() - t0
+    result = RLDemoResult(out=out, seed=seed, quick=quick, steps=steps, cut=cut, final=final, rows=rows,
+                          figures=figures, curve=curve, seconds=seconds, notes=list(pls.warnings))
+    result.plots = _plot(result, root)
+    (root / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def _plot(result: RLDemoResult, root: Path) -> list[str]:
+    from ..plots import demo_accuracy_plot, plots_available
+
+    if not plots_available():
+        return []
+    points = [(r.name, r.step, r.accuracy) for r in result.rows[3:]]
+    return [str(p) for p in demo_accuracy_plot(result.curve, result.cut, points, root)]

@@ -1,0 +1,122 @@
+"""`rank1 demo`: the trained GRPO run end to end (--quick) and the planted synthetic run.
+
+The end-to-end test runs every command through `rank1 demo --quick` and checks that what it wrote
+loads and is consistent: the results table against the files, a full-rank reconstruction against
+the checkpoint, and RELEX at a step inside its history against an independent numpy computation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _support import run_main
+
+from rank1tools.io.checkpoint import open_checkpoint
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    r = run_main("demo", "--quick", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    ck = open_checkpoint(str(folder))
+    return {name: ck.read(name) for name in ck.entries}
+
+
+def test_quick_demo_table_is_consistent_with_its_files(quick_demo):
+    from rank1tools.demo import DemoTraining, evaluate_checkpoint
+
+    out, res = quick_demo
+    assert json.loads((out / "results.json").read_text()) == res
+    rows = {r["name"].split(" (")[0]: r for r in res["rows"]}
+    assert len(res["rows"]) == 7
+    base, final = res["rows"][0], res["rows"][2]
+    assert base["step"] == 0 and final["step"] == res["final"] == res["steps"][-1]
+    assert res["steps"][0] < res["cut"] < res["final"]
+    config = DemoTraining.quick(res["seed"])
+    for r in res["rows"]:
+        assert Path(r["path"]).is_dir(), r["name"]
+        assert 0.0 <= r["accuracy"] <= 1.0
+        expected = (r["accuracy"] - base["accuracy"]) / (final["accuracy"] - base["accuracy"]) \
+            if final["accuracy"] != base["accuracy"] else None
+        assert r["kept"] == pytest.approx(expected) if expected is not None else r["kept"] is None
+    # the accuracies are the evaluator's on the written folders (re-evaluated here)
+    for r in (res["rows"][0], res["rows"][2], res["rows"][4]):
+        assert evaluate_checkpoint(r["path"], config) == r["accuracy"], r["name"]
+    # the run's curve in the table is the metrics file fit-pls read
+    lines = (out / "run" / "metrics.csv").read_text().split()
+    assert lines[0] == "step,accuracy"
+    curve = {int(a): float(b) for a, b in (line.split(",") for line in lines[1:])}
+    assert {int(s): v for s, v in res["curve"].items()} == pytest.approx(curve)
+    for key, value in res["figures"].items():
+        assert value is not None and math.isfinite(value), key
+    assert 0 < res["figures"]["energy_1_mean"] <= 1
+    assert "relex" in rows and "alpharl" in rows
+
+
+def test_quick_demo_outputs_of_every_command(quick_demo):
+    out, res = quick_demo
+    for folder in ("decompose", "fit-pls", "fit-pls-window", "linearity", "rank-1", "extrapolate-relex",
+                   "extrapolate-linear", "extrapolate-alpharl"):
+        assert (out / folder / "rank1tools.json").is_file(), folder
+    base = _tensors(out / "base")
+    for r in res["rows"][3:]:
+        got = _tensors(r["path"])
+        assert set(got) == set(base), r["name"]
+        assert all(torch.isfinite(t).all() for t in got.values()), r["name"]
+
+
+def test_full_rank_reconstruction_equals_the_checkpoint(quick_demo, tmp_path):
+    out, res = quick_demo
+    final = out / "run" / f"checkpoint-{res['final']}"
+    r = run_main("reconstruct", str(out / "base"), str(final), "--rank", "100%", "--exact", "--rest", "checkpoint",
+                 "--dtype", "float32", "--out", str(tmp_path / "full"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    want, got = _tensors(final), _tensors(tmp_path / "full")
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_relex_inside_the_history_equals_the_trajectory_reconstruction(quick_demo, tmp_path):
+    """RELEX rank 1 at a history step: the rank-1 trajectory basis of the stacked updates, its
+    coefficients fitted by a line over the steps, evaluated there (numpy float64, dense SVD)."""
+    out, res = quick_demo
+    steps = [s for s in res["steps"] if s <= res["cut"]]
+    inside = steps[1]
+    r = run_main("extrapolate", str(out / "base"), "--run", str(out / "run"), "--history-until", str(res["cut"]),
+                 "--target-step", str(inside), "--out", str(tmp_path / "relex"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = _tensors(tmp_path / "relex")
+    base = _tensors(out / "base")
+    name = "model.layers.0.mlp.down_proj.weight"
+    M = np.stack([(_tensors(out / "run" / f"checkpoint-{s}")[name] - base[name]).double().numpy().ravel()
+                  for s in steps])
+    _, sv, vt = np.linalg.svd(M, full_matrices=False)
+    c = M @ vt[0]
+    slope, intercept = np.polyfit(np.array(steps, dtype=np.float64), c, 1)
+    want = base[name].double().numpy().ravel() + (intercept + slope * inside) * vt[0]
+    np.testing.assert_allclose(got[name].double().numpy().ravel(), want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+def test_synthetic_demo_keeps_the_planted_run(tmp_path):
+    r = run_main("demo", "--synthetic", "--out", str(tmp_path / "syn"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["run"]["checkpoints"] and (tmp_path / "syn" / "rank-1" / "rank1tools.json").is_file()
+    assert res["decompose"]["summary"]["overall"]["energy_1"] > 0.5
+
+
+def test_synthetic_refuses_training_options(tmp_path):
+    r = run_main("demo", "--synthetic", "--quick", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2
+    assert "--quick" in r.stderr and not (tmp_path / "x").exists()
