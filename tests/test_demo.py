@@ -38,7 +38,7 @@ def test_quick_demo_table_is_consistent_with_its_files(quick_demo):
     out, res = quick_demo
     assert json.loads((out / "results.json").read_text()) == res
     rows = {r["name"].split(" (")[0]: r for r in res["rows"]}
-    assert len(res["rows"]) == 7
+    assert len(res["rows"]) == 8
     base, final = res["rows"][0], res["rows"][2]
     assert base["step"] == 0 and final["step"] == res["final"] == res["steps"][-1]
     assert res["steps"][0] < res["cut"] < res["final"]
@@ -66,7 +66,7 @@ def test_quick_demo_table_is_consistent_with_its_files(quick_demo):
 def test_quick_demo_outputs_of_every_command(quick_demo):
     out, res = quick_demo
     for folder in ("decompose", "fit-pls", "fit-pls-window", "linearity", "rank-1", "extrapolate-relex",
-                   "extrapolate-linear", "extrapolate-alpharl"):
+                   "extrapolate-linear", "extrapolate-alpharl", "relex-whole-run"):
         assert (out / folder / "rank1tools.json").is_file(), folder
     base = _tensors(out / "base")
     for r in res["rows"][3:]:
@@ -93,7 +93,8 @@ def test_relex_inside_the_history_equals_the_trajectory_reconstruction(quick_dem
     out, res = quick_demo
     steps = [s for s in res["steps"] if s <= res["cut"]]
     inside = steps[1]
-    r = run_main("extrapolate", str(out / "base"), "--run", str(out / "run"), "--history-until", str(res["cut"]),
+    r = run_main("extrapolate", str(out / "base"), "--method", "relex", "--run", str(out / "run"),
+                 "--history-until", str(res["cut"]),
                  "--target-step", str(inside), "--out", str(tmp_path / "relex"), "--quiet")
     assert r.returncode == 0, r.stderr
     got = _tensors(tmp_path / "relex")

@@ -3,7 +3,7 @@
 #
 #   bash docs/commands/examples.sh SCRATCH_DIR [DEMO_ARGS...]
 #
-# Runs in SCRATCH_DIR (created; must not exist): `rank1 demo --out demo-out DEMO_ARGS...`, then every
+# Runs in SCRATCH_DIR (created; must not exist): `rank1 demo --synthetic --out demo-out DEMO_ARGS...`, then every
 # example of the command pages on demo-out/base and demo-out/run. Each example's transcript
 # (the command, its stdout, its stderr, and its exit code when not 0; with a pipe,
 # the first failing command's) goes to
@@ -31,7 +31,7 @@ ex() {  # ex NAME COMMAND...: run COMMAND (a rank1 command line, shell syntax al
   echo "== $name"; cat "transcripts/$name.txt"
 }
 
-ex demo "rank1 demo --out demo-out $*"
+ex demo "rank1 demo --synthetic --out demo-out $*"
 
 # inspect
 ex inspect_base "rank1 inspect demo-out/base"
