@@ -56,7 +56,8 @@ def test_quick_demo_table_is_consistent_with_its_files(quick_demo):
     lines = (out / "run" / "metrics.csv").read_text().split()
     assert lines[0] == "step,accuracy"
     curve = {int(a): float(b) for a, b in (line.split(",") for line in lines[1:])}
-    assert {int(s): v for s, v in res["curve"].items()} == pytest.approx(curve)
+    assert [p["step"] for p in res["curve"]] == sorted(curve) == [0, *res["steps"]]
+    assert {p["step"]: p["accuracy"] for p in res["curve"]} == pytest.approx(curve)
     for key, value in res["figures"].items():
         assert value is not None and math.isfinite(value), key
     assert 0 < res["figures"]["energy_1_mean"] <= 1

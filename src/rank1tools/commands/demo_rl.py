@@ -56,7 +56,7 @@ class RLDemoResult:
     rows: list[DemoRow]
     figures: dict  # mean energy_1, PLS R² (in-sample, LOO, step), trajectory explained variance, linearity
     curve: dict[int, float]  # step -> held-out accuracy of the run's checkpoints (0 = base)
-    seconds: dict[str, float]
+    seconds: dict[str, float]  # wall time per stage (shown, not written: results.json stays reproducible)
     plots: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -66,8 +66,8 @@ class RLDemoResult:
             "final": self.final, "figures": self.figures,
             "rows": [{"name": r.name, "path": r.path, "step": r.step, "accuracy": r.accuracy, "kept": r.kept,
                       "note": r.note} for r in self.rows],
-            "curve": {str(s): a for s, a in self.curve.items()}, "seconds": self.seconds, "plots": self.plots,
-            "notes": self.notes,
+            "curve": [{"step": s, "accuracy": a} for s, a in sorted(self.curve.items())],
+            "plots": self.plots, "notes": self.notes,  # no timings: the file is byte-for-byte reproducible
         })
 
 
