@@ -11,10 +11,19 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from rank1tools.synthetic import LlamaShape, make_base, write_model
+from rank1tools.synthetic import LlamaShape, make_base, make_run, write_model
 
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 REL = 1e-6  # written update vs reference: relative to the reference update's largest |element|
+
+
+def noisy_run(root: Path, steps: list[int], variant: str) -> torch.dtype:
+    """A generated base + run with dense noise (trajectory rank > 1) in root/base, root/run;
+    variant "bf16-base": a bf16 base and fp32 checkpoints (else all fp32). Returns the base dtype."""
+    bdt = torch.bfloat16 if variant == "bf16-base" else torch.float32
+    make_base(root / "base", SHAPE, dtype=bdt)
+    make_run(root / "run", steps, SHAPE, base_dtype=bdt, dtype=torch.float32, noise=3e-4)
+    return bdt
 
 
 def read_folder(folder: Path) -> dict[str, np.ndarray]:

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from _extrapolate_support import (SHAPE, assert_update_close, file_bytes, lstsq_reference, read_folder, report,
-                                  trajectory, write_planted)
+from _extrapolate_support import (assert_update_close, file_bytes, lstsq_reference, read_folder, report,
+                                  noisy_run, trajectory, write_planted)
 from _support import run_main
 from rank1tools.commands.extrapolate import REPORT_FILE, ExtrapolateOptions
 from rank1tools.commands.extrapolate_linear import extrapolate_linear
-from rank1tools.synthetic import make_base, make_run
+
 
 STEPS = [10, 20, 30, 40, 50]
 NORMS = ("model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight")
@@ -30,9 +30,7 @@ def _opts(**kw) -> ExtrapolateOptions:
 @pytest.fixture(scope="module", params=["fp32", "bf16-base"])
 def noisy(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("linear")
-    bdt = torch.bfloat16 if request.param == "bf16-base" else torch.float32
-    make_base(root / "base", SHAPE, dtype=bdt)
-    make_run(root / "run", STEPS, SHAPE, base_dtype=bdt, dtype=torch.float32, noise=3e-4)
+    bdt = noisy_run(root, STEPS, request.param)
     base = read_folder(root / "base")
     cks = [read_folder(root / "run" / f"checkpoint-{s}") for s in STEPS]
     return root, bdt, base, cks

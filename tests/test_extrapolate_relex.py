@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from _extrapolate_support import (SHAPE, assert_update_close, file_bytes, read_folder, relex_reference, report,
-                                  trajectory, write_planted)
+from _extrapolate_support import (assert_update_close, file_bytes, read_folder, relex_reference, report,
+                                  noisy_run, trajectory, write_planted)
 from _support import run_main
 from rank1tools.commands.checkpoint_outputs import ROUNDING_FILE
 from rank1tools.commands.extrapolate import REPORT_FILE, ExtrapolateOptions
 from rank1tools.commands.extrapolate_relex import extrapolate_relex
-from rank1tools.synthetic import LlamaShape, make_base, make_run, write_model
+from rank1tools.synthetic import LlamaShape, make_base, write_model
 
 STEPS = [10, 20, 30, 40]
 
@@ -33,9 +33,7 @@ def _opts(**kw) -> ExtrapolateOptions:
 def noisy(request, tmp_path_factory):
     """A generated run with dense noise (trajectory rank > 1); bf16-base: bf16 base, fp32 checkpoints."""
     root = tmp_path_factory.mktemp("relex")
-    bdt = torch.bfloat16 if request.param == "bf16-base" else torch.float32
-    make_base(root / "base", SHAPE, dtype=bdt)
-    make_run(root / "run", STEPS, SHAPE, base_dtype=bdt, dtype=torch.float32, noise=3e-4)
+    bdt = noisy_run(root, STEPS, request.param)
     return root, bdt
 
 

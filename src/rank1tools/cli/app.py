@@ -28,6 +28,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+BASE_ARG = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo.")
+RUN_OPT = typer.Option(None, "--run", help="Run directory of step folders instead of CHECKPOINT args.")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (for pipelines).")

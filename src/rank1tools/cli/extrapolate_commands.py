@@ -8,14 +8,14 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, app,
-                  check_common_early, check_output_early, interrupt_hint, print_json, set_hub_cache_policy,
-                  stderr_progress)
+from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT,
+                  SUBFOLDERS_OPT, app, check_common_early, check_output_early, interrupt_hint, print_json,
+                  set_hub_cache_policy, stderr_progress)
 
 
 @app.command()
 def extrapolate(
-    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    base: str = BASE_ARG,
     checkpoints: Optional[list[str]] = typer.Argument(None, help="relex/linear: history checkpoints (or use --run)."),
     out: str = typer.Option(..., "--out", "-o", help="Output checkpoint (one target) or parent of step-S / metric-Y folders."),
     method: str = typer.Option(..., "--method", help="alpharl (from a fit-pls output), relex (trajectory rank-r) or linear."),

@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, app,
-                  check_common_early, check_output_early, interrupt_hint, print_json, set_hub_cache_policy,
-                  stderr_progress)
+from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, RUN_OPT,
+                  SUBFOLDERS_OPT, app, check_common_early, check_output_early, interrupt_hint, print_json,
+                  set_hub_cache_policy, stderr_progress)
 
 
 def exit_on_gate(gate: dict | None, out: str) -> None:
@@ -74,10 +74,10 @@ def fit_pls(
 
 @app.command()
 def linearity(
-    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    base: str = BASE_ARG,
     checkpoints: Optional[list[str]] = typer.Argument(None, help="Checkpoints θ_t (or use --run)."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder: tables, summary and plots."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run directory of step folders instead of CHECKPOINT args."),
+    run: Optional[str] = RUN_OPT,
     steps: Optional[str] = typer.Option(None, "--steps", help="With --run: the window, '50,100' or '10:100:10' (inclusive)."),
     revisions: Optional[str] = REVISIONS_OPT,
     subfolders: bool = SUBFOLDERS_OPT,

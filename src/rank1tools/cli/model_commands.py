@@ -10,9 +10,9 @@ import typer
 from .. import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from .app import (COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, SUBFOLDERS_OPT, app,
-                  check_common_early, check_output_early, interrupt_hint, print_json, set_hub_cache_policy,
-                  stderr_progress)
+from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, RUN_OPT,
+                  SUBFOLDERS_OPT, app, check_common_early, check_output_early, interrupt_hint, print_json,
+                  set_hub_cache_policy, stderr_progress)
 
 
 @app.command()
@@ -56,10 +56,10 @@ def inspect(
 
 @app.command()
 def decompose(
-    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    base: str = BASE_ARG,
     checkpoints: Optional[list[str]] = typer.Argument(None, help="Checkpoints θ_t (or use --run)."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder: spectrum tables and factor store."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run directory of step folders instead of CHECKPOINT args."),
+    run: Optional[str] = RUN_OPT,
     steps: Optional[str] = typer.Option(None, "--steps", help="With --run: '50,100' or '10:100:10' (inclusive)."),
     revisions: Optional[str] = REVISIONS_OPT,
     subfolders: bool = SUBFOLDERS_OPT,
@@ -119,7 +119,7 @@ def decompose(
 
 @app.command()
 def reconstruct(
-    base: str = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo."),
+    base: str = BASE_ARG,
     checkpoint: str = typer.Argument(..., help="Checkpoint θ_t whose update is reduced to rank k."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (one rank) or parent of rank-K folders (several)."),
     rank: str = typer.Option(..., "--rank", "-k", help="Rank: 8, a fraction of min(m, n) like 1%, or a list 1,2,4,8."),

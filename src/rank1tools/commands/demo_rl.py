@@ -112,7 +112,7 @@ def run_rl_demo(out: str, *, seed: int = 0, quick: bool = False, force: bool = F
     steps, curve = trained.steps, dict(trained.accuracy)
     final, cut = steps[-1], window_cut(steps)
     window = [s for s in steps if s <= cut]
-    metrics = str(root / "run" / Path(trained.metrics).name)
+    metrics = str(root / "run" / Path(trained.metrics).name)  # trained.* point into the renamed staging folder
 
     def stage(name: str, fn):
         say(f"{name} ...")

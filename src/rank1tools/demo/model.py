@@ -197,11 +197,9 @@ def model_tensors(model: TinyLlama) -> dict[str, torch.Tensor]:
 
 def save_model(folder: Path, model: TinyLlama) -> None:
     """config.json + model.safetensors (float32; see TinyLlamaConfig.hf_config) into `folder`."""
-    from safetensors.torch import save_file
+    from ..synthetic import write_model
 
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(model_tensors(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(model.config.hf_config(), indent=2) + "\n")
+    write_model(folder, model_tensors(model), model.config.hf_config(), extras=False)
     c = model.config
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
