@@ -37,6 +37,14 @@ REVISIONS_OPT = typer.Option(None, "--revisions", help="Hub run: branches matchi
 SUBFOLDERS_OPT = typer.Option(False, "--subfolders", help="Hub run: step folders (checkpoint-N/ ...) at one revision.")
 COMMITS_OPT = typer.Option(False, "--commits", help="Hub run: commits whose message says 'step N'.")
 HUB_CACHE_OPT = typer.Option(None, "--hub-cache-policy", help="Hub shards: 'keep' in the cache (default) or 'evict' once read.")
+EXECUTOR_OPT = typer.Option("local", "--executor", help="Where the work runs: 'local' (this process) or 'ray' (tasks on a "
+                            "Ray cluster; needs the ray extra and an output on storage every worker shares).")
+RAY_ADDRESS_OPT = typer.Option(None, "--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else a running "
+                               "local cluster, else a new local Ray instance).")
+RAY_CPUS_OPT = typer.Option(None, "--ray-num-cpus", help="CPUs per Ray task (default: the threads a local run uses).")
+RAY_GPUS_OPT = typer.Option(None, "--ray-num-gpus", help="GPUs per Ray task, e.g. 0.25 for four tasks per GPU.")
+MAX_IN_FLIGHT_OPT = typer.Option(None, "--max-in-flight", help="Ray tasks submitted at once (bounds memory; default: "
+                                 "as many as the cluster runs at the same time).")
 
 
 def set_hub_cache_policy(policy: str | None) -> None:
@@ -133,7 +141,9 @@ def main() -> None:
 
     import rank1tools
 
-    rank1tools.COMMAND_LINE = ["rank1", *sys.argv[1:]]
+    from ..executors import without_executor_args
+
+    rank1tools.COMMAND_LINE = ["rank1", *without_executor_args(sys.argv[1:])]
     previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as for Ctrl-C, then exit 143
     _signal_state.update(terminated=False, reported=False)
     try:

@@ -10,9 +10,10 @@ import typer
 from .. import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, RUN_OPT,
-                  SUBFOLDERS_OPT, app, check_common_early, check_output_early, interrupt_hint, print_json,
-                  set_hub_cache_policy, stderr_progress)
+from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
+                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, REVISIONS_OPT, RUN_OPT, SUBFOLDERS_OPT, app,
+                  check_common_early, check_output_early, interrupt_hint, print_json, set_hub_cache_policy,
+                  stderr_progress)
 
 
 @app.command()
@@ -76,6 +77,11 @@ def decompose(
     device: str = DEVICE_OPT,
     plots: bool = typer.Option(False, "--plots", help="Also draw energy_1/norm_frac_1 over steps and a layer x type heatmap (OUT/plots)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    executor: str = EXECUTOR_OPT,
+    ray_address: Optional[str] = RAY_ADDRESS_OPT,
+    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
+    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
+    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -93,6 +99,10 @@ def decompose(
         parse_steps(steps)
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run])
+    from ..executors import check_executor
+
+    exec_opts = check_executor(executor, address=ray_address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
+                               max_in_flight=max_in_flight)
 
     from ..commands.decompose import DecomposeOptions
     from ..commands.decompose import decompose as run_decompose
@@ -104,7 +114,7 @@ def decompose(
     bar, update = stderr_progress(not quiet, "decompose")
     with interrupt_hint("finished modules are kept; rerun the same command to resume"), bar:
         result = run_decompose(base, checkpoints or [], out, run=run, steps=steps, hub_run=hub_run, options=opts, force=force,
-                               progress=update)
+                               progress=update, executor=exec_opts)
     if result.resumed_modules:
         sys.stderr.write(f"rank1: resumed: {result.resumed_modules} modules were already done\n")
     for module, step in result.fallbacks:

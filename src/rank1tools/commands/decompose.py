@@ -29,12 +29,14 @@ import torch
 from .. import __version__
 from ..device import resolve_device
 from ..errors import InputError, OutputError, UsageError
+from ..executors import ExecutorOptions, run_units
 from ..jsonutil import json_safe as _json_safe
 from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
 from ..io.run_inputs import open_run_inputs
+from ..io.sources import is_hub_source
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
 from ..io.writer import provenance, write_provenance
 from ..math.svd import MIN_SKETCH
@@ -132,11 +134,13 @@ def _discard_fresh(work: Path, resumed: list[str], err: InputError) -> InputErro
 def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = None, steps: str | None = None,
               hub_run: dict | None = None, options: DecomposeOptions = DecomposeOptions(), force: bool = False,
               progress: Callable[[int, int], None] | None = None,
-              on_module_done: Callable[[str], None] | None = None) -> DecomposeResult:
+              on_module_done: Callable[[str], None] | None = None,
+              executor: ExecutorOptions = ExecutorOptions()) -> DecomposeResult:
     """Decompose every selected module's update at every checkpoint; write the spectrum and factor store.
 
     `progress(done, total)` is called after each (module, checkpoint); `on_module_done(name)` after
-    each module is saved (tests use it to simulate an interruption).
+    each module is saved (tests use it to simulate an interruption). `executor`: where modules
+    are decomposed (rank1tools.executors); with Ray, one task per module writes its factor file.
     """
     if options.rank < 1:
         raise UsageError(f"--rank {options.rank}: must be at least 1")
@@ -149,15 +153,19 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     _check_selection(base_ckpt, pairs, modules, options.rank)
     for ck in (base_ckpt, *(c for _, c in pairs)):
         ck.expect(modules)
+    if executor.is_ray:
+        hub = [c.label for c in inputs.sources() if is_hub_source(c.label)]
+        if hub:
+            raise UsageError(f"{hub[0]}: hf:// sources do not work with --executor ray yet")
     device = resolve_device(options.device)
     workers = _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target, cpu_threads(device, options):
         return _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
-                                 force, progress, on_module_done, workers)
+                                 force, progress, on_module_done, workers, executor)
 
 
 def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target, force,
-                      progress, on_module_done, workers) -> DecomposeResult:
+                      progress, on_module_done, workers, executor) -> DecomposeResult:
     manifest = {
         "format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": __version__,
         "base": {"source": base_ckpt.label, "revision": base_ckpt.revision},
@@ -207,11 +215,19 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
 
     steps = [s for s, _ in pairs]
     try:
-        with closing(in_order(todo, compute, workers)) as results:
-            for name, (acc, base_fro) in results:
-                _save_module(work / "factors" / factor_file(name), name, steps, acc, base_fro)
+        if executor.is_ray:  # each task saves its module's factor file into the staging folder
+            args = (base_ckpt, pairs, options, str(device), str(work / "factors"))
+            for name in run_units(todo, module_task, args, executor, torch.get_num_threads()):
+                for _ in pairs:
+                    step_done()
                 if on_module_done:
                     on_module_done(name)
+        else:
+            with closing(in_order(todo, compute, workers)) as results:
+                for name, (acc, base_fro) in results:
+                    _save_module(work / "factors" / factor_file(name), name, steps, acc, base_fro)
+                    if on_module_done:
+                        on_module_done(name)
     except InputError as err:
         raise _discard_fresh(work, done, err) from None
 
@@ -232,6 +248,15 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
     return DecomposeResult(out=out, steps=[s for s, _ in pairs], modules=modules, rows=rows, summary=summary,
                            resumed_modules=len(done), fallbacks=fallbacks,
                            plots=[str(Path(out) / Path(p).relative_to(work)) for p in plots], plot_hint=hint)
+
+
+def module_task(name: str, base_ckpt: Checkpoint, pairs: list[tuple[int, Checkpoint]], options: DecomposeOptions,
+                device: str, factors: str) -> None:
+    """One module as a Ray task (rank1tools.executors.run_units): what the local path does for it,
+    its factor file saved into the shared staging folder; nothing returned through Ray."""
+    acc, base_fro = module_factors(name, base_ckpt, pairs, options, torch.device(device), read_ahead=options.prefetch,
+                                   on_step=lambda: None, stop=threading.Event())
+    _save_module(Path(factors) / factor_file(name), name, [s for s, _ in pairs], acc, base_fro)
 
 
 def _save_module(final: Path, name: str, steps: list[int], acc: dict, base_fro: float) -> None:

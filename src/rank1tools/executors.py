@@ -1,0 +1,193 @@
+"""Where the per-unit work of a streaming command runs: in this process (`--executor local`) or as
+Ray tasks (`--executor ray`, the `ray` extra). Design (issue #13; user docs in docs/ray.md):
+
+- Options: `--executor local|ray` (default local); `--ray-address` (default: Ray's own convention,
+  i.e. `ray.init()` with no address: the RAY_ADDRESS variable, else a running local cluster, else a
+  fresh local instance); `--ray-num-cpus` / `--ray-num-gpus` per task (fractions allowed, e.g. 0.25
+  GPU so four tasks share one GPU); `--max-in-flight` (tasks submitted at once; default: as many
+  as the cluster can run at the same time), which bounds the memory the tasks hold.
+- Unit of work: a module for `decompose` (one task walks all checkpoints of one matrix module in
+  step order, because the warm start carries each checkpoint's factors to the next). reconstruct /
+  linearity / extrapolate (not yet on Ray): a tensor, or a group of small tensors balanced by bytes.
+- Each task opens the sources itself (a local Checkpoint is pickled as its parsed headers, a few
+  KB; the tensors are read by the task from the shared path), does exactly what the local path does
+  for its unit, and writes its result files into the output's staging folder, which therefore must
+  be on storage every worker shares. Nothing heavy passes through the driver or the object store:
+  a task returns None. The driver plans, shows progress, assembles tables and manifests from the
+  files, and renames the staging folder into place only when every task succeeded.
+- Same bytes as local: a task sets torch's intra-op thread count to the one the local run would
+  use (SVD results depend on it in the last bits); by default a task also reserves that many CPUs.
+  Identical bytes across machines further need the same CPU/BLAS (or GPU model).
+- Failures: Ray retries a task whose worker died (`max_retries`); an exception raised by the task
+  is not retried (a data error stays one) and fails the command with the unit's name; finished
+  units stay in the staging folder, so rerunning resumes, as locally.
+- `ray` is imported only here and only for `--executor ray`; this module itself is light (no torch)
+  so the CLI can check options before heavy imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .errors import Rank1Error, UsageError
+
+EXECUTORS = ("local", "ray")
+INSTALL_HINT = "pip install 'rank1tools[ray]'"
+# CLI options that choose where work runs and not what it computes: left out of the command line
+# recorded in provenance files, so that outputs are byte-identical whatever the executor
+_VALUED_FLAGS = ("--executor", "--ray-address", "--ray-num-cpus", "--ray-num-gpus", "--max-in-flight")
+RETRIES = 3  # Ray's retries of a task whose worker process died (node lost, OOM-killed)
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    kind: str = "local"
+    address: str | None = None
+    num_cpus: float | None = None  # None: the intra-op thread count a local run would use
+    num_gpus: float = 0.0
+    max_in_flight: int | None = None  # None: as many tasks as the cluster runs at once
+
+    @property
+    def is_ray(self) -> bool:
+        return self.kind == "ray"
+
+
+def check_executor(kind: str, *, address: str | None = None, num_cpus: float | None = None, num_gpus: float | None = None,
+                   max_in_flight: int | None = None) -> ExecutorOptions:
+    """Validate the executor options (before any heavy import); for `ray`, that Ray is installed."""
+    if kind not in EXECUTORS:
+        raise UsageError(f"--executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
+    if kind == "local":
+        given = [flag for flag, v in (("--ray-address", address), ("--ray-num-cpus", num_cpus),
+                                      ("--ray-num-gpus", num_gpus), ("--max-in-flight", max_in_flight)) if v is not None]
+        if given:
+            raise UsageError(f"{given[0]} applies to --executor ray only")
+        return ExecutorOptions()
+    for flag, value in (("--ray-num-cpus", num_cpus), ("--ray-num-gpus", num_gpus)):
+        if value is not None and not value >= 0:
+            raise UsageError(f"{flag} {value}: must be zero or more")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise UsageError(f"--max-in-flight {max_in_flight}: must be at least 1")
+    import_ray()
+    return ExecutorOptions("ray", address, num_cpus, num_gpus or 0.0, max_in_flight)
+
+
+def import_ray():
+    try:
+        import ray  # noqa: PLC0415 (optional extra, only for --executor ray)
+    except ImportError:
+        raise UsageError(f"--executor ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+def without_executor_args(argv: list[str]) -> list[str]:
+    """`argv` less the executor options (they change where work runs, not the result)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUED_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in _VALUED_FLAGS)):
+            out.append(arg)
+    return out
+
+
+@contextlib.contextmanager
+def ray_session(options: ExecutorOptions):
+    """Ray, connected: an existing connection in this process is used as it is (tests, notebooks);
+    else `ray.init` (address as given, or Ray's own default) and a shutdown at the end."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs = {"address": options.address} if options.address else {}
+    try:
+        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+    except ConnectionError as err:
+        raise UsageError(f"--ray-address {options.address}: cannot connect to Ray ({err})") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class TaskFailed(Rank1Error):
+    """A unit's task raised something that is not one of rank1's own errors."""
+
+
+def _unit_error(ray, unit: str, err: BaseException) -> Rank1Error:
+    """The command's error for a failed task: the cause's own type (exit code) when it is one of
+    rank1's errors, its message prefixed with the unit's name."""
+    cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None else err
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    if isinstance(cause, Rank1Error):
+        return type(cause)(f"{unit}: {text}") if unit not in text else type(cause)(text)
+    if isinstance(err, ray.exceptions.RayError) and not isinstance(err, ray.exceptions.RayTaskError):
+        return TaskFailed(f"{unit}: Ray could not run the task ({type(err).__name__}: {text})")
+    return TaskFailed(f"{unit}: task failed: {type(cause).__name__}: {text}")
+
+
+def _slots(ray, options: ExecutorOptions, num_cpus: float) -> int:
+    """Tasks the cluster can run at once with these per-task resources (at least 1)."""
+    if options.max_in_flight:
+        return options.max_in_flight
+    res = ray.cluster_resources()
+    fits = [res.get("CPU", 1.0) / num_cpus] if num_cpus > 0 else []
+    if options.num_gpus > 0:
+        fits.append(res.get("GPU", 0.0) / options.num_gpus)
+    return max(1, int(min(fits))) if fits else 1
+
+
+def run_units(units: list[str], task: Callable, args: tuple, options: ExecutorOptions, threads: int) -> Iterator[str]:
+    """Run `task(unit, *args)` as one Ray task per unit, at most `--max-in-flight` at a time;
+    yield each unit's name as its task finishes (completion order). A failed task cancels the rest
+    (and waits for them to stop, so nothing writes into the staging folder afterwards) and raises
+    the unit's error. `threads`: torch's intra-op thread count in every task."""
+    if not units:
+        return
+    with ray_session(options) as ray:
+        num_cpus = options.num_cpus if options.num_cpus is not None else float(threads)
+        remote = ray.remote(_in_task).options(num_cpus=num_cpus, num_gpus=options.num_gpus, max_retries=RETRIES,
+                                              retry_exceptions=False)
+        slots = _slots(ray, options, num_cpus)
+        todo = iter(units)
+        pending: dict = {}
+
+        def submit() -> None:
+            unit = next(todo, None)
+            if unit is not None:
+                pending[remote.remote(task, threads, unit, *args)] = unit
+
+        for _ in range(slots):
+            submit()
+        try:
+            while pending:
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                unit = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except (ray.exceptions.RayError, Rank1Error, OSError) as err:
+                    raise _unit_error(ray, unit, err) from None
+                submit()
+                yield unit
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=60)
+
+
+def _in_task(task: Callable, threads: int, unit: str, *args) -> None:
+    """Runs in the Ray worker: the local thread count, then the unit's work."""
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    task(unit, *args)
+
+
+__all__ = ["EXECUTORS", "ExecutorOptions", "TaskFailed", "check_executor", "import_ray", "run_units",
+           "ray_session", "without_executor_args"]
