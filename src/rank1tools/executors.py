@@ -28,8 +28,12 @@ Ray tasks (`--executor ray`, the `ray` extra). Design (issue #13; user docs in d
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import Rank1Error, UsageError
 
@@ -106,7 +110,8 @@ def ray_session(options: ExecutorOptions):
         return
     kwargs = {"address": options.address} if options.address else {}
     try:
-        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        # Ray's INFO lines ('Started a local Ray instance') would break `--quiet`; its errors still show
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kwargs)
     except ConnectionError as err:
         raise UsageError(f"--ray-address {options.address}: cannot connect to Ray ({err})") from None
     try:
@@ -142,11 +147,54 @@ def _slots(ray, options: ExecutorOptions, num_cpus: float) -> int:
     return max(1, int(min(fits))) if fits else 1
 
 
-def run_units(units: list[str], task: Callable, args: tuple, options: ExecutorOptions, threads: int) -> Iterator[str]:
+def code_fingerprint() -> str:
+    """rank1tools' version and a hash of its source files: what a Ray worker must share with the driver
+    (a node with another install would compute other bytes, or fail in confusing ways)."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        from . import __version__
+
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        _FINGERPRINT = f"{__version__}+{h.hexdigest()[:12]}"
+    return _FINGERPRINT
+
+
+_FINGERPRINT: str | None = None
+
+
+def task_device(spec: str, options: ExecutorOptions):
+    """The device a command computes on: `resolve_device` locally; with Ray, where the TASKS run:
+    `auto` is cuda exactly when each task reserves a GPU (`--ray-num-gpus`), and cuda without a
+    reserved GPU is refused (Ray hides the GPUs from such a task)."""
+    import torch  # noqa: PLC0415
+
+    from .device import resolve_device  # noqa: PLC0415
+
+    if not options.is_ray:
+        return resolve_device(spec)
+    if spec == "auto":
+        return torch.device("cuda" if options.num_gpus > 0 else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not options.num_gpus > 0:
+        raise UsageError(f"--device {spec} with --executor ray needs --ray-num-gpus (e.g. 1, or 0.25 to share a GPU)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {spec!r}: only cpu and cuda are supported")
+    return dev
+
+
+def run_units(units: list, task: Callable, args: tuple, options: ExecutorOptions, threads: int,
+              label: Callable[[object], str] = str) -> Iterator[tuple[object, object]]:
     """Run `task(unit, *args)` as one Ray task per unit, at most `--max-in-flight` at a time;
-    yield each unit's name as its task finishes (completion order). A failed task cancels the rest
-    (and waits for them to stop, so nothing writes into the staging folder afterwards) and raises
-    the unit's error. `threads`: torch's intra-op thread count in every task."""
+    yield (unit, what the task returned) as tasks finish (completion order). A failed task
+    cancels the rest (and waits for them to stop, so nothing writes into the staging folder
+    afterwards) and raises the error of the unit `label(unit)`. `threads`: torch's intra-op
+    thread count in every task (the local run's: results depend on it in the last bits)."""
     if not units:
         return
     with ray_session(options) as ray:
@@ -156,11 +204,12 @@ def run_units(units: list[str], task: Callable, args: tuple, options: ExecutorOp
         slots = _slots(ray, options, num_cpus)
         todo = iter(units)
         pending: dict = {}
+        expected = code_fingerprint()
 
         def submit() -> None:
             unit = next(todo, None)
             if unit is not None:
-                pending[remote.remote(task, threads, unit, *args)] = unit
+                pending[remote.remote(task, threads, expected, unit, *args)] = unit
 
         for _ in range(slots):
             submit()
@@ -169,11 +218,11 @@ def run_units(units: list[str], task: Callable, args: tuple, options: ExecutorOp
                 [ref], _ = ray.wait(list(pending), num_returns=1)
                 unit = pending.pop(ref)
                 try:
-                    ray.get(ref)
+                    result = ray.get(ref)
                 except (ray.exceptions.RayError, Rank1Error, OSError) as err:
-                    raise _unit_error(ray, unit, err) from None
+                    raise _unit_error(ray, label(unit), err) from None
                 submit()
-                yield unit
+                yield unit, result
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -181,13 +230,18 @@ def run_units(units: list[str], task: Callable, args: tuple, options: ExecutorOp
                 ray.wait(list(pending), num_returns=len(pending), timeout=60)
 
 
-def _in_task(task: Callable, threads: int, unit: str, *args) -> None:
-    """Runs in the Ray worker: the local thread count, then the unit's work."""
+def _in_task(task: Callable, threads: int, expected: str, unit, *args):
+    """Runs in the Ray worker: the same rank1tools as the driver, the local thread count, then the unit's work."""
     import torch  # noqa: PLC0415
 
+    ours = code_fingerprint()
+    if ours != expected:
+        raise TaskFailed(f"the Ray worker on {platform.node()} runs rank1tools {ours} "
+                         f"({Path(__file__).resolve().parent}), the driver {expected}: install the same rank1tools "
+                         "on every node (or put it on shared storage and PYTHONPATH)")
     torch.set_num_threads(threads)
-    task(unit, *args)
+    return task(unit, *args)
 
 
-__all__ = ["EXECUTORS", "ExecutorOptions", "TaskFailed", "check_executor", "import_ray", "run_units",
-           "ray_session", "without_executor_args"]
+__all__ = ["EXECUTORS", "ExecutorOptions", "TaskFailed", "check_executor", "code_fingerprint", "import_ray",
+           "run_units", "ray_session", "task_device", "without_executor_args"]

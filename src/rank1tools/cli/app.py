@@ -47,6 +47,18 @@ MAX_IN_FLIGHT_OPT = typer.Option(None, "--max-in-flight", help="Ray tasks submit
                                  "as many as the cluster runs at the same time).")
 
 
+RESUME_HINT = "the finished work is kept beside --out: rerun the same command to resume"
+
+
+def check_executor_early(executor: str, ray_address: str | None, ray_num_cpus: float | None,
+                         ray_num_gpus: float | None, max_in_flight: int | None):
+    """The --executor options, checked (and Ray's presence, for `ray`) before any heavy import."""
+    from ..executors import check_executor
+
+    return check_executor(executor, address=ray_address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
+                          max_in_flight=max_in_flight)
+
+
 def set_hub_cache_policy(policy: str | None) -> None:
     if policy is not None:
         from ..io.hub_spec import set_cache_policy

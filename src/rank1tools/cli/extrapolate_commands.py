@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT,
-                  SUBFOLDERS_OPT, app, check_common_early, check_output_early, interrupt_hint, print_json,
+from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
+                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, SUBFOLDERS_OPT,
+                  app, check_common_early, check_executor_early, check_output_early, interrupt_hint, print_json,
                   set_hub_cache_policy, stderr_progress)
 
 
@@ -48,6 +49,11 @@ def extrapolate(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB."),
     device: str = DEVICE_OPT,
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    executor: str = EXECUTOR_OPT,
+    ray_address: Optional[str] = RAY_ADDRESS_OPT,
+    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
+    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
+    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -85,13 +91,14 @@ def extrapolate(
     check_options(opts)
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run, fits, last_checkpoint])
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
 
     from ..commands.extrapolate import extrapolate as run_extrapolate
 
     set_hub_cache_policy(hub_cache_policy)
     bar, update = stderr_progress(not quiet, f"extrapolate ({method})")
-    with interrupt_hint("nothing was written"), bar:
-        result = run_extrapolate(base, out, options=opts, force=force, progress=update)
+    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written"), bar:
+        result = run_extrapolate(base, out, options=opts, force=force, progress=update, executor=exec_opts)
     for note in result.notes:
         sys.stderr.write(f"rank1: note: {note}\n")
     for w in result.warnings:

@@ -8,9 +8,10 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, HUB_CACHE_OPT, JSON_OPT, QUIET_OPT, REVISIONS_OPT, RUN_OPT,
-                  SUBFOLDERS_OPT, app, check_common_early, check_output_early, interrupt_hint, print_json,
-                  set_hub_cache_policy, stderr_progress)
+from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
+                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
+                  SUBFOLDERS_OPT, app, check_common_early, check_executor_early, check_output_early, interrupt_hint,
+                  print_json, set_hub_cache_policy, stderr_progress)
 
 
 def exit_on_gate(gate: dict | None, out: str) -> None:
@@ -92,6 +93,11 @@ def linearity(
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     device: str = DEVICE_OPT,
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    executor: str = EXECUTOR_OPT,
+    ray_address: Optional[str] = RAY_ADDRESS_OPT,
+    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
+    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
+    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -112,6 +118,7 @@ def linearity(
         check_finite(fail_below, "--fail-below")
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run])
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
 
     from ..commands.linearity import LinearityOptions
     from ..commands.linearity import linearity as run_linearity
@@ -120,10 +127,10 @@ def linearity(
     opts = LinearityOptions(rank=rank_r, include=include or [], exclude=exclude or [], sample=n_sample,
                             seed=seed_value, fail_below=fail_below, plots=not no_plots, device=device)
     bar, update = stderr_progress(not quiet, "linearity")
-    with interrupt_hint("nothing was written"), bar:
+    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written"), bar:
         result = run_linearity(base, checkpoints or [], out, run=run, steps=steps,
                                hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
-                               options=opts, force=force, progress=update)
+                               options=opts, force=force, progress=update, executor=exec_opts)
     for note in result.notes:
         sys.stderr.write(f"rank1: note: {note}\n")
     if result.plot_hint:

@@ -11,9 +11,9 @@ from .. import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
 from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, REVISIONS_OPT, RUN_OPT, SUBFOLDERS_OPT, app,
-                  check_common_early, check_output_early, interrupt_hint, print_json, set_hub_cache_policy,
-                  stderr_progress)
+                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
+                  SUBFOLDERS_OPT, app, check_common_early, check_executor_early, check_output_early, interrupt_hint,
+                  print_json, set_hub_cache_policy, stderr_progress)
 
 
 @app.command()
@@ -99,10 +99,7 @@ def decompose(
         parse_steps(steps)
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run])
-    from ..executors import check_executor
-
-    exec_opts = check_executor(executor, address=ray_address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
-                               max_in_flight=max_in_flight)
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
 
     from ..commands.decompose import DecomposeOptions
     from ..commands.decompose import decompose as run_decompose
@@ -146,6 +143,11 @@ def reconstruct(
     device: str = DEVICE_OPT,
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    executor: str = EXECUTOR_OPT,
+    ray_address: Optional[str] = RAY_ADDRESS_OPT,
+    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
+    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
+    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -163,6 +165,7 @@ def reconstruct(
     check_finite(alpha, "--alpha")
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, checkpoint, factors])
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
 
     from ..commands.reconstruct import ReconstructOptions
     from ..commands.reconstruct import reconstruct as run_reconstruct
@@ -172,8 +175,9 @@ def reconstruct(
                               include=include or [], exclude=exclude or [], all_2d=all_2d, exact=exact,
                               device=device, factors=factors, max_shard_size=max_shard_size)
     bar, update = stderr_progress(not quiet, "reconstruct")
-    with interrupt_hint("nothing was written"), bar:
-        result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update)
+    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written"), bar:
+        result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update,
+                                 executor=exec_opts)
     for note in result.notes:
         sys.stderr.write(f"rank1: note: {note}\n")
     for o in result.outputs:

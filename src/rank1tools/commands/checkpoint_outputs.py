@@ -9,6 +9,7 @@ report: how much of the intended update the output dtype kept (SPEC §7).
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from ..io.checkpoint import Checkpoint
 from ..io.outputs import make_staging, output_errors, publish
+from ..io.work_folder import make_folder
 from ..io.writer import ShardedWriter, TensorSpec, write_provenance
 from ..jsonutil import json_safe
 from ..math.reconstruct import RoundingStats
@@ -69,21 +71,39 @@ class CheckpointOutputs:
     """
 
     def __init__(self, target: Path, folders: list[str], specs: list[TensorSpec], *,
-                 max_shard_size: int | str, force: bool):
+                 max_shard_size: int | str, force: bool, work: Path | None = None):
         self.target = target
         self.folders = folders
         self.multi = len(folders) > 1
         self.force = force
-        self.staging = make_staging(target) if self.multi else None
+        # `work`: a resumable work folder (io.work_folder): the checkpoints are made in work/out and
+        # kept there when the block fails, so that a rerun keeps the tensors already written
+        self.work = work
+        self.staging = None
+        if self.multi:
+            self.staging = make_staging(target) if work is None else make_folder(work / "out")
         self.writers: list[ShardedWriter] = []
         self.committed = False
         try:
             for f in folders:
-                self.writers.append(ShardedWriter(self.staging / f if self.multi else target, specs,
-                                                  max_shard_size=max_shard_size, force=force and not self.multi))
+                if not self.multi:
+                    dest, keep = target, (None if work is None else work / "out")
+                else:
+                    dest, keep = self.staging / f, (None if work is None else self.staging / f".{f}.partial")
+                    if work is not None and os.path.lexists(dest):  # published by a run stopped while committing
+                        with output_errors(dest):
+                            shutil.rmtree(dest)
+                self.writers.append(ShardedWriter(dest, specs, max_shard_size=max_shard_size,
+                                                  force=force and not self.multi, staging=keep))
         except BaseException:
             self.abort()
             raise
+
+    @property
+    def resumed(self) -> bool:
+        """Every checkpoint's planned shards were found intact in the work folder (what a rerun
+        may keep); False without a work folder."""
+        return self.work is not None and all(w.resumed for w in self.writers)
 
     def paths(self, out: str) -> list[str]:
         """Where each checkpoint will be, as the user named the output."""
@@ -107,7 +127,7 @@ class CheckpointOutputs:
     def abort(self) -> None:
         for w in self.writers:
             w.abort()
-        if self.staging is not None:
+        if self.staging is not None and self.work is None:
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> CheckpointOutputs:

@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..device import resolve_device
-from ..errors import InputError, OutputError, UsageError
-from ..executors import ExecutorOptions, run_units
+from ..errors import InputError, UsageError
+from ..executors import ExecutorOptions, run_units, task_device
 from ..jsonutil import json_safe as _json_safe
 from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
 from ..io.checkpoint import Checkpoint
@@ -38,6 +37,7 @@ from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
 from ..io.run_inputs import open_run_inputs
 from ..io.sources import is_hub_source
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
+from ..io.work_folder import make_folder, open_work_folder
 from ..io.writer import provenance, write_provenance
 from ..math.svd import MIN_SKETCH
 from ..modules import select_tensors
@@ -157,7 +157,7 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
         hub = [c.label for c in inputs.sources() if is_hub_source(c.label)]
         if hub:
             raise UsageError(f"{hub[0]}: hf:// sources do not work with --executor ray yet")
-    device = resolve_device(options.device)
+    device = task_device(options.device, executor)
     workers = _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target, cpu_threads(device, options):
         return _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
@@ -180,17 +180,8 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
     }
     manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
 
-    work = target.parent / f".{target.name}.partial"
-    with output_errors(work):
-        if os.path.lexists(work) and (work.is_symlink() or not work.is_dir()):
-            raise OutputError(f"{work}: exists and is not a folder that rank1 made; remove it and rerun")
-        if work.exists() and (not (work / "manifest.json").is_file() or (work / "manifest.json").read_bytes() != manifest_bytes):
-            shutil.rmtree(work)  # an interrupted run of a different command: start over
-        for folder in (work, work / "factors"):
-            if not folder.exists():
-                folder.mkdir(parents=True)
-                follow_umask(folder, directory=True)
-        (work / "manifest.json").write_bytes(manifest_bytes)
+    work = open_work_folder(target, "manifest.json", manifest_bytes)
+    make_folder(work / "factors")
 
     done = [n for n in modules if _stored_module(work / "factors" / factor_file(n)) == n]
     done_set = set(done)
@@ -217,7 +208,7 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
     try:
         if executor.is_ray:  # each task saves its module's factor file into the staging folder
             args = (base_ckpt, pairs, options, str(device), str(work / "factors"))
-            for name in run_units(todo, module_task, args, executor, torch.get_num_threads()):
+            for name, _ in run_units(todo, module_task, args, executor, torch.get_num_threads()):
                 for _ in pairs:
                     step_done()
                 if on_module_done:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..executors import ExecutorOptions
 from ..errors import UsageError
 from ..jsonutil import json_safe
 from ..options import check_choice, number_label
@@ -139,13 +140,19 @@ def check_options(options: ExtrapolateOptions) -> None:
 
 
 def extrapolate(base: str, out: str, *, options: ExtrapolateOptions, force: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> ExtrapolateResult:
-    """Write the checkpoint(s) predicted by `options.method` for every target."""
+                progress: Callable[[int, int], None] | None = None,
+                executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
+    """Write the checkpoint(s) predicted by `options.method` for every target. `executor`: where
+    relex / linear compute and write the tensors (rank1tools.executors)."""
     check_options(options)
     if options.method == "alpharl":
-        from .extrapolate_alpharl import extrapolate_alpharl as run
-    elif options.method == "relex":
+        if executor.is_ray:
+            raise UsageError("--executor ray applies to --method relex and linear (alpharl reads no run: it is fast locally)")
+        from .extrapolate_alpharl import extrapolate_alpharl
+
+        return extrapolate_alpharl(base, out, options=options, force=force, progress=progress)
+    if options.method == "relex":
         from .extrapolate_relex import extrapolate_relex as run
     else:
         from .extrapolate_linear import extrapolate_linear as run
-    return run(base, out, options=options, force=force, progress=progress)
+    return run(base, out, options=options, force=force, progress=progress, executor=executor)

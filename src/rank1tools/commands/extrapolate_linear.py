@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import UsageError
+from ..executors import ExecutorOptions
 from ..math.linefit import LineFit, two_point
 from .extrapolate import ExtrapolateOptions, ExtrapolateResult
 from .history_extrapolation import (History, TargetSink, check_history_tensors, checked_options, history_chunks,
@@ -24,7 +25,8 @@ from .history_extrapolation import (History, TargetSink, check_history_tensors, 
 
 
 def extrapolate_linear(base: str, out: str, *, options: ExtrapolateOptions, force: bool = False,
-                       progress: Callable[[int, int], None] | None = None) -> ExtrapolateResult:
+                       progress: Callable[[int, int], None] | None = None,
+                       executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from straight lines through the history's weights."""
     options = checked_options(options, "linear")
     two = options.mode == "two-point"
@@ -35,7 +37,7 @@ def extrapolate_linear(base: str, out: str, *, options: ExtrapolateOptions, forc
         raise UsageError("--from/--to apply to --mode two-point")
     if two and options.fit_window is not None:
         raise UsageError("--fit-window applies to --mode lstsq (two-point uses --from and --to)")
-    h = open_history(base, options)
+    h = open_history(base, options, executor)
     T = len(h.steps)
     plan = plan_tensors(h, options, copy_norms=not options.extrapolate_norms)
     if two:
@@ -66,7 +68,7 @@ def extrapolate_linear(base: str, out: str, *, options: ExtrapolateOptions, forc
         notes.append(f"{len(copied)} norm weights copied from the last history checkpoint (step {h.steps[-1]}); "
                      "--extrapolate-norms extrapolates them too")
     return write_extrapolation(h, plan, out, options, force, progress, params={**params, "copied_norms": copied},
-                               tensor_fn=one, read=read, notes=notes)
+                               tensor_fn=one, executor=executor, read=read, notes=notes)
 
 
 def _steps_text(steps: list[int]) -> str:

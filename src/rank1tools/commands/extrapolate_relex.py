@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import UsageError
+from ..executors import ExecutorOptions
 from ..math.linefit import LineFit, positions_for
 from ..math.trajectory import combine, gram_update, trajectory_basis
 from .extrapolate import ExtrapolateOptions, ExtrapolateResult
@@ -26,14 +27,15 @@ from .history_extrapolation import (History, TargetSink, check_history_tensors, 
 
 
 def extrapolate_relex(base: str, out: str, *, options: ExtrapolateOptions, force: bool = False,
-                      progress: Callable[[int, int], None] | None = None) -> ExtrapolateResult:
+                      progress: Callable[[int, int], None] | None = None,
+                      executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from the trajectory rank-r fit of the history."""
     options = checked_options(options, "relex")
     for flag, given in (("--mode two-point", options.mode != "lstsq"), ("--from", options.from_step is not None),
                         ("--to", options.to_step is not None), ("--extrapolate-norms", options.extrapolate_norms)):
         if given:
             raise UsageError(f"{flag} applies to --method linear, not relex")
-    h = open_history(base, options)
+    h = open_history(base, options, executor)
     T = len(h.steps)
     if options.rank > T:
         raise UsageError(f"--rank {options.rank} exceeds the {T} history checkpoints (steps {h.steps[0]}..{h.steps[-1]})")
@@ -56,7 +58,7 @@ def extrapolate_relex(base: str, out: str, *, options: ExtrapolateOptions, force
     def one(name: str, sink: TargetSink) -> dict:
         return _relex_tensor(h, name, sink, options.rank, W, t_fit, x_targets)
 
-    return write_extrapolation(h, plan, out, options, force, progress, params=params, tensor_fn=one,
+    return write_extrapolation(h, plan, out, options, force, progress, params=params, tensor_fn=one, executor=executor,
                                read=list(range(T)), notes=notes)
 
 

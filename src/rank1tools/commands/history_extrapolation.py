@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 
 import torch
 
-from ..device import resolve_device
 from ..errors import InputError, UsageError
+from ..executors import ExecutorOptions, task_device
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes, untied_head
 from ..io.outputs import locked_output
@@ -30,6 +30,7 @@ from ..math.reconstruct import RoundingStats, rounding_stats
 from ..modules import LM_HEAD_NAME, is_norm_parameter
 from ..options import parse_size
 from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
+from .tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, stats_from, stats_record
 from .extrapolate import (REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, check_options, flag_limit,
                           target_folder)
 
@@ -70,7 +71,7 @@ def checked_options(options: ExtrapolateOptions, method: str) -> ExtrapolateOpti
     return options
 
 
-def open_history(base: str, options: ExtrapolateOptions) -> History:
+def open_history(base: str, options: ExtrapolateOptions, executor: ExecutorOptions = ExecutorOptions()) -> History:
     """Open the inputs and check what every history method needs: at least two checkpoints after
     step 0 and no target before the first of them (targets inside the history are allowed)."""
     method = options.method
@@ -94,7 +95,7 @@ def open_history(base: str, options: ExtrapolateOptions) -> History:
                      "as steps (name them checkpoint-STEP or use --run)")
     inputs = RunInputs(inputs.base, pairs, inputs.step_source, inputs.run)
     return History(inputs, steps, [c for _, c in pairs], list(options.target_steps),
-                   resolve_device(options.device), notes)
+                   task_device(options.device, executor), notes)
 
 
 def history_chunks(h: History, cks: list[Checkpoint], name: str):
@@ -240,9 +241,11 @@ TensorFn = Callable[[str, TargetSink], dict]
 
 def write_extrapolation(h: History, plan: TensorPlan, out: str, options: ExtrapolateOptions, force: bool,
                         progress: Callable[[int, int], None] | None, *, params: dict, tensor_fn: TensorFn,
-                        read: list[int], notes: list[str]) -> ExtrapolateResult:
+                        read: list[int], notes: list[str],
+                        executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
     """One pass over the tensors writing every target's checkpoint; `read`: indices of the history
-    checkpoints the method reads (they are the provenance's inputs with the base)."""
+    checkpoints the method reads (they are the provenance's inputs with the base). With Ray, one
+    task per group of tensors (commands.tensor_units) runs the same per-tensor code."""
     targets = h.targets
     specs = tensor_specs(h.base, plan.names, options.dtype)
     folders = [target_folder("step", s) for s in targets]
@@ -250,11 +253,32 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
     if plan.of("last") and h.last not in used:
         used.append(h.last)
     figures: dict[str, dict] = {}
+    names = plan.names
     with locked_output(out, force=force, inputs=h.inputs.local_paths()) as target:
-        with CheckpointOutputs(target, folders, specs, max_shard_size=options.max_shard_size, force=force) as outs:
+        units = groups = None
+        if executor.is_ray:
+            groups = group_tensors(names, lambda n: h.base.entry(n).nbytes * (1 + len(used)))
+            units = TensorUnits(target, plan_bytes("extrapolate", [h.base, *used],
+                                                   {**asdict(options), "device": h.device.type, **params}, groups,
+                                                   {"sources": plan.source, "untie": plan.untie}))
+        with CheckpointOutputs(target, folders, specs, max_shard_size=options.max_shard_size, force=force,
+                               work=units.work if units else None) as outs:
             sink = TargetSink(h, outs.writers, used)
-            names = plan.names
-            for i, name in enumerate(names):
+            if units is not None:
+                if not outs.resumed:
+                    units.forget()  # the shards were made anew: no unit's tensors are in them
+                results = units.run(groups, _tensors_task, (h, plan.source, tensor_fn, [w.placement for w in outs.writers],
+                                                           used), executor, torch.get_num_threads(),
+                                    on_done=progress_counter(progress, len(names)))
+                for name in names:  # the plan's order, as the local loop fills them
+                    if results[name]["figures"] is not None:
+                        figures[name] = results[name]["figures"]
+                    for stats, rec in zip(sink.stats, results[name]["stats"]):
+                        if rec is not None:
+                            stats[name] = stats_from(rec)
+                for w in outs.writers:
+                    w.mark_written(names)
+            for i, name in enumerate(names if units is None else []):
                 src = plan.source[name]
                 if src == "extrapolate":
                     figures[name] = tensor_fn(name, sink)
@@ -293,6 +317,8 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
                         label=out, untie_word_embeddings=plan.untie)
             for o, path in zip(outputs, outs.paths(out)):
                 o.path = path
+        if units is not None:
+            units.finish()
     notes = [*h.notes, *notes]
     if plan.untie:
         notes.append(f"the checkpoints store their own {LM_HEAD_NAME} but the base ties it to the embedding: the "
@@ -305,3 +331,19 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
     return ExtrapolateResult(out=out, method=options.method, history_steps=h.steps, outputs=outputs,
                              tensors=tensors, parameters={**base_params, "target_steps": targets}, notes=notes,
                              warnings=warnings)
+
+
+def _tensors_task(group: TensorGroup, h: History, source: dict[str, str], tensor_fn: TensorFn, placements: list,
+                  used: list[Checkpoint]) -> dict:
+    """One group of tensors as a Ray task: what the local loop does for each, written through the
+    planned shards' placements; returns each tensor's figures and per-target rounding figures."""
+    sink = TargetSink(h, placements, used)
+    results = {}
+    for name in group.names:
+        figures = None
+        if source[name] == "extrapolate":
+            figures = tensor_fn(name, sink)
+        else:
+            sink.copy(name, h.base if source[name] == "base" else h.last, from_base=source[name] == "base")
+        results[name] = {"figures": figures, "stats": [stats_record(st.get(name)) for st in sink.stats]}
+    return results

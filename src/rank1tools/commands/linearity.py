@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..device import resolve_device
 from ..errors import InputError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
@@ -36,6 +35,8 @@ from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from ..math.linefit import LineFit, fraction_above
 from ..math.trajectory import gram_update, trajectory_basis
+from ..executors import ExecutorOptions, task_device
+from .tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter
 from .linearity_tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
 
 MIN_CHECKPOINTS = 3  # a line through 2 points always fits
@@ -158,8 +159,10 @@ def check_options(options: LinearityOptions) -> None:
 
 def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = None, steps: str | None = None,
               hub_run: dict | None = None, options: LinearityOptions = LinearityOptions(), force: bool = False,
-              progress: Callable[[int, int], None] | None = None) -> LinearityResult:
-    """Measure every selected tensor's linearity over the window; write the report to `out`."""
+              progress: Callable[[int, int], None] | None = None,
+              executor: ExecutorOptions = ExecutorOptions()) -> LinearityResult:
+    """Measure every selected tensor's linearity over the window; write the report to `out`.
+    `executor`: where the tensors are measured (rank1tools.executors; with Ray, a task per group)."""
     check_options(options)
     inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
     notes = []
@@ -184,27 +187,55 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     rank = min(options.rank, len(pairs))
     if rank < options.rank:
         notes.append(f"--rank {options.rank} capped at the {len(pairs)} checkpoints of the window")
-    device = resolve_device(options.device)
-    with locked_output(out, force=force, inputs=inputs.local_paths()) as target, \
-            staged_output(target, force=force, label=out) as staging:
-        rows = []
-        for i, name in enumerate(names):
-            numel = math.prod(shapes[name])
-            idx = sample_indices(numel, options.sample, options.seed, name)
-            figs = tensor_figures(inputs.base, cks, name, window, rank, indices=idx, chunk=options.chunk,
-                                  device=device, prefetch=options.prefetch)
-            rows.append(_row(name, shapes[name], len(pairs), figs, idx is not None))
-            if progress:
-                progress(i + 1, len(names))
-        summary = summarize(rows, steps=window, rank=rank, sample=options.sample, seed=options.seed)
-        gate = _gate(summary, options.fail_below)
-        params = {"steps": window, "step_source": inputs.step_source, "rank": rank, "include": options.include,
-                  "exclude": options.exclude, "sample": options.sample, "seed": options.seed,
-                  "threshold": summary["threshold"], "fail_below": options.fail_below}
-        with output_errors(staging):
-            write_tables(staging, rows, summary, rank)
-            write_provenance(staging, provenance("linearity", [inputs.base, *cks], params))
-            plots, hint = _plots(rows, staging) if options.plots else ([], None)
+    device = task_device(options.device, executor)
+    with locked_output(out, force=force, inputs=inputs.local_paths()) as target:
+        units = None
+        if executor.is_ray:  # figures per tensor from Ray tasks, recorded in the resumable work folder
+            groups = group_tensors(names, lambda n: inputs.base.entry(n).nbytes * len(pairs))
+            units = TensorUnits(target, plan_bytes("linearity", [inputs.base, *cks],
+                                                   {**asdict(options), "device": device.type, "rank": rank}, groups))
+            tick = progress_counter(progress, len(names))
+            figures = units.run(groups, _tensors_task, (inputs.base, cks, window, rank, options, str(device)),
+                                executor, torch.get_num_threads(), on_done=tick)
+        else:
+            figures = {}
+            for i, name in enumerate(names):
+                figures[name] = _tensor_figures(inputs.base, cks, name, window, rank, options, device)
+                if progress:
+                    progress(i + 1, len(names))
+        with staged_output(target, force=force, label=out) as staging:
+            result = _write_report(staging, inputs, cks, names, shapes, figures, window, rank, options, notes, out)
+        if units is not None:
+            units.finish()
+    return result
+
+
+
+def _tensor_figures(base: Checkpoint, cks: list[Checkpoint], name: str, window: list[int], rank: int,
+                    options: LinearityOptions, device) -> dict:
+    idx = sample_indices(base.entry(name).numel, options.sample, options.seed, name)
+    return {**tensor_figures(base, cks, name, window, rank, indices=idx, chunk=options.chunk, device=device,
+                             prefetch=options.prefetch), "sampled": idx is not None}
+
+
+def _tensors_task(group: TensorGroup, base: Checkpoint, cks: list[Checkpoint], window: list[int], rank: int,
+                  options: LinearityOptions, device: str) -> dict:
+    """One group of tensors as a Ray task: the figures the local loop computes for each."""
+    return {name: _tensor_figures(base, cks, name, window, rank, options, torch.device(device)) for name in group.names}
+
+
+def _write_report(staging: Path, inputs, cks, names, shapes, figures, window, rank, options, notes, out) -> LinearityResult:
+    """Tables, summary, provenance and plots from every tensor's figures, in the names' order."""
+    rows = [_row(name, shapes[name], len(cks), figures[name], figures[name]["sampled"]) for name in names]
+    summary = summarize(rows, steps=window, rank=rank, sample=options.sample, seed=options.seed)
+    gate = _gate(summary, options.fail_below)
+    params = {"steps": window, "step_source": inputs.step_source, "rank": rank, "include": options.include,
+              "exclude": options.exclude, "sample": options.sample, "seed": options.seed,
+              "threshold": summary["threshold"], "fail_below": options.fail_below}
+    with output_errors(staging):
+        write_tables(staging, rows, summary, rank)
+        write_provenance(staging, provenance("linearity", [inputs.base, *cks], params))
+        plots, hint = _plots(rows, staging) if options.plots else ([], None)
     return LinearityResult(out=out, steps=window, step_source=inputs.step_source, rank=rank, rows=rows,
                            summary=summary, notes=notes, gate=gate,
                            plots=[str(Path(out) / Path(p).relative_to(staging)) for p in plots], plot_hint=hint)

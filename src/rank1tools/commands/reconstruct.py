@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..device import resolve_device
+from ..executors import ExecutorOptions, task_device
 from ..errors import InputError, UsageError
 from ..io.compat import check_compatible, tensor_shapes, untied_head
 from ..io.factor_store import FactorStore
@@ -33,6 +33,8 @@ from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, select_tensors
 from ..options import RankSpec, check_choice, check_finite, parse_ranks, parse_size  # noqa: F401 (RankSpec: importable from here)
 from ..resources import check_memory, reconstruct_peak_bytes, svd_bytes
+from .tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, stats_from,
+                           stats_record)
 from .checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WARNING: importable from here)
     DTYPE_CHOICES, DTYPES, LOST_WARNING, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report)
 
@@ -84,7 +86,10 @@ class ReconstructResult:
 
 
 def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOptions = ReconstructOptions(),
-                force: bool = False, progress: Callable[[int, int], None] | None = None) -> ReconstructResult:
+                force: bool = False, progress: Callable[[int, int], None] | None = None,
+                executor: ExecutorOptions = ExecutorOptions()) -> ReconstructResult:
+    """Write the rank-k checkpoint(s). `executor`: where the tensors are computed and written
+    (rank1tools.executors); with Ray, one task per group of tensors writes into the planned shards."""
     ranks = parse_ranks(options.rank)
     if isinstance(options.max_shard_size, str):  # checked before any input is opened
         options = replace(options, max_shard_size=parse_size(options.max_shard_size))
@@ -129,14 +134,19 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
     untie = untied_head(base_ck, [ck]) and (options.rest == "checkpoint" or LM_HEAD_NAME in modules)
     specs = [TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype))
              for n in [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]]
-    device = resolve_device(options.device)
+    device = task_device(options.device, executor)
     _check_memory(base_ck, ck, specs, set(modules), kmax, store is not None, options, device)
     local = [Path(c.label) for c in (base_ck, ck) if not is_hub_source(c.label)]
     if options.factors:
         local.append(Path(options.factors))
     with locked_output(out, force=force, inputs=local) as target:
+        units = groups = None
+        if executor.is_ray:
+            groups = group_tensors([s.name for s in specs], lambda n: base_ck.entry(n).nbytes)
+            units = TensorUnits(target, plan_bytes("reconstruct", [base_ck, ck], {**asdict(options), "device": device.type},
+                                                   groups, {"specs": [[s.name, s.shape, str(s.dtype)] for s in specs]}))
         outputs = _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, device, out, target,
-                             force, progress, specs, untie)
+                             force, progress, specs, untie, executor, units, groups)
     notes = []
     if untie:
         how = "reconstructed (selected)" if LM_HEAD_NAME in modules else "copied (--rest checkpoint)"
@@ -147,17 +157,30 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
 
 
 def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, device, out, target, force,
-               progress, specs, untie) -> list[RankOutput]:
+               progress, specs, untie, executor, units, groups) -> list[RankOutput]:
     """Write every rank's checkpoint (one pass over the inputs) and move them into place.
     `specs`: every tensor written, in order (the base's, then an untied lm_head); `untie`: the
-    output's config says tie_word_embeddings: false."""
+    output's config says tie_word_embeddings: false. With Ray, `units` runs `groups`."""
     names = [s.name for s in specs]
     with CheckpointOutputs(target, [r.folder for r in ranks], specs, max_shard_size=options.max_shard_size,
-                           force=force) as outs:
+                           force=force, work=units.work if units else None) as outs:
         writers = outs.writers
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
         selected = set(modules)
-        for i, name in enumerate(names):
+        if units is not None:
+            if not outs.resumed:
+                units.forget()  # the shards were made anew: no unit's tensors are in them
+            args = (base_ck, ck, store, step_index, ranks, kmax, modules, options, str(device),
+                    [w.placement for w in writers])
+            results = units.run(groups, _tensors_task, args, executor, torch.get_num_threads(),
+                                 on_done=progress_counter(progress, len(names)))
+            for name in names:  # the plan's order, as the local loop fills `stats`
+                for st, rec in zip(stats, results[name]):
+                    if rec is not None:
+                        st[name] = stats_from(rec)
+            for w in writers:
+                w.mark_written(names)
+        for i, name in enumerate(names if units is None else []):
             if name in selected:
                 _write_module(name, base_ck, ck, store, step_index, ranks, kmax[name], options, device, writers, stats)
             else:
@@ -175,9 +198,26 @@ def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, de
                     reports=[{ROUNDING_FILE: rep} for rep in reports],
                     parent_provenance=provenance("reconstruct", [base_ck, ck], params), label=out,
                     untie_word_embeddings=untie)
+        if units is not None:
+            units.finish()
         return [RankOutput(rank=r.text, path=path, tensors=rep["tensors"],
                            **{k: rep[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")})
                 for r, path, rep in zip(ranks, outs.paths(out), reports)]
+
+
+def _tensors_task(group: TensorGroup, base_ck, ck, store, step_index, ranks, kmax, modules, options, device: str,
+                  placements) -> dict:
+    """One group of tensors as a Ray task: the local path's per-tensor code, written through the
+    planned shards' placements; returns each tensor's rounding figures per rank."""
+    stats = [dict() for _ in ranks]
+    selected = set(modules)
+    dev = torch.device(device)
+    for name in group.names:
+        if name in selected:
+            _write_module(name, base_ck, ck, store, step_index, ranks, kmax[name], options, dev, placements, stats)
+        else:
+            _write_rest(name, base_ck, ck, options, dev, placements, stats)
+    return {name: [stats_record(st.get(name)) for st in stats] for name in group.names}
 
 
 def _nonfinite(label: str, name: str) -> InputError:

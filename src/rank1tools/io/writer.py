@@ -23,7 +23,7 @@ import rank1tools
 
 from .. import __version__
 from .checkpoint import INDEX_FILE, Checkpoint
-from .outputs import MARKER_FILE, make_staging, output_errors, prepare_output, publish
+from .outputs import MARKER_FILE, follow_umask, make_staging, output_errors, prepare_output, publish
 from .safetensors_file import TORCH_TO_SAFETENSORS
 
 PROVENANCE_FILE = MARKER_FILE  # every rank1 output folder holds it: how --force recognises one
@@ -44,11 +44,15 @@ class TensorSpec:
     dtype: torch.dtype
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 class ShardedWriter:
@@ -65,7 +69,7 @@ class ShardedWriter:
     """
 
     def __init__(self, out_dir: str | Path, specs: list[TensorSpec], *, max_shard_size: int | str = "5GB",
-                 force: bool = False):
+                 force: bool = False, staging: Path | None = None):
         from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
         self.label = str(out_dir)
@@ -74,24 +78,35 @@ class ShardedWriter:
         self.specs = {s.name: s for s in specs}
         if len(self.specs) != len(specs):
             raise ValueError("duplicate tensor names in writer specs")
-        self.tmp = make_staging(self.out)
+        # `staging`: a fixed folder (in a resumable work folder) whose planned shard files are kept
+        # when they are intact, instead of a fresh `.NAME.tmp-*` one; it is then never removed here
+        self.keep = staging is not None
+        self.tmp = staging if staging is not None else make_staging(self.out)
+        self.resumed = False  # every planned shard file was found intact in `staging`
         try:
             self.split = split_state_dict_into_shards_factory(
                 self.specs, get_storage_size=lambda s: s.nbytes,
                 filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
             )
-            self._where: dict[str, tuple[Path, int]] = {}
+            where: dict[str, tuple[str, int]] = {}
             with output_errors(self.tmp):
-                for filename, names in self.split.filename_to_tensors.items():
-                    self._create_shard(self.tmp / filename, [self.specs[n] for n in names])
+                if self.keep and not self.tmp.exists():
+                    self.tmp.mkdir(parents=True)
+                    follow_umask(self.tmp, directory=True)
+                found = [self._create_shard(self.tmp / filename, [self.specs[n] for n in names], where)
+                         for filename, names in self.split.filename_to_tensors.items()]
+            self.resumed = self.keep and all(found)
         except BaseException:
             self.abort()
             raise
+        self.placement = ShardPlacement(self.specs, where)
         self._pending = set(self.specs)
         self._filled: dict[str, int] = {}
         self.committed = False
 
-    def _create_shard(self, path: Path, specs: list[TensorSpec]) -> None:
+    def _create_shard(self, path: Path, specs: list[TensorSpec], where: dict) -> bool:
+        """Create a planned shard (header, then sparse data); True when it was kept instead: a kept
+        staging folder already holds it with this header and size."""
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         pos = 0
         for s in specs:
@@ -101,57 +116,39 @@ class ShardedWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
         start = 8 + len(raw)
-        with open(path, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            f.truncate(start + pos)  # sparse until written
+        prefix = len(raw).to_bytes(8, "little") + raw
         for s in specs:
-            self._where[s.name] = (path, start + header[s.name]["data_offsets"][0])
+            where[s.name] = (str(path), start + header[s.name]["data_offsets"][0])
+        if self.keep and path.is_file() and not path.is_symlink() and path.stat().st_size == start + pos:
+            with open(path, "rb") as f:
+                if f.read(len(prefix)) == prefix:
+                    return True
+        with open(path, "wb") as f:
+            f.write(prefix)
+            f.truncate(start + pos)  # sparse until written
+        return False
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store one tensor (cast to its planned dtype; moved to CPU)."""
-        spec = self.specs.get(name)
-        if spec is None:
-            raise KeyError(f"writer was not told about tensor {name!r}")
-        if tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"tensor {name!r}: shape {list(tensor.shape)}, planned {list(spec.shape)}")
-        t = tensor.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
-        path, offset = self._where[name]
-        if spec.nbytes:
-            view = memoryview(t.view(torch.uint8).numpy()).cast("B")
-            with output_errors(path):
-                self._pwrite(path, view, offset)
+        self.placement.write(name, tensor)
         self._pending.discard(name)
 
     def write_range(self, name: str, start: int, values: torch.Tensor) -> None:
         """Store elements [start, start + n) of the flattened tensor (a streaming pass writes a
         tensor chunk by chunk, never holding it whole). The tensor counts as written once its
         ranges cover every element; callers write disjoint ranges."""
-        spec = self.specs.get(name)
-        if spec is None:
-            raise KeyError(f"writer was not told about tensor {name!r}")
-        t = values.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
-        numel = spec.nbytes // torch.empty((), dtype=spec.dtype).element_size() if spec.nbytes else 0
-        if start < 0 or start + t.numel() > numel:
-            raise ValueError(f"tensor {name!r}: range [{start}, {start + t.numel()}) outside its {numel} elements")
-        path, offset = self._where[name]
-        if t.numel():
-            view = memoryview(t.view(torch.uint8).numpy()).cast("B")
-            with output_errors(path):
-                self._pwrite(path, view, offset + start * t.element_size())
-        self._filled[name] = self._filled.get(name, 0) + t.numel()
-        if self._filled[name] >= numel:
+        n = self.placement.write_range(name, start, values)
+        spec = self.specs[name]
+        self._filled[name] = self._filled.get(name, 0) + n
+        if self._filled[name] >= spec.numel:
             self._pending.discard(name)
 
-    @staticmethod
-    def _pwrite(path: Path, view: memoryview, offset: int) -> None:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
-        finally:
-            os.close(fd)
+    def mark_written(self, names) -> None:
+        """Count `names` as written: another process (a Ray task) wrote them through `placement`."""
+        unknown = [n for n in names if n not in self.specs]
+        if unknown:
+            raise KeyError(f"writer was not told about tensor {unknown[0]!r}")
+        self._pending.difference_update(names)
 
     def commit(self, *, copy_from: Checkpoint | None = None, output_dtype: torch.dtype | None = None,
                provenance: dict | None = None, extra_json: dict[str, object] | None = None,
@@ -179,7 +176,8 @@ class ShardedWriter:
             (self.tmp / filename).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "ShardedWriter":
         return self
@@ -187,6 +185,51 @@ class ShardedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
             self.abort()
+
+
+class ShardPlacement:
+    """Where each planned tensor's bytes go (shard file and byte offset), with the planned dtypes:
+    a small picklable handle, so a Ray task writes its tensors into the planned shards itself
+    (positional writes: tasks never overlap, and no tensor passes through the driver)."""
+
+    def __init__(self, specs: dict[str, TensorSpec], where: dict[str, tuple[str, int]]):
+        self.specs = specs
+        self.where = where
+
+    def _flat(self, name: str, values: torch.Tensor) -> tuple[TensorSpec, torch.Tensor]:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"writer was not told about tensor {name!r}")
+        return spec, values.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Store one whole tensor (cast to its planned dtype; moved to CPU)."""
+        spec = self.specs.get(name)
+        if spec is not None and tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"tensor {name!r}: shape {list(tensor.shape)}, planned {list(spec.shape)}")
+        self.write_range(name, 0, tensor)
+
+    def write_range(self, name: str, start: int, values: torch.Tensor) -> int:
+        """Store elements [start, start + n) of the flattened tensor; returns n."""
+        spec, t = self._flat(name, values)
+        if start < 0 or start + t.numel() > spec.numel:
+            raise ValueError(f"tensor {name!r}: range [{start}, {start + t.numel()}) outside its {spec.numel} elements")
+        path, offset = self.where[name]
+        if t.numel():
+            view = memoryview(t.view(torch.uint8).numpy()).cast("B")
+            with output_errors(path):
+                _pwrite(path, view, offset + start * t.element_size())
+        return t.numel()
+
+
+def _pwrite(path: str, view: memoryview, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    finally:
+        os.close(fd)
 
 
 def copy_aux_files(src: Path, dst: Path, output_dtype: torch.dtype | None, *,

@@ -1,0 +1,138 @@
+"""The driver's side of a tensor-wise command on Ray (`reconstruct`, `linearity`, `extrapolate
+--method relex|linear` with `--executor ray`; decompose works per module, see decompose.py).
+
+The tensors are cut into units of work (`group_tensors`: one tensor, or consecutive small tensors
+up to GROUP_BYTES, in the plan's order, so the units do not depend on the cluster). Each unit is
+one Ray task (rank1tools.executors.run_units) that opens the inputs itself, runs the command's
+own per-tensor code on its tensors (the function the local path calls, so the bytes are the
+same) and writes what it produces straight into the output's planned files; it returns only
+small per-tensor figures (rounding counts, fits), which the driver records in the work folder's
+ledger (io.work_folder) and assembles in the plan's order. A rerun of the same command after the
+driver or a worker died keeps the recorded units and runs the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..executors import ExecutorOptions, code_fingerprint, run_units
+from ..io.work_folder import UnitLedger, open_work_folder
+from ..math.reconstruct import RoundingStats
+
+GROUP_BYTES = 64 << 20  # consecutive tensors smaller than this share a task (a few tasks per layer)
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """A unit of work: consecutive tensors of the plan; `key` (its position) names its ledger record."""
+
+    key: str
+    names: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        if len(self.names) == 1:
+            return f"tensor {self.names[0]!r}"
+        return f"tensors {self.names[0]!r} .. {self.names[-1]!r} ({len(self.names)})"
+
+
+def group_tensors(names: list[str], nbytes: Callable[[str], int], budget: int = GROUP_BYTES) -> list[TensorGroup]:
+    """Consecutive tensors in `names` order, a group closed once it holds `budget` bytes or more."""
+    groups: list[list[str]] = []
+    size = budget
+    for name in names:
+        if size >= budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes(name)
+    return [TensorGroup(f"{i:06d}", tuple(g)) for i, g in enumerate(groups)]
+
+
+def plan_bytes(command: str, inputs: list, parameters: dict, groups: list[TensorGroup], extra: dict | None = None) -> bytes:
+    """What identifies a run's work folder: rank1tools' code, the command, its inputs (pinned
+    revisions), parameters and units. A rerun with anything else changed starts over."""
+    data = {"tool": code_fingerprint(), "command": command,
+            "inputs": [{"source": c.label, "revision": c.revision} for c in inputs],
+            "parameters": parameters, "units": [list(g.names) for g in groups], **(extra or {})}
+    return (json.dumps(data, indent=1, sort_keys=True, default=str) + "\n").encode()
+
+
+def progress_counter(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
+    """A unit's `on_done(n)` turned into the command's `progress(done, total)` (tensors done)."""
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+    return tick
+
+
+def stats_record(stats: RoundingStats | None) -> dict | None:
+    return None if stats is None else asdict(stats)
+
+
+def stats_from(record: dict | None) -> RoundingStats | None:
+    return None if record is None else RoundingStats(**record)
+
+
+class TensorUnits:
+    """A command's Ray run over tensor groups, in the resumable work folder of `target`.
+
+    Usage::
+
+        units = TensorUnits(target, plan)            # plan: plan_bytes(...)
+        results = units.run(groups, task, args, executor, threads, on_done=...)
+        ...  # write the output from `results` (tensor name -> the task's figures, JSON data)
+        units.finish()                               # the output is in place: drop the work folder
+
+    `task(group, *args)` returns {tensor name: JSON data}. Results read back from the ledger and
+    results fresh from a task go through the same JSON round trip, so both give the same bytes.
+    """
+
+    def __init__(self, target: Path, plan: bytes):
+        self.work = open_work_folder(target, PLAN_FILE, plan)
+        self.ledger = UnitLedger(self.work)
+        self.resumed = 0
+
+    def forget(self) -> None:
+        """Drop every recorded unit (their files were made anew, e.g. a damaged shard)."""
+        shutil.rmtree(self.ledger.folder, ignore_errors=True)
+        self.ledger = UnitLedger(self.work)
+
+    def run(self, groups: list[TensorGroup], task: Callable, args: tuple, executor: ExecutorOptions, threads: int, *,
+            on_done: Callable[[int], None] | None = None) -> dict[str, object]:
+        results: dict[str, object] = {}
+        todo = []
+        for g in groups:
+            rec = self.ledger.finished(g.key)
+            if rec is not None and rec.get("names") == list(g.names):
+                results.update(rec["tensors"])
+            else:
+                todo.append(g)
+        self.resumed = len(groups) - len(todo)
+        if on_done and self.resumed:
+            on_done(sum(len(g.names) for g in groups if g not in todo))
+        try:
+            for g, res in run_units(todo, task, args, executor, threads, label=lambda g: g.label):
+                data = json.loads(json.dumps(res))
+                self.ledger.record(g.key, {"names": list(g.names), "tensors": data})
+                results.update(data)
+                if on_done:
+                    on_done(len(g.names))
+        except InputError:
+            if not self.resumed:  # bad data found by a fresh run: nothing worth keeping
+                shutil.rmtree(self.work, ignore_errors=True)
+            raise
+        return results
+
+    def finish(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
