@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from _ray_support import assert_same_tree, local_ray
 from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.executors import ExecutorOptions
@@ -27,15 +28,8 @@ RAY = ExecutorOptions("ray", max_in_flight=2)
 
 @pytest.fixture(scope="module")
 def ray_local():
-    started = not ray.is_initialized()
-    if started:  # the workers import rank1tools from the same source tree as the tests
-        src = str(Path(__file__).resolve().parents[1] / "src")
-        path = os.environ.get("PYTHONPATH", "")
-        os.environ["PYTHONPATH"] = src if not path else f"{src}{os.pathsep}{path}"
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with local_ray(ray) as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +40,9 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _assert_same_tree(actual: Path, expected: Path) -> None:
-    a, e = _files(actual), _files(expected)
-    assert sorted(a) == sorted(e)
-    assert len(e) >= 5 + len(matrix_module_names(SHAPE))  # tables, summary, manifest, provenance, factors
-    for name in e:
-        assert a[name] == e[name], name
+    # tables, summary, manifest, provenance, factors
+    assert_same_tree(actual, expected, min_files=5 + len(matrix_module_names(SHAPE)))
 
 
 def test_cli_ray_equals_local_byte_for_byte(ray_local, run_dir, tmp_path):

@@ -24,7 +24,8 @@ from ..executors import ExecutorOptions, code_fingerprint, run_units
 from ..io.work_folder import UnitLedger, open_work_folder
 from ..math.reconstruct import RoundingStats
 
-GROUP_BYTES = 64 << 20  # consecutive tensors smaller than this share a task (a few tasks per layer)
+GROUP_BYTES = 64 << 20  # consecutive tensors share a task up to this many bytes (a few tasks per layer)
+MIN_UNITS = 64  # ... or up to 1/64 of the model, so a small model still spreads over many tasks
 PLAN_FILE = "plan.json"
 
 
@@ -42,8 +43,12 @@ class TensorGroup:
         return f"tensors {self.names[0]!r} .. {self.names[-1]!r} ({len(self.names)})"
 
 
-def group_tensors(names: list[str], nbytes: Callable[[str], int], budget: int = GROUP_BYTES) -> list[TensorGroup]:
-    """Consecutive tensors in `names` order, a group closed once it holds `budget` bytes or more."""
+def group_tensors(names: list[str], nbytes: Callable[[str], int], budget: int | None = None) -> list[TensorGroup]:
+    """Consecutive tensors in `names` order, a group closed once it holds `budget` bytes or more
+    (default: GROUP_BYTES, or 1/MIN_UNITS of all the bytes when that is less). The groups depend
+    on the tensors only, never on the cluster, so a rerun elsewhere finds the same units."""
+    if budget is None:
+        budget = max(1, min(GROUP_BYTES, sum(nbytes(n) for n in names) // MIN_UNITS))
     groups: list[list[str]] = []
     size = budget
     for name in names:
