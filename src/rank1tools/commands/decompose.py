@@ -35,7 +35,6 @@ from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
 from ..io.run_inputs import open_run_inputs
-from ..io.sources import is_hub_source
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
 from ..io.work_folder import make_folder, open_work_folder
 from ..io.writer import provenance, write_provenance
@@ -153,10 +152,6 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     _check_selection(base_ckpt, pairs, modules, options.rank)
     for ck in (base_ckpt, *(c for _, c in pairs)):
         ck.expect(modules)
-    if executor.is_ray:
-        hub = [c.label for c in inputs.sources() if is_hub_source(c.label)]
-        if hub:
-            raise UsageError(f"{hub[0]}: hf:// sources do not work with --executor ray yet")
     device = task_device(options.device, executor)
     workers = _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target, cpu_threads(device, options):

@@ -5,12 +5,20 @@ by shard (io/hub_open.py builds it).
   tensors is read; its tensors' absolute byte offsets are then taken from the local file header.
 * Cache policy `keep` (default) leaves downloaded shards in the cache. `evict` deletes a shard this
   process downloaded (snapshot link and blob) once every tensor of it was read (or once the source
-  is closed / the process exits), so disk use stays at about one shard per open source.
+  is closed / the process exits), so disk use stays at about one shard per open source. A source
+  garbage-collected without close() leaves its files, and no longer keeps other sources from
+  evicting them.
+* Pickling (a Ray task's arguments) carries a recipe, not the live state: repo, the commit sha,
+  subfolder, label, cache policy, the listed entries and config, the names of the config/tokenizer
+  files and the declared reads (`expect`). The copy lists nothing again; it downloads what it reads
+  into the unpickling process's HF cache from its HF_ENDPOINT, with a lock and evict bookkeeping of
+  its own (a fresh source: the original's reads and downloads are not carried).
 """
 
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import itertools
 import os
 import threading
@@ -53,6 +61,19 @@ def _delete_cached(pointer: Path) -> None:
         pointer.unlink(missing_ok=True)
 
 
+def _forget(uid: int, paths: set[str]) -> None:
+    """A source garbage-collected without close(): its id leaves the registry (its files stay), so it
+    no longer keeps other sources of this process from evicting them (a long-lived process such as a
+    Ray worker drops each task's copies of the sources)."""
+    with _registry_lock:
+        for key in list(paths):
+            users = _users.get(key)
+            if users is not None:
+                users.discard(uid)
+                if not users:
+                    _users.pop(key, None)
+
+
 @atexit.register
 def _close_all() -> None:
     for src in list(_evicting_sources):
@@ -83,6 +104,8 @@ class HubCheckpoint(Checkpoint):
         self._lock = threading.RLock()
         self._uid = next(_source_ids)
         self._local: dict[str, Path] = {}  # shard -> local path (downloaded, offsets refined)
+        self._registered: set[str] = set()  # snapshot paths in `_users` under this source's id
+        weakref.finalize(self, _forget, self._uid, self._registered).atexit = False
         self._covered: dict[str, list[tuple[int, int]]] = {}  # tensor -> element ranges read
         self._done: set[str] = set()  # tensors read in full
         self._needed: set[str] | None = None  # tensors the consumer will read (None: all)
@@ -152,6 +175,7 @@ class HubCheckpoint(Checkpoint):
         self._local[shard] = path
         with _registry_lock:
             _users.setdefault(str(path), set()).add(self._uid)
+            self._registered.add(str(path))
 
     # ---- reads, tracked for the evict policy
     def read_raw(self, name: str) -> torch.Tensor:
@@ -212,6 +236,7 @@ class HubCheckpoint(Checkpoint):
         with _registry_lock:
             users = _users.get(key, set())
             users.discard(self._uid)
+            self._registered.discard(key)
             if users:
                 return
             _users.pop(key, None)
@@ -230,12 +255,42 @@ class HubCheckpoint(Checkpoint):
                     path = self._local.pop(shard)
                     with _registry_lock:
                         _users.get(str(path), set()).discard(self._uid)
+                        self._registered.discard(str(path))
+
+    # ---- pickling: a portable recipe (see the module docstring)
+    def __reduce__(self):
+        with self._lock:
+            recipe = {"repo_id": self.repo_id, "sha": self.revision, "subfolder": self.subfolder, "label": self.label,
+                      "policy": self.cache_policy, "entries": dict(self.entries), "config": self.config,
+                      "aux_files": self._root_files(), "needed": None if self._needed is None else sorted(self._needed)}
+        return _from_recipe, (recipe,)
+
+    def _root_files(self) -> list[str]:
+        """The config/tokenizer files `root` offers: those still to download, and those in the
+        folder it resolved to (the copy downloads them again where it runs, on first access)."""
+        names = set(self._aux_files)
+        if self._root is not None and self._root.is_dir():
+            from .writer import AUX_PATTERNS  # noqa: PLC0415 (writer: only when pickled)
+
+            names.update(p.name for p in self._root.iterdir()
+                         if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in AUX_PATTERNS))
+        return sorted(names)
 
     def __enter__(self) -> "HubCheckpoint":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _from_recipe(recipe: dict) -> HubCheckpoint:
+    """Unpickle a HubCheckpoint: the same source at the same sha, listed from the recipe."""
+    spec = HubSpec(recipe["repo_id"], recipe["sha"], recipe["subfolder"])  # pinned: never a branch
+    ckpt = HubCheckpoint(spec, recipe["label"], recipe["sha"], recipe["entries"], recipe["config"],
+                         aux_files=recipe["aux_files"], policy=recipe["policy"])
+    if recipe["needed"] is not None:
+        ckpt._needed = set(recipe["needed"])
+    return ckpt
 
 
 def _download(ckpt_or_spec, filename: str, *, sha: str | None = None, label: str | None = None) -> str:
