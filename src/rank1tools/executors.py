@@ -7,20 +7,23 @@ Ray tasks (`--executor ray`, the `ray` extra). Design (issue #13; user docs in d
   GPU so four tasks share one GPU); `--max-in-flight` (tasks submitted at once; default: as many
   as the cluster can run at the same time), which bounds the memory the tasks hold.
 - Unit of work: a module for `decompose` (one task walks all checkpoints of one matrix module in
-  step order, because the warm start carries each checkpoint's factors to the next). reconstruct /
-  linearity / extrapolate (not yet on Ray): a tensor, or a group of small tensors balanced by bytes.
+  step order, because the warm start carries each checkpoint's factors to the next); a tensor, or
+  consecutive small tensors grouped by bytes, for reconstruct / linearity / extrapolate
+  (commands/tensor_units.py: the driver's side, with the resumable ledger).
 - Each task opens the sources itself (a local Checkpoint is pickled as its parsed headers, a few
-  KB; the tensors are read by the task from the shared path), does exactly what the local path does
-  for its unit, and writes its result files into the output's staging folder, which therefore must
-  be on storage every worker shares. Nothing heavy passes through the driver or the object store:
-  a task returns None. The driver plans, shows progress, assembles tables and manifests from the
-  files, and renames the staging folder into place only when every task succeeded.
+  KB; a Hub checkpoint as its listing pinned to the resolved commit; the tensors are read by the
+  task from the shared path or the Hub), does exactly what the local path does for its unit, and
+  writes its result files into the output's work folder, which therefore must be on storage every
+  worker shares. Nothing heavy passes through the driver or the object store: a task returns at
+  most small per-tensor figures. The driver plans, shows progress, assembles tables and manifests,
+  and renames the output into place only when every task succeeded.
 - Same bytes as local: a task sets torch's intra-op thread count to the one the local run would
   use (SVD results depend on it in the last bits); by default a task also reserves that many CPUs.
   Identical bytes across machines further need the same CPU/BLAS (or GPU model).
 - Failures: Ray retries a task whose worker died (`max_retries`); an exception raised by the task
   is not retried (a data error stays one) and fails the command with the unit's name; finished
-  units stay in the staging folder, so rerunning resumes, as locally.
+  units stay in the work folder, so rerunning resumes. A worker whose rank1tools differs from the
+  driver's (version + source hash, `code_fingerprint`) refuses to run.
 - `ray` is imported only here and only for `--executor ray`; this module itself is light (no torch)
   so the CLI can check options before heavy imports.
 """
