@@ -263,29 +263,24 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
                                                    {"sources": plan.source, "untie": plan.untie}))
         with CheckpointOutputs(target, folders, specs, max_shard_size=options.max_shard_size, force=force,
                                work=units.work if units else None) as outs:
-            sink = TargetSink(h, outs.writers, used)
-            if units is not None:
+            sink = TargetSink(h, outs.writers, used)  # holds the rounding figures in the plan's order
+            args = (h, plan.source, tensor_fn)
+            tick = progress_counter(progress, len(names))
+            if units is None:  # in this process: the tasks' code over every tensor, through the writers
+                results = _tensors_task(TensorGroup("local", tuple(names)), *args, outs.writers, used, on_tensor=tick)
+            else:
                 if not outs.resumed:
                     units.forget()  # the shards were made anew: no unit's tensors are in them
-                results = units.run(groups, _tensors_task, (h, plan.source, tensor_fn, [w.placement for w in outs.writers],
-                                                           used), executor, torch.get_num_threads(),
-                                    on_done=progress_counter(progress, len(names)))
-                for name in names:  # the plan's order, as the local loop fills them
-                    if results[name]["figures"] is not None:
-                        figures[name] = results[name]["figures"]
-                    for stats, rec in zip(sink.stats, results[name]["stats"]):
-                        if rec is not None:
-                            stats[name] = stats_from(rec)
+                results = units.run(groups, _tensors_task, (*args, [w.placement for w in outs.writers], used), executor,
+                                    torch.get_num_threads(), on_done=tick)
                 for w in outs.writers:
                     w.mark_written(names)
-            for i, name in enumerate(names if units is None else []):
-                src = plan.source[name]
-                if src == "extrapolate":
-                    figures[name] = tensor_fn(name, sink)
-                else:
-                    sink.copy(name, h.base if src == "base" else h.last, from_base=src == "base")
-                if progress:
-                    progress(i + 1, len(names))
+            for name in names:  # the plan's order, whatever the order the units finished in
+                if results[name]["figures"] is not None:
+                    figures[name] = results[name]["figures"]
+                for stats, rec in zip(sink.stats, results[name]["stats"]):
+                    if rec is not None:
+                        stats[name] = stats_from(rec)
             base_params = {"method": options.method, "history_steps": h.steps, "step_source": h.inputs.step_source,
                            "history_until": options.history_until, "include": options.include,
                            "exclude": options.exclude, "rest": options.rest, "dtype": options.dtype,
@@ -333,11 +328,12 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
                              warnings=warnings)
 
 
-def _tensors_task(group: TensorGroup, h: History, source: dict[str, str], tensor_fn: TensorFn, placements: list,
-                  used: list[Checkpoint]) -> dict:
-    """One group of tensors as a Ray task: what the local loop does for each, written through the
-    planned shards' placements; returns each tensor's figures and per-target rounding figures."""
-    sink = TargetSink(h, placements, used)
+def _tensors_task(group: TensorGroup, h: History, source: dict[str, str], tensor_fn: TensorFn, writers: list,
+                  used: list[Checkpoint], on_tensor: Callable[[int], None] | None = None) -> dict:
+    """Write a group of tensors into every target's checkpoint (`writers`: the writers themselves
+    in this process, or their shard placements in a Ray task); returns each tensor's figures and
+    per-target rounding figures."""
+    sink = TargetSink(h, writers, used)
     results = {}
     for name in group.names:
         figures = None
@@ -346,4 +342,6 @@ def _tensors_task(group: TensorGroup, h: History, source: dict[str, str], tensor
         else:
             sink.copy(name, h.base if source[name] == "base" else h.last, from_base=source[name] == "base")
         results[name] = {"figures": figures, "stats": [stats_record(st.get(name)) for st in sink.stats]}
+        if on_tensor:
+            on_tensor(1)
     return results

@@ -190,19 +190,15 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     device = task_device(options.device, executor)
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target:
         units = None
-        if executor.is_ray:  # figures per tensor from Ray tasks, recorded in the resumable work folder
+        args = (inputs.base, cks, window, rank, options, str(device))
+        tick = progress_counter(progress, len(names))
+        if not executor.is_ray:  # in this process: the tasks' code over every tensor
+            figures = _tensors_task(TensorGroup("local", tuple(names)), *args, on_tensor=tick)
+        else:  # figures per tensor from Ray tasks, recorded in the resumable work folder
             groups = group_tensors(names, lambda n: inputs.base.entry(n).nbytes * len(pairs))
             units = TensorUnits(target, plan_bytes("linearity", [inputs.base, *cks],
                                                    {**asdict(options), "device": device.type, "rank": rank}, groups))
-            tick = progress_counter(progress, len(names))
-            figures = units.run(groups, _tensors_task, (inputs.base, cks, window, rank, options, str(device)),
-                                executor, torch.get_num_threads(), on_done=tick)
-        else:
-            figures = {}
-            for i, name in enumerate(names):
-                figures[name] = _tensor_figures(inputs.base, cks, name, window, rank, options, device)
-                if progress:
-                    progress(i + 1, len(names))
+            figures = units.run(groups, _tensors_task, args, executor, torch.get_num_threads(), on_done=tick)
         with staged_output(target, force=force, label=out) as staging:
             result = _write_report(staging, inputs, cks, names, shapes, figures, window, rank, options, notes, out)
         if units is not None:
@@ -219,9 +215,14 @@ def _tensor_figures(base: Checkpoint, cks: list[Checkpoint], name: str, window: 
 
 
 def _tensors_task(group: TensorGroup, base: Checkpoint, cks: list[Checkpoint], window: list[int], rank: int,
-                  options: LinearityOptions, device: str) -> dict:
-    """One group of tensors as a Ray task: the figures the local loop computes for each."""
-    return {name: _tensor_figures(base, cks, name, window, rank, options, torch.device(device)) for name in group.names}
+                  options: LinearityOptions, device: str, on_tensor: Callable[[int], None] | None = None) -> dict:
+    """The figures of a group of tensors (in this process, or as a Ray task)."""
+    figures = {}
+    for name in group.names:
+        figures[name] = _tensor_figures(base, cks, name, window, rank, options, torch.device(device))
+        if on_tensor:
+            on_tensor(1)
+    return figures
 
 
 def _write_report(staging: Path, inputs, cks, names, shapes, figures, window, rank, options, notes, out) -> LinearityResult:

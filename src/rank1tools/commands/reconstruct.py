@@ -164,29 +164,22 @@ def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, de
     names = [s.name for s in specs]
     with CheckpointOutputs(target, [r.folder for r in ranks], specs, max_shard_size=options.max_shard_size,
                            force=force, work=units.work if units else None) as outs:
-        writers = outs.writers
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
-        selected = set(modules)
-        if units is not None:
+        args = (base_ck, ck, store, step_index, ranks, kmax, modules, options, str(device))
+        tick = progress_counter(progress, len(names))
+        if units is None:  # in this process: the tasks' code over every tensor, through the writers
+            results = _tensors_task(TensorGroup("local", tuple(names)), *args, outs.writers, on_tensor=tick)
+        else:
             if not outs.resumed:
                 units.forget()  # the shards were made anew: no unit's tensors are in them
-            args = (base_ck, ck, store, step_index, ranks, kmax, modules, options, str(device),
-                    [w.placement for w in writers])
-            results = units.run(groups, _tensors_task, args, executor, torch.get_num_threads(),
-                                 on_done=progress_counter(progress, len(names)))
-            for name in names:  # the plan's order, as the local loop fills `stats`
-                for st, rec in zip(stats, results[name]):
-                    if rec is not None:
-                        st[name] = stats_from(rec)
-            for w in writers:
+            results = units.run(groups, _tensors_task, (*args, [w.placement for w in outs.writers]), executor,
+                                torch.get_num_threads(), on_done=tick)
+            for w in outs.writers:
                 w.mark_written(names)
-        for i, name in enumerate(names if units is None else []):
-            if name in selected:
-                _write_module(name, base_ck, ck, store, step_index, ranks, kmax[name], options, device, writers, stats)
-            else:
-                _write_rest(name, base_ck, ck, options, device, writers, stats)
-            if progress:
-                progress(i + 1, len(names))
+        for name in names:  # the plan's order, whatever the order the units finished in
+            for st, rec in zip(stats, results[name]):
+                if rec is not None:
+                    st[name] = stats_from(rec)
         params = {"rank": [r.text for r in ranks], "alpha": options.alpha, "norm_match": options.norm_match,
                   "rest": options.rest, "dtype": options.dtype, "include": options.include,
                   "exclude": options.exclude, "all_2d": options.all_2d,
@@ -206,17 +199,20 @@ def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, de
 
 
 def _tensors_task(group: TensorGroup, base_ck, ck, store, step_index, ranks, kmax, modules, options, device: str,
-                  placements) -> dict:
-    """One group of tensors as a Ray task: the local path's per-tensor code, written through the
-    planned shards' placements; returns each tensor's rounding figures per rank."""
+                  writers, on_tensor=None) -> dict:
+    """Write a group of tensors into every rank's checkpoint (`writers`: the writers themselves in
+    this process, or their shard placements in a Ray task); returns each tensor's rounding
+    figures per rank."""
     stats = [dict() for _ in ranks]
     selected = set(modules)
     dev = torch.device(device)
     for name in group.names:
         if name in selected:
-            _write_module(name, base_ck, ck, store, step_index, ranks, kmax[name], options, dev, placements, stats)
+            _write_module(name, base_ck, ck, store, step_index, ranks, kmax[name], options, dev, writers, stats)
         else:
-            _write_rest(name, base_ck, ck, options, dev, placements, stats)
+            _write_rest(name, base_ck, ck, options, dev, writers, stats)
+        if on_tensor:
+            on_tensor(1)
     return {name: [stats_record(st.get(name)) for st in stats] for name in group.names}
 
 
