@@ -48,3 +48,13 @@ def model(request, models) -> ModelFixture:
     """Every fixture kind: fp32/bf16 x untied/tied x single file/sharded."""
     dtype, tie, sharded = request.param
     return models(dtype, tie, sharded)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for one test module (tests/_ray_support.local_ray); skips without Ray."""
+    ray = pytest.importorskip("ray")
+    from _ray_support import local_ray
+
+    with local_ray(ray) as r:
+        yield r

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _ray_support import assert_same_tree, local_ray
+from _ray_support import assert_same_tree
 from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.executors import ExecutorOptions
@@ -24,12 +24,6 @@ ray = pytest.importorskip("ray")
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 STEPS = [5, 10, 100]
 RAY = ExecutorOptions("ray", max_in_flight=2)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray(ray) as r:
-        yield r
 
 
 @pytest.fixture(scope="module")

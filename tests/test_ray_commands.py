@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _ray_support import SRC, assert_same_tree, local_ray
+from _ray_support import SRC, assert_same_tree
 from _support import run_main
 from rank1tools.commands.extrapolate import ExtrapolateOptions, extrapolate
 from rank1tools.commands.linearity import LinearityOptions, linearity
@@ -35,12 +35,6 @@ ray = pytest.importorskip("ray")
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 STEPS = [5, 10, 20, 40]
 RAY = ExecutorOptions("ray", num_cpus=1, max_in_flight=2)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray(ray) as r:
-        yield r
 
 
 @pytest.fixture(scope="module")
