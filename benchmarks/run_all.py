@@ -24,6 +24,7 @@ BENCHES = [
     "io",
     "decompose",
     "decompose_run",
+    "ray",
     "reconstruct",
     "fit_pls",
     "pls",
