@@ -25,7 +25,7 @@ from rank1tools.commands.linearity import LinearityOptions, linearity
 from rank1tools.commands.reconstruct import ReconstructOptions, reconstruct
 from rank1tools.commands.tensor_units import group_tensors
 from rank1tools.errors import Rank1Error
-from rank1tools.executors import ExecutorOptions, TaskFailed, _in_task, code_fingerprint
+from rank1tools.executors import ExecutorOptions, TaskFailed, check_worker_code, code_fingerprint
 from rank1tools.io import open_checkpoint
 from rank1tools.io.writer import ShardedWriter, TensorSpec
 from rank1tools.synthetic import LlamaShape, make_base, make_run
@@ -214,8 +214,8 @@ def test_writer_keeps_intact_shards_of_a_resumable_staging(tmp_path):
 
 def test_worker_with_other_code_is_refused():
     with pytest.raises(TaskFailed) as err:
-        _in_task(lambda unit: unit, 1, "0.0.0+000000000000", "u")
+        check_worker_code("0.0.0+000000000000")
     msg = str(err.value)
     assert f"runs rank1tools {code_fingerprint()}" in msg and "the driver 0.0.0+000000000000" in msg
     assert isinstance(err.value, Rank1Error)
-    assert _in_task(lambda unit: unit * 2, torch.get_num_threads(), code_fingerprint(), 21) == 42
+    check_worker_code(code_fingerprint())  # the same code: no error

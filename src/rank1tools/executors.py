@@ -201,18 +201,22 @@ def run_units(units: list, task: Callable, args: tuple, options: ExecutorOptions
     if not units:
         return
     with ray_session(options) as ray:
-        num_cpus = options.num_cpus if options.num_cpus is not None else float(threads)
+        num_cpus = task_cpus(options, threads)
         remote = ray.remote(_in_task).options(num_cpus=num_cpus, num_gpus=options.num_gpus, max_retries=RETRIES,
                                               retry_exceptions=False)
         slots = _slots(ray, options, num_cpus)
         todo = iter(units)
         pending: dict = {}
         expected = code_fingerprint()
+        # the task and its arguments (the inputs' parsed headers: ~30 KB per checkpoint) go into Ray's
+        # object store once, not pickled again for every unit; in a list, so that Ray hands the task
+        # the reference and each worker process unpickles them once (_shared)
+        shared = [ray.put((task, args))]
 
         def submit() -> None:
             unit = next(todo, None)
             if unit is not None:
-                pending[remote.remote(task, threads, expected, unit, *args)] = unit
+                pending[remote.remote(shared, threads, expected, unit)] = unit
 
         for _ in range(slots):
             submit()
@@ -233,18 +237,41 @@ def run_units(units: list, task: Callable, args: tuple, options: ExecutorOptions
                 ray.wait(list(pending), num_returns=len(pending), timeout=60)
 
 
-def _in_task(task: Callable, threads: int, expected: str, unit, *args):
-    """Runs in the Ray worker: the same rank1tools as the driver, the local thread count, then the unit's work."""
-    import torch  # noqa: PLC0415
+def task_cpus(options: ExecutorOptions, threads: int) -> float:
+    """The CPUs each task reserves: `--ray-num-cpus`, else the intra-op threads it runs (`threads`)."""
+    return options.num_cpus if options.num_cpus is not None else float(threads)
 
+
+_SHARED: dict[str, tuple] = {}  # in a worker process: the last (task, args) it unpickled, by object id
+
+
+def _shared(box: list) -> tuple:
+    ray = import_ray()
+    key = box[0].hex()
+    if key not in _SHARED:
+        _SHARED.clear()  # another command's: at most one set of arguments held per worker
+        _SHARED[key] = ray.get(box[0])
+    return _SHARED[key]
+
+
+def check_worker_code(expected: str) -> None:
+    """Refuse to work in a process whose rank1tools differs from the driver's (`expected`)."""
     ours = code_fingerprint()
     if ours != expected:
         raise TaskFailed(f"the Ray worker on {platform.node()} runs rank1tools {ours} "
                          f"({Path(__file__).resolve().parent}), the driver {expected}: install the same rank1tools "
                          "on every node (or put it on shared storage and PYTHONPATH)")
+
+
+def _in_task(box: list, threads: int, expected: str, unit):
+    """Runs in the Ray worker: the same rank1tools as the driver, the local thread count, then the unit's work."""
+    import torch  # noqa: PLC0415
+
+    check_worker_code(expected)
     torch.set_num_threads(threads)
+    task, args = _shared(box)
     return task(unit, *args)
 
 
-__all__ = ["EXECUTORS", "ExecutorOptions", "TaskFailed", "check_executor", "code_fingerprint", "import_ray",
-           "run_units", "ray_session", "task_device", "without_executor_args"]
+__all__ = ["EXECUTORS", "ExecutorOptions", "TaskFailed", "check_executor", "check_worker_code", "code_fingerprint", "import_ray",
+           "run_units", "ray_session", "task_cpus", "task_device", "without_executor_args"]

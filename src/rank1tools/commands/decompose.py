@@ -28,7 +28,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputError, UsageError
-from ..executors import ExecutorOptions, run_units, task_device
+from ..executors import ExecutorOptions, run_units, task_cpus, task_device
 from ..jsonutil import json_safe as _json_safe
 from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
 from ..io.checkpoint import Checkpoint
@@ -202,7 +202,9 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
     steps = [s for s, _ in pairs]
     try:
         if executor.is_ray:  # each task saves its module's factor file into the staging folder
-            args = (base_ckpt, pairs, options, str(device), str(work / "factors"))
+            # a read-ahead thread only where the task has a core for it, as locally (one worker)
+            read_ahead = options.prefetch and task_cpus(executor, torch.get_num_threads()) >= 2
+            args = (base_ckpt, pairs, options, str(device), str(work / "factors"), read_ahead)
             for name, _ in run_units(todo, module_task, args, executor, torch.get_num_threads()):
                 for _ in pairs:
                     step_done()
@@ -237,10 +239,10 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
 
 
 def module_task(name: str, base_ckpt: Checkpoint, pairs: list[tuple[int, Checkpoint]], options: DecomposeOptions,
-                device: str, factors: str) -> None:
+                device: str, factors: str, read_ahead: bool) -> None:
     """One module as a Ray task (rank1tools.executors.run_units): what the local path does for it,
     its factor file saved into the shared staging folder; nothing returned through Ray."""
-    acc, base_fro = module_factors(name, base_ckpt, pairs, options, torch.device(device), read_ahead=options.prefetch,
+    acc, base_fro = module_factors(name, base_ckpt, pairs, options, torch.device(device), read_ahead=read_ahead,
                                    on_step=lambda: None, stop=threading.Event())
     _save_module(Path(factors) / factor_file(name), name, [s for s, _ in pairs], acc, base_fro)
 
