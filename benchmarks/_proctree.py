@@ -45,12 +45,13 @@ def _processes() -> dict[int, tuple[int, int, int, int, str]]:
     return out
 
 
-def _descendants(procs: dict) -> dict:
-    """The processes below this one (its children include the orphans it adopts as a subreaper)."""
+def _descendants(procs: dict, keep: frozenset[int] = frozenset()) -> dict:
+    """The processes below this one (its children include the orphans it adopts as a subreaper),
+    less the trees rooted at `keep` (processes the benchmark runs beside the measured command)."""
     below: dict[int, list[int]] = {}
     for pid, (ppid, *_) in procs.items():
         below.setdefault(ppid, []).append(pid)
-    out, todo = {}, list(below.get(os.getpid(), []))
+    out, todo = {}, [p for p in below.get(os.getpid(), []) if p not in keep]
     while todo:
         pid = todo.pop()
         out[pid] = procs[pid]
@@ -63,15 +64,16 @@ class TreeCPU:
     (the last moments of a process that exits between two samples are missed; Ray's workers are
     reaped by Ray itself, so the kernel's RUSAGE_CHILDREN would miss them altogether)."""
 
-    def __init__(self, root: int) -> None:
+    def __init__(self, root: int, keep: frozenset[int] = frozenset()) -> None:
         self.root = root  # the measured command, named "command"
+        self.keep = keep
         self.seen: dict[tuple[int, int], tuple[int, int, str]] = {}  # (pid, start) -> last (user, system, name)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def sample(self) -> None:
-        for pid, (_, start, user, system, name) in _descendants(_processes()).items():
+        for pid, (_, start, user, system, name) in _descendants(_processes(), self.keep).items():
             self.seen[pid, start] = (user, system, "command" if pid == self.root else name)
 
     def _run(self) -> None:
@@ -94,9 +96,9 @@ def _children() -> list[int]:
     return [pid for pid, (ppid, *_) in _processes().items() if ppid == os.getpid()]
 
 
-def _reap(grace: float = 60.0) -> tuple[float, int]:
-    """Wait for every remaining descendant (seconds waited); kill those still alive after `grace`
-    seconds (how many), all of them started by this benchmark."""
+def _reap(grace: float = 60.0, keep: frozenset[int] = frozenset()) -> tuple[float, int]:
+    """Wait for every remaining descendant but `keep` (seconds waited); kill those still alive after
+    `grace` seconds (how many), all of them started by this benchmark."""
     t0, killed = time.perf_counter(), set()
     while True:
         try:
@@ -105,25 +107,29 @@ def _reap(grace: float = 60.0) -> tuple[float, int]:
             return time.perf_counter() - t0, len(killed)
         if pid:
             continue
+        others = [c for c in _children() if c not in keep]
+        if not others:
+            return time.perf_counter() - t0, len(killed)
         if time.perf_counter() - t0 > grace:
-            for child in _children():
+            for child in others:
                 os.kill(child, signal.SIGKILL)
                 killed.add(child)
         time.sleep(0.02)
 
 
-def measure(cmd: list[str], env: dict, log: Path) -> dict:
+def measure(cmd: list[str], env: dict, log: Path, keep: frozenset[int] = frozenset()) -> dict:
     """Wall time until the command exits; CPU time of its whole process tree, stragglers included;
-    the CPU time the rest of the machine used meanwhile."""
+    the CPU time the rest of the machine used meanwhile. `keep`: processes of this benchmark that run
+    beside the command (a Ray cluster): neither counted nor waited for."""
     busy0, load = _busy(), os.getloadavg()[0]
     with open(log, "wb") as f:  # a file, not a pipe: processes that inherit it cannot hold the wait
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        cpu = TreeCPU(p.pid)
+        cpu = TreeCPU(p.pid, keep)
         _, status, ru = os.wait4(p.pid, 0)
         seconds = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
-    straggling, killed = _reap()
+    straggling, killed = _reap(keep=keep)
     user, system, by_name = cpu.done()
     busy1 = _busy()
     if p.returncode != 0:
