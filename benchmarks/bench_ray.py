@@ -53,14 +53,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _proctree import measure, subreaper  # noqa: E402
-from _report import extra, machine, quick_mode, report, row, table, target, work_dir, write_results  # noqa: E402
-from bench_decompose_run import ENV, ROOT, STEPS, _ensure  # noqa: E402  (the same run, built once)
+from _report import extra, machine, report, row, table, target, write_results  # noqa: E402
+# the same run (built once), work folder, interpreter and repetitions (--quick, --reps N) as that benchmark
+from bench_decompose_run import ENV, PY, QUICK, RANK1, REPS, ROOT, STEPS, WORK, _ensure  # noqa: E402
 
-QUICK = quick_mode()
-WORK = work_dir(QUICK)
-PY = sys.executable
-RANK1 = str(Path(PY).with_name("rank1"))
-REPS = 1 if QUICK else int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
 CORES = os.cpu_count() or 1
 OUT = WORK / "ray-bench-out"  # every mode writes here (same --out, same provenance), then it is moved aside
 RAY_ENV = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}  # a fresh local instance, not a cluster
