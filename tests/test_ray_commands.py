@@ -219,3 +219,23 @@ def test_worker_with_other_code_is_refused():
     assert f"runs rank1tools {code_fingerprint()}" in msg and "the driver 0.0.0+000000000000" in msg
     assert isinstance(err.value, Rank1Error)
     check_worker_code(code_fingerprint())  # the same code: no error
+
+
+def test_task_raising_other_errors_is_retried_then_named(ray_local, tmp_path):
+    """Anything but rank1's own errors (e.g. an I/O hiccup) is retried by Ray; a task that keeps
+    failing fails with its unit's name after RETRIES retries. (Data errors: not retried, above.)"""
+    from rank1tools.executors import RETRIES, run_units
+
+    def flaky(unit: str, folder: str) -> int:
+        count = Path(folder) / unit
+        n = int(count.read_text()) if count.exists() else 0
+        count.write_text(str(n + 1))
+        if unit == "always" or n < 2:
+            raise OSError(f"attempt {n + 1} of {unit}")
+        return n + 1
+
+    assert dict(run_units(["flaky"], flaky, (str(tmp_path),), RAY, 1)) == {"flaky": 3}
+    with pytest.raises(TaskFailed) as err:
+        list(run_units(["always"], flaky, (str(tmp_path),), RAY, 1))
+    assert str(err.value) == f"always: task failed {RETRIES + 1} times: OSError: attempt {RETRIES + 1} of always"
+    assert (tmp_path / "always").read_text() == str(RETRIES + 1)

@@ -20,8 +20,10 @@ Ray tasks (`--executor ray`, the `ray` extra). Design (issue #13; user docs in d
 - Same bytes as local: a task sets torch's intra-op thread count to the one the local run would
   use (SVD results depend on it in the last bits); by default a task also reserves that many CPUs.
   Identical bytes across machines further need the same CPU/BLAS (or GPU model).
-- Failures: Ray retries a task whose worker died (`max_retries`); an exception raised by the task
-  is not retried (a data error stays one) and fails the command with the unit's name; finished
+- Failures: Ray retries a task whose worker died, or that raised anything but one of rank1's own
+  errors (`RetryableError`: an I/O hiccup of the shared filesystem), up to RETRIES times; rank1's
+  errors (a data error stays one) are not retried; a task that still fails fails the command with
+  the unit's name; finished
   units stay in the work folder, so rerunning resumes. A worker whose rank1tools differs from the
   driver's (version + source hash, `code_fingerprint`) refuses to run.
 - `ray` is imported only here and only for `--executor ray`; this module itself is light (no torch)
@@ -45,7 +47,7 @@ INSTALL_HINT = "pip install 'rank1tools[ray]'"
 # CLI options that choose where work runs and not what it computes: left out of the command line
 # recorded in provenance files, so that outputs are byte-identical whatever the executor
 _VALUED_FLAGS = ("--executor", "--ray-address", "--ray-num-cpus", "--ray-num-gpus", "--max-in-flight")
-RETRIES = 3  # Ray's retries of a task whose worker process died (node lost, OOM-killed)
+RETRIES = 3  # Ray's retries of a task whose worker died (node lost, OOM-killed) or that raised RetryableError
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,19 @@ class TaskFailed(Rank1Error):
     """A unit's task raised something that is not one of rank1's own errors."""
 
 
+class RetryableError(Exception):
+    """What a task raises for an exception that is not one of rank1's own errors (an I/O hiccup of
+    the shared filesystem, a worker's own trouble): Ray retries the task. rank1's errors (bad
+    input data, an output refused) would fail again the same way: they are not retried."""
+
+    def __init__(self, kind: str, text: str):
+        super().__init__(f"{kind}: {text}")
+        self.kind, self.text = kind, text
+
+    def __reduce__(self):
+        return RetryableError, (self.kind, self.text)
+
+
 def _unit_error(ray, unit: str, err: BaseException) -> Rank1Error:
     """The command's error for a failed task: the cause's own type (exit code) when it is one of
     rank1's errors, its message prefixed with the unit's name."""
@@ -136,6 +151,8 @@ def _unit_error(ray, unit: str, err: BaseException) -> Rank1Error:
         return type(cause)(f"{unit}: {text}") if unit not in text else type(cause)(text)
     if isinstance(err, ray.exceptions.RayError) and not isinstance(err, ray.exceptions.RayTaskError):
         return TaskFailed(f"{unit}: Ray could not run the task ({type(err).__name__}: {text})")
+    if isinstance(cause, RetryableError):
+        return TaskFailed(f"{unit}: task failed {RETRIES + 1} times: {cause.kind}: {' '.join(cause.text.split())}")
     return TaskFailed(f"{unit}: task failed: {type(cause).__name__}: {text}")
 
 
@@ -203,7 +220,7 @@ def run_units(units: list, task: Callable, args: tuple, options: ExecutorOptions
     with ray_session(options) as ray:
         num_cpus = task_cpus(options, threads)
         remote = ray.remote(_in_task).options(num_cpus=num_cpus, num_gpus=options.num_gpus, max_retries=RETRIES,
-                                              retry_exceptions=False)
+                                              retry_exceptions=[RetryableError])
         slots = _slots(ray, options, num_cpus)
         todo = iter(units)
         pending: dict = {}
@@ -270,7 +287,12 @@ def _in_task(box: list, threads: int, expected: str, unit):
     check_worker_code(expected)
     torch.set_num_threads(threads)
     task, args = _shared(box)
-    return task(unit, *args)
+    try:
+        return task(unit, *args)
+    except Rank1Error:
+        raise
+    except Exception as err:  # noqa: BLE001 (anything else is worth another try: see RetryableError)
+        raise RetryableError(type(err).__name__, str(err) or type(err).__name__) from None
 
 
 __all__ = ["EXECUTORS", "ExecutorOptions", "TaskFailed", "check_executor", "check_worker_code", "code_fingerprint", "import_ray",
