@@ -151,8 +151,8 @@ def _unit_error(ray, unit: str, err: BaseException) -> Rank1Error:
         return type(cause)(f"{unit}: {text}") if unit not in text else type(cause)(text)
     if isinstance(err, ray.exceptions.RayError) and not isinstance(err, ray.exceptions.RayTaskError):
         return TaskFailed(f"{unit}: Ray could not run the task ({type(err).__name__}: {text})")
-    if isinstance(cause, RetryableError):
-        return TaskFailed(f"{unit}: task failed {RETRIES + 1} times: {cause.kind}: {' '.join(cause.text.split())}")
+    if isinstance(cause, RetryableError):  # its text is "Kind: message"
+        return TaskFailed(f"{unit}: task failed {RETRIES + 1} times: {text}")
     return TaskFailed(f"{unit}: task failed: {type(cause).__name__}: {text}")
 
 
@@ -189,22 +189,13 @@ def task_device(spec: str, options: ExecutorOptions):
     """The device a command computes on: `resolve_device` locally; with Ray, where the TASKS run:
     `auto` is cuda exactly when each task reserves a GPU (`--ray-num-gpus`), and cuda without a
     reserved GPU is refused (Ray hides the GPUs from such a task)."""
-    import torch  # noqa: PLC0415
-
-    from .device import resolve_device  # noqa: PLC0415
+    from .device import parse_device, resolve_device  # noqa: PLC0415
 
     if not options.is_ray:
         return resolve_device(spec)
-    if spec == "auto":
-        return torch.device("cuda" if options.num_gpus > 0 else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    dev = parse_device(("cuda" if options.num_gpus > 0 else "cpu") if spec == "auto" else spec)
     if dev.type == "cuda" and not options.num_gpus > 0:
         raise UsageError(f"--device {spec} with --executor ray needs --ray-num-gpus (e.g. 1, or 0.25 to share a GPU)")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {spec!r}: only cpu and cuda are supported")
     return dev
 
 

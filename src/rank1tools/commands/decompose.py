@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 from collections.abc import Callable
 from contextlib import closing
@@ -36,7 +35,7 @@ from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
 from ..io.run_inputs import open_run_inputs
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
-from ..io.work_folder import make_folder, open_work_folder
+from ..io.work_folder import discard_unless_resumed, make_folder, open_work_folder
 from ..io.writer import provenance, write_provenance
 from ..math.svd import MIN_SKETCH
 from ..modules import select_tensors
@@ -121,13 +120,6 @@ def _check_memory(base: Checkpoint, others: list[Checkpoint], modules: list[str]
                                               avail is None or two <= avail)
     check_memory(need(name, 1) if workers == 1 else two, f"tensor {name!r} {list(base.entry(name).shape)}")
     return workers
-
-
-def _discard_fresh(work: Path, resumed: list[str], err: InputError) -> InputError:
-    """A data error found mid-run: drop the work folder unless it holds modules of an earlier run."""
-    if not resumed:
-        shutil.rmtree(work, ignore_errors=True)
-    return err
 
 
 def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = None, steps: str | None = None,
@@ -216,8 +208,9 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
                     _save_module(work / "factors" / factor_file(name), name, steps, acc, base_fro)
                     if on_module_done:
                         on_module_done(name)
-    except InputError as err:
-        raise _discard_fresh(work, done, err) from None
+    except InputError:
+        discard_unless_resumed(work, bool(done))
+        raise
 
     # Assemble the tables from the stored factors, so a resumed run equals an uninterrupted one.
     rows: list[dict] = []

@@ -30,7 +30,8 @@ from ..math.reconstruct import RoundingStats, rounding_stats
 from ..modules import LM_HEAD_NAME, is_norm_parameter
 from ..options import parse_size
 from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
-from .tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, stats_from, stats_record
+from .tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
+                           run_tensor_groups, stats_from, stats_record)
 from .extrapolate import (REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, check_options, flag_limit,
                           target_folder)
 
@@ -263,24 +264,16 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
                                                    {"sources": plan.source, "untie": plan.untie}))
         with CheckpointOutputs(target, folders, specs, max_shard_size=options.max_shard_size, force=force,
                                work=units.work if units else None) as outs:
-            sink = TargetSink(h, outs.writers, used)  # holds the rounding figures in the plan's order
-            args = (h, plan.source, tensor_fn)
-            tick = progress_counter(progress, len(names))
-            if units is None:  # in this process: the tasks' code over every tensor, through the writers
-                results = _tensors_task(TensorGroup("local", tuple(names)), *args, outs.writers, used, on_tensor=tick)
-            else:
-                if not outs.resumed:
-                    units.forget()  # the shards were made anew: no unit's tensors are in them
-                results = units.run(groups, _tensors_task, (*args, [w.placement for w in outs.writers], used), executor,
-                                    torch.get_num_threads(), on_done=tick)
-                for w in outs.writers:
-                    w.mark_written(names)
+            results = run_tensor_groups(_tensors_task, (h, plan.source, tensor_fn, used), names, units=units,
+                                        groups=groups, executor=executor,
+                                        on_done=progress_counter(progress, len(names)), outs=outs)
+            stats: list[dict[str, RoundingStats]] = [dict() for _ in targets]  # per target: tensor -> figures
             for name in names:  # the plan's order, whatever the order the units finished in
                 if results[name]["figures"] is not None:
                     figures[name] = results[name]["figures"]
-                for stats, rec in zip(sink.stats, results[name]["stats"]):
+                for st, rec in zip(stats, results[name]["stats"]):
                     if rec is not None:
-                        stats[name] = stats_from(rec)
+                        st[name] = stats_from(rec)
             base_params = {"method": options.method, "history_steps": h.steps, "step_source": h.inputs.step_source,
                            "history_until": options.history_until, "include": options.include,
                            "exclude": options.exclude, "rest": options.rest, "dtype": options.dtype,
@@ -292,7 +285,7 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
                 rows = [{"tensor": n, **f["common"], **f["per_target"][j]} for n, f in figures.items()]
                 flagged = [{"tensor": r["tensor"], "norm_ratio": r["norm_ratio"], "limit": limit}
                            for r in rows if r["norm_ratio"] > limit]  # NaN never compares greater
-                rep = rounding_report(sink.stats[j])
+                rep = rounding_report(stats[j])
                 reports.append(rep)
                 tables.append({"method": options.method, "target_step": s, "history_steps": h.steps,
                                "norm_ratio_limit": limit, "flagged": flagged, "tensors": rows,
@@ -328,8 +321,8 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
                              warnings=warnings)
 
 
-def _tensors_task(group: TensorGroup, h: History, source: dict[str, str], tensor_fn: TensorFn, writers: list,
-                  used: list[Checkpoint], on_tensor: Callable[[int], None] | None = None) -> dict:
+def _tensors_task(group: TensorGroup, h: History, source: dict[str, str], tensor_fn: TensorFn,
+                  used: list[Checkpoint], writers: list, on_tensor: Callable[[int], None] | None = None) -> dict:
     """Write a group of tensors into every target's checkpoint (`writers`: the writers themselves
     in this process, or their shard placements in a Ray task); returns each tensor's figures and
     per-target rounding figures."""

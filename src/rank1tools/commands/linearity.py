@@ -36,7 +36,7 @@ from ..jsonutil import json_safe
 from ..math.linefit import LineFit, fraction_above
 from ..math.trajectory import gram_update, trajectory_basis
 from ..executors import ExecutorOptions, task_device
-from .tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter
+from .tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, run_tensor_groups
 from .linearity_tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
 
 MIN_CHECKPOINTS = 3  # a line through 2 points always fits
@@ -189,16 +189,14 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
         notes.append(f"--rank {options.rank} capped at the {len(pairs)} checkpoints of the window")
     device = task_device(options.device, executor)
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target:
-        units = None
-        args = (inputs.base, cks, window, rank, options, str(device))
-        tick = progress_counter(progress, len(names))
-        if not executor.is_ray:  # in this process: the tasks' code over every tensor
-            figures = _tensors_task(TensorGroup("local", tuple(names)), *args, on_tensor=tick)
-        else:  # figures per tensor from Ray tasks, recorded in the resumable work folder
+        units = groups = None
+        if executor.is_ray:  # figures per tensor from Ray tasks, recorded in the resumable work folder
             groups = group_tensors(names, lambda n: inputs.base.entry(n).nbytes * len(pairs))
             units = TensorUnits(target, plan_bytes("linearity", [inputs.base, *cks],
                                                    {**asdict(options), "device": device.type, "rank": rank}, groups))
-            figures = units.run(groups, _tensors_task, args, executor, torch.get_num_threads(), on_done=tick)
+        figures = run_tensor_groups(_tensors_task, (inputs.base, cks, window, rank, options, str(device)), names,
+                                    units=units, groups=groups, executor=executor,
+                                    on_done=progress_counter(progress, len(names)))
         with staged_output(target, force=force, label=out) as staging:
             result = _write_report(staging, inputs, cks, names, shapes, figures, window, rank, options, notes, out)
         if units is not None:

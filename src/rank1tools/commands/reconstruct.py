@@ -33,8 +33,8 @@ from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, select_tensors
 from ..options import RankSpec, check_choice, check_finite, parse_ranks, parse_size  # noqa: F401 (RankSpec: importable from here)
 from ..resources import check_memory, reconstruct_peak_bytes, svd_bytes
-from .tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, stats_from,
-                           stats_record)
+from .tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
+                           run_tensor_groups, stats_from, stats_record)
 from .checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WARNING: importable from here)
     DTYPE_CHOICES, DTYPES, LOST_WARNING, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report)
 
@@ -165,17 +165,9 @@ def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, de
     with CheckpointOutputs(target, [r.folder for r in ranks], specs, max_shard_size=options.max_shard_size,
                            force=force, work=units.work if units else None) as outs:
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
-        args = (base_ck, ck, store, step_index, ranks, kmax, modules, options, str(device))
-        tick = progress_counter(progress, len(names))
-        if units is None:  # in this process: the tasks' code over every tensor, through the writers
-            results = _tensors_task(TensorGroup("local", tuple(names)), *args, outs.writers, on_tensor=tick)
-        else:
-            if not outs.resumed:
-                units.forget()  # the shards were made anew: no unit's tensors are in them
-            results = units.run(groups, _tensors_task, (*args, [w.placement for w in outs.writers]), executor,
-                                torch.get_num_threads(), on_done=tick)
-            for w in outs.writers:
-                w.mark_written(names)
+        results = run_tensor_groups(_tensors_task, (base_ck, ck, store, step_index, ranks, kmax, modules, options,
+                                                    str(device)), names, units=units, groups=groups,
+                                    executor=executor, on_done=progress_counter(progress, len(names)), outs=outs)
         for name in names:  # the plan's order, whatever the order the units finished in
             for st, rec in zip(stats, results[name]):
                 if rec is not None:

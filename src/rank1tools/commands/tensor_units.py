@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..executors import ExecutorOptions, code_fingerprint, run_units
-from ..io.work_folder import UnitLedger, open_work_folder
+from ..io.work_folder import UnitLedger, discard_unless_resumed, open_work_folder
 from ..math.reconstruct import RoundingStats
 
 GROUP_BYTES = 64 << 20  # consecutive tensors share a task up to this many bytes (a few tasks per layer)
@@ -99,8 +99,8 @@ class TensorUnits:
         ...  # write the output from `results` (tensor name -> the task's figures, JSON data)
         units.finish()                               # the output is in place: drop the work folder
 
-    `task(group, *args)` returns {tensor name: JSON data}. Results read back from the ledger and
-    results fresh from a task go through the same JSON round trip, so both give the same bytes.
+    `task(group, *args)` returns {tensor name: JSON data}. The results are those recorded in the
+    ledger (read back), whether recorded now or by an earlier run, so both give the same bytes.
     """
 
     def __init__(self, target: Path, plan: bytes):
@@ -117,27 +117,46 @@ class TensorUnits:
             on_done: Callable[[int], None] | None = None) -> dict[str, object]:
         results: dict[str, object] = {}
         todo = []
+        kept = 0  # tensors of the recorded units
         for g in groups:
             rec = self.ledger.finished(g.key)
             if rec is not None and rec.get("names") == list(g.names):
                 results.update(rec["tensors"])
+                kept += len(g.names)
             else:
                 todo.append(g)
         self.resumed = len(groups) - len(todo)
-        if on_done and self.resumed:
-            on_done(sum(len(g.names) for g in groups if g not in todo))
+        if on_done and kept:
+            on_done(kept)
         try:
             for g, res in run_units(todo, task, args, executor, threads, label=lambda g: g.label):
-                data = json.loads(json.dumps(res))
-                self.ledger.record(g.key, {"names": list(g.names), "tensors": data})
-                results.update(data)
+                results.update(self.ledger.record(g.key, {"names": list(g.names), "tensors": res})["tensors"])
                 if on_done:
                     on_done(len(g.names))
         except InputError:
-            if not self.resumed:  # bad data found by a fresh run: nothing worth keeping
-                shutil.rmtree(self.work, ignore_errors=True)
+            discard_unless_resumed(self.work, self.resumed > 0)  # bad data found by a fresh run: nothing to keep
             raise
         return results
 
     def finish(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def run_tensor_groups(task: Callable, args: tuple, names: list[str], *, units: TensorUnits | None,
+                      groups: list[TensorGroup] | None, executor: ExecutorOptions, on_done: Callable[[int], None],
+                      outs=None) -> dict[str, object]:
+    """A command's per-tensor work over every tensor in `names`: `task(group, *args[, writers],
+    on_tensor=...)`. Without `units`, in this process as one group, writing through the writers
+    of `outs` (a CheckpointOutputs, for commands that write checkpoints); with `units`, as Ray
+    tasks over `groups`, writing through the writers' shard placements. Returns {name: figures}."""
+    if units is None:
+        return task(TensorGroup("local", tuple(names)), *args, *([outs.writers] if outs else []), on_tensor=on_done)
+    import torch  # noqa: PLC0415
+
+    if outs is not None and not outs.resumed:
+        units.forget()  # the shards were made anew: no recorded unit's tensors are in them
+    placements = [[w.placement for w in outs.writers]] if outs else []
+    results = units.run(groups, task, (*args, *placements), executor, torch.get_num_threads(), on_done=on_done)
+    for w in outs.writers if outs else []:
+        w.mark_written(names)
+    return results

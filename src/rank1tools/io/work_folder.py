@@ -46,6 +46,13 @@ def open_work_folder(target: Path, plan_file: str, plan: bytes) -> Path:
     return work
 
 
+def discard_unless_resumed(work: Path, resumed: bool) -> None:
+    """A data error found mid-run: drop the work folder, unless it holds work of an earlier run
+    (a rerun after the input is fixed still keeps that)."""
+    if not resumed:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def make_folder(folder: Path) -> Path:
     """`folder` (inside a work folder), created under the user's umask when missing."""
     with output_errors(folder):
@@ -74,10 +81,13 @@ class UnitLedger:
             return None
         return data if isinstance(data, dict) and data.get("key") == key else None
 
-    def record(self, key: str, results: dict) -> None:
-        """Record `key` as finished with `results` (JSON data: floats round-trip exactly, NaN included)."""
+    def record(self, key: str, results: dict) -> dict:
+        """Record `key` as finished with `results` (JSON data: floats round-trip exactly, NaN included);
+        returns the record as `finished` will read it back."""
         path = self._path(key)
         tmp = path.with_suffix(".tmp")
+        text = json.dumps({"key": key, **results}, sort_keys=True)
         with output_errors(path):
-            tmp.write_text(json.dumps({"key": key, **results}, sort_keys=True) + "\n", encoding="utf-8")
+            tmp.write_text(text + "\n", encoding="utf-8")
             os.replace(tmp, path)
+        return json.loads(text)
