@@ -1,14 +1,16 @@
-"""The driver's side of a tensor-wise command on Ray (`reconstruct`, `linearity`, `extrapolate
---method relex|linear` with `--executor ray`; decompose works per module, see decompose.py).
+"""How a tensor-wise command (`reconstruct`, `linearity`, `extrapolate --method relex|linear`) runs
+its per-tensor work: in this process, or with `--executor ray` as Ray tasks (decompose works per
+module, see decompose.py). `run_tensor_groups` is the one entry point for both.
 
-The tensors are cut into units of work (`group_tensors`: one tensor, or consecutive small tensors
-up to GROUP_BYTES, in the plan's order, so the units do not depend on the cluster). Each unit is
-one Ray task (rank1tools.executors.run_units) that opens the inputs itself, runs the command's
-own per-tensor code on its tensors (the function the local path calls, so the bytes are the
-same) and writes what it produces straight into the output's planned files; it returns only
-small per-tensor figures (rounding counts, fits), which the driver records in the work folder's
-ledger (io.work_folder) and assembles in the plan's order. A rerun of the same command after the
-driver or a worker died keeps the recorded units and runs the rest.
+With Ray, the tensors are cut into units of work (`group_tensors`: one tensor, or consecutive small
+tensors up to GROUP_BYTES, in the plan's order, so the units do not depend on the cluster). Each
+unit is one Ray task (rank1tools.executors.run_units) that opens the inputs itself, runs the
+command's own per-tensor function on its tensors (the function the local path calls over all
+tensors, so the bytes are the same) and writes what it produces straight into the output's
+planned files; it returns only small per-tensor figures (rounding counts, fits), which the driver
+records in the work folder's ledger (io.work_folder) and the command assembles in the plan's
+order. A rerun of the same command after the driver or a worker died keeps the recorded units and
+runs the rest.
 """
 
 from __future__ import annotations
