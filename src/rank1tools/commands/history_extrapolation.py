@@ -152,8 +152,10 @@ def plan_tensors(h: History, options: ExtrapolateOptions, *, copy_norms: bool) -
                if norms else "")
         raise UsageError(f"no floating-point tensors to extrapolate (check --include/--exclude){why}")
     untie = untied_head(h.base, h.checkpoints) and source[LM_HEAD_NAME] != "base"
-    if LM_HEAD_NAME in source and not untie:
-        del source[LM_HEAD_NAME]  # written tied: it is the embedding
+    if h.base.lm_head_tied and not untie:
+        source.pop(LM_HEAD_NAME, None)  # written tied, as the base: it is the embedding
+    # A base that stores its own head keeps it whatever the checkpoints do (a checkpoint that ties
+    # it reads its embedding as lm_head.weight): the output has exactly the base's tensors.
     return TensorPlan(source, untie, norms)
 
 
