@@ -134,7 +134,8 @@ def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, for
     if last_ck is not None:
         last_ck.expect(names)
     device = resolve_device(options.device)
-    _check_memory(container, specs, {n for n in selected if plans[n].extrapolated}, device)
+    _check_memory(container, specs, {n for n in selected if plans[n].extrapolated}, device,
+                  rest="base" if last_ck is None else "checkpoint")
 
     params = {"method": "alpharl", "targets": targets, "target_kind": kind, "container": options.container,
               "min_r2": options.min_r2, "r2": options.r2_kind, "include": options.include, "exclude": options.exclude,
@@ -152,7 +153,7 @@ def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, for
             if plan is not None and plan.extrapolated:
                 _write_module(name, plan, container, targets, kind, device, outs.writers, stats)
             else:
-                _write_rest(name, container, outs.writers)
+                _write_rest(name, container, base_ck, outs.writers)
             if progress:
                 progress(i + 1, len(names))
         limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
@@ -274,13 +275,14 @@ def _plan(store: FitStore, name: str, targets: list[float], kind: str, r2_index:
     return plan
 
 
-def _check_memory(container: Checkpoint, specs: list[TensorSpec], extrapolated: set, device) -> None:
-    """Refuse before any work when the largest tensor's working set exceeds the available memory."""
+def _check_memory(container: Checkpoint, specs: list[TensorSpec], extrapolated: set, device, rest: str) -> None:
+    """Refuse before any work when the largest tensor's working set exceeds the available memory
+    (`rest` "checkpoint": a kept tensor of the last checkpoint is checked against the base too)."""
     def need(spec: TensorSpec) -> int:
         e = container.entry(spec.name)
         item = torch.empty((), dtype=spec.dtype).element_size()
         return reconstruct_peak_bytes(e.numel, e.nbytes, item, selected=spec.name in extrapolated, from_factors=True,
-                                      svd=0, rest="base", on_cpu=device.type == "cpu")
+                                      svd=0, rest=rest, on_cpu=device.type == "cpu")
 
     spec = max(specs, key=need)
     check_memory(need(spec), f"tensor {spec.name!r} {list(spec.shape)}")
@@ -307,10 +309,15 @@ def _write_module(name, plan: ModulePlan, container: Checkpoint, targets, kind, 
         st[name] = stat
 
 
-def _write_rest(name: str, container: Checkpoint, writers) -> None:
-    """The container's value: cast once (bit-exact when the dtype is kept), written to every output."""
+def _write_rest(name: str, container: Checkpoint, base: Checkpoint, writers) -> None:
+    """The container's value: cast once (bit-exact when the dtype is kept), written to every output.
+    A value of the last checkpoint may not be NaN/Inf where the base is finite (the rule of every
+    writer, docs/cli.md); the base's own non-finite values are kept, as reconstruct keeps them."""
     raw = container.read_raw(name)
     stored = raw.to(writers[0].specs[name].dtype)
+    if container is not base and raw.is_floating_point() and not all_finite(raw):
+        if introduces_nonfinite(raw, base.read_raw(name)):
+            raise InputError(f"{container.label}: tensor {name!r} has non-finite values (NaN or Inf)")
     if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):
         raise _overflow(name, stored.dtype, f"{container.label} values (|values| up to {max_abs(raw):.3g})",
                         "use --dtype float32 or bfloat16")

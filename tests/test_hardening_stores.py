@@ -1,0 +1,132 @@
+"""Hardening: fit and factor stores and what alpharl / reconstruct / fit-pls read from them.
+
+Non-finite values of the container of `extrapolate --method alpharl --container last`, tampered
+store tensors (sign of `fro`, zero scales, NaN/Inf factors), a store's base identified by content
+rather than by path, and alpharl step targets outside the fitted window. Each refusal is checked
+for its exit code, its one line naming the file and tensor, and that nothing was written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from _support import run_main
+from rank1tools.commands.decompose import DecomposeOptions, decompose
+from rank1tools.commands.fit_pls import FitPlsOptions, fit_pls
+from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+SHAPE = LlamaShape(vocab=64, hidden=32, intermediate=48, layers=1, heads=4, kv_heads=2, tie=True)
+STEPS = [10, 20, 30, 40]
+ACC = [0.20, 0.30, 0.33, 0.41]
+Q = "model.layers.0.self_attn.q_proj.weight"
+NORM = "model.norm.weight"
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """fp32 base and run, a rank-2 factor store, fit stores against the metric and the step."""
+    root = tmp_path_factory.mktemp("stores")
+    make_base(root / "base", SHAPE, torch.float32)
+    make_run(root / "run", STEPS, SHAPE, base_dtype=torch.float32, dtype=torch.float32, noise=1e-4)
+    decompose(str(root / "base"), [], str(root / "factors"), run=str(root / "run"),
+              options=DecomposeOptions(rank=2, exact=True))
+    (root / "m.csv").write_text("step,accuracy\n" + "".join(f"{s},{a}\n" for s, a in zip(STEPS, ACC)))
+    fit_pls(str(root / "factors"), str(root / "fits"),
+            options=FitPlsOptions(metrics=str(root / "m.csv"), metric="accuracy", plots=False))
+    fit_pls(str(root / "factors"), str(root / "fits_step"), options=FitPlsOptions(plots=False))
+    return root
+
+
+def _one_error(r, code: int, *needles: str) -> str:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("rank1: error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _no_output(out: Path) -> None:
+    assert not out.exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _edit_file(path: Path, edit) -> None:
+    """Rewrite one safetensors file with its tensors edited (its metadata kept)."""
+    tensors, meta = _tensors(path)
+    edit(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _edit_model(folder: Path, **values) -> None:
+    """Set tensor[name][index] = value in a model folder's single file."""
+    def edit(t):
+        for name, (idx, v) in values.items():
+            t[name][idx] = v
+    _edit_file(folder / "model.safetensors", edit)
+
+
+# ---- alpharl --container last: no non-finite value the base does not have (#20) ----
+
+def _alpharl(stores: Path, out: Path, *args: str, fits: str = "fits", base: str | None = None):
+    return run_main("extrapolate", base or str(stores / "base"), "--method", "alpharl", "--fits",
+                    str(stores / fits), "--out", str(out), "-q", *args)
+
+
+@pytest.mark.parametrize("where", ["norm", "kept module", "recorded checkpoint"])
+def test_alpharl_container_last_refuses_nonfinite_copied_tensors(stores, tmp_path, where):
+    last = tmp_path / "checkpoint-40"
+    shutil.copytree(stores / "run" / "checkpoint-40", last)
+    _edit_model(last, **{(NORM if where == "norm" else Q): ((3,) if where == "norm" else (1, 2), float("nan"))})
+    args = ["--target-metric", "0.5", "--container", "last"]
+    if where == "kept module":
+        args += ["--min-r2", "1.01"]  # every module keeps the last checkpoint's value
+    if where == "recorded checkpoint":
+        fits = tmp_path / "fits"
+        shutil.copytree(stores / "fits", fits)
+        m = json.loads((fits / "manifest.json").read_text())
+        m["factor_store"]["checkpoints"][-1]["source"] = str(last)
+        (fits / "manifest.json").write_text(json.dumps(m))
+        _edit_model(last, **{NORM: ((3,), float("inf"))})
+        r = run_main("extrapolate", str(stores / "base"), "--method", "alpharl", "--fits", str(fits),
+                     "--out", str(tmp_path / "out"), "-q", *args, "--exclude", Q)
+        line = _one_error(r, 3, str(last), "non-finite")
+        assert NORM in line or Q in line
+    else:
+        r = _alpharl(stores, tmp_path / "out", *args, "--last-checkpoint", str(last))
+        _one_error(r, 3, str(last), repr(NORM if where == "norm" else Q), "non-finite")
+    _no_output(tmp_path / "out")
+
+
+def test_alpharl_container_base_keeps_the_bases_own_nan(stores, tmp_path):
+    """The rule is relative to the base (as in reconstruct): a NaN the base itself holds is copied."""
+    base = tmp_path / "base"
+    shutil.copytree(stores / "base", base)
+    _edit_model(base, **{NORM: ((3,), float("nan"))})
+    last = tmp_path / "checkpoint-40"
+    shutil.copytree(stores / "run" / "checkpoint-40", last)
+    _edit_model(last, **{NORM: ((3,), float("nan"))})
+    fits = tmp_path / "fits"
+    shutil.copytree(stores / "fits", fits)
+    m = json.loads((fits / "manifest.json").read_text())
+    m["factor_store"]["base"]["source"] = str(base)
+    m["factor_store"]["base"].pop("fingerprint", None)
+    (fits / "manifest.json").write_text(json.dumps(m))
+    r = run_main("extrapolate", str(base), "--method", "alpharl", "--fits", str(fits), "--out",
+                 str(tmp_path / "out"), "-q", "--target-metric", "0.5", "--container", "last",
+                 "--last-checkpoint", str(last))
+    assert r.returncode == 0, r.stderr
+    written, _ = _tensors(tmp_path / "out" / "model.safetensors")
+    assert torch.isnan(written[NORM][3]) and torch.isfinite(written[NORM][:3]).all()
