@@ -154,3 +154,72 @@ def test_sparse_json_rows_are_scanned_once(tmp_path, monkeypatch):
     m = read_metrics(p, metric="acc")
     assert m.values[rows - 1] == (rows - 1) / rows and len(m.available) == rows + 1
     assert len(calls) <= 3 * rows  # at most once per cell
+
+
+# ---- the metric's numerical range (fit-pls) ----
+
+STEPS = [10, 20, 30, 40, 50]
+ACC = np.array([0.20, 0.31, 0.33, 0.41, 0.52])
+
+
+def _factor_store(folder: Path) -> Path:
+    from rank1tools.synthetic import write_factor_store
+
+    rng = np.random.default_rng(0)
+    modules = {}
+    for i, t in enumerate(("q", "k")):
+        X = rng.standard_normal(12)[None, :] + ACC[:, None] * rng.standard_normal(12)[None, :] \
+            + 0.05 * rng.standard_normal((len(STEPS), 12))
+        S = np.linalg.norm(X, axis=1)
+        V = rng.standard_normal((len(STEPS), 8))
+        modules[f"model.layers.0.self_attn.{t}_proj.weight"] = {
+            "U": X / S[:, None], "S": S, "V": V / np.linalg.norm(V, axis=1, keepdims=True), "layer": 0, "type": t}
+    return write_factor_store(folder, STEPS, modules)
+
+
+def _fit(tmp_path: Path, name: str, values, *extra: str):
+    from _support import run_main
+
+    csv = tmp_path / f"{name}.csv"
+    csv.write_text("step,acc\n" + "".join(f"{s},{float(v)!r}\n" for s, v in zip(STEPS, values)))
+    out = tmp_path / name
+    return run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(csv), "--out", str(out), "--no-plots",
+                    "--json", "-q", *extra), out
+
+
+def _fit_rows(out: Path) -> dict[str, dict]:
+    return {r["module"]: r for r in map(json.loads, (out / "fits.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("exp", [1023, -1020])  # metric up to 4e307 (squares overflow), or 5e-308 (squares underflow)
+def test_metric_near_the_ends_of_float64_fits_as_its_scaled_copy(tmp_path, exp):
+    """A metric scaled by 2^exp fits exactly as the O(1) metric: same R²s (bit for bit), score line
+    scaled by 2^exp; no numpy warning, no NaN."""
+    _factor_store(tmp_path / "store")
+    ref, ref_out = _fit(tmp_path, "ref", ACC)
+    assert ref.returncode == 0, ref.stderr
+    far = np.ldexp(ACC, exp)  # exact: every value stays a normal float64
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # a numpy warning would be an error
+        r, out = _fit(tmp_path, "far", far)
+    assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr
+    for name, want in _fit_rows(ref_out).items():
+        got = _fit_rows(out)[name]
+        for key in ("r2", "loo_r2", "r2_step"):
+            assert math.isfinite(got[key]) and got[key] == want[key], (name, key)
+        assert got["score_b"] == math.ldexp(want["score_b"], exp) and got["score_a"] == math.ldexp(want["score_a"], exp)
+
+
+def test_relative_metric_that_overflows_is_refused(tmp_path):
+    _factor_store(tmp_path / "store")
+    r, out = _fit(tmp_path, "rel", [0.2, 0.3, 0.35, 0.4, 1e-320], "--relative")
+    assert r.returncode == 3, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rank1: error: ") and "Traceback" not in r.stderr
+    assert "--relative divides by the metric at step 50, 1e-320" in lines[0] and "overflows float64" in lines[0]
+    assert str(tmp_path / "rel.csv") in lines[0]
+    assert not out.exists()
+    # a tiny last value under tiny values is fine: the relative metric is of order 1
+    r, out = _fit(tmp_path, "tiny", np.ldexp(ACC, -1020), "--relative")
+    assert r.returncode == 0, r.stderr
+    assert all(math.isfinite(row["r2"]) for row in _fit_rows(out).values())
