@@ -130,3 +130,77 @@ def test_alpharl_container_base_keeps_the_bases_own_nan(stores, tmp_path):
     assert r.returncode == 0, r.stderr
     written, _ = _tensors(tmp_path / "out" / "model.safetensors")
     assert torch.isnan(written[NORM][3]) and torch.isfinite(written[NORM][:3]).all()
+
+
+# ---- tampered store tensors: validated on read, exit 3 naming file and tensor (#20) ----
+
+def _factor_copy(stores: Path, dst: Path, key: str, value) -> Path:
+    """A copy of the factor store with factor tensor `key` of Q edited (`value`: function of the tensor)."""
+    shutil.copytree(stores / "factors", dst)
+    path = dst / "factors" / f"{Q}.safetensors"
+    _edit_file(path, lambda t: t.__setitem__(key, value(t[key].clone())))
+    return path
+
+
+def _set(idx, v):
+    def edit(t):
+        t[idx] = v
+        return t
+    return edit
+
+
+FACTOR_TAMPERING = {
+    "negative fro": ("fro", lambda t: -t, "'fro' is negative at step 10"),
+    "zero fro": ("fro", lambda t: torch.zeros_like(t), "'S' holds more than ||dW||_F at step 10"),
+    "NaN in S": ("S", _set((1, 0), float("nan")), "'S' has non-finite values"),
+    "Inf in U": ("U", _set((2, 3, 1), float("inf")), "'U' has non-finite values"),
+    "NaN in V": ("V", _set((0, 1, 0), float("nan")), "'V' has non-finite values"),
+    "negative S": ("S", lambda t: -t, "'S' has a negative singular value at step 10"),
+    "S increasing": ("S", lambda t: t.flip(1), "'S' is not in non-increasing order at step 10"),
+    "scaled U": ("U", lambda t: 2 * t, "'U' column 0 at step 10 has norm 2"),
+    "negative base_fro": ("base_fro", lambda t: -t - 1, "'base_fro' is negative"),
+}
+
+
+@pytest.mark.parametrize("case", list(FACTOR_TAMPERING))
+def test_tampered_factor_store_is_refused_by_reconstruct_and_fit_pls(stores, tmp_path, case):
+    key, value, needle = FACTOR_TAMPERING[case]
+    path = _factor_copy(stores, tmp_path / "factors", key, value)
+    out = tmp_path / "out"
+    r = run_main("reconstruct", str(stores / "base"), str(stores / "run" / "checkpoint-20"), "--factors",
+                 str(tmp_path / "factors"), "--rank", "1", "--out", str(out), "-q")
+    _one_error(r, 3, str(path), needle, "corrupt or edited factor store")
+    _no_output(out)
+    r = run_main("fit-pls", str(tmp_path / "factors"), "--out", str(out), "-q", "--no-plots")
+    _one_error(r, 3, str(path), needle)
+    _no_output(out)
+
+
+def test_untampered_factor_store_reconstructs(stores, tmp_path):
+    """The checks pass on what decompose wrote (the control of the cases above)."""
+    r = run_main("reconstruct", str(stores / "base"), str(stores / "run" / "checkpoint-20"), "--factors",
+                 str(stores / "factors"), "--rank", "1,2", "--out", str(tmp_path / "out"), "-q")
+    assert r.returncode == 0, r.stderr
+
+
+FIT_TAMPERING = {
+    "negative fro": ("fro", lambda t: -t, "'fro' is negative"),
+    "zero x_scale": ("x_scale", _set(0, 0.0), "'x_scale' has a value 0; a scale is > 0"),
+    "negative x_scale": ("x_scale", _set(3, -1.0), "'x_scale' has a value -1"),
+    "zero fro": ("fro", lambda t: torch.zeros_like(t), "'sigma_last' is"),
+    "scaled v": ("v_last", lambda t: 3 * t, "'v_last' has norm 3"),
+    "NaN x_loadings": ("x_loadings", _set(0, float("nan")), "'x_loadings' has non-finite values"),
+}
+
+
+@pytest.mark.parametrize("case", list(FIT_TAMPERING))
+def test_tampered_fit_store_is_refused_by_alpharl(stores, tmp_path, case):
+    key, value, needle = FIT_TAMPERING[case]
+    shutil.copytree(stores / "fits", tmp_path / "fits")
+    path = tmp_path / "fits" / "fits" / f"{Q}.safetensors"
+    _edit_file(path, lambda t: t.__setitem__(key, value(t[key].clone())))
+    out = tmp_path / "out"
+    r = run_main("extrapolate", str(stores / "base"), "--method", "alpharl", "--fits", str(tmp_path / "fits"),
+                 "--target-metric", "0.5", "--out", str(out), "-q")
+    _one_error(r, 3, str(path), needle)
+    _no_output(out)

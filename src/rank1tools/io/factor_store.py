@@ -104,7 +104,52 @@ class FactorStore:
                 raise InputError(f"{path}: factor tensor {key!r} is {got}, expected {list(dims)} (corrupt store)")
         if data["steps"].tolist() != self.steps:
             raise InputError(f"{path}: factor file steps {data['steps'].tolist()} differ from the manifest's {self.steps}")
+        check_factors(path, data, self.steps)
         return data
+
+
+# Relative slack of the consistency checks below: the factors are float32, the norms float64.
+NORM_SLACK = 1e-3
+
+
+def _bad(path: Path, key: str, what: str) -> InputError:
+    return InputError(f"{path}: factor tensor {key!r} {what} (corrupt or edited factor store)")
+
+
+def check_factors(path: Path, data: dict[str, torch.Tensor], steps: list[int]) -> None:
+    """What decompose writes and reconstruct / fit-pls rely on (docs/formats.md, "Factor store"):
+    every tensor finite; norms ||dW_t||_F (`fro`, `base_fro`) >= 0; each step's singular values
+    S >= 0, non-increasing, and at most `fro` in total energy (sqrt(sum S^2) <= fro); U and V
+    columns of unit norm where S > 0. A negative `fro` would flip the sign of a norm-matched
+    update; a NaN would reach the written weights."""
+    for key in ("S", "U", "V", "fro", "base_fro"):
+        t = data[key]
+        if not t.is_floating_point():
+            raise _bad(path, key, f"is {str(t.dtype).removeprefix('torch.')}, not floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise _bad(path, key, "has non-finite values (NaN or Inf)")
+    fro, S = data["fro"].double(), data["S"].double()
+    for key, t in (("fro", fro), ("base_fro", data["base_fro"].double())):
+        if bool((t < 0).any()):
+            i = int((t < 0).nonzero()[0, 0])
+            where = f" at step {steps[i]}" if key == "fro" else ""
+            raise _bad(path, key, f"is negative{where} ({float(t[i]):.4g}); a norm is >= 0")
+    for i, step in enumerate(steps):
+        row = S[i]
+        if bool((row < 0).any()):
+            raise _bad(path, "S", f"has a negative singular value at step {step} ({float(row.min()):.4g})")
+        if bool((row[1:] > row[:-1] * (1 + 1e-6)).any()):
+            raise _bad(path, "S", f"is not in non-increasing order at step {step}")
+        energy = float(row.square().sum().sqrt())
+        if energy > float(fro[i]) * (1 + NORM_SLACK) + 1e-30:
+            raise _bad(path, "S", f"holds more than ||dW||_F at step {step} (sqrt(sum S^2) = {energy:.4g} > "
+                                  f"fro = {float(fro[i]):.4g})")
+        for key in ("U", "V"):
+            norms = data[key][i].double().norm(dim=0)
+            off = ((norms - 1).abs() > NORM_SLACK) & (row > 0)
+            if bool(off.any()):
+                j = int(off.nonzero()[0, 0])
+                raise _bad(path, key, f"column {j} at step {step} has norm {float(norms[j]):.4g}, not 1")
 
 
 def is_shape(shape) -> bool:
