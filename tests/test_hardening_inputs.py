@@ -274,3 +274,34 @@ def test_openrlhf_deepspeed_state_beside_hf_weights(tmp_path):
         (20, "openrlhf", "global_step20_hf"), (30, "deepspeed", "global_step30")]
     assert found[0].problem is None
     assert found[1].weights is None and "mp_rank_00_model_states.pt" in found[1].problem
+
+
+# ---- an output folder's marker: invalid is not missing (#20) ----
+
+@pytest.mark.parametrize("marker, why", [
+    ("{not json", "not valid JSON"),
+    ('{"tool": "someone-else"}', 'no "tool": "rank1tools" entry'),
+    ('["rank1tools"]', 'no "tool": "rank1tools" entry'),
+    (None, "not a regular file"),
+])
+def test_invalid_marker_is_named_not_reported_missing(tmp_path, marker, why):
+    from rank1tools.errors import OutputError
+    from rank1tools.io.outputs import prepare_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    if marker is None:
+        (out / "rank1tools.json").mkdir()
+    else:
+        (out / "rank1tools.json").write_text(marker)
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(OutputError) as info:
+        prepare_output(out, force=True)
+    msg = str(info.value)
+    assert msg.startswith(f"{out}: exists and was not written by rank1 ({out / 'rank1tools.json'} is invalid: {why})")
+    assert "no rank1tools.json" not in msg and "\n" not in msg
+    assert tree_snapshot(tmp_path) == before
+    (out / "rank1tools.json").rename(tmp_path / "gone") if marker is not None else (out / "rank1tools.json").rmdir()
+    with pytest.raises(OutputError, match=r"\(no rank1tools.json\)"):
+        prepare_output(out, force=True)
