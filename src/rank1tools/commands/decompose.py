@@ -73,12 +73,13 @@ class DecomposeResult:
     fallbacks: list[tuple[str, int]]
     plots: list[str] = field(default_factory=list)
     plot_hint: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"out": self.out, "steps": self.steps, "modules": len(self.modules),
                 "resumed_modules": self.resumed_modules,
                 "exact_fallbacks": [{"module": m, "step": s} for m, s in self.fallbacks],
-                "summary": self.summary, "plots": self.plots}
+                "summary": self.summary, "plots": self.plots, "notes": self.notes}
 
 
 def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modules: list[str], rank: int) -> None:
@@ -147,8 +148,10 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     device = task_device(options.device, executor)
     workers = _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target, cpu_threads(device, options):
-        return _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
-                                 force, progress, on_module_done, workers, executor)
+        result = _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
+                                   force, progress, on_module_done, workers, executor)
+    result.notes = list(inputs.notes)
+    return result
 
 
 def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target, force,

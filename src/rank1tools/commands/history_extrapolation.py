@@ -78,7 +78,7 @@ def open_history(base: str, options: ExtrapolateOptions, executor: ExecutorOptio
     method = options.method
     inputs = open_run_inputs(base, options.checkpoints, options.run, options.steps, options.hub_run)
     inputs = inputs.until(options.history_until)
-    notes = []
+    notes = list(inputs.notes)
     zero = [c for s, c in inputs.checkpoints if s == 0]
     if zero:
         notes.append(f"{zero[0].label} is step 0 (the base's step): left out of the history")
@@ -94,7 +94,7 @@ def open_history(base: str, options: ExtrapolateOptions, executor: ExecutorOptio
     if inputs.step_source == "position":
         notes.append("the checkpoints' steps could not be read from their names: using their positions 1, 2, ... "
                      "as steps (name them checkpoint-STEP or use --run)")
-    inputs = RunInputs(inputs.base, pairs, inputs.step_source, inputs.run)
+    inputs = RunInputs(inputs.base, pairs, inputs.step_source, inputs.run, inputs.notes)
     return History(inputs, steps, [c for _, c in pairs], list(options.target_steps),
                    task_device(options.device, executor), notes)
 

@@ -165,7 +165,7 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     `executor`: where the tensors are measured (rank1tools.executors; with Ray, a task per group)."""
     check_options(options)
     inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
-    notes = []
+    notes = list(inputs.notes)
     pairs = [(s, c) for s, c in inputs.checkpoints if s != 0]
     if len(pairs) < len(inputs.checkpoints):
         notes.append("the checkpoint at step 0 is left out (its update is the start of the trajectory, not a point on it)")
