@@ -204,3 +204,28 @@ def test_tampered_fit_store_is_refused_by_alpharl(stores, tmp_path, case):
                  "--target-metric", "0.5", "--out", str(out), "-q")
     _one_error(r, 3, str(path), needle)
     _no_output(out)
+
+
+# ---- alpharl step targets: before the window refused, far ones warned about (#20) ----
+
+def test_alpharl_step_target_before_the_window_is_refused(stores, tmp_path):
+    out = tmp_path / "out"
+    r = _alpharl(stores, out, "--target-step", "5", fits="fits_step")
+    _one_error(r, 2, "--target-step 5 is before the fitted window's first step (10)", str(stores / "fits_step"))
+    _no_output(out)
+    r = _alpharl(stores, out, "--target-step", "20,0", fits="fits_step")
+    _one_error(r, 2, "--target-step 0 is before")
+    _no_output(out)
+
+
+def test_alpharl_far_step_target_is_warned_about(stores, tmp_path):
+    r = _alpharl(stores, tmp_path / "near", "--target-step", "20,160", "--json", fits="fits_step")
+    assert r.returncode == 0, r.stderr  # inside the window and 4x its last step: no distance warning
+    assert json.loads(r.stdout)["warnings"] == [] and "warning" not in r.stderr
+    r = _alpharl(stores, tmp_path / "far", "--target-step", "161,1000000", "--dtype", "float32", "--json",
+                 fits="fits_step")
+    assert r.returncode == 0, r.stderr
+    want = [f"--target-step {s} is {s / 40:.3g}x the fitted window's last step 40 (above --flag-ratio 4): a "
+            "prediction that far beyond the fit is unreliable" for s in (161, 1000000)]
+    assert json.loads(r.stdout)["warnings"] == want
+    assert all(f"rank1: warning: {w}" in r.stderr for w in want)

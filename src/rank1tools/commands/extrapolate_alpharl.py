@@ -43,7 +43,7 @@ from ..io.writer import TensorSpec, provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
 from ..math.reconstruct import RoundingStats, rounding_stats
 from ..modules import LM_HEAD_NAME, select_tensors
-from ..options import parse_size
+from ..options import number_label, parse_size
 from ..resources import check_memory, reconstruct_peak_bytes
 from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
 from .extrapolate import REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, flag_limit, target_folder
@@ -170,6 +170,8 @@ def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, for
                             **{k: rnd[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")})
                for t, p, rep, rnd in zip(targets, paths, reports, roundings)]
     _notes(store, plans, options, kind, last_step, untie, notes, warnings)
+    if kind == "step":
+        warnings.extend(far_step_warnings(targets, last_step, options.flag_ratio))
     tensors = [{"tensor": p.name, "r2": p.r2, "score_line": list(p.score_line), "scores": p.scores,
                 "norm_ratio": p.ratios} for p in plans.values() if p.extrapolated]
     return ExtrapolateResult(out=out, method="alpharl", history_steps=list(store.window), outputs=outputs,
@@ -191,7 +193,21 @@ def _targets(store: FitStore, options: ExtrapolateOptions) -> tuple[str, list[fl
                          "use --target-step S, not --target-metric")
     if not options.target_steps:
         raise UsageError(f"fit store {options.fits} was fitted against the step: give --target-step S")
+    first = store.window[0]
+    early = [s for s in options.target_steps if s < first]
+    if early:  # relex/linear's rule (history_extrapolation.open_history): targets inside the history are allowed
+        raise UsageError(f"--target-step {early[0]:g} is before the fitted window's first step ({first}) "
+                         f"of fit store {options.fits}")
     return "step", [float(s) for s in options.target_steps]
+
+
+def far_step_warnings(targets: list[float], last_step: int, flag_ratio: float) -> list[str]:
+    """A step target more than --flag-ratio times the window's last step: the distance a metric
+    target's norm-ratio flag stands for (a step target's flag limit grows with the step, so the
+    flag alone never says that the target is far)."""
+    return [f"--target-step {number_label(t)} is {t / last_step:.3g}x the fitted window's last step {last_step} (above "
+            f"--flag-ratio {flag_ratio:g}): a prediction that far beyond the fit is unreliable"
+            for t in targets if last_step > 0 and t > flag_ratio * last_step]
 
 
 def _r2_index(store: FitStore, options: ExtrapolateOptions) -> int:
