@@ -98,6 +98,7 @@ def test_alpharl_container_last_refuses_nonfinite_copied_tensors(stores, tmp_pat
         shutil.copytree(stores / "fits", fits)
         m = json.loads((fits / "manifest.json").read_text())
         m["factor_store"]["checkpoints"][-1]["source"] = str(last)
+        m["factor_store"]["checkpoints"][-1].pop("fingerprint")  # else refused as another checkpoint (below)
         (fits / "manifest.json").write_text(json.dumps(m))
         _edit_model(last, **{NORM: ((3,), float("inf"))})
         r = run_main("extrapolate", str(stores / "base"), "--method", "alpharl", "--fits", str(fits),
@@ -229,3 +230,109 @@ def test_alpharl_far_step_target_is_warned_about(stores, tmp_path):
             "prediction that far beyond the fit is unreliable" for s in (161, 1000000)]
     assert json.loads(r.stdout)["warnings"] == want
     assert all(f"rank1: warning: {w}" in r.stderr for w in want)
+
+
+# ---- a store's base (and checkpoints) identified by content, not by path (#20) ----
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_stores_record_content_fingerprints(stores):
+    from rank1tools.io.fingerprint import SCHEME
+
+    m = _manifest(stores / "factors")
+    records = [m["base"], *m["checkpoints"]]
+    assert all(r["fingerprint"]["scheme"] == SCHEME and len(r["fingerprint"]["sha256"]) == 64 for r in records)
+    assert len({r["fingerprint"]["sha256"] for r in records}) == len(records)  # every checkpoint differs
+    assert _manifest(stores / "fits")["factor_store"]["base"] == m["base"]  # fit-pls carries it over
+
+
+def _swap_base(stores: Path, tmp_path: Path, seed: int) -> Path:
+    """A copy of the stores whose base path now holds a base of the same shapes and other weights."""
+    root = tmp_path / "moved"
+    shutil.copytree(stores, root, symlinks=True)
+    for name in ("factors", "fits"):  # the copies name the copied base and run
+        text = (root / name / "manifest.json").read_text().replace(str(stores), str(root))
+        (root / name / "manifest.json").write_text(text)
+    if seed:
+        shutil.rmtree(root / "base")
+        make_base(root / "base", SHAPE, torch.float32, seed=seed)
+    return root
+
+
+def test_same_base_path_with_other_weights_is_refused(stores, tmp_path):
+    root = _swap_base(stores, tmp_path, seed=7)
+    out = tmp_path / "out"
+    r = run_main("extrapolate", str(root / "base"), "--method", "alpharl", "--fits", str(root / "fits"),
+                 "--target-metric", "0.5", "--out", str(out), "-q")
+    _one_error(r, 3, f"{root / 'fits'}: fit store was made from base {root / 'base'}, not {root / 'base'}: "
+                     "the same path now holds other weights (content fingerprint differs)")
+    _no_output(out)
+    r = run_main("reconstruct", str(root / "base"), str(root / "run" / "checkpoint-20"), "--factors",
+                 str(root / "factors"), "--rank", "1", "--out", str(out), "-q")
+    _one_error(r, 3, f"{root / 'factors'}: factor store was made from base", "the same path now holds other weights")
+    _no_output(out)
+
+
+def test_identical_base_elsewhere_is_accepted(stores, tmp_path):
+    """A copy of the base (and of the checkpoint) in another folder, even resharded, is the same
+    base: the result equals the one with the recorded paths, byte for byte."""
+    from rank1tools.synthetic import write_model
+
+    copy = tmp_path / "elsewhere" / "base"
+    tensors, _ = _tensors(stores / "base" / "model.safetensors")
+    write_model(copy, tensors, json.loads((stores / "base" / "config.json").read_text()), "20KB")
+    assert (copy / "model.safetensors.index.json").exists()
+    ck_copy = tmp_path / "elsewhere" / "ck20"
+    shutil.copytree(stores / "run" / "checkpoint-20", ck_copy)
+    ref = run_main("reconstruct", str(stores / "base"), str(stores / "run" / "checkpoint-20"), "--factors",
+                   str(stores / "factors"), "--rank", "1", "--out", str(tmp_path / "ref"), "-q", "--json")
+    assert ref.returncode == 0, ref.stderr
+    r = run_main("reconstruct", str(copy), str(ck_copy), "--factors", str(stores / "factors"), "--rank", "1",
+                 "--out", str(tmp_path / "got"), "-q", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["notes"] == []
+    got, _ = _tensors(next((tmp_path / "got").glob("*.safetensors")))
+    want, _ = _tensors(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    r = run_main("extrapolate", str(copy), "--method", "alpharl", "--fits", str(stores / "fits"),
+                 "--target-metric", "0.5", "--out", str(tmp_path / "ar"), "-q", "--json")
+    assert r.returncode == 0, r.stderr
+
+
+def test_store_without_fingerprint_falls_back_to_the_path_with_a_note(stores, tmp_path):
+    fits = tmp_path / "fits"
+    shutil.copytree(stores / "fits", fits)
+    m = _manifest(fits)
+    m["factor_store"]["base"].pop("fingerprint")
+    (fits / "manifest.json").write_text(json.dumps(m))
+    r = run_main("extrapolate", str(stores / "base"), "--method", "alpharl", "--fits", str(fits),
+                 "--target-metric", "0.5", "--out", str(tmp_path / "out"), "-q", "--json")
+    assert r.returncode == 0, r.stderr
+    note = (f"{fits}: fit store records no content fingerprint of its base (made by an older rank1tools): base "
+            f"{stores / 'base'} accepted by its path only; rerun rank1 decompose to record one")
+    assert note in json.loads(r.stdout)["notes"]
+    copy = tmp_path / "base-copy"
+    shutil.copytree(stores / "base", copy)  # by path only, a copy is another base (as before)
+    r = run_main("extrapolate", str(copy), "--method", "alpharl", "--fits", str(fits), "--target-metric", "0.5",
+                 "--out", str(tmp_path / "out2"), "-q")
+    _one_error(r, 3, f"fit store was made from base {stores / 'base'}, not {copy}")
+
+
+def test_checkpoints_are_identified_by_content_too(stores, tmp_path):
+    root = _swap_base(stores, tmp_path, seed=0)  # same base, the run's checkpoints replaced below
+    _edit_model(root / "run" / "checkpoint-40", **{Q: ((0, 0), 0.5)})
+    _edit_model(root / "run" / "checkpoint-20", **{Q: ((0, 0), 0.5)})
+    out = tmp_path / "out"
+    r = run_main("extrapolate", str(root / "base"), "--method", "alpharl", "--fits", str(root / "fits"),
+                 "--target-metric", "0.5", "--container", "last", "--out", str(out), "-q")
+    _one_error(r, 3, f"{root / 'run' / 'checkpoint-40'} now holds other weights than when it was decomposed",
+               "--last-checkpoint")
+    r = run_main("reconstruct", str(root / "base"), str(root / "run" / "checkpoint-20"), "--factors",
+                 str(root / "factors"), "--rank", "1", "--out", str(out), "-q")
+    _one_error(r, 3, "factor store holds no decomposition of")
+    _no_output(out)
+    r = run_main("reconstruct", str(root / "base"), str(root / "run" / "checkpoint-30"), "--factors",
+                 str(root / "factors"), "--rank", "1", "--out", str(out), "-q")  # an unchanged one: found
+    assert r.returncode == 0, r.stderr

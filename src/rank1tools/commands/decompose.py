@@ -33,6 +33,7 @@ from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spec
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
+from ..io.fingerprint import source_record
 from ..io.run_inputs import open_run_inputs
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
 from ..io.work_folder import discard_unless_resumed, make_folder, open_work_folder
@@ -158,8 +159,8 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
                       progress, on_module_done, workers, executor) -> DecomposeResult:
     manifest = {
         "format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": __version__,
-        "base": {"source": base_ckpt.label, "revision": base_ckpt.revision},
-        "checkpoints": [{"step": s, "source": c.label, "revision": c.revision} for s, c in pairs],
+        "base": source_record(base_ckpt),  # source, revision, content fingerprint (io/fingerprint.py)
+        "checkpoints": [{"step": s, **source_record(c)} for s, c in pairs],
         "step_source": step_source,
         "parameters": {"rank": options.rank, "svd": "exact" if options.exact else "randomized",
                        "oversample": options.oversample, **_svd_parameters(options), "seed": SVD_SEED,

@@ -35,7 +35,7 @@ from ..device import resolve_device
 from ..errors import InputError, Rank1Error, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
-from ..io.factor_store import same_source
+from ..io.fingerprint import matches
 from ..io.fit_store import FitStore
 from ..io.outputs import locked_output
 from ..io.sources import is_hub_source, open_source
@@ -112,8 +112,7 @@ def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, for
     kind, targets = _targets(store, options)
     r2_index, notes, warnings = _r2_index(store, options), [], []
     base_ck = open_source(base)
-    if not store.same_base(base_ck.label, base_ck.revision):
-        raise InputError(f"{fits}: fit store was made from base {store.base['source']}, not {base}")
+    store.check_base(base_ck, notes)
     last_step = store.window[-1]
     last_ck = _open_last(store, options, last_step, notes) if options.container == "last" else None
     if last_ck is not None:
@@ -226,7 +225,7 @@ def _open_last(store: FitStore, options: ExtrapolateOptions, step: int, notes: l
     rec = store.checkpoint_at(step)
     if options.last_checkpoint:
         ck = open_source(options.last_checkpoint)
-        if rec is not None and not same_source(rec["source"], rec.get("revision"), ck.label, ck.revision):
+        if rec is not None and not matches(rec, ck)[0]:
             notes.append(f"--last-checkpoint {ck.label} is not {rec['source']}, the checkpoint the fit store "
                          f"records for step {step}")
         return ck
@@ -241,6 +240,9 @@ def _open_last(store: FitStore, options: ExtrapolateOptions, step: int, notes: l
     if rec.get("revision") is not None and ck.revision != rec["revision"]:
         raise InputError(f"{need}: {rec['source']} is now at revision {ck.revision}, fit store {options.fits} "
                          f"recorded {rec['revision']}; pass --last-checkpoint with that revision")
+    if not matches(rec, ck)[0]:
+        raise InputError(f"{need}: {rec['source']} now holds other weights than when it was decomposed (content "
+                         f"fingerprint differs); pass --last-checkpoint PATH")
     return ck
 
 

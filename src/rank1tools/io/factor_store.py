@@ -12,6 +12,8 @@ import torch
 
 from ..errors import InputError
 from ..jsonutil import read_json_file
+from .checkpoint import Checkpoint
+from .fingerprint import check_base, matches, same_source  # noqa: F401 (same_source: importable from here)
 
 FACTOR_FORMAT = "rank1tools.factors"
 FACTOR_FORMAT_VERSION = 1
@@ -63,17 +65,17 @@ class FactorStore:
                              "missing or of the wrong type)")
         self._factors_dir = Path(os.path.realpath(self.folder / "factors"))
 
-    def find_checkpoint(self, label: str, revision: str | None = None) -> int:
-        """Index of the stored checkpoint that `label` names (same source string, same local
-        path, or same Hub revision sha), or -1."""
+    def find_checkpoint(self, ck: Checkpoint) -> int:
+        """Index of the stored checkpoint that `ck` is (by content when the store recorded its
+        fingerprint, else same source string, local path or Hub revision sha), or -1."""
         for i, c in enumerate(self.manifest["checkpoints"]):
-            if same_source(c["source"], c.get("revision"), label, revision):
+            if matches(c, ck)[0]:
                 return i
         return -1
 
-    def same_base(self, label: str, revision: str | None = None) -> bool:
-        b = self.manifest["base"]
-        return same_source(b["source"], b.get("revision"), label, revision)
+    def check_base(self, ck: Checkpoint, notes: list[str]) -> None:
+        """Refuse a base other than the one decomposed (io.fingerprint.check_base)."""
+        check_base(self.manifest["base"], ck, str(self.folder), "factor store", notes)
 
     def factor_path(self, name: str) -> Path:
         """The file of module `name`, confined to the store's factors/ folder (a manifest string
@@ -157,12 +159,6 @@ def is_shape(shape) -> bool:
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
 
 
-def same_source(a: str, a_rev: str | None, b: str, b_rev: str | None) -> bool:
-    if a == b:
-        return True
-    if a.startswith("hf://") or b.startswith("hf://"):
-        return a_rev is not None and a_rev == b_rev and a.split("@")[0] == b.split("@")[0]
-    return Path(a).resolve() == Path(b).resolve()
 
 
 def read_module_file(path: Path, name: str, kind: str) -> dict[str, torch.Tensor]:

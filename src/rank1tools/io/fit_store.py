@@ -14,7 +14,9 @@ import torch
 
 from ..errors import InputError
 from ..jsonutil import read_json_file
-from .factor_store import NORM_SLACK, is_shape, read_module_file, same_source
+from .checkpoint import Checkpoint
+from .factor_store import NORM_SLACK, is_shape, read_module_file
+from .fingerprint import check_base
 
 FIT_FORMAT = "rank1tools.pls-fits"
 FIT_FORMAT_VERSION = 1
@@ -102,10 +104,10 @@ class FitStore:
     def metric_name(self) -> str | None:
         return self.metric.get("name") if self.metric else None
 
-    def same_base(self, label: str, revision: str | None = None) -> bool:
-        """Whether the factor store behind these fits was made from the base `label` (same
-        comparison as FactorStore.same_base)."""
-        return same_source(self.base["source"], self.base.get("revision"), label, revision)
+    def check_base(self, ck: Checkpoint, notes: list[str]) -> None:
+        """Refuse a base other than the one behind these fits (io.fingerprint.check_base: by
+        content when the factor store recorded a fingerprint)."""
+        check_base(self.base, ck, str(self.folder), "fit store", notes)
 
     def checkpoint_at(self, step: int) -> dict | None:
         """The factor store's record ({step, source, revision}) of the checkpoint at `step`."""
