@@ -17,6 +17,7 @@ import pytest
 
 from rank1tools.errors import InputError, UsageError
 from rank1tools.io import metrics as metrics_mod
+from rank1tools.io import text_files
 from rank1tools.io.metrics import DEFAULT_MAX_BYTES, ENV_MAX_BYTES, read_metrics
 
 
@@ -104,7 +105,7 @@ def test_large_sparse_file_of_nuls_is_refused_by_size_before_reading(tmp_path, m
         f.truncate(1 << 30)  # 1 GiB of NULs, sparse: nothing is read (the old reader read it all)
     refuse(p, rf"metrics file is {1 << 30} bytes, above the limit of {DEFAULT_MAX_BYTES}")
     reads = []
-    real_read = metrics_mod.os.fdopen
+    real_read = text_files.os.fdopen
 
     def counting_fdopen(*a, **kw):  # every byte read goes through this file object
         f = real_read(*a, **kw)
@@ -112,10 +113,10 @@ def test_large_sparse_file_of_nuls_is_refused_by_size_before_reading(tmp_path, m
         f.read = lambda n=-1: reads.append(n) or orig(n)
         return f
 
-    monkeypatch.setattr(metrics_mod.os, "fdopen", counting_fdopen)
+    monkeypatch.setattr(text_files.os, "fdopen", counting_fdopen)
     monkeypatch.setenv(ENV_MAX_BYTES, str(2 << 30))  # under a raised limit: refused after the first block
     refuse(p, r"metrics file is binary \(NUL byte at byte 0\), not CSV or JSON text$")
-    assert reads == [metrics_mod.SNIFF_BYTES]
+    assert reads == [text_files.SNIFF_BYTES]
 
 
 def test_nul_byte_after_the_first_block_is_refused(tmp_path):
@@ -123,7 +124,7 @@ def test_nul_byte_after_the_first_block_is_refused(tmp_path):
     body = ("step,acc\n" + "".join(f"{s},0.5\n" for s in range(20000))).encode()
     at = len(body) - 7
     p.write_bytes(body[:at] + b"\x00" + body[at:])
-    assert at > metrics_mod.SNIFF_BYTES
+    assert at > text_files.SNIFF_BYTES
     refuse(p, rf"metrics file is binary \(NUL byte at byte {at}\)")
 
 

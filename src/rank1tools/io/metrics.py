@@ -29,13 +29,13 @@ import json
 import math
 import os
 import re
-import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..jsonutil import DuplicateKey, parse_json_text, unique_pairs
+from .text_files import read_text_file
 from ..options import INT64_MAX, ascii_int
 
 STEP_COLUMNS = ("step", "global_step", "Step", "_step")
@@ -48,7 +48,6 @@ _NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _STEP_TEXT = re.compile(r"([0-9]+)(?:\.0*)?")
 ENV_MAX_BYTES = "RANK1_MAX_METRICS_BYTES"
 DEFAULT_MAX_BYTES = 256 << 20  # far above any real run's log; bounds the memory a hostile file can take
-SNIFF_BYTES = 1 << 16  # read first: a binary file is refused before the rest is read
 SHOWN_COLUMNS = 30  # column lists in messages are cut after this many
 
 
@@ -218,53 +217,6 @@ def max_metrics_bytes() -> int:
     return value
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _read_bounded(path: Path, where: str) -> bytes:
-    """The bytes of a regular file of at most max_metrics_bytes(), refused early when binary.
-    Opened without blocking (a FIFO with no writer would block open() forever) and checked on
-    the open descriptor, so what is read is what was checked."""
-    limit = max_metrics_bytes()
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise InputError(f"{where}: cannot read metrics file ({e.strerror or e})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{where}: metrics file is {_file_kind(st.st_mode)}, not a regular file")
-        if st.st_size > limit:
-            raise InputError(f"{where}: metrics file is {st.st_size} bytes, above the limit of {limit} "
-                             f"(set {ENV_MAX_BYTES}=BYTES to raise it)")
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
-        try:
-            head = f.read(SNIFF_BYTES)
-            _refuse_binary(head, 0, where)
-            rest = f.read(limit + 1 - len(head))  # a file growing while read stops at the limit
-        except OSError as e:
-            raise InputError(f"{where}: cannot read metrics file ({e.strerror or e})") from None
-    if len(head) + len(rest) > limit:
-        raise InputError(f"{where}: metrics file is above the limit of {limit} bytes "
-                         f"(set {ENV_MAX_BYTES}=BYTES to raise it)")
-    _refuse_binary(rest, len(head), where)
-    return head + rest
-
-
-def _refuse_binary(data: bytes, offset: int, where: str) -> None:
-    at = data.find(b"\x00")
-    if at >= 0:
-        raise InputError(f"{where}: metrics file is binary (NUL byte at byte {offset + at}), not CSV or JSON text")
-
-
 def _detect(path: Path, text: str) -> str:
     ext = path.suffix.lower()
     if ext in (".jsonl", ".ndjson"):
@@ -295,7 +247,8 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
     """Read one metric (step -> value) from a metrics file; see the module docstring."""
     where = str(path)
     p = Path(path)
-    data = _read_bounded(p, where)
+    data = read_text_file(p, where, "metrics file", max_metrics_bytes(), f"set {ENV_MAX_BYTES}=BYTES to raise it",
+                          "not CSV or JSON text")
     sha = hashlib.sha256(data).hexdigest()
     try:
         text = data.decode("utf-8-sig")
