@@ -274,3 +274,72 @@ def test_openrlhf_deepspeed_state_beside_hf_weights(tmp_path):
         (20, "openrlhf", "global_step20_hf"), (30, "deepspeed", "global_step30")]
     assert found[0].problem is None
     assert found[1].weights is None and "mp_rank_00_model_states.pt" in found[1].problem
+
+
+# ---- an output folder's marker: invalid is not missing (#20) ----
+
+@pytest.mark.parametrize("marker, why", [
+    ("{not json", "not valid JSON"),
+    ('{"tool": "someone-else"}', 'no "tool": "rank1tools" entry'),
+    ('["rank1tools"]', 'no "tool": "rank1tools" entry'),
+    (None, "not a regular file"),
+])
+def test_invalid_marker_is_named_not_reported_missing(tmp_path, marker, why):
+    from rank1tools.errors import OutputError
+    from rank1tools.io.outputs import prepare_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    if marker is None:
+        (out / "rank1tools.json").mkdir()
+    else:
+        (out / "rank1tools.json").write_text(marker)
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(OutputError) as info:
+        prepare_output(out, force=True)
+    msg = str(info.value)
+    assert msg.startswith(f"{out}: exists and was not written by rank1 ({out / 'rank1tools.json'} is invalid: {why})")
+    assert "no rank1tools.json" not in msg and "\n" not in msg
+    assert tree_snapshot(tmp_path) == before
+    (out / "rank1tools.json").rename(tmp_path / "gone") if marker is not None else (out / "rank1tools.json").rmdir()
+    with pytest.raises(OutputError, match=r"\(no rank1tools.json\)"):
+        prepare_output(out, force=True)
+
+
+# ---- run folders that look like checkpoints but do not match the layout (#20) ----
+
+LOOKALIKES = ["Checkpoint-25", ".checkpoint-5", "GLOBAL_STEP_3"]
+
+
+def test_lookalike_step_folders_are_noted(tmp_path, good_step, models):
+    run = _run_with(tmp_path, good_step, lambda r: [(r / n).symlink_to(good_step, target_is_directory=True)
+                                                    for n in LOOKALIKES])
+    (run / "checkpoint-9").symlink_to(good_step, target_is_directory=True)
+    (run / "notes").mkdir()  # an unrelated folder is not a look-alike
+    assert [c.step for c in discover_run(run)] == [7, 9]
+    note = (f"rank1: note: {run}: skipped 3 folders that look like checkpoints but do not match the layout "
+            "(checkpoint-N, global_step_N, global_stepN_hf: lower case, not hidden): .checkpoint-5, Checkpoint-25, "
+            "GLOBAL_STEP_3")
+    r = run_main("inspect", str(run), "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [note] and json.loads(r.stdout)["notes"] == [note.removeprefix("rank1: note: ")]
+    r = run_main("decompose", str(models("fp32").path), "--run", str(run), "--out", str(tmp_path / "out"), "-q",
+                 "--json", "--rank", "1", "--include", Q)
+    assert r.returncode == 0, r.stderr
+    assert note in r.stderr.splitlines() and json.loads(r.stdout)["steps"] == [7, 9]
+
+
+def test_run_of_only_lookalikes_is_refused_listing_them(tmp_path, good_step, models):
+    run = tmp_path / "run"
+    run.mkdir()
+    for n in LOOKALIKES:
+        (run / n).symlink_to(good_step, target_is_directory=True)
+    before = tree_snapshot(tmp_path)
+    want = (f"rank1: error: {run}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) in this "
+            "directory; seen but not matching the layout (case, hidden): .checkpoint-5, Checkpoint-25, GLOBAL_STEP_3\n")
+    r = run_main("decompose", str(models("fp32").path), "--run", str(run), "--out", str(tmp_path / "out"), "-q")
+    assert (r.returncode, r.stderr) == (3, want)
+    r = run_main("inspect", str(run))
+    assert (r.returncode, r.stderr) == (3, want)
+    assert tree_snapshot(tmp_path) == before

@@ -410,3 +410,4 @@ def test_untied_base_with_tied_checkpoint_writes_the_checkpoints_embedding_as_he
     assert HEAD not in theirs and torch.equal(got[HEAD], theirs[EMB]) and torch.equal(got[EMB], theirs[EMB])
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     assert json.loads(r.stdout)["untied_lm_head"] is False  # nothing was untied: the base already was
+

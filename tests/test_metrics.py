@@ -182,7 +182,7 @@ def test_align(tmp_path):
 
 def test_missing_and_unreadable(tmp_path):
     refuse(tmp_path / "nope.csv", r"cannot read metrics file \(No such file or directory\)$")
-    refuse(tmp_path, r"cannot read metrics file")
+    refuse(tmp_path, r"metrics file is a directory, not a regular file$")
     bad = tmp_path / "latin.csv"
     bad.write_bytes(b"step,acc\n1,0.5\xe9\n")
     refuse(bad, r"not UTF-8 text")

@@ -1,4 +1,4 @@
-"""Host memory: how much is available, and a refusal before work that cannot fit.
+"""Host memory and disk: how much is available, and a refusal before work that cannot fit.
 
 Torch-free. A safetensors header can declare a tensor of any size (a 16 GiB tensor in a sparse
 file, or simply one larger than this machine's memory); the commands estimate their peak working
@@ -7,14 +7,20 @@ one line instead of an allocation failure or the OOM killer.
 
 `RANK1_AVAILABLE_MEMORY` (bytes) replaces the measured figure: a knob for tests and for
 containing a run to less than the machine has. GPU memory is not read.
+
+The streaming commands (linearity, extrapolate relex / linear) hold a few chunks of T × chunk
+elements whatever the tensor size (`streaming_peak_bytes`); the checkpoints a command writes need
+their full size on disk, checked with `check_disk` before any work (a header can declare a
+terabyte tensor in a sparse file: writing one copy per target would run for hours, then fail).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-from .errors import ResourceError, UsageError
+from .errors import OutputError, ResourceError, UsageError
 
 ENV_AVAILABLE = "RANK1_AVAILABLE_MEMORY"
 MEMINFO = Path("/proc/meminfo")
@@ -109,3 +115,24 @@ def reconstruct_peak_bytes(numel: int, raw_bytes: int, out_itemsize: int, *, sel
     if rest == "base":
         return raw_bytes + out_itemsize * numel
     return raw_bytes + 20 * numel + out_itemsize * numel
+
+
+def streaming_peak_bytes(T: int, chunk: int, raw_itemsize: int, *, targets: int = 0, sample: int = 0) -> int:
+    """Peak host bytes of a streaming pass over one tensor: chunks of `chunk` elements of the base
+    and T checkpoints. Two raw reads of the T + 1 rows (one read ahead) and their float32 copies;
+    the updates in float32 and the per-element line fits in float64 (linearity); per target the
+    float64 update, its float32 copy and the stored chunk (relex, linear); a linearity `--sample`'s
+    int64 indices."""
+    rows = (T + 1) * chunk
+    return rows * (2 * raw_itemsize + 4) + T * chunk * (4 + 4 * 8) + targets * chunk * 20 + 8 * sample
+
+
+def check_disk(need_bytes: int, folder: Path, what: str) -> None:
+    """Raise OutputError (exit 4) "WHAT: needs about X GB of disk but Y GB are free at FOLDER" when
+    the outputs cannot fit; nothing when they fit or the free space cannot be read."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need_bytes > free:
+        raise OutputError(f"{what}: needs about {_gb(need_bytes)} of disk but {_gb(free)} are free at {folder}")

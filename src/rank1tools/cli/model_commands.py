@@ -47,6 +47,8 @@ def inspect(
         render.model(report)
     else:
         render.run(report)
+    for note in getattr(report, "notes", []):
+        sys.stderr.write(f"rank1: note: {note}\n")
     if report.kind == "run" and report.problems:
         first = report.problems[0]
         raise InputError(
@@ -114,6 +116,8 @@ def decompose(
                                progress=update, executor=exec_opts)
     if result.resumed_modules:
         sys.stderr.write(f"rank1: resumed: {result.resumed_modules} modules were already done\n")
+    for note in result.notes:
+        sys.stderr.write(f"rank1: note: {note}\n")
     for module, step in result.fallbacks:
         sys.stderr.write(f"rank1: note: {module} at step {step}: randomized SVD missed the accuracy bar, used exact\n")
     if result.plot_hint:

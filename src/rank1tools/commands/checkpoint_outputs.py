@@ -20,6 +20,7 @@ from ..io.outputs import make_staging, output_errors, publish
 from ..io.work_folder import make_folder
 from ..io.writer import ShardedWriter, TensorSpec, write_provenance
 from ..jsonutil import json_safe
+from ..resources import check_disk
 from ..math.reconstruct import RoundingStats
 
 ROUNDING_FILE = "rank1tools-rounding.json"
@@ -79,6 +80,7 @@ class CheckpointOutputs:
         # `work`: a resumable work folder (io.work_folder): the checkpoints are made in work/out and
         # kept there when the block fails, so that a rerun keeps the tensors already written
         self.work = work
+        self._check_disk(specs)  # before anything is created
         self.staging = None
         if self.multi:
             self.staging = make_staging(target) if work is None else make_folder(work / "out")
@@ -98,6 +100,17 @@ class CheckpointOutputs:
         except BaseException:
             self.abort()
             raise
+
+    def _check_disk(self, specs: list[TensorSpec]) -> None:
+        """Refuse (exit 4) before any work when the checkpoints cannot fit on the output's disk:
+        every tensor once per checkpoint, less what a resumable work folder already holds."""
+        per = sum(s.numel * torch.empty((), dtype=s.dtype).element_size() for s in specs)
+        held = 0
+        if self.work is not None:
+            for root, _, files in os.walk(self.work):
+                held += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
+        check_disk(per * len(self.folders) - held, self.target.parent,
+                   f"{self.target}: {len(self.folders)} checkpoint{'s' if len(self.folders) > 1 else ''}")
 
     @property
     def resumed(self) -> bool:

@@ -33,6 +33,7 @@ from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spec
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
+from ..io.fingerprint import source_record
 from ..io.run_inputs import open_run_inputs
 from ..io.outputs import follow_umask, locked_output, output_errors, publish
 from ..io.work_folder import discard_unless_resumed, make_folder, open_work_folder
@@ -73,12 +74,13 @@ class DecomposeResult:
     fallbacks: list[tuple[str, int]]
     plots: list[str] = field(default_factory=list)
     plot_hint: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"out": self.out, "steps": self.steps, "modules": len(self.modules),
                 "resumed_modules": self.resumed_modules,
                 "exact_fallbacks": [{"module": m, "step": s} for m, s in self.fallbacks],
-                "summary": self.summary, "plots": self.plots}
+                "summary": self.summary, "plots": self.plots, "notes": self.notes}
 
 
 def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modules: list[str], rank: int) -> None:
@@ -147,16 +149,18 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     device = task_device(options.device, executor)
     workers = _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target, cpu_threads(device, options):
-        return _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
-                                 force, progress, on_module_done, workers, executor)
+        result = _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
+                                   force, progress, on_module_done, workers, executor)
+    result.notes = list(inputs.notes)
+    return result
 
 
 def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target, force,
                       progress, on_module_done, workers, executor) -> DecomposeResult:
     manifest = {
         "format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": __version__,
-        "base": {"source": base_ckpt.label, "revision": base_ckpt.revision},
-        "checkpoints": [{"step": s, "source": c.label, "revision": c.revision} for s, c in pairs],
+        "base": source_record(base_ckpt),  # source, revision, content fingerprint (io/fingerprint.py)
+        "checkpoints": [{"step": s, **source_record(c)} for s, c in pairs],
         "step_source": step_source,
         "parameters": {"rank": options.rank, "svd": "exact" if options.exact else "randomized",
                        "oversample": options.oversample, **_svd_parameters(options), "seed": SVD_SEED,

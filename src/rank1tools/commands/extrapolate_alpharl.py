@@ -35,7 +35,7 @@ from ..device import resolve_device
 from ..errors import InputError, Rank1Error, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
-from ..io.factor_store import same_source
+from ..io.fingerprint import matches
 from ..io.fit_store import FitStore
 from ..io.outputs import locked_output
 from ..io.sources import is_hub_source, open_source
@@ -43,7 +43,7 @@ from ..io.writer import TensorSpec, provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
 from ..math.reconstruct import RoundingStats, rounding_stats
 from ..modules import LM_HEAD_NAME, select_tensors
-from ..options import parse_size
+from ..options import number_label, parse_size
 from ..resources import check_memory, reconstruct_peak_bytes
 from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
 from .extrapolate import REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, flag_limit, target_folder
@@ -112,8 +112,7 @@ def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, for
     kind, targets = _targets(store, options)
     r2_index, notes, warnings = _r2_index(store, options), [], []
     base_ck = open_source(base)
-    if not store.same_base(base_ck.label, base_ck.revision):
-        raise InputError(f"{fits}: fit store was made from base {store.base['source']}, not {base}")
+    store.check_base(base_ck, notes)
     last_step = store.window[-1]
     last_ck = _open_last(store, options, last_step, notes) if options.container == "last" else None
     if last_ck is not None:
@@ -134,7 +133,8 @@ def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, for
     if last_ck is not None:
         last_ck.expect(names)
     device = resolve_device(options.device)
-    _check_memory(container, specs, {n for n in selected if plans[n].extrapolated}, device)
+    _check_memory(container, specs, {n for n in selected if plans[n].extrapolated}, device,
+                  rest="base" if last_ck is None else "checkpoint")
 
     params = {"method": "alpharl", "targets": targets, "target_kind": kind, "container": options.container,
               "min_r2": options.min_r2, "r2": options.r2_kind, "include": options.include, "exclude": options.exclude,
@@ -152,7 +152,7 @@ def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, for
             if plan is not None and plan.extrapolated:
                 _write_module(name, plan, container, targets, kind, device, outs.writers, stats)
             else:
-                _write_rest(name, container, outs.writers)
+                _write_rest(name, container, base_ck, outs.writers)
             if progress:
                 progress(i + 1, len(names))
         limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
@@ -169,6 +169,8 @@ def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, for
                             **{k: rnd[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")})
                for t, p, rep, rnd in zip(targets, paths, reports, roundings)]
     _notes(store, plans, options, kind, last_step, untie, notes, warnings)
+    if kind == "step":
+        warnings.extend(far_step_warnings(targets, last_step, options.flag_ratio))
     tensors = [{"tensor": p.name, "r2": p.r2, "score_line": list(p.score_line), "scores": p.scores,
                 "norm_ratio": p.ratios} for p in plans.values() if p.extrapolated]
     return ExtrapolateResult(out=out, method="alpharl", history_steps=list(store.window), outputs=outputs,
@@ -190,7 +192,21 @@ def _targets(store: FitStore, options: ExtrapolateOptions) -> tuple[str, list[fl
                          "use --target-step S, not --target-metric")
     if not options.target_steps:
         raise UsageError(f"fit store {options.fits} was fitted against the step: give --target-step S")
+    first = store.window[0]
+    early = [s for s in options.target_steps if s < first]
+    if early:  # relex/linear's rule (history_extrapolation.open_history): targets inside the history are allowed
+        raise UsageError(f"--target-step {early[0]:g} is before the fitted window's first step ({first}) "
+                         f"of fit store {options.fits}")
     return "step", [float(s) for s in options.target_steps]
+
+
+def far_step_warnings(targets: list[float], last_step: int, flag_ratio: float) -> list[str]:
+    """A step target more than --flag-ratio times the window's last step: the distance a metric
+    target's norm-ratio flag stands for (a step target's flag limit grows with the step, so the
+    flag alone never says that the target is far)."""
+    return [f"--target-step {number_label(t)} is {t / last_step:.3g}x the fitted window's last step {last_step} (above "
+            f"--flag-ratio {flag_ratio:g}): a prediction that far beyond the fit is unreliable"
+            for t in targets if last_step > 0 and t > flag_ratio * last_step]
 
 
 def _r2_index(store: FitStore, options: ExtrapolateOptions) -> int:
@@ -209,7 +225,7 @@ def _open_last(store: FitStore, options: ExtrapolateOptions, step: int, notes: l
     rec = store.checkpoint_at(step)
     if options.last_checkpoint:
         ck = open_source(options.last_checkpoint)
-        if rec is not None and not same_source(rec["source"], rec.get("revision"), ck.label, ck.revision):
+        if rec is not None and not matches(rec, ck)[0]:
             notes.append(f"--last-checkpoint {ck.label} is not {rec['source']}, the checkpoint the fit store "
                          f"records for step {step}")
         return ck
@@ -224,6 +240,9 @@ def _open_last(store: FitStore, options: ExtrapolateOptions, step: int, notes: l
     if rec.get("revision") is not None and ck.revision != rec["revision"]:
         raise InputError(f"{need}: {rec['source']} is now at revision {ck.revision}, fit store {options.fits} "
                          f"recorded {rec['revision']}; pass --last-checkpoint with that revision")
+    if not matches(rec, ck)[0]:
+        raise InputError(f"{need}: {rec['source']} now holds other weights than when it was decomposed (content "
+                         f"fingerprint differs); pass --last-checkpoint PATH")
     return ck
 
 
@@ -274,13 +293,14 @@ def _plan(store: FitStore, name: str, targets: list[float], kind: str, r2_index:
     return plan
 
 
-def _check_memory(container: Checkpoint, specs: list[TensorSpec], extrapolated: set, device) -> None:
-    """Refuse before any work when the largest tensor's working set exceeds the available memory."""
+def _check_memory(container: Checkpoint, specs: list[TensorSpec], extrapolated: set, device, rest: str) -> None:
+    """Refuse before any work when the largest tensor's working set exceeds the available memory
+    (`rest` "checkpoint": a kept tensor of the last checkpoint is checked against the base too)."""
     def need(spec: TensorSpec) -> int:
         e = container.entry(spec.name)
         item = torch.empty((), dtype=spec.dtype).element_size()
         return reconstruct_peak_bytes(e.numel, e.nbytes, item, selected=spec.name in extrapolated, from_factors=True,
-                                      svd=0, rest="base", on_cpu=device.type == "cpu")
+                                      svd=0, rest=rest, on_cpu=device.type == "cpu")
 
     spec = max(specs, key=need)
     check_memory(need(spec), f"tensor {spec.name!r} {list(spec.shape)}")
@@ -307,10 +327,15 @@ def _write_module(name, plan: ModulePlan, container: Checkpoint, targets, kind, 
         st[name] = stat
 
 
-def _write_rest(name: str, container: Checkpoint, writers) -> None:
-    """The container's value: cast once (bit-exact when the dtype is kept), written to every output."""
+def _write_rest(name: str, container: Checkpoint, base: Checkpoint, writers) -> None:
+    """The container's value: cast once (bit-exact when the dtype is kept), written to every output.
+    A value of the last checkpoint may not be NaN/Inf where the base is finite (the rule of every
+    writer, docs/cli.md); the base's own non-finite values are kept, as reconstruct keeps them."""
     raw = container.read_raw(name)
     stored = raw.to(writers[0].specs[name].dtype)
+    if container is not base and raw.is_floating_point() and not all_finite(raw):
+        if introduces_nonfinite(raw, base.read_raw(name)):
+            raise InputError(f"{container.label}: tensor {name!r} has non-finite values (NaN or Inf)")
     if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):
         raise _overflow(name, stored.dtype, f"{container.label} values (|values| up to {max_abs(raw):.3g})",
                         "use --dtype float32 or bfloat16")

@@ -107,7 +107,14 @@ def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(),
         if options.relative:
             if y[-1] == 0:
                 raise InputError(f"{options.metrics}: --relative divides by the metric at step {used[-1]}, which is 0")
-            y = y / y[-1]
+            with np.errstate(over="ignore"):
+                rel = y / y[-1]
+            if not np.isfinite(rel).all():  # e.g. a last value of 1e-320 under values of order 1
+                big = float(np.max(np.abs(y)))
+                raise InputError(f"{options.metrics}: --relative divides by the metric at step {used[-1]}, "
+                                 f"{y[-1]:.3g}, and the metric up to {big:.3g} divided by it overflows float64; "
+                                 "fit the metric itself (without --relative)")
+            y = rel
     inputs = [factors] + ([options.metrics] if options.metrics else [])
     with locked_output(out, force=force, inputs=inputs) as target, \
             staged_output(target, force=force, label=out) as staging:

@@ -29,6 +29,7 @@ from ..math.finite import all_finite, dtype_max, dtype_name, max_abs
 from ..math.reconstruct import RoundingStats, rounding_stats
 from ..modules import LM_HEAD_NAME, is_norm_parameter
 from ..options import parse_size
+from ..resources import check_memory, streaming_peak_bytes
 from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
 from .tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
                            run_tensor_groups, stats_from, stats_record)
@@ -78,7 +79,7 @@ def open_history(base: str, options: ExtrapolateOptions, executor: ExecutorOptio
     method = options.method
     inputs = open_run_inputs(base, options.checkpoints, options.run, options.steps, options.hub_run)
     inputs = inputs.until(options.history_until)
-    notes = []
+    notes = list(inputs.notes)
     zero = [c for s, c in inputs.checkpoints if s == 0]
     if zero:
         notes.append(f"{zero[0].label} is step 0 (the base's step): left out of the history")
@@ -94,7 +95,7 @@ def open_history(base: str, options: ExtrapolateOptions, executor: ExecutorOptio
     if inputs.step_source == "position":
         notes.append("the checkpoints' steps could not be read from their names: using their positions 1, 2, ... "
                      "as steps (name them checkpoint-STEP or use --run)")
-    inputs = RunInputs(inputs.base, pairs, inputs.step_source, inputs.run)
+    inputs = RunInputs(inputs.base, pairs, inputs.step_source, inputs.run, inputs.notes)
     return History(inputs, steps, [c for _, c in pairs], list(options.target_steps),
                    task_device(options.device, executor), notes)
 
@@ -257,6 +258,7 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
         used.append(h.last)
     figures: dict[str, dict] = {}
     names = plan.names
+    _check_memory(h, plan, used, len(targets))
     with locked_output(out, force=force, inputs=h.inputs.local_paths()) as target:
         units = groups = None
         if executor.is_ray:
@@ -321,6 +323,22 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
     return ExtrapolateResult(out=out, method=options.method, history_steps=h.steps, outputs=outputs,
                              tensors=tensors, parameters={**base_params, "target_steps": targets}, notes=notes,
                              warnings=warnings)
+
+
+def _check_memory(h: History, plan: TensorPlan, used: list[Checkpoint], targets: int) -> None:
+    """Refuse before any work when one tensor's streaming working set exceeds the available
+    memory (resources.streaming_peak_bytes: T × chunk elements, whatever the tensor's size; the
+    disk the outputs need is checked by CheckpointOutputs)."""
+    chunk = chunk_elements(len(used), HISTORY_BUDGET)
+
+    def need(name: str) -> int:
+        e = h.base.entry(name)
+        srcs = [h.base, *used] if plan.source[name] == "extrapolate" else [h.base, h.last]
+        item = max(c.entry(name).nbytes // max(1, e.numel) for c in srcs if name in c)
+        return streaming_peak_bytes(len(used), min(chunk, e.numel), item, targets=targets)
+
+    name = max(plan.names, key=need)
+    check_memory(need(name), f"tensor {name!r} {list(h.base.entry(name).shape)}")
 
 
 def _tensors_task(group: TensorGroup, h: History, source: dict[str, str], tensor_fn: TensorFn,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import Rank1Error
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
-from ..io.runs import discover_run, looks_like_run, select_steps
+from ..io.runs import discover_run, lookalike_note, lookalikes, looks_like_run, select_steps
 from ..modules import parse_matrix_module
 
 
@@ -49,6 +49,7 @@ class RunReport:
     source: str
     checkpoints: list[RunCheckpointReport]
     kind: str = "run"
+    notes: list[str] = field(default_factory=list)  # e.g. folders that look like checkpoints but are not
 
     @property
     def problems(self) -> list[RunCheckpointReport]:
@@ -90,7 +91,8 @@ def inspect_run(source: str, steps: str | None = None, checkpoints: list | None 
             except Rank1Error as e:
                 row.status, row.problem = "unusable", str(e)
         rows.append(row)
-    return RunReport(source=source, checkpoints=rows)
+    skipped = lookalikes(source) if checkpoints is None else []
+    return RunReport(source=source, checkpoints=rows, notes=[lookalike_note(source, skipped)] if skipped else [])
 
 
 def inspect_source(source: str, steps: str | None = None, *, revisions: str | None = None,

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from ..errors import InputError, UsageError
+from ..resources import check_memory, streaming_peak_bytes
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.outputs import locked_output, output_errors, staged_output
-from ..io.run_inputs import open_run_inputs, trajectory_chunks
+from ..io.run_inputs import chunk_elements, open_run_inputs, trajectory_chunks
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from ..math.linefit import LineFit, fraction_above
@@ -165,7 +166,7 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     `executor`: where the tensors are measured (rank1tools.executors; with Ray, a task per group)."""
     check_options(options)
     inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
-    notes = []
+    notes = list(inputs.notes)
     pairs = [(s, c) for s, c in inputs.checkpoints if s != 0]
     if len(pairs) < len(inputs.checkpoints):
         notes.append("the checkpoint at step 0 is left out (its update is the start of the trajectory, not a point on it)")
@@ -188,6 +189,7 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     if rank < options.rank:
         notes.append(f"--rank {options.rank} capped at the {len(pairs)} checkpoints of the window")
     device = task_device(options.device, executor)
+    _check_memory(inputs.base, cks, names, options)
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target:
         units = groups = None
         if executor.is_ray:  # figures per tensor from Ray tasks, recorded in the resumable work folder
@@ -203,6 +205,22 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
             units.finish()
     return result
 
+
+
+def _check_memory(base: Checkpoint, cks: list[Checkpoint], names: list[str], options: LinearityOptions) -> None:
+    """Refuse before any work when one tensor's streaming working set (resources.streaming_peak_bytes:
+    T × chunk elements, whatever the tensor's size, plus a --sample's indices) exceeds the
+    available memory: the check decompose and reconstruct make for their whole tensors."""
+    T = len(cks)
+    chunk = options.chunk or chunk_elements(T)
+
+    def need(name: str) -> int:
+        e = base.entry(name)
+        item = max(c.entry(name).nbytes // max(1, e.numel) for c in (base, *cks))
+        return streaming_peak_bytes(T, min(chunk, e.numel), item, sample=min(options.sample or 0, e.numel))
+
+    name = max(names, key=need)
+    check_memory(need(name), f"tensor {name!r} {list(base.entry(name).shape)}")
 
 
 def _tensor_figures(base: Checkpoint, cks: list[Checkpoint], name: str, window: list[int], rank: int,

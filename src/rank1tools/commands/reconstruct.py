@@ -97,6 +97,7 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
     check_choice(options.dtype, "--dtype", DTYPE_CHOICES)
     check_finite(options.alpha, "--alpha")
     base_ck, ck = open_source(base), open_source(checkpoint)
+    notes: list[str] = []
     shapes = tensor_shapes(base_ck, [ck])  # with lm_head.weight when the checkpoint unties it
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
     if not modules:
@@ -112,10 +113,8 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
     store, step_index = None, -1
     if options.factors:
         store = FactorStore(options.factors)
-        if not store.same_base(base_ck.label, base_ck.revision):
-            raise InputError(f"{options.factors}: factor store was made from base "
-                             f"{store.manifest['base']['source']}, not {base}")
-        step_index = store.find_checkpoint(ck.label, ck.revision)
+        store.check_base(base_ck, notes)
+        step_index = store.find_checkpoint(ck)
         if step_index < 0:
             raise InputError(f"{options.factors}: factor store holds no decomposition of {checkpoint}")
         missing = [n for n in modules if n not in store.modules]
@@ -147,7 +146,6 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
                                                    groups, {"specs": [[s.name, s.shape, str(s.dtype)] for s in specs]}))
         outputs = _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, device, out, target,
                              force, progress, specs, untie, executor, units, groups)
-    notes = []
     if untie:
         how = "reconstructed (selected)" if LM_HEAD_NAME in modules else "copied (--rest checkpoint)"
         notes.append(f"{checkpoint} stores its own {LM_HEAD_NAME} but base {base} ties it to the embedding: "

@@ -12,6 +12,8 @@ import torch
 
 from ..errors import InputError
 from ..jsonutil import read_json_file
+from .checkpoint import Checkpoint
+from .fingerprint import check_base, matches, same_source  # noqa: F401 (same_source: importable from here)
 
 FACTOR_FORMAT = "rank1tools.factors"
 FACTOR_FORMAT_VERSION = 1
@@ -63,17 +65,17 @@ class FactorStore:
                              "missing or of the wrong type)")
         self._factors_dir = Path(os.path.realpath(self.folder / "factors"))
 
-    def find_checkpoint(self, label: str, revision: str | None = None) -> int:
-        """Index of the stored checkpoint that `label` names (same source string, same local
-        path, or same Hub revision sha), or -1."""
+    def find_checkpoint(self, ck: Checkpoint) -> int:
+        """Index of the stored checkpoint that `ck` is (by content when the store recorded its
+        fingerprint, else same source string, local path or Hub revision sha), or -1."""
         for i, c in enumerate(self.manifest["checkpoints"]):
-            if same_source(c["source"], c.get("revision"), label, revision):
+            if matches(c, ck)[0]:
                 return i
         return -1
 
-    def same_base(self, label: str, revision: str | None = None) -> bool:
-        b = self.manifest["base"]
-        return same_source(b["source"], b.get("revision"), label, revision)
+    def check_base(self, ck: Checkpoint, notes: list[str]) -> None:
+        """Refuse a base other than the one decomposed (io.fingerprint.check_base)."""
+        check_base(self.manifest["base"], ck, str(self.folder), "factor store", notes)
 
     def factor_path(self, name: str) -> Path:
         """The file of module `name`, confined to the store's factors/ folder (a manifest string
@@ -104,7 +106,52 @@ class FactorStore:
                 raise InputError(f"{path}: factor tensor {key!r} is {got}, expected {list(dims)} (corrupt store)")
         if data["steps"].tolist() != self.steps:
             raise InputError(f"{path}: factor file steps {data['steps'].tolist()} differ from the manifest's {self.steps}")
+        check_factors(path, data, self.steps)
         return data
+
+
+# Relative slack of the consistency checks below: the factors are float32, the norms float64.
+NORM_SLACK = 1e-3
+
+
+def _bad(path: Path, key: str, what: str) -> InputError:
+    return InputError(f"{path}: factor tensor {key!r} {what} (corrupt or edited factor store)")
+
+
+def check_factors(path: Path, data: dict[str, torch.Tensor], steps: list[int]) -> None:
+    """What decompose writes and reconstruct / fit-pls rely on (docs/formats.md, "Factor store"):
+    every tensor finite; norms ||dW_t||_F (`fro`, `base_fro`) >= 0; each step's singular values
+    S >= 0, non-increasing, and at most `fro` in total energy (sqrt(sum S^2) <= fro); U and V
+    columns of unit norm where S > 0. A negative `fro` would flip the sign of a norm-matched
+    update; a NaN would reach the written weights."""
+    for key in ("S", "U", "V", "fro", "base_fro"):
+        t = data[key]
+        if not t.is_floating_point():
+            raise _bad(path, key, f"is {str(t.dtype).removeprefix('torch.')}, not floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise _bad(path, key, "has non-finite values (NaN or Inf)")
+    fro, S = data["fro"].double(), data["S"].double()
+    for key, t in (("fro", fro), ("base_fro", data["base_fro"].double())):
+        if bool((t < 0).any()):
+            i = int((t < 0).nonzero()[0, 0])
+            where = f" at step {steps[i]}" if key == "fro" else ""
+            raise _bad(path, key, f"is negative{where} ({float(t[i]):.4g}); a norm is >= 0")
+    for i, step in enumerate(steps):
+        row = S[i]
+        if bool((row < 0).any()):
+            raise _bad(path, "S", f"has a negative singular value at step {step} ({float(row.min()):.4g})")
+        if bool((row[1:] > row[:-1] * (1 + 1e-6)).any()):
+            raise _bad(path, "S", f"is not in non-increasing order at step {step}")
+        energy = float(row.square().sum().sqrt())
+        if energy > float(fro[i]) * (1 + NORM_SLACK) + 1e-30:
+            raise _bad(path, "S", f"holds more than ||dW||_F at step {step} (sqrt(sum S^2) = {energy:.4g} > "
+                                  f"fro = {float(fro[i]):.4g})")
+        for key in ("U", "V"):
+            norms = data[key][i].double().norm(dim=0)
+            off = ((norms - 1).abs() > NORM_SLACK) & (row > 0)
+            if bool(off.any()):
+                j = int(off.nonzero()[0, 0])
+                raise _bad(path, key, f"column {j} at step {step} has norm {float(norms[j]):.4g}, not 1")
 
 
 def is_shape(shape) -> bool:
@@ -112,12 +159,6 @@ def is_shape(shape) -> bool:
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
 
 
-def same_source(a: str, a_rev: str | None, b: str, b_rev: str | None) -> bool:
-    if a == b:
-        return True
-    if a.startswith("hf://") or b.startswith("hf://"):
-        return a_rev is not None and a_rev == b_rev and a.split("@")[0] == b.split("@")[0]
-    return Path(a).resolve() == Path(b).resolve()
 
 
 def read_module_file(path: Path, name: str, kind: str) -> dict[str, torch.Tensor]:

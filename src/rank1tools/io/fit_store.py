@@ -14,7 +14,9 @@ import torch
 
 from ..errors import InputError
 from ..jsonutil import read_json_file
-from .factor_store import is_shape, read_module_file, same_source
+from .checkpoint import Checkpoint
+from .factor_store import NORM_SLACK, is_shape, read_module_file
+from .fingerprint import check_base
 
 FIT_FORMAT = "rank1tools.pls-fits"
 FIT_FORMAT_VERSION = 1
@@ -30,6 +32,25 @@ def _is_int(v) -> bool:
 def _is_source(entry) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("source"), str)
             and (entry.get("revision") is None or isinstance(entry.get("revision"), str)))
+
+
+def _check_fit(path: Path, data: dict[str, torch.Tensor]) -> None:
+    """What fit-pls writes and alpharl relies on (docs/formats.md, "Fit store"): x_scale > 0 (a
+    standard deviation, 1 for a constant column), the norms fro >= 0 and sigma_last between 0 and
+    the last fro, v_last of unit norm (when sigma_last > 0). A tampered value would silently scale or flip ΔŴ."""
+    def bad(key: str, what: str) -> InputError:
+        return InputError(f"{path}: fit tensor {key!r} {what} (corrupt or edited fit store)")
+
+    x_scale, fro, v = data["x_scale"].double(), data["fro"].double(), data["v_last"].double()
+    if not bool((x_scale > 0).all()):
+        raise bad("x_scale", f"has a value {float(x_scale.min()):.4g}; a scale is > 0")
+    if bool((fro < 0).any()):
+        raise bad("fro", f"is negative ({float(fro.min()):.4g}); a norm is >= 0")
+    sigma = float(data["sigma_last"].double()[0])
+    if not 0 <= sigma <= float(fro[-1]) * (1 + NORM_SLACK) + 1e-30:
+        raise bad("sigma_last", f"is {sigma:.4g}, outside [0, fro of the last step = {float(fro[-1]):.4g}]")
+    if sigma > 0 and abs(float(v.norm()) - 1) > NORM_SLACK:
+        raise bad("v_last", f"has norm {float(v.norm()):.4g}, not 1")
 
 
 class FitStore:
@@ -83,10 +104,10 @@ class FitStore:
     def metric_name(self) -> str | None:
         return self.metric.get("name") if self.metric else None
 
-    def same_base(self, label: str, revision: str | None = None) -> bool:
-        """Whether the factor store behind these fits was made from the base `label` (same
-        comparison as FactorStore.same_base)."""
-        return same_source(self.base["source"], self.base.get("revision"), label, revision)
+    def check_base(self, ck: Checkpoint, notes: list[str]) -> None:
+        """Refuse a base other than the one behind these fits (io.fingerprint.check_base: by
+        content when the factor store recorded a fingerprint)."""
+        check_base(self.base, ck, str(self.folder), "fit store", notes)
 
     def checkpoint_at(self, step: int) -> dict | None:
         """The factor store's record ({step, source, revision}) of the checkpoint at `step`."""
@@ -130,4 +151,5 @@ class FitStore:
         for key in _FINITE:
             if not bool(torch.isfinite(data[key]).all()):
                 raise InputError(f"{path}: fit tensor {key!r} has non-finite values (corrupt fit store)")
+        _check_fit(path, data)
         return data

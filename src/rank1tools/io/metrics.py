@@ -13,6 +13,10 @@ the one metric that is not bookkeeping (`is_bookkeeping`) is chosen. Only the ch
 values are checked: an empty CSV cell or a JSON null is a missing value (its step goes to
 `missing_steps` unless another row gives it a value); a row without the column (JSON) simply did
 not log it. Every refusal is one-line InputError (exit code 3) naming the file and the row.
+
+The file must be a regular file of at most `max_metrics_bytes()` (RANK1_MAX_METRICS_BYTES,
+default 256 MiB) holding text: a FIFO or device, a larger file, or a NUL byte is refused before
+parsing. Parsing is linear in the file's size (a JSON object with a duplicated key is refused).
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import math
+import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
-from ..jsonutil import parse_json_text
+from ..errors import InputError, UsageError
+from ..jsonutil import DuplicateKey, parse_json_text, unique_pairs
+from .text_files import read_text_file
 from ..options import INT64_MAX, ascii_int
 
 STEP_COLUMNS = ("step", "global_step", "Step", "_step")
@@ -38,6 +46,9 @@ BOOKKEEPING_SUFFIXES = ("_runtime", "_per_second", "_timestamp")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _STEP_TEXT = re.compile(r"([0-9]+)(?:\.0*)?")
+ENV_MAX_BYTES = "RANK1_MAX_METRICS_BYTES"
+DEFAULT_MAX_BYTES = 256 << 20  # far above any real run's log; bounds the memory a hostile file can take
+SHOWN_COLUMNS = 30  # column lists in messages are cut after this many
 
 
 @dataclass
@@ -124,8 +135,7 @@ def _step(raw: object) -> int:
 
 
 def _csv_rows(text: str, where: str) -> tuple[list[tuple[str, dict]], list[str], str]:
-    lines = text.splitlines()
-    header = next((line for line in lines if line.strip()), "")
+    header = next((line for line in io.StringIO(text) if line.strip()), "")
     delimiter = "\t" if "\t" in header and "," not in header else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[tuple[str, dict]] = []
@@ -138,7 +148,8 @@ def _csv_rows(text: str, where: str) -> tuple[list[tuple[str, dict]], list[str],
                 columns = [c.strip() for c in record]
                 if "" in columns:
                     raise InputError(f"{where}: line {reader.line_num}: header has an empty column name")
-                dup = next((c for c in columns if columns.count(c) > 1), None)
+                counts = Counter(columns)
+                dup = next((c for c in columns if counts[c] > 1), None)
                 if dup is not None:
                     raise InputError(f"{where}: line {reader.line_num}: column {dup!r} appears twice in the header")
                 continue
@@ -159,7 +170,9 @@ def _jsonl_rows(text: str, where: str) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=unique_pairs)
+        except DuplicateKey as e:
+            raise InputError(f"{where}: line {n}: {e}") from None
         except RecursionError:
             raise InputError(f"{where}: line {n}: unreadable JSON (nested too deeply)") from None
         except ValueError as e:
@@ -186,6 +199,24 @@ def _columns(rows: list[tuple[str, dict]]) -> list[str]:
     return list(seen)
 
 
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:SHOWN_COLUMNS]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_COLUMNS else "")
+
+
+def max_metrics_bytes() -> int:
+    """The largest metrics file read: $RANK1_MAX_METRICS_BYTES (bytes) if set, else 256 MiB."""
+    raw = os.environ.get(ENV_MAX_BYTES, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise UsageError(f"{ENV_MAX_BYTES}={raw!r}: expected a positive number of bytes")
+    return value
+
+
 def _detect(path: Path, text: str) -> str:
     ext = path.suffix.lower()
     if ext in (".jsonl", ".ndjson"):
@@ -198,7 +229,7 @@ def _detect(path: Path, text: str) -> str:
     if start.startswith("["):
         return "json"
     if start.startswith("{"):
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = list(itertools.islice((line for line in io.StringIO(text) if line.strip()), 2))
         if len(lines) > 1:
             try:
                 if isinstance(json.loads(lines[0]), dict):
@@ -216,10 +247,8 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
     """Read one metric (step -> value) from a metrics file; see the module docstring."""
     where = str(path)
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise InputError(f"{where}: cannot read metrics file ({e.strerror or e})") from None
+    data = read_text_file(p, where, "metrics file", max_metrics_bytes(), f"set {ENV_MAX_BYTES}=BYTES to raise it",
+                          "not CSV or JSON text")
     sha = hashlib.sha256(data).hexdigest()
     try:
         text = data.decode("utf-8-sig")
@@ -236,7 +265,7 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
         rows = _jsonl_rows(text, where)
         columns = _columns(rows)
     else:
-        obj = parse_json_text(text, "metrics file", where)  # the bytes hashed above, not a second read
+        obj = parse_json_text(text, "metrics file", where, unique_keys=True)  # the bytes hashed above, not a second read
         if isinstance(obj, dict) and "log_history" in obj:
             if not isinstance(obj["log_history"], list):
                 raise InputError(f"{where}: log_history is not a list")
@@ -253,7 +282,7 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
     if not rows:
         raise InputError(f"{where}: no rows in the metrics file")
 
-    shown = ", ".join(columns[:30]) + (", ..." if len(columns) > 30 else "")
+    shown = _shown(columns)
     if step_column is not None:
         if step_column not in columns:
             raise InputError(f"{where}: no step column {step_column!r} (columns: {shown})")
@@ -264,18 +293,22 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
             raise InputError(f"{where}: no step column ({' / '.join(STEP_COLUMNS)}; choose one with "
                              f"--step-column); columns: {shown}")
     text = kind in ("csv", "tsv")
-    available = [c for c in columns if c != step_name and c not in STEP_COLUMNS
-                 and any(_is_number(cells.get(c), text) for _, cells in rows)]
+    numeric: set[str] = set()  # one pass over the cells (a column-by-row scan is quadratic on sparse JSON rows)
+    for _, cells in rows:
+        for c, raw in cells.items():
+            if c not in numeric and _is_number(raw, text):
+                numeric.add(c)
+    available = [c for c in columns if c in numeric and c != step_name and c not in STEP_COLUMNS]
 
     if metric is None:
         candidates = [c for c in available if not is_bookkeeping(c)]
         if not candidates:
             raise InputError(f"{where}: no metric column (columns: {shown})")
         if len(candidates) > 1:
-            raise InputError(f"{where}: several metrics ({', '.join(candidates)}); choose one with --metric")
+            raise InputError(f"{where}: several metrics ({_shown(candidates)}); choose one with --metric")
         metric = candidates[0]
     elif metric not in available:
-        raise InputError(f"{where}: no metric {metric!r} (available: {', '.join(available) or 'none'})")
+        raise InputError(f"{where}: no metric {metric!r} (available: {_shown(available) or 'none'})")
 
     values: dict[int, float] = {}
     first: dict[int, str] = {}

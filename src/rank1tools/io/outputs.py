@@ -91,19 +91,36 @@ def resolve_output(out: str | os.PathLike, *, inputs=(), label: str | None = Non
     return target
 
 
-def is_rank1_output(folder: Path) -> bool:
-    """True when `folder` was written by rank1 (its provenance record or a rank1 manifest)."""
+def _rank1_mark(folder: Path) -> str | None:
+    """None when `folder` was written by rank1 (its provenance record or a rank1 manifest); else
+    what the message says: no rank1tools.json, or that it is there but invalid, and why (a
+    manifest is only an older output's alternative mark: another tool's is not reported)."""
+    problem = None
     for name, key in ((MARKER_FILE, "tool"), *((m, "format") for m in MANIFESTS)):
         f = folder / name
+        why = None
         try:
-            if f.is_symlink() or not f.is_file() or f.stat().st_size > (1 << 24):
+            if not os.path.lexists(f):
                 continue
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-            continue
-        if isinstance(data, dict) and str(data.get(key, "")).startswith("rank1tools"):
-            return True
-    return False
+            if f.is_symlink() or not f.is_file():
+                why = "not a regular file"
+            elif f.stat().st_size > (1 << 24):
+                why = "larger than 16 MiB"
+            else:
+                data = json.loads(f.read_text(encoding="utf-8"))
+                if isinstance(data, dict) and str(data.get(key, "")).startswith("rank1tools"):
+                    return None
+                why = f"no \"{key}\": \"rank1tools\" entry"
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            why = f"unreadable: {e.strerror}" if isinstance(e, OSError) and e.strerror else "not valid JSON"
+        if name == MARKER_FILE:
+            problem = f"{f} is invalid: {why}"
+    return problem or f"no {MARKER_FILE}"
+
+
+def is_rank1_output(folder: Path) -> bool:
+    """True when `folder` was written by rank1 (its provenance record or a rank1 manifest)."""
+    return _rank1_mark(folder) is None
 
 
 def check_replaceable(target: Path, *, force: bool, label: str) -> None:
@@ -118,8 +135,9 @@ def check_replaceable(target: Path, *, force: bool, label: str) -> None:
         empty = not any(os.scandir(target))
     except OSError as e:
         raise OutputError(f"{label}: cannot read the existing folder ({e.strerror or e})") from None
-    if not empty and not is_rank1_output(target):
-        raise OutputError(f"{label}: exists and was not written by rank1 (no {MARKER_FILE}); "
+    mark = None if empty else _rank1_mark(target)
+    if mark is not None:
+        raise OutputError(f"{label}: exists and was not written by rank1 ({mark}); "
                           "--force replaces only rank1 output folders: remove it yourself or choose another --out")
 
 

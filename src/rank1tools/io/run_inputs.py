@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError, UsageError
 from .checkpoint import Checkpoint
-from .runs import infer_step, select_steps
+from .runs import infer_step, lookalike_note, lookalikes, select_steps
 from .sources import discover_checkpoints, is_hub_source, open_source
 
 # Elements of the T × chunk block read at once (float32: 32 MiB). The chunk is this budget divided
@@ -36,6 +36,7 @@ class RunInputs:
     checkpoints: list[tuple[int, Checkpoint]]
     step_source: str
     run: str | None = None
+    notes: list[str] = field(default_factory=list)  # for the user: e.g. run folders that look like checkpoints
 
     @property
     def steps(self) -> list[int]:
@@ -60,7 +61,7 @@ class RunInputs:
         kept = [(s, c) for s, c in self.checkpoints if s <= step]
         if not kept:
             raise UsageError(f"{option} {step} is before the first checkpoint (step {self.steps[0]})")
-        return RunInputs(self.base, kept, self.step_source, self.run)
+        return RunInputs(self.base, kept, self.step_source, self.run, self.notes)
 
 
 def open_run_inputs(base: str, checkpoints: list[str], run: str | None, steps: str | None,
@@ -81,7 +82,8 @@ def open_run_inputs(base: str, checkpoints: list[str], run: str | None, steps: s
             if rc.weights is None:
                 raise InputError(f"{rc.path}: " + (f"step {rc.step}: " if rc.step is not None else "") + rc.problem)
             pairs.append((rc.step, open_source(rc.weights)))
-        return RunInputs(base_ckpt, pairs, "trainer", run)
+        skipped = [] if is_hub_source(run) else lookalikes(run)
+        return RunInputs(base_ckpt, pairs, "trainer", run, [lookalike_note(run, skipped)] if skipped else [])
     inferred = [infer_step(c) for c in checkpoints]
     step_source = "trainer" if all(s is not None for s in inferred) and len(set(inferred)) == len(inferred) else "position"
     for i, c in enumerate(checkpoints):

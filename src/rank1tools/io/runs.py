@@ -9,6 +9,9 @@ Recognised step folders (direct children of the run directory):
 A step folder whose only weights are trainer-internal shards (verl FSDP `model_world_size_*.pt`,
 DeepSpeed `*.pt`) is listed with a `problem`, never skipped silently; so is a child named with a
 layout's prefix that is not a step folder (`checkpoint-abc`, a file `checkpoint-20`, a broken link).
+A child that only looks like one — another case (`Checkpoint-25`) or hidden (`.checkpoint-5`, as a
+save in progress may be named) — is not a step folder: `lookalikes` lists them for a note, and a
+run without any step folder is refused naming them.
 """
 
 from __future__ import annotations
@@ -55,8 +58,33 @@ class RunCheckpoint:
     problem: str | None = None
 
 
+def _lookalike(name: str) -> bool:
+    """A name a layout does not match, but would match in lower case without leading dots."""
+    if _match(name) is not None:
+        return False
+    plain = name.lstrip(".").lower()
+    return _match(plain) is not None
+
+
+def lookalikes(run_dir: str | Path) -> list[str]:
+    """Names of the run directory's children that look like step folders but are not (another
+    case, hidden): skipped by discover_run, listed in a note so that they are not lost silently."""
+    try:
+        return sorted(c.name for c in Path(run_dir).iterdir() if _lookalike(c.name))
+    except OSError:
+        return []
+
+
+def lookalike_note(run_dir: str | Path, names: list[str]) -> str:
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    return (f"{run_dir}: skipped {len(names)} folder{'s' if len(names) > 1 else ''} that look like checkpoints but do "
+            f"not match the layout (checkpoint-N, global_step_N, global_stepN_hf: lower case, not hidden): {shown}")
+
+
 def looks_like_run(folder: Path) -> bool:
-    return folder.is_dir() and any(_step_folder_layout(c.name) for c in folder.iterdir())
+    """A directory with a child named like a step folder (look-alikes included, so that a run of
+    only `Checkpoint-N` folders is refused naming them, not read as a model without weights)."""
+    return folder.is_dir() and any(_step_folder_layout(c.name) or _lookalike(c.name) for c in folder.iterdir())
 
 
 def discover_run(run_dir: str | Path) -> list[RunCheckpoint]:
@@ -79,8 +107,11 @@ def discover_run(run_dir: str | Path) -> list[RunCheckpoint]:
             ckpt = one_of_step(found[ckpt.step], ckpt, str(run_dir))
         found[ckpt.step] = ckpt
     if not found and not unnamed:
+        seen = lookalikes(run)
+        also = (f"; seen but not matching the layout (case, hidden): {', '.join(seen[:10])}"
+                + (", ..." if len(seen) > 10 else "")) if seen else ""
         raise InputError(
-            f"{run_dir}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) in this directory"
+            f"{run_dir}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) in this directory{also}"
         )
     return [found[s] for s in sorted(found)] + unnamed
 

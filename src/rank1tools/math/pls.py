@@ -8,6 +8,8 @@ blow up to O(1) noise. Pure functions; float64 numpy in, numpy/float out.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 EPS = np.finfo(np.float64).eps
@@ -146,11 +148,41 @@ def loo_r2(X, y) -> float:
     return r2_score(y, loo_predictions(X, y))
 
 
+# Targets whose largest |value| lies outside [2^-SAFE_EXP, 2^SAFE_EXP] are fitted scaled by a power of two:
+# their squares and sums of squares would overflow (a metric of 1e308) or underflow (1e-300) float64.
+SAFE_EXP = 500
+
+
+def target_scale_exponent(y) -> int:
+    """e such that y · 2^-e has its largest |value| in [0.5, 1), when y leaves the safe range; else 0.
+    Scaling by a power of two is exact, so R², scores and the X side of the fit are unchanged."""
+    top = float(np.max(np.abs(_f64(y)))) if np.size(y) else 0.0
+    if top == 0.0 or not np.isfinite(top) or 2.0 ** -SAFE_EXP <= top <= 2.0 ** SAFE_EXP:
+        return 0
+    return int(np.frexp(top)[1])
+
+
+def _unscale(v: float, e: int) -> float:
+    try:
+        return math.ldexp(v, e)
+    except OverflowError:
+        return math.copysign(math.inf, v)
+
+
 def fit_module(X, y, *, loo: bool = True) -> dict:
-    """Everything for one module: in-sample and (unless loo=False) LOO R², the score line, the fitted PLS1."""
-    model = PLS1().fit(X, y)
-    return {"r2": model.r2_, "loo_r2": loo_r2(X, y) if loo else None, "score_line": model.score_line_,
-            "model": model}
+    """Everything for one module: in-sample and (unless loo=False) LOO R², the score line, the fitted PLS1.
+
+    A target near the ends of float64 is fitted scaled by 2^-e (target_scale_exponent) and the
+    results in the target's units (y_mean_, y_scale_, the score line) are scaled back; the R²s
+    are scale-free."""
+    e = target_scale_exponent(y)
+    ys = np.ldexp(_f64(y), -e) if e else y
+    model = PLS1().fit(X, ys)
+    r2_loo = loo_r2(X, ys) if loo else None
+    if e:
+        model.y_mean_, model.y_scale_ = _unscale(model.y_mean_, e), _unscale(model.y_scale_, e)
+        model.score_line_ = tuple(_unscale(v, e) for v in model.score_line_)
+    return {"r2": model.r2_, "loo_r2": r2_loo, "score_line": model.score_line_, "model": model}
 
 
 def fit_step(X, steps, *, loo: bool = True) -> dict:
