@@ -8,7 +8,7 @@ RANK1  := $(VENV)/bin/rank1
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-report clean
+.PHONY: install test test-fast demo bench bench-report clean
 
 install: $(STAMP)
 
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The whole suite (what CI runs), then the 15 slowest tests. About 11 minutes on a busy 2-core machine.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# Without the tests that start Ray or train the demo policy (markers `ray`, `training`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m "not ray and not training"
 
 demo: $(STAMP)
 	$(RANK1) demo --force
