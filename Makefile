@@ -8,7 +8,7 @@ RANK1  := $(VENV)/bin/rank1
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench bench-report clean
+.PHONY: install test test-fast demo docs-examples bench bench-report clean
 
 install: $(STAMP)
 
@@ -27,8 +27,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -m "not ray and not training"
 
+# The GRPO demo in demo-out/, and the planted synthetic run in demo-synthetic/, on which the
+# examples of docs/commands/*.md run as written (seconds).
 demo: $(STAMP)
 	$(RANK1) demo --force
+	$(RANK1) demo --synthetic --out demo-synthetic --force -q
+
+# Rerun every example of docs/commands/*.md and docs/cli.md and write their transcripts into the
+# pages (tests/test_docs_examples.py checks them; a scratch folder, nothing left here).
+docs-examples: $(STAMP)
+	$(PY) docs/commands/examples.py write
 
 # Every benchmark, then docs/benchmarks.md regenerated from benchmarks/results/*.json.
 # `$(PY) benchmarks/run_all.py --only NAME` runs one; `--quick` checks every script at tiny sizes.
@@ -40,4 +48,4 @@ bench-report:
 	$(PYTHON) benchmarks/run_all.py --report-only
 
 clean:
-	rm -rf $(VENV) demo-out benchmarks/work .pytest_cache
+	rm -rf $(VENV) demo-out demo-synthetic benchmarks/work .pytest_cache
