@@ -68,3 +68,44 @@ def test_every_example_runs_on_the_synthetic_demo_folder():
 ])
 def test_line_comparison(quoted, real, same):
     assert examples.line_matches(quoted, real) is same
+
+
+def _demo_figures_module():
+    spec = importlib.util.spec_from_file_location("rank1_demo_figures", ROOT / "docs" / "commands" / "demo_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+demo_figures = _demo_figures_module()
+
+
+def test_the_grpo_demo_figures_on_the_pages_are_the_recorded_runs():
+    """README, demo.md and concepts.md quote the GRPO demo from one recorded real run
+    (docs/commands/demo-run.json, written by demo_figures.py record): no figure typed by hand."""
+    assert demo_figures.stale() == []
+    record = demo_figures.load()
+    values = demo_figures.figures(record)
+    demo = (ROOT / "docs" / "commands" / "demo.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    # the timing the prose quotes is the transcript's own last line (demo.md once said 71 s over a 67 s run)
+    assert f"<!--fig:wall-->{values['wall']}<!--/fig--> s" in demo
+    assert f"{values['wall']} s (training {values['train']}" in " ".join(demo.split())
+    for name in ("wall", "train", "curve", "relex-by-distance", "run-by-distance", "kept-rank1", "pls-loo"):
+        assert f"<!--fig:{name}-->" in demo, name
+    for row in demo_figures.ROWS:  # every row of the README table is generated
+        assert f"<!--fig:acc-{row}-->" in readme and f"<!--fig:kept-{row}-->" in readme, row
+    # the table the transcript prints agrees with results.json (the record holds both)
+    for row in record["results"]["rows"]:
+        assert f"{100 * row['accuracy']:.1f}%" in record["transcript"], row["name"]
+
+
+def test_demo_figures_fill_replaces_every_marked_figure():
+    record = demo_figures.load()
+    page = "in <!--fig:wall-->71<!--/fig--> s\n<!-- demo output -->\n```console\nold\n```\n"
+    got = demo_figures.filled(page, demo_figures.figures(record), demo_figures.transcript_block(record))
+    assert got.startswith(f"in <!--fig:wall-->{demo_figures.figures(record)['wall']}<!--/fig--> s\n")
+    assert "$ rank1 demo --out demo-out\n" in got and "old" not in got
+    with pytest.raises(KeyError, match="nonsense"):
+        demo_figures.filled("<!--fig:nonsense-->1<!--/fig-->", {}, "")
