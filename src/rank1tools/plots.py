@@ -304,7 +304,7 @@ def demo_accuracy_plot(curve: dict[int, float], cut: int, points: list[tuple[str
                 ax.scatter([step], [acc], marker=marker, s=70, zorder=3, label=f"{name}: {acc:.1%}")
             ax.set_xlabel("GRPO step")
             ax.set_ylabel("held-out exact-match accuracy")
-            ax.set_title(f"rank1 demo: accuracy of the run ({steps_label(steps)}) and of the synthesized checkpoints")
+            ax.set_title(f"rank1 demo, {steps_label(steps)}: accuracy of the run\nand of the synthesized checkpoints")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
             fig.tight_layout()
