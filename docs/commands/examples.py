@@ -143,10 +143,9 @@ def scratch(folder: str | None):
     with contextlib.ExitStack() as stack:
         path = Path(folder) if folder else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rank1-examples-")))
         path.mkdir(parents=True, exist_ok=True)
-        old_cwd, old_columns = os.getcwd(), os.environ.get("COLUMNS")
+        old_cwd, old_env = os.getcwd(), {k: os.environ.get(k) for k in ("COLUMNS", "HF_HUB_OFFLINE")}
         os.chdir(path)
-        os.environ["COLUMNS"] = COLUMNS
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.update(COLUMNS=COLUMNS, HF_HUB_OFFLINE="1")  # the examples never touch the network
         try:
             out, err, code = _rank1_in_process(shlex.split(SETUP)[1:] + ["-q"])
             if code:
@@ -154,10 +153,11 @@ def scratch(folder: str | None):
             yield path
         finally:
             os.chdir(old_cwd)
-            if old_columns is None:
-                os.environ.pop("COLUMNS", None)
-            else:
-                os.environ["COLUMNS"] = old_columns
+            for key, value in old_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 # ---- comparison ---------------------------------------------------------------------------------
