@@ -109,3 +109,9 @@ def test_demo_figures_fill_replaces_every_marked_figure():
     assert "$ rank1 demo --out demo-out\n" in got and "old" not in got
     with pytest.raises(KeyError, match="nonsense"):
         demo_figures.filled("<!--fig:nonsense-->1<!--/fig-->", {}, "")
+
+
+def test_a_lines_selection_may_not_hide_a_command(tmp_path):
+    block = examples.Example(ROOT / "docs" / "cli.md", "x", "3", "$ true\n$ true\n")
+    with pytest.raises(ValueError, match="hides a command"):
+        examples.transcript(block, tmp_path)

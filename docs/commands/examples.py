@@ -134,6 +134,9 @@ def transcript(example: Example, cwd: Path) -> str:
     """The block's body as running its commands gives it (its lines selection applied)."""
     text = "".join(run_command(cmd, cwd) for cmd in example.commands)
     lines = select([ln.rstrip() for ln in text.splitlines()], example.lines)
+    shown = [ln[2:] for ln in lines if ln.startswith("$ ") and ln != "$ echo $?"]
+    if shown != example.commands:  # a `lines=` selection must not hide a command the block runs
+        raise ValueError(f"{example.page.name}: example {example.name}: lines={example.lines} hides a command")
     return "\n".join(lines) + "\n"
 
 
