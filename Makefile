@@ -8,7 +8,7 @@ RANK1  := $(VENV)/bin/rank1
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-report clean
+.PHONY: install test test-fast demo docs-examples bench bench-report clean
 
 install: $(STAMP)
 
@@ -19,11 +19,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The whole suite (what CI runs), then the 15 slowest tests. About 11 minutes on a busy 2-core machine.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
+# Without the tests that start Ray or train the demo policy (markers `ray`, `training`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m "not ray and not training"
+
+# The GRPO demo in demo-out/, and the planted synthetic run in demo-synthetic/, on which the
+# examples of docs/commands/*.md run as written (seconds).
 demo: $(STAMP)
 	$(RANK1) demo --force
+	$(RANK1) demo --synthetic --out demo-synthetic --force -q
+
+# Rerun every example of docs/commands/*.md and docs/cli.md and write their transcripts into the
+# pages (tests/test_docs_examples.py checks them; a scratch folder, nothing left here).
+docs-examples: $(STAMP)
+	$(PY) docs/commands/examples.py write
 
 # Every benchmark, then docs/benchmarks.md regenerated from benchmarks/results/*.json.
 # `$(PY) benchmarks/run_all.py --only NAME` runs one; `--quick` checks every script at tiny sizes.
@@ -35,4 +48,4 @@ bench-report:
 	$(PYTHON) benchmarks/run_all.py --report-only
 
 clean:
-	rm -rf $(VENV) demo-out benchmarks/work .pytest_cache
+	rm -rf $(VENV) demo-out demo-synthetic benchmarks/work .pytest_cache

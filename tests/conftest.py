@@ -58,3 +58,11 @@ def ray_local():
 
     with local_ray(ray) as r:
         yield r
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on a local Ray instance are `ray` tests wherever they live (`make test-fast` skips
+    them by marker), also when their file forgot the mark."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

@@ -32,6 +32,7 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     return {name: ck.read(name) for name in ck.entries}
 
 
+@pytest.mark.training
 def test_quick_demo_table_is_consistent_with_its_files(quick_demo):
     from rank1tools.demo import DemoTraining, evaluate_checkpoint
 
@@ -64,6 +65,7 @@ def test_quick_demo_table_is_consistent_with_its_files(quick_demo):
     assert "relex" in rows and "alpharl" in rows
 
 
+@pytest.mark.training
 def test_quick_demo_outputs_of_every_command(quick_demo):
     out, res = quick_demo
     for folder in ("decompose", "fit-pls", "fit-pls-window", "linearity", "rank-1", "extrapolate-relex",
@@ -76,6 +78,7 @@ def test_quick_demo_outputs_of_every_command(quick_demo):
         assert all(torch.isfinite(t).all() for t in got.values()), r["name"]
 
 
+@pytest.mark.training
 def test_full_rank_reconstruction_equals_the_checkpoint(quick_demo, tmp_path):
     out, res = quick_demo
     final = out / "run" / f"checkpoint-{res['final']}"
@@ -88,6 +91,7 @@ def test_full_rank_reconstruction_equals_the_checkpoint(quick_demo, tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=2e-6, msg=name)
 
 
+@pytest.mark.training
 def test_relex_inside_the_history_equals_the_trajectory_reconstruction(quick_demo, tmp_path):
     """RELEX rank 1 at a history step: the rank-1 trajectory basis of the stacked updates, its
     coefficients fitted by a line over the steps, evaluated there (numpy float64, dense SVD)."""

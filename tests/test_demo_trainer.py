@@ -230,6 +230,7 @@ def test_load_weights_reads_sharded_and_untied_folders(tmp_path):
 
 # ---- a trained run --------------------------------------------------------------------------------
 
+@pytest.mark.training
 def test_run_layout(trained):
     root, config, run, lines = trained
     assert run.base == root / "a" / "base" and run.run == root / "a" / "run"
@@ -247,6 +248,7 @@ def test_run_layout(trained):
     assert any("base" in line for line in lines) and any("GRPO step 4/4" in line for line in lines)
 
 
+@pytest.mark.training
 def test_trainer_state_shape_and_metrics_readers(trained):
     _, config, run, _ = trained
     final = json.loads((run.run / "trainer_state.json").read_text())
@@ -271,6 +273,7 @@ def test_trainer_state_shape_and_metrics_readers(trained):
     assert state.format == "trainer_state" and state.values == {0: run.accuracy[0], 2: run.accuracy[2]}
 
 
+@pytest.mark.training
 def test_evaluate_checkpoint_equals_the_training_evaluation(trained):
     _, config, run, _ = trained
     assert evaluate_checkpoint(run.base, config) == run.accuracy[0]
@@ -282,6 +285,7 @@ def test_evaluate_checkpoint_equals_the_training_evaluation(trained):
     assert accuracy(model, AdditionTask(config.digits, config.seed, config.eval_size)) == run.accuracy[4]
 
 
+@pytest.mark.training
 def test_same_seed_same_bytes(trained, tmp_path):
     root, config, run, _ = trained
     train_demo_run(tmp_path / "b", config)

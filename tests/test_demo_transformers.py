@@ -69,6 +69,7 @@ def test_hf_greedy_generation_matches_ours(tmp_path, transformers):
     assert torch.equal(out[:, prompts.shape[1]:], greedy(ours, prompts, 3))
 
 
+@pytest.mark.training
 def test_trained_checkpoint_generates_and_scores_the_same(tmp_path, transformers):
     config = DemoTraining(hidden_size=32, intermediate_size=64, layers=1, heads=2, kv_heads=1, eval_size=100,
                           sft_eval_size=100, sft_max_steps=30, sft_target=1.1, grpo_prompts=4, grpo_group=4,

@@ -272,6 +272,28 @@ def test_outputs_follow_the_umask(work, mask):
             assert mode == want, (str(path.relative_to(work)), oct(mode), oct(want))
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_demo_outputs_follow_the_umask(tmp_path, mask):
+    """`rank1 demo --synthetic`, and the GRPO demo's model writer (the trainer saves every
+    checkpoint through it): safetensors creates files 0600, the demos must not keep that mode."""
+    code = ("import os, sys; os.umask(%d)\n"
+            "from rank1tools.demo.checkpoints import write_model_folder\n"
+            "from rank1tools.demo.model import TinyLlama, TinyLlamaConfig\n"
+            "write_model_folder(__import__('pathlib').Path(sys.argv[1]), TinyLlama(TinyLlamaConfig()))\n"
+            "from rank1tools.cli import main; sys.argv = ['rank1', *sys.argv[2:]]; main()" % mask)
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "trained"),
+                        "demo", "--synthetic", "--out", str(tmp_path / "demo"), "--device", "cpu", "-q"],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "trained" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "run" / "checkpoint-50" / "model.safetensors").is_file()
+    for top in (tmp_path / "trained", tmp_path / "demo"):
+        for path in [top, *top.rglob("*")]:
+            mode = path.stat().st_mode & 0o777
+            want = (0o777 if path.is_dir() else 0o666) & ~mask
+            assert mode == want, (str(path.relative_to(tmp_path)), oct(mode), oct(want))
+
+
 def test_input_vanishing_mid_run_is_an_input_error(work, monkeypatch):
     """A shard that disappears after its header was read is bad input (exit 3), and nothing is left."""
     from rank1tools.io import checkpoint as checkpoint_module

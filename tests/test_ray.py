@@ -20,6 +20,7 @@ from rank1tools.io import open_checkpoint
 from rank1tools.synthetic import LlamaShape, make_base, make_run, matrix_module_names
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray  # make test-fast leaves these out
 
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 STEPS = [5, 10, 100]

@@ -29,6 +29,7 @@ from rank1tools.io import open_checkpoint  # noqa: E402
 from rank1tools.synthetic import matrix_module_names  # noqa: E402
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray  # make test-fast leaves these out
 _no_real_network, world, hubenv = test_hub._no_real_network, test_hub.world, test_hub.hubenv  # its fixtures
 
 

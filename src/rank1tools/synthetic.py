@@ -114,6 +114,8 @@ def write_model(folder: str | Path, tensors: dict[str, torch.Tensor], config: di
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import save_file
 
+    from .io.outputs import follow_umask
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -121,6 +123,8 @@ def write_model(folder: str | Path, tensors: dict[str, torch.Tensor], config: di
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     else:
         save_torch_state_dict(tensors, folder, max_shard_size=max_shard_size)
+    for weights in folder.glob("*.safetensors"):  # safetensors creates its files 0600; the demos' outputs
+        follow_umask(weights, directory=False)   # follow the umask like every output (docs/cli.md)
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if extras:

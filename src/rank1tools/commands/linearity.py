@@ -252,7 +252,7 @@ def _write_report(staging: Path, inputs, cks, names, shapes, figures, window, ra
     with output_errors(staging):
         write_tables(staging, rows, summary, rank)
         write_provenance(staging, provenance("linearity", [inputs.base, *cks], params))
-        plots, hint = _plots(rows, staging) if options.plots else ([], None)
+        plots, hint = _plots(rows, staging, window) if options.plots else ([], None)
     return LinearityResult(out=out, steps=window, step_source=inputs.step_source, rank=rank, rows=rows,
                            summary=summary, notes=notes, gate=gate,
                            plots=[str(Path(out) / Path(p).relative_to(staging)) for p in plots], plot_hint=hint)
@@ -266,10 +266,10 @@ def _gate(summary: dict, threshold: float | None) -> dict | None:
             "passed": bool(value is not None and value >= threshold)}
 
 
-def _plots(rows: list[dict], staging: Path) -> tuple[list[str], str | None]:
+def _plots(rows: list[dict], staging: Path, window: list[int]) -> tuple[list[str], str | None]:
     from ..plots import INSTALL_HINT, PlotsUnavailable, linearity_plots
 
     try:
-        return [str(p) for p in linearity_plots(rows, staging / "plots")], None
+        return [str(p) for p in linearity_plots(rows, staging / "plots", window)], None
     except PlotsUnavailable:
         return [], f"plots need matplotlib: {INSTALL_HINT}"
