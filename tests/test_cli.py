@@ -108,6 +108,32 @@ def test_inspect_run_table_lists_steps(tmp_path):
     assert steps == [5, 10, 100]
 
 
+_TORCH_PROBE = ("import sys, rank1tools.cli as c\n"
+                "sys.argv = ['rank1', *sys.argv[1:]]\n"
+                "try:\n    c.main()\nexcept SystemExit as e:\n    code = e.code\n"
+                "sys.stderr.write(f'torch imported: {\"torch\" in sys.modules}\\n')\n"
+                "sys.exit(code)\n")
+
+
+def test_inspect_reads_headers_without_importing_torch(models, tmp_path):
+    """`rank1 inspect` (model folder, run; table and JSON) never imports torch, and prints exactly
+    what the same command prints in a process where torch is loaded; the JSON report still equals
+    safetensors' own listing."""
+    m = models("bf16", True, True)
+    run = build_run(tmp_path / "run", [5, 10], "trl")
+    for args in (["inspect", str(m.path), "--json"], ["inspect", str(m.path)],
+                 ["inspect", str(run), "--json"], ["inspect", str(run)]):
+        r = subprocess.run([sys.executable, "-c", _TORCH_PROBE, *args], capture_output=True, text=True,
+                           env=cli_env(), timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.splitlines()[-1] == "torch imported: False", (args, r.stderr)
+        assert r.stdout == runner.invoke(app, args).stdout, args
+        if args == ["inspect", str(m.path), "--json"]:
+            data = json.loads(r.stdout)
+            for key, value in _expected_model_report(m.path, True, m.shape.layers).items():
+                assert data[key] == value, key
+
+
 def test_inspect_run_bad_steps_raises_usage_error(tmp_path):
     run = build_run(tmp_path / "run", [1, 2], "trl")
     res = runner.invoke(app, ["inspect", str(run), "--steps", "3"])

@@ -29,7 +29,7 @@ def inspect(
 ) -> None:
     """What a model or training run holds: tensors, dtypes, shards, matrix modules, checkpoints.
 
-    Reads safetensors headers only. For a run, exits 3 if any checkpoint is unusable (listed).
+    Reads safetensors headers only (no torch). For a run, exits 3 if any checkpoint is unusable (listed).
     """
     if steps is not None:
         from ..options import parse_steps
