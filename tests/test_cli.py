@@ -301,3 +301,63 @@ def test_option_and_output_errors_answer_before_importing_torch(tmp_path):
         assert line.startswith("rank1: error: ") and needle in line, (args, line)
     assert torch_imported is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "existing"]  # nothing written
+
+
+# ---------- tables: never a value cut (docs/cli.md, "Tables") ----------
+
+LONG = "a-folder-name-long-enough-to-overflow-any-terminal-" * 3
+
+
+def test_in_a_pipe_no_value_is_cut_or_wrapped(tmp_path):
+    """Through a pipe (a subprocess, COLUMNS=60 set as a CI runner might): every path and figure is
+    printed whole on one line, in every command's table. The old tables cut paths to `future/st…`."""
+    import torch
+
+    from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+    shape = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=1, heads=4, kv_heads=2, tie=True)
+    root = tmp_path / LONG
+    make_base(root / "base", shape, dtype=torch.float32)
+    make_run(root / "run", [10, 20, 30], shape, base_dtype=torch.float32, dtype=torch.float32)
+    out = root / "future" / "step-500"
+    env = {**cli_env(), "COLUMNS": "60"}
+
+    def rank1(*args):
+        r = subprocess.run([sys.executable, "-m", "rank1tools.cli", *map(str, args)], capture_output=True, text=True,
+                           env=env, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "…" not in r.stdout
+        return r.stdout.splitlines()
+
+    lines = rank1("inspect", root / "run")
+    for step in (10, 20, 30):
+        assert any(f"│ {root / 'run' / f'checkpoint-{step}'} " in line for line in lines), step
+    lines = rank1("reconstruct", root / "base", root / "run" / "checkpoint-30", "--rank", "1,2", "--out", out, "-q")
+    for rank in (1, 2):
+        assert any(f"│ {rank}    │ {out / f'rank-{rank}'} " in line for line in lines), lines
+    lines = rank1("decompose", root / "base", "--run", root / "run", "--out", root / "spectra", "-q", "--rank", "2")
+    assert lines[-1].startswith(f"7 modules x 3 checkpoints -> {root / 'spectra'} (overall energy_1 0.")
+    lines = rank1("fit-pls", root / "spectra", "--out", root / "fits", "-q", "--no-plots")
+    assert lines[-1] == f"-> {root / 'fits'}"
+    assert any(line.startswith("most linear (r2_step): model.layers.0.") and line.count("model.layers.0.") == 5
+               for line in lines)  # five modules and their figures on one line
+
+
+def test_on_a_narrow_terminal_cells_fold_instead_of_being_cut(monkeypatch, capsys):
+    """On a terminal narrower than a value, rich folds the value onto the next lines: every
+    character is still printed, and no ellipsis replaces any of it."""
+    from rich.console import Console
+
+    from rank1tools import render
+    from rank1tools.commands.reconstruct import RankOutput
+
+    monkeypatch.setattr(render, "_console", lambda: Console(width=50, force_terminal=True, color_system=None))
+    path = "outputs/" + "future-step-500-of-a-long-run/" * 3 + "rank-1"
+
+    rank_output = RankOutput(rank="1", path=path, lost_fraction=0.001, rel_error=1e-3, updated_elements=1234,
+                             warning=None, tensors=[])
+    render.reconstruct(type("Result", (), {"modules": 7, "used_factors": False, "outputs": [rank_output]}))
+    out = capsys.readouterr().out
+    assert "…" not in out
+    cells = "".join(re.findall(r"│ 1\s+│ (\S+)", out) + re.findall(r"^│\s+│ (\S+)", out, re.M))
+    assert cells == path

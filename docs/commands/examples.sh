@@ -7,7 +7,8 @@
 # example of the command pages on demo-out/base and demo-out/run. Each example's transcript
 # (the command, its stdout, its stderr, and its exit code when not 0; with a pipe,
 # the first failing command's) goes to
-# SCRATCH_DIR/transcripts/NAME.txt, ready to paste. Tables are rendered COLUMNS=110 wide.
+# SCRATCH_DIR/transcripts/NAME.txt, ready to paste. Output goes to a file, so tables are as wide as
+# their values and no line is wrapped (docs/cli.md, "Tables").
 # `rank1` is taken from PATH (activate the venv first).
 set -u
 scratch=${1:?usage: examples.sh SCRATCH_DIR [DEMO_ARGS...]}
@@ -15,7 +16,6 @@ shift
 mkdir "$scratch" || exit 1
 cd "$scratch" || exit 1
 mkdir transcripts
-export COLUMNS=110
 
 ex() {  # ex NAME COMMAND...: run COMMAND (a rank1 command line, shell syntax allowed) and record it
   local name=$1; shift

@@ -89,6 +89,8 @@ def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(),
     if options.min_checkpoints < 3:
         raise UsageError(f"--min-checkpoints {options.min_checkpoints}: at least 3 (a line through 2 points always fits)")
     store = FactorStore(factors)
+    if not store.modules:  # decompose never writes one (it refuses an empty selection): nothing to fit
+        raise InputError(f"{factors}: the factor store holds no modules: nothing to fit")
     window = _window(store.steps, options.window)
     m, metric_name, values, no_metric, no_ckpt = None, None, None, [], []
     if options.metrics:
@@ -108,6 +110,10 @@ def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(),
             if y[-1] == 0:
                 raise InputError(f"{options.metrics}: --relative divides by the metric at step {used[-1]}, which is 0")
             y = y / y[-1]
+        if np.ptp(y) == 0:  # R² is 0/0: refused before any output exists (docs/commands/fit-pls.md)
+            raise InputError(f"{options.metrics}: {metric_name} is {values[used[0]]!r} at all {len(used)} checkpoints "
+                             f"fitted (steps {used[0]}..{used[-1]}): a constant metric has nothing to fit; choose "
+                             "another --metric or --steps, or leave out --metrics to fit against the step")
     inputs = [factors] + ([options.metrics] if options.metrics else [])
     with locked_output(out, force=force, inputs=inputs) as target, \
             staged_output(target, force=force, label=out) as staging:
