@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..jsonutil import parse_json_text
 from ..options import INT64_MAX, ascii_int
 
@@ -255,8 +255,8 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
 
     shown = ", ".join(columns[:30]) + (", ..." if len(columns) > 30 else "")
     if step_column is not None:
-        if step_column not in columns:
-            raise InputError(f"{where}: no step column {step_column!r} (columns: {shown})")
+        if step_column not in columns:  # a name the file lacks: fix the command line (exit 2, docs/cli.md)
+            raise UsageError(f"{where}: no step column {step_column!r} (columns: {shown})")
         step_name = step_column
     else:
         step_name = next((c for c in STEP_COLUMNS if c in columns), None)
@@ -272,10 +272,11 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
         if not candidates:
             raise InputError(f"{where}: no metric column (columns: {shown})")
         if len(candidates) > 1:
-            raise InputError(f"{where}: several metrics ({', '.join(candidates)}); choose one with --metric")
+            raise UsageError(f"{where}: several metrics ({', '.join(candidates)}); choose one with --metric")
         metric = candidates[0]
-    elif metric not in available:
-        raise InputError(f"{where}: no metric {metric!r} (available: {', '.join(available) or 'none'})")
+    elif metric not in available:  # absent: fix --metric (2); a column without numbers: fix the file (3)
+        error = InputError if metric in columns else UsageError
+        raise error(f"{where}: no metric {metric!r} (available: {', '.join(available) or 'none'})")
 
     values: dict[int, float] = {}
     first: dict[int, str] = {}
