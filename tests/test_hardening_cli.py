@@ -57,6 +57,10 @@ BAD_VALUES = [  # (argv, the one error line after "rank1: error: ")
     ([*FIT, "--window", "abc"], "--window 'abc': expected a list like 50,100,200 or a range like 10:100:10"),
     ([*FIT, "--steps", "abc"], "--steps 'abc': expected a list like 50,100,200 or a range like 10:100:10"),
     ([*FIT, "--window", "10:20", "--steps", "10:20"], "--steps and --window are one option (an alias): give it once"),
+    (["extrapolate", "b", "c", "--method", "relex", "--target-step", "9", "--history-until", "5,8", "--out", "x"],
+     "--history-until '5,8': expected one step, like 500"),  # was read as 5
+    (["extrapolate", "b", "c", "--method", "linear", "--mode", "two-point", "--target-step", "9", "--from", "1_0",
+      "--out", "x"], "--from '1_0': expected one step, like 500"),
     ([*FIT, "--min-checkpoints", "2"], "--min-checkpoints 2: at least 3 (a line through 2 points always fits)"),
     *[([*argv, "--out", "hf://org/name"], "--out hf://org/name: outputs are local paths, not URLs; write to a local "
        "folder (then upload it yourself, e.g. with `hf upload`)") for argv in COMMANDS_WITH_OUT.values()],

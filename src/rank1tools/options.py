@@ -197,6 +197,14 @@ def parse_step_list(text: str, option: str) -> list[int]:
     return list(dict.fromkeys(steps))
 
 
+def parse_step(text: str, option: str) -> int:
+    """One step (ASCII digits): `--history-until`, `--from`, `--to` (a list there was read as its first item)."""
+    value = ascii_int(str(text).strip())
+    if value is None:
+        raise UsageError(f"{option} {text!r}: expected one step, like 500")
+    return value
+
+
 def parse_number_list(text: str, option: str) -> list[float]:
     """Finite real numbers given as `0.7` or `0.6,0.7,0.8` (ASCII; duplicates kept once)."""
     items = [p.strip() for p in str(text).split(",")]

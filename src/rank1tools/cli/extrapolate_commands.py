@@ -63,7 +63,8 @@ def extrapolate(
     pass); alpharl reads a fit-pls output and the base. Each output loads like the base and
     records how it was made; a rounding report and per-tensor norm ratios come with it.
     """
-    from ..options import check_finite, parse_number_list, parse_positive_int, parse_size, parse_step_list, parse_steps
+    from ..options import (check_finite, parse_number_list, parse_positive_int, parse_size, parse_step, parse_step_list,
+                           parse_steps)
 
     if steps is not None:
         parse_steps(steps)
@@ -76,13 +77,13 @@ def extrapolate(
     opts = ExtrapolateOptions(
         method=method, checkpoints=checkpoints or [], run=run, steps=steps,
         hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
-        history_until=None if history_until is None else parse_step_list(history_until, "--history-until")[0],
+        history_until=None if history_until is None else parse_step(history_until, "--history-until"),
         target_steps=parse_step_list(target_step, "--target-step") if target_step is not None else [],
         rank=parse_positive_int(rank, "--rank"),
         fit_window=None if fit_window is None else parse_positive_int(fit_window, "--fit-window"),
         position_index=position_index, mode=mode,
-        from_step=None if from_step is None else parse_step_list(from_step, "--from")[0],
-        to_step=None if to_step is None else parse_step_list(to_step, "--to")[0],
+        from_step=None if from_step is None else parse_step(from_step, "--from"),
+        to_step=None if to_step is None else parse_step(to_step, "--to"),
         extrapolate_norms=extrapolate_norms, fits=fits,
         target_metrics=parse_number_list(target_metric, "--target-metric") if target_metric is not None else [],
         container=container, last_checkpoint=last_checkpoint, min_r2=min_r2, r2_kind=r2_kind,
