@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Files of a model folder that travel with its weights (config, tokenizer, chat template, remote code).
+AUX_PATTERNS = (
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "vocab.*", "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template*",
+    "preprocessor_config.json", "configuration_*.py", "modeling_*.py", "tokenization_*.py",
+)
 
 
 class Checkpoint:

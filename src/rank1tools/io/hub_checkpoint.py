@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .checkpoint import Checkpoint
+from .checkpoint import AUX_PATTERNS, Checkpoint
 from .hub_errors import _hub_errors
 from .hub_spec import HubSpec, _cache_dir, _endpoint, _storage_folder
 from .safetensors_file import TensorEntry, read_header
@@ -272,8 +272,6 @@ class HubCheckpoint(Checkpoint):
         folder it resolved to (the copy downloads them again where it runs, on first access)."""
         names = set(self._aux_files)
         if self._root is not None and self._root.is_dir():
-            from .writer import AUX_PATTERNS  # noqa: PLC0415 (writer: only when pickled)
-
             names.update(p.name for p in self._root.iterdir()
                          if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in AUX_PATTERNS))
         return sorted(names)
