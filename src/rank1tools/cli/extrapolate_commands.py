@@ -8,10 +8,10 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (BASE_ARG, CHECKPOINTS_ARG, Rank1Command, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, SUBFOLDERS_OPT,
-                  app, check_common_early, number, check_executor_early, check_output_early, interrupt_hint, print_json,
-                  set_hub_cache_policy, stderr_progress)
+from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
+                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT,
+                  REVISIONS_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early, check_executor_early,
+                  check_output_early, interrupt_hint, number, print_json, set_hub_cache_policy, stderr_progress)
 
 
 @app.command(cls=Rank1Command)
@@ -48,7 +48,7 @@ def extrapolate(
     flag_ratio: float = typer.Option(4.0, "--flag-ratio", metavar="RATIO", parser=number("--flag-ratio", above=0), help="Flag tensors whose predicted update norm exceeds this many times a straight line's."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB."),
     device: str = DEVICE_OPT,
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     executor: str = EXECUTOR_OPT,
     ray_address: Optional[str] = RAY_ADDRESS_OPT,
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,

@@ -8,10 +8,11 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (BASE_ARG, CHECKPOINTS_ARG, Rank1Command, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
-                  STEPS_HELP, SUBFOLDERS_OPT, app, check_common_early, number, check_executor_early, check_output_early, interrupt_hint,
-                  one_step_selection, print_json, set_hub_cache_policy, stderr_progress)
+from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
+                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT,
+                  REVISIONS_OPT, RUN_OPT, STEPS_HELP, SUBFOLDERS_OPT, Rank1Command, app, check_common_early,
+                  check_executor_early, check_output_early, interrupt_hint, number, one_step_selection, print_json,
+                  set_hub_cache_policy, stderr_progress)
 
 
 def exit_on_gate(gate: dict | None, out: str) -> None:
@@ -37,7 +38,7 @@ def fit_pls(
     min_checkpoints: str = typer.Option("3", "--min-checkpoints", metavar="N", help="Fewest checkpoints to fit (at least 3)."),
     fail_below: Optional[float] = typer.Option(None, "--fail-below", metavar="R2", parser=number("--fail-below", at_most=1), help="Exit 5 (after writing) when mean LOO R² (or R²_step without --metrics) is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -93,7 +94,7 @@ def linearity(
     fail_below: Optional[float] = typer.Option(None, "--fail-below", metavar="SHARE", parser=number("--fail-below", at_least=0, at_most=1), help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     device: str = DEVICE_OPT,
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     executor: str = EXECUTOR_OPT,
     ray_address: Optional[str] = RAY_ADDRESS_OPT,
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,

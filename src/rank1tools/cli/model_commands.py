@@ -10,10 +10,10 @@ import typer
 from .. import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from .app import (BASE_ARG, CHECKPOINTS_ARG, Rank1Command, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
-                  SUBFOLDERS_OPT, app, check_common_early, number, check_executor_early, check_output_early, interrupt_hint,
-                  print_json, set_hub_cache_policy, stderr_progress)
+from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
+                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT,
+                  REVISIONS_OPT, RUN_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early, check_executor_early,
+                  check_output_early, interrupt_hint, number, print_json, set_hub_cache_policy, stderr_progress)
 
 
 @app.command(cls=Rank1Command)
@@ -76,7 +76,7 @@ def decompose(
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     device: str = DEVICE_OPT,
     plots: bool = typer.Option(False, "--plots", help="Also draw energy_1/norm_frac_1 over steps and a layer x type heatmap (OUT/plots)."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     executor: str = EXECUTOR_OPT,
     ray_address: Optional[str] = RAY_ADDRESS_OPT,
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
@@ -142,7 +142,7 @@ def reconstruct(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB."),
     device: str = DEVICE_OPT,
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     executor: str = EXECUTOR_OPT,
     ray_address: Optional[str] = RAY_ADDRESS_OPT,
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
@@ -197,7 +197,7 @@ def demo(
     synthetic: bool = typer.Option(False, "--synthetic", help="The planted synthetic run instead of training "
                                    "(inspect, decompose and a rank-1 reconstruct; its answer is known)."),
     device: str = DEVICE_OPT,
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
