@@ -15,12 +15,18 @@ UNLIMITED_WIDTH = 1_000_000  # off a terminal: wide enough that rich never wraps
 
 
 def _console():
-    """stdout as rich sees it: the terminal's width on a terminal, no width limit elsewhere (COLUMNS,
-    which rich would otherwise apply to a pipe, is ignored there: a log is read whole, not on a screen)."""
+    """stdout for rich: the terminal's width on a terminal, no width limit elsewhere. COLUMNS, which
+    rich would apply to a pipe, is ignored there (a log is read whole, not on a screen), and so is
+    FORCE_COLOR's claim of a terminal: a CI log with colours is still a log."""
+    import sys
+
     from rich.console import Console
 
-    console = Console()
-    return console if console.is_terminal else Console(width=UNLIMITED_WIDTH)
+    try:
+        on_terminal = sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        on_terminal = False
+    return Console() if on_terminal else Console(width=UNLIMITED_WIDTH)
 
 
 def _table(title: str | None = None, **kw):
