@@ -108,6 +108,32 @@ def test_inspect_run_table_lists_steps(tmp_path):
     assert steps == [5, 10, 100]
 
 
+_TORCH_PROBE = ("import sys, rank1tools.cli as c\n"
+                "sys.argv = ['rank1', *sys.argv[1:]]\n"
+                "try:\n    c.main()\nexcept SystemExit as e:\n    code = e.code\n"
+                "sys.stderr.write(f'torch imported: {\"torch\" in sys.modules}\\n')\n"
+                "sys.exit(code)\n")
+
+
+def test_inspect_reads_headers_without_importing_torch(models, tmp_path):
+    """`rank1 inspect` (model folder, run; table and JSON) never imports torch, and prints exactly
+    what the same command prints in a process where torch is loaded; the JSON report still equals
+    safetensors' own listing."""
+    m = models("bf16", True, True)
+    run = build_run(tmp_path / "run", [5, 10], "trl")
+    for args in (["inspect", str(m.path), "--json"], ["inspect", str(m.path)],
+                 ["inspect", str(run), "--json"], ["inspect", str(run)]):
+        r = subprocess.run([sys.executable, "-c", _TORCH_PROBE, *args], capture_output=True, text=True,
+                           env=cli_env(), timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.splitlines()[-1] == "torch imported: False", (args, r.stderr)
+        assert r.stdout == runner.invoke(app, args).stdout, args
+        if args == ["inspect", str(m.path), "--json"]:
+            data = json.loads(r.stdout)
+            for key, value in _expected_model_report(m.path, True, m.shape.layers).items():
+                assert data[key] == value, key
+
+
 def test_inspect_run_bad_steps_raises_usage_error(tmp_path):
     run = build_run(tmp_path / "run", [1, 2], "trl")
     res = runner.invoke(app, ["inspect", str(run), "--steps", "3"])
@@ -247,7 +273,7 @@ EARLY_ERRORS = [  # (args, exit code, message) — each must be refused before t
     (["reconstruct", "b", "c", "--rank", "1", "--max-shard-size", "-1GB", "--out", "x"], 2, "--max-shard-size '-1GB'"),
     (["reconstruct", "b", "c", "--rank", "1", "--dtype", "float8", "--out", "x"], 2, "--dtype 'float8'"),
     (["reconstruct", "b", "c", "--rank", "1", "--rest", "none", "--out", "x"], 2, "--rest 'none'"),
-    (["reconstruct", "b", "c", "--rank", "1", "--alpha", "inf", "--out", "x"], 2, "--alpha inf: must be a finite number"),
+    (["reconstruct", "b", "c", "--rank", "1", "--alpha", "inf", "--out", "x"], 2, "--alpha 'inf': expected a number in ASCII digits"),
     (["reconstruct", "b", "c", "--rank", "1", "--hub-cache-policy", "never", "--out", "x"], 2, "--hub-cache-policy 'never'"),
     (["inspect", "r", "--steps", "٢٠"], 2, "--steps '٢٠'"),
     (["demo", "--out", "existing"], 4, "already exists"),
@@ -275,3 +301,63 @@ def test_option_and_output_errors_answer_before_importing_torch(tmp_path):
         assert line.startswith("rank1: error: ") and needle in line, (args, line)
     assert torch_imported is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "existing"]  # nothing written
+
+
+# ---------- tables: never a value cut (docs/cli.md, "Tables") ----------
+
+LONG = "a-folder-name-long-enough-to-overflow-any-terminal-" * 3
+
+
+def test_in_a_pipe_no_value_is_cut_or_wrapped(tmp_path):
+    """Through a pipe (a subprocess, COLUMNS=60 set as a CI runner might): every path and figure is
+    printed whole on one line, in every command's table. The old tables cut paths to `future/st…`."""
+    import torch
+
+    from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+    shape = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=1, heads=4, kv_heads=2, tie=True)
+    root = tmp_path / LONG
+    make_base(root / "base", shape, dtype=torch.float32)
+    make_run(root / "run", [10, 20, 30], shape, base_dtype=torch.float32, dtype=torch.float32)
+    out = root / "future" / "step-500"
+    env = {**cli_env(), "COLUMNS": "60"}
+
+    def rank1(*args):
+        r = subprocess.run([sys.executable, "-m", "rank1tools.cli", *map(str, args)], capture_output=True, text=True,
+                           env=env, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "…" not in r.stdout
+        return r.stdout.splitlines()
+
+    lines = rank1("inspect", root / "run")
+    for step in (10, 20, 30):
+        assert any(f"│ {root / 'run' / f'checkpoint-{step}'} " in line for line in lines), step
+    lines = rank1("reconstruct", root / "base", root / "run" / "checkpoint-30", "--rank", "1,2", "--out", out, "-q")
+    for rank in (1, 2):
+        assert any(f"│ {rank}    │ {out / f'rank-{rank}'} " in line for line in lines), lines
+    lines = rank1("decompose", root / "base", "--run", root / "run", "--out", root / "spectra", "-q", "--rank", "2")
+    assert lines[-1].startswith(f"7 modules x 3 checkpoints -> {root / 'spectra'} (overall energy_1 0.")
+    lines = rank1("fit-pls", root / "spectra", "--out", root / "fits", "-q", "--no-plots")
+    assert lines[-1] == f"-> {root / 'fits'}"
+    assert any(line.startswith("most linear (r2_step): model.layers.0.") and line.count("model.layers.0.") == 5
+               for line in lines)  # five modules and their figures on one line
+
+
+def test_on_a_narrow_terminal_cells_fold_instead_of_being_cut(monkeypatch, capsys):
+    """On a terminal narrower than a value, rich folds the value onto the next lines: every
+    character is still printed, and no ellipsis replaces any of it."""
+    from rich.console import Console
+
+    from rank1tools import render
+    from rank1tools.commands.reconstruct import RankOutput
+
+    monkeypatch.setattr(render, "_console", lambda: Console(width=50, force_terminal=True, color_system=None))
+    path = "outputs/" + "future-step-500-of-a-long-run/" * 3 + "rank-1"
+
+    rank_output = RankOutput(rank="1", path=path, lost_fraction=0.001, rel_error=1e-3, updated_elements=1234,
+                             warning=None, tensors=[])
+    render.reconstruct(type("Result", (), {"modules": 7, "used_factors": False, "outputs": [rank_output]}))
+    out = capsys.readouterr().out
+    assert "…" not in out
+    cells = "".join(re.findall(r"│ 1\s+│ (\S+)", out) + re.findall(r"^│\s+│ (\S+)", out, re.M))
+    assert cells == path

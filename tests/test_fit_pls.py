@@ -150,10 +150,75 @@ def test_metric_alignment_lists_both_sides_and_relative(tmp_path):
     assert manifest["checkpoints_without_metric"] == [10] and manifest["metric_steps_without_checkpoint"] == [80]
     shown = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(tmp_path / "m.csv"), "--metric", "accuracy",
                      "--out", str(tmp_path / "shown"), "-q", "--no-plots")
-    assert "checkpoints without a metric (not fitted): steps [10]" in shown.stdout
-    assert "metric rows without a checkpoint (not fitted): steps [80]" in shown.stdout
+    assert "checkpoints without a metric (not fitted): steps 10\n" in shown.stdout
+    assert "metric rows without a checkpoint (not fitted): steps 80\n" in shown.stdout
     with safe_open(str(out / json.loads((out / "manifest.json").read_text())["modules"][0]["file"]), "pt") as f:
         assert np.allclose(f.get_tensor("targets").numpy(), ACC[1:] / ACC[-1])  # relative to the last in the window
+
+
+def test_long_step_lists_are_summarised_on_the_terminal_and_complete_in_json(tmp_path):
+    """A 1000-step metrics file against 7 checkpoints: the terminal gets the count with the first and
+    last step (one short line), --json and the manifest the full list of 993 steps."""
+    _store(tmp_path / "store", _line)
+    steps = list(range(1, 1001))
+    m = tmp_path / "m.csv"
+    m.write_text("step,accuracy\n" + "".join(f"{s},{0.2 + 0.35 * s / 1000 + 0.01 * (s % 3)}\n" for s in steps))
+    shown = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(m), "--out", str(tmp_path / "a"), "-q",
+                     "--no-plots")
+    assert shown.returncode == 0, shown.stderr
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("metric rows without a checkpoint"))
+    assert line == "metric rows without a checkpoint (not fitted): 993 steps, 1 .. 1000 (all of them in --json)"
+    assert len(shown.stdout) < 3000  # the old output listed every step (about 5,000 characters)
+    data = json.loads(run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(m), "--out", str(tmp_path / "b"),
+                               "-q", "--no-plots", "--json").stdout)
+    assert data["metric_steps_without_checkpoint"] == [s for s in steps if s not in STEPS]
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["metric_steps_without_checkpoint"] == \
+        data["metric_steps_without_checkpoint"]
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])
+def test_constant_metric_is_bad_input_before_any_output(tmp_path, relative):
+    """A metric that does not change over the fitted checkpoints has no R² (0/0): exit 3 with one
+    line naming the file, the metric and its value, and nothing written (it crashed after writing)."""
+    _store(tmp_path / "store", _line)
+    m = _metrics_csv(tmp_path / "m.csv", values=np.full(len(STEPS), 0.5))
+    before = tree_snapshot(tmp_path)
+    for extra in ([], ["--json"]):
+        r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(m), "--metric", "accuracy",
+                     "--out", str(tmp_path / "out"), "-q", *(["--relative"] if relative else []), *extra)
+        assert r.returncode == 3, r.stderr
+        assert r.stdout == "" and r.stderr.count("\n") == 1
+        assert r.stderr == (f"rank1: error: {m}: accuracy is 0.5 at all 7 checkpoints fitted (steps 10..70): a "
+                            "constant metric has nothing to fit; choose another --metric or --steps, or leave out "
+                            "--metrics to fit against the step\n")
+        assert tree_snapshot(tmp_path) == before
+
+
+def test_empty_factor_store_is_bad_input_before_any_output(tmp_path):
+    write_factor_store(tmp_path / "store", STEPS, {})
+    m = _metrics_csv(tmp_path / "m.csv")
+    before = tree_snapshot(tmp_path)
+    for extra in ([], ["--metrics", str(m), "--metric", "accuracy"]):
+        r = run_main("fit-pls", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "-q", *extra)
+        assert (r.returncode, r.stdout) == (3, ""), r.stderr
+        assert r.stderr == f"rank1: error: {tmp_path / 'store'}: the factor store holds no modules: nothing to fit\n"
+        assert tree_snapshot(tmp_path) == before
+
+
+def test_summary_renders_when_every_figure_is_missing(capsys):
+    """The terminal summary shows "-" for a figure that is undefined (no fitted module, every LOO fold
+    degenerate) instead of crashing after the outputs were written."""
+    from rank1tools import render
+    from rank1tools.commands.fit_pls import FitPlsResult, summarize
+
+    rows = [{"module": "model.layers.0.self_attn.q_proj.weight", "layer": 0, "type": "q", "n": 5,
+             "r2": None, "loo_r2": float("nan"), "r2_step": None}]
+    summary, _ = summarize(rows, with_metric=True)
+    render.fit_pls(FitPlsResult(out="o", steps=[1, 2, 3], metric="acc", rows=rows, summary=summary))
+    out = capsys.readouterr().out
+    assert "share of modules with leave-one-out R² > 0.9: -" in out
+    assert "│ all         │            - │                - │       - │       1 │" in out
+    assert "most linear" not in out and out.endswith("-> o\n")
 
 
 def test_window_and_too_few_checkpoints(tmp_path):
@@ -168,7 +233,7 @@ def test_window_and_too_few_checkpoints(tmp_path):
     assert r.returncode == 2 and "at least 3" in r.stderr
     r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(_metrics_csv(tmp_path / "m.csv")),
                  "--metric", "nope", "--out", str(tmp_path / "x"))
-    assert r.returncode == 3 and "accuracy" in r.stderr  # the error lists the available metrics
+    assert r.returncode == 2 and "accuracy" in r.stderr  # a name the file lacks: fix --metric; the error lists them
     assert tree_snapshot(tmp_path) == {**before, "m.csv": tree_snapshot(tmp_path)["m.csv"]}
 
 

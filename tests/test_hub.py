@@ -645,3 +645,21 @@ def test_decompose_a_hub_run_matches_local(hubenv, capsys, tmp_path):
     assert [c["revision"] for c in manifest["checkpoints"]] == [h.world.shas[f"step_{s}"] for s in STEPS]
     left = [p for p in h.cache.rglob("*.safetensors")]
     assert left == [], left
+
+
+def test_inspect_of_a_hub_model_does_not_import_torch(hubenv, tmp_path, capsys):
+    """`rank1 inspect hf://...` reads the Hub headers without torch (issue #20), and says what the
+    same command says in this process, where torch is loaded."""
+    probe = ("import sys, runpy\n"
+             "sys.argv = ['rank1', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('rank1tools.cli', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+             "sys.stderr.write(f'torch imported: {\"torch\" in sys.modules}\\n')\n"
+             "sys.exit(code)\n")
+    full = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RANK1_DEBUG")}
+    full.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+                 "ALL_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}, **hubenv.env)
+    r = subprocess.run([sys.executable, "-c", probe, "inspect", "hf://org/base", "--json"], env=full, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[-1] == "torch imported: False", r.stderr
+    assert json.loads(r.stdout) == rank1(capsys, "inspect", "hf://org/base", "--json").json()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rank1tools.errors import InputError
+from rank1tools.errors import InputError, UsageError
 from rank1tools.io.metrics import Metrics, align, read_metrics
 
 
@@ -22,11 +22,13 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return p
 
 
-def refuse(path: Path, pattern: str, **kw) -> str:
-    with pytest.raises(InputError) as info:
+def refuse(path: Path, pattern: str, code: int = 3, **kw) -> str:
+    """One line naming the file; exit 3 for a bad file, 2 for a name the command line gives that the
+    file lacks (--metric, --step-column) or a choice it must make (docs/cli.md, exit codes)."""
+    with pytest.raises((InputError, UsageError)) as info:
         read_metrics(path, **kw)
     msg = str(info.value)
-    assert info.value.exit_code == 3
+    assert info.value.exit_code == code
     assert "\n" not in msg and msg.startswith(str(path) + ": "), msg
     assert re.search(pattern, msg), msg
     return msg
@@ -102,7 +104,7 @@ def test_jsonl(tmp_path):
     assert m.available == ["_runtime", "_timestamp", "train/reward", "eval/acc"]
     acc = read_metrics(p, metric="eval/acc")
     assert acc.values == {2: 0.55} and acc.missing_steps == [0]  # step 1 did not log it: not missing
-    refuse(p, r"several metrics \(train/reward, eval/acc\); choose one with --metric$")
+    refuse(p, r"several metrics \(train/reward, eval/acc\); choose one with --metric$", code=2)
     assert read_metrics(p, metric="_runtime").values == {0: 1.5, 1: 3.0, 2: 4.5}  # bookkeeping, if asked
 
 
@@ -138,7 +140,7 @@ def test_trainer_state(tmp_path):
                  "eval_runtime", "train_runtime"):
         assert name in m.available
     assert "step" not in m.available
-    msg = refuse(p, r"several metrics \(.*\); choose one with --metric$")
+    msg = refuse(p, r"several metrics \(.*\); choose one with --metric$", code=2)
     assert "eval_accuracy" in msg and "rewards/accuracy_reward/mean" in msg
     for bookkeeping in ("epoch", "eval_runtime", "eval_samples_per_second", "train_runtime", "total_flos"):
         assert bookkeeping + "," not in msg and bookkeeping + ")" not in msg
@@ -167,7 +169,7 @@ def test_step_column_option(tmp_path):
               r"columns: iteration, step_time, acc$")
     m = read_metrics(p, metric="acc", step_column="iteration")
     assert m.values == {5: 0.5, 10: 0.7} and m.step_column == "iteration"
-    refuse(p, r"no step column 'iter' \(columns: iteration, step_time, acc\)$", step_column="iter")
+    refuse(p, r"no step column 'iter' \(columns: iteration, step_time, acc\)$", code=2, step_column="iter")
 
 
 def test_align(tmp_path):
@@ -253,14 +255,14 @@ def test_duplicate_steps(tmp_path):
 
 def test_unknown_metric(tmp_path):
     p = write(tmp_path, "m.csv", "step,acc,loss,note\n1,0.5,1.0,ok\n")
-    refuse(p, r"no metric 'reward' \(available: acc, loss\)$", metric="reward")
-    refuse(p, r"no metric 'note' \(available: acc, loss\)$", metric="note")
+    refuse(p, r"no metric 'reward' \(available: acc, loss\)$", code=2, metric="reward")  # not in the file
+    refuse(p, r"no metric 'note' \(available: acc, loss\)$", metric="note")  # a column, without numbers
     refuse(p, r"no metric 'step' \(available: acc, loss\)$", metric="step")
 
 
 def test_several_metrics_without_choice(tmp_path):
     p = write(tmp_path, "m.csv", "step,epoch,a,b,c\n1,0.1,1,2,3\n")
-    refuse(p, r": several metrics \(a, b, c\); choose one with --metric$")
+    refuse(p, r": several metrics \(a, b, c\); choose one with --metric$", code=2)
     refuse(write(tmp_path, "n.csv", "step,epoch,note\n1,0.5,x\n"), r": no metric column \(columns: step, epoch, note\)$")
 
 

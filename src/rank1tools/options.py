@@ -1,4 +1,4 @@
-"""Parsers for option values given as text (--steps, --rank, --max-shard-size, integer options).
+"""Parsers for option values given as text (--steps, --rank, --max-shard-size, numbers).
 
 Pure and torch-free, so the CLI can refuse a bad value at once. Numbers are ASCII digits only:
 `int()` and `\\d` also accept other scripts' digits (`int("٢٠") == 20`), which no user means.
@@ -16,6 +16,7 @@ from .errors import UsageError
 
 INT64_MAX = 2**63 - 1  # steps and counts end up in int64 tensors and JSON readers' int64
 _ASCII_INT = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # ASCII decimal, no `_`
 _RANK_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?)%")
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)")
 SIZE_UNITS = {
@@ -42,6 +43,15 @@ def parse_positive_int(text: str, option: str) -> int:
     return value
 
 
+MIN_CHECKPOINTS = 3  # fit-pls: a line through 2 points always fits
+
+
+def check_min_checkpoints(n: int) -> int:
+    if n < MIN_CHECKPOINTS:
+        raise UsageError(f"--min-checkpoints {n}: at least {MIN_CHECKPOINTS} (a line through 2 points always fits)")
+    return n
+
+
 def parse_size(text: str, option: str = "--max-shard-size") -> int:
     """Bytes from `5GB`, `500MB`, `2GiB` or a plain number of bytes; units are case-insensitive.
     A fractional value (`1.5GB`) is allowed as in huggingface_hub; the result must be >= 1 byte."""
@@ -55,10 +65,11 @@ def parse_size(text: str, option: str = "--max-shard-size") -> int:
     return value
 
 
-def parse_steps(spec: str) -> tuple[str, object]:
-    """Parse `--steps`: a list `50,100,200` -> ("list", [50, 100, 200]), or an inclusive range
-    `START:STOP[:EVERY]` with optional parts -> ("range", (start, stop, every)), None for a missing part."""
-    bad = UsageError(f"--steps {spec!r}: expected a list like 50,100,200 or a range like 10:100:10")
+def parse_steps(spec: str, option: str = "--steps") -> tuple[str, object]:
+    """Parse a step selection (`--steps`, or an alias: the message names `option`, the one typed): a
+    list `50,100,200` -> ("list", [50, 100, 200]), or an inclusive range `START:STOP[:EVERY]` with
+    optional parts -> ("range", (start, stop, every)), None for a missing part."""
+    bad = UsageError(f"{option} {spec!r}: expected a list like 50,100,200 or a range like 10:100:10")
     s = str(spec).strip()
     if ":" in s:
         parts = [p.strip() for p in s.split(":")]
@@ -141,6 +152,34 @@ def check_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def parse_number(value: str | float, option: str, *, at_least: float | None = None, above: float | None = None,
+                 at_most: float | None = None, integer: bool = False) -> float | int:
+    """A numeric option: ASCII decimal text (`0.5`, `-2`, `1e-3`; an integer option: digits only),
+    finite, within the given bounds. Python's own literals beyond that are refused, because float()
+    and int() would read them silently: `0_5` as 5, `1_0` as 10, `inf`, `nan`, other scripts' digits."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # a default, already a number
+        number, text = value, value
+    else:
+        text = str(value).strip()
+        if integer:
+            number = ascii_int(text)
+            if number is None:
+                raise UsageError(f"{option} {value!r}: expected a whole number in ASCII digits, like 3")
+        else:
+            if not _NUMBER.fullmatch(text):
+                raise UsageError(f"{option} {value!r}: expected a number in ASCII digits, like 0.5, -2 or 1e-3")
+            number = float(text)
+    if not math.isfinite(number):
+        raise UsageError(f"{option} {text}: must be a finite number")
+    if at_least is not None and number < at_least:
+        raise UsageError(f"{option} {text}: must be at least {number_label(at_least)}")
+    if above is not None and number <= above:
+        raise UsageError(f"{option} {text}: must be greater than {number_label(above)}")
+    if at_most is not None and number > at_most:
+        raise UsageError(f"{option} {text}: must be at most {number_label(at_most)}")
+    return number
+
+
 def check_finite(value: float, option: str) -> float:
     import math
 
@@ -158,7 +197,12 @@ def parse_step_list(text: str, option: str) -> list[int]:
     return list(dict.fromkeys(steps))
 
 
-_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+def parse_step(text: str, option: str) -> int:
+    """One step (ASCII digits): `--history-until`, `--from`, `--to` (a list there was read as its first item)."""
+    value = ascii_int(str(text).strip())
+    if value is None:
+        raise UsageError(f"{option} {text!r}: expected one step, like 500")
+    return value
 
 
 def parse_number_list(text: str, option: str) -> list[float]:

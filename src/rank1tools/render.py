@@ -1,10 +1,51 @@
-"""How the CLI shows results on a terminal: rich tables on stdout (JSON output is in cli.py).
+"""How the CLI shows results: rich tables on stdout (JSON output is in cli/app.py).
+
+No value is ever cut (docs/cli.md, "Tables"): on a terminal the tables fit its width and a cell too
+narrow for its value folds it onto the next line; anywhere else (a pipe, a file, a CI log) there is
+no width limit at all, so every table is as wide as its values and no line wraps: a path or a
+figure stays on one line, whole, for grep and for the reader of the log.
 
 rich is imported inside each function, so importing this module costs nothing."""
 
 from __future__ import annotations
 
 import os
+
+UNLIMITED_WIDTH = 1_000_000  # off a terminal: wide enough that rich never wraps or shortens
+
+
+def _console():
+    """stdout for rich: the terminal's width on a terminal, no width limit elsewhere. COLUMNS, which
+    rich would apply to a pipe, is ignored there (a log is read whole, not on a screen), and so is
+    FORCE_COLOR's claim of a terminal: a CI log with colours is still a log."""
+    import sys
+
+    from rich.console import Console
+
+    try:
+        on_terminal = sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        on_terminal = False
+    return Console() if on_terminal else Console(width=UNLIMITED_WIDTH)
+
+
+def _table(title: str | None = None, **kw):
+    from rich.table import Table
+
+    return Table(title=title, title_justify="left", **kw)
+
+
+def _column(table, header: str = "", right: bool = False, **kw) -> None:
+    """A column whose values fold (never an ellipsis) when the terminal is too narrow."""
+    table.add_column(header, justify="right" if right else "left", overflow="fold", **kw)
+
+
+def steps_text(steps: list[int], show: int = 6) -> str:
+    """Steps for a terminal line: all of a short list, else the count with the first and last
+    (the full list is in --json and the output's manifest)."""
+    if len(steps) <= show:
+        return "steps " + ", ".join(map(str, steps))
+    return f"{len(steps)} steps, {steps[0]} .. {steps[-1]} (all of them in --json)"
 
 
 def human_bytes(n: int) -> str:
@@ -16,12 +57,11 @@ def human_bytes(n: int) -> str:
 
 
 def model(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
-    t = Table(title=f"model {report.source}", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
+    t = _table(f"model {escape(report.source)}", show_header=False)
+    _column(t, style="bold")
+    _column(t)
     t.add_row("tensors", str(report.tensors))
     t.add_row("parameters", f"{report.parameters:,}")
     t.add_row("size", human_bytes(report.bytes))
@@ -31,89 +71,86 @@ def model(report) -> None:
     t.add_row("module types", ", ".join(f"{k}: {v}" for k, v in report.module_types.items()) or "none")
     t.add_row("lm_head", "tied to embedding" if report.lm_head_tied else "stored")
     if report.revision:
-        t.add_row("revision", report.revision)
-    Console().print(t)
+        t.add_row("revision", escape(report.revision))
+    _console().print(t)
 
 
 def run(report) -> None:
-    from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
-    t = Table(title=f"run {report.source}: {len(report.checkpoints)} checkpoints", title_justify="left")
+    t = _table(f"run {escape(report.source)}: {len(report.checkpoints)} checkpoints")
     for col in ("step", "layout", "weights", "dtypes", "tensors", "status"):
-        t.add_column(col, justify="right" if col in ("step", "tensors") else "left")
+        _column(t, col, right=col in ("step", "tensors"))
     for c in report.checkpoints:
         status = "ok" if c.status == "ok" else f"[red]{escape(c.problem)}[/red]"  # a path may hold [brackets]
         step = str(c.step) if c.step is not None else os.path.basename(c.path)  # a name without a step
-        t.add_row(step, c.layout, c.weights or "-", ", ".join(f"{k}: {v}" for k, v in c.dtypes.items()) or "-",
+        t.add_row(escape(step), c.layout, escape(c.weights or "-"), ", ".join(f"{k}: {v}" for k, v in c.dtypes.items()) or "-",
                   str(c.tensors or "-"), status)
-    Console(width=max(120, Console().width)).print(t)
+    _console().print(t)
 
 
 def decompose(result) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
     s = result.summary
-    console = Console()
+    console = _console()
     for key, title in (("by_type", "module type"), ("by_step", "step")):
-        t = Table(title=f"mean rank-1 share of the update, by {title}", title_justify="left")
-        t.add_column(title)
-        t.add_column("energy_1 (σ₁²/‖ΔW‖²)", justify="right")
-        t.add_column("norm_frac_1 (σ₁/‖ΔW‖)", justify="right")
-        t.add_column("rows", justify="right")
+        t = _table(f"mean rank-1 share of the update, by {title}")
+        _column(t, title)
+        _column(t, "energy_1 (σ₁²/‖ΔW‖²)", right=True)
+        _column(t, "norm_frac_1 (σ₁/‖ΔW‖)", right=True)
+        _column(t, "rows", right=True)
         for g, v in s[key].items():
-            t.add_row(g, f"{v['energy_1']:.4f}", f"{v['norm_frac_1']:.4f}", str(v["n"]))
+            t.add_row(escape(str(g)), f"{v['energy_1']:.4f}", f"{v['norm_frac_1']:.4f}", str(v["n"]))
         console.print(t)
     o = s["overall"]
-    console.print(f"{len(result.modules)} modules x {len(result.steps)} checkpoints -> {result.out} "
+    console.print(f"{len(result.modules)} modules x {len(result.steps)} checkpoints -> {escape(str(result.out))} "
                   f"(overall energy_1 {o['energy_1']:.4f}, norm_frac_1 {o['norm_frac_1']:.4f})")
 
 
 def reconstruct(result) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
-    t = Table(title=f"rank-k reconstructions of {result.modules} modules"
-              + (" (from the factor store)" if result.used_factors else ""), title_justify="left")
+    t = _table(f"rank-k reconstructions of {result.modules} modules"
+               + (" (from the factor store)" if result.used_factors else ""))
     for col in ("rank", "output", "updated elements", "lost to rounding", "update rel. error"):
-        t.add_column(col, justify="left" if col in ("rank", "output") else "right")
+        _column(t, col, right=col not in ("rank", "output"))
     for o in result.outputs:
-        t.add_row(o.rank, o.path, f"{o.updated_elements:,}", f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}")
-    Console().print(t)
+        t.add_row(escape(o.rank), escape(o.path), f"{o.updated_elements:,}", f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}")
+    _console().print(t)
 
 
 def fit_pls(result) -> None:
-    """The fit-pls summary: mean R²s, share of linear modules, the 5 most and least linear, warnings."""
-    from rich.console import Console
+    """The fit-pls summary: mean R²s, share of linear modules, the 5 most and least linear, warnings.
+    Every figure may be missing (None: e.g. no module, or no leave-one-out fit defined): shown as "-"."""
     from rich.markup import escape
-    from rich.table import Table
 
-    s, console = result.summary, Console()
+    s, console = result.summary, _console()
     m = s["mean"]
 
     def f(v):
         return "-" if v is None else f"{v:.3f}"
 
-    t = Table(title=f"PLS fits of {m['n']} modules over {len(result.steps)} checkpoints (steps {result.steps[0]}.."
-              f"{result.steps[-1]})" + (f", metric {result.metric}" if result.metric else ", step only"),
-              title_justify="left")
+    steps = f" (steps {result.steps[0]}..{result.steps[-1]})" if result.steps else ""
+    t = _table(f"PLS fits of {m['n']} modules over {len(result.steps)} checkpoints{steps}"
+               + (f", metric {escape(result.metric)}" if result.metric else ", step only"))
     for col in ("module type", "in-sample R²", "leave-one-out R²", "R²_step", "modules"):
-        t.add_column(col, justify="left" if col == "module type" else "right")
+        _column(t, col, right=col != "module type")
     for g, v in s["by_type"].items():
-        t.add_row(g, f(v.get("r2")), f(v.get("loo_r2")), f(v["r2_step"]), str(v["n"]))
-    t.add_row("[bold]all[/bold]", f(m.get("r2")), f(m.get("loo_r2")), f(m["r2_step"]), str(m["n"]))
+        t.add_row(escape(g), f(v.get("r2")), f(v.get("loo_r2")), f(v.get("r2_step")), str(v["n"]))
+    t.add_row("[bold]all[/bold]", f(m.get("r2")), f(m.get("loo_r2")), f(m.get("r2_step")), str(m["n"]))
     console.print(t)
     if result.metric:
-        console.print(f"share of modules with leave-one-out R² > 0.9: {s['share_loo_above_0.9']:.0%}")
+        share = s.get("share_loo_above_0.9")
+        console.print("share of modules with leave-one-out R² > 0.9: " + ("-" if share is None else f"{share:.0%}"))
     if result.checkpoints_without_metric:
-        console.print(f"checkpoints without a metric (not fitted): steps {result.checkpoints_without_metric}")
+        console.print(f"checkpoints without a metric (not fitted): {steps_text(result.checkpoints_without_metric)}")
     if result.metric_steps_without_checkpoint:
-        console.print(f"metric rows without a checkpoint (not fitted): steps {result.metric_steps_without_checkpoint}")
+        console.print(f"metric rows without a checkpoint (not fitted): {steps_text(result.metric_steps_without_checkpoint)}")
     key = s["ranked_by"]
     for title, rows in (("most linear", s["most_linear"][:5]), ("least linear", s["least_linear"][:5])):
-        console.print(f"{title} ({key}): " + ", ".join(f"{escape(r['module'])} {r[key]:.3f}" for r in rows))
+        if rows:
+            console.print(f"{title} ({key}): " + ", ".join(f"{escape(r['module'])} {f(r[key])}" for r in rows))
     for w in result.warnings:
         console.print(f"[bold red]warning:[/bold red] {escape(w)}")
     if result.plots:
@@ -123,16 +160,14 @@ def fit_pls(result) -> None:
 
 def extrapolate(result) -> None:
     """One row per written checkpoint: target, folder, norm ratios, flagged tensors, rounding."""
-    from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
-    console = Console()
+    console = _console()
     hist = result.history_steps
     where = f" from steps {hist[0]}..{hist[-1]} ({len(hist)} checkpoints)" if hist else ""
-    t = Table(title=f"{result.method} extrapolation of {len(result.tensors)} tensors{where}", title_justify="left")
+    t = _table(f"{result.method} extrapolation of {len(result.tensors)} tensors{where}")
     for col in ("target", "output", "norm ratio (median)", "(max)", "flagged", "lost to rounding", "update rel. error"):
-        t.add_column(col, justify="left" if col in ("target", "output") else "right")
+        _column(t, col, right=col not in ("target", "output"))
 
     def f(v):
         return "-" if v is None else f"{v:.3g}"
@@ -150,22 +185,20 @@ def extrapolate(result) -> None:
 
 def linearity(result) -> None:
     """The linearity summary: a table by module type, the headline line, the least linear tensors."""
-    from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
-    s, console = result.summary, Console(width=max(110, Console().width))
+    s, console = result.summary, _console()
     key, r = "frac_r2_above_0.7", result.rank
 
     def f(v, pct=False):
         return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3f}")
 
-    t = Table(title=f"linearity of {s['mean']['n']} tensors over {len(result.steps)} checkpoints "
-              f"(steps {result.steps[0]}..{result.steps[-1]})", title_justify="left")
+    t = _table(f"linearity of {s['mean']['n']} tensors over {len(result.steps)} checkpoints "
+               f"(steps {result.steps[0]}..{result.steps[-1]})")
     cols = ["type", "tensors", "mean explained_1"] + ([f"mean explained_{r}"] if r > 1 else []) + \
         ["mean coef R²_1", "elements R² > 0.7", "static elements"]
     for col in cols:
-        t.add_column(col, justify="left" if col == "type" else "right")
+        _column(t, col, right=col != "type")
 
     def add(label, g):
         t.add_row(label, str(g["n"]), f(g["mean_explained_1"]), *([f(g["mean_explained_r"])] if r > 1 else []),
@@ -189,16 +222,13 @@ def linearity(result) -> None:
 
 def demo(result) -> None:
     """The trained demo's results table (accuracy and kept gain per model) and its figures."""
-    from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
-    console = Console()
-    t = Table(title=f"rank1 demo (seed {result.seed}{', quick' if result.quick else ''}): held-out accuracy, "
-              f"GRPO steps {result.steps[0]}..{result.final}, history for extrapolation up to step {result.cut}",
-              title_justify="left")
+    console = _console()
+    t = _table(f"rank1 demo (seed {result.seed}{', quick' if result.quick else ''}): held-out accuracy, "
+              f"GRPO steps {result.steps[0]}..{result.final}, history for extrapolation up to step {result.cut}")
     for col in ("model", "step", "accuracy", "gain kept", "how"):
-        t.add_column(col, justify="right" if col in ("step", "accuracy", "gain kept") else "left")
+        _column(t, col, right=col in ("step", "accuracy", "gain kept"))
     for r in result.rows:
         t.add_row(escape(r.name), str(r.step), f"{r.accuracy:.1%}", "-" if r.kept is None else f"{r.kept:.0%}",
                   escape(r.note))
@@ -208,9 +238,9 @@ def demo(result) -> None:
     def v(x):
         return "-" if x is None else f"{x:.3f}"
 
-    s = Table(title="what the tool tells about the run", show_header=False, title_justify="left")
-    s.add_column(style="bold")
-    s.add_column(justify="right")
+    s = _table("what the tool tells about the run", show_header=False)
+    _column(s, style="bold")
+    _column(s, right=True)
     for label, key in (("mean energy_1 (all matrices, all checkpoints)", "energy_1_mean"),
                        ("mean energy_1 at the final step", "energy_1_final"),
                        ("mean PLS R² vs accuracy, in-sample", "pls_r2"),

@@ -14,6 +14,7 @@ import os
 import sys
 
 import typer
+from typer.core import TyperArgument, TyperCommand
 
 from .. import __version__
 from ..errors import Rank1Error, Terminated
@@ -28,23 +29,86 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-BASE_ARG = typer.Argument(..., help="Base model (θ₀): folder, .safetensors file or hf:// repo.")
-RUN_OPT = typer.Option(None, "--run", help="Run directory of step folders instead of CHECKPOINT args.")
-DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+class _PlainArgument(TyperArgument):
+    """An argument shown by its metavar alone: `BASE`, `[CHECKPOINT]...`, not typer's `{base}` or `<str>`."""
+
+    def display_type_rich(self, ctx):
+        return None
+
+    def _usage_display_name(self) -> str:
+        return self.metavar or self.name.upper()
+
+
+class Rank1Command(TyperCommand):
+    """Every rank1 command: arguments shown by their metavars (options carry theirs: PATH, STEPS, N)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperArgument:
+                param.__class__ = _PlainArgument
+
+
+def suggest_options(typed: str, command) -> list[str]:
+    """The options of `command` a mistyped `typed` most likely meant: those it abbreviates, then the
+    close spellings (difflib on the names without dashes, `_` read as `-`); never --help."""
+    import difflib
+
+    names = [o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--") and o != "--help"]
+    key = typed.split("=", 1)[0].lstrip("-").replace("_", "-").lower()
+    if not key:
+        return []
+    found = [n for n in names if n[2:].startswith(key)]
+    found += ["--" + n for n in difflib.get_close_matches(key, [n[2:] for n in names], n=3, cutoff=0.75)]
+    return list(dict.fromkeys(found))[:3]
+
+
+BASE_ARG = typer.Argument(..., metavar="BASE", help="Base model (θ₀): folder, .safetensors file or hf:// repo.")
+CHECKPOINTS_ARG = "[CHECKPOINT]..."  # metavar of the checkpoints arguments
+RUN_OPT = typer.Option(None, "--run", metavar="RUN_DIR", help="Run directory of step folders instead of CHECKPOINT args.")
+DEVICE_OPT = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (for pipelines).")
-REVISIONS_OPT = typer.Option(None, "--revisions", help="Hub run: branches matching this glob, e.g. 'step_*' (step = trailing number).")
+FORCE_OPT = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it.")
+STEPS_HELP = "'50,100' or '10:100:10' (inclusive)"
+REVISIONS_OPT = typer.Option(None, "--revisions", metavar="GLOB", help="Hub run: branches matching this glob, e.g. 'step_*' (step = trailing number).")
 SUBFOLDERS_OPT = typer.Option(False, "--subfolders", help="Hub run: step folders (checkpoint-N/ ...) at one revision.")
 COMMITS_OPT = typer.Option(False, "--commits", help="Hub run: commits whose message says 'step N'.")
-HUB_CACHE_OPT = typer.Option(None, "--hub-cache-policy", help="Hub shards: 'keep' in the cache (default) or 'evict' once read.")
-EXECUTOR_OPT = typer.Option("local", "--executor", help="Where the work runs: 'local' (this process) or 'ray' (tasks on a "
+HUB_CACHE_OPT = typer.Option(None, "--hub-cache-policy", metavar="keep|evict", help="Hub shards: 'keep' in the cache (default) or 'evict' once read.")
+EXECUTOR_OPT = typer.Option("local", "--executor", metavar="local|ray", help="Where the work runs: 'local' (this process) or 'ray' (tasks on a "
                             "Ray cluster; needs the ray extra and an output on storage every worker shares).")
-RAY_ADDRESS_OPT = typer.Option(None, "--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else a running "
+RAY_ADDRESS_OPT = typer.Option(None, "--ray-address", metavar="ADDRESS", help="Ray cluster to use (default: RAY_ADDRESS, else a running "
                                "local cluster, else a new local Ray instance).")
-RAY_CPUS_OPT = typer.Option(None, "--ray-num-cpus", help="CPUs per Ray task (default: the threads a local run uses).")
-RAY_GPUS_OPT = typer.Option(None, "--ray-num-gpus", help="GPUs per Ray task, e.g. 0.25 for four tasks per GPU.")
-MAX_IN_FLIGHT_OPT = typer.Option(None, "--max-in-flight", help="Ray tasks submitted at once (bounds memory; default: "
-                                 "as many as the cluster runs at the same time).")
+
+
+def number(option: str, **bounds):
+    """The `parser` of a numeric option: options.parse_number with the option's name and bounds, run
+    while click parses the command line (before any heavy import): no `1_0`, `inf` or out-of-range value."""
+    def parse(value):
+        from ..options import parse_number
+
+        return parse_number(value, option, **bounds)
+
+    return parse
+
+
+RAY_CPUS_OPT = typer.Option(None, "--ray-num-cpus", metavar="CPUS", parser=number("--ray-num-cpus", at_least=0),
+                            help="CPUs per Ray task (default: the threads a local run uses).")
+RAY_GPUS_OPT = typer.Option(None, "--ray-num-gpus", metavar="GPUS", parser=number("--ray-num-gpus", at_least=0),
+                            help="GPUs per Ray task, e.g. 0.25 for four tasks per GPU.")
+MAX_IN_FLIGHT_OPT = typer.Option(None, "--max-in-flight", metavar="N", parser=number("--max-in-flight", at_least=1, integer=True),
+                                 help="Ray tasks submitted at once (bounds memory; default: as many as the cluster runs at the same time).")
+
+
+def one_step_selection(**given: str | None) -> tuple[str | None, str]:
+    """The step selection as given under `--steps` or an alias (fit-pls --window; docs/cli.md, "Step
+    selections"): (value, the option typed, for messages). Both at once is a usage error."""
+    from ..errors import UsageError
+
+    named = [(f"--{name.replace('_', '-')}", value) for name, value in given.items() if value is not None]
+    if len(named) > 1:
+        raise UsageError(f"{named[0][0]} and {named[1][0]} are one option (an alias): give it once")
+    return (named[0][1], named[0][0]) if named else (None, "--steps")
 
 
 RESUME_HINT = "the finished work is kept beside --out: rerun the same command to resume"
@@ -173,8 +237,13 @@ def main() -> None:
         if any(c.__name__ == "NoArgsIsHelpError" for c in type(e).__mro__):
             e.show()
         else:
-            cmd = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None and e.ctx.parent else ""
-            sys.stderr.write(f"rank1: error: {cmd}{_one_line(e.format_message())} (see --help)\n")
+            ctx = getattr(e, "ctx", None)
+            cmd = f"{ctx.command_path}: " if ctx is not None and ctx.parent else ""
+            message = e.format_message()
+            if type(e).__name__ == "NoSuchOption" and ctx is not None:  # click's own hint offered --help for --steps
+                hint = suggest_options(e.option_name, ctx.command)
+                message = f"No such option: {e.option_name}" + (f" (did you mean {' or '.join(hint)}?)" if hint else "")
+            sys.stderr.write(f"rank1: error: {cmd}{_one_line(message)} (see --help)\n")
         sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt as e:
         sys.stderr.write("rank1: terminated\n" if isinstance(e, Terminated) else "rank1: interrupted\n")

@@ -8,47 +8,47 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, SUBFOLDERS_OPT,
-                  app, check_common_early, check_executor_early, check_output_early, interrupt_hint, print_json,
-                  set_hub_cache_policy, stderr_progress)
+from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
+                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT,
+                  REVISIONS_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early, check_executor_early,
+                  check_output_early, interrupt_hint, number, print_json, set_hub_cache_policy, stderr_progress)
 
 
-@app.command()
+@app.command(cls=Rank1Command)
 def extrapolate(
     base: str = BASE_ARG,
-    checkpoints: Optional[list[str]] = typer.Argument(None, help="relex/linear: history checkpoints (or use --run)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output checkpoint (one target) or parent of step-S / metric-Y folders."),
-    method: str = typer.Option(..., "--method", help="alpharl (from a fit-pls output), relex (trajectory rank-r) or linear."),
-    run: Optional[str] = typer.Option(None, "--run", help="relex/linear: run directory of step folders."),
-    steps: Optional[str] = typer.Option(None, "--steps", help="With --run: '50,100' or '10:100:10' (inclusive)."),
+    checkpoints: Optional[list[str]] = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="relex/linear: history checkpoints (or use --run)."),
+    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output checkpoint (one target) or parent of step-S / metric-Y folders."),
+    method: str = typer.Option(..., "--method", metavar="alpharl|relex|linear", help="alpharl (from a fit-pls output), relex (trajectory rank-r) or linear."),
+    run: Optional[str] = typer.Option(None, "--run", metavar="RUN_DIR", help="relex/linear: run directory of step folders."),
+    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help="With --run: '50,100' or '10:100:10' (inclusive)."),
     revisions: Optional[str] = REVISIONS_OPT,
     subfolders: bool = SUBFOLDERS_OPT,
     commits: bool = COMMITS_OPT,
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
-    history_until: Optional[str] = typer.Option(None, "--history-until", help="relex/linear: use checkpoints up to this step (default all)."),
-    target_step: Optional[str] = typer.Option(None, "--target-step", help="Step(s) to predict, e.g. 500 or 500,1000,2000."),
-    rank: str = typer.Option("1", "--rank", "-k", help="relex: trajectory rank r."),
-    fit_window: Optional[str] = typer.Option(None, "--fit-window", help="relex: fit the coefficient lines on the last W history points; linear lstsq: fit on the last W checkpoints."),
+    history_until: Optional[str] = typer.Option(None, "--history-until", metavar="STEP", help="relex/linear: use checkpoints up to this step (default all)."),
+    target_step: Optional[str] = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, e.g. 500 or 500,1000,2000."),
+    rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="relex: trajectory rank r."),
+    fit_window: Optional[str] = typer.Option(None, "--fit-window", metavar="W", help="relex: fit the coefficient lines on the last W history points; linear lstsq: fit on the last W checkpoints."),
     position_index: bool = typer.Option(False, "--position-index", help="relex: fit on positions 0..T-1 as the reference code does (wrong for uneven spacing)."),
-    mode: str = typer.Option("lstsq", "--mode", help="linear: lstsq (per-element least squares over the history) or two-point."),
-    from_step: Optional[str] = typer.Option(None, "--from", help="linear two-point: first step (default the first history checkpoint)."),
-    to_step: Optional[str] = typer.Option(None, "--to", help="linear two-point: second step (default the last history checkpoint)."),
+    mode: str = typer.Option("lstsq", "--mode", metavar="lstsq|two-point", help="linear: lstsq (per-element least squares over the history) or two-point."),
+    from_step: Optional[str] = typer.Option(None, "--from", metavar="STEP", help="linear two-point: first step (default the first history checkpoint)."),
+    to_step: Optional[str] = typer.Option(None, "--to", metavar="STEP", help="linear two-point: second step (default the last history checkpoint)."),
     extrapolate_norms: bool = typer.Option(False, "--extrapolate-norms", help="linear: extrapolate norm weights too (default: copy them from the last checkpoint)."),
-    fits: Optional[str] = typer.Option(None, "--fits", help="alpharl: a fit-pls --out folder (fit store)."),
-    target_metric: Optional[str] = typer.Option(None, "--target-metric", help="alpharl: target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."),
-    container: str = typer.Option("base", "--container", help="alpharl: add the predicted update to 'base' (default) or to the window's 'last' checkpoint."),
-    last_checkpoint: Optional[str] = typer.Option(None, "--last-checkpoint", help="alpharl --container last: the window's last checkpoint (default: as the fit store records it)."),
-    min_r2: Optional[float] = typer.Option(None, "--min-r2", help="alpharl: modules whose R² is below this keep the container's value."),
-    r2_kind: str = typer.Option("r2", "--r2", help="alpharl: which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."),
-    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable)."),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
-    rest: str = typer.Option("last", "--rest", help="relex/linear: tensors not selected from the 'last' history checkpoint or the 'base'."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (base dtype), float32, bfloat16 or float16."),
-    flag_ratio: float = typer.Option(4.0, "--flag-ratio", help="Flag tensors whose predicted update norm exceeds this many times a straight line's."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB."),
+    fits: Optional[str] = typer.Option(None, "--fits", metavar="FITS_DIR", help="alpharl: a fit-pls --out folder (fit store)."),
+    target_metric: Optional[str] = typer.Option(None, "--target-metric", metavar="VALUES", help="alpharl: target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."),
+    container: str = typer.Option("base", "--container", metavar="base|last", help="alpharl: add the predicted update to 'base' (default) or to the window's 'last' checkpoint."),
+    last_checkpoint: Optional[str] = typer.Option(None, "--last-checkpoint", metavar="CHECKPOINT", help="alpharl --container last: the window's last checkpoint (default: as the fit store records it)."),
+    min_r2: Optional[float] = typer.Option(None, "--min-r2", metavar="R2", parser=number("--min-r2", at_most=1), help="alpharl: modules whose R² is below this keep the container's value."),
+    r2_kind: str = typer.Option("r2", "--r2", metavar="r2|loo_r2|r2_step", help="alpharl: which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."),
+    include: Optional[list[str]] = typer.Option(None, "--include", metavar="GLOB", help="Glob of tensor names (repeatable)."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable)."),
+    rest: str = typer.Option("last", "--rest", metavar="last|base", help="relex/linear: tensors not selected from the 'last' history checkpoint or the 'base'."),
+    dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16", help="auto (base dtype), float32, bfloat16 or float16."),
+    flag_ratio: float = typer.Option(4.0, "--flag-ratio", metavar="RATIO", parser=number("--flag-ratio", above=0), help="Flag tensors whose predicted update norm exceeds this many times a straight line's."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB."),
     device: str = DEVICE_OPT,
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     executor: str = EXECUTOR_OPT,
     ray_address: Optional[str] = RAY_ADDRESS_OPT,
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
@@ -63,7 +63,8 @@ def extrapolate(
     pass); alpharl reads a fit-pls output and the base. Each output loads like the base and
     records how it was made; a rounding report and per-tensor norm ratios come with it.
     """
-    from ..options import check_finite, parse_number_list, parse_positive_int, parse_size, parse_step_list, parse_steps
+    from ..options import (check_finite, parse_number_list, parse_positive_int, parse_size, parse_step, parse_step_list,
+                           parse_steps)
 
     if steps is not None:
         parse_steps(steps)
@@ -76,13 +77,13 @@ def extrapolate(
     opts = ExtrapolateOptions(
         method=method, checkpoints=checkpoints or [], run=run, steps=steps,
         hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
-        history_until=None if history_until is None else parse_step_list(history_until, "--history-until")[0],
+        history_until=None if history_until is None else parse_step(history_until, "--history-until"),
         target_steps=parse_step_list(target_step, "--target-step") if target_step is not None else [],
         rank=parse_positive_int(rank, "--rank"),
         fit_window=None if fit_window is None else parse_positive_int(fit_window, "--fit-window"),
         position_index=position_index, mode=mode,
-        from_step=None if from_step is None else parse_step_list(from_step, "--from")[0],
-        to_step=None if to_step is None else parse_step_list(to_step, "--to")[0],
+        from_step=None if from_step is None else parse_step(from_step, "--from"),
+        to_step=None if to_step is None else parse_step(to_step, "--to"),
         extrapolate_norms=extrapolate_norms, fits=fits,
         target_metrics=parse_number_list(target_metric, "--target-metric") if target_metric is not None else [],
         container=container, last_checkpoint=last_checkpoint, min_r2=min_r2, r2_kind=r2_kind,

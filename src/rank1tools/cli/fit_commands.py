@@ -8,10 +8,11 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
-                  SUBFOLDERS_OPT, app, check_common_early, check_executor_early, check_output_early, interrupt_hint,
-                  print_json, set_hub_cache_policy, stderr_progress)
+from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
+                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT,
+                  REVISIONS_OPT, RUN_OPT, STEPS_HELP, SUBFOLDERS_OPT, Rank1Command, app, check_common_early,
+                  check_executor_early, check_output_early, interrupt_hint, number, one_step_selection, print_json,
+                  set_hub_cache_policy, stderr_progress)
 
 
 def exit_on_gate(gate: dict | None, out: str) -> None:
@@ -24,19 +25,20 @@ def exit_on_gate(gate: dict | None, out: str) -> None:
         raise typer.Exit(GATE_EXIT_CODE)
 
 
-@app.command("fit-pls")
+@app.command("fit-pls", cls=Rank1Command)
 def fit_pls(
-    factors: str = typer.Argument(..., help="A decompose --out folder (factor store)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder: tables, summary, plots and the fit store."),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help="Metric per checkpoint step: CSV/TSV, JSON Lines, JSON, or trainer_state.json."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="Which metric of --metrics (default: the only one)."),
-    step_column: Optional[str] = typer.Option(None, "--step-column", help="Step column of a CSV/JSONL metrics file."),
-    window: Optional[str] = typer.Option(None, "--window", help="Checkpoint steps to fit, inclusive START:STOP, e.g. 10:200."),
+    factors: str = typer.Argument(..., metavar="FACTORS_DIR", help="A decompose --out folder (factor store)."),
+    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output folder: tables, summary, plots and the fit store."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", metavar="FILE", help="Metric per checkpoint step: CSV/TSV, JSON Lines, JSON, or trainer_state.json."),
+    metric: Optional[str] = typer.Option(None, "--metric", metavar="NAME", help="Which metric of --metrics (default: the only one)."),
+    step_column: Optional[str] = typer.Option(None, "--step-column", metavar="NAME", help="Step column of a CSV/JSONL metrics file."),
+    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help=f"Checkpoint steps to fit: {STEPS_HELP}."),
+    window: Optional[str] = typer.Option(None, "--window", metavar="STEPS", help="Alias of --steps."),
     relative: bool = typer.Option(False, "--relative", help="Divide the metric by its value at the window's last checkpoint."),
-    min_checkpoints: str = typer.Option("3", "--min-checkpoints", help="Fewest checkpoints to fit (at least 3)."),
-    fail_below: Optional[float] = typer.Option(None, "--fail-below", help="Exit 5 (after writing) when mean LOO R² (or R²_step without --metrics) is below this."),
+    min_checkpoints: str = typer.Option("3", "--min-checkpoints", metavar="N", help="Fewest checkpoints to fit (at least 3)."),
+    fail_below: Optional[float] = typer.Option(None, "--fail-below", metavar="R2", parser=number("--fail-below", at_most=1), help="Exit 5 (after writing) when mean LOO R² (or R²_step without --metrics) is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -45,19 +47,19 @@ def fit_pls(
     One-component PLS per module: in-sample R², leave-one-out R² and R²_step; tables, plots and a
     fit store for extrapolate --method alpharl. Reads only the factor store.
     """
-    from ..options import check_finite, parse_positive_int, parse_steps
+    from ..options import check_min_checkpoints, parse_positive_int, parse_steps
 
-    min_ck = parse_positive_int(min_checkpoints, "--min-checkpoints")
+    min_ck = check_min_checkpoints(parse_positive_int(min_checkpoints, "--min-checkpoints"))
+    window, window_option = one_step_selection(steps=steps, window=window)
     if window is not None:
-        parse_steps(window)
-    if fail_below is not None:
-        check_finite(fail_below, "--fail-below")
+        parse_steps(window, window_option)
     check_output_early(out, force, [factors, metrics])
 
     from ..commands.fit_pls import FitPlsOptions
     from ..commands.fit_pls import fit_pls as run_fit_pls
 
-    opts = FitPlsOptions(metrics=metrics, metric=metric, step_column=step_column, window=window, relative=relative,
+    opts = FitPlsOptions(metrics=metrics, metric=metric, step_column=step_column, window=window,
+                         window_option=window_option, relative=relative,
                          min_checkpoints=min_ck, fail_below=fail_below, plots=not no_plots)
     bar, update = stderr_progress(not quiet, "fit-pls")
     with interrupt_hint("nothing was written"), bar:
@@ -73,26 +75,26 @@ def fit_pls(
     exit_on_gate(result.gate, out)
 
 
-@app.command()
+@app.command(cls=Rank1Command)
 def linearity(
     base: str = BASE_ARG,
-    checkpoints: Optional[list[str]] = typer.Argument(None, help="Checkpoints θ_t (or use --run)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder: tables, summary and plots."),
+    checkpoints: Optional[list[str]] = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
+    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output folder: tables, summary and plots."),
     run: Optional[str] = RUN_OPT,
-    steps: Optional[str] = typer.Option(None, "--steps", help="With --run: the window, '50,100' or '10:100:10' (inclusive)."),
+    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help="With --run: the window, '50,100' or '10:100:10' (inclusive)."),
     revisions: Optional[str] = REVISIONS_OPT,
     subfolders: bool = SUBFOLDERS_OPT,
     commits: bool = COMMITS_OPT,
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
-    rank: str = typer.Option("1", "--rank", "-k", help="Trajectory rank r for explained_r and coef_r2_1..r (capped at the checkpoints)."),
-    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); default every tensor with 2+ elements."),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
-    sample: Optional[str] = typer.Option(None, "--sample", help="Per-element R² on a seeded uniform sample of N elements per tensor (default all)."),
-    seed: str = typer.Option("0", "--seed", help="Seed of --sample."),
-    fail_below: Optional[float] = typer.Option(None, "--fail-below", help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this."),
+    rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="Trajectory rank r for explained_r and coef_r2_1..r (capped at the checkpoints)."),
+    include: Optional[list[str]] = typer.Option(None, "--include", metavar="GLOB", help="Glob of tensor names (repeatable); default every tensor with 2+ elements."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable)."),
+    sample: Optional[str] = typer.Option(None, "--sample", metavar="N", help="Per-element R² on a seeded uniform sample of N elements per tensor (default all)."),
+    seed: str = typer.Option("0", "--seed", metavar="SEED", help="Seed of --sample."),
+    fail_below: Optional[float] = typer.Option(None, "--fail-below", metavar="SHARE", parser=number("--fail-below", at_least=0, at_most=1), help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     device: str = DEVICE_OPT,
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     executor: str = EXECUTOR_OPT,
     ray_address: Optional[str] = RAY_ADDRESS_OPT,
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,

@@ -10,17 +10,17 @@ import typer
 from .. import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
-                  SUBFOLDERS_OPT, app, check_common_early, check_executor_early, check_output_early, interrupt_hint,
-                  print_json, set_hub_cache_policy, stderr_progress)
+from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
+                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT,
+                  REVISIONS_OPT, RUN_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early, check_executor_early,
+                  check_output_early, interrupt_hint, number, print_json, set_hub_cache_policy, stderr_progress)
 
 
-@app.command()
+@app.command(cls=Rank1Command)
 def inspect(
-    source: str = typer.Argument(..., help="Model folder, .safetensors file, run directory of step folders, or a Hub "
+    source: str = typer.Argument(..., metavar="SOURCE", help="Model folder, .safetensors file, run directory of step folders, or a Hub "
                                  "source hf://ORG/NAME, optionally @REVISION and /SUBFOLDER."),
-    steps: Optional[str] = typer.Option(None, "--steps", help="For a run: steps to list, '50,100' or '10:100:10' (inclusive)."),
+    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help="For a run: steps to list, '50,100' or '10:100:10' (inclusive)."),
     revisions: Optional[str] = REVISIONS_OPT,
     subfolders: bool = SUBFOLDERS_OPT,
     commits: bool = COMMITS_OPT,
@@ -29,7 +29,7 @@ def inspect(
 ) -> None:
     """What a model or training run holds: tensors, dtypes, shards, matrix modules, checkpoints.
 
-    Reads safetensors headers only. For a run, exits 3 if any checkpoint is unusable (listed).
+    Reads safetensors headers only (no torch). For a run, exits 3 if any checkpoint is unusable (listed).
     """
     if steps is not None:
         from ..options import parse_steps
@@ -57,28 +57,28 @@ def inspect(
         )
 
 
-@app.command()
+@app.command(cls=Rank1Command)
 def decompose(
     base: str = BASE_ARG,
-    checkpoints: Optional[list[str]] = typer.Argument(None, help="Checkpoints θ_t (or use --run)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder: spectrum tables and factor store."),
+    checkpoints: Optional[list[str]] = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
+    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output folder: spectrum tables and factor store."),
     run: Optional[str] = RUN_OPT,
-    steps: Optional[str] = typer.Option(None, "--steps", help="With --run: '50,100' or '10:100:10' (inclusive)."),
+    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help="With --run: '50,100' or '10:100:10' (inclusive)."),
     revisions: Optional[str] = REVISIONS_OPT,
     subfolders: bool = SUBFOLDERS_OPT,
     commits: bool = COMMITS_OPT,
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
-    rank: str = typer.Option("8", "--rank", "-k", help="Singular triplets kept per module and step."),
+    rank: str = typer.Option("8", "--rank", "-k", metavar="K", help="Singular triplets kept per module and step."),
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
     cold_start: bool = typer.Option(False, "--cold-start", help="Every matrix from a fresh random sketch with 4 power "
                                     "iterations, instead of warm-starting from the module's previous checkpoint and "
                                     "stopping once the accuracy certificates pass."),
-    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
+    include: Optional[list[str]] = typer.Option(None, "--include", metavar="GLOB", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable)."),
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     device: str = DEVICE_OPT,
     plots: bool = typer.Option(False, "--plots", help="Also draw energy_1/norm_frac_1 over steps and a layer x type heatmap (OUT/plots)."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     executor: str = EXECUTOR_OPT,
     ray_address: Optional[str] = RAY_ADDRESS_OPT,
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
@@ -128,25 +128,25 @@ def decompose(
         render.decompose(result)
 
 
-@app.command()
+@app.command(cls=Rank1Command)
 def reconstruct(
     base: str = BASE_ARG,
-    checkpoint: str = typer.Argument(..., help="Checkpoint θ_t whose update is reduced to rank k."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder (one rank) or parent of rank-K folders (several)."),
-    rank: str = typer.Option(..., "--rank", "-k", help="Rank: 8, a fraction of min(m, n) like 1%, or a list 1,2,4,8."),
-    alpha: float = typer.Option(1.0, "--alpha", help="Scale of the (norm-matched) rank-k update."),
+    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint θ_t whose update is reduced to rank k."),
+    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output folder (one rank) or parent of rank-K folders (several)."),
+    rank: str = typer.Option(..., "--rank", "-k", metavar="K", help="Rank: 8, a fraction of min(m, n) like 1%, or a list 1,2,4,8."),
+    alpha: float = typer.Option(1.0, "--alpha", metavar="ALPHA", parser=number("--alpha"), help="Scale of the (norm-matched) rank-k update."),
     no_norm_match: bool = typer.Option(False, "--no-norm-match", help="Add α·ΔW_k as is, without rescaling to ‖ΔW‖."),
-    rest: str = typer.Option("base", "--rest", help="Tensors not selected: 'base' (reference code) or 'checkpoint'."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (base dtype), float32, bfloat16 or float16."),
-    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob of tensor names to leave out (repeatable)."),
+    rest: str = typer.Option("base", "--rest", metavar="base|checkpoint", help="Tensors not selected: 'base' (reference code) or 'checkpoint'."),
+    dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16", help="auto (base dtype), float32, bfloat16 or float16."),
+    include: Optional[list[str]] = typer.Option(None, "--include", metavar="GLOB", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable)."),
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
-    factors: Optional[str] = typer.Option(None, "--factors", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB."),
+    factors: Optional[str] = typer.Option(None, "--factors", metavar="FACTORS_DIR", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB."),
     device: str = DEVICE_OPT,
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     executor: str = EXECUTOR_OPT,
     ray_address: Optional[str] = RAY_ADDRESS_OPT,
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
@@ -193,15 +193,15 @@ def reconstruct(
         render.reconstruct(result)
 
 
-@app.command()
+@app.command(cls=Rank1Command)
 def demo(
-    out: str = typer.Option("demo-out", "--out", help="Folder for the trained model, run and results."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the model, the task's data and the sampling."),
+    out: str = typer.Option("demo-out", "--out", metavar="PATH", help="Folder for the trained model, run and results."),
+    seed: int = typer.Option(0, "--seed", metavar="SEED", parser=number("--seed", at_least=0, integer=True), help="Seed of the model, the task's data and the sampling."),
     quick: bool = typer.Option(False, "--quick", help="A smaller, shorter run (under a minute): what the tests run."),
     synthetic: bool = typer.Option(False, "--synthetic", help="The planted synthetic run instead of training "
                                    "(inspect, decompose and a rank-1 reconstruct; its answer is known)."),
     device: str = DEVICE_OPT,
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it."),
+    force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:

@@ -31,7 +31,7 @@ from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from ..math.pls import fit_module
 from ..math.signs import align_to_next
-from ..options import parse_steps
+from ..options import check_min_checkpoints, parse_steps
 from .spectrum_tables import TYPE_ORDER, write_row_tables
 
 GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
@@ -46,7 +46,8 @@ class FitPlsOptions:
     metrics: str | None = None
     metric: str | None = None
     step_column: str | None = None
-    window: str | None = None  # inclusive START:STOP of checkpoint steps
+    window: str | None = None  # a step selection, as --steps: 50,100 or START:STOP[:EVERY]
+    window_option: str = "--steps"  # the option it was given as (--steps or its alias --window), for messages
     relative: bool = False
     min_checkpoints: int = 3
     fail_below: float | None = None
@@ -74,22 +75,30 @@ class FitPlsResult:
                           "warnings": self.warnings, "gate": self.gate, "plots": self.plots})
 
 
-def _window(steps: list[int], spec: str | None) -> list[int]:
+def _window(steps: list[int], spec: str | None, option: str = "--steps") -> list[int]:
+    """The factor store's steps a selection names, as `--steps` selects a run's checkpoints
+    (docs/cli.md, "Step selections"); a listed step the store lacks is a usage error."""
     if spec is None:
         return list(steps)
-    kind, value = parse_steps(spec)
-    if kind != "range" or value[2] is not None:
-        raise UsageError(f"--window {spec!r}: expected an inclusive range START:STOP of steps, e.g. 10:200")
-    start, stop, _ = value
-    return [s for s in steps if (start is None or s >= start) and (stop is None or s <= stop)]
+    kind, value = parse_steps(spec, option)
+    if kind == "list":
+        missing = [s for s in value if s not in steps]
+        if missing:
+            raise UsageError(f"{option}: no checkpoint for step {missing[0]} in the factor store "
+                             f"(steps {', '.join(map(str, steps[:12]))}{', ...' if len(steps) > 12 else ''})")
+        return sorted(set(value))
+    start, stop, every = value
+    return [s for s in steps if (start is None or s >= start) and (stop is None or s <= stop)
+            and (every is None or (s - (start or 0)) % every == 0)]
 
 
 def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(), force: bool = False,
             progress: Callable[[int, int], None] | None = None) -> FitPlsResult:
-    if options.min_checkpoints < 3:
-        raise UsageError(f"--min-checkpoints {options.min_checkpoints}: at least 3 (a line through 2 points always fits)")
+    check_min_checkpoints(options.min_checkpoints)
     store = FactorStore(factors)
-    window = _window(store.steps, options.window)
+    if not store.modules:  # decompose never writes one (it refuses an empty selection): nothing to fit
+        raise InputError(f"{factors}: the factor store holds no modules: nothing to fit")
+    window = _window(store.steps, options.window, options.window_option)
     m, metric_name, values, no_metric, no_ckpt = None, None, None, [], []
     if options.metrics:
         m = read_metrics(options.metrics, options.metric, options.step_column)
@@ -115,6 +124,10 @@ def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(),
                                  f"{y[-1]:.3g}, and the metric up to {big:.3g} divided by it overflows float64; "
                                  "fit the metric itself (without --relative)")
             y = rel
+        if np.all(y == y[0]):  # R² is 0/0: refused before any output exists (docs/commands/fit-pls.md)
+            raise InputError(f"{options.metrics}: {metric_name} is {values[used[0]]!r} at all {len(used)} checkpoints "
+                             f"fitted (steps {used[0]}..{used[-1]}): a constant metric has nothing to fit; choose "
+                             "another --metric or --steps, or leave out --metrics to fit against the step")
     inputs = [factors] + ([options.metrics] if options.metrics else [])
     with locked_output(out, force=force, inputs=inputs) as target, \
             staged_output(target, force=force, label=out) as staging:

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..jsonutil import read_json_file
 from ..modules import EMBEDDING_NAMES, LM_HEAD_NAME
 from .safetensors_file import TensorEntry, read_entry, read_header
 
+if TYPE_CHECKING:
+    import torch  # annotations only: opening a checkpoint reads headers, without torch
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Files of a model folder that travel with its weights (config, tokenizer, chat template, remote code).
+AUX_PATTERNS = (
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "vocab.*", "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template*",
+    "preprocessor_config.json", "configuration_*.py", "modeling_*.py", "tokenization_*.py",
+)
 
 
 class Checkpoint:
@@ -113,9 +121,11 @@ class Checkpoint:
         path, e = self.locate(name)
         return read_entry(path, e).reshape(e.shape)
 
-    def read(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    def read(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor (or rows [a, b) of it) upcast to `dtype` on `device`."""
+        """The tensor (or rows [a, b) of it) upcast to `dtype` (default float32) on `device`."""
+        import torch
+
         path, e = self.locate(name)
         if rows is None:
             flat = read_entry(path, e)
@@ -126,13 +136,15 @@ class Checkpoint:
             flat = read_entry(path, e, a * per_row, b * per_row)
             shape = (b - a, *e.shape[1:])
         # move in the stored dtype, then upcast: half the host-to-device traffic for bf16
-        return flat.reshape(shape).to(device=device).to(dtype)
+        return flat.reshape(shape).to(device=device).to(torch.float32 if dtype is None else dtype)
 
     def read_flat(self, name: str, start: int, stop: int, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor, upcast, as a 1-D tensor."""
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, upcast (default float32), as a 1-D tensor."""
+        import torch
+
         path, e = self.locate(name)
-        return read_entry(path, e, start, stop).to(device=device).to(dtype)
+        return read_entry(path, e, start, stop).to(device=device).to(torch.float32 if dtype is None else dtype)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -24,14 +24,16 @@ import os
 import threading
 import weakref
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .checkpoint import Checkpoint
+from .checkpoint import AUX_PATTERNS, Checkpoint
 from .hub_errors import _hub_errors
 from .hub_spec import HubSpec, _cache_dir, _endpoint, _storage_folder
 from .safetensors_file import TensorEntry, read_header
+
+if TYPE_CHECKING:
+    import torch  # annotations only: opening a checkpoint reads headers, without torch
 
 
 # ---------------------------------------------------------------- cache bookkeeping (evict)
@@ -183,7 +185,7 @@ class HubCheckpoint(Checkpoint):
         self._mark(name, 0, None)
         return t
 
-    def read(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    def read(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              rows: tuple[int, int] | None = None) -> torch.Tensor:
         t = super().read(name, device=device, dtype=dtype, rows=rows)
         if rows is None:
@@ -195,7 +197,7 @@ class HubCheckpoint(Checkpoint):
         return t
 
     def read_flat(self, name: str, start: int, stop: int, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
         t = super().read_flat(name, start, stop, device=device, dtype=dtype)
         self._mark(name, start, stop)
         return t
@@ -270,8 +272,6 @@ class HubCheckpoint(Checkpoint):
         folder it resolved to (the copy downloads them again where it runs, on first access)."""
         names = set(self._aux_files)
         if self._root is not None and self._root.is_dir():
-            from .writer import AUX_PATTERNS  # noqa: PLC0415 (writer: only when pickled)
-
             names.update(p.name for p in self._root.iterdir()
                          if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in AUX_PATTERNS))
         return sorted(names)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..jsonutil import read_json_file
-from .checkpoint import (INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, _pickle_error, check_weight_map, merge_shards,
+from .checkpoint import (AUX_PATTERNS, INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, _pickle_error, check_weight_map, merge_shards,
                          parse_weight_map, read_config)
 from .hub_checkpoint import HubCheckpoint, _download
 from .hub_errors import _hub_errors
@@ -164,8 +164,6 @@ def _check_weight_map(label: str, weight_map: dict[str, str] | None, entries: di
 
 
 def _aux_names(names) -> list[str]:
-    from .writer import AUX_PATTERNS
-
     return sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in AUX_PATTERNS))
 
 

@@ -284,8 +284,8 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
 
     shown = _shown(columns)
     if step_column is not None:
-        if step_column not in columns:
-            raise InputError(f"{where}: no step column {step_column!r} (columns: {shown})")
+        if step_column not in columns:  # a name the file lacks: fix the command line (exit 2, docs/cli.md)
+            raise UsageError(f"{where}: no step column {step_column!r} (columns: {shown})")
         step_name = step_column
     else:
         step_name = next((c for c in STEP_COLUMNS if c in columns), None)
@@ -305,10 +305,11 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
         if not candidates:
             raise InputError(f"{where}: no metric column (columns: {shown})")
         if len(candidates) > 1:
-            raise InputError(f"{where}: several metrics ({_shown(candidates)}); choose one with --metric")
+            raise UsageError(f"{where}: several metrics ({_shown(candidates)}); choose one with --metric")
         metric = candidates[0]
-    elif metric not in available:
-        raise InputError(f"{where}: no metric {metric!r} (available: {_shown(available) or 'none'})")
+    elif metric not in available:  # absent: fix --metric (2); a column without numbers: fix the file (3)
+        error = InputError if metric in columns else UsageError
+        raise error(f"{where}: no metric {metric!r} (available: {_shown(available) or 'none'})")
 
     values: dict[int, float] = {}
     first: dict[int, str] = {}

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -49,6 +50,9 @@ def follow_umask(path: Path, *, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~UMASK)
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # hf://, s3://, https://, file://
+
+
 def _as_text(out: str | os.PathLike) -> str:
     text = os.fspath(out)
     if isinstance(text, bytes):
@@ -61,6 +65,9 @@ def _as_text(out: str | os.PathLike) -> str:
         raise UsageError(f"--out {text.encode('utf-8', 'surrogateescape')!r}: the path is not valid UTF-8") from None
     if "\x00" in text:
         raise UsageError("--out contains a NUL character")
+    if _URL.match(text):  # would make a local folder `hf:` (or `s3:`) holding `/org/name`
+        raise UsageError(f"--out {text}: outputs are local paths, not URLs; write to a local folder "
+                         "(then upload it yourself, e.g. with `hf upload`)")
     return text
 
 

@@ -14,22 +14,43 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> bytes per element. Headers are parsed without torch (`rank1 inspect`
+# never imports it); the torch dtypes are looked up only when a tensor is read or written.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
-for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _name):  # unsigned wide ints exist from torch 2.3
-        SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}
+
+
+def _torch_tables() -> tuple[dict, dict]:
+    import torch
+
+    codes = {c: getattr(torch, n) for c, n in _TORCH_NAMES.items() if hasattr(torch, n)}  # U16.. from torch 2.3
+    return codes, {v: k for k, v in codes.items()}
+
+
+def __getattr__(name: str):
+    """SAFETENSORS_DTYPES (code -> torch dtype) and TORCH_TO_SAFETENSORS, built on first use so that
+    importing this module (to read headers) does not import torch."""
+    if name in ("SAFETENSORS_DTYPES", "TORCH_TO_SAFETENSORS"):
+        codes, back = _torch_tables()
+        globals().update(SAFETENSORS_DTYPES=codes, TORCH_TO_SAFETENSORS=back)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
@@ -54,7 +75,10 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.dtype]
+        codes = __getattr__("SAFETENSORS_DTYPES")
+        if self.dtype not in codes:
+            raise InputError(f"tensor {self.name!r}: dtype {self.dtype} needs a newer torch")
+        return codes[self.dtype]
 
     @property
     def is_float(self) -> bool:
@@ -129,7 +153,7 @@ def entry_from_info(where: str, shard: str, name: str, info, data_start: int | N
     header before its shard is downloaded): the offset is then -1.
     """
     dtype, shape, offsets = info.dtype, info.shape, info.data_offsets
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InputError(f"{where}: tensor {name!r} has unsupported dtype {dtype if isinstance(dtype, str) and dtype.isalnum() else _short(dtype)}")
     # JSON numbers may be floats or booleans (True == 1 in Python), and negative sizes would let
     # a truncated file add up: only non-negative ints are dimensions and offsets
@@ -142,7 +166,7 @@ def entry_from_info(where: str, shard: str, name: str, info, data_start: int | N
                          "(expected [begin, end] with 0 <= begin <= end)")
     begin, end = offsets
     shape = tuple(shape)
-    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+    itemsize = DTYPE_SIZES[dtype]
     numel = 0 if 0 in shape else 1
     for s in shape:
         numel *= s
@@ -177,6 +201,8 @@ def _entries(path: Path, shard: str, infos: dict[str, HeaderInfo], data_start: i
 
 def read_bytes(path: Path, offset: int, nbytes: int) -> torch.Tensor:
     """Read `nbytes` at `offset` into a new uint8 tensor (no memory map)."""
+    import torch
+
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes == 0:
         return buf

@@ -22,19 +22,11 @@ import torch
 import rank1tools
 
 from .. import __version__
-from .checkpoint import INDEX_FILE, Checkpoint
+from .checkpoint import AUX_PATTERNS, INDEX_FILE, Checkpoint  # noqa: F401 (AUX_PATTERNS: importable from here)
 from .outputs import MARKER_FILE, follow_umask, make_staging, output_errors, prepare_output, publish
 from .safetensors_file import TORCH_TO_SAFETENSORS
 
 PROVENANCE_FILE = MARKER_FILE  # every rank1 output folder holds it: how --force recognises one
-# Files of a model folder that travel with its weights (config, tokenizer, chat template, remote code).
-AUX_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab.*", "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template*",
-    "preprocessor_config.json", "configuration_*.py", "modeling_*.py", "tokenization_*.py",
-)
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor the writer will receive: name, shape and the dtype it is stored in."""
