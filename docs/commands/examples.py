@@ -19,7 +19,7 @@ run. SCRATCH_DIR (default: a temporary folder) gets that demo, then every block'
 order (inspect, decompose, reconstruct, fit-pls, linearity, extrapolate, then cli.md), so a later
 block may use an earlier one's output, as a reader following the pages does. A command's
 transcript is the command, its stdout, its stderr and, when not 0, `$ echo $?` and its exit code;
-tables are rendered COLUMNS=110 wide. A plain `rank1 ...` command runs in this process (no torch
+tables are rendered as in a pipe (never cut, as wide as their values). A plain `rank1 ...` command runs in this process (no torch
 import per command); one with shell syntax (a pipe, `&&`, a redirection) runs in bash with
 `rank1` on PATH. Trailing spaces are removed.
 
