@@ -5,7 +5,7 @@ generated from one real run instead of typed by hand.
     python docs/commands/demo_figures.py fill                          # rewrite the pages' figures
     python docs/commands/demo_figures.py check                         # exit 1 naming stale figures
 
-A real run: `COLUMNS=80 rank1 demo --out demo-out > transcript.txt`. `record` keeps what the pages
+A real run: `rank1 demo --out demo-out > transcript.txt`. `record` keeps what the pages
 need in docs/commands/demo-run.json (the run's results.json, its stdout, and the accuracy of RELEX
 from the same window to several steps, computed here), copies its accuracy plot to
 docs/commands/demo-accuracy.png, then fills the pages. `fill` and `check` read only demo-run.json,
