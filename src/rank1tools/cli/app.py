@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -70,9 +71,12 @@ def check_output_early(out: str, force: bool, inputs: list) -> None:
     """Refuse a bad --out before any heavy import or input is opened (the command checks again,
     under its lock): option errors answer at once."""
     from ..io.hub_spec import is_hub_source
+    from ..io.output_nesting import check_inner, check_outer
     from ..io.outputs import prepare_output
 
-    prepare_output(out, force=force, inputs=[p for p in inputs if p and not is_hub_source(p)])
+    target = prepare_output(out, force=force, inputs=[p for p in inputs if p and not is_hub_source(p)])
+    check_outer(target, out, held=lambda _folder: False)
+    check_inner(target, out)
 
 
 def check_common_early(device: str, hub_cache_policy: str | None) -> None:
@@ -122,18 +126,29 @@ _signal_state = {"terminated": False, "reported": False}
 
 
 class interrupt_hint:
-    """On Ctrl-C or SIGTERM, say what state the output is in (typer would exit 130 silently)."""
+    """On Ctrl-C or SIGTERM, say what state the output is in (typer would exit 130 silently):
+    `hint` while the output is not in place; once `out` is published, that it is complete."""
 
-    def __init__(self, hint: str):
+    def __init__(self, hint: str, out: str | None = None):
         self.hint = hint
+        self.out = out
 
     def __enter__(self):
         return self
 
+    def _state(self) -> str:
+        from ..io.outputs import completed
+
+        if self.out is not None and Path(os.path.realpath(self.out)) in completed:
+            return f"the output is complete at {self.out}"
+        return self.hint
+
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            what = "terminated" if issubclass(exc_type, Terminated) else "interrupted"
-            sys.stderr.write(f"rank1: {what}: {self.hint}\n")
+            # Ray may turn our Terminated into a plain KeyboardInterrupt on its way out of a wait
+            terminated = issubclass(exc_type, Terminated) or _signal_state["terminated"]
+            what = "terminated" if terminated else "interrupted"
+            sys.stderr.write(f"rank1: {what}: {self._state()}\n")
             _signal_state["reported"] = True
             raise typer.Exit(Terminated.exit_code if what == "terminated" else 130)
         return False
@@ -142,6 +157,14 @@ class interrupt_hint:
 def _on_sigterm(signum, frame) -> None:
     _signal_state["terminated"] = True
     raise Terminated()
+
+
+def _state_line(what: str) -> str:
+    """`rank1: terminated|interrupted`, with the outputs already complete (a signal after publishing)."""
+    from ..io.outputs import completed
+
+    done = ", ".join(completed.values())
+    return f"rank1: {what}: the output is complete at {done}\n" if done else f"rank1: {what}\n"
 
 
 def _one_line(text: str) -> str:
@@ -155,7 +178,10 @@ def main() -> None:
 
     from ..executors import without_executor_args
 
+    from ..io import outputs
+
     rank1tools.COMMAND_LINE = ["rank1", *without_executor_args(sys.argv[1:])]
+    outputs.completed.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as for Ctrl-C, then exit 143
     _signal_state.update(terminated=False, reported=False)
     try:
@@ -164,7 +190,7 @@ def main() -> None:
         if code in (130, Terminated.exit_code) or _signal_state["terminated"]:  # typer swallows the interrupt
             code = Terminated.exit_code if _signal_state["terminated"] else 130
             if not _signal_state["reported"]:
-                sys.stderr.write("rank1: terminated\n" if code == Terminated.exit_code else "rank1: interrupted\n")
+                sys.stderr.write(_state_line("terminated" if code == Terminated.exit_code else "interrupted"))
         sys.exit(code)
     except Rank1Error as e:
         sys.stderr.write(f"rank1: error: {_one_line(e)}\n")
@@ -177,7 +203,7 @@ def main() -> None:
             sys.stderr.write(f"rank1: error: {cmd}{_one_line(e.format_message())} (see --help)\n")
         sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt as e:
-        sys.stderr.write("rank1: terminated\n" if isinstance(e, Terminated) else "rank1: interrupted\n")
+        sys.stderr.write(_state_line("terminated" if isinstance(e, Terminated) else "interrupted"))
         sys.exit(Terminated.exit_code if isinstance(e, Terminated) else 130)
     except OSError as e:  # an OS error no command mapped: still one line, with the path
         if os.environ.get("RANK1_DEBUG"):

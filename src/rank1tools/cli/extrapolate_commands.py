@@ -97,7 +97,7 @@ def extrapolate(
 
     set_hub_cache_policy(hub_cache_policy)
     bar, update = stderr_progress(not quiet, f"extrapolate ({method})")
-    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written"), bar:
+    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_extrapolate(base, out, options=opts, force=force, progress=update, executor=exec_opts)
     for note in result.notes:
         sys.stderr.write(f"rank1: note: {note}\n")

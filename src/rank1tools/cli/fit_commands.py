@@ -60,7 +60,7 @@ def fit_pls(
     opts = FitPlsOptions(metrics=metrics, metric=metric, step_column=step_column, window=window, relative=relative,
                          min_checkpoints=min_ck, fail_below=fail_below, plots=not no_plots)
     bar, update = stderr_progress(not quiet, "fit-pls")
-    with interrupt_hint("nothing was written"), bar:
+    with interrupt_hint("nothing was written", out), bar:
         result = run_fit_pls(factors, out, options=opts, force=force, progress=update)
     if result.plot_hint:
         sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
@@ -127,7 +127,7 @@ def linearity(
     opts = LinearityOptions(rank=rank_r, include=include or [], exclude=exclude or [], sample=n_sample,
                             seed=seed_value, fail_below=fail_below, plots=not no_plots, device=device)
     bar, update = stderr_progress(not quiet, "linearity")
-    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written"), bar:
+    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_linearity(base, checkpoints or [], out, run=run, steps=steps,
                                hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
                                options=opts, force=force, progress=update, executor=exec_opts)

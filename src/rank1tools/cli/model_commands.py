@@ -109,7 +109,7 @@ def decompose(
     opts = DecomposeOptions(rank=rank_k, exact=exact, include=include or [], exclude=exclude or [],
                             all_2d=all_2d, device=device, plots=plots, warm_start=not cold_start)
     bar, update = stderr_progress(not quiet, "decompose")
-    with interrupt_hint("finished modules are kept; rerun the same command to resume"), bar:
+    with interrupt_hint("finished modules are kept; rerun the same command to resume", out), bar:
         result = run_decompose(base, checkpoints or [], out, run=run, steps=steps, hub_run=hub_run, options=opts, force=force,
                                progress=update, executor=exec_opts)
     if result.resumed_modules:
@@ -175,7 +175,7 @@ def reconstruct(
                               include=include or [], exclude=exclude or [], all_2d=all_2d, exact=exact,
                               device=device, factors=factors, max_shard_size=max_shard_size)
     bar, update = stderr_progress(not quiet, "reconstruct")
-    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written"), bar:
+    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update,
                                  executor=exec_opts)
     for note in result.notes:

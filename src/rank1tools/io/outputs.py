@@ -11,6 +11,11 @@ Every command that writes goes through this module, so the rules hold once for a
 - one run at a time per target: an exclusive lock (`.NAME.lock`, flock) is held for the whole
   run; a second run fails at once naming the holder. Holding the lock also proves that any
   `.NAME.tmp-*` / `.NAME.old-*` sibling is a leftover of a killed run, so it is removed;
+- no output inside or around another live run's output, inside a rank1 output or inside a
+  staging folder (io/output_nesting.py);
+- publishing is never cut by Ctrl-C/SIGTERM (rank1tools.signals): the output is either the old
+  one or the new one, no `.NAME.old-*` is left, and `completed` tells the CLI which outputs are
+  complete, for the line it prints on an interrupt;
 - files and folders follow the user's umask (mkdtemp and safetensors would make them private).
 
 Torch-free: the CLI validates `--out` before any heavy import.
@@ -25,14 +30,18 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OutputError, UsageError
+from ..signals import deferred_signals, pause_for_test
 
 MARKER_FILE = "rank1tools.json"  # provenance record every rank1 output folder holds
 MANIFESTS = ("manifest.json",)  # older outputs (factor stores) are recognised by their manifest's format
 _STAGING_INFIXES = (".tmp-", ".old-")  # siblings that only a live run holding the lock may own
+_HELD: dict[Path, "OutputLock"] = {}  # targets whose lock this process holds
+completed: dict[Path, str] = {}  # locked targets published by this process -> their label (the CLI clears it)
 
 
 def _umask() -> int:
@@ -151,7 +160,13 @@ def make_staging(target: Path) -> Path:
     with output_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-        follow_umask(tmp, directory=True)
+    try:
+        with output_errors(tmp):
+            follow_umask(tmp, directory=True)
+        pause_for_test("staged")
+    except BaseException:  # a signal too: the caller never saw the folder, so it cannot remove it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 
@@ -159,26 +174,36 @@ def publish(staging: Path, target: Path, *, force: bool, label: str) -> None:
     """Move a complete staging folder into place; an existing target (checked again, it may
     have appeared since the start) is swapped out and removed."""
     check_replaceable(target, force=force, label=label)
-    with output_errors(target):
+    # not cut by a signal: between the two renames the target is absent, and the old one must go
+    own = target in _HELD  # a run's own output (not a part of it published into its staging folder)
+    with deferred_signals(), output_errors(target):
         if os.path.lexists(target):
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
             os.replace(target, old / "x")
+            pause_for_test("publishing")
             os.replace(staging, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            pause_for_test("publishing")
             os.replace(staging, target)
+        if own:  # before a held signal takes effect, at the block's end: the line it prints says so
+            completed[target] = label
+    if own:
+        pause_for_test("published")
 
 
 @contextmanager
 def staged_output(target: Path, *, force: bool, label: str):
     """A staging folder for the `with` block, published to `target` when the block succeeds and
     removed when it (or the publishing) fails: no partial output either way."""
-    staging = make_staging(target)
+    staging = None
     try:
+        staging = make_staging(target)
         yield staging
         publish(staging, target, force=force, label=label)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
@@ -196,17 +221,40 @@ class OutputLock:
         self.path = target.parent / f".{target.name}.lock"
         self.fd: int | None = None
         self.removed_stale: list[str] = []
+        self.created: list[Path] = []  # folders made for the lock file, outermost first
 
     def acquire(self) -> "OutputLock":
-        with output_errors(self.target.parent):
-            self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.created = _make_parents(self.target.parent)
+        try:
+            self._lock()
+        except BaseException:
+            self._remove_created()
+            raise
+        _HELD[self.target] = self
+        self.removed_stale = remove_stale_staging(self.target)
+        return self
+
+    def _lock(self) -> None:
+        busy = 0
         while True:
-            with output_errors(self.path):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                with output_errors(self.path):
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OutputError:
+                if os.path.isdir(self.target.parent) or busy > 100:
+                    raise
+                busy += 1  # the folder was removed by a run that made it and was refused: make it again
+                self.created += _make_parents(self.target.parent)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_holder(fd)
+                if _only_probed(fd) and busy < 2000:  # another run looking (output_nesting): a moment
+                    os.close(fd)
+                    busy += 1
+                    time.sleep(0.001)
+                    continue
+                holder = read_holder(fd)
                 os.close(fd)
                 raise OutputError(f"{self.label}: another rank1 run is writing this output ({holder}); "
                                   "wait for it to finish or stop it") from None
@@ -227,12 +275,11 @@ class OutputLock:
         except BaseException:
             self.release()
             raise
-        self.removed_stale = remove_stale_staging(self.target)
-        return self
 
     def release(self) -> None:
         if self.fd is None:
             return
+        _HELD.pop(self.target, None)
         try:
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
@@ -240,6 +287,17 @@ class OutputLock:
             pass
         os.close(self.fd)
         self.fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        """Remove the folders made for the lock file that stayed empty (a refused or failed run
+        leaves nothing, not even an empty folder in the place another run is about to publish)."""
+        for folder in reversed(self.created):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self.created = []
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()
@@ -274,7 +332,32 @@ def _argv() -> list[str]:
     return rank1tools.COMMAND_LINE or [sys.argv[0]]
 
 
-def _read_holder(fd: int) -> str:
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders it made, outermost first."""
+    missing = [f for f in (folder, *folder.parents) if not os.path.lexists(f)][::-1]
+    made = []
+    with output_errors(folder):
+        for f in missing:
+            try:
+                os.mkdir(f)
+            except FileExistsError:
+                continue
+            made.append(f)
+    return made
+
+
+def _only_probed(fd: int) -> bool:
+    """True when the lock held on `fd`'s file is shared (another run probing it, output_nesting),
+    not a run's exclusive lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def read_holder(fd: int) -> str:
     try:
         data = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
         return f"pid {int(data['pid'])}: {' '.join(map(str, data.get('argv') or []))}".strip()
@@ -284,12 +367,23 @@ def _read_holder(fd: int) -> str:
 
 @contextmanager
 def locked_output(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None):
-    """Resolve, check and lock an output target for the whole `with` block; yields the real path."""
+    """Resolve, check and lock an output target for the whole `with` block; yields the real path.
+    An output inside or around another one is refused (io/output_nesting.py), before anything is
+    created and again under the lock."""
+    from .output_nesting import check_inner, check_outer
+
     label = label or os.fspath(out)
     target = resolve_output(out, inputs=inputs, label=label)
+    if target in _HELD:  # held by this process already (the demo holds its folder around its steps)
+        check_replaceable(target, force=force, label=label)
+        yield target
+        return
+    check_outer(target, label, held=_HELD.__contains__)
     lock = OutputLock(target, label).acquire()
     try:
+        check_outer(target, label, held=_HELD.__contains__)  # a run that started meanwhile
         check_replaceable(target, force=force, label=label)  # under the lock: no other run can change it now
+        check_inner(target, label)
         yield target
     finally:
         lock.release()
