@@ -27,6 +27,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -148,11 +149,22 @@ def output_errors(label: str | os.PathLike):
     except OutputError:
         raise
     except OSError as e:
-        where = e.filename if e.filename is not None else label
-        reason = e.strerror or str(e)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason += "; free some space and rerun"
-        raise OutputError(f"{where}: cannot write ({reason})") from None
+        raise _write_error(e.filename if e.filename is not None else label, e.errno, e.strerror or str(e)) from None
+    except Exception as e:
+        # safetensors' writer reports an OS error as SafetensorError("... (os error 28)"), not OSError
+        code = _SAFETENSORS_OS_ERROR.search(str(e)) if type(e).__name__ == "SafetensorError" else None
+        if code is None:
+            raise
+        raise _write_error(label, int(code[1]), os.strerror(int(code[1]))) from None
+
+
+_SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _write_error(where, code: int | None, reason: str) -> OutputError:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason += "; free some space and rerun"
+    return OutputError(f"{where}: cannot write ({reason})")
 
 
 def make_staging(target: Path) -> Path:
