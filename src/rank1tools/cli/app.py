@@ -44,6 +44,8 @@ RAY_ADDRESS_OPT = typer.Option(None, "--ray-address", help="Ray cluster to use (
                                "local cluster, else a new local Ray instance).")
 RAY_CPUS_OPT = typer.Option(None, "--ray-num-cpus", help="CPUs per Ray task (default: the threads a local run uses).")
 RAY_GPUS_OPT = typer.Option(None, "--ray-num-gpus", help="GPUs per Ray task, e.g. 0.25 for four tasks per GPU.")
+RAY_TIMEOUT_OPT = typer.Option(None, "--ray-timeout", help="Seconds to connect to the Ray cluster before giving up "
+                               "(default 30).")
 MAX_IN_FLIGHT_OPT = typer.Option(None, "--max-in-flight", help="Ray tasks submitted at once (bounds memory; default: "
                                  "as many as the cluster runs at the same time).")
 
@@ -52,12 +54,12 @@ RESUME_HINT = "the finished work is kept beside --out: rerun the same command to
 
 
 def check_executor_early(executor: str, ray_address: str | None, ray_num_cpus: float | None,
-                         ray_num_gpus: float | None, max_in_flight: int | None):
+                         ray_num_gpus: float | None, max_in_flight: int | None, ray_timeout: float | None = None):
     """The --executor options, checked (and Ray's presence, for `ray`) before any heavy import."""
     from ..executors import check_executor
 
     return check_executor(executor, address=ray_address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
-                          max_in_flight=max_in_flight)
+                          max_in_flight=max_in_flight, timeout=ray_timeout)
 
 
 def set_hub_cache_policy(policy: str | None) -> None:

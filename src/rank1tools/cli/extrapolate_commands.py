@@ -9,7 +9,7 @@ import typer
 
 from .. import render
 from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, SUBFOLDERS_OPT,
+                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT, REVISIONS_OPT, SUBFOLDERS_OPT,
                   app, check_common_early, check_executor_early, check_output_early, interrupt_hint, print_json,
                   set_hub_cache_policy, stderr_progress)
 
@@ -54,6 +54,7 @@ def extrapolate(
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
     ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
     max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
+    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -91,7 +92,7 @@ def extrapolate(
     check_options(opts)
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run, fits, last_checkpoint])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
 
     from ..commands.extrapolate import extrapolate as run_extrapolate
 

@@ -9,7 +9,7 @@ import typer
 
 from .. import render
 from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
+                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
                   SUBFOLDERS_OPT, app, check_common_early, check_executor_early, check_output_early, interrupt_hint,
                   print_json, set_hub_cache_policy, stderr_progress)
 
@@ -98,6 +98,7 @@ def linearity(
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
     ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
     max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
+    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -118,7 +119,7 @@ def linearity(
         check_finite(fail_below, "--fail-below")
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
 
     from ..commands.linearity import LinearityOptions
     from ..commands.linearity import linearity as run_linearity

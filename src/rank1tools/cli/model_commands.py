@@ -11,7 +11,7 @@ from .. import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
 from .app import (BASE_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, HUB_CACHE_OPT, JSON_OPT, MAX_IN_FLIGHT_OPT,
-                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
+                  QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT, REVISIONS_OPT, RUN_OPT,
                   SUBFOLDERS_OPT, app, check_common_early, check_executor_early, check_output_early, interrupt_hint,
                   print_json, set_hub_cache_policy, stderr_progress)
 
@@ -82,6 +82,7 @@ def decompose(
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
     ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
     max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
+    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -99,7 +100,7 @@ def decompose(
         parse_steps(steps)
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
 
     from ..commands.decompose import DecomposeOptions
     from ..commands.decompose import decompose as run_decompose
@@ -148,6 +149,7 @@ def reconstruct(
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
     ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
     max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
+    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -165,7 +167,7 @@ def reconstruct(
     check_finite(alpha, "--alpha")
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, checkpoint, factors])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
 
     from ..commands.reconstruct import ReconstructOptions
     from ..commands.reconstruct import reconstruct as run_reconstruct
