@@ -40,7 +40,7 @@ def lock_file(target: Path) -> Path:
 
 def live_holder(path: Path) -> str | None:
     """'pid N: COMMAND' when a live rank1 run holds the lock file `path`, else None."""
-    from .outputs import read_holder
+    from .output_lock import read_holder
 
     try:  # O_NONBLOCK: a FIFO planted under a lock file's name must not block the open
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
