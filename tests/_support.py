@@ -88,11 +88,34 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    """Start `rank1 ARGS` exactly as the console script does (rank1tools.cli.main) in a subprocess."""
+def start_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `rank1 ARGS` exactly as the console script does (rank1tools.cli.main) in a subprocess
+    (`env`: variables added to its environment)."""
     return subprocess.Popen([sys.executable, "-m", "rank1tools.cli", *map(str, args)], cwd=str(cwd),
-                            env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env={**cli_env(), **(env or {})}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def start_paused(args: list[str], cwd: Path, phase: str) -> tuple[subprocess.Popen, list[str]]:
+    """Start `rank1 ARGS` with RANK1_TEST_PAUSE=`phase` (rank1tools.signals) and wait until it has
+    stopped there; returns the process and the stderr lines read so far. Fails when the run ends
+    without reaching the phase."""
+    proc = start_cli(args, cwd, env={"RANK1_TEST_PAUSE": phase})
+    lines: list[str] = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith(f"rank1: test pause: {phase}"):
+            return proc, lines
+    proc.wait()
+    raise AssertionError(f"rank1 {' '.join(map(str, args))} ended (exit {proc.returncode}) without pausing at "
+                         f"{phase!r}: {''.join(lines)}")
+
+
+def finish_paused(proc: subprocess.Popen, lines: list[str], sig: int, timeout: float = 120) -> CliResult:
+    """Send `sig` to a process from start_paused (SIGUSR1 resumes it) and wait for its end."""
+    proc.send_signal(sig)
+    r = finish_cli(proc, timeout)
+    return CliResult(r.returncode, r.stdout, "".join(lines) + r.stderr)
 
 
 @dataclass

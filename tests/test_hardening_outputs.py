@@ -245,6 +245,65 @@ def test_full_disk_is_an_output_error_without_leftovers(work, monkeypatch):
     assert tree_snapshot(work) == before
 
 
+def _fit(store: Path, out: Path):
+    return run_main("fit-pls", str(store), "--out", str(out), "--no-plots", "-q")
+
+
+@pytest.fixture()
+def store3(work, tmp_path):
+    """A factor store over three checkpoints (what fit-pls needs), beside `work`."""
+    make_run(tmp_path / "run3", [10, 20, 30], SHAPE, base_dtype=torch.float32, dtype=torch.float32, noise=1e-4)
+    decompose(str(work / "base"), [], str(tmp_path / "fac3"), run=str(tmp_path / "run3"),
+              options=DecomposeOptions(rank=1, device="cpu"))
+    return tmp_path / "fac3"
+
+
+def test_full_disk_in_safetensors_writes_is_an_output_error(work, store3, monkeypatch):
+    """decompose and fit-pls save through safetensors, whose writer reports a full disk as
+    SafetensorError("... (os error 28)"), not OSError: it used to be an internal error (exit 1)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):  # what safetensors raises on ENOSPC (seen on a full tmpfs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full)
+    before = tree_snapshot(work)
+    line = _one_line_error(_fit(store3, work / "f"), 4, r"No space left on device; free some space and rerun")
+    assert line.startswith(f"rank1: error: {work}/.f.tmp-") and "/fits/" in line  # the file it was writing
+    assert tree_snapshot(work) == before  # no staging folder, no lock
+    line = _one_line_error(_dec(work, "--out", str(work / "o")), 4, r"No space left on device; free some space and rerun")
+    assert line.startswith(f"rank1: error: {work}/.o.partial/factors/")
+    assert not (work / "o").exists()  # the work folder stays for a rerun once space is freed (decompose resumes)
+    assert set(tree_snapshot(work)) - set(before) <= {".o.partial", ".o.partial/manifest.json", ".o.partial/factors"}
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A 64 KB tmpfs with one page left free (needs root: skipped where mounting is not allowed)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({r.stderr.strip() or r.returncode}): needs root")
+    try:
+        st = os.statvfs(mnt)
+        (mnt / ".filler").write_bytes(bytes(st.f_bavail * st.f_frsize - 4096))
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_on_a_real_filesystem_is_an_output_error(work, store3, full_disk):
+    for run, out, where in ((lambda: _fit(store3, full_disk / "f"), "f", ".f.tmp-"),
+                            (lambda: _dec(work, "--out", str(full_disk / "o")), "o", ".o.partial"),
+                            (lambda: _rec(work, "--out", str(full_disk / "r")), "r", ".r.tmp-")):
+        line = _one_line_error(run(), 4, r"No space left on device; free some space and rerun")
+        assert line.startswith(f"rank1: error: {full_disk}/{where}"), line
+        assert not (full_disk / out).exists()
+    assert set(os.listdir(full_disk)) <= {".filler", ".o.partial"}  # decompose's resumable work; nothing else
+
+
 def test_non_utf8_out_is_refused_before_any_work(work):
     out = os.fsencode(str(work)) + b"/out\xff"
     before = tree_snapshot(work)

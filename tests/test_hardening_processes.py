@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import finish_cli, run_cli, start_cli, tree_snapshot
+from _support import finish_cli, finish_paused, run_cli, start_cli, start_paused, tree_snapshot
 from rank1tools.io.outputs import OutputLock
 from rank1tools.synthetic import LlamaShape, make_base, make_run
 
@@ -135,3 +135,39 @@ def test_second_run_on_a_held_output_fails_naming_the_holder(inputs, tmp_path, m
         assert "\n" not in line and r.stdout == ""
         assert tree_snapshot(tmp_path) == before
     assert list(tmp_path.glob(f".{name}.lock")) == []  # the holder removes its lock file when done
+
+
+# ---- the line a signal prints tells the truth in each phase (issue #20 §3, "misleading messages") ----
+
+def _fit_pls_args(store: Path) -> list[str]:
+    return ["fit-pls", str(store), "--out", "o", "--force", "--no-plots", "-q"]
+
+
+@pytest.fixture(scope="module")
+def store(inputs, tmp_path_factory):
+    """A factor store of the module's run, and fit-pls's uninterrupted output of _fit_pls_args."""
+    root = tmp_path_factory.mktemp("store")
+    r = run_cli(["decompose", str(inputs / "base"), "--run", str(inputs / "run"), "--out", str(root / "store"),
+                 "--rank", "1", "--include", "*layers.0.*", "--device", "cpu", "-q"], root)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(_fit_pls_args(root / "store"), root)
+    assert r.returncode == 0, r.stderr
+    return root / "store", _files(root / "o")
+
+
+@pytest.mark.parametrize("phase,state", [("staged", "nothing was written"),
+                                         ("publishing", "the output is complete at o"),
+                                         ("published", "the output is complete at o")])
+def test_sigterm_line_tells_the_state_of_the_output(store, tmp_path, phase, state):
+    """SIGTERM while staging, in the middle of the swap of an existing output (--force) and just
+    after it: exit 143, the last line says what is on disk, and no .o.old-* / .o.tmp-* / lock is left."""
+    store_path, want = store
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "rank1tools.json").write_text('{"tool": "rank1tools"}')  # an earlier rank1 output
+    before = _files(tmp_path / "o")
+    proc, lines = start_paused(_fit_pls_args(store_path), tmp_path, phase)
+    r = finish_paused(proc, lines, signal.SIGTERM)
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"rank1: terminated: {state}"
+    assert _files(tmp_path / "o") == (before if phase == "staged" else want)
+    assert sorted(os.listdir(tmp_path)) == ["o"]  # no swap, staging or lock left

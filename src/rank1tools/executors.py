@@ -35,7 +35,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import platform
+import re
+import signal
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +51,13 @@ EXECUTORS = ("local", "ray")
 INSTALL_HINT = "pip install 'rank1tools[ray]'"
 # CLI options that choose where work runs and not what it computes: left out of the command line
 # recorded in provenance files, so that outputs are byte-identical whatever the executor
-_VALUED_FLAGS = ("--executor", "--ray-address", "--ray-num-cpus", "--ray-num-gpus", "--max-in-flight")
+_VALUED_FLAGS = ("--executor", "--ray-address", "--ray-num-cpus", "--ray-num-gpus", "--max-in-flight", "--ray-timeout")
 RETRIES = 3  # Ray's retries of a task whose worker died (node lost, OOM-killed) or that raised RetryableError
+CONNECT_TIMEOUT = 30.0  # seconds: --ray-timeout's default, the bound on connecting to a cluster
+# what ray.init takes: auto, local, HOST:PORT (the GCS), ray://HOST:PORT (Ray Client); a host name,
+# an IPv4 address or a bracketed IPv6 address
+_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?)"
+_ADDRESS = re.compile(rf"(?:ray://)?({_HOST}):([0-9]{{1,5}})")
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class ExecutorOptions:
     num_cpus: float | None = None  # None: the intra-op thread count a local run would use
     num_gpus: float = 0.0
     max_in_flight: int | None = None  # None: as many tasks as the cluster runs at once
+    connect_timeout: float = CONNECT_TIMEOUT  # seconds to reach the cluster (--ray-timeout)
 
     @property
     def is_ray(self) -> bool:
@@ -64,13 +75,14 @@ class ExecutorOptions:
 
 
 def check_executor(kind: str, *, address: str | None = None, num_cpus: float | None = None, num_gpus: float | None = None,
-                   max_in_flight: int | None = None) -> ExecutorOptions:
+                   max_in_flight: int | None = None, timeout: float | None = None) -> ExecutorOptions:
     """Validate the executor options (before any heavy import); for `ray`, that Ray is installed."""
     if kind not in EXECUTORS:
         raise UsageError(f"--executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
     if kind == "local":
         given = [flag for flag, v in (("--ray-address", address), ("--ray-num-cpus", num_cpus),
-                                      ("--ray-num-gpus", num_gpus), ("--max-in-flight", max_in_flight)) if v is not None]
+                                      ("--ray-num-gpus", num_gpus), ("--max-in-flight", max_in_flight),
+                                      ("--ray-timeout", timeout)) if v is not None]
         if given:
             raise UsageError(f"{given[0]} applies to --executor ray only")
         return ExecutorOptions()
@@ -79,8 +91,29 @@ def check_executor(kind: str, *, address: str | None = None, num_cpus: float | N
             raise UsageError(f"{flag} {value}: must be zero or more")
     if max_in_flight is not None and max_in_flight < 1:
         raise UsageError(f"--max-in-flight {max_in_flight}: must be at least 1")
+    if timeout is not None and not 0 < timeout <= 86400:
+        raise UsageError(f"--ray-timeout {timeout}: seconds, more than 0 (at most a day)")
+    check_address(address, "--ray-address")
+    if address is None:
+        check_address(os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS")
     import_ray()
-    return ExecutorOptions("ray", address, num_cpus, num_gpus or 0.0, max_in_flight)
+    return ExecutorOptions("ray", address, num_cpus, num_gpus or 0.0, max_in_flight,
+                           CONNECT_TIMEOUT if timeout is None else float(timeout))
+
+
+def check_address(address: str | None, what: str) -> None:
+    """A Ray address ray.init accepts: auto, local, HOST:PORT or ray://HOST:PORT (exit 2 otherwise)."""
+    if address is None or address in ("auto", "local"):
+        return
+    m = _ADDRESS.fullmatch(address)
+    if m is None or not 0 < int(m[2]) < 65536:
+        raise UsageError(f"{what} {address!r}: expected HOST:PORT (the head node's GCS, e.g. 10.0.0.5:6379), "
+                         "ray://HOST:PORT (Ray Client), auto or local")
+
+
+def _host_port(address: str | None) -> tuple[str, int] | None:
+    m = _ADDRESS.fullmatch(address or "")
+    return None if m is None else (m[1].strip("[]"), int(m[2]))
 
 
 def import_ray():
@@ -108,21 +141,94 @@ def without_executor_args(argv: list[str]) -> list[str]:
 @contextlib.contextmanager
 def ray_session(options: ExecutorOptions):
     """Ray, connected: an existing connection in this process is used as it is (tests, notebooks);
-    else `ray.init` (address as given, or Ray's own default) and a shutdown at the end."""
+    else `ray.init` (address as given, or Ray's own default) and a shutdown at the end. Connecting
+    takes at most `options.connect_timeout` seconds (plus one of Ray's own attempts, at worst),
+    and leaves SIGTERM and Ctrl-C to rank1 (cleanup, the state line, exit 143/130)."""
     ray = import_ray()
     if ray.is_initialized():
         yield ray
         return
-    kwargs = {"address": options.address} if options.address else {}
-    try:
-        # Ray's INFO lines ('Started a local Ray instance') would break `--quiet`; its errors still show
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kwargs)
-    except ConnectionError as err:
-        raise UsageError(f"--ray-address {options.address}: cannot connect to Ray ({err})") from None
+    _connect(ray, options)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _connect(ray, options: ExecutorOptions) -> None:
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    what = f"--ray-address {options.address}" if options.address else (f"RAY_ADDRESS {address}" if address else "Ray")
+    seconds = options.connect_timeout
+    where = _host_port(address)
+    if where is not None:  # nothing listening, or no route: answered here, within the timeout
+        try:
+            socket.create_connection(where, timeout=seconds).close()
+        except OSError as err:
+            reason = "no answer" if isinstance(err, socket.timeout) else (err.strerror or str(err))
+            raise UsageError(f"{what}: cannot connect to Ray within {seconds:g} s ({reason}); "
+                             "check the address, or raise --ray-timeout") from None
+    kwargs = {"address": options.address} if options.address else {}
+    try:
+        with _connect_deadline(seconds), _signals_left_to_rank1():
+            # Ray's INFO lines ('Started a local Ray instance') would break `--quiet`; its errors still show
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kwargs)
+    except _ConnectTimeout:
+        ray.shutdown()
+        raise UsageError(f"{what}: Ray did not answer within {seconds:g} s (is it a Ray head node?); "
+                         "check the address, or raise --ray-timeout") from None
+    except ConnectionError as err:
+        ray.shutdown()
+        raise UsageError(f"{what}: cannot connect to Ray ({' '.join(str(err).split())})") from None
+    except BaseException:
+        ray.shutdown()  # whatever ray.init started (a local instance) stops with us
+        raise
+
+
+class _ConnectTimeout(BaseException):
+    """Not an Exception: Ray's retry loops catch those and try again."""
+
+
+@contextlib.contextmanager
+def _connect_deadline(seconds: float):
+    """Raise _ConnectTimeout in the main thread after `seconds` (Ray retries a silent address for
+    ten minutes). Python runs the alarm's handler between Ray's attempts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _ConnectTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def _signals_left_to_rank1():
+    """ray.init installs its own SIGTERM handlers (they exit 1 or 15 without rank1's cleanup): keep
+    rank1's, so SIGTERM during a Ray run cleans up and exits 143 with the state line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    install = signal.signal
+    ours = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def keep_ours(signum, handler):
+        return ours[signum] if signum in ours else install(signum, handler)
+
+    signal.signal = keep_ours
+    try:
+        yield
+    finally:
+        signal.signal = install
+        for s, handler in ours.items():
+            if handler is not None and signal.getsignal(s) is not handler:
+                install(s, handler)
 
 
 class TaskFailed(Rank1Error):

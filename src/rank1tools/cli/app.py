@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import typer
 from typer.core import TyperArgument, TyperCommand
@@ -109,18 +110,20 @@ def one_step_selection(**given: str | None) -> tuple[str | None, str]:
     if len(named) > 1:
         raise UsageError(f"{named[0][0]} and {named[1][0]} are one option (an alias): give it once")
     return (named[0][1], named[0][0]) if named else (None, "--steps")
+RAY_TIMEOUT_OPT = typer.Option(None, "--ray-timeout", metavar="SECONDS", parser=number("--ray-timeout", above=0),
+                               help="Seconds to connect to the Ray cluster before giving up (default 30).")
 
 
 RESUME_HINT = "the finished work is kept beside --out: rerun the same command to resume"
 
 
 def check_executor_early(executor: str, ray_address: str | None, ray_num_cpus: float | None,
-                         ray_num_gpus: float | None, max_in_flight: int | None):
+                         ray_num_gpus: float | None, max_in_flight: int | None, ray_timeout: float | None = None):
     """The --executor options, checked (and Ray's presence, for `ray`) before any heavy import."""
     from ..executors import check_executor
 
     return check_executor(executor, address=ray_address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
-                          max_in_flight=max_in_flight)
+                          max_in_flight=max_in_flight, timeout=ray_timeout)
 
 
 def set_hub_cache_policy(policy: str | None) -> None:
@@ -134,9 +137,12 @@ def check_output_early(out: str, force: bool, inputs: list) -> None:
     """Refuse a bad --out before any heavy import or input is opened (the command checks again,
     under its lock): option errors answer at once."""
     from ..io.hub_spec import is_hub_source
+    from ..io.output_nesting import check_inner, check_outer
     from ..io.outputs import prepare_output
 
-    prepare_output(out, force=force, inputs=[p for p in inputs if p and not is_hub_source(p)])
+    target = prepare_output(out, force=force, inputs=[p for p in inputs if p and not is_hub_source(p)])
+    check_outer(target, out, held=lambda _folder: False)
+    check_inner(target, out)
 
 
 def check_common_early(device: str, hub_cache_policy: str | None) -> None:
@@ -186,18 +192,29 @@ _signal_state = {"terminated": False, "reported": False}
 
 
 class interrupt_hint:
-    """On Ctrl-C or SIGTERM, say what state the output is in (typer would exit 130 silently)."""
+    """On Ctrl-C or SIGTERM, say what state the output is in (typer would exit 130 silently):
+    `hint` while the output is not in place; once `out` is published, that it is complete."""
 
-    def __init__(self, hint: str):
+    def __init__(self, hint: str, out: str | None = None):
         self.hint = hint
+        self.out = out
 
     def __enter__(self):
         return self
 
+    def _state(self) -> str:
+        from ..io.outputs import completed
+
+        if self.out is not None and Path(os.path.realpath(self.out)) in completed:
+            return f"the output is complete at {self.out}"
+        return self.hint
+
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            what = "terminated" if issubclass(exc_type, Terminated) else "interrupted"
-            sys.stderr.write(f"rank1: {what}: {self.hint}\n")
+            # Ray may turn our Terminated into a plain KeyboardInterrupt on its way out of a wait
+            terminated = issubclass(exc_type, Terminated) or _signal_state["terminated"]
+            what = "terminated" if terminated else "interrupted"
+            sys.stderr.write(f"rank1: {what}: {self._state()}\n")
             _signal_state["reported"] = True
             raise typer.Exit(Terminated.exit_code if what == "terminated" else 130)
         return False
@@ -206,6 +223,14 @@ class interrupt_hint:
 def _on_sigterm(signum, frame) -> None:
     _signal_state["terminated"] = True
     raise Terminated()
+
+
+def _state_line(what: str) -> str:
+    """`rank1: terminated|interrupted`, with the outputs already complete (a signal after publishing)."""
+    from ..io.outputs import completed
+
+    done = ", ".join(completed.values())
+    return f"rank1: {what}: the output is complete at {done}\n" if done else f"rank1: {what}\n"
 
 
 def _one_line(text: str) -> str:
@@ -219,7 +244,10 @@ def main() -> None:
 
     from ..executors import without_executor_args
 
+    from ..io import outputs
+
     rank1tools.COMMAND_LINE = ["rank1", *without_executor_args(sys.argv[1:])]
+    outputs.completed.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as for Ctrl-C, then exit 143
     _signal_state.update(terminated=False, reported=False)
     try:
@@ -228,7 +256,7 @@ def main() -> None:
         if code in (130, Terminated.exit_code) or _signal_state["terminated"]:  # typer swallows the interrupt
             code = Terminated.exit_code if _signal_state["terminated"] else 130
             if not _signal_state["reported"]:
-                sys.stderr.write("rank1: terminated\n" if code == Terminated.exit_code else "rank1: interrupted\n")
+                sys.stderr.write(_state_line("terminated" if code == Terminated.exit_code else "interrupted"))
         sys.exit(code)
     except Rank1Error as e:
         sys.stderr.write(f"rank1: error: {_one_line(e)}\n")
@@ -246,7 +274,7 @@ def main() -> None:
             sys.stderr.write(f"rank1: error: {cmd}{_one_line(message)} (see --help)\n")
         sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt as e:
-        sys.stderr.write("rank1: terminated\n" if isinstance(e, Terminated) else "rank1: interrupted\n")
+        sys.stderr.write(_state_line("terminated" if isinstance(e, Terminated) else "interrupted"))
         sys.exit(Terminated.exit_code if isinstance(e, Terminated) else 130)
     except OSError as e:  # an OS error no command mapped: still one line, with the path
         if os.environ.get("RANK1_DEBUG"):

@@ -9,7 +9,7 @@ import typer
 
 from .. import render
 from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
-                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT,
+                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT,
                   REVISIONS_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early, check_executor_early,
                   check_output_early, interrupt_hint, number, print_json, set_hub_cache_policy, stderr_progress)
 
@@ -54,6 +54,7 @@ def extrapolate(
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
     ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
     max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
+    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -92,13 +93,13 @@ def extrapolate(
     check_options(opts)
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run, fits, last_checkpoint])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
 
     from ..commands.extrapolate import extrapolate as run_extrapolate
 
     set_hub_cache_policy(hub_cache_policy)
     bar, update = stderr_progress(not quiet, f"extrapolate ({method})")
-    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written"), bar:
+    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_extrapolate(base, out, options=opts, force=force, progress=update, executor=exec_opts)
     for note in result.notes:
         sys.stderr.write(f"rank1: note: {note}\n")

@@ -9,7 +9,7 @@ import typer
 
 from .. import render
 from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
-                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT,
+                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT,
                   REVISIONS_OPT, RUN_OPT, STEPS_HELP, SUBFOLDERS_OPT, Rank1Command, app, check_common_early,
                   check_executor_early, check_output_early, interrupt_hint, number, one_step_selection, print_json,
                   set_hub_cache_policy, stderr_progress)
@@ -62,7 +62,7 @@ def fit_pls(
                          window_option=window_option, relative=relative,
                          min_checkpoints=min_ck, fail_below=fail_below, plots=not no_plots)
     bar, update = stderr_progress(not quiet, "fit-pls")
-    with interrupt_hint("nothing was written"), bar:
+    with interrupt_hint("nothing was written", out), bar:
         result = run_fit_pls(factors, out, options=opts, force=force, progress=update)
     if result.plot_hint:
         sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
@@ -100,6 +100,7 @@ def linearity(
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
     ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
     max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
+    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -120,7 +121,7 @@ def linearity(
         check_finite(fail_below, "--fail-below")
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
 
     from ..commands.linearity import LinearityOptions
     from ..commands.linearity import linearity as run_linearity
@@ -129,7 +130,7 @@ def linearity(
     opts = LinearityOptions(rank=rank_r, include=include or [], exclude=exclude or [], sample=n_sample,
                             seed=seed_value, fail_below=fail_below, plots=not no_plots, device=device)
     bar, update = stderr_progress(not quiet, "linearity")
-    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written"), bar:
+    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_linearity(base, checkpoints or [], out, run=run, steps=steps,
                                hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
                                options=opts, force=force, progress=update, executor=exec_opts)

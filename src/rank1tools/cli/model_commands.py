@@ -11,7 +11,7 @@ from .. import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
 from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
-                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RESUME_HINT,
+                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT,
                   REVISIONS_OPT, RUN_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early, check_executor_early,
                   check_output_early, interrupt_hint, number, print_json, set_hub_cache_policy, stderr_progress)
 
@@ -84,6 +84,7 @@ def decompose(
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
     ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
     max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
+    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -101,7 +102,7 @@ def decompose(
         parse_steps(steps)
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *(checkpoints or []), run])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
 
     from ..commands.decompose import DecomposeOptions
     from ..commands.decompose import decompose as run_decompose
@@ -111,7 +112,7 @@ def decompose(
     opts = DecomposeOptions(rank=rank_k, exact=exact, include=include or [], exclude=exclude or [],
                             all_2d=all_2d, device=device, plots=plots, warm_start=not cold_start)
     bar, update = stderr_progress(not quiet, "decompose")
-    with interrupt_hint("finished modules are kept; rerun the same command to resume"), bar:
+    with interrupt_hint("finished modules are kept; rerun the same command to resume", out), bar:
         result = run_decompose(base, checkpoints or [], out, run=run, steps=steps, hub_run=hub_run, options=opts, force=force,
                                progress=update, executor=exec_opts)
     if result.resumed_modules:
@@ -152,6 +153,7 @@ def reconstruct(
     ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
     ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
     max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
+    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -169,7 +171,7 @@ def reconstruct(
     check_finite(alpha, "--alpha")
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, checkpoint, factors])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight)
+    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
 
     from ..commands.reconstruct import ReconstructOptions
     from ..commands.reconstruct import reconstruct as run_reconstruct
@@ -179,7 +181,7 @@ def reconstruct(
                               include=include or [], exclude=exclude or [], all_2d=all_2d, exact=exact,
                               device=device, factors=factors, max_shard_size=max_shard_size)
     bar, update = stderr_progress(not quiet, "reconstruct")
-    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written"), bar:
+    with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update,
                                  executor=exec_opts)
     for note in result.notes:

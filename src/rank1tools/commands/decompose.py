@@ -215,6 +215,9 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
     except InputError:
         discard_unless_resumed(work, bool(done))
         raise
+    except Exception:  # e.g. Ray unreachable: keep the work folder only when it holds a finished module
+        discard_unless_resumed(work, any(_stored_module(work / "factors" / factor_file(n)) == n for n in modules))
+        raise
 
     # Assemble the tables from the stored factors, so a resumed run equals an uninterrupted one.
     rows: list[dict] = []

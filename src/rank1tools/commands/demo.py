@@ -35,6 +35,12 @@ class DemoResult:
 
 
 def run_synthetic_demo(out: str, *, force: bool = False, device: str = "cpu") -> DemoResult:
+    # `out` stays locked until the analyses inside it are written (io/output_nesting.py)
+    with locked_output(out, force=force):
+        return _run_synthetic_demo(out, force=force, device=device)
+
+
+def _run_synthetic_demo(out: str, *, force: bool, device: str) -> DemoResult:
     with locked_output(out, force=force) as target, staged_output(target, force=force, label=out) as tmp:
         # bf16 base, fp32 policy checkpoints: what TRL saves for a bf16 model
         make_base(tmp / "base", DEMO_SHAPE, dtype=torch.bfloat16)

@@ -96,6 +96,14 @@ def kept_share(acc: float, base: float, final: float) -> float | None:
 def run_rl_demo(out: str, *, seed: int = 0, quick: bool = False, force: bool = False, device: str = "auto",
                 say: Callable[[str], None] | None = None) -> RLDemoResult:
     """Train the demo run into `out` (staged, renamed when training is done), then analyse it."""
+    # `out` stays locked until the analyses inside it are written: no other run may write in or
+    # around it meanwhile (io/output_nesting.py)
+    with locked_output(out, force=force):
+        return _run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, say=say)
+
+
+def _run_rl_demo(out: str, *, seed: int, quick: bool, force: bool, device: str,
+                 say: Callable[[str], None] | None) -> RLDemoResult:
     from ..demo import DemoTraining, evaluate_checkpoint, train_demo_run
 
     say = say or (lambda _line: None)

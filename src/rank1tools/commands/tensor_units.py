@@ -130,13 +130,18 @@ class TensorUnits:
         self.resumed = len(groups) - len(todo)
         if on_done and kept:
             on_done(kept)
+        finished = self.resumed
         try:
             for g, res in run_units(todo, task, args, executor, threads, label=lambda g: g.label):
                 results.update(self.ledger.record(g.key, {"names": list(g.names), "tensors": res})["tensors"])
+                finished += 1
                 if on_done:
                     on_done(len(g.names))
         except InputError:
             discard_unless_resumed(self.work, self.resumed > 0)  # bad data found by a fresh run: nothing to keep
+            raise
+        except Exception:  # e.g. Ray unreachable: a work folder with no finished unit holds nothing to resume
+            discard_unless_resumed(self.work, finished > 0)
             raise
         return results
 

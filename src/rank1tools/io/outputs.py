@@ -8,9 +8,14 @@ Every command that writes goes through this module, so the rules hold once for a
   resumable `.NAME.partial`), renamed into place only when complete;
 - an existing target is replaced only with `--force`, and only when rank1 wrote it (it holds
   `rank1tools.json`, or a rank1 manifest) or it is empty — never an arbitrary folder;
-- one run at a time per target: an exclusive lock (`.NAME.lock`, flock) is held for the whole
-  run; a second run fails at once naming the holder. Holding the lock also proves that any
+- one run at a time per target: an exclusive lock (`.NAME.lock`, flock; io/output_lock.py) is
+  held for the whole run; a second run fails at once naming the holder. Holding the lock also proves that any
   `.NAME.tmp-*` / `.NAME.old-*` sibling is a leftover of a killed run, so it is removed;
+- no output inside or around another live run's output, inside a rank1 output or inside a
+  staging folder (io/output_nesting.py);
+- publishing is never cut by Ctrl-C/SIGTERM (rank1tools.signals): the output is either the old
+  one or the new one, no `.NAME.old-*` is left, and `completed` tells the CLI which outputs are
+  complete, for the line it prints on an interrupt;
 - files and folders follow the user's umask (mkdtemp and safetensors would make them private).
 
 Torch-free: the CLI validates `--out` before any heavy import.
@@ -19,21 +24,22 @@ Torch-free: the CLI validates `--out` before any heavy import.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OutputError, UsageError
+from ..signals import deferred_signals, pause_for_test
 
 MARKER_FILE = "rank1tools.json"  # provenance record every rank1 output folder holds
 MANIFESTS = ("manifest.json",)  # older outputs (factor stores) are recognised by their manifest's format
 _STAGING_INFIXES = (".tmp-", ".old-")  # siblings that only a live run holding the lock may own
+_HELD: dict[Path, "OutputLock"] = {}  # targets whose lock this process holds
+completed: dict[Path, str] = {}  # locked targets published by this process -> their label (the CLI clears it)
 
 
 def _umask() -> int:
@@ -164,11 +170,22 @@ def output_errors(label: str | os.PathLike):
     except OutputError:
         raise
     except OSError as e:
-        where = e.filename if e.filename is not None else label
-        reason = e.strerror or str(e)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason += "; free some space and rerun"
-        raise OutputError(f"{where}: cannot write ({reason})") from None
+        raise _write_error(e.filename if e.filename is not None else label, e.errno, e.strerror or str(e)) from None
+    except Exception as e:
+        # safetensors' writer reports an OS error as SafetensorError("... (os error 28)"), not OSError
+        code = _SAFETENSORS_OS_ERROR.search(str(e)) if type(e).__name__ == "SafetensorError" else None
+        if code is None:
+            raise
+        raise _write_error(label, int(code[1]), os.strerror(int(code[1]))) from None
+
+
+_SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _write_error(where, code: int | None, reason: str) -> OutputError:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason += "; free some space and rerun"
+    return OutputError(f"{where}: cannot write ({reason})")
 
 
 def make_staging(target: Path) -> Path:
@@ -176,7 +193,13 @@ def make_staging(target: Path) -> Path:
     with output_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-        follow_umask(tmp, directory=True)
+    try:
+        with output_errors(tmp):
+            follow_umask(tmp, directory=True)
+        pause_for_test("staged")
+    except BaseException:  # a signal too: the caller never saw the folder, so it cannot remove it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 
@@ -184,137 +207,50 @@ def publish(staging: Path, target: Path, *, force: bool, label: str) -> None:
     """Move a complete staging folder into place; an existing target (checked again, it may
     have appeared since the start) is swapped out and removed."""
     check_replaceable(target, force=force, label=label)
-    with output_errors(target):
+    # not cut by a signal: between the two renames the target is absent, and the old one must go
+    own = target in _HELD  # a run's own output (not a part of it published into its staging folder)
+    with deferred_signals(), output_errors(target):
         if os.path.lexists(target):
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
             os.replace(target, old / "x")
+            pause_for_test("publishing")
             os.replace(staging, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            pause_for_test("publishing")
             os.replace(staging, target)
+        if own:  # before a held signal takes effect, at the block's end: the line it prints says so
+            completed[target] = label
+    if own:
+        pause_for_test("published")
 
 
 @contextmanager
 def staged_output(target: Path, *, force: bool, label: str):
     """A staging folder for the `with` block, published to `target` when the block succeeds and
     removed when it (or the publishing) fails: no partial output either way."""
-    staging = make_staging(target)
+    staging = None
     try:
+        staging = make_staging(target)
         yield staging
         publish(staging, target, force=force, label=label)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-class OutputLock:
-    """Exclusive lock on an output target for the whole run (see module doc).
-
-    The lock file `.NAME.lock` beside the target holds the holder's pid and command line, for the
-    message a second run prints. It is removed on release; a killed holder's file is harmless
-    (the kernel drops the flock with the process) and is reused by the next run.
-    """
-
-    def __init__(self, target: Path, label: str):
-        self.target = target
-        self.label = label
-        self.path = target.parent / f".{target.name}.lock"
-        self.fd: int | None = None
-        self.removed_stale: list[str] = []
-
-    def acquire(self) -> "OutputLock":
-        with output_errors(self.target.parent):
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            with output_errors(self.path):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise OutputError(f"{self.label}: another rank1 run is writing this output ({holder}); "
-                                  "wait for it to finish or stop it") from None
-            # the previous holder may have unlinked the file between our open and our lock
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self.fd = fd
-        record = json.dumps({"pid": os.getpid(), "argv": _argv()}).encode()
-        try:
-            with output_errors(self.path):
-                os.ftruncate(fd, 0)
-                os.write(fd, record)  # the fd is at offset 0: freshly opened
-        except BaseException:
-            self.release()
-            raise
-        self.removed_stale = remove_stale_staging(self.target)
-        return self
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
-
-    def __enter__(self) -> "OutputLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def remove_stale_staging(target: Path) -> list[str]:
-    """Remove `.NAME.tmp-*` and `.NAME.old-*` beside `target`: only call with the target's lock held."""
-    removed = []
-    try:
-        siblings = list(os.scandir(target.parent))
-    except OSError:
-        return removed
-    for entry in siblings:
-        if any(entry.name.startswith(f".{target.name}{infix}") for infix in _STAGING_INFIXES):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(entry.path)
-                except OSError:
-                    continue
-            removed.append(entry.name)
-    return removed
-
-
-def _argv() -> list[str]:
-    import rank1tools
-
-    return rank1tools.COMMAND_LINE or [sys.argv[0]]
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        data = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
-        return f"pid {int(data['pid'])}: {' '.join(map(str, data.get('argv') or []))}".strip()
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return "pid unknown"
-
-
-@contextmanager
 def locked_output(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None):
-    """Resolve, check and lock an output target for the whole `with` block; yields the real path."""
-    label = label or os.fspath(out)
-    target = resolve_output(out, inputs=inputs, label=label)
-    lock = OutputLock(target, label).acquire()
-    try:
-        check_replaceable(target, force=force, label=label)  # under the lock: no other run can change it now
-        yield target
-    finally:
-        lock.release()
+    """Resolve, check and lock an output target for a `with` block; yields the real path
+    (io/output_lock.py)."""
+    from .output_lock import locked_output as locked
+
+    return locked(out, force=force, inputs=inputs, label=label)
+
+
+def __getattr__(name: str):
+    if name in ("OutputLock", "remove_stale_staging", "read_holder"):  # where they live, imported when asked
+        from . import output_lock
+
+        return getattr(output_lock, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
