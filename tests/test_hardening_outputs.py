@@ -297,10 +297,15 @@ def full_disk(tmp_path):
 def test_full_disk_on_a_real_filesystem_is_an_output_error(work, store3, full_disk):
     for run, out, where in ((lambda: _fit(store3, full_disk / "f"), "f", ".f.tmp-"),
                             (lambda: _dec(work, "--out", str(full_disk / "o")), "o", ".o.partial"),
-                            (lambda: _rec(work, "--out", str(full_disk / "r")), "r", ".r.tmp-")):
+                            ):
         line = _one_line_error(run(), 4, r"No space left on device; free some space and rerun")
         assert line.startswith(f"rank1: error: {full_disk}/{where}"), line
         assert not (full_disk / out).exists()
+    # a checkpoint writer knows its size from the headers: refused before any work (docs/cli.md)
+    line = _one_line_error(_rec(work, "--out", str(full_disk / "r")), 4,
+                           r"1 checkpoint: needs about .* GB of disk but .* GB are free at ")
+    assert line.startswith(f"rank1: error: {full_disk}/r: "), line
+    assert not (full_disk / "r").exists()
     assert set(os.listdir(full_disk)) <= {".filler", ".o.partial"}  # decompose's resumable work; nothing else
 
 
