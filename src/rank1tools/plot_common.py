@@ -9,7 +9,7 @@ from pathlib import Path
 
 INSTALL_HINT = "pip install 'rank1tools[plot]'"
 
-# Same order as the spectrum summary (commands/spectrum_tables.py); unknown types go last, by name.
+# Same order as the spectrum summary (engine/spectrum_tables.py); unknown types go last, by name.
 TYPE_ORDER = ["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "norm", "bias", "embedding", "lm_head", "other"]
 DPI = 100
 ANNOTATE_MAX_LAYERS = 40  # past this a cell is a few pixels high: no room for its value

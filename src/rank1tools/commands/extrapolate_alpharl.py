@@ -45,7 +45,7 @@ from ..math.reconstruct import RoundingStats, rounding_stats
 from ..modules import LM_HEAD_NAME, select_tensors
 from ..options import number_label, parse_size
 from ..resources import check_memory, reconstruct_peak_bytes
-from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
+from ..engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
 from .extrapolate import REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, flag_limit, target_folder
 
 R2_INDEX = {"r2": 0, "loo_r2": 1, "r2_step": 2}  # positions in a fit file's `r2` tensor

@@ -32,7 +32,7 @@ from ..jsonutil import json_safe
 from ..math.pls import fit_module
 from ..math.signs import align_to_next
 from ..options import check_min_checkpoints, parse_steps
-from .spectrum_tables import TYPE_ORDER, write_row_tables
+from ..engine.spectrum_tables import TYPE_ORDER, write_row_tables
 
 GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
 LOO_GOOD = 0.9  # the share of modules above this LOO R² is reported

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..executors import ExecutorOptions, task_device
+from ..engine.executors import ExecutorOptions, task_device
 from ..errors import InputError, UsageError
 from ..io.compat import check_compatible, tensor_shapes, untied_head
 from ..io.factor_store import FactorStore
@@ -33,9 +33,9 @@ from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, select_tensors
 from ..options import RankSpec, check_choice, check_finite, parse_ranks, parse_size  # noqa: F401 (RankSpec: importable from here)
 from ..resources import check_memory, reconstruct_peak_bytes, svd_bytes
-from .tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
+from ..engine.tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
                            run_tensor_groups, stats_from, stats_record)
-from .checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WARNING: importable from here)
+from ..engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WARNING: importable from here)
     DTYPE_CHOICES, DTYPES, LOST_WARNING, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report)
 
 REST_CHOICES = ("base", "checkpoint")
@@ -89,7 +89,7 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
                 force: bool = False, progress: Callable[[int, int], None] | None = None,
                 executor: ExecutorOptions = ExecutorOptions()) -> ReconstructResult:
     """Write the rank-k checkpoint(s). `executor`: where the tensors are computed and written
-    (rank1tools.executors); with Ray, one task per group of tensors writes into the planned shards."""
+    (rank1tools.engine.executors); with Ray, one task per group of tensors writes into the planned shards."""
     ranks = parse_ranks(options.rank)
     if isinstance(options.max_shard_size, str):  # checked before any input is opened
         options = replace(options, max_shard_size=parse_size(options.max_shard_size))

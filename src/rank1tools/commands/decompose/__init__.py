@@ -1,7 +1,7 @@
 """`rank1 decompose`: streaming spectra of dW_t = theta_t - theta_0 per matrix module and checkpoint.
 
 Module-major: the base tensor is read once, then the same tensor from every checkpoint, so
-memory is a few tensors and each file is read once. The per-module work (decompose_modules.py) runs
+memory is a few tensors and each file is read once. The per-module work (modules.py) runs
 in two worker threads on a multi-core CPU, else in one whose next tensor is read and subtracted in
 a background thread while the current one is decomposed.
 
@@ -25,23 +25,23 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..errors import InputError, UsageError
-from ..executors import ExecutorOptions, run_units, task_cpus, task_device
-from ..jsonutil import json_safe as _json_safe
-from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
-from ..io.checkpoint import Checkpoint
-from ..io.compat import check_compatible, tensor_shapes
-from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
-from ..io.fingerprint import source_record
-from ..io.run_inputs import open_run_inputs
-from ..io.outputs import follow_umask, locked_output, output_errors, publish
-from ..io.work_folder import discard_unless_resumed, make_folder, open_work_folder
-from ..io.writer import provenance, write_provenance
-from ..math.svd import MIN_SKETCH
-from ..modules import select_tensors
-from ..resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
-from .decompose_modules import SVD_SEED, cpu_threads, in_order, module_factors, worker_count
+from ... import __version__
+from ...errors import InputError, UsageError
+from ...engine.executors import ExecutorOptions, run_units, task_cpus, task_device
+from ...jsonutil import json_safe as _json_safe
+from ...engine.spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
+from ...io.checkpoint import Checkpoint
+from ...io.compat import check_compatible, tensor_shapes
+from ...io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
+from ...io.fingerprint import source_record
+from ...io.run_inputs import open_run_inputs
+from ...io.outputs import follow_umask, locked_output, output_errors, publish
+from ...io.work_folder import discard_unless_resumed, make_folder, open_work_folder
+from ...io.writer import provenance, write_provenance
+from ...math.svd import MIN_SKETCH
+from ...modules import select_tensors
+from ...resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
+from .modules import SVD_SEED, cpu_threads, in_order, module_factors, worker_count
 
 
 @dataclass
@@ -59,7 +59,7 @@ class DecomposeOptions:
     # iterates until the certificate passes; cold: a fresh Gaussian sketch, `niter` iterations
     warm_start: bool = True
     prefetch: bool = True  # background threads: a second worker on a multi-core CPU, else read-ahead
-    workers: int | None = None  # None: decompose_modules.worker_count; 1 or 2 to force
+    workers: int | None = None  # None: modules.worker_count; 1 or 2 to force
     plots: bool = False  # energy over steps by type and a layer x type heatmap (the `plot` extra)
 
 
@@ -105,7 +105,7 @@ def _stored_module(path: Path) -> str | None:
 
 def _check_memory(base: Checkpoint, others: list[Checkpoint], modules: list[str], options: DecomposeOptions,
                   device: torch.device) -> int:
-    """The number of workers (decompose_modules.worker_count); refuse before any work when even one
+    """The number of workers (modules.worker_count); refuse before any work when even one
     worker's working set for the largest module exceeds the available memory."""
     def need(name: str, workers: int) -> int:
         e = base.entry(name)
@@ -133,7 +133,7 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
 
     `progress(done, total)` is called after each (module, checkpoint); `on_module_done(name)` after
     each module is saved (tests use it to simulate an interruption). `executor`: where modules
-    are decomposed (rank1tools.executors); with Ray, one task per module writes its factor file.
+    are decomposed (rank1tools.engine.executors); with Ray, one task per module writes its factor file.
     """
     if options.rank < 1:
         raise UsageError(f"--rank {options.rank}: must be at least 1")
@@ -240,7 +240,7 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
 
 def module_task(name: str, base_ckpt: Checkpoint, pairs: list[tuple[int, Checkpoint]], options: DecomposeOptions,
                 device: str, factors: str, read_ahead: bool) -> None:
-    """One module as a Ray task (rank1tools.executors.run_units): what the local path does for it,
+    """One module as a Ray task (rank1tools.engine.executors.run_units): what the local path does for it,
     its factor file saved into the shared staging folder; nothing returned through Ray."""
     acc, base_fro = module_factors(name, base_ckpt, pairs, options, torch.device(device), read_ahead=read_ahead,
                                    on_step=lambda: None, stop=threading.Event())
@@ -286,7 +286,7 @@ def _svd_parameters(options: DecomposeOptions) -> dict:
 
 
 def _plots(rows: list[dict], work: Path) -> tuple[list[str], str | None]:
-    from ..plots import INSTALL_HINT, PlotsUnavailable, decompose_plots
+    from ...plots import INSTALL_HINT, PlotsUnavailable, decompose_plots
 
     try:
         return [str(p) for p in decompose_plots(rows, work / "plots")], None

@@ -26,19 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError, UsageError
-from ..resources import check_memory, streaming_peak_bytes
-from ..io.checkpoint import Checkpoint
-from ..io.compat import check_compatible, tensor_shapes
-from ..io.outputs import locked_output, output_errors, staged_output
-from ..io.run_inputs import chunk_elements, open_run_inputs, trajectory_chunks
-from ..io.writer import provenance, write_provenance
-from ..jsonutil import json_safe
-from ..math.linefit import LineFit, fraction_above
-from ..math.trajectory import gram_update, trajectory_basis
-from ..executors import ExecutorOptions, task_device
-from .tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, run_tensor_groups
-from .linearity_tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
+from ...errors import InputError, UsageError
+from ...resources import check_memory, streaming_peak_bytes
+from ...io.checkpoint import Checkpoint
+from ...io.compat import check_compatible, tensor_shapes
+from ...io.outputs import locked_output, output_errors, staged_output
+from ...io.run_inputs import chunk_elements, open_run_inputs, trajectory_chunks
+from ...io.writer import provenance, write_provenance
+from ...jsonutil import json_safe
+from ...math.linefit import LineFit, fraction_above
+from ...math.trajectory import gram_update, trajectory_basis
+from ...engine.executors import ExecutorOptions, task_device
+from ...engine.tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, run_tensor_groups
+from .tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
 
 MIN_CHECKPOINTS = 3  # a line through 2 points always fits
 SAMPLE_BLOCK = 1 << 20  # sampling splits a tensor into blocks of this many elements (see sample_indices)
@@ -163,7 +163,7 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
               progress: Callable[[int, int], None] | None = None,
               executor: ExecutorOptions = ExecutorOptions()) -> LinearityResult:
     """Measure every selected tensor's linearity over the window; write the report to `out`.
-    `executor`: where the tensors are measured (rank1tools.executors; with Ray, a task per group)."""
+    `executor`: where the tensors are measured (rank1tools.engine.executors; with Ray, a task per group)."""
     check_options(options)
     inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
     notes = list(inputs.notes)
@@ -267,7 +267,7 @@ def _gate(summary: dict, threshold: float | None) -> dict | None:
 
 
 def _plots(rows: list[dict], staging: Path, window: list[int]) -> tuple[list[str], str | None]:
-    from ..plots import INSTALL_HINT, PlotsUnavailable, linearity_plots
+    from ...plots import INSTALL_HINT, PlotsUnavailable, linearity_plots
 
     try:
         return [str(p) for p in linearity_plots(rows, staging / "plots", window)], None
