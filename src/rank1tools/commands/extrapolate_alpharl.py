@@ -37,7 +37,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.fingerprint import matches
 from ..io.fit_store import FitStore
-from ..io.outputs import locked_output
+from ..io.output_lock import locked_output
 from ..io.sources import is_hub_source, open_source
 from ..io.writer import TensorSpec, provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs

@@ -26,7 +26,8 @@ from ..errors import InputError, UsageError
 from ..io.factor_store import FactorStore, factor_file
 from ..io.fit_store import FIT_FORMAT, FIT_FORMAT_VERSION  # noqa: F401 (importable from here)
 from ..io.metrics import align, read_metrics
-from ..io.outputs import follow_umask, locked_output, output_errors, staged_output
+from ..io.outputs import follow_umask, output_errors, staged_output
+from ..io.output_lock import locked_output
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from ..math.pls import fit_module

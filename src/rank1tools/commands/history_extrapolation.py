@@ -22,7 +22,7 @@ from ..errors import InputError, UsageError
 from ..engine.executors import ExecutorOptions, task_device
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes, untied_head
-from ..io.outputs import locked_output
+from ..io.output_lock import locked_output
 from ..io.run_inputs import RunInputs, chunk_elements, open_run_inputs, trajectory_chunks
 from ..io.writer import provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, max_abs

@@ -23,7 +23,7 @@ from ..errors import InputError, UsageError
 from ..io.compat import check_compatible, tensor_shapes, untied_head
 from ..io.factor_store import FactorStore
 from ..io.sources import is_hub_source, open_source
-from ..io.outputs import locked_output
+from ..io.output_lock import locked_output
 from ..io.writer import TensorSpec, provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs, nonfinite_update_cause
 from ..math.reconstruct import apply_rank_k, rounding_stats

@@ -35,7 +35,8 @@ from ...io.compat import check_compatible, tensor_shapes
 from ...io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
 from ...io.fingerprint import source_record
 from ...io.run_inputs import open_run_inputs
-from ...io.outputs import follow_umask, locked_output, output_errors, publish
+from ...io.outputs import follow_umask, output_errors, publish
+from ...io.output_lock import locked_output
 from ...io.work_folder import discard_unless_resumed, make_folder, open_work_folder
 from ...io.writer import provenance, write_provenance
 from ...math.svd import MIN_SKETCH

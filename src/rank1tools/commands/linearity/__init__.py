@@ -30,7 +30,8 @@ from ...errors import InputError, UsageError
 from ...resources import check_memory, streaming_peak_bytes
 from ...io.checkpoint import Checkpoint
 from ...io.compat import check_compatible, tensor_shapes
-from ...io.outputs import locked_output, output_errors, staged_output
+from ...io.outputs import output_errors, staged_output
+from ...io.output_lock import locked_output
 from ...io.run_inputs import chunk_elements, open_run_inputs, trajectory_chunks
 from ...io.writer import provenance, write_provenance
 from ...jsonutil import json_safe
