@@ -33,6 +33,8 @@ from ..jsonutil import json_safe
 from ..math.pls import fit_module
 from ..math.signs import align_to_next
 from ..options import check_min_checkpoints, parse_steps
+from ..plot_common import draw_plots
+from ..plots import fit_plots
 from ..engine.spectrum_tables import TYPE_ORDER, write_row_tables
 
 GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
@@ -197,14 +199,7 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
     with output_errors(staging):
         _write_tables(staging, rows, summary)
         if options.plots:
-            from ..plots import PlotsUnavailable, fit_plots
-
-            try:
-                plots = [str(p) for p in fit_plots(rows, trajectories, staging / "plots", metric_name)]
-            except PlotsUnavailable:
-                from ..plots import INSTALL_HINT
-
-                hint = f"plots need matplotlib: {INSTALL_HINT}"
+            plots, hint = draw_plots(lambda: fit_plots(rows, trajectories, staging / "plots", metric_name))
     return FitPlsResult(out="", steps=used, metric=metric_name, rows=rows, summary=summary, warnings=warnings,
                         gate=gate, plots=plots, plot_hint=hint)
 
