@@ -1,4 +1,4 @@
-"""The package's layering (docs/concepts.md#how-the-code-is-layered), checked from the source.
+"""The package's layering (docs/concepts.md#how-the-code-is-layered-for-contributors), checked from the source.
 
 Every module of `rank1tools` is parsed with `ast`, and every import in it counts, top-level or inside a
 function (a lazy import still ties two modules together; it only hides a cycle until it bites). The
@@ -9,6 +9,7 @@ No module is imported, so this is fast and torch-free.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,7 @@ def _layer(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-# Which layers a layer must not import (docs/concepts.md#how-the-code-is-layered). `options` is the
+# Which layers a layer must not import (docs/concepts.md#how-the-code-is-layered-for-contributors). `options` is the
 # CLI-side option parsing; the pure value parsers io/ needs live in rank1tools.values.
 FORBIDDEN = {
     "io": {"commands", "cli", "engine", "options"},
@@ -167,3 +168,18 @@ def test_cycle_finder_finds_a_planted_cycle():
     tree_module = "rank1tools.io.outputs"
     node = ast.parse("from .output_lock import locked_output").body[0]
     assert _resolve(tree_module, node) == "rank1tools.io.output_lock"
+
+
+def test_docs_cited_in_the_source_exist():
+    """Docstrings cite docs/ pages (docs/PAGE.md#anchor), never an internal spec: every cited page
+    and heading exists (test_docs.py's GitHub slugs)."""
+    from test_docs import _anchors
+
+    docs = ROOT.parents[1] / "docs"
+    broken = []
+    for module, path in MODULES.items():
+        for page, anchor in re.findall(r"docs/([A-Za-z0-9_/.-]+\.md)(?:#([A-Za-z0-9_-]+))?", path.read_text("utf-8")):
+            target = docs / page
+            if not target.is_file() or (anchor and anchor not in _anchors(target)):
+                broken.append(f"{module}: docs/{page}{'#' + anchor if anchor else ''}")
+    assert not broken, "\n".join(broken)

@@ -1,4 +1,4 @@
-"""What a tensor name means: SPEC "Words" (matrix modules, layer index, module type).
+"""What a tensor name means (docs/concepts.md#words): matrix modules, layer index, module type.
 
 Pure string logic, no torch: usable from the CLI and every layer.
 """

@@ -1,4 +1,5 @@
-"""`rank1 fit-pls`: how linear is each module's rank-1 trajectory (AlphaRL "rank-1 linear dynamics", SPEC §3).
+"""`rank1 fit-pls`: how linear is each module's rank-1 trajectory (AlphaRL "rank-1 linear dynamics",
+docs/concepts.md#linearity-of-the-rank-1-trajectory-fit-pls).
 
 Reads the factor store that `decompose` wrote (no checkpoint is read again). Per module, on the
 window's checkpoints: x_t = σ₁(t)·u₁(t), sign-aligned backwards from the last checkpoint; a
@@ -156,7 +157,7 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
         f = store.load(name)
         U, V = align_to_next(f["U"][idx, :, 0], f["V"][idx, :, 0])
         X = (f["S"][idx, 0:1].double() * U.double()).numpy()  # x_t = sigma_1 u_1, one row per checkpoint
-        by_step = fit_module(X, steps_y, loo=False)  # R²_step is in-sample (SPEC §3)
+        by_step = fit_module(X, steps_y, loo=False)  # R²_step is in-sample (docs/concepts.md#linearity-of-the-rank-1-trajectory-fit-pls)
         fit = fit_module(X, y) if y is not None else by_step
         mod = store.modules[name]
         norms = np.linalg.norm(X, axis=1)

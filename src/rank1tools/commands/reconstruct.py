@@ -1,4 +1,4 @@
-"""`rank1 reconstruct`: rank-k checkpoints, W = theta_0 + alpha * (||dW|| / ||dW_k||) * dW_k (SPEC section 2).
+"""`rank1 reconstruct`: rank-k checkpoints, W = theta_0 + alpha * (||dW|| / ||dW_k||) * dW_k (docs/concepts.md#rank-k-reconstruction-reconstruct).
 
 One pass over the base's tensors in file order; each input tensor is read once, whatever the
 number of ranks asked for (`--rank 1,2,4,8` writes DIR/rank-1, DIR/rank-2, ...). Selected matrix
@@ -6,7 +6,7 @@ modules get their rank-k update; every other tensor gets the base value (default
 reference code) or the checkpoint's (`--rest checkpoint`). With `--factors` (a `decompose`
 output covering the rank), the checkpoint's selected modules are not read at all: the factors
 and ||dW|| come from the store. After writing, a rounding report says how much of the intended
-update the output dtype kept (SPEC section 7).
+update the output dtype kept (docs/formats.md#rounding-report).
 """
 
 from __future__ import annotations

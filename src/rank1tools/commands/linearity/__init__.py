@@ -1,5 +1,5 @@
 """`rank1 linearity`: how linear a run is, per tensor, before trusting `extrapolate --method relex`
-or `--method linear` (SPEC §5, §6). Read-only diagnostic: nothing but its report is written.
+or `--method linear` (docs/extrapolation.md). Read-only diagnostic: nothing but its report is written.
 
 Per tensor, over the window's checkpoints t₁ < … < t_T (step 0 excluded; the trainer's steps):
 

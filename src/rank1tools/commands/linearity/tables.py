@@ -2,7 +2,7 @@
 the per-tensor row, the summary (means overall and by type, the element-weighted headline, the
 least linear tensors) and the CSV / JSON Lines / JSON files.
 
-Types: a matrix module keeps its module type (q, k, v, o, gate, up, down, ...; SPEC "Words");
+Types: a matrix module keeps its module type (q, k, v, o, gate, up, down, ...; docs/concepts.md#words);
 every other tensor gets one of `NON_MATRIX_TYPES`:
   embedding  the token embedding (`embed_tokens.weight`, `wte.weight`, ...)
   lm_head    `lm_head.weight` (a tied head is the embedding and is not a tensor of its own)
