@@ -157,7 +157,8 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
         f = store.load(name)
         U, V = align_to_next(f["U"][idx, :, 0], f["V"][idx, :, 0])
         X = (f["S"][idx, 0:1].double() * U.double()).numpy()  # x_t = sigma_1 u_1, one row per checkpoint
-        by_step = fit_module(X, steps_y, loo=False)  # R²_step is in-sample (docs/concepts.md#linearity-of-the-rank-1-trajectory-fit-pls)
+        # R²_step is in-sample (docs/concepts.md#linearity-of-the-rank-1-trajectory-fit-pls)
+        by_step = fit_module(X, steps_y, loo=False)
         fit = fit_module(X, y) if y is not None else by_step
         mod = store.modules[name]
         norms = np.linalg.norm(X, axis=1)

@@ -1,4 +1,5 @@
-"""`rank1 reconstruct`: rank-k checkpoints, W = theta_0 + alpha * (||dW|| / ||dW_k||) * dW_k (docs/concepts.md#rank-k-reconstruction-reconstruct).
+"""`rank1 reconstruct`: rank-k checkpoints, W = theta_0 + alpha * (||dW|| / ||dW_k||) * dW_k
+(docs/concepts.md#rank-k-reconstruction-reconstruct).
 
 One pass over the base's tensors in file order; each input tensor is read once, whatever the
 number of ranks asked for (`--rank 1,2,4,8` writes DIR/rank-1, DIR/rank-2, ...). Selected matrix
