@@ -72,7 +72,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import ray
 t1 = time.perf_counter()
-ray.init(include_dashboard=False, log_to_driver=False)  # what rank1tools.executors.ray_session does
+ray.init(include_dashboard=False, log_to_driver=False)  # what rank1tools.engine.executors.ray_session does
 t2 = time.perf_counter()
 out = {}
 if int(sys.argv[1]):

@@ -348,7 +348,7 @@ def test_on_a_narrow_terminal_cells_fold_instead_of_being_cut(monkeypatch, capsy
     character is still printed, and no ellipsis replaces any of it."""
     from rich.console import Console
 
-    from rank1tools import render
+    from rank1tools.cli import render
     from rank1tools.commands.reconstruct import RankOutput
 
     monkeypatch.setattr(render, "_console", lambda: Console(width=50, force_terminal=True, color_system=None))

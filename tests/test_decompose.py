@@ -277,7 +277,7 @@ def test_errors_raised_as_types(dec_run, tmp_path):
 
 
 def test_cli_interrupt_says_how_to_resume(dec_run, tmp_path, monkeypatch):
-    import rank1tools.commands.decompose_modules as dec  # where the per-module work calls the SVD
+    import rank1tools.commands.decompose.modules as dec  # where the per-module work calls the SVD
 
     real, calls = dec.topk_svd, []
 

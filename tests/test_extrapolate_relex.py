@@ -15,7 +15,7 @@ import torch
 from _extrapolate_support import (assert_update_close, file_bytes, read_folder, relex_reference, report,
                                   noisy_run, trajectory, write_planted)
 from _support import run_main
-from rank1tools.commands.checkpoint_outputs import ROUNDING_FILE
+from rank1tools.engine.checkpoint_outputs import ROUNDING_FILE
 from rank1tools.commands.extrapolate import REPORT_FILE, ExtrapolateOptions
 from rank1tools.commands.extrapolate_relex import extrapolate_relex
 from rank1tools.synthetic import LlamaShape, make_base, write_model

@@ -208,7 +208,7 @@ def test_empty_factor_store_is_bad_input_before_any_output(tmp_path):
 def test_summary_renders_when_every_figure_is_missing(capsys):
     """The terminal summary shows "-" for a figure that is undefined (no fitted module, every LOO fold
     degenerate) instead of crashing after the outputs were written."""
-    from rank1tools import render
+    from rank1tools.cli import render
     from rank1tools.commands.fit_pls import FitPlsResult, summarize
 
     rows = [{"module": "model.layers.0.self_attn.q_proj.weight", "layer": 0, "type": "q", "n": 5,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from _support import finish_cli, finish_paused, run_cli, start_cli, start_paused, tree_snapshot
-from rank1tools.io.outputs import OutputLock
+from rank1tools.io.output_lock import OutputLock
 from rank1tools.synthetic import LlamaShape, make_base, make_run
 
 # large enough that each command works for about 2 s after its imports, so a kill lands mid-work

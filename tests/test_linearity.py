@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from _support import run_main
 from rank1tools.commands.linearity import LinearityOptions, linearity, sample_indices
-from rank1tools.commands.linearity_tables import tensor_labels
+from rank1tools.commands.linearity.tables import tensor_labels
 from rank1tools.synthetic import LlamaShape, make_base, make_run, write_model
 
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)

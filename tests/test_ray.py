@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from _ray_support import assert_same_tree
 from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
-from rank1tools.executors import ExecutorOptions
+from rank1tools.engine.executors import ExecutorOptions
 from rank1tools.io import open_checkpoint
 from rank1tools.synthetic import LlamaShape, make_base, make_run, matrix_module_names
 
@@ -116,7 +116,7 @@ def test_executor_option_errors(run_dir, tmp_path, args, needle):
 
 
 def test_executor_args_left_out_of_command_line():
-    from rank1tools.executors import without_executor_args
+    from rank1tools.engine.executors import without_executor_args
 
     argv = ["decompose", "b", "--executor", "ray", "--ray-address=auto", "--max-in-flight", "4", "--rank", "2",
             "--ray-num-gpus", "0.25", "--ray-num-cpus=2"]

@@ -23,9 +23,9 @@ from _support import run_main
 from rank1tools.commands.extrapolate import ExtrapolateOptions, extrapolate
 from rank1tools.commands.linearity import LinearityOptions, linearity
 from rank1tools.commands.reconstruct import ReconstructOptions, reconstruct
-from rank1tools.commands.tensor_units import group_tensors
+from rank1tools.engine.tensor_units import group_tensors
 from rank1tools.errors import Rank1Error
-from rank1tools.executors import ExecutorOptions, TaskFailed, check_worker_code, code_fingerprint
+from rank1tools.engine.executors import ExecutorOptions, TaskFailed, check_worker_code, code_fingerprint
 from rank1tools.io import open_checkpoint
 from rank1tools.io.writer import ShardedWriter, TensorSpec
 from rank1tools.synthetic import LlamaShape, make_base, make_run
@@ -225,7 +225,7 @@ def test_worker_with_other_code_is_refused():
 def test_task_raising_other_errors_is_retried_then_named(ray_local, tmp_path):
     """Anything but rank1's own errors (e.g. an I/O hiccup) is retried by Ray; a task that keeps
     failing fails with its unit's name after RETRIES retries. (Data errors: not retried, above.)"""
-    from rank1tools.executors import RETRIES, run_units
+    from rank1tools.engine.executors import RETRIES, run_units
 
     def flaky(unit: str, folder: str) -> int:
         count = Path(folder) / unit

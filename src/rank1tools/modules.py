@@ -1,4 +1,4 @@
-"""What a tensor name means: SPEC "Words" (matrix modules, layer index, module type).
+"""What a tensor name means (docs/concepts.md#words): matrix modules, layer index, module type.
 
 Pure string logic, no torch: usable from the CLI and every layer.
 """
@@ -91,3 +91,12 @@ def select_tensors(shapes: dict[str, tuple[int, ...]], *, include: list[str] | N
         if chosen and not any(fnmatchcase(name, g) for g in (exclude or [])):
             out.append(name)
     return out
+
+
+def stable_hash(name: str) -> int:
+    """A hash of a tensor name that is the same in every process and Python version (hash() is
+    salted per process): seeds per-tensor random draws (linearity's --sample, the synthetic runs)."""
+    h = 0
+    for ch in name.encode():
+        h = (h * 131 + ch) % 2_147_483_647
+    return h

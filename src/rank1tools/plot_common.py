@@ -5,11 +5,12 @@ run-to-run metadata, module-type order, and layer × type heatmaps with their va
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 INSTALL_HINT = "pip install 'rank1tools[plot]'"
 
-# Same order as the spectrum summary (commands/spectrum_tables.py); unknown types go last, by name.
+# Same order as the spectrum summary (engine/spectrum_tables.py); unknown types go last, by name.
 TYPE_ORDER = ["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "norm", "bias", "embedding", "lm_head", "other"]
 DPI = 100
 ANNOTATE_MAX_LAYERS = 40  # past this a cell is a few pixels high: no room for its value
@@ -21,6 +22,14 @@ class PlotsUnavailable(Exception):
 
     def __init__(self, message: str | None = None):
         super().__init__(message or f"plots need matplotlib: {INSTALL_HINT}")
+
+
+def draw_plots(draw: Callable[[], Iterable[Path]]) -> tuple[list[str], str | None]:
+    """A command's --plots: the files `draw()` writes, or none and the install hint without matplotlib."""
+    try:
+        return [str(p) for p in draw()], None
+    except PlotsUnavailable:
+        return [], f"plots need matplotlib: {INSTALL_HINT}"
 
 
 def plots_available() -> bool:

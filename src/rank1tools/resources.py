@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .errors import OutputError, ResourceError, UsageError
@@ -62,6 +63,13 @@ def check_memory(need_bytes: int, what: str) -> None:
     avail = available_memory_bytes()
     if avail is not None and need_bytes > avail:
         raise ResourceError(f"{what}: needs about {_gb(need_bytes)} of memory but {_gb(avail)} are available")
+
+
+def check_largest_tensor(names: Iterable[str], need: Callable[[str], int], shape: Callable[[str], Sequence[int]]) -> None:
+    """Refuse (check_memory) before any work when the tensor with the largest working set `need(name)`
+    does not fit: the check every command makes, each with its own estimate of a tensor's need."""
+    name = max(names, key=need)
+    check_memory(need(name), f"tensor {name!r} {list(shape(name))}")
 
 
 def svd_bytes(shape: tuple[int, ...], exact: bool, sketch: int) -> int:

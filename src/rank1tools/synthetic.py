@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .modules import parse_matrix_module
+from .modules import parse_matrix_module, stable_hash
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _gen(seed: int) -> torch.Generator:
 
 def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Deterministic base weight: N(0, 0.02) for matrices and embeddings, ~1 for norms."""
-    g = _gen(seed * 1_000_003 + _stable_hash(name))
+    g = _gen(seed * 1_000_003 + stable_hash(name))
     if len(shape) == 1:
         return 1.0 + 0.05 * torch.randn(shape, generator=g)
     return 0.02 * torch.randn(shape, generator=g)
@@ -90,22 +90,15 @@ def update_tensor(name: str, base: torch.Tensor, step: int, t_max: int, seed: in
                   rank1_scale: float = 0.05, noise: float = 2e-5) -> torch.Tensor:
     """The planted update dW_step of one tensor (float32)."""
     frac = step / t_max
-    g = _gen(seed * 7919 + _stable_hash(name))
+    g = _gen(seed * 7919 + stable_hash(name))
     if base.dim() == 2:
         u = torch.randn(base.shape[0], generator=g)
         v = torch.randn(base.shape[1], generator=g)
         direction = torch.outer(u / u.norm(), v / v.norm()) * (rank1_scale * base.norm())
     else:
         direction = torch.randn(base.shape, generator=g) * (rank1_scale * base.norm() / base.numel() ** 0.5)
-    gn = _gen(seed * 104729 + _stable_hash(name) + 31 * step)
+    gn = _gen(seed * 104729 + stable_hash(name) + 31 * step)
     return frac * direction + frac ** 0.5 * noise * torch.randn(base.shape, generator=gn)
-
-
-def _stable_hash(s: str) -> int:
-    h = 0
-    for ch in s.encode():
-        h = (h * 131 + ch) % 2_147_483_647
-    return h
 
 
 def write_model(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict | None = None,

@@ -120,7 +120,7 @@ RESUME_HINT = "the finished work is kept beside --out: rerun the same command to
 def check_executor_early(executor: str, ray_address: str | None, ray_num_cpus: float | None,
                          ray_num_gpus: float | None, max_in_flight: int | None, ray_timeout: float | None = None):
     """The --executor options, checked (and Ray's presence, for `ray`) before any heavy import."""
-    from ..executors import check_executor
+    from ..engine.executors import check_executor
 
     return check_executor(executor, address=ray_address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
                           max_in_flight=max_in_flight, timeout=ray_timeout)
@@ -242,7 +242,7 @@ def main() -> None:
 
     import rank1tools
 
-    from ..executors import without_executor_args
+    from ..engine.executors import without_executor_args
 
     from ..io import outputs
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .. import render
+from . import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
 from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..executors import ExecutorOptions
+from ..engine.executors import ExecutorOptions
 from ..errors import UsageError
 from ..jsonutil import json_safe
 from ..options import check_choice, number_label

@@ -37,7 +37,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes
 from ..io.fingerprint import matches
 from ..io.fit_store import FitStore
-from ..io.outputs import locked_output
+from ..io.output_lock import locked_output
 from ..io.sources import is_hub_source, open_source
 from ..io.writer import TensorSpec, provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
@@ -45,7 +45,7 @@ from ..math.reconstruct import RoundingStats, rounding_stats
 from ..modules import LM_HEAD_NAME, select_tensors
 from ..options import number_label, parse_size
 from ..resources import check_memory, reconstruct_peak_bytes
-from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
+from ..engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
 from .extrapolate import REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, flag_limit, target_folder
 
 R2_INDEX = {"r2": 0, "loo_r2": 1, "r2_step": 2}  # positions in a fit file's `r2` tensor

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import UsageError
-from ..executors import ExecutorOptions
+from ..engine.executors import ExecutorOptions
 from ..math.linefit import LineFit, two_point
 from .extrapolate import ExtrapolateOptions, ExtrapolateResult
 from .history_extrapolation import (History, TargetSink, check_history_tensors, checked_options, history_chunks,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import UsageError
-from ..executors import ExecutorOptions
+from ..engine.executors import ExecutorOptions
 from ..math.linefit import LineFit, positions_for
 from ..math.trajectory import combine, gram_update, trajectory_basis
 from .extrapolate import ExtrapolateOptions, ExtrapolateResult

@@ -1,4 +1,5 @@
-"""`rank1 fit-pls`: how linear is each module's rank-1 trajectory (AlphaRL "rank-1 linear dynamics", SPEC §3).
+"""`rank1 fit-pls`: how linear is each module's rank-1 trajectory (AlphaRL "rank-1 linear dynamics",
+docs/concepts.md#linearity-of-the-rank-1-trajectory-fit-pls).
 
 Reads the factor store that `decompose` wrote (no checkpoint is read again). Per module, on the
 window's checkpoints: x_t = σ₁(t)·u₁(t), sign-aligned backwards from the last checkpoint; a
@@ -26,13 +27,16 @@ from ..errors import InputError, UsageError
 from ..io.factor_store import FactorStore, factor_file
 from ..io.fit_store import FIT_FORMAT, FIT_FORMAT_VERSION  # noqa: F401 (importable from here)
 from ..io.metrics import align, read_metrics
-from ..io.outputs import follow_umask, locked_output, output_errors, staged_output
+from ..io.outputs import follow_umask, output_errors, staged_output
+from ..io.output_lock import locked_output
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from ..math.pls import fit_module
 from ..math.signs import align_to_next
 from ..options import check_min_checkpoints, parse_steps
-from .spectrum_tables import TYPE_ORDER, write_row_tables
+from ..plot_common import draw_plots
+from ..plots import fit_plots
+from ..engine.spectrum_tables import TYPE_ORDER, write_row_tables
 
 GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
 LOO_GOOD = 0.9  # the share of modules above this LOO R² is reported
@@ -153,7 +157,8 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
         f = store.load(name)
         U, V = align_to_next(f["U"][idx, :, 0], f["V"][idx, :, 0])
         X = (f["S"][idx, 0:1].double() * U.double()).numpy()  # x_t = sigma_1 u_1, one row per checkpoint
-        by_step = fit_module(X, steps_y, loo=False)  # R²_step is in-sample (SPEC §3)
+        # R²_step is in-sample (docs/concepts.md#linearity-of-the-rank-1-trajectory-fit-pls)
+        by_step = fit_module(X, steps_y, loo=False)
         fit = fit_module(X, y) if y is not None else by_step
         mod = store.modules[name]
         norms = np.linalg.norm(X, axis=1)
@@ -196,14 +201,7 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
     with output_errors(staging):
         _write_tables(staging, rows, summary)
         if options.plots:
-            from ..plots import PlotsUnavailable, fit_plots
-
-            try:
-                plots = [str(p) for p in fit_plots(rows, trajectories, staging / "plots", metric_name)]
-            except PlotsUnavailable:
-                from ..plots import INSTALL_HINT
-
-                hint = f"plots need matplotlib: {INSTALL_HINT}"
+            plots, hint = draw_plots(lambda: fit_plots(rows, trajectories, staging / "plots", metric_name))
     return FitPlsResult(out="", steps=used, metric=metric_name, rows=rows, summary=summary, warnings=warnings,
                         gate=gate, plots=plots, plot_hint=hint)
 

@@ -19,10 +19,10 @@ from fnmatch import fnmatchcase
 import torch
 
 from ..errors import InputError, UsageError
-from ..executors import ExecutorOptions, task_device
+from ..engine.executors import ExecutorOptions, task_device
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes, untied_head
-from ..io.outputs import locked_output
+from ..io.output_lock import locked_output
 from ..io.run_inputs import RunInputs, chunk_elements, open_run_inputs, trajectory_chunks
 from ..io.writer import provenance
 from ..math.finite import all_finite, dtype_max, dtype_name, max_abs
@@ -30,8 +30,8 @@ from ..math.reconstruct import RoundingStats, rounding_stats
 from ..modules import LM_HEAD_NAME, is_norm_parameter
 from ..options import parse_size
 from ..resources import check_memory, streaming_peak_bytes
-from .checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
-from .tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
+from ..engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
+from ..engine.tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
                            run_tensor_groups, stats_from, stats_record)
 from .extrapolate import (REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, check_options, flag_limit,
                           target_folder)

@@ -1,4 +1,5 @@
-"""`rank1 reconstruct`: rank-k checkpoints, W = theta_0 + alpha * (||dW|| / ||dW_k||) * dW_k (SPEC section 2).
+"""`rank1 reconstruct`: rank-k checkpoints, W = theta_0 + alpha * (||dW|| / ||dW_k||) * dW_k
+(docs/concepts.md#rank-k-reconstruction-reconstruct).
 
 One pass over the base's tensors in file order; each input tensor is read once, whatever the
 number of ranks asked for (`--rank 1,2,4,8` writes DIR/rank-1, DIR/rank-2, ...). Selected matrix
@@ -6,7 +7,7 @@ modules get their rank-k update; every other tensor gets the base value (default
 reference code) or the checkpoint's (`--rest checkpoint`). With `--factors` (a `decompose`
 output covering the rank), the checkpoint's selected modules are not read at all: the factors
 and ||dW|| come from the store. After writing, a rounding report says how much of the intended
-update the output dtype kept (SPEC section 7).
+update the output dtype kept (docs/formats.md#rounding-report).
 """
 
 from __future__ import annotations
@@ -18,25 +19,27 @@ from pathlib import Path
 
 import torch
 
-from ..executors import ExecutorOptions, task_device
+from ..engine.executors import ExecutorOptions, task_device
 from ..errors import InputError, UsageError
+from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes, untied_head
 from ..io.factor_store import FactorStore
 from ..io.sources import is_hub_source, open_source
-from ..io.outputs import locked_output
+from ..io.output_lock import locked_output
 from ..io.writer import TensorSpec, provenance
-from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs, nonfinite_update_cause
+from ..math.finite import all_finite, introduces_nonfinite, max_abs, nonfinite_update_cause
 from ..math.reconstruct import apply_rank_k, rounding_stats
 from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius
 from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, select_tensors
 from ..options import RankSpec, check_choice, check_finite, parse_ranks, parse_size  # noqa: F401 (RankSpec: importable from here)
-from ..resources import check_memory, reconstruct_peak_bytes, svd_bytes
-from .tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
+from ..resources import check_largest_tensor, reconstruct_peak_bytes, svd_bytes
+from ..engine.tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
                            run_tensor_groups, stats_from, stats_record)
-from .checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WARNING: importable from here)
-    DTYPE_CHOICES, DTYPES, LOST_WARNING, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report)
+from ..engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WARNING: importable from here)
+    DTYPE_CHOICES, DTYPES, LOST_WARNING, ROUNDING_FILE, CheckpointOutputs, nonfinite_error, output_dtype, overflow_error,
+    rounding_report, write_copied)
 
 REST_CHOICES = ("base", "checkpoint")
 
@@ -85,11 +88,33 @@ class ReconstructResult:
                              "warning": o.warning} for o in self.outputs]}
 
 
+@dataclass(frozen=True)
+class ReconstructPlan:
+    """One reconstruct pass, decided before any output exists: what is read, computed and written.
+    Picklable: the local path and every Ray task receive this same object."""
+
+    base: Checkpoint
+    checkpoint: Checkpoint
+    store: FactorStore | None  # --factors: the factors and ||dW|| come from it (the checkpoint's modules are not read)
+    step_index: int  # the checkpoint's position in the store (-1 without one)
+    ranks: tuple[RankSpec, ...]
+    kmax: dict[str, int]  # per selected module: the largest rank asked for
+    modules: tuple[str, ...]  # the selected matrix modules; every other tensor is copied (--rest)
+    options: ReconstructOptions
+    device: str
+    specs: tuple[TensorSpec, ...]  # every tensor written, in order (the base's, then an untied lm_head)
+    untie: bool  # the output stores lm_head.weight and its config says tie_word_embeddings: false
+    out: str  # the output as the user named it
+    force: bool
+    executor: ExecutorOptions
+    groups: list[TensorGroup] | None  # with Ray: the units of work
+
+
 def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOptions = ReconstructOptions(),
                 force: bool = False, progress: Callable[[int, int], None] | None = None,
                 executor: ExecutorOptions = ExecutorOptions()) -> ReconstructResult:
     """Write the rank-k checkpoint(s). `executor`: where the tensors are computed and written
-    (rank1tools.executors); with Ray, one task per group of tensors writes into the planned shards."""
+    (rank1tools.engine.executors); with Ray, one task per group of tensors writes into the planned shards."""
     ranks = parse_ranks(options.rank)
     if isinstance(options.max_shard_size, str):  # checked before any input is opened
         options = replace(options, max_shard_size=parse_size(options.max_shard_size))
@@ -134,18 +159,20 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
     specs = [TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype))
              for n in [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]]
     device = task_device(options.device, executor)
-    _check_memory(base_ck, ck, specs, set(modules), kmax, store is not None, options, device)
+    groups = group_tensors([s.name for s in specs], lambda n: base_ck.entry(n).nbytes) if executor.is_ray else None
+    plan = ReconstructPlan(base=base_ck, checkpoint=ck, store=store, step_index=step_index, ranks=tuple(ranks),
+                           kmax=kmax, modules=tuple(modules), options=options, device=str(device), specs=tuple(specs),
+                           untie=untie, out=out, force=force, executor=executor, groups=groups)
+    _check_memory(plan)
     local = [Path(c.label) for c in (base_ck, ck) if not is_hub_source(c.label)]
     if options.factors:
         local.append(Path(options.factors))
     with locked_output(out, force=force, inputs=local) as target:
-        units = groups = None
+        units = None
         if executor.is_ray:
-            groups = group_tensors([s.name for s in specs], lambda n: base_ck.entry(n).nbytes)
             units = TensorUnits(target, plan_bytes("reconstruct", [base_ck, ck], {**asdict(options), "device": device.type},
                                                    groups, {"specs": [[s.name, s.shape, str(s.dtype)] for s in specs]}))
-        outputs = _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, device, out, target,
-                             force, progress, specs, untie, executor, units, groups)
+        outputs = _write_all(plan, target, units, progress)
     if untie:
         how = "reconstructed (selected)" if LM_HEAD_NAME in modules else "copied (--rest checkpoint)"
         notes.append(f"{checkpoint} stores its own {LM_HEAD_NAME} but base {base} ties it to the embedding: "
@@ -154,18 +181,17 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
                              untied_lm_head=untie, notes=notes)
 
 
-def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, device, out, target, force,
-               progress, specs, untie, executor, units, groups) -> list[RankOutput]:
-    """Write every rank's checkpoint (one pass over the inputs) and move them into place.
-    `specs`: every tensor written, in order (the base's, then an untied lm_head); `untie`: the
-    output's config says tie_word_embeddings: false. With Ray, `units` runs `groups`."""
-    names = [s.name for s in specs]
-    with CheckpointOutputs(target, [r.folder for r in ranks], specs, max_shard_size=options.max_shard_size,
-                           force=force, work=units.work if units else None) as outs:
+def _write_all(plan: ReconstructPlan, target: Path, units: TensorUnits | None,
+               progress: Callable[[int, int], None] | None) -> list[RankOutput]:
+    """Write every rank's checkpoint (one pass over the inputs) and move them into place at `target`.
+    With Ray, `units` (the resumable work folder) runs the plan's groups."""
+    options, ranks = plan.options, plan.ranks
+    names = [s.name for s in plan.specs]
+    with CheckpointOutputs(target, [r.folder for r in ranks], list(plan.specs), max_shard_size=options.max_shard_size,
+                           force=plan.force, work=units.work if units else None) as outs:
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
-        results = run_tensor_groups(_tensors_task, (base_ck, ck, store, step_index, ranks, kmax, modules, options,
-                                                    str(device)), names, units=units, groups=groups,
-                                    executor=executor, on_done=progress_counter(progress, len(names)), outs=outs)
+        results = run_tensor_groups(_tensors_task, (plan,), names, units=units, groups=plan.groups,
+                                    executor=plan.executor, on_done=progress_counter(progress, len(names)), outs=outs)
         for name in names:  # the plan's order, whatever the order the units finished in
             for st, rec in zip(stats, results[name]):
                 if rec is not None:
@@ -173,66 +199,60 @@ def _write_all(base_ck, ck, store, step_index, ranks, kmax, modules, options, de
         params = {"rank": [r.text for r in ranks], "alpha": options.alpha, "norm_match": options.norm_match,
                   "rest": options.rest, "dtype": options.dtype, "include": options.include,
                   "exclude": options.exclude, "all_2d": options.all_2d,
-                  "svd": "factor-store" if store else ("exact" if options.exact else "randomized"),
-                  "factors": options.factors, "device": device.type}
+                  "svd": "factor-store" if plan.store else ("exact" if options.exact else "randomized"),
+                  "factors": options.factors, "device": torch.device(plan.device).type}
         reports = [rounding_report(st) for st in stats]
-        outs.commit(copy_from=base_ck, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
-                    provenances=[provenance("reconstruct", [base_ck, ck], {**params, "rank": r.text}) for r in ranks],
+        inputs = [plan.base, plan.checkpoint]
+        outs.commit(copy_from=plan.base, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
+                    provenances=[provenance("reconstruct", inputs, {**params, "rank": r.text}) for r in ranks],
                     reports=[{ROUNDING_FILE: rep} for rep in reports],
-                    parent_provenance=provenance("reconstruct", [base_ck, ck], params), label=out,
-                    untie_word_embeddings=untie)
+                    parent_provenance=provenance("reconstruct", inputs, params), label=plan.out,
+                    untie_word_embeddings=plan.untie)
         if units is not None:
             units.finish()
         return [RankOutput(rank=r.text, path=path, tensors=rep["tensors"],
                            **{k: rep[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")})
-                for r, path, rep in zip(ranks, outs.paths(out), reports)]
+                for r, path, rep in zip(ranks, outs.paths(plan.out), reports)]
 
 
-def _tensors_task(group: TensorGroup, base_ck, ck, store, step_index, ranks, kmax, modules, options, device: str,
-                  writers, on_tensor=None) -> dict:
+def _tensors_task(group: TensorGroup, plan: ReconstructPlan, writers, on_tensor=None) -> dict:
     """Write a group of tensors into every rank's checkpoint (`writers`: the writers themselves in
     this process, or their shard placements in a Ray task); returns each tensor's rounding
     figures per rank."""
-    stats = [dict() for _ in ranks]
-    selected = set(modules)
-    dev = torch.device(device)
+    stats = [dict() for _ in plan.ranks]
+    selected = set(plan.modules)
+    dev = torch.device(plan.device)
     for name in group.names:
         if name in selected:
-            _write_module(name, base_ck, ck, store, step_index, ranks, kmax[name], options, dev, writers, stats)
+            _write_module(name, plan, dev, writers, stats)
         else:
-            _write_rest(name, base_ck, ck, options, dev, writers, stats)
+            _write_rest(name, plan, dev, writers, stats)
         if on_tensor:
             on_tensor(1)
     return {name: [stats_record(st.get(name)) for st in stats] for name in group.names}
 
 
-def _nonfinite(label: str, name: str) -> InputError:
-    return InputError(f"{label}: tensor {name!r} has non-finite values (NaN or Inf)")
-
-
-def _check_memory(base_ck, ck, specs, selected, kmax, from_factors, options, device) -> None:
+def _check_memory(plan: ReconstructPlan) -> None:
     """Refuse before any work when the largest tensor's working set exceeds the available memory."""
-    def need(spec: TensorSpec) -> int:
-        name, e = spec.name, base_ck.entry(spec.name)
-        raw = max(e.nbytes, ck.entry(spec.name).nbytes if spec.name in ck else 0)
-        item = torch.empty((), dtype=spec.dtype).element_size()
+    base_ck, ck, options = plan.base, plan.checkpoint, plan.options
+    selected, specs = set(plan.modules), {s.name: s for s in plan.specs}
+
+    def need(name: str) -> int:
+        e = base_ck.entry(name)
+        raw = max(e.nbytes, ck.entry(name).nbytes if name in ck else 0)
+        item = torch.empty((), dtype=specs[name].dtype).element_size()
         svd = 0
-        if spec.name in selected:
-            sketch = max(kmax[name] + 10, MIN_SKETCH)
+        if name in selected:
+            sketch = max(plan.kmax[name] + 10, MIN_SKETCH)
             svd = svd_bytes(e.shape, options.exact or min(e.shape) <= 2 * sketch, sketch)
-        return reconstruct_peak_bytes(e.numel, raw, item, selected=name in selected, from_factors=from_factors,
-                                      svd=svd, rest=options.rest, on_cpu=device.type == "cpu")
+        return reconstruct_peak_bytes(e.numel, raw, item, selected=name in selected, from_factors=plan.store is not None,
+                                      svd=svd, rest=options.rest, on_cpu=torch.device(plan.device).type == "cpu")
 
-    spec = max(specs, key=need)
-    check_memory(need(spec), f"tensor {spec.name!r} {list(spec.shape)}")
-
-
-def _overflow(name: str, dtype: torch.dtype, what: str, hint: str) -> InputError:
-    return InputError(f"tensor {name!r}: {what} overflow {dtype_name(dtype)} ({hint}; largest finite "
-                      f"{dtype_name(dtype)} is {dtype_max(dtype):.5g})")
+    check_largest_tensor(specs, need, lambda name: specs[name].shape)
 
 
-def _write_module(name, base_ck, ck, store, step_index, ranks, kmax, options, device, writers, stats) -> None:
+def _write_module(name: str, plan: ReconstructPlan, device: torch.device, writers, stats) -> None:
+    base_ck, ck, store, step_index, options = plan.base, plan.checkpoint, plan.store, plan.step_index, plan.options
     w0 = base_ck.read(name, device=device)
     if store is not None:
         f = store.load(name)
@@ -245,50 +265,47 @@ def _write_module(name, base_ck, ck, store, step_index, ranks, kmax, options, de
             theirs = ck.read_raw(name)  # error path only
             cause = nonfinite_update_cause(w0, theirs)
             if cause != "overflow":
-                raise _nonfinite((base_ck if cause == "base" else ck).label, name)
+                raise nonfinite_error((base_ck if cause == "base" else ck).label, name)
             raise InputError(f"{ck.label}: the update of tensor {name!r} overflows float32 "
                              f"(|values| up to {max(max_abs(theirs), max_abs(w0)):.3g} in base and checkpoint)")
-        res = topk_svd(d, kmax, exact=options.exact, fro=fro)
+        res = topk_svd(d, plan.kmax[name], exact=options.exact, fro=fro)
         del d
         if not all_finite(res.S):
             raise InputError(f"{ck.label}: the update of tensor {name!r} has singular values beyond float32 "
                              f"(||dW||_F = {fro:.3g})")
         U, V = canonicalize_signs(res.U, res.V)
         S = res.S
-    for r, w, st in zip(ranks, writers, stats):
+    for r, w, st in zip(plan.ranks, writers, stats):
         stored, stat = apply_rank_k(w0, U, S, V, r.resolve(w0.shape), fro, w.specs[name].dtype,
                                     alpha=options.alpha, norm_match=options.norm_match)
         if stat.introduced_nonfinite or not math.isfinite(stat.err_sq):
             if not all_finite(w0):  # NaN/Inf in the base (the factor path reads no checkpoint)
-                raise _nonfinite(base_ck.label, name)
+                raise nonfinite_error(base_ck.label, name)
             if stat.introduced_nonfinite:
                 dt = w.specs[name].dtype
-                raise _overflow(name, dt, "the reconstructed weights", f"check --alpha {options.alpha:g}"
-                                + (", or write --dtype float32" if dt != torch.float32 else ""))
+                raise overflow_error(name, dt, "the reconstructed weights", hint=f"check --alpha {options.alpha:g}"
+                                     + (", or write --dtype float32" if dt != torch.float32 else ""))
         w.write(name, stored)
         st[name] = stat
 
 
-def _write_rest(name, base_ck, ck, options, device, writers, stats) -> None:
+def _write_rest(name: str, plan: ReconstructPlan, device: torch.device, writers, stats) -> None:
+    """A tensor that is not reconstructed: the base's (bit-exact when the dtype is kept), or with
+    --rest checkpoint the checkpoint's, its rounding measured against the base."""
+    base_ck, ck = plan.base, plan.checkpoint
+    if plan.options.rest == "base":
+        write_copied(name, base_ck, writers, described="base values")
+        return
     # every rank's writer has the same spec: cast, check and measure once, write to each
     dtype = writers[0].specs[name].dtype
-    if options.rest == "base":
-        raw = base_ck.read_raw(name)  # bit-exact copy when the dtype is kept
-        stored = raw.to(dtype)
-        if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):  # e.g. base values above 65504 cast to float16
-            raise _overflow(name, stored.dtype, f"base values (|values| up to {max_abs(raw):.3g})",
-                            "use --dtype float32 or bfloat16")
-        for w in writers:
-            w.write(name, stored)
-        return
     theirs = ck.read_raw(name)
     b = base_ck.read(name) if theirs.is_floating_point() else None
     stored = theirs.to(dtype)
     if introduces_nonfinite(stored, b):  # no written value may be non-finite where the base is finite
         if not all_finite(theirs):
-            raise _nonfinite(ck.label, name)
-        raise _overflow(name, stored.dtype, f"checkpoint values (|values| up to {max_abs(theirs):.3g})",
-                        "use --dtype float32 or bfloat16")
+            raise nonfinite_error(ck.label, name)
+        raise overflow_error(name, stored.dtype, f"checkpoint values (|values| up to {max_abs(theirs):.3g})",
+                             hint="use --dtype float32 or bfloat16")
     stat = rounding_stats(b, delta(theirs, b), stored) if b is not None else None
     for w, st in zip(writers, stats):
         w.write(name, stored)

@@ -9,7 +9,7 @@ import fnmatch
 import re
 
 from ..errors import InputError, UsageError
-from ..options import ascii_int
+from ..values import ascii_int
 from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES
 from .hub_errors import _hub_errors
 from .hub_open import resolve_revision

@@ -36,7 +36,7 @@ from pathlib import Path
 from ..errors import InputError, UsageError
 from ..jsonutil import DuplicateKey, parse_json_text, unique_pairs
 from .text_files import read_text_file
-from ..options import INT64_MAX, ascii_int
+from ..values import INT64_MAX, ascii_int
 
 STEP_COLUMNS = ("step", "global_step", "Step", "_step")
 # Never chosen by default (still selectable with --metric): epoch counters, clocks, throughput.

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OutputError
+from .output_nesting import check_inner, check_outer, read_holder
 from .outputs import _HELD, _STAGING_INFIXES, check_replaceable, output_errors, resolve_output
 
 
@@ -169,22 +170,12 @@ def _only_probed(fd: int) -> bool:
     return True
 
 
-def read_holder(fd: int) -> str:
-    try:
-        data = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
-        return f"pid {int(data['pid'])}: {' '.join(map(str, data.get('argv') or []))}".strip()
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return "pid unknown"
-
-
 @contextmanager
 def locked_output(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None):
     """Resolve, check and lock an output target for the whole `with` block; yields the real path.
     Re-entrant in one process: a target this process holds already is yielded as it is.
     An output inside or around another one is refused (io/output_nesting.py), before anything is
     created and again under the lock."""
-    from .output_nesting import check_inner, check_outer
-
     label = label or os.fspath(out)
     target = resolve_output(out, inputs=inputs, label=label)
     if target in _HELD:  # held by this process already (the demo holds its folder around its steps)

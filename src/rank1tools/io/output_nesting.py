@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import stat
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import OutputError
+from .outputs import is_rank1_output
 
 _STAGING_NAME = re.compile(r"\..+\.(?:tmp-\d+-.*|old-\d+-.*|partial)", re.DOTALL)
 _LOCK_NAME = re.compile(r"\..+\.lock", re.DOTALL)
@@ -40,8 +42,6 @@ def lock_file(target: Path) -> Path:
 
 def live_holder(path: Path) -> str | None:
     """'pid N: COMMAND' when a live rank1 run holds the lock file `path`, else None."""
-    from .output_lock import read_holder
-
     try:  # O_NONBLOCK: a FIFO planted under a lock file's name must not block the open
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -59,11 +59,17 @@ def live_holder(path: Path) -> str | None:
         os.close(fd)
 
 
+def read_holder(fd: int) -> str:
+    try:
+        data = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        return f"pid {int(data['pid'])}: {' '.join(map(str, data.get('argv') or []))}".strip()
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return "pid unknown"
+
+
 def check_outer(target: Path, label: str, held: Callable[[Path], bool]) -> None:
     """Refuse `target` inside a live run's output, a rank1 output or a staging folder (module doc).
     `held(folder)`: this process holds the lock of `folder` (its own output: allowed)."""
-    from .outputs import is_rank1_output
-
     for outer in target.parents:
         if outer.parent == outer:
             break

@@ -1,6 +1,7 @@
 """Where a command may write: the output-folder contract (docs/cli.md, "What rank1 never does to your files").
 
-Every command that writes goes through this module, so the rules hold once for all of them:
+Every command that writes enters `locked_output` (io/output_lock.py), built on this module, so the
+rules hold once for all of them:
 
 - the output path is resolved (symlinks and `..` included) before any check, and must not be
   empty, the filesystem root, an input, inside an input, or contain an input;
@@ -238,19 +239,3 @@ def staged_output(target: Path, *, force: bool, label: str):
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def locked_output(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None):
-    """Resolve, check and lock an output target for a `with` block; yields the real path
-    (io/output_lock.py)."""
-    from .output_lock import locked_output as locked
-
-    return locked(out, force=force, inputs=inputs, label=label)
-
-
-def __getattr__(name: str):
-    if name in ("OutputLock", "remove_stale_staging", "read_holder"):  # where they live, imported when asked
-        from . import output_lock
-
-        return getattr(output_lock, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, UsageError
-from ..options import ascii_int, parse_steps  # noqa: F401 (parse_steps: importable from here)
+from ..values import ascii_int, parse_steps  # noqa: F401 (parse_steps: importable from here)
 from .checkpoint import INDEX_FILE, SINGLE_FILE, PICKLE_SUFFIXES
 
 # [0-9], not \d: \d and int() also take other scripts' digits (checkpoint-٢٠ is not step 20)

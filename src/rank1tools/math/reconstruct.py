@@ -1,4 +1,5 @@
-"""Rank-k reconstruction of an update (SPEC section 2) and what storing it in a low dtype loses (section 7)."""
+"""Rank-k reconstruction of an update (docs/concepts.md#rank-k-reconstruction-reconstruct) and what storing
+it in a low dtype loses (docs/formats.md#rounding-report)."""
 
 from __future__ import annotations
 

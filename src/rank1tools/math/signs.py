@@ -1,4 +1,4 @@
-"""Sign conventions for singular vectors (SPEC section 1, "Signs")."""
+"""Sign conventions for singular vectors (docs/concepts.md#signs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Update deltas and the matrix-spectrum figures of SPEC section 1."""
+"""Update deltas and the matrix-spectrum figures of docs/concepts.md#matrix-spectrum-decompose."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Top-k SVD of an update matrix: randomized subspace iteration with an a-posteriori accuracy check.
 
-SPEC section 1: randomized (oversampling >= 10, fixed seed) by default, exact on request. The
-randomized result must reach |sigma_1 error| / sigma_1 <= 1e-4 and |cos(u_1, u_1 exact)| >= 0.9999.
-That is checked on every matrix without an exact SVD. Each Rayleigh-Ritz step makes one of the two
-singular-triplet relations exact: from a left basis Q, B = Q^T M = Ub S Vh gives u = Q Ub and
+Randomized (oversampling >= 10, fixed seed) by default, exact on request
+(docs/concepts.md#the-top-k-svd-and-its-accuracy-certificate). The randomized result must reach
+|sigma_1 error| / sigma_1 <= 1e-4 and |cos(u_1, u_1 exact)| >= 0.9999. That is checked on every
+matrix without an exact SVD. Each Rayleigh-Ritz step makes one of the two singular-triplet relations
+exact: from a left basis Q, B = Q^T M = Ub S Vh gives u = Q Ub and
 v = Vh^T with M^T u_1 = sigma_1 v_1 exactly, so the only residual is rho = ||M v_1 - sigma_1 u_1||;
 from a right basis X (orthonormal), M X = Uy S Wh gives u = Uy, v = X Wh^T with
 M v_1 = sigma_1 u_1 exactly and rho = ||M^T u_1 - sigma_1 v_1||. Wedin-type bounds give

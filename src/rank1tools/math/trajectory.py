@@ -1,4 +1,5 @@
-"""Trajectory rank-r (RELEX, SPEC §5) through the Gram matrix, so a tensor is never held T times.
+"""Trajectory rank-r (RELEX, docs/extrapolation.md#--method-relex-trajectory-rank-r) through the Gram
+matrix, so a tensor is never held T times.
 
 M is the T × d matrix whose rows are the flattened updates ΔW_t of one tensor (uncentred).
 G = M Mᵀ is accumulated over column chunks (`gram_update`); its eigendecomposition gives the

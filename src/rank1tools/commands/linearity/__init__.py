@@ -1,5 +1,5 @@
 """`rank1 linearity`: how linear a run is, per tensor, before trusting `extrapolate --method relex`
-or `--method linear` (SPEC §5, §6). Read-only diagnostic: nothing but its report is written.
+or `--method linear` (docs/extrapolation.md). Read-only diagnostic: nothing but its report is written.
 
 Per tensor, over the window's checkpoints t₁ < … < t_T (step 0 excluded; the trainer's steps):
 
@@ -26,19 +26,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError, UsageError
-from ..resources import check_memory, streaming_peak_bytes
-from ..io.checkpoint import Checkpoint
-from ..io.compat import check_compatible, tensor_shapes
-from ..io.outputs import locked_output, output_errors, staged_output
-from ..io.run_inputs import chunk_elements, open_run_inputs, trajectory_chunks
-from ..io.writer import provenance, write_provenance
-from ..jsonutil import json_safe
-from ..math.linefit import LineFit, fraction_above
-from ..math.trajectory import gram_update, trajectory_basis
-from ..executors import ExecutorOptions, task_device
-from .tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, run_tensor_groups
-from .linearity_tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
+from ...errors import InputError, UsageError
+from ...resources import check_largest_tensor, streaming_peak_bytes
+from ...io.checkpoint import Checkpoint
+from ...io.compat import check_compatible, tensor_shapes
+from ...io.outputs import output_errors, staged_output
+from ...io.output_lock import locked_output
+from ...io.run_inputs import chunk_elements, open_run_inputs, trajectory_chunks
+from ...io.writer import provenance, write_provenance
+from ...jsonutil import json_safe
+from ...math.linefit import LineFit, fraction_above
+from ...math.trajectory import gram_update, trajectory_basis
+from ...modules import stable_hash
+from ...plot_common import draw_plots
+from ...plots import linearity_plots
+from ...engine.executors import ExecutorOptions, task_device
+from ...engine.tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, run_tensor_groups
+from .tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
 
 MIN_CHECKPOINTS = 3  # a line through 2 points always fits
 SAMPLE_BLOCK = 1 << 20  # sampling splits a tensor into blocks of this many elements (see sample_indices)
@@ -77,13 +81,6 @@ class LinearityResult:
                           "gate": self.gate, "plots": self.plots})
 
 
-def _stable_hash(s: str) -> int:
-    h = 0
-    for ch in s.encode():
-        h = (h * 131 + ch) % 2_147_483_647
-    return h
-
-
 def sample_indices(numel: int, n: int | None, seed: int, name: str) -> np.ndarray | None:
     """Sorted indices of a uniform random subset of n of the tensor's numel elements (None: n is
     None or at least numel, so every element counts). Deterministic for (seed, name): the
@@ -92,7 +89,7 @@ def sample_indices(numel: int, n: int | None, seed: int, name: str) -> np.ndarra
     a uniform n-subset has), then a uniform subset within each block."""
     if n is None or n >= numel:
         return None
-    rng = np.random.default_rng([seed, _stable_hash(name)])
+    rng = np.random.default_rng([seed, stable_hash(name)])
     blocks = -(-numel // SAMPLE_BLOCK)
     sizes = np.full(blocks, SAMPLE_BLOCK, dtype=np.int64)
     sizes[-1] = numel - SAMPLE_BLOCK * (blocks - 1)
@@ -163,7 +160,7 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
               progress: Callable[[int, int], None] | None = None,
               executor: ExecutorOptions = ExecutorOptions()) -> LinearityResult:
     """Measure every selected tensor's linearity over the window; write the report to `out`.
-    `executor`: where the tensors are measured (rank1tools.executors; with Ray, a task per group)."""
+    `executor`: where the tensors are measured (rank1tools.engine.executors; with Ray, a task per group)."""
     check_options(options)
     inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
     notes = list(inputs.notes)
@@ -219,8 +216,7 @@ def _check_memory(base: Checkpoint, cks: list[Checkpoint], names: list[str], opt
         item = max(c.entry(name).nbytes // max(1, e.numel) for c in (base, *cks))
         return streaming_peak_bytes(T, min(chunk, e.numel), item, sample=min(options.sample or 0, e.numel))
 
-    name = max(names, key=need)
-    check_memory(need(name), f"tensor {name!r} {list(base.entry(name).shape)}")
+    check_largest_tensor(names, need, lambda name: base.entry(name).shape)
 
 
 def _tensor_figures(base: Checkpoint, cks: list[Checkpoint], name: str, window: list[int], rank: int,
@@ -252,7 +248,7 @@ def _write_report(staging: Path, inputs, cks, names, shapes, figures, window, ra
     with output_errors(staging):
         write_tables(staging, rows, summary, rank)
         write_provenance(staging, provenance("linearity", [inputs.base, *cks], params))
-        plots, hint = _plots(rows, staging, window) if options.plots else ([], None)
+        plots, hint = draw_plots(lambda: linearity_plots(rows, staging / "plots", window)) if options.plots else ([], None)
     return LinearityResult(out=out, steps=window, step_source=inputs.step_source, rank=rank, rows=rows,
                            summary=summary, notes=notes, gate=gate,
                            plots=[str(Path(out) / Path(p).relative_to(staging)) for p in plots], plot_hint=hint)
@@ -264,12 +260,3 @@ def _gate(summary: dict, threshold: float | None) -> dict | None:
     value = summary["headline"][FRAC_KEY]
     return {"figure": f"element-weighted {FRAC_KEY}", "value": value, "threshold": threshold,
             "passed": bool(value is not None and value >= threshold)}
-
-
-def _plots(rows: list[dict], staging: Path, window: list[int]) -> tuple[list[str], str | None]:
-    from ..plots import INSTALL_HINT, PlotsUnavailable, linearity_plots
-
-    try:
-        return [str(p) for p in linearity_plots(rows, staging / "plots", window)], None
-    except PlotsUnavailable:
-        return [], f"plots need matplotlib: {INSTALL_HINT}"

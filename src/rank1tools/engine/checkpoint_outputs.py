@@ -4,7 +4,7 @@
 With one output the checkpoint is OUT itself; with several, OUT is a parent folder holding one
 checkpoint folder each (rank-8/, step-500/, metric-0.7/), made in a staging folder and renamed
 into place only when all are complete. Each checkpoint carries its provenance and a rounding
-report: how much of the intended update the output dtype kept (SPEC §7).
+report: how much of the intended update the output dtype kept (docs/formats.md#rounding-report).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.outputs import make_staging, output_errors, publish
 from ..io.work_folder import make_folder
 from ..io.writer import ShardedWriter, TensorSpec, write_provenance
 from ..jsonutil import json_safe
 from ..resources import check_disk
+from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
 from ..math.reconstruct import RoundingStats
 
 ROUNDING_FILE = "rank1tools-rounding.json"
@@ -39,6 +41,37 @@ def output_dtype(option: str, stored: torch.dtype) -> torch.dtype:
 def tensor_specs(base: Checkpoint, names: list[str], dtype_option: str) -> list[TensorSpec]:
     """What the writer will receive: each name with the base's shape and the output dtype."""
     return [TensorSpec(n, base.entry(n).shape, output_dtype(dtype_option, base.entry(n).torch_dtype)) for n in names]
+
+
+def nonfinite_error(label: str, name: str) -> InputError:
+    """An input tensor holds NaN or Inf (where the output would be refused for it, docs/cli.md)."""
+    return InputError(f"{label}: tensor {name!r} has non-finite values (NaN or Inf)")
+
+
+def overflow_error(name: str, dtype: torch.dtype, what: str, *, hint: str | None = None,
+                   then: str | None = None) -> InputError:
+    """Values that are finite before the cast to the output dtype but not after (docs/cli.md: no written
+    value is NaN/Inf where the base is finite): `what` overflows, with `hint` in the parentheses
+    beside the dtype's largest finite value and `then` after them."""
+    return InputError(f"tensor {name!r}: {what} overflow {dtype_name(dtype)} ({hint + '; ' if hint else ''}largest "
+                      f"finite {dtype_name(dtype)} is {dtype_max(dtype):.5g})" + (f"; {then}" if then else ""))
+
+
+def write_copied(name: str, source: Checkpoint, writers: list, *, described: str, base: Checkpoint | None = None) -> None:
+    """Copy tensor `name` of `source` into every writer: cast once to the output dtype (bit-exact
+    when the dtype is kept). Refused: a cast that overflows the dtype (`described` names the values
+    in the message), and, when `source` is another checkpoint than `base`, a NaN/Inf where the base
+    is finite (the base's own non-finite values are kept)."""
+    raw = source.read_raw(name)
+    stored = raw.to(writers[0].specs[name].dtype)
+    if base is not None and source is not base and raw.is_floating_point() and not all_finite(raw):
+        if introduces_nonfinite(raw, base.read_raw(name)):
+            raise nonfinite_error(source.label, name)
+    if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):  # e.g. values above 65504 cast to float16
+        raise overflow_error(name, stored.dtype, f"{described} (|values| up to {max_abs(raw):.3g})",
+                             hint="use --dtype float32 or bfloat16")
+    for w in writers:
+        w.write(name, stored)
 
 
 def rounding_report(per_tensor: dict[str, RoundingStats]) -> dict:

@@ -17,13 +17,13 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import InputError
-from ..io.checkpoint import Checkpoint
-from ..io.run_inputs import prefetched
-from ..math.finite import all_finite, dtype_max, max_abs, nonfinite_update_cause
-from ..math.signs import canonicalize_signs
-from ..math.spectrum import frobenius
-from ..math.svd import topk_svd
+from ...errors import InputError
+from ...io.checkpoint import Checkpoint
+from ...io.run_inputs import prefetched
+from ...math.finite import all_finite, dtype_max, max_abs, nonfinite_update_cause
+from ...math.signs import canonicalize_signs
+from ...math.spectrum import frobenius
+from ...math.svd import topk_svd
 
 SVD_SEED = 0
 PARALLEL_MIN_NUMEL = 1 << 18  # two workers only when the largest matrix has this many elements

@@ -9,7 +9,7 @@ Ray tasks (`--executor ray`, the `ray` extra). Design (issue #13; user docs in d
 - Unit of work: a module for `decompose` (one task walks all checkpoints of one matrix module in
   step order, because the warm start carries each checkpoint's factors to the next); a tensor, or
   consecutive small tensors grouped by bytes, for reconstruct / linearity / extrapolate
-  (commands/tensor_units.py: the driver's side, with the resumable ledger).
+  (engine/tensor_units.py: the driver's side, with the resumable ledger).
 - Each task opens the sources itself (a local Checkpoint is pickled as its parsed headers, a few
   KB; a Hub checkpoint as its listing pinned to the resolved commit; the tensors are read by the
   task from the shared path or the Hub), does exactly what the local path does for its unit, and
@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Rank1Error, UsageError
+from ..errors import Rank1Error, UsageError
 
 EXECUTORS = ("local", "ray")
 INSTALL_HINT = "pip install 'rank1tools[ray]'"
@@ -278,9 +278,9 @@ def code_fingerprint() -> str:
     (a node with another install would compute other bytes, or fail in confusing ways)."""
     global _FINGERPRINT
     if _FINGERPRINT is None:
-        from . import __version__
+        from .. import __version__
 
-        root = Path(__file__).resolve().parent
+        root = Path(__file__).resolve().parents[1]  # the rank1tools package, not only engine/
         h = hashlib.sha256()
         for path in sorted(root.rglob("*.py")):
             h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
@@ -295,7 +295,7 @@ def task_device(spec: str, options: ExecutorOptions):
     """The device a command computes on: `resolve_device` locally; with Ray, where the TASKS run:
     `auto` is cuda exactly when each task reserves a GPU (`--ray-num-gpus`), and cuda without a
     reserved GPU is refused (Ray hides the GPUs from such a task)."""
-    from .device import parse_device, resolve_device  # noqa: PLC0415
+    from ..device import parse_device, resolve_device  # noqa: PLC0415
 
     if not options.is_ray:
         return resolve_device(spec)
@@ -373,7 +373,7 @@ def check_worker_code(expected: str) -> None:
     ours = code_fingerprint()
     if ours != expected:
         raise TaskFailed(f"the Ray worker on {platform.node()} runs rank1tools {ours} "
-                         f"({Path(__file__).resolve().parent}), the driver {expected}: install the same rank1tools "
+                         f"({Path(__file__).resolve().parents[1]}), the driver {expected}: install the same rank1tools "
                          "on every node (or put it on shared storage and PYTHONPATH)")
 
 

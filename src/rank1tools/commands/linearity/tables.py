@@ -2,7 +2,7 @@
 the per-tensor row, the summary (means overall and by type, the element-weighted headline, the
 least linear tensors) and the CSV / JSON Lines / JSON files.
 
-Types: a matrix module keeps its module type (q, k, v, o, gate, up, down, ...; SPEC "Words");
+Types: a matrix module keeps its module type (q, k, v, o, gate, up, down, ...; docs/concepts.md#words);
 every other tensor gets one of `NON_MATRIX_TYPES`:
   embedding  the token embedding (`embed_tokens.weight`, `wte.weight`, ...)
   lm_head    `lm_head.weight` (a tied head is the embedding and is not a tensor of its own)
@@ -21,10 +21,10 @@ import math
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ..jsonutil import json_safe
-from ..math.linefit import R2_LINEAR
-from ..modules import LM_HEAD_NAME, is_embedding, is_norm_parameter, layer_index, parse_matrix_module
-from .spectrum_tables import TYPE_ORDER, module_labels, write_row_tables
+from ...jsonutil import json_safe
+from ...math.linefit import R2_LINEAR
+from ...modules import LM_HEAD_NAME, is_embedding, is_norm_parameter, layer_index, parse_matrix_module
+from ...engine.spectrum_tables import TYPE_ORDER, module_labels, write_row_tables
 
 FRAC_KEY = f"frac_r2_above_{R2_LINEAR}"  # "frac_r2_above_0.7": RLVR linearity's headline figure
 NON_MATRIX_TYPES = ("norm", "bias", "embedding", "lm_head", "other")

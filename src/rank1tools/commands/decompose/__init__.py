@@ -1,7 +1,7 @@
 """`rank1 decompose`: streaming spectra of dW_t = theta_t - theta_0 per matrix module and checkpoint.
 
 Module-major: the base tensor is read once, then the same tensor from every checkpoint, so
-memory is a few tensors and each file is read once. The per-module work (decompose_modules.py) runs
+memory is a few tensors and each file is read once. The per-module work (modules.py) runs
 in two worker threads on a multi-core CPU, else in one whose next tensor is read and subtracted in
 a background thread while the current one is decomposed.
 
@@ -25,23 +25,26 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..errors import InputError, UsageError
-from ..executors import ExecutorOptions, run_units, task_cpus, task_device
-from ..jsonutil import json_safe as _json_safe
-from .spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
-from ..io.checkpoint import Checkpoint
-from ..io.compat import check_compatible, tensor_shapes
-from ..io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
-from ..io.fingerprint import source_record
-from ..io.run_inputs import open_run_inputs
-from ..io.outputs import follow_umask, locked_output, output_errors, publish
-from ..io.work_folder import discard_unless_resumed, make_folder, open_work_folder
-from ..io.writer import provenance, write_provenance
-from ..math.svd import MIN_SKETCH
-from ..modules import select_tensors
-from ..resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
-from .decompose_modules import SVD_SEED, cpu_threads, in_order, module_factors, worker_count
+from ... import __version__
+from ...errors import InputError, UsageError
+from ...engine.executors import ExecutorOptions, run_units, task_cpus, task_device
+from ...jsonutil import json_safe as _json_safe
+from ...engine.spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
+from ...io.checkpoint import Checkpoint
+from ...io.compat import check_compatible, tensor_shapes
+from ...io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
+from ...io.fingerprint import source_record
+from ...io.run_inputs import open_run_inputs
+from ...io.outputs import follow_umask, output_errors, publish
+from ...io.output_lock import locked_output
+from ...io.work_folder import discard_unless_resumed, make_folder, open_work_folder
+from ...io.writer import provenance, write_provenance
+from ...math.svd import MIN_SKETCH
+from ...modules import select_tensors
+from ...plot_common import draw_plots
+from ...plots import decompose_plots
+from ...resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
+from .modules import SVD_SEED, cpu_threads, in_order, module_factors, worker_count
 
 
 @dataclass
@@ -59,7 +62,7 @@ class DecomposeOptions:
     # iterates until the certificate passes; cold: a fresh Gaussian sketch, `niter` iterations
     warm_start: bool = True
     prefetch: bool = True  # background threads: a second worker on a multi-core CPU, else read-ahead
-    workers: int | None = None  # None: decompose_modules.worker_count; 1 or 2 to force
+    workers: int | None = None  # None: modules.worker_count; 1 or 2 to force
     plots: bool = False  # energy over steps by type and a layer x type heatmap (the `plot` extra)
 
 
@@ -81,6 +84,24 @@ class DecomposeResult:
                 "resumed_modules": self.resumed_modules,
                 "exact_fallbacks": [{"module": m, "step": s} for m, s in self.fallbacks],
                 "summary": self.summary, "plots": self.plots, "notes": self.notes}
+
+
+@dataclass(frozen=True)
+class DecomposePlan:
+    """One decompose run, decided before any output exists: inputs, modules, SVD options and where
+    it runs. Picklable: the local path and every Ray task receive this same object."""
+
+    base: Checkpoint
+    pairs: tuple[tuple[int, Checkpoint], ...]  # (step, checkpoint) in step order
+    step_source: str  # "trainer" (steps from the folder names) or "position"
+    modules: tuple[str, ...]  # the selected matrix modules, in the base's order
+    shapes: dict[str, tuple[int, ...]]
+    options: DecomposeOptions
+    device: str
+    workers: int  # SVD worker threads of the local path (modules.worker_count)
+    executor: ExecutorOptions
+    out: str  # the output as the user named it
+    force: bool
 
 
 def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modules: list[str], rank: int) -> None:
@@ -105,7 +126,7 @@ def _stored_module(path: Path) -> str | None:
 
 def _check_memory(base: Checkpoint, others: list[Checkpoint], modules: list[str], options: DecomposeOptions,
                   device: torch.device) -> int:
-    """The number of workers (decompose_modules.worker_count); refuse before any work when even one
+    """The number of workers (modules.worker_count); refuse before any work when even one
     worker's working set for the largest module exceeds the available memory."""
     def need(name: str, workers: int) -> int:
         e = base.entry(name)
@@ -133,7 +154,7 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
 
     `progress(done, total)` is called after each (module, checkpoint); `on_module_done(name)` after
     each module is saved (tests use it to simulate an interruption). `executor`: where modules
-    are decomposed (rank1tools.executors); with Ray, one task per module writes its factor file.
+    are decomposed (rank1tools.engine.executors); with Ray, one task per module writes its factor file.
     """
     if options.rank < 1:
         raise UsageError(f"--rank {options.rank}: must be at least 1")
@@ -148,20 +169,25 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
         ck.expect(modules)
     device = task_device(options.device, executor)
     workers = _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
+    plan = DecomposePlan(base=base_ckpt, pairs=tuple(pairs), step_source=step_source, modules=tuple(modules),
+                         shapes=shapes, options=options, device=str(device), workers=workers, executor=executor,
+                         out=out, force=force)
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target, cpu_threads(device, options):
-        result = _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target,
-                                   force, progress, on_module_done, workers, executor)
+        result = _decompose_locked(plan, target, progress, on_module_done)
     result.notes = list(inputs.notes)
     return result
 
 
-def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, device, out, target, force,
-                      progress, on_module_done, workers, executor) -> DecomposeResult:
+def _decompose_locked(plan: DecomposePlan, target: Path, progress: Callable[[int, int], None] | None,
+                      on_module_done: Callable[[str], None] | None) -> DecomposeResult:
+    """Decompose into the resumable work folder `.OUT.partial`, then publish it at `target`."""
+    base_ckpt, pairs, modules, shapes, options = plan.base, plan.pairs, list(plan.modules), plan.shapes, plan.options
+    device, workers, executor, out = torch.device(plan.device), plan.workers, plan.executor, plan.out
     manifest = {
         "format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": __version__,
         "base": source_record(base_ckpt),  # source, revision, content fingerprint (io/fingerprint.py)
         "checkpoints": [{"step": s, **source_record(c)} for s, c in pairs],
-        "step_source": step_source,
+        "step_source": plan.step_source,
         "parameters": {"rank": options.rank, "svd": "exact" if options.exact else "randomized",
                        "oversample": options.oversample, **_svd_parameters(options), "seed": SVD_SEED,
                        "include": options.include, "exclude": options.exclude, "all_2d": options.all_2d,
@@ -200,7 +226,7 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
         if executor.is_ray:  # each task saves its module's factor file into the staging folder
             # a read-ahead thread only where the task has a core for it, as locally (one worker)
             read_ahead = options.prefetch and task_cpus(executor, torch.get_num_threads()) >= 2
-            args = (base_ckpt, pairs, options, str(device), str(work / "factors"), read_ahead)
+            args = (plan, str(work / "factors"), read_ahead)
             for name, _ in run_units(todo, module_task, args, executor, torch.get_num_threads()):
                 for _ in pairs:
                     step_done()
@@ -231,20 +257,19 @@ def _decompose_locked(base_ckpt, pairs, step_source, modules, shapes, options, d
         write_spectrum_tables(work, rows, options.rank)
         (work / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
         write_provenance(work, provenance("decompose", [base_ckpt, *(c for _, c in pairs)], manifest["parameters"]))
-        plots, hint = _plots(rows, work) if options.plots else ([], None)
-    publish(work, target, force=force, label=out)
+        plots, hint = draw_plots(lambda: decompose_plots(rows, work / "plots")) if options.plots else ([], None)
+    publish(work, target, force=plan.force, label=out)
     return DecomposeResult(out=out, steps=[s for s, _ in pairs], modules=modules, rows=rows, summary=summary,
                            resumed_modules=len(done), fallbacks=fallbacks,
                            plots=[str(Path(out) / Path(p).relative_to(work)) for p in plots], plot_hint=hint)
 
 
-def module_task(name: str, base_ckpt: Checkpoint, pairs: list[tuple[int, Checkpoint]], options: DecomposeOptions,
-                device: str, factors: str, read_ahead: bool) -> None:
-    """One module as a Ray task (rank1tools.executors.run_units): what the local path does for it,
+def module_task(name: str, plan: DecomposePlan, factors: str, read_ahead: bool) -> None:
+    """One module as a Ray task (rank1tools.engine.executors.run_units): what the local path does for it,
     its factor file saved into the shared staging folder; nothing returned through Ray."""
-    acc, base_fro = module_factors(name, base_ckpt, pairs, options, torch.device(device), read_ahead=read_ahead,
-                                   on_step=lambda: None, stop=threading.Event())
-    _save_module(Path(factors) / factor_file(name), name, [s for s, _ in pairs], acc, base_fro)
+    acc, base_fro = module_factors(name, plan.base, plan.pairs, plan.options, torch.device(plan.device),
+                                   read_ahead=read_ahead, on_step=lambda: None, stop=threading.Event())
+    _save_module(Path(factors) / factor_file(name), name, [s for s, _ in plan.pairs], acc, base_fro)
 
 
 def _save_module(final: Path, name: str, steps: list[int], acc: dict, base_fro: float) -> None:
@@ -283,12 +308,3 @@ def _svd_parameters(options: DecomposeOptions) -> dict:
     if options.warm_start and not options.exact:
         return {"start": "warm", "niter": "adaptive", "max_niter": options.max_niter}
     return {"start": "cold", "niter": options.niter, "max_niter": options.max_niter}
-
-
-def _plots(rows: list[dict], work: Path) -> tuple[list[str], str | None]:
-    from ..plots import INSTALL_HINT, PlotsUnavailable, decompose_plots
-
-    try:
-        return [str(p) for p in decompose_plots(rows, work / "plots")], None
-    except PlotsUnavailable:
-        return [], f"plots need matplotlib: {INSTALL_HINT}"

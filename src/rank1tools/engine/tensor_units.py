@@ -1,10 +1,10 @@
 """How a tensor-wise command (`reconstruct`, `linearity`, `extrapolate --method relex|linear`) runs
 its per-tensor work: in this process, or with `--executor ray` as Ray tasks (decompose works per
-module, see decompose.py). `run_tensor_groups` is the one entry point for both.
+module, see commands/decompose). `run_tensor_groups` is the one entry point for both.
 
 With Ray, the tensors are cut into units of work (`group_tensors`: one tensor, or consecutive small
 tensors up to GROUP_BYTES, in the plan's order, so the units do not depend on the cluster). Each
-unit is one Ray task (rank1tools.executors.run_units) that opens the inputs itself, runs the
+unit is one Ray task (rank1tools.engine.executors.run_units) that opens the inputs itself, runs the
 command's own per-tensor function on its tensors (the function the local path calls over all
 tensors, so the bytes are the same) and writes what it produces straight into the output's
 planned files; it returns only small per-tensor figures (rounding counts, fits), which the driver
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..executors import ExecutorOptions, code_fingerprint, run_units
+from .executors import ExecutorOptions, code_fingerprint, run_units
 from ..io.work_folder import UnitLedger, discard_unless_resumed, open_work_folder
 from ..math.reconstruct import RoundingStats
 

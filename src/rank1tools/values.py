@@ -1,0 +1,69 @@
+"""Plain values written as text, parsed the same everywhere: ASCII integers, byte sizes, step selections.
+
+Pure and torch-free, and below every layer: io/ reads step numbers from folder names and metrics
+files with these, and options.py (the CLI-side option parsers) re-exports them. Numbers are ASCII
+digits only: `int()` and `\\d` also accept other scripts' digits (`int("٢٠") == 20`), which no user
+means. Every refusal is a UsageError (exit code 2) with one line naming the option and the value.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from .errors import UsageError
+
+INT64_MAX = 2**63 - 1  # steps and counts end up in int64 tensors and JSON readers' int64
+_ASCII_INT = re.compile(r"[0-9]+")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)")
+SIZE_UNITS = {
+    "": 1, "b": 1,
+    # decimal, as huggingface_hub.serialization.parse_size_to_int (and save_pretrained's "5GB")
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def ascii_int(text: str) -> int | None:
+    """A non-negative integer written in ASCII digits and below 2**63, else None."""
+    if not _ASCII_INT.fullmatch(text) or len(text.lstrip("0")) > 19:
+        return None
+    value = int(text)
+    return value if value <= INT64_MAX else None
+
+
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
+    """Bytes from `5GB`, `500MB`, `2GiB` or a plain number of bytes; units are case-insensitive.
+    A fractional value (`1.5GB`) is allowed as in huggingface_hub; the result must be >= 1 byte."""
+    m = _SIZE.fullmatch(str(text).strip())
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in SIZE_UNITS:
+        raise UsageError(f"{option} {text!r}: expected a size like 5GB, 500MB or a number of bytes")
+    value = int(Decimal(m.group(1)) * SIZE_UNITS[unit])  # Decimal: exact, no float rounding
+    if value < 1:
+        raise UsageError(f"{option} {text!r}: must be at least 1 byte")
+    return value
+
+
+def parse_steps(spec: str, option: str = "--steps") -> tuple[str, object]:
+    """Parse a step selection (`--steps`, or an alias: the message names `option`, the one typed): a
+    list `50,100,200` -> ("list", [50, 100, 200]), or an inclusive range `START:STOP[:EVERY]` with
+    optional parts -> ("range", (start, stop, every)), None for a missing part."""
+    bad = UsageError(f"{option} {spec!r}: expected a list like 50,100,200 or a range like 10:100:10")
+    s = str(spec).strip()
+    if ":" in s:
+        parts = [p.strip() for p in s.split(":")]
+        if len(parts) > 3:
+            raise bad
+        values = [None if p == "" else ascii_int(p) for p in parts] + [None] * (3 - len(parts))
+        if any(v is None and p != "" for v, p in zip(values, parts)):
+            raise bad
+        start, stop, every = values
+        if every == 0:
+            raise bad
+        return "range", (start, stop, every)
+    items = [p.strip() for p in s.split(",")]
+    steps = [ascii_int(p) for p in items]
+    if any(v is None for v in steps):  # also an empty item: "10,,20", "5,", ""
+        raise bad
+    return "list", steps
