@@ -169,6 +169,14 @@ def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def print_result_notes(result, *, warnings: bool = False) -> None:
+    """A result's notes (and, with `warnings`, its warnings) on stderr, one `rank1: note:` line each."""
+    for note in getattr(result, "notes", []):
+        sys.stderr.write(f"rank1: note: {note}\n")
+    for w in getattr(result, "warnings", []) if warnings else []:
+        sys.stderr.write(f"rank1: warning: {w}\n")
+
+
 def stderr_progress(enabled: bool, description: str):
     """A rich progress bar on stderr: returns (context manager, callback(done, total))."""
     import contextlib

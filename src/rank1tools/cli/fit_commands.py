@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .. import render
-from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
+from .app import (print_result_notes, BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
                   JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT,
                   REVISIONS_OPT, RUN_OPT, STEPS_HELP, SUBFOLDERS_OPT, Rank1Command, app, check_common_early,
                   check_executor_early, check_output_early, interrupt_hint, number, one_step_selection, print_json,
@@ -134,8 +134,7 @@ def linearity(
         result = run_linearity(base, checkpoints or [], out, run=run, steps=steps,
                                hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
                                options=opts, force=force, progress=update, executor=exec_opts)
-    for note in result.notes:
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(result)
     if result.plot_hint:
         sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
     if as_json:

@@ -10,7 +10,7 @@ import typer
 from .. import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
+from .app import (print_result_notes, BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
                   JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT,
                   REVISIONS_OPT, RUN_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early, check_executor_early,
                   check_output_early, interrupt_hint, number, print_json, set_hub_cache_policy, stderr_progress)
@@ -47,8 +47,7 @@ def inspect(
         render.model(report)
     else:
         render.run(report)
-    for note in getattr(report, "notes", []):
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(report)
     if report.kind == "run" and report.problems:
         first = report.problems[0]
         raise InputError(
@@ -117,8 +116,7 @@ def decompose(
                                progress=update, executor=exec_opts)
     if result.resumed_modules:
         sys.stderr.write(f"rank1: resumed: {result.resumed_modules} modules were already done\n")
-    for note in result.notes:
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(result)
     for module, step in result.fallbacks:
         sys.stderr.write(f"rank1: note: {module} at step {step}: randomized SVD missed the accuracy bar, used exact\n")
     if result.plot_hint:
@@ -184,8 +182,7 @@ def reconstruct(
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update,
                                  executor=exec_opts)
-    for note in result.notes:
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(result)
     for o in result.outputs:
         if o.warning:
             sys.stderr.write(f"rank1: warning: rank {o.rank}: {o.warning}\n")
@@ -236,8 +233,7 @@ def demo(
 
     with interrupt_hint(f"{out} may hold a partial demo; rerun with --force"):
         result = run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, say=say)
-    for note in result.notes:
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(result)
     if as_json:
         print_json(result.to_dict())
     else:

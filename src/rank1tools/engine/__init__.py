@@ -1,0 +1,1 @@
+"""Machinery several commands share (docs/concepts.md, "Layers")."""
