@@ -65,6 +65,8 @@ def rewrite_method_alias(args: list[str]) -> list[str]:
 class ExtrapolateGroup(typer.core.TyperGroup):
     """`rank1 extrapolate`: the methods as subcommands, `--method M` as an alias."""
 
+    alias_options = ("--method",)  # options the group itself reads (docs: the alias)
+
     def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
         if not args or args[0] in ("-h", "--help"):
             return super().parse_args(ctx, args)
