@@ -18,11 +18,11 @@ from typer._click.exceptions import NoSuchOption
 from typer._click.exceptions import UsageError as ClickUsageError
 
 from .. import render
-from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
-                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT,
-                  RESUME_HINT, REVISIONS_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early,
-                  check_executor_early, check_output_early, interrupt_hint, number, print_json, print_result_notes,
-                  set_hub_cache_policy, stderr_progress)
+from .app import (RESUME_HINT, Rank1Command, app, check_common_early, check_output_early, interrupt_hint, print_json,
+                  print_result_notes, set_hub_cache_policy, stderr_progress)
+from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, DTYPE_OPT, EXCLUDE_OPT, FORCE_OPT, HUB_CACHE_OPT, JSON_OPT,
+                     QUIET_OPT, SHARD_OPT, ExecutorFlags, RunSpec, include_option, number, out_option, with_executor,
+                     with_run)
 
 METHOD_NAMES = ("alpharl", "relex", "linear")  # registry order; a test checks it against the registry
 
@@ -170,28 +170,20 @@ app.add_typer(extrapolate_app, name="extrapolate")
 
 # ---- the options, declared once ----
 
-OUT_OPT = typer.Option(..., "--out", "-o", metavar="PATH", help="Output checkpoint (one target) or parent of step-S / metric-Y folders.")
+OUT_OPT = out_option("Output checkpoint (one target) or parent of step-S / metric-Y folders.")
 TARGET_STEP_OPT = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, e.g. 500 or 500,1000,2000.")
-INCLUDE_OPT = typer.Option(None, "--include", metavar="GLOB", help="Glob of tensor names (repeatable).")
-EXCLUDE_OPT = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable).")
-DTYPE_OPT = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16", help="auto (base dtype), float32, bfloat16 or float16.")
+INCLUDE_OPT = include_option()
 FLAG_RATIO_OPT = typer.Option(4.0, "--flag-ratio", metavar="RATIO", parser=number("--flag-ratio", above=0),
                               help="Flag tensors whose predicted update norm exceeds this many times a straight line's.")
-SHARD_OPT = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB.")
 HISTORY_ARG = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="History checkpoints (or use --run).")
-RUN_OPT = typer.Option(None, "--run", metavar="RUN_DIR", help="Run directory of step folders.")
-STEPS_OPT = typer.Option(None, "--steps", metavar="STEPS", help="With --run: '50,100' or '10:100:10' (inclusive).")
 HISTORY_UNTIL_OPT = typer.Option(None, "--history-until", metavar="STEP", help="Use checkpoints up to this step (default all).")
 REST_OPT = typer.Option("last", "--rest", metavar="last|base", help="Tensors not selected from the 'last' history checkpoint or the 'base'.")
 
 
-def _history(checkpoints, run, steps, revisions, subfolders, commits, history_until, rest, fit_window) -> dict:
-    from ..options import parse_positive_int, parse_step, parse_steps
+def _history(checkpoints, run_spec: RunSpec, history_until, rest, fit_window) -> dict:
+    from ..options import parse_positive_int, parse_step
 
-    if steps is not None:
-        parse_steps(steps)
-    return dict(checkpoints=checkpoints or [], run=run, steps=steps,
-                hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
+    return dict(checkpoints=checkpoints or [], run=run_spec.run, steps=run_spec.steps, hub_run=run_spec.hub_run,
                 history_until=None if history_until is None else parse_step(history_until, "--history-until"),
                 rest=rest, fit_window=None if fit_window is None else parse_positive_int(fit_window, "--fit-window"))
 
@@ -205,7 +197,7 @@ def _common(target_step, include, exclude, dtype, device, max_shard_size, flag_r
 
 
 def _run(name: str, base: str, out: str, fields: dict, inputs: list, *, force: bool, device: str,
-         hub_cache_policy: str | None, executor: tuple, quiet: bool, as_json: bool) -> None:
+         hub_cache_policy: str | None, executor: ExecutorFlags, quiet: bool, as_json: bool) -> None:
     """Build and check the method's options (torch-free), check the output and the executor, then run."""
     from ..commands.extrapolate.registry import method
 
@@ -213,7 +205,7 @@ def _run(name: str, base: str, out: str, fields: dict, inputs: list, *, force: b
     options = m.options(**fields)
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, *inputs])
-    exec_opts = check_executor_early(*executor)
+    exec_opts = executor.check()
     set_hub_cache_policy(hub_cache_policy)
     bar, update = stderr_progress(not quiet, f"extrapolate ({name})")
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
@@ -229,16 +221,13 @@ def _run(name: str, base: str, out: str, fields: dict, inputs: list, *, force: b
 
 
 @extrapolate_app.command("relex", cls=_method_command("relex"))
+@with_run()
+@with_executor
 def relex(
     base: str = BASE_ARG,
     checkpoints: Optional[list[str]] = HISTORY_ARG,
     out: str = OUT_OPT,
-    run: Optional[str] = RUN_OPT,
-    steps: Optional[str] = STEPS_OPT,
-    revisions: Optional[str] = REVISIONS_OPT,
-    subfolders: bool = SUBFOLDERS_OPT,
-    commits: bool = COMMITS_OPT,
-    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    run_spec: RunSpec = RunSpec(),
     history_until: Optional[str] = HISTORY_UNTIL_OPT,
     target_step: Optional[str] = TARGET_STEP_OPT,
     rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="Trajectory rank r."),
@@ -252,12 +241,7 @@ def relex(
     max_shard_size: str = SHARD_OPT,
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
-    executor: str = EXECUTOR_OPT,
-    ray_address: Optional[str] = RAY_ADDRESS_OPT,
-    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
-    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
-    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
-    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
+    executor: ExecutorFlags = ExecutorFlags(),
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -266,24 +250,20 @@ def relex(
     from ..options import parse_positive_int
 
     fields = {**_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
-              **_history(checkpoints, run, steps, revisions, subfolders, commits, history_until, rest, fit_window),
+              **_history(checkpoints, run_spec, history_until, rest, fit_window),
               "rank": parse_positive_int(rank, "--rank"), "position_index": position_index}
-    _run("relex", base, out, fields, [*(checkpoints or []), run], force=force, device=device,
-         hub_cache_policy=hub_cache_policy, quiet=quiet, as_json=as_json,
-         executor=(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout))
+    _run("relex", base, out, fields, [*(checkpoints or []), run_spec.run], force=force, device=device,
+         hub_cache_policy=run_spec.hub_cache_policy, quiet=quiet, as_json=as_json, executor=executor)
 
 
 @extrapolate_app.command("linear", cls=_method_command("linear"))
+@with_run()
+@with_executor
 def linear(
     base: str = BASE_ARG,
     checkpoints: Optional[list[str]] = HISTORY_ARG,
     out: str = OUT_OPT,
-    run: Optional[str] = RUN_OPT,
-    steps: Optional[str] = STEPS_OPT,
-    revisions: Optional[str] = REVISIONS_OPT,
-    subfolders: bool = SUBFOLDERS_OPT,
-    commits: bool = COMMITS_OPT,
-    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    run_spec: RunSpec = RunSpec(),
     history_until: Optional[str] = HISTORY_UNTIL_OPT,
     target_step: Optional[str] = TARGET_STEP_OPT,
     mode: str = typer.Option("lstsq", "--mode", metavar="lstsq|two-point", help="lstsq (per-element least squares over the history) or two-point."),
@@ -299,12 +279,7 @@ def linear(
     max_shard_size: str = SHARD_OPT,
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
-    executor: str = EXECUTOR_OPT,
-    ray_address: Optional[str] = RAY_ADDRESS_OPT,
-    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
-    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
-    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
-    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
+    executor: ExecutorFlags = ExecutorFlags(),
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -313,16 +288,16 @@ def linear(
     from ..options import parse_step
 
     fields = {**_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
-              **_history(checkpoints, run, steps, revisions, subfolders, commits, history_until, rest, fit_window),
+              **_history(checkpoints, run_spec, history_until, rest, fit_window),
               "mode": mode, "from_step": None if from_step is None else parse_step(from_step, "--from"),
               "to_step": None if to_step is None else parse_step(to_step, "--to"),
               "extrapolate_norms": extrapolate_norms}
-    _run("linear", base, out, fields, [*(checkpoints or []), run], force=force, device=device,
-         hub_cache_policy=hub_cache_policy, quiet=quiet, as_json=as_json,
-         executor=(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout))
+    _run("linear", base, out, fields, [*(checkpoints or []), run_spec.run], force=force, device=device,
+         hub_cache_policy=run_spec.hub_cache_policy, quiet=quiet, as_json=as_json, executor=executor)
 
 
 @extrapolate_app.command("alpharl", cls=_method_command("alpharl"))
+@with_executor
 def alpharl(
     base: str = BASE_ARG,
     out: str = OUT_OPT,
@@ -341,12 +316,7 @@ def alpharl(
     max_shard_size: str = SHARD_OPT,
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
-    executor: str = EXECUTOR_OPT,
-    ray_address: Optional[str] = RAY_ADDRESS_OPT,
-    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
-    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
-    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
-    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
+    executor: ExecutorFlags = ExecutorFlags(),
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -359,5 +329,4 @@ def alpharl(
               "r2_kind": r2_kind,
               "target_metrics": parse_number_list(target_metric, "--target-metric") if target_metric is not None else []}
     _run("alpharl", base, out, fields, [fits, last_checkpoint], force=force, device=device,
-         hub_cache_policy=hub_cache_policy, quiet=quiet, as_json=as_json,
-         executor=(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout))
+         hub_cache_policy=hub_cache_policy, quiet=quiet, as_json=as_json, executor=executor)
