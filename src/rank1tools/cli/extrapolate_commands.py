@@ -18,13 +18,17 @@ from typer._click.exceptions import NoSuchOption
 from typer._click.exceptions import UsageError as ClickUsageError
 
 from .. import render
+from ..commands.extrapolate.alpharl import CONTAINERS, R2_KINDS
+from ..commands.extrapolate.base import REST_CHOICES
+from ..commands.extrapolate.linear import MODES
+from ..commands.extrapolate.registry import METHODS
 from .app import (RESUME_HINT, Rank1Command, app, check_common_early, check_output_early, interrupt_hint, print_json,
                   print_result_notes, set_hub_cache_policy, stderr_progress)
 from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, DTYPE_OPT, EXCLUDE_OPT, FORCE_OPT, HUB_CACHE_OPT, JSON_OPT,
-                     QUIET_OPT, SHARD_OPT, ExecutorFlags, RunSpec, include_option, number, out_option, with_executor,
+                     QUIET_OPT, SHARD_OPT, ExecutorFlags, RunSpec, choice_option, include_option, number, out_option, with_executor,
                      with_run)
 
-METHOD_NAMES = ("alpharl", "relex", "linear")  # registry order; a test checks it against the registry
+METHOD_NAMES = tuple(METHODS)
 
 
 def rewrite_method_alias(args: list[str]) -> list[str]:
@@ -38,7 +42,7 @@ def rewrite_method_alias(args: list[str]) -> list[str]:
         tok = args[i]
         if tok == "--method":
             if i + 1 >= end:
-                raise UsageError("--method needs a value: alpharl, relex or linear")
+                raise UsageError(f"--method needs a value: {', '.join(METHOD_NAMES)}")
             found.append(args[i + 1])
             i += 2
             continue
@@ -177,7 +181,7 @@ FLAG_RATIO_OPT = typer.Option(4.0, "--flag-ratio", metavar="RATIO", parser=numbe
                               help="Flag tensors whose predicted update norm exceeds this many times a straight line's.")
 HISTORY_ARG = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="History checkpoints (or use --run).")
 HISTORY_UNTIL_OPT = typer.Option(None, "--history-until", metavar="STEP", help="Use checkpoints up to this step (default all).")
-REST_OPT = typer.Option("last", "--rest", metavar="last|base", help="Tensors not selected from the 'last' history checkpoint or the 'base'.")
+REST_OPT = choice_option("last", "--rest", REST_CHOICES, "Tensors not selected from the 'last' history checkpoint or the 'base'.")
 
 
 def _history(checkpoints, run_spec: RunSpec, history_until, rest, fit_window) -> dict:
@@ -266,7 +270,7 @@ def linear(
     run_spec: RunSpec = RunSpec(),
     history_until: Optional[str] = HISTORY_UNTIL_OPT,
     target_step: Optional[str] = TARGET_STEP_OPT,
-    mode: str = typer.Option("lstsq", "--mode", metavar="lstsq|two-point", help="lstsq (per-element least squares over the history) or two-point."),
+    mode: str = choice_option("lstsq", "--mode", MODES, "lstsq (per-element least squares over the history) or two-point."),
     fit_window: Optional[str] = typer.Option(None, "--fit-window", metavar="W", help="lstsq: fit on the last W checkpoints."),
     from_step: Optional[str] = typer.Option(None, "--from", metavar="STEP", help="two-point: first step (default the first history checkpoint; 0 is the base)."),
     to_step: Optional[str] = typer.Option(None, "--to", metavar="STEP", help="two-point: second step (default the last history checkpoint)."),
@@ -304,10 +308,10 @@ def alpharl(
     fits: Optional[str] = typer.Option(None, "--fits", metavar="FITS_DIR", help="A fit-pls --out folder (fit store)."),
     target_metric: Optional[str] = typer.Option(None, "--target-metric", metavar="VALUES", help="Target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."),
     target_step: Optional[str] = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, for a fit store fitted against the step."),
-    container: str = typer.Option("base", "--container", metavar="base|last", help="Add the predicted update to 'base' (default) or to the window's 'last' checkpoint."),
+    container: str = choice_option("base", "--container", CONTAINERS, "Add the predicted update to 'base' (default) or to the window's 'last' checkpoint."),
     last_checkpoint: Optional[str] = typer.Option(None, "--last-checkpoint", metavar="CHECKPOINT", help="--container last: the window's last checkpoint (default: as the fit store records it)."),
     min_r2: Optional[float] = typer.Option(None, "--min-r2", metavar="R2", parser=number("--min-r2", at_most=1), help="Modules whose R² is below this keep the container's value."),
-    r2_kind: str = typer.Option("r2", "--r2", metavar="r2|loo_r2|r2_step", help="Which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."),
+    r2_kind: str = choice_option("r2", "--r2", R2_KINDS, "Which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."),
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
     include: Optional[list[str]] = INCLUDE_OPT,
     exclude: Optional[list[str]] = EXCLUDE_OPT,

@@ -12,8 +12,8 @@ from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
 from .app import (RESUME_HINT, Rank1Command, app, check_common_early, check_output_early, interrupt_hint, print_json,
                   print_result_notes, set_hub_cache_policy, stderr_progress)
-from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, DTYPE_CHOICES, DTYPE_OPT, EXCLUDE_OPT, FORCE_OPT, HUB_CACHE_OPT,
-                     JSON_OPT, QUIET_OPT, SHARD_OPT, ExecutorFlags, RunSpec, include_option, number, out_option,
+from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, DTYPE_OPT, EXCLUDE_OPT, FORCE_OPT, HUB_CACHE_OPT,
+                     JSON_OPT, QUIET_OPT, SHARD_OPT, ExecutorFlags, RunSpec, choice_option, include_option, number, out_option,
                      with_executor, with_run)
 
 
@@ -120,8 +120,8 @@ def reconstruct(
     rank: str = typer.Option(..., "--rank", "-k", metavar="K", help="Rank: 8, a fraction of min(m, n) like 1%, or a list 1,2,4,8."),
     alpha: float = typer.Option(1.0, "--alpha", metavar="ALPHA", parser=number("--alpha"), help="Scale of the (norm-matched) rank-k update."),
     no_norm_match: bool = typer.Option(False, "--no-norm-match", help="Add α·ΔW_k as is, without rescaling to ‖ΔW‖."),
-    rest: str = typer.Option("base", "--rest", metavar="base|checkpoint", help="Tensors not selected: 'base' (reference code) or 'checkpoint'."),
-    dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16", help="auto (base dtype), float32, bfloat16 or float16."),
+    rest: str = choice_option("base", "--rest", ("base", "checkpoint"), "Tensors not selected: 'base' (reference code) or 'checkpoint'."),
+    dtype: str = DTYPE_OPT,
     include: Optional[list[str]] = include_option("Glob of tensor names (repeatable); replaces the default matrix-module set."),
     exclude: Optional[list[str]] = EXCLUDE_OPT,
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
@@ -140,12 +140,9 @@ def reconstruct(
     W = θ₀ + α·(‖ΔW‖/‖ΔW_k‖)·ΔW_k per selected module; other tensors from --rest. Reports how
     much of the update the output dtype rounds away.
     """
-    from ..options import check_choice, check_finite, parse_ranks, parse_size
+    from ..options import check_finite, parse_ranks, parse_size
 
-    parse_ranks(rank)
-    parse_size(max_shard_size)
-    check_choice(rest, "--rest", ("base", "checkpoint"))  # reconstruct.REST_CHOICES / DTYPE_CHOICES (torch-free here)
-    check_choice(dtype, "--dtype", DTYPE_CHOICES)
+    ranks, shard_bytes = parse_ranks(rank), parse_size(max_shard_size)
     check_finite(alpha, "--alpha")
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, checkpoint, factors])
@@ -155,9 +152,9 @@ def reconstruct(
     from ..commands.reconstruct import reconstruct as run_reconstruct
 
     set_hub_cache_policy(hub_cache_policy)
-    opts = ReconstructOptions(rank=rank, alpha=alpha, norm_match=not no_norm_match, rest=rest, dtype=dtype,
+    opts = ReconstructOptions(rank=ranks, alpha=alpha, norm_match=not no_norm_match, rest=rest, dtype=dtype,
                               include=include or [], exclude=exclude or [], all_2d=all_2d, exact=exact,
-                              device=device, factors=factors, max_shard_size=max_shard_size)
+                              device=device, factors=factors, max_shard_size=shard_bytes)
     bar, update = stderr_progress(not quiet, "reconstruct")
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update,

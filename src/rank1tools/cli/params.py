@@ -19,6 +19,7 @@ from typing import Optional
 import typer
 
 from ..executors import EXECUTOR_FLAGS, EXECUTORS
+from ..options import DTYPE_CHOICES
 
 
 def number(option: str, **bounds):
@@ -32,6 +33,23 @@ def number(option: str, **bounds):
     return parse
 
 
+def choice(option: str, choices: tuple[str, ...], message: str = "expected one of"):
+    """The `parser` of an option with fixed choices (listed as its metavar `a|b|c` in --help): a
+    value outside them is refused while click parses, one line, exit 2."""
+    def parse(value):
+        from ..errors import UsageError
+
+        if value not in choices:
+            raise UsageError(f"{option} {value!r}: {message} {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def choice_option(default, option: str, choices: tuple[str, ...], help: str, message: str = "expected one of"):
+    return typer.Option(default, option, metavar="|".join(choices), parser=choice(option, choices, message), help=help)
+
+
 BASE_ARG = typer.Argument(..., metavar="BASE", help="Base model (θ₀): folder, .safetensors file or hf:// repo.")
 CHECKPOINTS_ARG = "[CHECKPOINT]..."  # metavar of the checkpoints arguments
 DEVICE_OPT = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")
@@ -39,13 +57,12 @@ QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (for pipelines).")
 FORCE_OPT = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it.")
 STEPS_HELP = "'50,100' or '10:100:10' (inclusive)"
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-DTYPE_OPT = typer.Option("auto", "--dtype", metavar="|".join(DTYPE_CHOICES), help="auto (base dtype), float32, bfloat16 or float16.")
+DTYPE_OPT = choice_option("auto", "--dtype", DTYPE_CHOICES, "auto (base dtype), float32, bfloat16 or float16.")
 SHARD_OPT = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB.")
 EXCLUDE_OPT = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable).")
 HUB_CACHE_POLICIES = ("keep", "evict")
-HUB_CACHE_OPT = typer.Option(None, "--hub-cache-policy", metavar="|".join(HUB_CACHE_POLICIES),
-                             help="Hub shards: 'keep' in the cache (default) or 'evict' once read.")
+HUB_CACHE_OPT = choice_option(None, "--hub-cache-policy", HUB_CACHE_POLICIES,
+                              "Hub shards: 'keep' in the cache (default) or 'evict' once read.")
 REVISIONS_OPT = typer.Option(None, "--revisions", metavar="GLOB", help="Hub run: branches matching this glob, e.g. 'step_*' (step = trailing number).")
 SUBFOLDERS_OPT = typer.Option(False, "--subfolders", help="Hub run: step folders (checkpoint-N/ ...) at one revision.")
 COMMITS_OPT = typer.Option(False, "--commits", help="Hub run: commits whose message says 'step N'.")
@@ -114,9 +131,9 @@ class ExecutorFlags:
 
 _F = EXECUTOR_FLAGS  # field -> flag, spelled once in executors.py
 EXECUTOR_PARAMS = [
-    ("kind", str, typer.Option("local", _F["kind"], metavar="|".join(EXECUTORS), help="Where the work runs: 'local' (this "
-                               "process) or 'ray' (tasks on a Ray cluster; needs the ray extra and an output on storage "
-                               "every worker shares).")),
+    ("kind", str, choice_option("local", _F["kind"], EXECUTORS, "Where the work runs: 'local' (this process) or 'ray' "
+                                "(tasks on a Ray cluster; needs the ray extra and an output on storage every worker "
+                                "shares).", message="choose one of")),
     ("address", Optional[str], typer.Option(None, _F["address"], metavar="ADDRESS", help="Ray cluster to use (default: "
                                             "RAY_ADDRESS, else a running local cluster, else a new local Ray instance).")),
     ("num_cpus", Optional[float], typer.Option(None, _F["num_cpus"], metavar="CPUS", parser=number(_F["num_cpus"], at_least=0),

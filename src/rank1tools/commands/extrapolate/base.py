@@ -19,10 +19,10 @@ from typing import ClassVar, Protocol
 
 from ...errors import UsageError
 from ...jsonutil import json_safe
-from ...options import check_choice, number_label, parse_size
+from ...options import DTYPE_CHOICES, check_choice, number_label, parse_size
 
 REPORT_FILE = "rank1tools-extrapolation.json"
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+REST_CHOICES = ("last", "base")  # relex, linear: where tensors not selected come from
 # A tensor's predicted update is flagged when its norm exceeds this many times what a straight
 # line from the base predicts: ‖ΔW_last‖ · s / t_last for a step target, ‖ΔW_last‖ for a metric
 # target (docs/extrapolation.md). A flag is a warning, never a refusal.
@@ -84,9 +84,6 @@ class HistoryOptions(CommonOptions):
             raise UsageError(f"--method {self.method} needs --target-step S")
         if self.fit_window is not None and self.fit_window < 2:
             raise UsageError(f"--fit-window {self.fit_window}: at least 2 (a line needs two points)")
-
-
-REST_CHOICES = ("last", "base")
 
 
 def own_flags(options: type[CommonOptions]) -> dict[str, tuple[str, ...]]:
