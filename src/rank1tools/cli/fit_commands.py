@@ -44,7 +44,7 @@ def fit_pls(
     """How linear each module's rank-1 trajectory x_t = σ₁u₁ is against a metric and the step (AlphaRL).
 
     One-component PLS per module: in-sample R², leave-one-out R² and R²_step; tables, plots and a
-    fit store for extrapolate --method alpharl. Reads only the factor store.
+    fit store for extrapolate alpharl. Reads only the factor store.
     """
     from ..options import check_min_checkpoints, parse_positive_int, parse_steps
 
@@ -95,7 +95,7 @@ def linearity(
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """How linear the run is per tensor, before trusting extrapolate --method relex or linear.
+    """How linear the run is per tensor, before trusting extrapolate relex or linear.
 
     Over the window (step 0 excluded): trajectory rank-1 / rank-r explained variance, R² of the
     top coefficient series against the step, and the share of elements whose per-element linear

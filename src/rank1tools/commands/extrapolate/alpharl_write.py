@@ -73,7 +73,7 @@ class ModulePlan:
 
 
 def predict(fit: dict[str, torch.Tensor], target: float) -> tuple[float, torch.Tensor]:
-    """(s*, x̂) for one target from a fit file's tensors, in float64 (SPEC §4 steps 2-3)."""
+    """(s*, x̂) for one target from a fit file's tensors, in float64 (docs/concepts.md#extrapolation-three-methods, AlphaRL)."""
     a, b = (float(v) for v in fit["score_line"])
     s = (target - a) / b
     x = fit["x_mean"].double() + fit["x_scale"].double() * (s * fit["x_loadings"].double())
