@@ -4,7 +4,7 @@ One subcommand per method of commands/extrapolate/registry.py, each with its own
 --help; `rank1 extrapolate BASE --method M ...` is an alias of `rank1 extrapolate M BASE ...`
 (ExtrapolateGroup rewrites it, so both forms run the same code and record the same command
 line). A flag of another method is refused with one line naming the method(s) it belongs to
-(docs/commands/extrapolate.md, "Flags").
+(docs/commands/extrapolate.md, "Subcommands, the `--method` alias and the flag rule").
 """
 
 from __future__ import annotations

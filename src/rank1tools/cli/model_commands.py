@@ -171,7 +171,7 @@ def reconstruct(
 
 @app.command(cls=Rank1Command)
 def demo(
-    out: str = typer.Option("demo-out", "--out", metavar="PATH", help="Folder for the trained model, run and results."),
+    out: str = out_option("Folder for the trained model, run and results.", default="demo-out", short=False),
     seed: int = typer.Option(0, "--seed", metavar="SEED", parser=number("--seed", at_least=0, integer=True), help="Seed of the model, the task's data and the sampling."),
     quick: bool = typer.Option(False, "--quick", help="A smaller, shorter run (under a minute): what the tests run."),
     synthetic: bool = typer.Option(False, "--synthetic", help="The planted synthetic run instead of training "

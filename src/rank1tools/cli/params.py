@@ -68,8 +68,8 @@ SUBFOLDERS_OPT = typer.Option(False, "--subfolders", help="Hub run: step folders
 COMMITS_OPT = typer.Option(False, "--commits", help="Hub run: commits whose message says 'step N'.")
 
 
-def out_option(help: str, default=...):
-    return typer.Option(default, "--out", "-o", metavar="PATH", help=help)
+def out_option(help: str, default=..., short: bool = True):
+    return typer.Option(default, "--out", *(("-o",) if short else ()), metavar="PATH", help=help)
 
 
 def include_option(help: str = "Glob of tensor names (repeatable)."):
