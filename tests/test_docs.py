@@ -29,6 +29,10 @@ def _options(command) -> set[str]:
         if p.param_type_name == "option":
             names.update(p.opts)
             names.update(p.secondary_opts)
+    if hasattr(command, "alias_options"):  # a command with one subcommand per variant (extrapolate METHOD)
+        for sub in command.commands.values():
+            names |= _options(sub)
+        names |= set(command.alias_options)
     return names
 
 

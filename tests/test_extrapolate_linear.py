@@ -13,8 +13,9 @@ import torch
 from _extrapolate_support import (assert_update_close, file_bytes, lstsq_reference, read_folder, report,
                                   noisy_run, trajectory, write_planted)
 from _support import run_main
-from rank1tools.commands.extrapolate import REPORT_FILE, ExtrapolateOptions
-from rank1tools.commands.extrapolate_linear import extrapolate_linear
+from rank1tools.commands.extrapolate.base import REPORT_FILE
+from rank1tools.commands.extrapolate.registry import ExtrapolateOptions
+from rank1tools.commands.extrapolate.linear import extrapolate_linear
 
 
 STEPS = [10, 20, 30, 40, 50]

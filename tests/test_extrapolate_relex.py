@@ -16,8 +16,9 @@ from _extrapolate_support import (assert_update_close, file_bytes, read_folder, 
                                   noisy_run, trajectory, write_planted)
 from _support import run_main
 from rank1tools.engine.checkpoint_outputs import ROUNDING_FILE
-from rank1tools.commands.extrapolate import REPORT_FILE, ExtrapolateOptions
-from rank1tools.commands.extrapolate_relex import extrapolate_relex
+from rank1tools.commands.extrapolate.base import REPORT_FILE
+from rank1tools.commands.extrapolate.registry import ExtrapolateOptions
+from rank1tools.commands.extrapolate.relex import extrapolate_relex
 from rank1tools.synthetic import LlamaShape, make_base, write_model
 
 STEPS = [10, 20, 30, 40]

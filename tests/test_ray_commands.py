@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from _ray_support import SRC, assert_same_tree
 from _support import run_main
-from rank1tools.commands.extrapolate import ExtrapolateOptions, extrapolate
+from rank1tools.commands.extrapolate.registry import ExtrapolateOptions, extrapolate
 from rank1tools.commands.linearity import LinearityOptions, linearity
 from rank1tools.commands.reconstruct import ReconstructOptions, reconstruct
 from rank1tools.engine.tensor_units import group_tensors

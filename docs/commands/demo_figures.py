@@ -107,7 +107,7 @@ def fill() -> None:
 def relex_by_distance(demo_out: Path, results: dict) -> list[dict]:
     """RELEX from the demo's window (steps ..cut) to the cut, a quarter and half of the way to the
     final step, and the final step, each output scored on the held-out set."""
-    from rank1tools.commands.extrapolate import ExtrapolateOptions, extrapolate
+    from rank1tools.commands.extrapolate.registry import ExtrapolateOptions, extrapolate
     from rank1tools.demo import DemoTraining, evaluate_checkpoint
 
     cut, final, steps = results["cut"], results["final"], results["steps"]

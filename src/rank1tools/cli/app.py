@@ -64,43 +64,6 @@ def suggest_options(typed: str, command) -> list[str]:
     return list(dict.fromkeys(found))[:3]
 
 
-BASE_ARG = typer.Argument(..., metavar="BASE", help="Base model (θ₀): folder, .safetensors file or hf:// repo.")
-CHECKPOINTS_ARG = "[CHECKPOINT]..."  # metavar of the checkpoints arguments
-RUN_OPT = typer.Option(None, "--run", metavar="RUN_DIR", help="Run directory of step folders instead of CHECKPOINT args.")
-DEVICE_OPT = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")
-QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
-JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (for pipelines).")
-FORCE_OPT = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it.")
-STEPS_HELP = "'50,100' or '10:100:10' (inclusive)"
-REVISIONS_OPT = typer.Option(None, "--revisions", metavar="GLOB", help="Hub run: branches matching this glob, e.g. 'step_*' (step = trailing number).")
-SUBFOLDERS_OPT = typer.Option(False, "--subfolders", help="Hub run: step folders (checkpoint-N/ ...) at one revision.")
-COMMITS_OPT = typer.Option(False, "--commits", help="Hub run: commits whose message says 'step N'.")
-HUB_CACHE_OPT = typer.Option(None, "--hub-cache-policy", metavar="keep|evict", help="Hub shards: 'keep' in the cache (default) or 'evict' once read.")
-EXECUTOR_OPT = typer.Option("local", "--executor", metavar="local|ray", help="Where the work runs: 'local' (this process) or 'ray' (tasks on a "
-                            "Ray cluster; needs the ray extra and an output on storage every worker shares).")
-RAY_ADDRESS_OPT = typer.Option(None, "--ray-address", metavar="ADDRESS", help="Ray cluster to use (default: RAY_ADDRESS, else a running "
-                               "local cluster, else a new local Ray instance).")
-
-
-def number(option: str, **bounds):
-    """The `parser` of a numeric option: options.parse_number with the option's name and bounds, run
-    while click parses the command line (before any heavy import): no `1_0`, `inf` or out-of-range value."""
-    def parse(value):
-        from ..options import parse_number
-
-        return parse_number(value, option, **bounds)
-
-    return parse
-
-
-RAY_CPUS_OPT = typer.Option(None, "--ray-num-cpus", metavar="CPUS", parser=number("--ray-num-cpus", at_least=0),
-                            help="CPUs per Ray task (default: the threads a local run uses).")
-RAY_GPUS_OPT = typer.Option(None, "--ray-num-gpus", metavar="GPUS", parser=number("--ray-num-gpus", at_least=0),
-                            help="GPUs per Ray task, e.g. 0.25 for four tasks per GPU.")
-MAX_IN_FLIGHT_OPT = typer.Option(None, "--max-in-flight", metavar="N", parser=number("--max-in-flight", at_least=1, integer=True),
-                                 help="Ray tasks submitted at once (bounds memory; default: as many as the cluster runs at the same time).")
-
-
 def one_step_selection(**given: str | None) -> tuple[str | None, str]:
     """The step selection as given under `--steps` or an alias (fit-pls --window; docs/cli.md, "Step
     selections"): (value, the option typed, for messages). Both at once is a usage error."""
@@ -110,20 +73,9 @@ def one_step_selection(**given: str | None) -> tuple[str | None, str]:
     if len(named) > 1:
         raise UsageError(f"{named[0][0]} and {named[1][0]} are one option (an alias): give it once")
     return (named[0][1], named[0][0]) if named else (None, "--steps")
-RAY_TIMEOUT_OPT = typer.Option(None, "--ray-timeout", metavar="SECONDS", parser=number("--ray-timeout", above=0),
-                               help="Seconds to connect to the Ray cluster before giving up (default 30).")
 
 
 RESUME_HINT = "the finished work is kept beside --out: rerun the same command to resume"
-
-
-def check_executor_early(executor: str, ray_address: str | None, ray_num_cpus: float | None,
-                         ray_num_gpus: float | None, max_in_flight: int | None, ray_timeout: float | None = None):
-    """The --executor options, checked (and Ray's presence, for `ray`) before any heavy import."""
-    from ..engine.executors import check_executor
-
-    return check_executor(executor, address=ray_address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
-                          max_in_flight=max_in_flight, timeout=ray_timeout)
 
 
 def set_hub_cache_policy(policy: str | None) -> None:
@@ -147,10 +99,11 @@ def check_output_early(out: str, force: bool, inputs: list) -> None:
 
 def check_common_early(device: str, hub_cache_policy: str | None) -> None:
     from ..options import check_choice, check_device
+    from .params import HUB_CACHE_POLICIES
 
     check_device(device)
     if hub_cache_policy is not None:
-        check_choice(hub_cache_policy, "--hub-cache-policy", ("keep", "evict"))
+        check_choice(hub_cache_policy, "--hub-cache-policy", HUB_CACHE_POLICIES)
 
 
 def _version(value: bool) -> None:
@@ -167,6 +120,14 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def print_result_notes(result, *, warnings: bool = False) -> None:
+    """A result's notes (and, with `warnings`, its warnings) on stderr, one `rank1: note:` line each."""
+    for note in getattr(result, "notes", []):
+        sys.stderr.write(f"rank1: note: {note}\n")
+    for w in getattr(result, "warnings", []) if warnings else []:
+        sys.stderr.write(f"rank1: warning: {w}\n")
 
 
 def stderr_progress(enabled: bool, description: str):

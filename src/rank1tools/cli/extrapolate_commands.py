@@ -1,4 +1,11 @@
-"""`rank1 extrapolate`: write the checkpoints AlphaRL, RELEX or a straight line predict."""
+"""`rank1 extrapolate METHOD`: write the checkpoints AlphaRL, RELEX or a straight line predict.
+
+One subcommand per method of commands/extrapolate/registry.py, each with its own flags and
+--help; `rank1 extrapolate BASE --method M ...` is an alias of `rank1 extrapolate M BASE ...`
+(ExtrapolateGroup rewrites it, so both forms run the same code and record the same command
+line). A flag of another method is refused with one line naming the method(s) it belongs to
+(docs/commands/extrapolate.md, "Subcommands, the `--method` alias and the flag rule").
+"""
 
 from __future__ import annotations
 
@@ -6,105 +13,208 @@ import sys
 from typing import Optional
 
 import typer
+from typer._click.core import Context  # typer vendors click: its contexts and usage errors
+from typer._click.exceptions import NoSuchOption
+from typer._click.exceptions import UsageError as ClickUsageError
 
 from . import render
-from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
-                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT,
-                  REVISIONS_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early, check_executor_early,
-                  check_output_early, interrupt_hint, number, print_json, set_hub_cache_policy, stderr_progress)
+from ..commands.extrapolate.alpharl import CONTAINERS, R2_KINDS
+from ..commands.extrapolate.base import REST_CHOICES
+from ..commands.extrapolate.linear import MODES
+from ..commands.extrapolate.registry import METHODS
+from .app import (RESUME_HINT, Rank1Command, app, check_common_early, check_output_early, interrupt_hint, print_json,
+                  print_result_notes, set_hub_cache_policy, stderr_progress)
+from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, DTYPE_OPT, EXCLUDE_OPT, FORCE_OPT, HUB_CACHE_OPT, JSON_OPT,
+                     QUIET_OPT, SHARD_OPT, ExecutorFlags, RunSpec, choice_option, include_option, number, out_option, with_executor,
+                     with_run)
+
+METHOD_NAMES = tuple(METHODS)
 
 
-@app.command(cls=Rank1Command)
-def extrapolate(
-    base: str = BASE_ARG,
-    checkpoints: Optional[list[str]] = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="relex/linear: history checkpoints (or use --run)."),
-    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output checkpoint (one target) or parent of step-S / metric-Y folders."),
-    method: str = typer.Option(..., "--method", metavar="alpharl|relex|linear", help="alpharl (from a fit-pls output), relex (trajectory rank-r) or linear."),
-    run: Optional[str] = typer.Option(None, "--run", metavar="RUN_DIR", help="relex/linear: run directory of step folders."),
-    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help="With --run: '50,100' or '10:100:10' (inclusive)."),
-    revisions: Optional[str] = REVISIONS_OPT,
-    subfolders: bool = SUBFOLDERS_OPT,
-    commits: bool = COMMITS_OPT,
-    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
-    history_until: Optional[str] = typer.Option(None, "--history-until", metavar="STEP", help="relex/linear: use checkpoints up to this step (default all)."),
-    target_step: Optional[str] = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, e.g. 500 or 500,1000,2000."),
-    rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="relex: trajectory rank r."),
-    fit_window: Optional[str] = typer.Option(None, "--fit-window", metavar="W", help="relex: fit the coefficient lines on the last W history points; linear lstsq: fit on the last W checkpoints."),
-    position_index: bool = typer.Option(False, "--position-index", help="relex: fit on positions 0..T-1 as the reference code does (wrong for uneven spacing)."),
-    mode: str = typer.Option("lstsq", "--mode", metavar="lstsq|two-point", help="linear: lstsq (per-element least squares over the history) or two-point."),
-    from_step: Optional[str] = typer.Option(None, "--from", metavar="STEP", help="linear two-point: first step (default the first history checkpoint)."),
-    to_step: Optional[str] = typer.Option(None, "--to", metavar="STEP", help="linear two-point: second step (default the last history checkpoint)."),
-    extrapolate_norms: bool = typer.Option(False, "--extrapolate-norms", help="linear: extrapolate norm weights too (default: copy them from the last checkpoint)."),
-    fits: Optional[str] = typer.Option(None, "--fits", metavar="FITS_DIR", help="alpharl: a fit-pls --out folder (fit store)."),
-    target_metric: Optional[str] = typer.Option(None, "--target-metric", metavar="VALUES", help="alpharl: target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."),
-    container: str = typer.Option("base", "--container", metavar="base|last", help="alpharl: add the predicted update to 'base' (default) or to the window's 'last' checkpoint."),
-    last_checkpoint: Optional[str] = typer.Option(None, "--last-checkpoint", metavar="CHECKPOINT", help="alpharl --container last: the window's last checkpoint (default: as the fit store records it)."),
-    min_r2: Optional[float] = typer.Option(None, "--min-r2", metavar="R2", parser=number("--min-r2", at_most=1), help="alpharl: modules whose R² is below this keep the container's value."),
-    r2_kind: str = typer.Option("r2", "--r2", metavar="r2|loo_r2|r2_step", help="alpharl: which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."),
-    include: Optional[list[str]] = typer.Option(None, "--include", metavar="GLOB", help="Glob of tensor names (repeatable)."),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable)."),
-    rest: str = typer.Option("last", "--rest", metavar="last|base", help="relex/linear: tensors not selected from the 'last' history checkpoint or the 'base'."),
-    dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16", help="auto (base dtype), float32, bfloat16 or float16."),
-    flag_ratio: float = typer.Option(4.0, "--flag-ratio", metavar="RATIO", parser=number("--flag-ratio", above=0), help="Flag tensors whose predicted update norm exceeds this many times a straight line's."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB."),
-    device: str = DEVICE_OPT,
-    force: bool = FORCE_OPT,
-    executor: str = EXECUTOR_OPT,
-    ray_address: Optional[str] = RAY_ADDRESS_OPT,
-    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
-    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
-    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
-    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
-    quiet: bool = QUIET_OPT,
-    as_json: bool = JSON_OPT,
-) -> None:
-    """Write the checkpoint(s) a method predicts for later steps or a target metric.
+def rewrite_method_alias(args: list[str]) -> list[str]:
+    """`BASE ... --method M ...` (or `--method=M`) -> `M BASE ...`; the subcommand form as it is.
+    Both at once must agree. Only tokens before a `--` are options."""
+    from ..errors import UsageError
 
-    relex and linear read the base and a history of checkpoints (streamed, several targets in one
-    pass); alpharl reads a fit-pls output and the base. Each output loads like the base and
-    records how it was made; a rounding report and per-tensor norm ratios come with it.
-    """
-    from ..options import (check_finite, parse_number_list, parse_positive_int, parse_size, parse_step, parse_step_list,
-                           parse_steps)
+    end = args.index("--") if "--" in args else len(args)
+    found, rest, i = [], [], 0
+    while i < end:
+        tok = args[i]
+        if tok == "--method":
+            if i + 1 >= end:
+                raise UsageError(f"--method needs a value: {', '.join(METHOD_NAMES)}")
+            found.append(args[i + 1])
+            i += 2
+            continue
+        if tok.startswith("--method="):
+            found.append(tok.split("=", 1)[1])
+        else:
+            rest.append(tok)
+        i += 1
+    rest += args[end:]
+    if not found:
+        return args
+    if len(set(found)) > 1:
+        raise UsageError(f"--method given twice ({found[0]}, {found[1]}): give it once")
+    name = found[0]
+    if name not in METHOD_NAMES:
+        raise UsageError(f"--method {name!r}: expected one of {', '.join(METHOD_NAMES)}")
+    if rest and rest[0] in METHOD_NAMES:
+        if rest[0] != name:
+            raise UsageError(f"--method {name} and the subcommand {rest[0]} disagree: give one of them")
+        return rest
+    return [name, *rest]
 
-    if steps is not None:
-        parse_steps(steps)
-    parse_size(max_shard_size)
-    check_finite(flag_ratio, "--flag-ratio")
-    if min_r2 is not None:
-        check_finite(min_r2, "--min-r2")
-    from ..commands.extrapolate import ExtrapolateOptions, check_options
 
-    opts = ExtrapolateOptions(
-        method=method, checkpoints=checkpoints or [], run=run, steps=steps,
-        hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
-        history_until=None if history_until is None else parse_step(history_until, "--history-until"),
-        target_steps=parse_step_list(target_step, "--target-step") if target_step is not None else [],
-        rank=parse_positive_int(rank, "--rank"),
-        fit_window=None if fit_window is None else parse_positive_int(fit_window, "--fit-window"),
-        position_index=position_index, mode=mode,
-        from_step=None if from_step is None else parse_step(from_step, "--from"),
-        to_step=None if to_step is None else parse_step(to_step, "--to"),
-        extrapolate_norms=extrapolate_norms, fits=fits,
-        target_metrics=parse_number_list(target_metric, "--target-metric") if target_metric is not None else [],
-        container=container, last_checkpoint=last_checkpoint, min_r2=min_r2, r2_kind=r2_kind,
-        include=include or [], exclude=exclude or [], rest=rest, dtype=dtype, device=device,
-        max_shard_size=max_shard_size, flag_ratio=flag_ratio)
-    check_options(opts)
+class ExtrapolateGroup(typer.core.TyperGroup):
+    """`rank1 extrapolate`: the methods as subcommands, `--method M` as an alias."""
+
+    alias_options = ("--method",)  # options the group itself reads (docs: the alias)
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        if not args or args[0] in ("-h", "--help"):
+            return super().parse_args(ctx, args)
+        rewritten = rewrite_method_alias(args)
+        if rewritten is args and args[0] not in self.commands:  # no method given
+            head = args[:args.index("--")] if "--" in args else args
+            if "-h" in head or "--help" in head:
+                return super().parse_args(ctx, ["--help"])
+            _no_method(ctx, self, args)
+        if rewritten is not args:
+            _record_command_line(args, rewritten)
+        return super().parse_args(ctx, rewritten)
+
+
+def _record_command_line(args: list[str], rewritten: list[str]) -> None:
+    """Record the subcommand form in the provenance's argv (rank1tools.COMMAND_LINE): the alias and
+    the subcommand form write the same bytes."""
+    import rank1tools
+
+    from ..engine.executors import without_executor_args
+
+    line = rank1tools.COMMAND_LINE
+    if line and "extrapolate" in line:
+        at = line.index("extrapolate") + 1
+        if line[at:] == without_executor_args(args):
+            rank1tools.COMMAND_LINE = [*line[:at], *without_executor_args(rewritten)]
+
+
+def _options(params: list, args: list[str]):
+    """The option tokens of `args` (`--flag` or `--flag=value`, up to `--`), with the options'
+    values skipped: (flag as typed, known to `params`)."""
+    own = {o: p for p in params for o in (*p.opts, *p.secondary_opts)}
+    i = 0
+    while i < len(args) and args[i] != "--":
+        tok = args[i]
+        flag = tok.split("=", 1)[0]
+        takes_value = flag in own and own[flag].param_type_name == "option" and not own[flag].is_flag
+        if flag.startswith("-") and len(flag) > 1 and not _is_number(flag):
+            yield flag, flag in own
+        i += 2 if takes_value and "=" not in tok else 1
+
+
+def _is_number(text: str) -> bool:
+    return text[1:2].isdigit() or text[1:2] == "."
+
+
+def _no_method(ctx: Context, group, args: list[str]) -> None:
+    """No subcommand and no --method: an unknown flag gets the usual hint (against every method's
+    flags), else the usage error asks for a method."""
+    from ..errors import UsageError
+
+    params, seen = [], set()
+    for name in METHOD_NAMES:
+        for p in group.commands[name].params:
+            if p.name not in seen:
+                seen.add(p.name)
+                params.append(p)
+    for flag, known in _options(params, args):
+        if not known:
+            union = typer.core.TyperCommand(name="extrapolate", params=params)
+            raise NoSuchOption(flag, ctx=Context(union, info_name="extrapolate", parent=ctx.parent))
+    raise UsageError("extrapolate needs a method: rank1 extrapolate alpharl|relex|linear BASE ... "
+                     "(or --method M; see rank1 extrapolate --help)")
+
+
+class MethodCommand(Rank1Command):
+    """One method's subcommand: a flag of another method is refused naming the method(s) it
+    belongs to (registry.foreign_flag_error), before click calls it unknown."""
+
+    method_name = ""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        from ..commands.extrapolate.registry import foreign_flag_error
+
+        for flag, known in _options(self.params, args):
+            error = None if known else foreign_flag_error(flag, self.method_name)
+            if error is not None:
+                raise error
+        try:
+            return super().parse_args(ctx, args)
+        except ClickUsageError as e:
+            if "unexpected extra argument" in e.format_message():
+                error = foreign_flag_error("CHECKPOINT", self.method_name)
+                if error is not None:
+                    raise error from None
+            raise
+
+
+def _method_command(name: str):
+    return type(f"{name.capitalize()}Command", (MethodCommand,), {"method_name": name})
+
+
+extrapolate_app = typer.Typer(
+    cls=ExtrapolateGroup, no_args_is_help=True, rich_markup_mode=None, add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Write the checkpoint(s) a method predicts for later steps or a target metric.\n\n"
+         "One subcommand per method, each with its own flags (rank1 extrapolate METHOD --help). "
+         "`rank1 extrapolate BASE --method METHOD ...` is an alias of `rank1 extrapolate METHOD BASE ...`. "
+         "A flag of another method exits 2 naming the method it belongs to.")
+app.add_typer(extrapolate_app, name="extrapolate")
+
+# ---- the options, declared once ----
+
+OUT_OPT = out_option("Output checkpoint (one target) or parent of step-S / metric-Y folders.")
+TARGET_STEP_OPT = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, e.g. 500 or 500,1000,2000.")
+INCLUDE_OPT = include_option()
+FLAG_RATIO_OPT = typer.Option(4.0, "--flag-ratio", metavar="RATIO", parser=number("--flag-ratio", above=0),
+                              help="Flag tensors whose predicted update norm exceeds this many times a straight line's.")
+HISTORY_ARG = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="History checkpoints (or use --run).")
+HISTORY_UNTIL_OPT = typer.Option(None, "--history-until", metavar="STEP", help="Use checkpoints up to this step (default all).")
+REST_OPT = choice_option("last", "--rest", REST_CHOICES, "Tensors not selected from the 'last' history checkpoint or the 'base'.")
+
+
+def _history(checkpoints, run_spec: RunSpec, history_until, rest, fit_window) -> dict:
+    from ..options import parse_positive_int, parse_step
+
+    return dict(checkpoints=checkpoints or [], run=run_spec.run, steps=run_spec.steps, hub_run=run_spec.hub_run,
+                history_until=None if history_until is None else parse_step(history_until, "--history-until"),
+                rest=rest, fit_window=None if fit_window is None else parse_positive_int(fit_window, "--fit-window"))
+
+
+def _common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio) -> dict:
+    from ..options import parse_size, parse_step_list
+
+    return dict(target_steps=parse_step_list(target_step, "--target-step") if target_step is not None else [],
+                include=include or [], exclude=exclude or [], dtype=dtype, device=device,
+                max_shard_size=parse_size(max_shard_size), flag_ratio=flag_ratio)
+
+
+def _run(name: str, base: str, out: str, fields: dict, inputs: list, *, force: bool, device: str,
+         hub_cache_policy: str | None, executor: ExecutorFlags, quiet: bool, as_json: bool) -> None:
+    """Build and check the method's options (torch-free), check the output and the executor, then run."""
+    from ..commands.extrapolate.registry import method
+
+    m = method(name)
+    options = m.options(**fields)
     check_common_early(device, hub_cache_policy)
-    check_output_early(out, force, [base, *(checkpoints or []), run, fits, last_checkpoint])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
-
-    from ..commands.extrapolate import extrapolate as run_extrapolate
-
+    check_output_early(out, force, [base, *inputs])
+    exec_opts = executor.check()
     set_hub_cache_policy(hub_cache_policy)
-    bar, update = stderr_progress(not quiet, f"extrapolate ({method})")
+    bar, update = stderr_progress(not quiet, f"extrapolate ({name})")
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
-        result = run_extrapolate(base, out, options=opts, force=force, progress=update, executor=exec_opts)
-    for note in result.notes:
-        sys.stderr.write(f"rank1: note: {note}\n")
-    for w in result.warnings:
-        sys.stderr.write(f"rank1: warning: {w}\n")
+        result = m.run(base, out, options=options, force=force, progress=update, executor=exec_opts)
+    print_result_notes(result, warnings=True)
     for o in result.outputs:
         if o.warning:
             sys.stderr.write(f"rank1: warning: {o.path}: {o.warning}\n")
@@ -112,3 +222,115 @@ def extrapolate(
         print_json(result.to_dict())
     else:
         render.extrapolate(result)
+
+
+@extrapolate_app.command("relex", cls=_method_command("relex"))
+@with_run()
+@with_executor
+def relex(
+    base: str = BASE_ARG,
+    checkpoints: Optional[list[str]] = HISTORY_ARG,
+    out: str = OUT_OPT,
+    run_spec: RunSpec = RunSpec(),
+    history_until: Optional[str] = HISTORY_UNTIL_OPT,
+    target_step: Optional[str] = TARGET_STEP_OPT,
+    rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="Trajectory rank r."),
+    fit_window: Optional[str] = typer.Option(None, "--fit-window", metavar="W", help="Fit the coefficient lines on the last W history points."),
+    position_index: bool = typer.Option(False, "--position-index", help="Fit on positions 0..T-1 as the reference code does (wrong for uneven spacing)."),
+    include: Optional[list[str]] = INCLUDE_OPT,
+    exclude: Optional[list[str]] = EXCLUDE_OPT,
+    rest: str = REST_OPT,
+    dtype: str = DTYPE_OPT,
+    flag_ratio: float = FLAG_RATIO_OPT,
+    max_shard_size: str = SHARD_OPT,
+    device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT,
+    executor: ExecutorFlags = ExecutorFlags(),
+    quiet: bool = QUIET_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """RELEX: trajectory rank-r lines through a history of checkpoints, streamed, several target
+    steps in one pass. Each output loads like the base and records how it was made."""
+    from ..options import parse_positive_int
+
+    fields = {**_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
+              **_history(checkpoints, run_spec, history_until, rest, fit_window),
+              "rank": parse_positive_int(rank, "--rank"), "position_index": position_index}
+    _run("relex", base, out, fields, [*(checkpoints or []), run_spec.run], force=force, device=device,
+         hub_cache_policy=run_spec.hub_cache_policy, quiet=quiet, as_json=as_json, executor=executor)
+
+
+@extrapolate_app.command("linear", cls=_method_command("linear"))
+@with_run()
+@with_executor
+def linear(
+    base: str = BASE_ARG,
+    checkpoints: Optional[list[str]] = HISTORY_ARG,
+    out: str = OUT_OPT,
+    run_spec: RunSpec = RunSpec(),
+    history_until: Optional[str] = HISTORY_UNTIL_OPT,
+    target_step: Optional[str] = TARGET_STEP_OPT,
+    mode: str = choice_option("lstsq", "--mode", MODES, "lstsq (per-element least squares over the history) or two-point."),
+    fit_window: Optional[str] = typer.Option(None, "--fit-window", metavar="W", help="lstsq: fit on the last W checkpoints."),
+    from_step: Optional[str] = typer.Option(None, "--from", metavar="STEP", help="two-point: first step (default the first history checkpoint; 0 is the base)."),
+    to_step: Optional[str] = typer.Option(None, "--to", metavar="STEP", help="two-point: second step (default the last history checkpoint)."),
+    extrapolate_norms: bool = typer.Option(False, "--extrapolate-norms", help="Extrapolate norm weights too (default: copy them from the last checkpoint)."),
+    include: Optional[list[str]] = INCLUDE_OPT,
+    exclude: Optional[list[str]] = EXCLUDE_OPT,
+    rest: str = REST_OPT,
+    dtype: str = DTYPE_OPT,
+    flag_ratio: float = FLAG_RATIO_OPT,
+    max_shard_size: str = SHARD_OPT,
+    device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT,
+    executor: ExecutorFlags = ExecutorFlags(),
+    quiet: bool = QUIET_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Straight lines through a history's weights (per-element least squares, or two points),
+    streamed, several target steps in one pass. Each output loads like the base."""
+    from ..options import parse_step
+
+    fields = {**_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
+              **_history(checkpoints, run_spec, history_until, rest, fit_window),
+              "mode": mode, "from_step": None if from_step is None else parse_step(from_step, "--from"),
+              "to_step": None if to_step is None else parse_step(to_step, "--to"),
+              "extrapolate_norms": extrapolate_norms}
+    _run("linear", base, out, fields, [*(checkpoints or []), run_spec.run], force=force, device=device,
+         hub_cache_policy=run_spec.hub_cache_policy, quiet=quiet, as_json=as_json, executor=executor)
+
+
+@extrapolate_app.command("alpharl", cls=_method_command("alpharl"))
+@with_executor
+def alpharl(
+    base: str = BASE_ARG,
+    out: str = OUT_OPT,
+    fits: Optional[str] = typer.Option(None, "--fits", metavar="FITS_DIR", help="A fit-pls --out folder (fit store)."),
+    target_metric: Optional[str] = typer.Option(None, "--target-metric", metavar="VALUES", help="Target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."),
+    target_step: Optional[str] = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, for a fit store fitted against the step."),
+    container: str = choice_option("base", "--container", CONTAINERS, "Add the predicted update to 'base' (default) or to the window's 'last' checkpoint."),
+    last_checkpoint: Optional[str] = typer.Option(None, "--last-checkpoint", metavar="CHECKPOINT", help="--container last: the window's last checkpoint (default: as the fit store records it)."),
+    min_r2: Optional[float] = typer.Option(None, "--min-r2", metavar="R2", parser=number("--min-r2", at_most=1), help="Modules whose R² is below this keep the container's value."),
+    r2_kind: str = choice_option("r2", "--r2", R2_KINDS, "Which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."),
+    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    include: Optional[list[str]] = INCLUDE_OPT,
+    exclude: Optional[list[str]] = EXCLUDE_OPT,
+    dtype: str = DTYPE_OPT,
+    flag_ratio: float = FLAG_RATIO_OPT,
+    max_shard_size: str = SHARD_OPT,
+    device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT,
+    executor: ExecutorFlags = ExecutorFlags(),
+    quiet: bool = QUIET_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """AlphaRL: the update a fit-pls output predicts for a target metric, added to the base (or
+    the window's last checkpoint). Reads no run: always local."""
+    from ..options import parse_number_list
+
+    fields = {**_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
+              "fits": fits, "container": container, "last_checkpoint": last_checkpoint, "min_r2": min_r2,
+              "r2_kind": r2_kind,
+              "target_metrics": parse_number_list(target_metric, "--target-metric") if target_metric is not None else []}
+    _run("alpharl", base, out, fields, [fits, last_checkpoint], force=force, device=device,
+         hub_cache_policy=hub_cache_policy, quiet=quiet, as_json=as_json, executor=executor)

@@ -8,11 +8,10 @@ from typing import Optional
 import typer
 
 from . import render
-from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
-                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT,
-                  REVISIONS_OPT, RUN_OPT, STEPS_HELP, SUBFOLDERS_OPT, Rank1Command, app, check_common_early,
-                  check_executor_early, check_output_early, interrupt_hint, number, one_step_selection, print_json,
-                  set_hub_cache_policy, stderr_progress)
+from .app import (RESUME_HINT, Rank1Command, app, check_common_early, check_output_early, interrupt_hint,
+                  one_step_selection, print_json, print_result_notes, set_hub_cache_policy, stderr_progress)
+from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, EXCLUDE_OPT, FORCE_OPT, JSON_OPT, QUIET_OPT, STEPS_HELP,
+                     ExecutorFlags, RunSpec, include_option, number, out_option, steps_option, with_executor, with_run)
 
 
 def exit_on_gate(gate: dict | None, out: str) -> None:
@@ -28,11 +27,11 @@ def exit_on_gate(gate: dict | None, out: str) -> None:
 @app.command("fit-pls", cls=Rank1Command)
 def fit_pls(
     factors: str = typer.Argument(..., metavar="FACTORS_DIR", help="A decompose --out folder (factor store)."),
-    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output folder: tables, summary, plots and the fit store."),
+    out: str = out_option("Output folder: tables, summary, plots and the fit store."),
     metrics: Optional[str] = typer.Option(None, "--metrics", metavar="FILE", help="Metric per checkpoint step: CSV/TSV, JSON Lines, JSON, or trainer_state.json."),
     metric: Optional[str] = typer.Option(None, "--metric", metavar="NAME", help="Which metric of --metrics (default: the only one)."),
     step_column: Optional[str] = typer.Option(None, "--step-column", metavar="NAME", help="Step column of a CSV/JSONL metrics file."),
-    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help=f"Checkpoint steps to fit: {STEPS_HELP}."),
+    steps: Optional[str] = steps_option(f"Checkpoint steps to fit: {STEPS_HELP}."),
     window: Optional[str] = typer.Option(None, "--window", metavar="STEPS", help="Alias of --steps."),
     relative: bool = typer.Option(False, "--relative", help="Divide the metric by its value at the window's last checkpoint."),
     min_checkpoints: str = typer.Option("3", "--min-checkpoints", metavar="N", help="Fewest checkpoints to fit (at least 3)."),
@@ -45,7 +44,7 @@ def fit_pls(
     """How linear each module's rank-1 trajectory x_t = σ₁u₁ is against a metric and the step (AlphaRL).
 
     One-component PLS per module: in-sample R², leave-one-out R² and R²_step; tables, plots and a
-    fit store for extrapolate --method alpharl. Reads only the factor store.
+    fit store for extrapolate alpharl. Reads only the factor store.
     """
     from ..options import check_min_checkpoints, parse_positive_int, parse_steps
 
@@ -76,66 +75,55 @@ def fit_pls(
 
 
 @app.command(cls=Rank1Command)
+@with_run(steps_help="With --run: the window, '50,100' or '10:100:10' (inclusive).")
+@with_executor
 def linearity(
     base: str = BASE_ARG,
     checkpoints: Optional[list[str]] = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
-    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output folder: tables, summary and plots."),
-    run: Optional[str] = RUN_OPT,
-    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help="With --run: the window, '50,100' or '10:100:10' (inclusive)."),
-    revisions: Optional[str] = REVISIONS_OPT,
-    subfolders: bool = SUBFOLDERS_OPT,
-    commits: bool = COMMITS_OPT,
-    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    out: str = out_option("Output folder: tables, summary and plots."),
+    run_spec: RunSpec = RunSpec(),
     rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="Trajectory rank r for explained_r and coef_r2_1..r (capped at the checkpoints)."),
-    include: Optional[list[str]] = typer.Option(None, "--include", metavar="GLOB", help="Glob of tensor names (repeatable); default every tensor with 2+ elements."),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable)."),
+    include: Optional[list[str]] = include_option("Glob of tensor names (repeatable); default every tensor with 2+ elements."),
+    exclude: Optional[list[str]] = EXCLUDE_OPT,
     sample: Optional[str] = typer.Option(None, "--sample", metavar="N", help="Per-element R² on a seeded uniform sample of N elements per tensor (default all)."),
     seed: str = typer.Option("0", "--seed", metavar="SEED", help="Seed of --sample."),
     fail_below: Optional[float] = typer.Option(None, "--fail-below", metavar="SHARE", parser=number("--fail-below", at_least=0, at_most=1), help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
-    executor: str = EXECUTOR_OPT,
-    ray_address: Optional[str] = RAY_ADDRESS_OPT,
-    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
-    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
-    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
-    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
+    executor: ExecutorFlags = ExecutorFlags(),
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """How linear the run is per tensor, before trusting extrapolate --method relex or linear.
+    """How linear the run is per tensor, before trusting extrapolate relex or linear.
 
     Over the window (step 0 excluded): trajectory rank-1 / rank-r explained variance, R² of the
     top coefficient series against the step, and the share of elements whose per-element linear
     R² exceeds 0.7 (static elements reported apart). One streaming pass per tensor; read-only.
     """
-    from ..options import check_finite, parse_positive_int, parse_steps
+    from ..options import check_finite, parse_positive_int
 
     rank_r = parse_positive_int(rank, "--rank")
     n_sample = None if sample is None else parse_positive_int(sample, "--sample")
     seed_value = _seed(seed)
-    if steps is not None:
-        parse_steps(steps)
     if fail_below is not None:
         check_finite(fail_below, "--fail-below")
-    check_common_early(device, hub_cache_policy)
-    check_output_early(out, force, [base, *(checkpoints or []), run])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
+    check_common_early(device, run_spec.hub_cache_policy)
+    check_output_early(out, force, [base, *(checkpoints or []), run_spec.run])
+    exec_opts = executor.check()
 
     from ..commands.linearity import LinearityOptions
     from ..commands.linearity import linearity as run_linearity
 
-    set_hub_cache_policy(hub_cache_policy)
+    set_hub_cache_policy(run_spec.hub_cache_policy)
     opts = LinearityOptions(rank=rank_r, include=include or [], exclude=exclude or [], sample=n_sample,
                             seed=seed_value, fail_below=fail_below, plots=not no_plots, device=device)
     bar, update = stderr_progress(not quiet, "linearity")
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
-        result = run_linearity(base, checkpoints or [], out, run=run, steps=steps,
-                               hub_run={"revisions": revisions, "subfolders": subfolders, "commits": commits},
+        result = run_linearity(base, checkpoints or [], out, run=run_spec.run, steps=run_spec.steps,
+                               hub_run=run_spec.hub_run,
                                options=opts, force=force, progress=update, executor=exec_opts)
-    for note in result.notes:
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(result)
     if result.plot_hint:
         sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
     if as_json:

@@ -10,45 +10,38 @@ import typer
 from . import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from .app import (BASE_ARG, CHECKPOINTS_ARG, COMMITS_OPT, DEVICE_OPT, EXECUTOR_OPT, FORCE_OPT, HUB_CACHE_OPT,
-                  JSON_OPT, MAX_IN_FLIGHT_OPT, QUIET_OPT, RAY_ADDRESS_OPT, RAY_CPUS_OPT, RAY_GPUS_OPT, RAY_TIMEOUT_OPT, RESUME_HINT,
-                  REVISIONS_OPT, RUN_OPT, SUBFOLDERS_OPT, Rank1Command, app, check_common_early, check_executor_early,
-                  check_output_early, interrupt_hint, number, print_json, set_hub_cache_policy, stderr_progress)
+from .app import (RESUME_HINT, Rank1Command, app, check_common_early, check_output_early, interrupt_hint, print_json,
+                  print_result_notes, set_hub_cache_policy, stderr_progress)
+from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, DTYPE_OPT, EXCLUDE_OPT, FORCE_OPT, HUB_CACHE_OPT,
+                     JSON_OPT, QUIET_OPT, SHARD_OPT, ExecutorFlags, RunSpec, choice_option, include_option, number, out_option,
+                     with_executor, with_run)
 
 
 @app.command(cls=Rank1Command)
+@with_run(run=False, steps_help="For a run: steps to list, '50,100' or '10:100:10' (inclusive).")
 def inspect(
     source: str = typer.Argument(..., metavar="SOURCE", help="Model folder, .safetensors file, run directory of step folders, or a Hub "
                                  "source hf://ORG/NAME, optionally @REVISION and /SUBFOLDER."),
-    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help="For a run: steps to list, '50,100' or '10:100:10' (inclusive)."),
-    revisions: Optional[str] = REVISIONS_OPT,
-    subfolders: bool = SUBFOLDERS_OPT,
-    commits: bool = COMMITS_OPT,
-    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    run_spec: RunSpec = RunSpec(),
     as_json: bool = JSON_OPT,
 ) -> None:
     """What a model or training run holds: tensors, dtypes, shards, matrix modules, checkpoints.
 
     Reads safetensors headers only (no torch). For a run, exits 3 if any checkpoint is unusable (listed).
     """
-    if steps is not None:
-        from ..options import parse_steps
-
-        parse_steps(steps)
-    if hub_cache_policy is not None:
-        check_common_early("auto", hub_cache_policy)
+    if run_spec.hub_cache_policy is not None:
+        check_common_early("auto", run_spec.hub_cache_policy)
     from ..commands.inspect import inspect_source
 
-    set_hub_cache_policy(hub_cache_policy)
-    report = inspect_source(source, steps, revisions=revisions, subfolders=subfolders, commits=commits)
+    set_hub_cache_policy(run_spec.hub_cache_policy)
+    report = inspect_source(source, run_spec.steps, **run_spec.hub_run)
     if as_json:
         print_json(report.to_dict())
     elif report.kind == "model":
         render.model(report)
     else:
         render.run(report)
-    for note in getattr(report, "notes", []):
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(report)
     if report.kind == "run" and report.problems:
         first = report.problems[0]
         raise InputError(
@@ -58,33 +51,25 @@ def inspect(
 
 
 @app.command(cls=Rank1Command)
+@with_run()
+@with_executor
 def decompose(
     base: str = BASE_ARG,
     checkpoints: Optional[list[str]] = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
-    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output folder: spectrum tables and factor store."),
-    run: Optional[str] = RUN_OPT,
-    steps: Optional[str] = typer.Option(None, "--steps", metavar="STEPS", help="With --run: '50,100' or '10:100:10' (inclusive)."),
-    revisions: Optional[str] = REVISIONS_OPT,
-    subfolders: bool = SUBFOLDERS_OPT,
-    commits: bool = COMMITS_OPT,
-    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    out: str = out_option("Output folder: spectrum tables and factor store."),
+    run_spec: RunSpec = RunSpec(),
     rank: str = typer.Option("8", "--rank", "-k", metavar="K", help="Singular triplets kept per module and step."),
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
     cold_start: bool = typer.Option(False, "--cold-start", help="Every matrix from a fresh random sketch with 4 power "
                                     "iterations, instead of warm-starting from the module's previous checkpoint and "
                                     "stopping once the accuracy certificates pass."),
-    include: Optional[list[str]] = typer.Option(None, "--include", metavar="GLOB", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable)."),
+    include: Optional[list[str]] = include_option("Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: Optional[list[str]] = EXCLUDE_OPT,
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     device: str = DEVICE_OPT,
     plots: bool = typer.Option(False, "--plots", help="Also draw energy_1/norm_frac_1 over steps and a layer x type heatmap (OUT/plots)."),
     force: bool = FORCE_OPT,
-    executor: str = EXECUTOR_OPT,
-    ray_address: Optional[str] = RAY_ADDRESS_OPT,
-    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
-    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
-    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
-    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
+    executor: ExecutorFlags = ExecutorFlags(),
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -93,32 +78,29 @@ def decompose(
     Writes spectrum.csv / spectrum.jsonl, summary.json and a factor store (top-k σ, u, v per
     module and step). Rerunning an interrupted command resumes it.
     """
-    from ..options import parse_positive_int, parse_steps
+    from ..options import parse_positive_int
 
     rank_k = parse_positive_int(rank, "--rank")
     if cold_start and exact:
         raise UsageError("--cold-start selects the randomized SVD's start; it cannot be combined with --exact")
-    if steps is not None:
-        parse_steps(steps)
-    check_common_early(device, hub_cache_policy)
-    check_output_early(out, force, [base, *(checkpoints or []), run])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
+    check_common_early(device, run_spec.hub_cache_policy)
+    check_output_early(out, force, [base, *(checkpoints or []), run_spec.run])
+    exec_opts = executor.check()
 
     from ..commands.decompose import DecomposeOptions
     from ..commands.decompose import decompose as run_decompose
 
-    set_hub_cache_policy(hub_cache_policy)
-    hub_run = {"revisions": revisions, "subfolders": subfolders, "commits": commits}
+    set_hub_cache_policy(run_spec.hub_cache_policy)
     opts = DecomposeOptions(rank=rank_k, exact=exact, include=include or [], exclude=exclude or [],
                             all_2d=all_2d, device=device, plots=plots, warm_start=not cold_start)
     bar, update = stderr_progress(not quiet, "decompose")
     with interrupt_hint("finished modules are kept; rerun the same command to resume", out), bar:
-        result = run_decompose(base, checkpoints or [], out, run=run, steps=steps, hub_run=hub_run, options=opts, force=force,
+        result = run_decompose(base, checkpoints or [], out, run=run_spec.run, steps=run_spec.steps, hub_run=run_spec.hub_run,
+                               options=opts, force=force,
                                progress=update, executor=exec_opts)
     if result.resumed_modules:
         sys.stderr.write(f"rank1: resumed: {result.resumed_modules} modules were already done\n")
-    for note in result.notes:
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(result)
     for module, step in result.fallbacks:
         sys.stderr.write(f"rank1: note: {module} at step {step}: randomized SVD missed the accuracy bar, used exact\n")
     if result.plot_hint:
@@ -130,30 +112,26 @@ def decompose(
 
 
 @app.command(cls=Rank1Command)
+@with_executor
 def reconstruct(
     base: str = BASE_ARG,
     checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint θ_t whose update is reduced to rank k."),
-    out: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Output folder (one rank) or parent of rank-K folders (several)."),
+    out: str = out_option("Output folder (one rank) or parent of rank-K folders (several)."),
     rank: str = typer.Option(..., "--rank", "-k", metavar="K", help="Rank: 8, a fraction of min(m, n) like 1%, or a list 1,2,4,8."),
     alpha: float = typer.Option(1.0, "--alpha", metavar="ALPHA", parser=number("--alpha"), help="Scale of the (norm-matched) rank-k update."),
     no_norm_match: bool = typer.Option(False, "--no-norm-match", help="Add α·ΔW_k as is, without rescaling to ‖ΔW‖."),
-    rest: str = typer.Option("base", "--rest", metavar="base|checkpoint", help="Tensors not selected: 'base' (reference code) or 'checkpoint'."),
-    dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16", help="auto (base dtype), float32, bfloat16 or float16."),
-    include: Optional[list[str]] = typer.Option(None, "--include", metavar="GLOB", help="Glob of tensor names (repeatable); replaces the default matrix-module set."),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable)."),
+    rest: str = choice_option("base", "--rest", ("base", "checkpoint"), "Tensors not selected: 'base' (reference code) or 'checkpoint'."),
+    dtype: str = DTYPE_OPT,
+    include: Optional[list[str]] = include_option("Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: Optional[list[str]] = EXCLUDE_OPT,
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
     factors: Optional[str] = typer.Option(None, "--factors", metavar="FACTORS_DIR", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB."),
+    max_shard_size: str = SHARD_OPT,
     device: str = DEVICE_OPT,
     hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
     force: bool = FORCE_OPT,
-    executor: str = EXECUTOR_OPT,
-    ray_address: Optional[str] = RAY_ADDRESS_OPT,
-    ray_num_cpus: Optional[float] = RAY_CPUS_OPT,
-    ray_num_gpus: Optional[float] = RAY_GPUS_OPT,
-    max_in_flight: Optional[int] = MAX_IN_FLIGHT_OPT,
-    ray_timeout: Optional[float] = RAY_TIMEOUT_OPT,
+    executor: ExecutorFlags = ExecutorFlags(),
     quiet: bool = QUIET_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -162,30 +140,26 @@ def reconstruct(
     W = θ₀ + α·(‖ΔW‖/‖ΔW_k‖)·ΔW_k per selected module; other tensors from --rest. Reports how
     much of the update the output dtype rounds away.
     """
-    from ..options import check_choice, check_finite, parse_ranks, parse_size
+    from ..options import check_finite, parse_ranks, parse_size
 
-    parse_ranks(rank)
-    parse_size(max_shard_size)
-    check_choice(rest, "--rest", ("base", "checkpoint"))  # reconstruct.REST_CHOICES / DTYPE_CHOICES (torch-free here)
-    check_choice(dtype, "--dtype", ("auto", "float32", "bfloat16", "float16"))
+    ranks, shard_bytes = parse_ranks(rank), parse_size(max_shard_size)
     check_finite(alpha, "--alpha")
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, checkpoint, factors])
-    exec_opts = check_executor_early(executor, ray_address, ray_num_cpus, ray_num_gpus, max_in_flight, ray_timeout)
+    exec_opts = executor.check()
 
     from ..commands.reconstruct import ReconstructOptions
     from ..commands.reconstruct import reconstruct as run_reconstruct
 
     set_hub_cache_policy(hub_cache_policy)
-    opts = ReconstructOptions(rank=rank, alpha=alpha, norm_match=not no_norm_match, rest=rest, dtype=dtype,
+    opts = ReconstructOptions(rank=ranks, alpha=alpha, norm_match=not no_norm_match, rest=rest, dtype=dtype,
                               include=include or [], exclude=exclude or [], all_2d=all_2d, exact=exact,
-                              device=device, factors=factors, max_shard_size=max_shard_size)
+                              device=device, factors=factors, max_shard_size=shard_bytes)
     bar, update = stderr_progress(not quiet, "reconstruct")
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update,
                                  executor=exec_opts)
-    for note in result.notes:
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(result)
     for o in result.outputs:
         if o.warning:
             sys.stderr.write(f"rank1: warning: rank {o.rank}: {o.warning}\n")
@@ -197,7 +171,7 @@ def reconstruct(
 
 @app.command(cls=Rank1Command)
 def demo(
-    out: str = typer.Option("demo-out", "--out", metavar="PATH", help="Folder for the trained model, run and results."),
+    out: str = out_option("Folder for the trained model, run and results.", default="demo-out", short=False),
     seed: int = typer.Option(0, "--seed", metavar="SEED", parser=number("--seed", at_least=0, integer=True), help="Seed of the model, the task's data and the sampling."),
     quick: bool = typer.Option(False, "--quick", help="A smaller, shorter run (under a minute): what the tests run."),
     synthetic: bool = typer.Option(False, "--synthetic", help="The planted synthetic run instead of training "
@@ -236,8 +210,7 @@ def demo(
 
     with interrupt_hint(f"{out} may hold a partial demo; rerun with --force"):
         result = run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, say=say)
-    for note in result.notes:
-        sys.stderr.write(f"rank1: note: {note}\n")
+    print_result_notes(result)
     if as_json:
         print_json(result.to_dict())
     else:

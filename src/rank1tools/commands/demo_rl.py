@@ -23,7 +23,7 @@ from ..io.output_lock import locked_output
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from .decompose import DecomposeOptions, decompose
-from .extrapolate import ExtrapolateOptions, extrapolate
+from .extrapolate.registry import ExtrapolateOptions, extrapolate
 from .fit_pls import FitPlsOptions, fit_pls
 from .linearity import LinearityOptions, linearity
 from .reconstruct import ReconstructOptions, reconstruct

@@ -5,7 +5,7 @@ Reads the factor store that `decompose` wrote (no checkpoint is read again). Per
 window's checkpoints: x_t = σ₁(t)·u₁(t), sign-aligned backwards from the last checkpoint; a
 one-component PLS of the metric on x (in-sample and leave-one-out R²) and of the step on x
 (R²_step). Writes per-module and aggregated tables, a summary, plots (with the `plot` extra) and a
-fit store that `extrapolate --method alpharl` reads to predict ΔŴ for a target metric without
+fit store that `extrapolate alpharl` reads to predict ΔŴ for a target metric without
 refitting (docs/formats.md, "Fit store").
 """
 

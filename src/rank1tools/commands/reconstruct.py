@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,7 +46,10 @@ REST_CHOICES = ("base", "checkpoint")
 
 @dataclass
 class ReconstructOptions:
-    rank: str = "1"
+    """What `rank1 reconstruct` takes. The CLI passes parsed values; text (`rank="1,1%"`,
+    `max_shard_size="5GB"`) from a library caller is parsed here once, and every value checked."""
+
+    rank: str | list[RankSpec] = "1"  # held as a list of RankSpec
     alpha: float = 1.0
     norm_match: bool = True
     rest: str = "base"  # base | checkpoint
@@ -57,7 +60,19 @@ class ReconstructOptions:
     exact: bool = False
     device: str = "auto"
     factors: str | None = None
-    max_shard_size: str | int = "5GB"  # text like 5GB, or bytes
+    max_shard_size: str | int = "5GB"  # text like 5GB, or bytes; held in bytes
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, str):
+            self.rank = parse_ranks(self.rank)
+        if isinstance(self.max_shard_size, str):
+            self.max_shard_size = parse_size(self.max_shard_size)
+        self.check()
+
+    def check(self) -> None:
+        check_choice(self.rest, "--rest", REST_CHOICES)
+        check_choice(self.dtype, "--dtype", DTYPE_CHOICES)
+        check_finite(self.alpha, "--alpha")
 
 
 @dataclass
@@ -115,12 +130,8 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
                 executor: ExecutorOptions = ExecutorOptions()) -> ReconstructResult:
     """Write the rank-k checkpoint(s). `executor`: where the tensors are computed and written
     (rank1tools.engine.executors); with Ray, one task per group of tensors writes into the planned shards."""
-    ranks = parse_ranks(options.rank)
-    if isinstance(options.max_shard_size, str):  # checked before any input is opened
-        options = replace(options, max_shard_size=parse_size(options.max_shard_size))
-    check_choice(options.rest, "--rest", REST_CHOICES)
-    check_choice(options.dtype, "--dtype", DTYPE_CHOICES)
-    check_finite(options.alpha, "--alpha")
+    options.check()  # a caller may have changed a field since construction
+    ranks = options.rank
     base_ck, ck = open_source(base), open_source(checkpoint)
     notes: list[str] = []
     shapes = tensor_shapes(base_ck, [ck])  # with lm_head.weight when the checkpoint unties it

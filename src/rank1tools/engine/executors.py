@@ -51,7 +51,9 @@ EXECUTORS = ("local", "ray")
 INSTALL_HINT = "pip install 'rank1tools[ray]'"
 # CLI options that choose where work runs and not what it computes: left out of the command line
 # recorded in provenance files, so that outputs are byte-identical whatever the executor
-_VALUED_FLAGS = ("--executor", "--ray-address", "--ray-num-cpus", "--ray-num-gpus", "--max-in-flight", "--ray-timeout")
+EXECUTOR_FLAGS = {"kind": "--executor", "address": "--ray-address", "num_cpus": "--ray-num-cpus",
+                  "num_gpus": "--ray-num-gpus", "max_in_flight": "--max-in-flight", "connect_timeout": "--ray-timeout"}
+_VALUED_FLAGS = tuple(EXECUTOR_FLAGS.values())  # the CLI declares its options from EXECUTOR_FLAGS (cli/params.py)
 RETRIES = 3  # Ray's retries of a task whose worker died (node lost, OOM-killed) or that raised RetryableError
 CONNECT_TIMEOUT = 30.0  # seconds: --ray-timeout's default, the bound on connecting to a cluster
 # what ray.init takes: auto, local, HOST:PORT (the GCS), ray://HOST:PORT (Ray Client); a host name,

@@ -39,7 +39,7 @@ from ..signals import deferred_signals, pause_for_test
 MARKER_FILE = "rank1tools.json"  # provenance record every rank1 output folder holds
 MANIFESTS = ("manifest.json",)  # older outputs (factor stores) are recognised by their manifest's format
 _STAGING_INFIXES = (".tmp-", ".old-")  # siblings that only a live run holding the lock may own
-_HELD: dict[Path, "OutputLock"] = {}  # targets whose lock this process holds
+_HELD: dict[Path, object] = {}  # targets whose lock this process holds -> its io.output_lock.OutputLock
 completed: dict[Path, str] = {}  # locked targets published by this process -> their label (the CLI clears it)
 
 

@@ -1,4 +1,4 @@
-"""What `extrapolate --method relex` and `--method linear` share (SPEC §5, §6, §7).
+"""What `extrapolate relex` and `extrapolate linear` share (docs/extrapolation.md).
 
 Both read a history of checkpoints (CHECKPOINT arguments or --run, cut at --history-until, step 0
 left out: it is the base), pick the tensors to extrapolate, and stream every tensor in element
@@ -13,28 +13,26 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 
 import torch
 
-from ..errors import InputError, UsageError
-from ..engine.executors import ExecutorOptions, task_device
-from ..io.checkpoint import Checkpoint
-from ..io.compat import check_compatible, tensor_shapes, untied_head
-from ..io.output_lock import locked_output
-from ..io.run_inputs import RunInputs, chunk_elements, open_run_inputs, trajectory_chunks
-from ..io.writer import provenance
-from ..math.finite import all_finite, dtype_max, dtype_name, max_abs
-from ..math.reconstruct import RoundingStats, rounding_stats
-from ..modules import LM_HEAD_NAME, is_norm_parameter
-from ..options import parse_size
-from ..resources import check_memory, streaming_peak_bytes
-from ..engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
-from ..engine.tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
-                           run_tensor_groups, stats_from, stats_record)
-from .extrapolate import (REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, check_options, flag_limit,
-                          target_folder)
+from ...errors import InputError, UsageError
+from ...engine.executors import ExecutorOptions, task_device
+from ...io.checkpoint import Checkpoint
+from ...io.compat import check_compatible, tensor_shapes, untied_head
+from ...io.output_lock import locked_output
+from ...io.run_inputs import RunInputs, chunk_elements, open_run_inputs, trajectory_chunks
+from ...io.writer import provenance
+from ...math.finite import all_finite, dtype_max, dtype_name, max_abs
+from ...math.reconstruct import RoundingStats, rounding_stats
+from ...modules import LM_HEAD_NAME, is_norm_parameter
+from ...resources import check_memory, streaming_peak_bytes
+from ...engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
+from ...engine.tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
+                                    run_tensor_groups, stats_from, stats_record)
+from .base import REPORT_FILE, ExtrapolateResult, HistoryOptions, TargetOutput, flag_limit, target_folder
 
 COPY_CHUNK = 1 << 22  # elements per chunk when a tensor is copied from the base or the last checkpoint
 # Elements of the T × chunk block of updates a method works on at once (float32: 8 MiB). Its float64
@@ -63,17 +61,7 @@ class History:
         return self.checkpoints[-1]
 
 
-def checked_options(options: ExtrapolateOptions, method: str) -> ExtrapolateOptions:
-    """The options for `method`, checked as the CLI checks them (a direct call may skip the CLI),
-    with --max-shard-size in bytes."""
-    options = replace(options, method=method)
-    check_options(options)
-    if isinstance(options.max_shard_size, str):
-        options = replace(options, max_shard_size=parse_size(options.max_shard_size))
-    return options
-
-
-def open_history(base: str, options: ExtrapolateOptions, executor: ExecutorOptions = ExecutorOptions()) -> History:
+def open_history(base: str, options: HistoryOptions, executor: ExecutorOptions = ExecutorOptions()) -> History:
     """Open the inputs and check what every history method needs: at least two checkpoints after
     step 0 and no target before the first of them (targets inside the history are allowed)."""
     method = options.method
@@ -105,7 +93,7 @@ def history_chunks(h: History, cks: list[Checkpoint], name: str):
     return trajectory_chunks(h.base, cks, name, chunk=chunk_elements(len(cks), HISTORY_BUDGET), device=h.device)
 
 
-def window_size(options: ExtrapolateOptions, T: int) -> int:
+def window_size(options: HistoryOptions, T: int) -> int:
     """--fit-window W (default all T history points); 2 <= W <= T."""
     W = T if options.fit_window is None else options.fit_window
     if W < 2 or W > T:
@@ -130,7 +118,7 @@ class TensorPlan:
         return [n for n, s in self.source.items() if s == kind]
 
 
-def plan_tensors(h: History, options: ExtrapolateOptions, *, copy_norms: bool) -> TensorPlan:
+def plan_tensors(h: History, options: HistoryOptions, *, copy_norms: bool) -> TensorPlan:
     """All tensors by default (norms and biases included); --include/--exclude globs restrict.
     Tensors not selected, and integer/bool tensors, come from --rest; with `copy_norms` selected
     norm weights come from the last checkpoint. A tied lm_head needs nothing (it follows its
@@ -243,13 +231,13 @@ class TargetSink:
 TensorFn = Callable[[str, TargetSink], dict]
 
 
-def write_extrapolation(h: History, plan: TensorPlan, out: str, options: ExtrapolateOptions, force: bool,
+def write_extrapolation(h: History, plan: TensorPlan, out: str, options: HistoryOptions, force: bool,
                         progress: Callable[[int, int], None] | None, *, params: dict, tensor_fn: TensorFn,
                         read: list[int], notes: list[str],
                         executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
     """One pass over the tensors writing every target's checkpoint; `read`: indices of the history
     checkpoints the method reads (they are the provenance's inputs with the base). With Ray, one
-    task per group of tensors (commands.tensor_units) runs the same per-tensor code."""
+    task per group of tensors (engine.tensor_units) runs the same per-tensor code."""
     targets = h.targets
     specs = tensor_specs(h.base, plan.names, options.dtype)
     folders = [target_folder("step", s) for s in targets]
@@ -264,7 +252,7 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: Extrapo
         if executor.is_ray:
             groups = group_tensors(names, lambda n: h.base.entry(n).nbytes * (1 + len(used)))
             units = TensorUnits(target, plan_bytes("extrapolate", [h.base, *used],
-                                                   {**asdict(options), "device": h.device.type, **params}, groups,
+                                                   {"method": options.method, **asdict(options), "device": h.device.type, **params}, groups,
                                                    {"sources": plan.source, "untie": plan.untie}))
         with CheckpointOutputs(target, folders, specs, max_shard_size=options.max_shard_size, force=force,
                                work=units.work if units else None) as outs:

@@ -1,4 +1,5 @@
-"""`rank1 extrapolate --method alpharl`: the update AlphaRL predicts for a target metric (SPEC §4).
+"""The write pass of `rank1 extrapolate alpharl`: the update AlphaRL predicts for a target metric
+(docs/extrapolation.md). Its options and flags: alpharl.py.
 
 Reads a fit-pls output (the fit store) and the base; no checkpoint of the run is read unless
 `--container last`. Per selected module and target y* (the metric, or the step for a store fitted
@@ -25,28 +26,32 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..device import resolve_device
-from ..errors import InputError, Rank1Error, UsageError
-from ..io.checkpoint import Checkpoint
-from ..io.compat import check_compatible, tensor_shapes
-from ..io.fingerprint import matches
-from ..io.fit_store import FitStore
-from ..io.output_lock import locked_output
-from ..io.sources import is_hub_source, open_source
-from ..io.writer import TensorSpec, provenance
-from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
-from ..math.reconstruct import RoundingStats, rounding_stats
-from ..modules import LM_HEAD_NAME, select_tensors
-from ..options import number_label, parse_size
-from ..resources import check_memory, reconstruct_peak_bytes
-from ..engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
-from .extrapolate import REPORT_FILE, ExtrapolateOptions, ExtrapolateResult, TargetOutput, flag_limit, target_folder
+from ...device import resolve_device
+from ...errors import InputError, Rank1Error, UsageError
+from ...io.checkpoint import Checkpoint
+from ...io.compat import check_compatible, tensor_shapes
+from ...io.fingerprint import matches
+from ...io.fit_store import FitStore
+from ...io.output_lock import locked_output
+from ...io.sources import is_hub_source, open_source
+from ...io.writer import TensorSpec, provenance
+from ...math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
+from ...math.reconstruct import RoundingStats, rounding_stats
+from ...modules import LM_HEAD_NAME, select_tensors
+from ...options import number_label
+from ...resources import check_memory, reconstruct_peak_bytes
+from ...engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
+from .base import REPORT_FILE, ExtrapolateResult, TargetOutput, flag_limit, target_folder
+
+if TYPE_CHECKING:  # alpharl.py imports this module when it runs: no import back at run time
+    from .alpharl import AlpharlOptions
 
 R2_INDEX = {"r2": 0, "loo_r2": 1, "r2_step": 2}  # positions in a fit file's `r2` tensor
 BLOCK_ELEMS = 1 << 18  # update, add, cast and rounding stats are fused over row blocks of this size
@@ -71,7 +76,7 @@ class ModulePlan:
 
 
 def predict(fit: dict[str, torch.Tensor], target: float) -> tuple[float, torch.Tensor]:
-    """(s*, x̂) for one target from a fit file's tensors, in float64 (SPEC §4 steps 2-3)."""
+    """(s*, x̂) for one target from a fit file's tensors, in float64 (docs/concepts.md#extrapolation-three-methods, AlphaRL)."""
     a, b = (float(v) for v in fit["score_line"])
     s = (target - a) / b
     x = fit["x_mean"].double() + fit["x_scale"].double() * (s * fit["x_loadings"].double())
@@ -98,13 +103,9 @@ def apply_outer(container: torch.Tensor, x: torch.Tensor, v: torch.Tensor, out_d
     return out, stats
 
 
-def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, force: bool = False,
-                        progress: Callable[[int, int], None] | None = None) -> ExtrapolateResult:
+def write_alpharl(base: str, out: str, *, options: AlpharlOptions, force: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> ExtrapolateResult:
     """Write the checkpoint AlphaRL predicts for each target (one pass over the container)."""
-    if isinstance(options.max_shard_size, str):
-        options = replace(options, max_shard_size=parse_size(options.max_shard_size))
-    if options.checkpoints or options.run:
-        raise UsageError("--method alpharl reads no run (CHECKPOINT arguments, --run): it reads --fits and the base")
     if options.last_checkpoint and options.container != "last":
         raise UsageError("--last-checkpoint applies to --container last only")
     fits = str(options.fits)
@@ -177,7 +178,7 @@ def extrapolate_alpharl(base: str, out: str, *, options: ExtrapolateOptions, for
                              tensors=tensors, parameters=params, notes=notes, warnings=warnings)
 
 
-def _targets(store: FitStore, options: ExtrapolateOptions) -> tuple[str, list[float]]:
+def _targets(store: FitStore, options: AlpharlOptions) -> tuple[str, list[float]]:
     """The target kind the store was fitted against and the values asked for; the other flag is misuse."""
     if store.target == "metric":
         if options.target_steps:
@@ -209,7 +210,7 @@ def far_step_warnings(targets: list[float], last_step: int, flag_ratio: float) -
             for t in targets if last_step > 0 and t > flag_ratio * last_step]
 
 
-def _r2_index(store: FitStore, options: ExtrapolateOptions) -> int:
+def _r2_index(store: FitStore, options: AlpharlOptions) -> int:
     """Which entry of a fit file's r2 = [in-sample, leave-one-out, step] --r2 names. A store fitted
     against the step has only R²_step, which is then also its in-sample R²."""
     if store.target == "step":
@@ -220,7 +221,7 @@ def _r2_index(store: FitStore, options: ExtrapolateOptions) -> int:
     return R2_INDEX[options.r2_kind]
 
 
-def _open_last(store: FitStore, options: ExtrapolateOptions, step: int, notes: list[str]) -> Checkpoint:
+def _open_last(store: FitStore, options: AlpharlOptions, step: int, notes: list[str]) -> Checkpoint:
     """The window's last checkpoint: --last-checkpoint, else the factor store's record of it."""
     rec = store.checkpoint_at(step)
     if options.last_checkpoint:
@@ -246,7 +247,7 @@ def _open_last(store: FitStore, options: ExtrapolateOptions, step: int, notes: l
     return ck
 
 
-def _select(store: FitStore, shapes: dict, base_ck: Checkpoint, options: ExtrapolateOptions) -> list[str]:
+def _select(store: FitStore, shapes: dict, base_ck: Checkpoint, options: AlpharlOptions) -> list[str]:
     """Every fit-store module minus --exclude; with --include, the base's 2-D tensors it names,
     each of which the fit store must hold. Every module must have the base's shape."""
     if options.include:
@@ -268,7 +269,7 @@ def _select(store: FitStore, shapes: dict, base_ck: Checkpoint, options: Extrapo
 
 
 def _plan(store: FitStore, name: str, targets: list[float], kind: str, r2_index: int,
-          options: ExtrapolateOptions) -> ModulePlan:
+          options: AlpharlOptions) -> ModulePlan:
     fit = store.load(name)
     r2 = float(fit["r2"][r2_index])
     a, b = (float(v) for v in fit["score_line"])
@@ -344,7 +345,7 @@ def _write_rest(name: str, container: Checkpoint, base: Checkpoint, writers) -> 
 
 
 def _report(plans: dict[str, ModulePlan], i: int, target: float, kind: str, limit: float, store: FitStore,
-            options: ExtrapolateOptions) -> dict:
+            options: AlpharlOptions) -> dict:
     """REPORT_FILE of output i: per module R², selected or kept and why, s*, norm ratio; flagged ones."""
     rows, flagged, ratios = [], [], []
     for p in plans.values():

@@ -1,4 +1,4 @@
-"""`rank1 extrapolate --method linear`: weight-space straight lines (SPEC §6).
+"""`rank1 extrapolate linear`: weight-space straight lines (docs/extrapolation.md).
 
 `--mode lstsq` (default): per element, the least-squares line through the updates ΔW_t of the
 last W history checkpoints (all by default), θ̂(s) = θ₀ + Δ̄ + slope·(s − t̄) (each element's R² is
@@ -13,26 +13,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from ...errors import UsageError
+from ...engine.executors import ExecutorOptions
+from ...options import check_choice
+from .base import ExtrapolateResult, HistoryOptions
 
-from ..errors import UsageError
-from ..engine.executors import ExecutorOptions
-from ..math.linefit import LineFit, two_point
-from .extrapolate import ExtrapolateOptions, ExtrapolateResult
-from .history_extrapolation import (History, TargetSink, check_history_tensors, checked_options, history_chunks,
-                                    nonfinite_history, open_history, plan_tensors, window_size, write_extrapolation)
+if TYPE_CHECKING:
+    from .history import History, TargetSink
+
+MODES = ("lstsq", "two-point")
 
 
-def extrapolate_linear(base: str, out: str, *, options: ExtrapolateOptions, force: bool = False,
+@dataclass
+class LinearOptions(HistoryOptions):
+    """`rank1 extrapolate linear`: the history options, the mode, its two points and the norms."""
+
+    method: ClassVar[str] = "linear"
+    FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mode": ("--mode",), "from_step": ("--from",), "to_step": ("--to",),
+        "extrapolate_norms": ("--extrapolate-norms",)}
+
+    mode: str = "lstsq"
+    from_step: int | None = None
+    to_step: int | None = None
+    extrapolate_norms: bool = False
+
+    def check(self) -> None:
+        check_choice(self.mode, "--mode", MODES)
+        super().check()
+
+
+def extrapolate_linear(base: str, out: str, *, options: LinearOptions, force: bool = False,
                        progress: Callable[[int, int], None] | None = None,
                        executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from straight lines through the history's weights."""
-    options = checked_options(options, "linear")
+    from .history import check_history_tensors, open_history, plan_tensors, window_size, write_extrapolation
+
+    options.check()  # a caller may have changed a field since construction
     two = options.mode == "two-point"
-    for flag, given in (("--rank", options.rank != 1), ("--position-index", options.position_index)):
-        if given:
-            raise UsageError(f"{flag} applies to --method relex, not linear")
     if not two and (options.from_step is not None or options.to_step is not None):
         raise UsageError("--from/--to apply to --mode two-point")
     if two and options.fit_window is not None:
@@ -80,6 +101,11 @@ def _ratio(sq_pred: float, sq_last: float) -> float:
 
 
 def _lstsq_tensor(h: History, name: str, sink: TargetSink, read: list[int]) -> dict:
+    import torch
+
+    from .history import history_chunks, nonfinite_history
+    from ...math.linefit import LineFit
+
     cks = [h.checkpoints[i] for i in read]
     t = [float(h.steps[i]) for i in read]
     sq_last, sq_pred = 0.0, [0.0] * len(h.targets)
@@ -101,6 +127,11 @@ def _lstsq_tensor(h: History, name: str, sink: TargetSink, read: list[int]) -> d
 
 
 def _two_point_tensor(h: History, name: str, sink: TargetSink, read: list[int], a: int, b: int) -> dict:
+    import torch
+
+    from .history import history_chunks, nonfinite_history
+    from ...math.linefit import two_point
+
     cks = [h.checkpoints[i] for i in read]
     row = {h.steps[i]: k for k, i in enumerate(read)}
     sq_last, sq_pred = 0.0, [0.0] * len(h.targets)
@@ -115,3 +146,6 @@ def _two_point_tensor(h: History, name: str, sink: TargetSink, read: list[int], 
         raise nonfinite_history(h, name, cks)
     return {"common": {"numel": h.base.entry(name).numel, "last_update_norm": math.sqrt(sq_last)},
             "per_target": [{"norm_ratio": _ratio(q, sq_last)} for q in sq_pred]}
+
+
+run = extrapolate_linear

@@ -1,4 +1,4 @@
-"""`rank1 extrapolate --method relex`: trajectory rank-r extrapolation (SPEC §5).
+"""`rank1 extrapolate relex`: trajectory rank-r extrapolation (docs/extrapolation.md).
 
 Per tensor, M is the T × d matrix of the history's updates ΔW_t (float32, uncentred), never held
 whole. Pass 1 streams column chunks of M into the Gram matrix G = M Mᵀ (float64); its
@@ -14,27 +14,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from ...errors import UsageError
+from ...engine.executors import ExecutorOptions
+from .base import ExtrapolateResult, HistoryOptions
 
-from ..errors import UsageError
-from ..engine.executors import ExecutorOptions
-from ..math.linefit import LineFit, positions_for
-from ..math.trajectory import combine, gram_update, trajectory_basis
-from .extrapolate import ExtrapolateOptions, ExtrapolateResult
-from .history_extrapolation import (History, TargetSink, check_history_tensors, checked_options, history_chunks,
-                                    nonfinite_history, open_history, plan_tensors, window_size, write_extrapolation)
+if TYPE_CHECKING:
+    from .history import History, TargetSink
 
 
-def extrapolate_relex(base: str, out: str, *, options: ExtrapolateOptions, force: bool = False,
+@dataclass
+class RelexOptions(HistoryOptions):
+    """`rank1 extrapolate relex`: the history options, the trajectory rank r and the fit's axis."""
+
+    method: ClassVar[str] = "relex"
+    FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {"rank": ("--rank", "-k"), "position_index": ("--position-index",)}
+
+    rank: int = 1
+    position_index: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.rank < 1:
+            raise UsageError(f"--rank {self.rank}: must be at least 1")
+
+
+def extrapolate_relex(base: str, out: str, *, options: RelexOptions, force: bool = False,
                       progress: Callable[[int, int], None] | None = None,
                       executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from the trajectory rank-r fit of the history."""
-    options = checked_options(options, "relex")
-    for flag, given in (("--mode two-point", options.mode != "lstsq"), ("--from", options.from_step is not None),
-                        ("--to", options.to_step is not None), ("--extrapolate-norms", options.extrapolate_norms)):
-        if given:
-            raise UsageError(f"{flag} applies to --method linear, not relex")
+    from .history import check_history_tensors, open_history, plan_tensors, window_size, write_extrapolation
+    from ...math.linefit import positions_for
+
+    options.check()  # a caller may have changed a field since construction
     h = open_history(base, options, executor)
     T = len(h.steps)
     if options.rank > T:
@@ -64,6 +78,12 @@ def extrapolate_relex(base: str, out: str, *, options: ExtrapolateOptions, force
 
 def _relex_tensor(h: History, name: str, sink: TargetSink, r: int, W: int, t_fit: list[float],
                   x_targets: list[float]) -> dict:
+    import torch
+
+    from .history import history_chunks, nonfinite_history
+    from ...math.linefit import LineFit
+    from ...math.trajectory import combine, gram_update, trajectory_basis
+
     T = len(h.steps)
     G = None
     for ch in history_chunks(h, h.checkpoints, name):  # pass 1: G = Σ M Mᵀ
@@ -88,3 +108,6 @@ def _relex_tensor(h: History, name: str, sink: TargetSink, r: int, W: int, t_fit
               "intercept": fit.intercept_.tolist(), "last_update_norm": last_norm}
     return {"common": common,
             "per_target": [{"norm_ratio": q, "coefficients": c.tolist()} for q, c in zip(ratios, predicted)]}
+
+
+run = extrapolate_relex
