@@ -97,7 +97,7 @@ READ = """
 import sys
 import torch
 from rank1tools.io import open_checkpoint
-from rank1tools.commands.history_extrapolation import HISTORY_BUDGET
+from rank1tools.commands.extrapolate.history import HISTORY_BUDGET
 from rank1tools.io.run_inputs import chunk_elements, trajectory_chunks
 root, T = sys.argv[1], int(sys.argv[2])
 base = open_checkpoint(root + "/base")
@@ -110,7 +110,7 @@ print(n)
 """
 
 IMPORT_CLI = ("import torch, typer, rich.progress, rich.table, huggingface_hub, safetensors.torch, rank1tools.cli, "
-              "rank1tools.commands.extrapolate_relex, rank1tools.commands.extrapolate_linear")
+              "rank1tools.commands.extrapolate.relex, rank1tools.commands.extrapolate.linear")
 IMPORT_DENSE = "import torch, rank1tools.io, rank1tools.io.writer"
 
 

@@ -87,5 +87,5 @@ def extrapolate(base: str, out: str, *, options: CommonOptions, force: bool = Fa
                 progress: Callable[[int, int], None] | None = None,
                 executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
     """Write the checkpoint(s) the method of `options` predicts for every target. `executor`:
-    where relex / linear compute and write the tensors (rank1tools.executors)."""
+    where relex / linear compute and write the tensors (rank1tools.engine.executors)."""
     return method(options.method).run(base, out, options=options, force=force, progress=progress, executor=executor)
