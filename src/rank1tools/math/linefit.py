@@ -1,8 +1,8 @@
 """Straight lines through series over training steps: the fitting vocabulary of every extrapolation.
 
 One OLS line y ≈ intercept + slope·t per column of Y (T × n), in float64: RELEX fits its r
-coefficient series (docs/extrapolation.md#--method-relex-trajectory-rank-r), `linear --mode lstsq`
-and `linearity` fit every element of a tensor (docs/extrapolation.md#--method-linear-weight-space-line).
+coefficient series (docs/extrapolation.md#extrapolate-relex-trajectory-rank-r), `linear --mode lstsq`
+and `linearity` fit every element of a tensor (docs/extrapolation.md#extrapolate-linear-weight-space-line).
 `LineFit` is a small estimator in scikit-learn's manner (fit / predict, fitted attributes end in
 `_`); `two_point` is the RLVR-linearity reference's extrapolation.
 """
@@ -71,7 +71,7 @@ def fraction_above(r2: torch.Tensor, threshold: float = R2_LINEAR) -> tuple[int,
 
 def two_point(value_a: torch.Tensor, value_b: torch.Tensor, a: float, b: float, s: float) -> torch.Tensor:
     """theta(s) = theta_a + (s − a)/(b − a) · (theta_b − theta_a), in float64
-    (docs/extrapolation.md#--method-linear-weight-space-line)."""
+    (docs/extrapolation.md#extrapolate-linear-weight-space-line)."""
     if a == b:
         raise ValueError("the two points are at the same step")
     va, vb = value_a.to(torch.float64), value_b.to(torch.float64)

@@ -1,4 +1,4 @@
-"""Trajectory rank-r (RELEX, docs/extrapolation.md#--method-relex-trajectory-rank-r) through the Gram
+"""Trajectory rank-r (RELEX, docs/extrapolation.md#extrapolate-relex-trajectory-rank-r) through the Gram
 matrix, so a tensor is never held T times.
 
 M is the T × d matrix whose rows are the flattened updates ΔW_t of one tensor (uncentred).

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,10 +47,11 @@ from ...modules import LM_HEAD_NAME, select_tensors
 from ...options import number_label
 from ...resources import check_memory, reconstruct_peak_bytes
 from ...engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
-from .base import REPORT_FILE, ExtrapolateResult, TargetOutput, flag_limit, target_folder
+from .base import REPORT_FILE, CommonOptions, ExtrapolateResult, TargetOutput, flag_limit, target_folder
 
-if TYPE_CHECKING:  # alpharl.py imports this module when it runs: no import back at run time
-    from .alpharl import AlpharlOptions
+# The options are an alpharl.AlpharlOptions; alpharl.py imports this module when it runs, so this
+# module names only their base class (no import back, not even for type checking).
+AlpharlOptions = CommonOptions
 
 R2_INDEX = {"r2": 0, "loo_r2": 1, "r2_step": 2}  # positions in a fit file's `r2` tensor
 BLOCK_ELEMS = 1 << 18  # update, add, cast and rounding stats are fused over row blocks of this size
