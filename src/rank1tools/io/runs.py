@@ -218,14 +218,15 @@ def select_steps(checkpoints: list[RunCheckpoint], steps: StepSelection | str | 
         return list(checkpoints)
     checkpoints = [c for c in checkpoints if c.step is not None]
     by_step = {c.step: c for c in checkpoints}
+    has = f"run has steps {_fmt(sorted(by_step))}"
     missing = selection.missing(by_step)
     if missing:
-        raise UsageError(f"{selection.option}: no checkpoint for step {missing[0]} (run has steps {_fmt(sorted(by_step))})")
+        raise UsageError(f"{selection.option}: no checkpoint for step {missing[0]} ({has})")
     if selection.kind == "list":
         return [by_step[s] for s in selection.pick(by_step)]
     out = [c for c in checkpoints if selection.contains(c.step)]
     if not out:
-        raise UsageError(f"{selection.option} {selection.text!r} selects no checkpoint (run has steps {_fmt(sorted(by_step))})")
+        raise UsageError(f"{selection.option} {selection.text!r} selects no checkpoint ({has})")
     return out
 
 

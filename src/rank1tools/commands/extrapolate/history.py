@@ -249,8 +249,9 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: History
         units = groups = None
         if executor.is_ray:
             groups = group_tensors(names, lambda n: h.base.entry(n).nbytes * (1 + len(used)))
+            steps = None if options.steps is None else options.steps.text  # recorded as typed
             units = TensorUnits(target, plan_bytes("extrapolate", [h.base, *used],
-                                                   {"method": options.method, **asdict(options), "steps": None if options.steps is None else options.steps.text,
+                                                   {"method": options.method, **asdict(options), "steps": steps,
                                                     "device": h.device.type, **params}, groups,
                                                    {"sources": plan.source, "untie": plan.untie}))
         with CheckpointOutputs(target, folders, specs, max_shard_size=options.max_shard_size, force=force,
