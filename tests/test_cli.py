@@ -25,7 +25,7 @@ runner = CliRunner()
 
 
 def _expected_model_report(folder, tie: bool, layers: int) -> dict:
-    """What `inspect --json` must say, from safetensors' own reader and Llama naming (SPEC "Words")."""
+    """What `inspect --json` must say, from safetensors' own reader and Llama naming (docs/concepts.md#words)."""
     ref = reference_tensors(folder)
     matrices = [n for n, r in ref.items()
                 if n.startswith("model.layers.") and n.endswith("_proj.weight") and len(r.shape) == 2]

@@ -1,8 +1,9 @@
-"""rank1 extrapolate --method alpharl (SPEC §4) against independent float64 computations.
+"""rank1 extrapolate --method alpharl (docs/concepts.md#extrapolation-three-methods) against
+independent float64 computations.
 
 A realistic run (bf16 base, fp32 checkpoints) is decomposed and fitted with fit-pls; the written
-tensors are compared with numpy float64 implementations of SPEC §4 (from the fit store's tensors,
-and from sklearn's PLSRegression refit on the factor store's x_t). A planted exactly-linear rank-1
+tensors are compared with numpy float64 implementations of AlphaRL's formulas (from the fit store's
+tensors, and from sklearn's PLSRegression refit on the factor store's x_t). A planted exactly-linear rank-1
 run (ΔW_t = t·σ·u vᵀ, metric linear in t) must give θ₀ + ΔW_s exactly (container base) and
 θ_last + ΔW_s (container last). Several targets in one pass equal separate runs byte for byte;
 errors are one line, exit 3 (2 for option misuse), nothing written.
@@ -73,7 +74,8 @@ def _alpharl(root: Path, out: Path, *args: str, fits: str = "fits", base: str = 
 
 
 def _aligned(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC §1 "Signs": walking back from the last checkpoint, flip (u_t, v_t) when cos(u_t, u_{t+1}) < 0."""
+    """docs/concepts.md#signs: walking back from the last checkpoint, flip (u_t, v_t) when
+    cos(u_t, u_{t+1}) < 0."""
     u, v = u.copy(), v.copy()
     for t in range(len(u) - 2, -1, -1):
         if u[t] @ u[t + 1] < 0:

@@ -1,4 +1,5 @@
-"""rank1 extrapolate --method linear against dense float64 numpy lines (SPEC §6): per-element least
+"""rank1 extrapolate --method linear against dense float64 numpy lines
+(docs/concepts.md#extrapolation-three-methods): per-element least
 squares (values and norm ratios), two-point, planted recovery, norm weights copied vs
 --extrapolate-norms, several targets in one pass, errors through the CLI."""
 

@@ -1,4 +1,5 @@
-"""rank1 extrapolate --method relex against a dense float64 numpy SVD (SPEC §5): generated and planted
+"""rank1 extrapolate --method relex against a dense float64 numpy SVD
+(docs/concepts.md#extrapolation-three-methods): generated and planted
 runs, uneven spacing vs --position-index, fit window 2 = trajectory rank-r reconstruction, several
 targets in one pass, --rest, an untied lm_head, errors through the CLI."""
 

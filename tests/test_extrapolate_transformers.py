@@ -1,5 +1,6 @@
 """Extrapolated checkpoints load with transformers and give the logits of the same weights built in
-memory from an independent float64 computation of each method (SPEC §4, §5, §6)."""
+memory from an independent float64 computation of each method
+(docs/concepts.md#extrapolation-three-methods)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _lstsq(base, hist) -> dict[str, np.ndarray]:
 
 
 def _alpharl(base, fits: Path, y_star: float) -> dict[str, np.ndarray]:
-    """SPEC §4 from the fit store's tensors: s* = (y* − a)/b, x̂ = x̄ + x_scale ⊙ (s* p), W = θ₀ + x̂ v̂ᵀ."""
+    """AlphaRL from the fit store's tensors (docs/concepts.md#extrapolation-three-methods):
+    s* = (y* − a)/b, x̂ = x̄ + x_scale ⊙ (s* p), W = θ₀ + x̂ v̂ᵀ."""
     out = dict(base)
     for m in json.loads((fits / "manifest.json").read_text())["modules"]:
         with safe_open(str(fits / m["file"]), "pt") as f:

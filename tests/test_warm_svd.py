@@ -1,4 +1,5 @@
-"""Warm-started, adaptive top-k SVD on runs (issue #12): the SPEC section 1 bar on drifting runs,
+"""Warm-started, adaptive top-k SVD on runs (issue #12): the accuracy bar of
+docs/concepts.md#the-top-k-svd-and-its-accuracy-certificate on drifting runs,
 fewer iterations than a cold start, resumption and worker count leave the bytes unchanged, and a
 module's warm start depends on nothing but the module itself."""
 
@@ -96,8 +97,9 @@ def _value_errors(M: torch.Tensor, r) -> torch.Tensor:
 
 
 def _assert_bar(M: torch.Tensor, r, where: str) -> None:
-    """SPEC section 1 against torch.linalg.svd in float64: sigma_1 to 1e-4 relative, |cos| of u_1 and
-    v_1 at least 0.9999; every reported value a Ritz value, never above the truth."""
+    """The bar of docs/concepts.md#the-top-k-svd-and-its-accuracy-certificate against torch.linalg.svd in
+    float64: sigma_1 to 1e-4 relative, |cos| of u_1 and v_1 at least 0.9999; every reported value a Ritz
+    value, never above the truth."""
     U, S, Vh = _truth(M)
     s1 = float(S[0])
     assert abs(float(r.S[0]) - s1) / s1 <= SIGMA_REL_TOL, (where, float(r.S[0]), s1)

@@ -1,7 +1,10 @@
 """Plain values written as text, parsed the same everywhere: ASCII integers, byte sizes, step selections.
 
 Pure and torch-free, and below every layer: io/ reads step numbers from folder names and metrics
-files with these, and options.py (the CLI-side option parsers) re-exports them. Numbers are ASCII
+files with these, and options.py (the CLI-side option parsers) re-exports them. A value is parsed
+once: the CLI parses what the user typed into a typed value (`StepSelection`, bytes from
+`shard_size`) and hands that down; a library caller's text is parsed by the same function where
+the value enters (`StepSelection.of`, `shard_size`), which passes a typed value through. Numbers are ASCII
 digits only: `int()` and `\\d` also accept other scripts' digits (`int("٢٠") == 20`), which no user
 means. Every refusal is a UsageError (exit code 2) with one line naming the option and the value.
 """
@@ -9,6 +12,8 @@ means. Every refusal is a UsageError (exit code 2) with one line naming the opti
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from decimal import Decimal
 
 from .errors import UsageError
@@ -45,6 +50,17 @@ def parse_size(text: str, option: str = "--max-shard-size") -> int:
     return value
 
 
+def shard_size(value: int | str, option: str = "--max-shard-size") -> int:
+    """--max-shard-size in bytes: text (`5GB`) parsed by parse_size, a number of bytes kept (at
+    least 1). The one place the option's value is normalised (the CLI, and the options classes of
+    reconstruct and extrapolate for a library caller's text)."""
+    if isinstance(value, str):
+        return parse_size(value, option)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{option} {value!r}: must be at least 1 byte")
+    return value
+
+
 def parse_steps(spec: str, option: str = "--steps") -> tuple[str, object]:
     """Parse a step selection (`--steps`, or an alias: the message names `option`, the one typed): a
     list `50,100,200` -> ("list", [50, 100, 200]), or an inclusive range `START:STOP[:EVERY]` with
@@ -67,3 +83,55 @@ def parse_steps(spec: str, option: str = "--steps") -> tuple[str, object]:
     if any(v is None for v in steps):  # also an empty item: "10,,20", "5,", ""
         raise bad
     return "list", steps
+
+
+@dataclass(frozen=True)
+class StepSelection:
+    """A parsed step selection (docs/cli.md#step-selections): the listed steps `listed`, or the
+    inclusive range `start:stop:every` (None for a missing part). `text` is the selection as typed
+    (what outputs record) and `option` the option it was typed under (`--steps`, or an alias such
+    as fit-pls --window), which every message about it names."""
+
+    text: str
+    kind: str  # "list" or "range"
+    listed: tuple[int, ...] = ()
+    start: int | None = None
+    stop: int | None = None
+    every: int | None = None
+    option: str = "--steps"
+
+    @classmethod
+    def parse(cls, text: str, option: str = "--steps") -> StepSelection:
+        kind, value = parse_steps(text, option)
+        if kind == "list":
+            return cls(text, kind, tuple(value), option=option)
+        start, stop, every = value
+        return cls(text, kind, start=start, stop=stop, every=every, option=option)
+
+    @classmethod
+    def of(cls, value: StepSelection | str | None, option: str = "--steps") -> StepSelection | None:
+        """The one entry point: a selection passes through, text is parsed (once), None is None."""
+        if value is None or isinstance(value, StepSelection):
+            return value
+        return cls.parse(value, option)
+
+    def missing(self, steps: Iterable[int]) -> list[int]:
+        """Listed steps that `steps` lacks, in the order given (a range misses none)."""
+        have = set(steps)
+        return [s for s in self.listed if s not in have]
+
+    def pick(self, steps: Iterable[int]) -> list[int]:
+        """The steps of `steps` selected: a list's steps (sorted, once each; check `missing` first),
+        or those of `steps` inside the range, in their order."""
+        if self.kind == "list":
+            return sorted(set(self.listed))
+        return [s for s in steps if self.contains(s)]
+
+    def contains(self, step: int) -> bool:
+        if self.kind == "list":
+            return step in self.listed
+        return ((self.start is None or step >= self.start) and (self.stop is None or step <= self.stop)
+                and (self.every is None or (step - (self.start or 0)) % self.every == 0))
+
+    def __str__(self) -> str:
+        return self.text

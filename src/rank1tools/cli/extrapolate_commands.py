@@ -193,11 +193,12 @@ def _history(checkpoints, run_spec: RunSpec, history_until, rest, fit_window) ->
 
 
 def _common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio) -> dict:
-    from ..options import parse_size, parse_step_list
+    from ..options import parse_step_list
 
+    # --max-shard-size: text, parsed once by the options class (values.shard_size)
     return dict(target_steps=parse_step_list(target_step, "--target-step") if target_step is not None else [],
                 include=include or [], exclude=exclude or [], dtype=dtype, device=device,
-                max_shard_size=parse_size(max_shard_size), flag_ratio=flag_ratio)
+                max_shard_size=max_shard_size, flag_ratio=flag_ratio)
 
 
 def _run(name: str, base: str, out: str, fields: dict, inputs: list, *, force: bool, device: str,

@@ -46,19 +46,17 @@ def fit_pls(
     One-component PLS per module: in-sample R², leave-one-out R² and R²_step; tables, plots and a
     fit store for extrapolate alpharl. Reads only the factor store.
     """
-    from ..options import check_min_checkpoints, parse_positive_int, parse_steps
+    from ..options import check_min_checkpoints, parse_positive_int
+    from ..values import StepSelection
 
     min_ck = check_min_checkpoints(parse_positive_int(min_checkpoints, "--min-checkpoints"))
-    window, window_option = one_step_selection(steps=steps, window=window)
-    if window is not None:
-        parse_steps(window, window_option)
+    selection = StepSelection.of(*one_step_selection(steps=steps, window=window))
     check_output_early(out, force, [factors, metrics])
 
     from ..commands.fit_pls import FitPlsOptions
     from ..commands.fit_pls import fit_pls as run_fit_pls
 
-    opts = FitPlsOptions(metrics=metrics, metric=metric, step_column=step_column, window=window,
-                         window_option=window_option, relative=relative,
+    opts = FitPlsOptions(metrics=metrics, metric=metric, step_column=step_column, window=selection, relative=relative,
                          min_checkpoints=min_ck, fail_below=fail_below, plots=not no_plots)
     bar, update = stderr_progress(not quiet, "fit-pls")
     with interrupt_hint("nothing was written", out), bar:

@@ -140,9 +140,10 @@ def reconstruct(
     W = θ₀ + α·(‖ΔW‖/‖ΔW_k‖)·ΔW_k per selected module; other tensors from --rest. Reports how
     much of the update the output dtype rounds away.
     """
-    from ..options import check_finite, parse_ranks, parse_size
+    from ..options import check_finite, parse_ranks
+    from ..values import shard_size
 
-    ranks, shard_bytes = parse_ranks(rank), parse_size(max_shard_size)
+    ranks, shard_bytes = parse_ranks(rank), shard_size(max_shard_size)
     check_finite(alpha, "--alpha")
     check_common_early(device, hub_cache_policy)
     check_output_early(out, force, [base, checkpoint, factors])

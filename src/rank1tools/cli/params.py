@@ -20,6 +20,7 @@ import typer
 
 from ..engine.executors import EXECUTOR_FLAGS, EXECUTORS
 from ..options import DTYPE_CHOICES
+from ..values import StepSelection
 
 
 def number(option: str, **bounds):
@@ -158,21 +159,18 @@ with_executor = option_group("executor", EXECUTOR_PARAMS,
 @dataclass(frozen=True)
 class RunSpec:
     """Where the checkpoints come from besides CHECKPOINT arguments: a run directory or Hub run
-    (--run with --revisions/--subfolders/--commits), the step selection (--steps, checked when
-    built) and the Hub cache policy."""
+    (--run with --revisions/--subfolders/--commits), the step selection (--steps, parsed once when
+    built: the commands receive the StepSelection) and the Hub cache policy."""
 
     run: str | None = None
-    steps: str | None = None
+    steps: StepSelection | str | None = None  # text is parsed when built: held as a StepSelection
     revisions: str | None = None
     subfolders: bool = False
     commits: bool = False
     hub_cache_policy: str | None = None
 
     def __post_init__(self) -> None:
-        if self.steps is not None:
-            from ..options import parse_steps
-
-            parse_steps(self.steps)
+        object.__setattr__(self, "steps", StepSelection.of(self.steps))  # frozen: set once, here
 
     @property
     def hub_run(self) -> dict:

@@ -33,10 +33,11 @@ from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from ..math.pls import fit_module
 from ..math.signs import align_to_next
-from ..options import check_min_checkpoints, parse_steps
+from ..options import check_min_checkpoints
 from ..plot_common import draw_plots
 from ..plots import fit_plots
 from ..engine.spectrum_tables import TYPE_ORDER, write_row_tables
+from ..values import StepSelection
 
 GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
 LOO_GOOD = 0.9  # the share of modules above this LOO R² is reported
@@ -50,12 +51,18 @@ class FitPlsOptions:
     metrics: str | None = None
     metric: str | None = None
     step_column: str | None = None
-    window: str | None = None  # a step selection, as --steps: 50,100 or START:STOP[:EVERY]
-    window_option: str = "--steps"  # the option it was given as (--steps or its alias --window), for messages
+    window: StepSelection | str | None = None  # a step selection, as --steps: 50,100 or START:STOP[:EVERY]
+    window_option: str = "--steps"  # the option a text window was given as (--steps or its alias --window)
     relative: bool = False
     min_checkpoints: int = 3
     fail_below: float | None = None
     plots: bool = True
+
+    def __post_init__(self) -> None:
+        # held parsed (a library caller's text is parsed here); messages name the selection's option
+        self.window = StepSelection.of(self.window, self.window_option)
+        if self.window is not None:
+            self.window_option = self.window.option
 
 
 @dataclass
@@ -79,21 +86,16 @@ class FitPlsResult:
                           "warnings": self.warnings, "gate": self.gate, "plots": self.plots})
 
 
-def _window(steps: list[int], spec: str | None, option: str = "--steps") -> list[int]:
+def _window(steps: list[int], selection: StepSelection | None) -> list[int]:
     """The factor store's steps a selection names, as `--steps` selects a run's checkpoints
-    (docs/cli.md, "Step selections"); a listed step the store lacks is a usage error."""
-    if spec is None:
+    (docs/cli.md#step-selections); a listed step the store lacks is a usage error."""
+    if selection is None:
         return list(steps)
-    kind, value = parse_steps(spec, option)
-    if kind == "list":
-        missing = [s for s in value if s not in steps]
-        if missing:
-            raise UsageError(f"{option}: no checkpoint for step {missing[0]} in the factor store "
-                             f"(steps {', '.join(map(str, steps[:12]))}{', ...' if len(steps) > 12 else ''})")
-        return sorted(set(value))
-    start, stop, every = value
-    return [s for s in steps if (start is None or s >= start) and (stop is None or s <= stop)
-            and (every is None or (s - (start or 0)) % every == 0)]
+    missing = selection.missing(steps)
+    if missing:
+        raise UsageError(f"{selection.option}: no checkpoint for step {missing[0]} in the factor store "
+                         f"(steps {', '.join(map(str, steps[:12]))}{', ...' if len(steps) > 12 else ''})")
+    return selection.pick(steps)
 
 
 def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(), force: bool = False,
@@ -102,7 +104,7 @@ def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(),
     store = FactorStore(factors)
     if not store.modules:  # decompose never writes one (it refuses an empty selection): nothing to fit
         raise InputError(f"{factors}: the factor store holds no modules: nothing to fit")
-    window = _window(store.steps, options.window, options.window_option)
+    window = _window(store.steps, options.window)
     m, metric_name, values, no_metric, no_ckpt = None, None, None, [], []
     if options.metrics:
         m = read_metrics(options.metrics, options.metric, options.step_column)
@@ -279,6 +281,7 @@ def _write_manifest(staging: Path, store: FactorStore, used: list[int], metric_n
     with output_errors(staging):
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         write_provenance(staging, provenance("fit-pls", [str(store.folder)], {
-            "metrics": options.metrics, "metric": metric_name, "window": options.window,
+            "metrics": options.metrics, "metric": metric_name,
+            "window": None if options.window is None else options.window.text,
             "relative": options.relative, "min_checkpoints": options.min_checkpoints}))
 

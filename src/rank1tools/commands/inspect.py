@@ -9,6 +9,7 @@ from ..errors import Rank1Error
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
 from ..io.runs import discover_run, lookalike_note, lookalikes, looks_like_run, select_steps
 from ..modules import parse_matrix_module
+from ..values import StepSelection
 
 
 @dataclass
@@ -78,7 +79,7 @@ def inspect_model(source: str) -> ModelReport:
     )
 
 
-def inspect_run(source: str, steps: str | None = None, checkpoints: list | None = None) -> RunReport:
+def inspect_run(source: str, steps: StepSelection | str | None = None, checkpoints: list | None = None) -> RunReport:
     """`checkpoints`: already discovered (e.g. on the Hub); default: discover the local run directory."""
     rows = []
     for rc in select_steps(discover_run(source) if checkpoints is None else checkpoints, steps):
@@ -95,7 +96,7 @@ def inspect_run(source: str, steps: str | None = None, checkpoints: list | None 
     return RunReport(source=source, checkpoints=rows, notes=[lookalike_note(source, skipped)] if skipped else [])
 
 
-def inspect_source(source: str, steps: str | None = None, *, revisions: str | None = None,
+def inspect_source(source: str, steps: StepSelection | str | None = None, *, revisions: str | None = None,
                    subfolders: bool = False, commits: bool = False) -> ModelReport | RunReport:
     """A model report for weights, a run report for a directory of step folders or a Hub run
     (`revisions` glob over branches, `subfolders` step folders, or `commits` with "step N")."""

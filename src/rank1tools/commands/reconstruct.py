@@ -33,7 +33,8 @@ from ..math.signs import canonicalize_signs
 from ..math.spectrum import delta, frobenius
 from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, select_tensors
-from ..options import RankSpec, check_choice, check_finite, parse_ranks, parse_size  # noqa: F401 (RankSpec: importable from here)
+from ..options import RankSpec, check_choice, check_finite, parse_ranks  # noqa: F401 (RankSpec: importable from here)
+from ..values import shard_size
 from ..resources import check_largest_tensor, reconstruct_peak_bytes, svd_bytes
 from ..engine.tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
                            run_tensor_groups, stats_from, stats_record)
@@ -65,8 +66,7 @@ class ReconstructOptions:
     def __post_init__(self) -> None:
         if isinstance(self.rank, str):
             self.rank = parse_ranks(self.rank)
-        if isinstance(self.max_shard_size, str):
-            self.max_shard_size = parse_size(self.max_shard_size)
+        self.max_shard_size = shard_size(self.max_shard_size)
         self.check()
 
     def check(self) -> None:

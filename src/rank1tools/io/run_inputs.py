@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, UsageError
+from ..values import StepSelection
 from .checkpoint import Checkpoint
 from .runs import infer_step, lookalike_note, lookalikes, select_steps
 from .sources import discover_checkpoints, is_hub_source, open_source
@@ -64,7 +65,7 @@ class RunInputs:
         return RunInputs(self.base, kept, self.step_source, self.run, self.notes)
 
 
-def open_run_inputs(base: str, checkpoints: list[str], run: str | None, steps: str | None,
+def open_run_inputs(base: str, checkpoints: list[str], run: str | None, steps: StepSelection | str | None,
                     hub_run: dict | None = None) -> RunInputs:
     """Open the base and the checkpoints: CHECKPOINT arguments (steps read from their paths, else
     their positions 1, 2, ...) or `--run` with an optional `--steps` selection. `hub_run`:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, UsageError
-from ..values import ascii_int, parse_steps  # noqa: F401 (parse_steps: importable from here)
+from ..values import StepSelection, ascii_int, parse_steps  # noqa: F401 (parse_steps: importable from here)
 from .checkpoint import INDEX_FILE, SINGLE_FILE, PICKLE_SUFFIXES
 
 # [0-9], not \d: \d and int() also take other scripts' digits (checkpoint-٢٠ is not step 20)
@@ -210,24 +210,23 @@ def _locate_weights(folder: Path, layout: str, step: int) -> RunCheckpoint:
     return RunCheckpoint(step, str(folder), layout, None, "unsupported: no safetensors weights in this folder")
 
 
-def select_steps(checkpoints: list[RunCheckpoint], spec: str | None) -> list[RunCheckpoint]:
-    """The checkpoints named by a `--steps` spec (all when None, unnamed ones included), in step order."""
-    if spec is None:
+def select_steps(checkpoints: list[RunCheckpoint], steps: StepSelection | str | None) -> list[RunCheckpoint]:
+    """The checkpoints a `--steps` selection names (all when None, unnamed ones included), in step
+    order; a library caller's text is parsed here (StepSelection.of)."""
+    selection = StepSelection.of(steps)
+    if selection is None:
         return list(checkpoints)
-    kind, value = parse_steps(spec)
     checkpoints = [c for c in checkpoints if c.step is not None]
     by_step = {c.step: c for c in checkpoints}
-    if kind == "list":
-        missing = [s for s in value if s not in by_step]
-        if missing:
-            raise UsageError(f"--steps: no checkpoint for step {missing[0]} (run has steps {_fmt(sorted(by_step))})")
-        return [by_step[s] for s in sorted(set(value))]
-    start, stop, every = value
-    out = [c for c in checkpoints
-           if (start is None or c.step >= start) and (stop is None or c.step <= stop)
-           and (every is None or (c.step - (start or 0)) % every == 0)]
+    has = f"run has steps {_fmt(sorted(by_step))}"
+    missing = selection.missing(by_step)
+    if missing:
+        raise UsageError(f"{selection.option}: no checkpoint for step {missing[0]} ({has})")
+    if selection.kind == "list":
+        return [by_step[s] for s in selection.pick(by_step)]
+    out = [c for c in checkpoints if selection.contains(c.step)]
     if not out:
-        raise UsageError(f"--steps {spec!r} selects no checkpoint (run has steps {_fmt(sorted(by_step))})")
+        raise UsageError(f"{selection.option} {selection.text!r} selects no checkpoint ({has})")
     return out
 
 

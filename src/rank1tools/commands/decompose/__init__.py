@@ -44,6 +44,7 @@ from ...modules import select_tensors
 from ...plot_common import draw_plots
 from ...plots import decompose_plots
 from ...resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
+from ...values import StepSelection
 from .modules import SVD_SEED, cpu_threads, in_order, module_factors, worker_count
 
 
@@ -145,7 +146,8 @@ def _check_memory(base: Checkpoint, others: list[Checkpoint], modules: list[str]
     return workers
 
 
-def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = None, steps: str | None = None,
+def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = None,
+              steps: StepSelection | str | None = None,
               hub_run: dict | None = None, options: DecomposeOptions = DecomposeOptions(), force: bool = False,
               progress: Callable[[int, int], None] | None = None,
               on_module_done: Callable[[str], None] | None = None,

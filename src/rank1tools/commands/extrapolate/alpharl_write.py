@@ -41,12 +41,13 @@ from ...io.fit_store import FitStore
 from ...io.output_lock import locked_output
 from ...io.sources import is_hub_source, open_source
 from ...io.writer import TensorSpec, provenance
-from ...math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
+from ...math.finite import all_finite
 from ...math.reconstruct import RoundingStats, rounding_stats
 from ...modules import LM_HEAD_NAME, select_tensors
 from ...options import number_label
-from ...resources import check_memory, reconstruct_peak_bytes
-from ...engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, output_dtype, rounding_report
+from ...resources import check_largest_tensor, reconstruct_peak_bytes
+from ...engine.checkpoint_outputs import (DTYPES, ROUNDING_FILE, CheckpointOutputs, nonfinite_error, output_dtype,
+                                          overflow_error, rounding_report, write_copied)
 from .base import REPORT_FILE, CommonOptions, ExtrapolateResult, TargetOutput, flag_limit, target_folder
 
 # The options are an alpharl.AlpharlOptions; alpharl.py imports this module when it runs, so this
@@ -153,7 +154,9 @@ def write_alpharl(base: str, out: str, *, options: AlpharlOptions, force: bool =
             if plan is not None and plan.extrapolated:
                 _write_module(name, plan, container, targets, kind, device, outs.writers, stats)
             else:
-                _write_rest(name, container, base_ck, outs.writers)
+                # the container's value; a value of the last checkpoint may not be NaN/Inf where the base
+                # is finite (the base's own non-finite values are kept, as reconstruct keeps them)
+                write_copied(name, container, outs.writers, described=f"{container.label} values", base=base_ck)
             if progress:
                 progress(i + 1, len(names))
         limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
@@ -297,51 +300,31 @@ def _plan(store: FitStore, name: str, targets: list[float], kind: str, r2_index:
 def _check_memory(container: Checkpoint, specs: list[TensorSpec], extrapolated: set, device, rest: str) -> None:
     """Refuse before any work when the largest tensor's working set exceeds the available memory
     (`rest` "checkpoint": a kept tensor of the last checkpoint is checked against the base too)."""
-    def need(spec: TensorSpec) -> int:
-        e = container.entry(spec.name)
-        item = torch.empty((), dtype=spec.dtype).element_size()
-        return reconstruct_peak_bytes(e.numel, e.nbytes, item, selected=spec.name in extrapolated, from_factors=True,
+    by_name = {spec.name: spec for spec in specs}
+
+    def need(name: str) -> int:
+        e = container.entry(name)
+        item = torch.empty((), dtype=by_name[name].dtype).element_size()
+        return reconstruct_peak_bytes(e.numel, e.nbytes, item, selected=name in extrapolated, from_factors=True,
                                       svd=0, rest=rest, on_cpu=device.type == "cpu")
 
-    spec = max(specs, key=need)
-    check_memory(need(spec), f"tensor {spec.name!r} {list(spec.shape)}")
-
-
-def _overflow(name: str, dtype: torch.dtype, what: str, hint: str) -> InputError:
-    return InputError(f"tensor {name!r}: {what} overflow {dtype_name(dtype)} ({hint}; largest finite "
-                      f"{dtype_name(dtype)} is {dtype_max(dtype):.5g})")
+    check_largest_tensor(by_name, need, lambda name: by_name[name].shape)
 
 
 def _write_module(name, plan: ModulePlan, container: Checkpoint, targets, kind, device, writers, stats) -> None:
     """container + ΔŴ of every target, each written to its output; rounding stats of ΔŴ."""
-    w0 = container.read(name, device=device)  # float32 from the stored dtype (SPEC "Words")
+    w0 = container.read(name, device=device)  # float32 from the stored dtype (docs/concepts.md#words)
     if not all_finite(w0):
-        raise InputError(f"{container.label}: tensor {name!r} has non-finite values (NaN or Inf)")
+        raise nonfinite_error(container.label, name)
     for t, x, ratio, w, st in zip(targets, plan.x_hat, plan.ratios, writers, stats):
         dtype = w.specs[name].dtype
         stored, stat = apply_outer(w0, x, plan.v, dtype)
         if stat.introduced_nonfinite or not math.isfinite(stat.err_sq):
-            raise _overflow(name, dtype, f"the extrapolated weights at --target-{kind} {t:g}",
-                            f"norm ratio {ratio:.3g}: check the target"
-                            + (", or write --dtype float32" if dtype != torch.float32 else ""))
+            raise overflow_error(name, dtype, f"the extrapolated weights at --target-{kind} {t:g}",
+                                 hint=f"norm ratio {ratio:.3g}: check the target"
+                                 + (", or write --dtype float32" if dtype != torch.float32 else ""))
         w.write(name, stored)
         st[name] = stat
-
-
-def _write_rest(name: str, container: Checkpoint, base: Checkpoint, writers) -> None:
-    """The container's value: cast once (bit-exact when the dtype is kept), written to every output.
-    A value of the last checkpoint may not be NaN/Inf where the base is finite (the rule of every
-    writer, docs/cli.md); the base's own non-finite values are kept, as reconstruct keeps them."""
-    raw = container.read_raw(name)
-    stored = raw.to(writers[0].specs[name].dtype)
-    if container is not base and raw.is_floating_point() and not all_finite(raw):
-        if introduces_nonfinite(raw, base.read_raw(name)):
-            raise InputError(f"{container.label}: tensor {name!r} has non-finite values (NaN or Inf)")
-    if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):
-        raise _overflow(name, stored.dtype, f"{container.label} values (|values| up to {max_abs(raw):.3g})",
-                        "use --dtype float32 or bfloat16")
-    for w in writers:
-        w.write(name, stored)
 
 
 def _report(plans: dict[str, ModulePlan], i: int, target: float, kind: str, limit: float, store: FitStore,

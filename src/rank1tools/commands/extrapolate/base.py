@@ -19,7 +19,8 @@ from typing import ClassVar, Protocol
 
 from ...errors import UsageError
 from ...jsonutil import json_safe
-from ...options import DTYPE_CHOICES, check_choice, number_label, parse_size
+from ...options import DTYPE_CHOICES, check_choice, number_label
+from ...values import StepSelection, shard_size
 
 REPORT_FILE = "rank1tools-extrapolation.json"
 REST_CHOICES = ("last", "base")  # relex, linear: where tensors not selected come from
@@ -33,7 +34,7 @@ NORM_RATIO_FLAG = 4.0
 class CommonOptions:
     """The options every method takes. A subclass adds its own fields and names their CLI flags
     in `FLAGS` (field -> flag); `check()` runs at construction, so a library caller gets the
-    checks the CLI runs. --max-shard-size is held in bytes."""
+    checks the CLI runs. --max-shard-size is held in bytes (text parsed here, values.shard_size)."""
 
     method: ClassVar[str] = ""
     FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {}  # the method's own fields -> their CLI flags
@@ -47,8 +48,7 @@ class CommonOptions:
     flag_ratio: float = NORM_RATIO_FLAG
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_shard_size, str):
-            self.max_shard_size = parse_size(self.max_shard_size)
+        self.max_shard_size = shard_size(self.max_shard_size)
         self.check()
 
     def check(self) -> None:
@@ -62,7 +62,8 @@ class CommonOptions:
 class HistoryOptions(CommonOptions):
     """What the methods reading a history of checkpoints (relex, linear) add: CHECKPOINT arguments
     or --run [--steps] (a Hub run: `hub_run`, docs/cli.md), cut at --history-until; tensors not
-    selected come from --rest (the last history checkpoint or the base)."""
+    selected come from --rest (the last history checkpoint or the base). --steps is held as a
+    StepSelection (a library caller's text parsed here)."""
 
     FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {
         "checkpoints": ("CHECKPOINT",), "run": ("--run",), "steps": ("--steps",),
@@ -71,11 +72,15 @@ class HistoryOptions(CommonOptions):
 
     checkpoints: list[str] = field(default_factory=list)
     run: str | None = None
-    steps: str | None = None
+    steps: StepSelection | str | None = None
     hub_run: dict | None = None
     history_until: int | None = None
     rest: str = "last"
     fit_window: int | None = None
+
+    def __post_init__(self) -> None:
+        self.steps = StepSelection.of(self.steps)
+        super().__post_init__()
 
     def check(self) -> None:
         super().check()

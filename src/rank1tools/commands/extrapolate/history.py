@@ -25,11 +25,12 @@ from ...io.compat import check_compatible, tensor_shapes, untied_head
 from ...io.output_lock import locked_output
 from ...io.run_inputs import RunInputs, chunk_elements, open_run_inputs, trajectory_chunks
 from ...io.writer import provenance
-from ...math.finite import all_finite, dtype_max, dtype_name, max_abs
+from ...math.finite import all_finite, max_abs
 from ...math.reconstruct import RoundingStats, rounding_stats
 from ...modules import LM_HEAD_NAME, is_norm_parameter
-from ...resources import check_memory, streaming_peak_bytes
-from ...engine.checkpoint_outputs import DTYPES, ROUNDING_FILE, CheckpointOutputs, rounding_report, tensor_specs
+from ...resources import check_largest_tensor, streaming_peak_bytes
+from ...engine.checkpoint_outputs import (DTYPES, ROUNDING_FILE, CheckpointOutputs, nonfinite_error, overflow_error,
+                                          rounding_report, tensor_specs)
 from ...engine.tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
                                     run_tensor_groups, stats_from, stats_record)
 from .base import REPORT_FILE, ExtrapolateResult, HistoryOptions, TargetOutput, flag_limit, target_folder
@@ -167,18 +168,13 @@ def nonfinite_history(h: History, name: str, cks: list[Checkpoint] | None = None
     """Why the updates of `name` are not finite (error path: the inputs are read again)."""
     base = h.base.read_raw(name)
     if not all_finite(base):
-        return InputError(f"{h.base.label}: tensor {name!r} has non-finite values (NaN or Inf)")
+        return nonfinite_error(h.base.label, name)
     for ck in cks or h.checkpoints:
         theirs = ck.read_raw(name)
         if not all_finite(theirs):
-            return InputError(f"{ck.label}: tensor {name!r} has non-finite values (NaN or Inf)")
+            return nonfinite_error(ck.label, name)
     return InputError(f"tensor {name!r}: its updates or their extrapolation overflow float32 "
                       f"(|base values| up to {max_abs(base):.3g})")
-
-
-def _overflow(name: str, dtype: torch.dtype, what: str) -> InputError:
-    return InputError(f"tensor {name!r}: {what} overflow {dtype_name(dtype)} (largest finite {dtype_name(dtype)} "
-                      f"is {dtype_max(dtype):.5g}); write --dtype float32")
 
 
 class TargetSink:
@@ -199,7 +195,8 @@ class TargetSink:
         if stat.introduced_nonfinite:
             if not all_finite(update):
                 raise nonfinite_history(self.h, name, self.cks)
-            raise _overflow(name, dtype, f"the extrapolated weights at step {self.h.targets[j]}")
+            raise overflow_error(name, dtype, f"the extrapolated weights at step {self.h.targets[j]}",
+                                 then="write --dtype float32")
         self.writers[j].write_range(name, start, stored)
         self.stats[j].setdefault(name, RoundingStats()).add(stat)
 
@@ -218,8 +215,9 @@ class TargetSink:
                 stat = rounding_stats(b0, raw.to(torch.float32) - b0, stored)
                 if stat.introduced_nonfinite:  # non-finite where the base is finite
                     if not all_finite(raw):
-                        raise InputError(f"{src.label}: tensor {name!r} has non-finite values (NaN or Inf)")
-                    raise _overflow(name, dtype, f"values of {src.label} (|values| up to {max_abs(raw):.3g})")
+                        raise nonfinite_error(src.label, name)
+                    raise overflow_error(name, dtype, f"values of {src.label} (|values| up to {max_abs(raw):.3g})",
+                                         then="write --dtype float32")
             for j, w in enumerate(self.writers):
                 w.write_range(name, a, stored)
                 if stat is not None and not from_base:
@@ -251,8 +249,10 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: History
         units = groups = None
         if executor.is_ray:
             groups = group_tensors(names, lambda n: h.base.entry(n).nbytes * (1 + len(used)))
+            steps = None if options.steps is None else options.steps.text  # recorded as typed
             units = TensorUnits(target, plan_bytes("extrapolate", [h.base, *used],
-                                                   {"method": options.method, **asdict(options), "device": h.device.type, **params}, groups,
+                                                   {"method": options.method, **asdict(options), "steps": steps,
+                                                    "device": h.device.type, **params}, groups,
                                                    {"sources": plan.source, "untie": plan.untie}))
         with CheckpointOutputs(target, folders, specs, max_shard_size=options.max_shard_size, force=force,
                                work=units.work if units else None) as outs:
@@ -325,8 +325,7 @@ def _check_memory(h: History, plan: TensorPlan, used: list[Checkpoint], targets:
         item = max(c.entry(name).nbytes // max(1, e.numel) for c in srcs if name in c)
         return streaming_peak_bytes(len(used), min(chunk, e.numel), item, targets=targets)
 
-    name = max(plan.names, key=need)
-    check_memory(need(name), f"tensor {name!r} {list(h.base.entry(name).shape)}")
+    check_largest_tensor(plan.names, need, lambda name: h.base.entry(name).shape)
 
 
 def _tensors_task(group: TensorGroup, h: History, source: dict[str, str], tensor_fn: TensorFn,

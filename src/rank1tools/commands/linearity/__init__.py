@@ -42,6 +42,7 @@ from ...plot_common import draw_plots
 from ...plots import linearity_plots
 from ...engine.executors import ExecutorOptions, task_device
 from ...engine.tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, run_tensor_groups
+from ...values import StepSelection
 from .tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
 
 MIN_CHECKPOINTS = 3  # a line through 2 points always fits
@@ -155,7 +156,8 @@ def check_options(options: LinearityOptions) -> None:
         raise UsageError(f"--fail-below {options.fail_below}: must be a finite number")
 
 
-def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = None, steps: str | None = None,
+def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = None,
+              steps: StepSelection | str | None = None,
               hub_run: dict | None = None, options: LinearityOptions = LinearityOptions(), force: bool = False,
               progress: Callable[[int, int], None] | None = None,
               executor: ExecutorOptions = ExecutorOptions()) -> LinearityResult:
