@@ -34,10 +34,10 @@ if QUICK:
 
 def _child(mode: str, path: str) -> dict:
     sys.path.insert(0, str(HERE))
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401  (import baseline measured after heavy imports)
     from _mem import AnonPeak, peak_rss, rss
 
-    import torch  # noqa: F401  (import baseline measured after heavy imports)
-    import safetensors.torch  # noqa: F401
     import rank1tools.io  # noqa: F401
 
     base_rss = rss()

@@ -54,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _proctree import measure, subreaper  # noqa: E402
 from _report import extra, machine, report, row, table, target, write_results  # noqa: E402
+
 # the same run (built once), work folder, interpreter and repetitions (--quick, --reps N) as that benchmark
 from bench_decompose_run import ENV, PY, QUICK, RANK1, REPS, ROOT, STEPS, WORK, _ensure  # noqa: E402
 

@@ -13,10 +13,10 @@ import struct
 
 import pytest
 
-from _support import copy_model, reference_tensors, run_cli_many, tree_snapshot
 from rank1tools.errors import InputError
 from rank1tools.io import check_compatible, open_checkpoint, open_source
 
+from _support import copy_model, reference_tensors, run_cli_many, tree_snapshot
 
 # Each builder makes its case inside `root` and returns (path to pass, regexes the message must match).
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import SMALL_SHARD, reference_tensors, run_main
 from rank1tools.synthetic import LlamaShape, checkpoint_tensors, make_base, write_model
+
+from _support import SMALL_SHARD, reference_tensors, run_main
 
 HEAD, EMB = "lm_head.weight", "model.embed_tokens.weight"
 STEPS = [10, 20, 30]

@@ -17,9 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 import rank1tools
-from _support import build_run, cli_env, finish_cli, reference_tensors, start_cli, tree_snapshot
 from rank1tools.cli import app
 from rank1tools.errors import UsageError
+
+from _support import build_run, cli_env, finish_cli, reference_tensors, start_cli, tree_snapshot
 
 runner = CliRunner()
 

@@ -28,7 +28,7 @@ def test_shared_options_are_declared_only_in_params():
 
 def _all_commands():
     root = typer.main.get_command(app)
-    for name, cmd in root.commands.items():
+    for _name, cmd in root.commands.items():
         yield from (cmd.commands.values() if hasattr(cmd, "commands") else [cmd])
 
 

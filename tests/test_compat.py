@@ -7,10 +7,11 @@ import re
 import pytest
 import torch
 
-from _support import build_checkpoint
 from rank1tools.errors import InputError
 from rank1tools.io import check_compatible, open_checkpoint
 from rank1tools.synthetic import LlamaShape
+
+from _support import build_checkpoint
 
 UP0 = "model.layers.0.mlp.up_proj.weight"
 

@@ -13,7 +13,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.errors import InputError, UsageError
 from rank1tools.io import open_checkpoint
@@ -21,6 +20,8 @@ from rank1tools.math.signs import align_to_next, canonicalize_signs
 from rank1tools.math.spectrum import spectrum_figures
 from rank1tools.math.svd import SIGMA_REL_TOL, topk_svd
 from rank1tools.synthetic import LlamaShape, make_base, make_run, matrix_module_names
+
+from _support import run_main
 
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 STEPS = [5, 10, 100]  # lexical order would put 100 before 5

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _support import run_main
 
 from rank1tools.io.checkpoint import open_checkpoint
+
+from _support import run_main
 
 
 @pytest.fixture(scope="module")

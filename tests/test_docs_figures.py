@@ -8,9 +8,10 @@ import csv
 import pytest
 import torch
 
-from _support import run_main
 from rank1tools.io.checkpoint import open_checkpoint
 from rank1tools.synthetic import LlamaShape, make_base, write_model
+
+from _support import run_main
 
 SHAPE = LlamaShape(vocab=128, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, tie=True)
 

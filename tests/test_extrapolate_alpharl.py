@@ -22,10 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sklearn.cross_decomposition import PLSRegression
 
-from _support import assert_bit_identical, reference_tensors, run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.commands.fit_pls import FitPlsOptions, fit_pls
 from rank1tools.synthetic import LlamaShape, make_base, make_run, write_model
+
+from _support import assert_bit_identical, reference_tensors, run_main
 
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 STEPS = [10, 20, 30, 40]

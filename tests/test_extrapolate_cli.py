@@ -13,11 +13,12 @@ import sys
 import pytest
 import typer
 
-from _support import cli_env, run_main
 from rank1tools.cli import app
 from rank1tools.cli.extrapolate_commands import METHOD_NAMES
 from rank1tools.commands.extrapolate.base import own_flags
 from rank1tools.commands.extrapolate.registry import METHODS, ExtrapolateOptions, flag_owners
+
+from _support import cli_env, run_main
 
 # the smallest valid command line of each method (the inputs need not exist: flags are refused first)
 VALID = {

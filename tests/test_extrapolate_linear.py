@@ -11,13 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from _extrapolate_support import (assert_update_close, file_bytes, lstsq_reference, read_folder, report,
-                                  noisy_run, trajectory, write_planted)
-from _support import run_main
 from rank1tools.commands.extrapolate.base import REPORT_FILE
-from rank1tools.commands.extrapolate.registry import ExtrapolateOptions
 from rank1tools.commands.extrapolate.linear import extrapolate_linear
+from rank1tools.commands.extrapolate.registry import ExtrapolateOptions
 
+from _extrapolate_support import (
+    assert_update_close,
+    file_bytes,
+    lstsq_reference,
+    noisy_run,
+    read_folder,
+    report,
+    trajectory,
+    write_planted,
+)
+from _support import run_main
 
 STEPS = [10, 20, 30, 40, 50]
 NORMS = ("model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight")

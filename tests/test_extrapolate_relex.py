@@ -13,14 +13,23 @@ import numpy as np
 import pytest
 import torch
 
-from _extrapolate_support import (assert_update_close, file_bytes, read_folder, relex_reference, report,
-                                  noisy_run, trajectory, write_planted)
-from _support import run_main
-from rank1tools.engine.checkpoint_outputs import ROUNDING_FILE
 from rank1tools.commands.extrapolate.base import REPORT_FILE
 from rank1tools.commands.extrapolate.registry import ExtrapolateOptions
 from rank1tools.commands.extrapolate.relex import extrapolate_relex
+from rank1tools.engine.checkpoint_outputs import ROUNDING_FILE
 from rank1tools.synthetic import LlamaShape, make_base, write_model
+
+from _extrapolate_support import (
+    assert_update_close,
+    file_bytes,
+    noisy_run,
+    read_folder,
+    relex_reference,
+    report,
+    trajectory,
+    write_planted,
+)
+from _support import run_main
 
 STEPS = [10, 20, 30, 40]
 
@@ -236,8 +245,9 @@ def test_history_until_equals_those_checkpoints_as_arguments(noisy, tmp_path):
 
 def test_non_finite_checkpoint_is_refused(noisy, tmp_path):
     root, _ = noisy
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)
     f = run / "checkpoint-20" / "model.safetensors"

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _support import reference_tensors, run_main
 from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+from _support import reference_tensors, run_main
 
 pytestmark = pytest.mark.integration
 

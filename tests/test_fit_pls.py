@@ -14,8 +14,9 @@ import pytest
 from safetensors import safe_open
 from sklearn.cross_decomposition import PLSRegression
 
-from _support import run_main, tree_snapshot
 from rank1tools.synthetic import write_factor_store
+
+from _support import run_main, tree_snapshot
 
 STEPS = [10, 20, 30, 40, 50, 60, 70]
 TYPES = ["q", "k", "v", "o", "gate", "up", "down"]

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import typer
 
-from _support import cli_env, run_main, tree_snapshot
 from rank1tools.cli import app
 from rank1tools.synthetic import write_factor_store
+
+from _support import cli_env, run_main, tree_snapshot
 
 COMMANDS_WITH_OUT = {
     "decompose": ["decompose", "b", "c"],

@@ -19,10 +19,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _support import build_run, run_cli, run_main, tree_snapshot
 from rank1tools.errors import InputError
 from rank1tools.io import discover_run, open_source, select_steps
 from rank1tools.io.runs import _find_pickles
+
+from _support import build_run, run_cli, run_main, tree_snapshot
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 

@@ -168,7 +168,7 @@ def _factor_store(folder: Path) -> Path:
 
     rng = np.random.default_rng(0)
     modules = {}
-    for i, t in enumerate(("q", "k")):
+    for _i, t in enumerate(("q", "k")):
         X = rng.standard_normal(12)[None, :] + ACC[:, None] * rng.standard_normal(12)[None, :] \
             + 0.05 * rng.standard_normal((len(STEPS), 12))
         S = np.linalg.norm(X, axis=1)

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import finish_cli, finish_paused, run_cli, run_main, start_cli, start_paused, tree_snapshot
 from rank1tools.io.output_lock import OutputLock
 from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+from _support import finish_cli, finish_paused, run_cli, run_main, start_cli, start_paused, tree_snapshot
 
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 

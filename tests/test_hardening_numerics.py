@@ -14,13 +14,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _support import build_checkpoint, build_model, run_main
 from rank1tools.errors import ResourceError, UsageError
 from rank1tools.math.finite import introduces_nonfinite
 from rank1tools.math.reconstruct import RoundingStats, rounding_stats
 from rank1tools.math.svd import topk_svd
 from rank1tools.resources import available_memory_bytes, check_memory
 from rank1tools.synthetic import LlamaShape, matrix_module_names
+
+from _support import build_checkpoint, build_model, run_main
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 NORM = "model.norm.weight"

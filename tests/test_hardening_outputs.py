@@ -18,11 +18,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _support import cli_env, run_main, tree_snapshot
 from rank1tools.commands.decompose import DecomposeOptions, decompose, factor_file
 from rank1tools.io.factor_store import FactorStore
 from rank1tools.io.outputs import MARKER_FILE
 from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+from _support import cli_env, run_main, tree_snapshot
 
 SHAPE = LlamaShape(vocab=64, hidden=32, intermediate=80, layers=1, heads=4, kv_heads=2, tie=False)
 
@@ -322,8 +323,7 @@ def test_non_utf8_out_is_refused_before_any_work(work):
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_outputs_follow_the_umask(work, mask):
-    code = ("import os, sys; os.umask(%d); from rank1tools.cli import main; sys.argv = sys.argv[:1] + sys.argv[1:]; main()"
-            % mask)
+    code = f"import os, sys; os.umask({mask}); from rank1tools.cli import main; sys.argv = sys.argv[:1] + sys.argv[1:]; main()"
     for args in (["reconstruct", str(work / "base"), str(work / "ckpt"), "--rank", "1,2", "--out", str(work / "r")],
                  ["decompose", str(work / "base"), str(work / "ckpt"), "--rank", "1", "--out", str(work / "d")]):
         p = subprocess.run([sys.executable, "-c", code, *args, "--device", "cpu", "-q"], env=cli_env(),
@@ -340,11 +340,11 @@ def test_outputs_follow_the_umask(work, mask):
 def test_demo_outputs_follow_the_umask(tmp_path, mask):
     """`rank1 demo --synthetic`, and the GRPO demo's model writer (the trainer saves every
     checkpoint through it): safetensors creates files 0600, the demos must not keep that mode."""
-    code = ("import os, sys; os.umask(%d)\n"
+    code = (f"import os, sys; os.umask({mask})\n"
             "from rank1tools.demo.checkpoints import write_model_folder\n"
             "from rank1tools.demo.model import TinyLlama, TinyLlamaConfig\n"
             "write_model_folder(__import__('pathlib').Path(sys.argv[1]), TinyLlama(TinyLlamaConfig()))\n"
-            "from rank1tools.cli import main; sys.argv = ['rank1', *sys.argv[2:]]; main()" % mask)
+            "from rank1tools.cli import main; sys.argv = ['rank1', *sys.argv[2:]]; main()")
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "trained"),
                         "demo", "--synthetic", "--out", str(tmp_path / "demo"), "--device", "cpu", "-q"],
                        env=cli_env(), capture_output=True, text=True, timeout=300)

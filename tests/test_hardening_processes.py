@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import finish_cli, finish_paused, run_cli, start_cli, start_paused, tree_snapshot
 from rank1tools.io.output_lock import OutputLock
 from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+from _support import finish_cli, finish_paused, run_cli, start_cli, start_paused, tree_snapshot
 
 # large enough that each command works for about 2 s after its imports, so a kill lands mid-work
 SHAPE = LlamaShape(vocab=256, hidden=256, intermediate=704, layers=6, heads=4, kv_heads=2, tie=False)

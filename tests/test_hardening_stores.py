@@ -17,10 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.commands.fit_pls import FitPlsOptions, fit_pls
 from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+from _support import run_main
 
 SHAPE = LlamaShape(vocab=64, hidden=32, intermediate=48, layers=1, heads=4, kv_heads=2, tie=True)
 STEPS = [10, 20, 30, 40]

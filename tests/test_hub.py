@@ -24,9 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _support import assert_bit_identical, reference_tensors  # noqa: E402
-from hub_server import FakeHub, folder_files  # noqa: E402
-
 from rank1tools.errors import InputError, UsageError  # noqa: E402
 from rank1tools.io import hub_spec  # noqa: E402
 from rank1tools.io.checkpoint import open_checkpoint  # noqa: E402
@@ -36,6 +33,9 @@ from rank1tools.io.hub_spec import HubSpec, parse_hub_spec  # noqa: E402
 from rank1tools.io.sources import open_source  # noqa: E402
 from rank1tools.io.writer import ShardedWriter, TensorSpec, provenance  # noqa: E402
 from rank1tools.synthetic import LlamaShape, checkpoint_tensors, make_base, write_model  # noqa: E402
+
+from _support import assert_bit_identical, reference_tensors  # noqa: E402
+from hub_server import FakeHub, folder_files  # noqa: E402
 
 SHAPE = LlamaShape()
 STEPS = (10, 20, 30)

@@ -15,12 +15,13 @@ from safetensors.torch import save
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hub_server import FakeHub  # noqa: E402
 from test_hub import _no_real_network, _point_huggingface_hub, one_line_error, rank1  # noqa: E402,F401
 
 from rank1tools.errors import InputError  # noqa: E402
 from rank1tools.io.hub_open import open_hub_checkpoint  # noqa: E402
 from rank1tools.io.hub_runs import discover_hub_run  # noqa: E402
+
+from hub_server import FakeHub  # noqa: E402
 
 Q, K = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
 A, B = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"

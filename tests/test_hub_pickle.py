@@ -14,11 +14,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _support import assert_bit_identical, reference_tensors  # noqa: E402
 import test_hub  # noqa: E402
 
 from rank1tools.io import hub_checkpoint  # noqa: E402
 from rank1tools.io.hub_open import open_hub_checkpoint  # noqa: E402
+
+from _support import assert_bit_identical, reference_tensors  # noqa: E402
 
 try:
     import cloudpickle

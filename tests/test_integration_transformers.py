@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
-from _support import assert_bit_identical
 from rank1tools.io import ShardedWriter, TensorSpec, open_checkpoint
 from rank1tools.io.writer import provenance
+
+from _support import assert_bit_identical
 
 pytestmark = pytest.mark.integration
 

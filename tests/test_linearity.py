@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _support import run_main
 from rank1tools.commands.linearity import LinearityOptions, linearity, sample_indices
 from rank1tools.commands.linearity.tables import tensor_labels
 from rank1tools.synthetic import LlamaShape, make_base, make_run, write_model
+
+from _support import run_main
 
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 STEPS = [10, 20, 30, 40, 50]

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from _support import run_main, tree_snapshot
 from rank1tools.errors import UsageError
 from rank1tools.options import RankSpec, parse_positive_int, parse_ranks, parse_size, parse_steps
+
+from _support import run_main, tree_snapshot
 
 
 def test_importable_without_torch():
@@ -21,7 +22,8 @@ def test_importable_without_torch():
 
 
 def test_old_import_paths_still_work():
-    from rank1tools.commands.reconstruct import RankSpec as R2, parse_ranks as p2
+    from rank1tools.commands.reconstruct import RankSpec as R2
+    from rank1tools.commands.reconstruct import parse_ranks as p2
     from rank1tools.io.runs import parse_steps as s2
 
     assert (R2, p2, s2) == (RankSpec, parse_ranks, parse_steps)

@@ -86,7 +86,8 @@ def test_loo_constant_columns_and_fold_constant_y():
     X, y = rng.normal(size=(7, 12)), rng.normal(size=7)
     X[:, 2] = 2.5                            # constant everywhere
     X[:, 3] = 0.0
-    X[:, 4] = 1.0; X[0, 4] = 3.0             # constant in fold 0 only
+    X[:, 4] = 1.0
+    X[0, 4] = 3.0  # constant in fold 0 only
     X[:, 5] = [1, 1, 1, 1, 1, 2, 2]          # two distinct values: never fold-constant
     np.testing.assert_allclose(loo_predictions(X, y), _naive_loo(X, y), atol=TOL, rtol=0)
     y2 = np.array([1, 1, 1, 1, 1, 1, 4.0])   # y constant in fold 6: that fold predicts its mean

@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _ray_support import assert_same_tree
-from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.engine.executors import ExecutorOptions
 from rank1tools.io import open_checkpoint
 from rank1tools.synthetic import LlamaShape, make_base, make_run, matrix_module_names
+
+from _ray_support import assert_same_tree
+from _support import run_main
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray  # make test-fast leaves these out

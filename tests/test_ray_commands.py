@@ -18,17 +18,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _ray_support import SRC, assert_same_tree
-from _support import run_main
 from rank1tools.commands.extrapolate.registry import ExtrapolateOptions, extrapolate
 from rank1tools.commands.linearity import LinearityOptions, linearity
 from rank1tools.commands.reconstruct import ReconstructOptions, reconstruct
+from rank1tools.engine.executors import ExecutorOptions, TaskFailed, check_worker_code, code_fingerprint
 from rank1tools.engine.tensor_units import group_tensors
 from rank1tools.errors import Rank1Error
-from rank1tools.engine.executors import ExecutorOptions, TaskFailed, check_worker_code, code_fingerprint
 from rank1tools.io import open_checkpoint
 from rank1tools.io.writer import ShardedWriter, TensorSpec
 from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+from _ray_support import SRC, assert_same_tree
+from _support import run_main
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray  # make test-fast leaves these out

@@ -21,12 +21,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _support import run_main  # noqa: E402
 import test_hub  # noqa: E402
 from test_hub import SHAPE, STEPS  # noqa: E402
 
 from rank1tools.io import open_checkpoint  # noqa: E402
 from rank1tools.synthetic import matrix_module_names  # noqa: E402
+
+from _support import run_main  # noqa: E402
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray  # make test-fast leaves these out

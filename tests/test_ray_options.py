@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import finish_cli, run_main, start_cli, tree_snapshot
 from rank1tools.engine.executors import check_address
 from rank1tools.synthetic import LlamaShape, make_base, make_run
+
+from _support import finish_cli, run_main, start_cli, tree_snapshot
 
 ray = pytest.importorskip("ray")
 

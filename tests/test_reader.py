@@ -10,10 +10,11 @@ from collections import Counter
 import pytest
 import torch
 
-from _support import DTYPES, assert_bit_identical, build_checkpoint, reference_tensors, safetensors_files
 from rank1tools.errors import InputError
 from rank1tools.io import open_checkpoint, open_source
 from rank1tools.synthetic import LlamaShape
+
+from _support import DTYPES, assert_bit_identical, build_checkpoint, reference_tensors, safetensors_files
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"

@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.commands.reconstruct import ReconstructOptions, parse_ranks, reconstruct
 from rank1tools.errors import UsageError
 from rank1tools.io import open_checkpoint
 from rank1tools.synthetic import LlamaShape, make_base, make_run, matrix_module_names
+
+from _support import run_main
 
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 UNTIED = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=False)

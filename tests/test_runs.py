@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from _support import build_run, reference_tensors
 from rank1tools.errors import InputError, UsageError
 from rank1tools.io import discover_run, open_source, select_steps
 from rank1tools.io.runs import RunCheckpoint, parse_steps
+
+from _support import build_run, reference_tensors
 
 STEPS = [100, 5, 10]  # lexical order (10, 100, 5) differs from numeric order (5, 10, 100)
 

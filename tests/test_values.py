@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from _support import build_run, run_main
 from rank1tools import values
 from rank1tools.errors import UsageError
 from rank1tools.io import discover_run, select_steps
 from rank1tools.values import StepSelection, parse_steps, shard_size
+
+from _support import build_run, run_main
 
 
 @pytest.fixture

@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _support import run_main
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.errors import InputError
 from rank1tools.math.spectrum import frobenius
 from rank1tools.math.svd import SIGMA_REL_TOL, lower_values_bound, topk_svd
 from rank1tools.synthetic import LlamaShape, base_tensor, matrix_module_names, write_model
+
+from _support import run_main
 
 SHAPE = LlamaShape(vocab=96, hidden=48, intermediate=112, layers=2, heads=4, kv_heads=2, tie=True)
 

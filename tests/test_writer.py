@@ -12,11 +12,18 @@ import pytest
 import torch
 
 import rank1tools
-from _support import (SAFETENSORS_CODE, assert_bit_identical, reference_tensors, safetensors_files, shard_metadata,
-                      tree_snapshot)
 from rank1tools.errors import OutputError
 from rank1tools.io import ShardedWriter, TensorSpec, open_checkpoint
 from rank1tools.io.writer import PROVENANCE_FILE, copy_aux_files, prepare_output, provenance
+
+from _support import (
+    SAFETENSORS_CODE,
+    assert_bit_identical,
+    reference_tensors,
+    safetensors_files,
+    shard_metadata,
+    tree_snapshot,
+)
 
 AUX = ["config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 MAX_SHARD = 40_000  # "40KB"

@@ -206,7 +206,7 @@ def write(folder: str | None = None) -> None:
         for page in PAGES:
             text = page.read_text(encoding="utf-8")
 
-            def repl(m: re.Match) -> str:
+            def repl(m: re.Match, page: Path = page) -> str:
                 ex = Example(page, m["name"], m["lines"], m["body"])
                 return m.group(0).replace(m["body"], transcript(ex, cwd), 1)
 

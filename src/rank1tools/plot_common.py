@@ -98,9 +98,9 @@ def grid(rows: list[dict], key: str, step=None):
         if r.get("layer") is None or (step is not None and r.get("step") != step):
             continue
         cells.setdefault((int(r["layer"]), str(r["type"])), []).append(num(r.get(key)))
-    layers = sorted({l for l, _ in cells})
+    layers = sorted({layer for layer, _ in cells})
     types = sorted({t for _, t in cells}, key=type_key)
-    mat = [[nanmean(cells.get((l, t), [])) for t in types] for l in layers]
+    mat = [[nanmean(cells.get((layer, t), [])) for t in types] for layer in layers]
     return layers, types, mat
 
 
@@ -166,7 +166,7 @@ def heatmap(ax, plt, layers, types, mat, cmap, vmin, vmax, labels=None):
                         color="white" if dark else "black")
     ax.set_xticks(range(len(types)), types, rotation=45 if len(types) > 6 else 0)
     step = max(1, math.ceil(len(layers) / 16))
-    ax.set_yticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
+    ax.set_yticks(range(0, len(layers), step), [str(layer) for layer in layers[::step]])
     ax.set_xlabel("module type")
     ax.set_ylabel("layer")
     return im

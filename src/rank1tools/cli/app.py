@@ -137,7 +137,14 @@ def stderr_progress(enabled: bool, description: str):
     if not enabled or not sys.stderr.isatty():  # a bar only on a terminal: nothing in logs and pipes
         return contextlib.nullcontext(), None
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), console=Console(stderr=True), transient=True)
@@ -204,7 +211,6 @@ def main() -> None:
     import rank1tools
 
     from ..engine.executors import without_executor_args
-
     from ..io import outputs
 
     rank1tools.COMMAND_LINE = ["rank1", *without_executor_args(sys.argv[1:])]

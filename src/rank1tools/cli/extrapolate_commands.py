@@ -10,23 +10,49 @@ line). A flag of another method is refused with one line naming the method(s) it
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 from typer._click.core import Context  # typer vendors click: its contexts and usage errors
 from typer._click.exceptions import NoSuchOption
 from typer._click.exceptions import UsageError as ClickUsageError
 
-from . import render
 from ..commands.extrapolate.alpharl import CONTAINERS, R2_KINDS
 from ..commands.extrapolate.base import REST_CHOICES
 from ..commands.extrapolate.linear import MODES
 from ..commands.extrapolate.registry import METHODS
-from .app import (RESUME_HINT, Rank1Command, app, check_common_early, check_output_early, interrupt_hint, print_json,
-                  print_result_notes, set_hub_cache_policy, stderr_progress)
-from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, DTYPE_OPT, EXCLUDE_OPT, FORCE_OPT, HUB_CACHE_OPT, JSON_OPT,
-                     QUIET_OPT, SHARD_OPT, ExecutorFlags, RunSpec, choice_option, include_option, number, out_option, with_executor,
-                     with_run)
+from . import render
+from .app import (
+    RESUME_HINT,
+    Rank1Command,
+    app,
+    check_common_early,
+    check_output_early,
+    interrupt_hint,
+    print_json,
+    print_result_notes,
+    set_hub_cache_policy,
+    stderr_progress,
+)
+from .params import (
+    BASE_ARG,
+    CHECKPOINTS_ARG,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    EXCLUDE_OPT,
+    FORCE_OPT,
+    HUB_CACHE_OPT,
+    JSON_OPT,
+    QUIET_OPT,
+    SHARD_OPT,
+    ExecutorFlags,
+    RunSpec,
+    choice_option,
+    include_option,
+    number,
+    out_option,
+    with_executor,
+    with_run,
+)
 
 METHOD_NAMES = tuple(METHODS)
 
@@ -230,16 +256,16 @@ def _run(name: str, base: str, out: str, fields: dict, inputs: list, *, force: b
 @with_executor
 def relex(
     base: str = BASE_ARG,
-    checkpoints: Optional[list[str]] = HISTORY_ARG,
+    checkpoints: list[str] | None = HISTORY_ARG,
     out: str = OUT_OPT,
     run_spec: RunSpec = RunSpec(),
-    history_until: Optional[str] = HISTORY_UNTIL_OPT,
-    target_step: Optional[str] = TARGET_STEP_OPT,
+    history_until: str | None = HISTORY_UNTIL_OPT,
+    target_step: str | None = TARGET_STEP_OPT,
     rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="Trajectory rank r."),
-    fit_window: Optional[str] = typer.Option(None, "--fit-window", metavar="W", help="Fit the coefficient lines on the last W history points."),
+    fit_window: str | None = typer.Option(None, "--fit-window", metavar="W", help="Fit the coefficient lines on the last W history points."),
     position_index: bool = typer.Option(False, "--position-index", help="Fit on positions 0..T-1 as the reference code does (wrong for uneven spacing)."),
-    include: Optional[list[str]] = INCLUDE_OPT,
-    exclude: Optional[list[str]] = EXCLUDE_OPT,
+    include: list[str] | None = INCLUDE_OPT,
+    exclude: list[str] | None = EXCLUDE_OPT,
     rest: str = REST_OPT,
     dtype: str = DTYPE_OPT,
     flag_ratio: float = FLAG_RATIO_OPT,
@@ -266,18 +292,18 @@ def relex(
 @with_executor
 def linear(
     base: str = BASE_ARG,
-    checkpoints: Optional[list[str]] = HISTORY_ARG,
+    checkpoints: list[str] | None = HISTORY_ARG,
     out: str = OUT_OPT,
     run_spec: RunSpec = RunSpec(),
-    history_until: Optional[str] = HISTORY_UNTIL_OPT,
-    target_step: Optional[str] = TARGET_STEP_OPT,
+    history_until: str | None = HISTORY_UNTIL_OPT,
+    target_step: str | None = TARGET_STEP_OPT,
     mode: str = choice_option("lstsq", "--mode", MODES, "lstsq (per-element least squares over the history) or two-point."),
-    fit_window: Optional[str] = typer.Option(None, "--fit-window", metavar="W", help="lstsq: fit on the last W checkpoints."),
-    from_step: Optional[str] = typer.Option(None, "--from", metavar="STEP", help="two-point: first step (default the first history checkpoint; 0 is the base)."),
-    to_step: Optional[str] = typer.Option(None, "--to", metavar="STEP", help="two-point: second step (default the last history checkpoint)."),
+    fit_window: str | None = typer.Option(None, "--fit-window", metavar="W", help="lstsq: fit on the last W checkpoints."),
+    from_step: str | None = typer.Option(None, "--from", metavar="STEP", help="two-point: first step (default the first history checkpoint; 0 is the base)."),
+    to_step: str | None = typer.Option(None, "--to", metavar="STEP", help="two-point: second step (default the last history checkpoint)."),
     extrapolate_norms: bool = typer.Option(False, "--extrapolate-norms", help="Extrapolate norm weights too (default: copy them from the last checkpoint)."),
-    include: Optional[list[str]] = INCLUDE_OPT,
-    exclude: Optional[list[str]] = EXCLUDE_OPT,
+    include: list[str] | None = INCLUDE_OPT,
+    exclude: list[str] | None = EXCLUDE_OPT,
     rest: str = REST_OPT,
     dtype: str = DTYPE_OPT,
     flag_ratio: float = FLAG_RATIO_OPT,
@@ -306,16 +332,16 @@ def linear(
 def alpharl(
     base: str = BASE_ARG,
     out: str = OUT_OPT,
-    fits: Optional[str] = typer.Option(None, "--fits", metavar="FITS_DIR", help="A fit-pls --out folder (fit store)."),
-    target_metric: Optional[str] = typer.Option(None, "--target-metric", metavar="VALUES", help="Target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."),
-    target_step: Optional[str] = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, for a fit store fitted against the step."),
+    fits: str | None = typer.Option(None, "--fits", metavar="FITS_DIR", help="A fit-pls --out folder (fit store)."),
+    target_metric: str | None = typer.Option(None, "--target-metric", metavar="VALUES", help="Target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."),
+    target_step: str | None = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, for a fit store fitted against the step."),
     container: str = choice_option("base", "--container", CONTAINERS, "Add the predicted update to 'base' (default) or to the window's 'last' checkpoint."),
-    last_checkpoint: Optional[str] = typer.Option(None, "--last-checkpoint", metavar="CHECKPOINT", help="--container last: the window's last checkpoint (default: as the fit store records it)."),
-    min_r2: Optional[float] = typer.Option(None, "--min-r2", metavar="R2", parser=number("--min-r2", at_most=1), help="Modules whose R² is below this keep the container's value."),
+    last_checkpoint: str | None = typer.Option(None, "--last-checkpoint", metavar="CHECKPOINT", help="--container last: the window's last checkpoint (default: as the fit store records it)."),
+    min_r2: float | None = typer.Option(None, "--min-r2", metavar="R2", parser=number("--min-r2", at_most=1), help="Modules whose R² is below this keep the container's value."),
     r2_kind: str = choice_option("r2", "--r2", R2_KINDS, "Which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."),
-    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
-    include: Optional[list[str]] = INCLUDE_OPT,
-    exclude: Optional[list[str]] = EXCLUDE_OPT,
+    hub_cache_policy: str | None = HUB_CACHE_OPT,
+    include: list[str] | None = INCLUDE_OPT,
+    exclude: list[str] | None = EXCLUDE_OPT,
     dtype: str = DTYPE_OPT,
     flag_ratio: float = FLAG_RATIO_OPT,
     max_shard_size: str = SHARD_OPT,

@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
 from . import render
-from .app import (RESUME_HINT, Rank1Command, app, check_common_early, check_output_early, interrupt_hint,
-                  one_step_selection, print_json, print_result_notes, set_hub_cache_policy, stderr_progress)
-from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, EXCLUDE_OPT, FORCE_OPT, JSON_OPT, QUIET_OPT, STEPS_HELP,
-                     ExecutorFlags, RunSpec, include_option, number, out_option, steps_option, with_executor, with_run)
+from .app import (
+    RESUME_HINT,
+    Rank1Command,
+    app,
+    check_common_early,
+    check_output_early,
+    interrupt_hint,
+    one_step_selection,
+    print_json,
+    print_result_notes,
+    set_hub_cache_policy,
+    stderr_progress,
+)
+from .params import (
+    BASE_ARG,
+    CHECKPOINTS_ARG,
+    DEVICE_OPT,
+    EXCLUDE_OPT,
+    FORCE_OPT,
+    JSON_OPT,
+    QUIET_OPT,
+    STEPS_HELP,
+    ExecutorFlags,
+    RunSpec,
+    include_option,
+    number,
+    out_option,
+    steps_option,
+    with_executor,
+    with_run,
+)
 
 
 def exit_on_gate(gate: dict | None, out: str) -> None:
@@ -28,14 +54,14 @@ def exit_on_gate(gate: dict | None, out: str) -> None:
 def fit_pls(
     factors: str = typer.Argument(..., metavar="FACTORS_DIR", help="A decompose --out folder (factor store)."),
     out: str = out_option("Output folder: tables, summary, plots and the fit store."),
-    metrics: Optional[str] = typer.Option(None, "--metrics", metavar="FILE", help="Metric per checkpoint step: CSV/TSV, JSON Lines, JSON, or trainer_state.json."),
-    metric: Optional[str] = typer.Option(None, "--metric", metavar="NAME", help="Which metric of --metrics (default: the only one)."),
-    step_column: Optional[str] = typer.Option(None, "--step-column", metavar="NAME", help="Step column of a CSV/JSONL metrics file."),
-    steps: Optional[str] = steps_option(f"Checkpoint steps to fit: {STEPS_HELP}."),
-    window: Optional[str] = typer.Option(None, "--window", metavar="STEPS", help="Alias of --steps."),
+    metrics: str | None = typer.Option(None, "--metrics", metavar="FILE", help="Metric per checkpoint step: CSV/TSV, JSON Lines, JSON, or trainer_state.json."),
+    metric: str | None = typer.Option(None, "--metric", metavar="NAME", help="Which metric of --metrics (default: the only one)."),
+    step_column: str | None = typer.Option(None, "--step-column", metavar="NAME", help="Step column of a CSV/JSONL metrics file."),
+    steps: str | None = steps_option(f"Checkpoint steps to fit: {STEPS_HELP}."),
+    window: str | None = typer.Option(None, "--window", metavar="STEPS", help="Alias of --steps."),
     relative: bool = typer.Option(False, "--relative", help="Divide the metric by its value at the window's last checkpoint."),
     min_checkpoints: str = typer.Option("3", "--min-checkpoints", metavar="N", help="Fewest checkpoints to fit (at least 3)."),
-    fail_below: Optional[float] = typer.Option(None, "--fail-below", metavar="R2", parser=number("--fail-below", at_most=1), help="Exit 5 (after writing) when mean LOO R² (or R²_step without --metrics) is below this."),
+    fail_below: float | None = typer.Option(None, "--fail-below", metavar="R2", parser=number("--fail-below", at_most=1), help="Exit 5 (after writing) when mean LOO R² (or R²_step without --metrics) is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
@@ -77,15 +103,15 @@ def fit_pls(
 @with_executor
 def linearity(
     base: str = BASE_ARG,
-    checkpoints: Optional[list[str]] = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
+    checkpoints: list[str] | None = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
     out: str = out_option("Output folder: tables, summary and plots."),
     run_spec: RunSpec = RunSpec(),
     rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="Trajectory rank r for explained_r and coef_r2_1..r (capped at the checkpoints)."),
-    include: Optional[list[str]] = include_option("Glob of tensor names (repeatable); default every tensor with 2+ elements."),
-    exclude: Optional[list[str]] = EXCLUDE_OPT,
-    sample: Optional[str] = typer.Option(None, "--sample", metavar="N", help="Per-element R² on a seeded uniform sample of N elements per tensor (default all)."),
+    include: list[str] | None = include_option("Glob of tensor names (repeatable); default every tensor with 2+ elements."),
+    exclude: list[str] | None = EXCLUDE_OPT,
+    sample: str | None = typer.Option(None, "--sample", metavar="N", help="Per-element R² on a seeded uniform sample of N elements per tensor (default all)."),
     seed: str = typer.Option("0", "--seed", metavar="SEED", help="Seed of --sample."),
-    fail_below: Optional[float] = typer.Option(None, "--fail-below", metavar="SHARE", parser=number("--fail-below", at_least=0, at_most=1), help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this."),
+    fail_below: float | None = typer.Option(None, "--fail-below", metavar="SHARE", parser=number("--fail-below", at_least=0, at_most=1), help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,

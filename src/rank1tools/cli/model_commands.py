@@ -3,18 +3,44 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
-from . import render
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from .app import (RESUME_HINT, Rank1Command, app, check_common_early, check_output_early, interrupt_hint, print_json,
-                  print_result_notes, set_hub_cache_policy, stderr_progress)
-from .params import (BASE_ARG, CHECKPOINTS_ARG, DEVICE_OPT, DTYPE_OPT, EXCLUDE_OPT, FORCE_OPT, HUB_CACHE_OPT,
-                     JSON_OPT, QUIET_OPT, SHARD_OPT, ExecutorFlags, RunSpec, choice_option, include_option, number, out_option,
-                     with_executor, with_run)
+from . import render
+from .app import (
+    RESUME_HINT,
+    Rank1Command,
+    app,
+    check_common_early,
+    check_output_early,
+    interrupt_hint,
+    print_json,
+    print_result_notes,
+    set_hub_cache_policy,
+    stderr_progress,
+)
+from .params import (
+    BASE_ARG,
+    CHECKPOINTS_ARG,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    EXCLUDE_OPT,
+    FORCE_OPT,
+    HUB_CACHE_OPT,
+    JSON_OPT,
+    QUIET_OPT,
+    SHARD_OPT,
+    ExecutorFlags,
+    RunSpec,
+    choice_option,
+    include_option,
+    number,
+    out_option,
+    with_executor,
+    with_run,
+)
 
 
 @app.command(cls=Rank1Command)
@@ -55,7 +81,7 @@ def inspect(
 @with_executor
 def decompose(
     base: str = BASE_ARG,
-    checkpoints: Optional[list[str]] = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
+    checkpoints: list[str] | None = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
     out: str = out_option("Output folder: spectrum tables and factor store."),
     run_spec: RunSpec = RunSpec(),
     rank: str = typer.Option("8", "--rank", "-k", metavar="K", help="Singular triplets kept per module and step."),
@@ -63,8 +89,8 @@ def decompose(
     cold_start: bool = typer.Option(False, "--cold-start", help="Every matrix from a fresh random sketch with 4 power "
                                     "iterations, instead of warm-starting from the module's previous checkpoint and "
                                     "stopping once the accuracy certificates pass."),
-    include: Optional[list[str]] = include_option("Glob of tensor names (repeatable); replaces the default matrix-module set."),
-    exclude: Optional[list[str]] = EXCLUDE_OPT,
+    include: list[str] | None = include_option("Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: list[str] | None = EXCLUDE_OPT,
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     device: str = DEVICE_OPT,
     plots: bool = typer.Option(False, "--plots", help="Also draw energy_1/norm_frac_1 over steps and a layer x type heatmap (OUT/plots)."),
@@ -122,14 +148,14 @@ def reconstruct(
     no_norm_match: bool = typer.Option(False, "--no-norm-match", help="Add α·ΔW_k as is, without rescaling to ‖ΔW‖."),
     rest: str = choice_option("base", "--rest", ("base", "checkpoint"), "Tensors not selected: 'base' (reference code) or 'checkpoint'."),
     dtype: str = DTYPE_OPT,
-    include: Optional[list[str]] = include_option("Glob of tensor names (repeatable); replaces the default matrix-module set."),
-    exclude: Optional[list[str]] = EXCLUDE_OPT,
+    include: list[str] | None = include_option("Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    exclude: list[str] | None = EXCLUDE_OPT,
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
-    factors: Optional[str] = typer.Option(None, "--factors", metavar="FACTORS_DIR", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."),
+    factors: str | None = typer.Option(None, "--factors", metavar="FACTORS_DIR", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."),
     max_shard_size: str = SHARD_OPT,
     device: str = DEVICE_OPT,
-    hub_cache_policy: Optional[str] = HUB_CACHE_OPT,
+    hub_cache_policy: str | None = HUB_CACHE_OPT,
     force: bool = FORCE_OPT,
     executor: ExecutorFlags = ExecutorFlags(),
     quiet: bool = QUIET_OPT,

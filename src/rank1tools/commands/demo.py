@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..io.outputs import staged_output
 from ..io.output_lock import locked_output
+from ..io.outputs import staged_output
 from ..io.writer import provenance, write_provenance
 from ..synthetic import LlamaShape, make_base, make_run
 from .decompose import DecomposeOptions, DecomposeResult, decompose

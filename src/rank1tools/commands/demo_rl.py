@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io.outputs import staged_output
 from ..io.output_lock import locked_output
+from ..io.outputs import staged_output
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from .decompose import DecomposeOptions, decompose

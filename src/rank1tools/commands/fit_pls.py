@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..engine.spectrum_tables import TYPE_ORDER, write_row_tables
 from ..errors import InputError, UsageError
 from ..io.factor_store import FactorStore, factor_file
 from ..io.fit_store import FIT_FORMAT, FIT_FORMAT_VERSION  # noqa: F401 (importable from here)
 from ..io.metrics import align, read_metrics
-from ..io.outputs import follow_umask, output_errors, staged_output
 from ..io.output_lock import locked_output
+from ..io.outputs import follow_umask, output_errors, staged_output
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from ..math.pls import fit_module
@@ -36,7 +37,6 @@ from ..math.signs import align_to_next
 from ..options import check_min_checkpoints
 from ..plot_common import draw_plots
 from ..plots import fit_plots
-from ..engine.spectrum_tables import TYPE_ORDER, write_row_tables
 from ..values import StepSelection
 
 GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough

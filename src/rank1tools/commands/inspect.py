@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import Rank1Error
-from ..io.sources import discover_checkpoints, is_hub_source, open_source
 from ..io.runs import discover_run, lookalike_note, lookalikes, looks_like_run, select_steps
+from ..io.sources import discover_checkpoints, is_hub_source, open_source
 from ..modules import parse_matrix_module
 from ..values import StepSelection
 

@@ -19,13 +19,35 @@ from pathlib import Path
 
 import torch
 
+from ..engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WARNING: importable from here)
+    DTYPE_CHOICES,
+    DTYPES,
+    LOST_WARNING,
+    ROUNDING_FILE,
+    CheckpointOutputs,
+    nonfinite_error,
+    output_dtype,
+    overflow_error,
+    rounding_report,
+    write_copied,
+)
 from ..engine.executors import ExecutorOptions, task_device
+from ..engine.tensor_units import (
+    TensorGroup,
+    TensorUnits,
+    group_tensors,
+    plan_bytes,
+    progress_counter,
+    run_tensor_groups,
+    stats_from,
+    stats_record,
+)
 from ..errors import InputError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible, tensor_shapes, untied_head
 from ..io.factor_store import FactorStore
-from ..io.sources import is_hub_source, open_source
 from ..io.output_lock import locked_output
+from ..io.sources import is_hub_source, open_source
 from ..io.writer import TensorSpec, provenance
 from ..math.finite import all_finite, introduces_nonfinite, max_abs, nonfinite_update_cause
 from ..math.reconstruct import apply_rank_k, rounding_stats
@@ -34,13 +56,8 @@ from ..math.spectrum import delta, frobenius
 from ..math.svd import MIN_SKETCH, topk_svd
 from ..modules import LM_HEAD_NAME, select_tensors
 from ..options import RankSpec, check_choice, check_finite, parse_ranks  # noqa: F401 (RankSpec: importable from here)
-from ..values import shard_size
 from ..resources import check_largest_tensor, reconstruct_peak_bytes, svd_bytes
-from ..engine.tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
-                           run_tensor_groups, stats_from, stats_record)
-from ..engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WARNING: importable from here)
-    DTYPE_CHOICES, DTYPES, LOST_WARNING, ROUNDING_FILE, CheckpointOutputs, nonfinite_error, output_dtype, overflow_error,
-    rounding_report, write_copied)
+from ..values import shard_size
 
 REST_CHOICES = ("base", "checkpoint")
 

@@ -57,7 +57,7 @@ class DemoTraining:
             raise ValueError("sft_eval_size must be in 1..eval_size")
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "DemoTraining":
+    def quick(cls, seed: int = 0) -> DemoTraining:
         """The --quick run: same task, model and warm-up; a smaller held-out set and GRPO batch,
         15 steps with a checkpoint every 3."""
         return cls(seed=seed, eval_size=500, grpo_prompts=48, grpo_steps=15, save_every=3)

@@ -159,7 +159,7 @@ class TinyLlama(nn.Module):
     def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
         """N(0, std) matrices and embedding (HF's initializer_range), unit norms; from `generator`."""
         with torch.no_grad():
-            for name, p in self.named_parameters():
+            for _name, p in self.named_parameters():
                 if p.dim() == 1:
                     p.fill_(1.0)
                 else:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import (METRICS_FILE, REWARD_NAME, STATE_FILE, trainer_state, write_metrics,
-                          write_model_folder, write_state)
+from .checkpoints import (
+    METRICS_FILE,
+    REWARD_NAME,
+    STATE_FILE,
+    trainer_state,
+    write_metrics,
+    write_model_folder,
+    write_state,
+)
 from .config import DemoTraining, TrainedRun
 from .grpo import clip_fraction, clipped_objective, completion_logprobs, group_advantages, sample
 from .model import TinyLlama, load_weights, parameter_count

@@ -21,9 +21,9 @@ from ..io.outputs import make_staging, output_errors, publish
 from ..io.work_folder import make_folder
 from ..io.writer import ShardedWriter, TensorSpec, write_provenance
 from ..jsonutil import json_safe
-from ..resources import check_disk
 from ..math.finite import all_finite, dtype_max, dtype_name, introduces_nonfinite, max_abs
 from ..math.reconstruct import RoundingStats
+from ..resources import check_disk
 
 ROUNDING_FILE = "rank1tools-rounding.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 _registry_lock = threading.RLock()
 _users: dict[str, set[int]] = {}  # snapshot path of a shard -> ids of open sources reading it
 _downloaded_here: set[str] = set()  # snapshot paths this process downloaded (only those are ever evicted)
-_evicting_sources: "weakref.WeakSet[HubCheckpoint]" = weakref.WeakSet()
+_evicting_sources: weakref.WeakSet[HubCheckpoint] = weakref.WeakSet()
 _source_ids = itertools.count(1)
 
 
@@ -276,7 +276,7 @@ class HubCheckpoint(Checkpoint):
                          if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in AUX_PATTERNS))
         return sorted(names)
 
-    def __enter__(self) -> "HubCheckpoint":
+    def __enter__(self) -> HubCheckpoint:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,12 +22,30 @@ from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..jsonutil import read_json_file
-from .checkpoint import (AUX_PATTERNS, INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, _pickle_error, check_weight_map, merge_shards,
-                         parse_weight_map, read_config)
+from .checkpoint import (
+    AUX_PATTERNS,
+    INDEX_FILE,
+    PICKLE_SUFFIXES,
+    SINGLE_FILE,
+    _pickle_error,
+    check_weight_map,
+    merge_shards,
+    parse_weight_map,
+    read_config,
+)
 from .hub_checkpoint import HubCheckpoint, _download
 from .hub_errors import _hub_errors
-from .hub_spec import (CACHE_POLICIES, HubSpec, _api, _cache_dir, _endpoint, _offline, _storage_folder, cache_policy,
-                       parse_hub_spec)
+from .hub_spec import (
+    CACHE_POLICIES,
+    HubSpec,
+    _api,
+    _cache_dir,
+    _endpoint,
+    _offline,
+    _storage_folder,
+    cache_policy,
+    parse_hub_spec,
+)
 from .safetensors_file import MAX_HEADER_BYTES, TensorEntry, entry_from_info, parse_header_bytes, read_header
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")

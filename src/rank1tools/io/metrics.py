@@ -35,8 +35,8 @@ from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..jsonutil import DuplicateKey, parse_json_text, unique_pairs
-from .text_files import read_text_file
 from ..values import INT64_MAX, ascii_int
+from .text_files import read_text_file
 
 STEP_COLUMNS = ("step", "global_step", "Step", "_step")
 # Never chosen by default (still selectable with --metric): epoch counters, clocks, throughput.

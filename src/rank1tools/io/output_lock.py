@@ -36,7 +36,7 @@ class OutputLock:
         self.removed_stale: list[str] = []
         self.created: list[Path] = []  # folders made for the lock file, outermost first
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         self.created = _make_parents(self.target.parent)
         try:
             self._lock()
@@ -112,7 +112,7 @@ class OutputLock:
                 break
         self.created = []
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -53,7 +53,7 @@ class RunInputs:
             paths.append(Path(self.run))
         return paths
 
-    def until(self, step: int | None, option: str = "--history-until") -> "RunInputs":
+    def until(self, step: int | None, option: str = "--history-until") -> RunInputs:
         """The checkpoints at or before `step` (all when None)."""
         if step is None:
             return self

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..values import StepSelection, ascii_int, parse_steps  # noqa: F401 (parse_steps: importable from here)
-from .checkpoint import INDEX_FILE, SINGLE_FILE, PICKLE_SUFFIXES
+from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE
 
 # [0-9], not \d: \d and int() also take other scripts' digits (checkpoint-٢٠ is not step 20)
 _LAYOUTS = (

@@ -171,7 +171,7 @@ class ShardedWriter:
         if not self.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> "ShardedWriter":
+    def __enter__(self) -> ShardedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

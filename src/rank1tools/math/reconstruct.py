@@ -22,7 +22,7 @@ class RoundingStats:
     ref_sq: float = 0.0  # ||intended update||^2
     introduced_nonfinite: int = 0  # elements stored as NaN/Inf where the base is finite
 
-    def add(self, other: "RoundingStats") -> None:
+    def add(self, other: RoundingStats) -> None:
         self.updated += other.updated
         self.lost += other.lost
         self.err_sq += other.err_sq

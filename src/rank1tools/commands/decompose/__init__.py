@@ -26,19 +26,19 @@ from pathlib import Path
 import torch
 
 from ... import __version__
-from ...errors import InputError, UsageError
 from ...engine.executors import ExecutorOptions, run_units, task_cpus, task_device
-from ...jsonutil import json_safe as _json_safe
 from ...engine.spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
+from ...errors import InputError, UsageError
 from ...io.checkpoint import Checkpoint
 from ...io.compat import check_compatible, tensor_shapes
 from ...io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
 from ...io.fingerprint import source_record
-from ...io.run_inputs import open_run_inputs
-from ...io.outputs import follow_umask, output_errors, publish
 from ...io.output_lock import locked_output
+from ...io.outputs import follow_umask, output_errors, publish
+from ...io.run_inputs import open_run_inputs
 from ...io.work_folder import discard_unless_resumed, make_folder, open_work_folder
 from ...io.writer import provenance, write_provenance
+from ...jsonutil import json_safe as _json_safe
 from ...math.svd import MIN_SKETCH
 from ...modules import select_tensors
 from ...plot_common import draw_plots

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...errors import UsageError
 from ...engine.executors import ExecutorOptions
+from ...errors import UsageError
 from ...options import check_choice
 from .base import CommonOptions, ExtrapolateResult
 

@@ -33,6 +33,16 @@ from pathlib import Path
 import torch
 
 from ...device import resolve_device
+from ...engine.checkpoint_outputs import (
+    DTYPES,
+    ROUNDING_FILE,
+    CheckpointOutputs,
+    nonfinite_error,
+    output_dtype,
+    overflow_error,
+    rounding_report,
+    write_copied,
+)
 from ...errors import InputError, Rank1Error, UsageError
 from ...io.checkpoint import Checkpoint
 from ...io.compat import check_compatible, tensor_shapes
@@ -46,8 +56,6 @@ from ...math.reconstruct import RoundingStats, rounding_stats
 from ...modules import LM_HEAD_NAME, select_tensors
 from ...options import number_label
 from ...resources import check_largest_tensor, reconstruct_peak_bytes
-from ...engine.checkpoint_outputs import (DTYPES, ROUNDING_FILE, CheckpointOutputs, nonfinite_error, output_dtype,
-                                          overflow_error, rounding_report, write_copied)
 from .base import REPORT_FILE, CommonOptions, ExtrapolateResult, TargetOutput, flag_limit, target_folder
 
 # The options are an alpharl.AlpharlOptions; alpharl.py imports this module when it runs, so this

@@ -18,8 +18,27 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from ...errors import InputError, UsageError
+from ...engine.checkpoint_outputs import (
+    DTYPES,
+    ROUNDING_FILE,
+    CheckpointOutputs,
+    nonfinite_error,
+    overflow_error,
+    rounding_report,
+    tensor_specs,
+)
 from ...engine.executors import ExecutorOptions, task_device
+from ...engine.tensor_units import (
+    TensorGroup,
+    TensorUnits,
+    group_tensors,
+    plan_bytes,
+    progress_counter,
+    run_tensor_groups,
+    stats_from,
+    stats_record,
+)
+from ...errors import InputError, UsageError
 from ...io.checkpoint import Checkpoint
 from ...io.compat import check_compatible, tensor_shapes, untied_head
 from ...io.output_lock import locked_output
@@ -29,10 +48,6 @@ from ...math.finite import all_finite, max_abs
 from ...math.reconstruct import RoundingStats, rounding_stats
 from ...modules import LM_HEAD_NAME, is_norm_parameter
 from ...resources import check_largest_tensor, streaming_peak_bytes
-from ...engine.checkpoint_outputs import (DTYPES, ROUNDING_FILE, CheckpointOutputs, nonfinite_error, overflow_error,
-                                          rounding_report, tensor_specs)
-from ...engine.tensor_units import (TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter,
-                                    run_tensor_groups, stats_from, stats_record)
 from .base import REPORT_FILE, ExtrapolateResult, HistoryOptions, TargetOutput, flag_limit, target_folder
 
 COPY_CHUNK = 1 << 22  # elements per chunk when a tensor is copied from the base or the last checkpoint

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ...errors import UsageError
 from ...engine.executors import ExecutorOptions
+from ...errors import UsageError
 from ...options import check_choice
 from .base import ExtrapolateResult, HistoryOptions
 
@@ -103,8 +103,8 @@ def _ratio(sq_pred: float, sq_last: float) -> float:
 def _lstsq_tensor(h: History, name: str, sink: TargetSink, read: list[int]) -> dict:
     import torch
 
-    from .history import history_chunks, nonfinite_history
     from ...math.linefit import LineFit
+    from .history import history_chunks, nonfinite_history
 
     cks = [h.checkpoints[i] for i in read]
     t = [float(h.steps[i]) for i in read]
@@ -129,8 +129,8 @@ def _lstsq_tensor(h: History, name: str, sink: TargetSink, read: list[int]) -> d
 def _two_point_tensor(h: History, name: str, sink: TargetSink, read: list[int], a: int, b: int) -> dict:
     import torch
 
-    from .history import history_chunks, nonfinite_history
     from ...math.linefit import two_point
+    from .history import history_chunks, nonfinite_history
 
     cks = [h.checkpoints[i] for i in read]
     row = {h.steps[i]: k for k, i in enumerate(read)}

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ...errors import UsageError
 from ...engine.executors import ExecutorOptions
+from ...errors import UsageError
 from .base import ExtrapolateResult, HistoryOptions
 
 if TYPE_CHECKING:
@@ -45,8 +45,8 @@ def extrapolate_relex(base: str, out: str, *, options: RelexOptions, force: bool
                       progress: Callable[[int, int], None] | None = None,
                       executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from the trajectory rank-r fit of the history."""
-    from .history import check_history_tensors, open_history, plan_tensors, window_size, write_extrapolation
     from ...math.linefit import positions_for
+    from .history import check_history_tensors, open_history, plan_tensors, window_size, write_extrapolation
 
     options.check()  # a caller may have changed a field since construction
     h = open_history(base, options, executor)
@@ -80,9 +80,9 @@ def _relex_tensor(h: History, name: str, sink: TargetSink, r: int, W: int, t_fit
                   x_targets: list[float]) -> dict:
     import torch
 
-    from .history import history_chunks, nonfinite_history
     from ...math.linefit import LineFit
     from ...math.trajectory import combine, gram_update, trajectory_basis
+    from .history import history_chunks, nonfinite_history
 
     T = len(h.steps)
     G = None

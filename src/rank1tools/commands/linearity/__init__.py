@@ -26,12 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...engine.executors import ExecutorOptions, task_device
+from ...engine.tensor_units import (
+    TensorGroup,
+    TensorUnits,
+    group_tensors,
+    plan_bytes,
+    progress_counter,
+    run_tensor_groups,
+)
 from ...errors import InputError, UsageError
-from ...resources import check_largest_tensor, streaming_peak_bytes
 from ...io.checkpoint import Checkpoint
 from ...io.compat import check_compatible, tensor_shapes
-from ...io.outputs import output_errors, staged_output
 from ...io.output_lock import locked_output
+from ...io.outputs import output_errors, staged_output
 from ...io.run_inputs import chunk_elements, open_run_inputs, trajectory_chunks
 from ...io.writer import provenance, write_provenance
 from ...jsonutil import json_safe
@@ -40,8 +48,7 @@ from ...math.trajectory import gram_update, trajectory_basis
 from ...modules import stable_hash
 from ...plot_common import draw_plots
 from ...plots import linearity_plots
-from ...engine.executors import ExecutorOptions, task_device
-from ...engine.tensor_units import TensorGroup, TensorUnits, group_tensors, plan_bytes, progress_counter, run_tensor_groups
+from ...resources import check_largest_tensor, streaming_peak_bytes
 from ...values import StepSelection
 from .tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
 

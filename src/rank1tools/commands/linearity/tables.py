@@ -21,10 +21,10 @@ import math
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from ...engine.spectrum_tables import TYPE_ORDER, module_labels, write_row_tables
 from ...jsonutil import json_safe
 from ...math.linefit import R2_LINEAR
 from ...modules import LM_HEAD_NAME, is_embedding, is_norm_parameter, layer_index, parse_matrix_module
-from ...engine.spectrum_tables import TYPE_ORDER, module_labels, write_row_tables
 
 FRAC_KEY = f"frac_r2_above_{R2_LINEAR}"  # "frac_r2_above_0.7": RLVR linearity's headline figure
 NON_MATRIX_TYPES = ("norm", "bias", "embedding", "lm_head", "other")
