@@ -43,8 +43,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise RuntimeError(f"{cmd} failed ({p.returncode}): {err.decode()[-2000:]}")
-    return {"seconds": seconds, "peak_rss": ru.ru_maxrss * 1024, "peak_anon_sampled": peak[0],
-            "stdout": out.decode()}
+    return {"seconds": seconds, "peak_rss": ru.ru_maxrss * 1024, "peak_anon_sampled": peak[0], "stdout": out.decode()}
 
 
 def repeat(cmd: list[str], n: int, env: dict | None = None) -> dict:
@@ -52,6 +51,10 @@ def repeat(cmd: list[str], n: int, env: dict | None = None) -> dict:
     import statistics
 
     runs = [measure(cmd, env) for _ in range(n)]
-    return {"seconds": statistics.median(r["seconds"] for r in runs), "all_seconds": [r["seconds"] for r in runs],
-            "peak_rss": max(r["peak_rss"] for r in runs),
-            "peak_anon_sampled": max(r["peak_anon_sampled"] for r in runs), "stdout": runs[-1]["stdout"]}
+    return {
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "all_seconds": [r["seconds"] for r in runs],
+        "peak_rss": max(r["peak_rss"] for r in runs),
+        "peak_anon_sampled": max(r["peak_anon_sampled"] for r in runs),
+        "stdout": runs[-1]["stdout"],
+    }

@@ -88,8 +88,11 @@ class TreeCPU:
         by_name: dict[str, float] = {}
         for u, s, name in self.seen.values():
             by_name[name] = by_name.get(name, 0.0) + (u + s) / TICK
-        return (sum(u for u, _, _ in self.seen.values()) / TICK, sum(s for _, s, _ in self.seen.values()) / TICK,
-                by_name)
+        return (
+            sum(u for u, _, _ in self.seen.values()) / TICK,
+            sum(s for _, s, _ in self.seen.values()) / TICK,
+            by_name,
+        )
 
 
 def _children() -> list[int]:
@@ -134,6 +137,15 @@ def measure(cmd: list[str], env: dict, log: Path, keep: frozenset[int] = frozens
     busy1 = _busy()
     if p.returncode != 0:
         raise RuntimeError(f"{cmd} failed ({p.returncode}): {log.read_text(errors='replace')[-2000:]}")
-    return {"seconds": seconds, "user_cpu": user, "sys_cpu": system, "other_cpu": busy1 - busy0 - user - system,
-            "cpu_by_process": by_name, "load_average": load, "largest_rss": ru.ru_maxrss * 1024,
-            "straggler_seconds": straggling, "killed": killed, "stdout": log.read_text(errors="replace")}
+    return {
+        "seconds": seconds,
+        "user_cpu": user,
+        "sys_cpu": system,
+        "other_cpu": busy1 - busy0 - user - system,
+        "cpu_by_process": by_name,
+        "load_average": load,
+        "largest_rss": ru.ru_maxrss * 1024,
+        "straggler_seconds": straggling,
+        "killed": killed,
+        "stdout": log.read_text(errors="replace"),
+    }

@@ -43,6 +43,7 @@ MACHINE_KEYS = ("cpu", "cores", "ram_bytes", "gpu", "torch", "python", "date_utc
 
 # ---- running a benchmark -------------------------------------------------------------------------
 
+
 def quick_mode(argv: list[str] | None = None) -> bool:
     """`--quick` on the command line or BENCH_QUICK=1: tiny sizes, to check that a script runs."""
     args = sys.argv[1:] if argv is None else argv
@@ -99,10 +100,16 @@ def machine() -> dict:
         torch_version = version("torch")
     except PackageNotFoundError:
         torch_version = None
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "ram_bytes": _ram_bytes(), "gpu": _gpu(),
-            "torch": torch_version, "python": platform.python_version(),
-            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "load_average_start": round(os.getloadavg()[0], 2)}
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_bytes": _ram_bytes(),
+        "gpu": _gpu(),
+        "torch": torch_version,
+        "python": platform.python_version(),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": round(os.getloadavg()[0], 2),
+    }
 
 
 def write_results(name: str, raw: dict, summarise, quick: bool) -> Path:
@@ -117,8 +124,7 @@ def write_results(name: str, raw: dict, summarise, quick: bool) -> Path:
         validate(rep)
     except Exception:
         out.write_text(json.dumps(raw, indent=2) + "\n")  # keep the measurements; fix summarise, then
-        print(f"wrote {out} WITHOUT a report block; after fixing summarise: report.py --resummarise",
-              file=sys.stderr)
+        print(f"wrote {out} WITHOUT a report block; after fixing summarise: report.py --resummarise", file=sys.stderr)
         raise
     raw["report"] = rep
     out.write_text(json.dumps(raw, indent=2) + "\n")
@@ -128,15 +134,27 @@ def write_results(name: str, raw: dict, summarise, quick: bool) -> Path:
 
 # ---- building a report ---------------------------------------------------------------------------
 
+
 def runs_of(d: dict, key: str = "seconds") -> int:
     """How many runs a median in raw data is over (a single measurement has no all_* list)."""
     return len(d.get("all_" + key) or []) or 1
 
 
-def row(case: str, seconds: float | None = None, runs: int | None = None, baseline: str | None = None,
-        peak_bytes: int | None = None) -> dict:
-    return {"case": case, "seconds": seconds, "runs": runs, "baseline": baseline, "ratio": None,
-            "peak_bytes": peak_bytes}
+def row(
+    case: str,
+    seconds: float | None = None,
+    runs: int | None = None,
+    baseline: str | None = None,
+    peak_bytes: int | None = None,
+) -> dict:
+    return {
+        "case": case,
+        "seconds": seconds,
+        "runs": runs,
+        "baseline": baseline,
+        "ratio": None,
+        "peak_bytes": peak_bytes,
+    }
 
 
 def table(rows: list[dict], memory: str | None = None) -> dict:
@@ -158,13 +176,30 @@ def verdict(measured: float | None, comparison: str, threshold: float) -> bool:
     return bool(COMPARISONS[comparison](measured, threshold))
 
 
-def target(name: str, text: str, comparison: str, threshold: float, measured: float | None, *,
-           met_limit: str, missed_limit: str, unit: str = "") -> dict:
+def target(
+    name: str,
+    text: str,
+    comparison: str,
+    threshold: float,
+    measured: float | None,
+    *,
+    met_limit: str,
+    missed_limit: str,
+    unit: str = "",
+) -> dict:
     """A target with its verdict computed from the measured value, and the prose (constant in the
     calling script) that says what limits the figure, chosen by the verdict."""
     met = verdict(measured, comparison, threshold)
-    return {"name": name, "target": text, "comparison": comparison, "threshold": threshold, "measured": measured,
-            "unit": unit, "met": met, "limit": met_limit if met else missed_limit}
+    return {
+        "name": name,
+        "target": text,
+        "comparison": comparison,
+        "threshold": threshold,
+        "measured": measured,
+        "unit": unit,
+        "met": met,
+        "limit": met_limit if met else missed_limit,
+    }
 
 
 def machine_of(raw: dict) -> dict:
@@ -177,12 +212,32 @@ def machine_of(raw: dict) -> dict:
     return out
 
 
-def report(raw: dict, *, name: str, title: str, issue: str, measured: str, table: dict,
-           tables: list[dict] = (), targets: list[dict] = (), notes: list[str] = ()) -> dict:
-    rep = {"schema": SCHEMA, "name": name, "title": title, "issue": issue, "script": f"benchmarks/bench_{name}.py",
-           "quick": bool(raw.get("quick", False)), "measured": " ".join(measured.split()),
-           "machine": machine_of(raw), "table": table, "tables": list(tables), "targets": list(targets),
-           "notes": [" ".join(n.split()) for n in notes]}
+def report(
+    raw: dict,
+    *,
+    name: str,
+    title: str,
+    issue: str,
+    measured: str,
+    table: dict,
+    tables: list[dict] = (),
+    targets: list[dict] = (),
+    notes: list[str] = (),
+) -> dict:
+    rep = {
+        "schema": SCHEMA,
+        "name": name,
+        "title": title,
+        "issue": issue,
+        "script": f"benchmarks/bench_{name}.py",
+        "quick": bool(raw.get("quick", False)),
+        "measured": " ".join(measured.split()),
+        "machine": machine_of(raw),
+        "table": table,
+        "tables": list(tables),
+        "targets": list(targets),
+        "notes": [" ".join(n.split()) for n in notes],
+    }
     validate(rep)
     return rep
 
@@ -193,6 +248,7 @@ def extra(title: str, columns: list[str], rows: list[list]) -> dict:
 
 # ---- validating one --------------------------------------------------------------------------------
 
+
 def _num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -200,9 +256,20 @@ def _num(x) -> bool:
 def problems(rep: dict) -> list[str]:
     """What is wrong with a report block (empty when it is valid)."""
     out = []
-    for key, kind in (("schema", int), ("name", str), ("title", str), ("issue", str), ("script", str),
-                      ("quick", bool), ("measured", str), ("machine", dict), ("table", dict), ("tables", list),
-                      ("targets", list), ("notes", list)):
+    for key, kind in (
+        ("schema", int),
+        ("name", str),
+        ("title", str),
+        ("issue", str),
+        ("script", str),
+        ("quick", bool),
+        ("measured", str),
+        ("machine", dict),
+        ("table", dict),
+        ("tables", list),
+        ("targets", list),
+        ("notes", list),
+    ):
         if not isinstance(rep.get(key), kind):
             out.append(f"{key}: missing or not {kind.__name__}")
     if out:
@@ -227,8 +294,7 @@ def problems(rep: dict) -> list[str]:
             if b is None:
                 out.append(f"row {r['case']!r}: baseline {r['baseline']!r} is not a row")
             elif _num(r.get("seconds")) and _num(b.get("seconds")) and b["seconds"]:
-                if not _num(r.get("ratio")) or not math.isclose(r["ratio"], r["seconds"] / b["seconds"],
-                                                                rel_tol=1e-9):
+                if not _num(r.get("ratio")) or not math.isclose(r["ratio"], r["seconds"] / b["seconds"], rel_tol=1e-9):
                     out.append(f"row {r['case']!r}: ratio is not seconds / the baseline's seconds")
     for t in rep["tables"]:
         n = len(t.get("columns", []))
@@ -236,15 +302,18 @@ def problems(rep: dict) -> list[str]:
             out.append(f"extra table {t.get('title')!r}: title, columns and rows of as many cells needed")
     for t in rep["targets"]:
         if t.get("comparison") not in COMPARISONS or not _num(t.get("threshold")):
-            out.append(f"target {t.get('name')!r}: comparison must be one of {sorted(COMPARISONS)} with a "
-                       f"numeric threshold")
+            out.append(
+                f"target {t.get('name')!r}: comparison must be one of {sorted(COMPARISONS)} with a numeric threshold"
+            )
             continue
         if t.get("measured") is not None and not _num(t["measured"]):
             out.append(f"target {t.get('name')!r}: measured is not a number")
             continue
         if t.get("met") is not verdict(t.get("measured"), t["comparison"], t["threshold"]):
-            out.append(f"target {t.get('name')!r}: met={t.get('met')} but {t.get('measured')} "
-                       f"{t['comparison']} {t['threshold']} says otherwise")
+            out.append(
+                f"target {t.get('name')!r}: met={t.get('met')} but {t.get('measured')} "
+                f"{t['comparison']} {t['threshold']} says otherwise"
+            )
         for k in ("name", "target", "limit"):
             if not isinstance(t.get(k), str) or not t[k]:
                 out.append(f"target {t.get('name')!r}: no {k}")

@@ -45,8 +45,11 @@ RANK1 = str(Path(PY).with_name("rank1"))
 REPS = 1 if QUICK else int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
 STEPS = [10, 20, 30] if QUICK else list(range(10, 101, 10))
 ROOT = WORK / ("decompose-run-quick" if QUICK else "decompose-run-135M")
-SHAPE = ("LlamaShape(vocab=256, hidden=256, intermediate=704, layers=2, heads=4, kv_heads=2, tie=True)" if QUICK
-         else "SHAPE_135M")
+SHAPE = (
+    "LlamaShape(vocab=256, hidden=256, intermediate=704, layers=2, heads=4, kv_heads=2, tie=True)"
+    if QUICK
+    else "SHAPE_135M"
+)
 BASELINE = "7a456c9bd359200690cdb1825f6631c00b7599b5"  # main before issue #12 (cold-start decompose)
 MODES = ("cold", "warm", "cold1", "warm1")  # this version's decompose: schedule, and rank 8 or (…1) rank 1
 
@@ -90,12 +93,16 @@ print(json.dumps({"modules": len(mods), "matrices": len(mods) * len(cks), "secon
 
 
 def _ensure() -> None:
-    if all((ROOT / "run" / f"checkpoint-{s}" / "model.safetensors").exists() for s in STEPS) and \
-            (ROOT / "base" / "model.safetensors").exists():
+    if (
+        all((ROOT / "run" / f"checkpoint-{s}" / "model.safetensors").exists() for s in STEPS)
+        and (ROOT / "base" / "model.safetensors").exists()
+    ):
         return
     shutil.rmtree(ROOT, ignore_errors=True)
-    print(f"generating the {len(STEPS)}-checkpoint run in {ROOT}" + ("" if QUICK else " (about 3 minutes)"),
-          file=sys.stderr)
+    print(
+        f"generating the {len(STEPS)}-checkpoint run in {ROOT}" + ("" if QUICK else " (about 3 minutes)"),
+        file=sys.stderr,
+    )
     measure([PY, "-c", GEN.format(steps=STEPS, shape=SHAPE), str(ROOT)], ENV)
 
 
@@ -107,8 +114,9 @@ def _baseline_src() -> Path | None:
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     try:
-        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", BASELINE, "src"], check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(HERE.parent), "archive", BASELINE, "src"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as e:
         print(f"no baseline run: cannot extract {BASELINE[:10]} ({e})", file=sys.stderr)
@@ -120,8 +128,21 @@ def _baseline_src() -> Path | None:
 def _decompose(mode: str, env: dict = ENV) -> dict:
     """One `rank1 decompose` process: mode before/cold/warm at rank 8, cold1/warm1 at rank 1."""
     out = WORK / f"decompose-run-out-{mode}"
-    cmd = [RANK1, "decompose", str(ROOT / "base"), "--run", str(ROOT / "run"), "--rank", "1" if mode[-1] == "1" else "8",
-           "--out", str(out), "--device", "cpu", "--quiet", "--force"] + (["--cold-start"] if "cold" in mode else [])
+    cmd = [
+        RANK1,
+        "decompose",
+        str(ROOT / "base"),
+        "--run",
+        str(ROOT / "run"),
+        "--rank",
+        "1" if mode[-1] == "1" else "8",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--force",
+    ] + (["--cold-start"] if "cold" in mode else [])
     r = measure(cmd, env)
     r.pop("stdout")
     with open(out / "spectrum.csv") as f:
@@ -129,9 +150,15 @@ def _decompose(mode: str, env: dict = ENV) -> dict:
     methods: dict[str, int] = {}
     for line in rows:
         methods[line["svd_method"]] = methods.get(line["svd_method"], 0) + 1
-    r.update({"matrices": len(rows), "methods": methods,
-              "exact_fallbacks": [f"{line['module']}@{line['step']}" for line in rows
-                                  if line["svd_method"] == "exact-fallback"]})
+    r.update(
+        {
+            "matrices": len(rows),
+            "methods": methods,
+            "exact_fallbacks": [
+                f"{line['module']}@{line['step']}" for line in rows if line["svd_method"] == "exact-fallback"
+            ],
+        }
+    )
     if "iterations" in rows[0]:  # the baseline's tables have no such column
         steps = [int(line["iterations"]) for line in rows]
         r.update({"steps_total": sum(steps), "steps_histogram": {str(k): steps.count(k) for k in sorted(set(steps))}})
@@ -160,14 +187,22 @@ def main() -> None:
             runs["before"].append(_decompose("before", _env(baseline)))
         for mode in MODES:
             runs[mode].append(_decompose(mode))
-    raw.update({"bytes_on_disk": sum(f.stat().st_size for f in ROOT.rglob("*.safetensors")),
-                "checkpoints": len(STEPS), "baseline_commit": BASELINE if baseline is not None else None,
-                "modes": {k: _summary(v) for k, v in runs.items() if v}})
+    raw.update(
+        {
+            "bytes_on_disk": sum(f.stat().st_size for f in ROOT.rglob("*.safetensors")),
+            "checkpoints": len(STEPS),
+            "baseline_commit": BASELINE if baseline is not None else None,
+            "modes": {k: _summary(v) for k, v in runs.items() if v},
+        }
+    )
     sec = {k: v["seconds"] for k, v in raw["modes"].items()}
-    print(f"decompose run ({len(STEPS)} checkpoints, {raw['bytes_on_disk'] / 1e9:.2f} GB): "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items()) + "; steps per matrix "
-          + ", ".join(f"{k} {raw['modes'][k]['steps_total'] / raw['modes'][k]['matrices']:.2f}" for k in MODES),
-          file=sys.stderr)
+    print(
+        f"decompose run ({len(STEPS)} checkpoints, {raw['bytes_on_disk'] / 1e9:.2f} GB): "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items())
+        + "; steps per matrix "
+        + ", ".join(f"{k} {raw['modes'][k]['steps_total'] / raw['modes'][k]['matrices']:.2f}" for k in MODES),
+        file=sys.stderr,
+    )
     write_results("decompose_run", raw, summarise, QUICK)
 
 
@@ -181,39 +216,77 @@ per matrix) and with the default warm start; the last two again at `--rank 1`. E
 method of every row (an exact fallback means the certificate was missed) and the subspace-iteration steps
 (products of ΔW or ΔWᵀ with the sketch) it took."""
 
+
 def summarise(raw: dict) -> dict:
     modes = raw["modes"]
-    names = {"floor": "I/O floor: read, float32 update and its norm", "before": "`rank1 decompose` before #12 (7a456c9)",
-             "cold": "`rank1 decompose --cold-start`", "warm": "`rank1 decompose` (warm start)",
-             "cold1": "`--rank 1 --cold-start`", "warm1": "`--rank 1` (warm start)"}
+    names = {
+        "floor": "I/O floor: read, float32 update and its norm",
+        "before": "`rank1 decompose` before #12 (7a456c9)",
+        "cold": "`rank1 decompose --cold-start`",
+        "warm": "`rank1 decompose` (warm start)",
+        "cold1": "`--rank 1 --cold-start`",
+        "warm1": "`--rank 1` (warm start)",
+    }
     base = {"before": "warm", "cold": "warm", "warm": "floor", "cold1": "warm1", "warm1": "floor"}
-    rows = [row(names[k] + ("" if k == "floor" or k.endswith("1") else ", rank 8"), m["seconds"], runs_of(m),
-                names[base[k]] + ("" if base[k] in ("floor", "warm1") else ", rank 8") if k in base else None,
-                m.get("peak_rss")) for k, m in modes.items()]
-    steps = [[names[k], m["matrices"], m.get("steps_total"),
-              m["steps_total"] / m["matrices"] if m.get("steps_total") is not None else None,
-              ", ".join(f"{n}: {c}" for n, c in m.get("steps_histogram", {}).items()) or None,
-              len(m["exact_fallbacks"])] for k, m in modes.items() if "exact_fallbacks" in m]
+    rows = [
+        row(
+            names[k] + ("" if k == "floor" or k.endswith("1") else ", rank 8"),
+            m["seconds"],
+            runs_of(m),
+            names[base[k]] + ("" if base[k] in ("floor", "warm1") else ", rank 8") if k in base else None,
+            m.get("peak_rss"),
+        )
+        for k, m in modes.items()
+    ]
+    steps = [
+        [
+            names[k],
+            m["matrices"],
+            m.get("steps_total"),
+            m["steps_total"] / m["matrices"] if m.get("steps_total") is not None else None,
+            ", ".join(f"{n}: {c}" for n, c in m.get("steps_histogram", {}).items()) or None,
+            len(m["exact_fallbacks"]),
+        ]
+        for k, m in modes.items()
+        if "exact_fallbacks" in m
+    ]
     sec = {k: m["seconds"] for k, m in modes.items()}
     fallbacks = sum(len(m["exact_fallbacks"]) for k, m in modes.items() if k in MODES)
     targets = [
-        target("warm_over_floor", "`rank1 decompose` of the run within 2.5× the I/O floor (issue #12)", "<=", 2.5,
-               sec["warm"] / sec["floor"], unit="×",
-               met_limit="Reading, upcasting, subtracting and the norm are paid by every mode; the SVD adds the rest.",
-               missed_limit="At rank 8 every matrix takes the cold schedule's 10 products: σ₂..σ₈ of this run are bf16 "
-               "rounding noise, which no certificate reaches, and they must be as accurate as the cold path's. The "
-               "SVD then costs what it cost before the warm start; the floor is a few seconds of it."),
-        target("cold_over_warm", "warm start at least 3× faster than `--cold-start` (issue #12)", ">=", 3.0,
-               sec["cold"] / sec["warm"], unit="×",
-               met_limit="The warm start certifies every reported value in a few products instead of 10.",
-               missed_limit="The warm start saves products only where every reported value can be certified: σ₁ at "
-               "rank 1 (see the rank-1 rows), or k values standing out of the noise. Here σ₂..σ₈ are noise that is "
-               "new at every checkpoint, so at rank 8 both schedules take 10 products per matrix."),
-        target("fallbacks", "every matrix meets the accuracy certificate: exact fallbacks in this version's runs",
-               "<=", 0, fallbacks,
-               met_limit="σ₁ of this run stands far above its noise: the certificate passes on every matrix.",
-               missed_limit="A matrix whose σ₁ and σ₂ nearly coincide has no well-defined u₁; the exact SVD is then "
-               "the honest answer (listed in the results file)."),
+        target(
+            "warm_over_floor",
+            "`rank1 decompose` of the run within 2.5× the I/O floor (issue #12)",
+            "<=",
+            2.5,
+            sec["warm"] / sec["floor"],
+            unit="×",
+            met_limit="Reading, upcasting, subtracting and the norm are paid by every mode; the SVD adds the rest.",
+            missed_limit="At rank 8 every matrix takes the cold schedule's 10 products: σ₂..σ₈ of this run are bf16 "
+            "rounding noise, which no certificate reaches, and they must be as accurate as the cold path's. The "
+            "SVD then costs what it cost before the warm start; the floor is a few seconds of it.",
+        ),
+        target(
+            "cold_over_warm",
+            "warm start at least 3× faster than `--cold-start` (issue #12)",
+            ">=",
+            3.0,
+            sec["cold"] / sec["warm"],
+            unit="×",
+            met_limit="The warm start certifies every reported value in a few products instead of 10.",
+            missed_limit="The warm start saves products only where every reported value can be certified: σ₁ at "
+            "rank 1 (see the rank-1 rows), or k values standing out of the noise. Here σ₂..σ₈ are noise that is "
+            "new at every checkpoint, so at rank 8 both schedules take 10 products per matrix.",
+        ),
+        target(
+            "fallbacks",
+            "every matrix meets the accuracy certificate: exact fallbacks in this version's runs",
+            "<=",
+            0,
+            fallbacks,
+            met_limit="σ₁ of this run stands far above its noise: the certificate passes on every matrix.",
+            missed_limit="A matrix whose σ₁ and σ₂ nearly coincide has no well-defined u₁; the exact SVD is then "
+            "the honest answer (listed in the results file).",
+        ),
     ]
     notes = [
         "What the warm start saves depends on k against the directions that stand out of the noise: the rank-1 rows "
@@ -226,12 +299,25 @@ def summarise(raw: dict) -> dict:
         "they do not compete for every core; the tables reading only S and ‖ΔW‖ back from the factor files.",
         "The floor includes the imports (about 1.8 s of it is importing torch), paid by every mode.",
         "The benchmark runs on the CPU (`--device cpu`); the GPU path was not measured for issue #12 (no GPU was "
-        "lent to its sessions)."]
-    return report(raw, name="decompose_run", title="`rank1 decompose` of a whole run", issue="#12",
-                  measured=MEASURED, table=table(rows, memory="peak RSS, whole process"),
-                  tables=[extra("Subspace-iteration steps", ["mode", "matrices", "steps", "steps per matrix",
-                                                             "matrices by steps", "exact fallbacks"], steps)],
-                  targets=targets, notes=notes)
+        "lent to its sessions).",
+    ]
+    return report(
+        raw,
+        name="decompose_run",
+        title="`rank1 decompose` of a whole run",
+        issue="#12",
+        measured=MEASURED,
+        table=table(rows, memory="peak RSS, whole process"),
+        tables=[
+            extra(
+                "Subspace-iteration steps",
+                ["mode", "matrices", "steps", "steps per matrix", "matrices by steps", "exact fallbacks"],
+                steps,
+            )
+        ],
+        targets=targets,
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":

@@ -80,14 +80,21 @@ def make(kind: str) -> tuple[Path, Path]:
     base = {n: base_tensor(n, s, 0) for n, s in shape.shapes().items()}
     write_model(root / "base", base, shape.config(torch.float32))
     for step in STEPS:
-        write_model(root / "run" / f"checkpoint-{step}", {n: b + _update(kind, n, b, step) for n, b in base.items()},
-                    shape.config(torch.float32))
+        write_model(
+            root / "run" / f"checkpoint-{step}",
+            {n: b + _update(kind, n, b, step) for n, b in base.items()},
+            shape.config(torch.float32),
+        )
     return root / "base", root / "run"
 
 
 def rank1(*args: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "rank1tools.cli", *args, "--json", "--quiet"], capture_output=True,
-                       text=True, env={"PYTHONPATH": str(HERE.parent / "src"), "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-m", "rank1tools.cli", *args, "--json", "--quiet"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(HERE.parent / "src"), "PATH": "/usr/bin:/bin"},
+    )
     if r.returncode not in (0, 5):
         raise SystemExit(f"rank1 {' '.join(args)} failed ({r.returncode}): {r.stderr}")
     return json.loads(r.stdout)
@@ -114,25 +121,67 @@ def main() -> None:
     for kind in KINDS:
         base, run = make(kind)
         out = WORK / kind / "out"
-        lin = rank1("linearity", str(base), "--run", str(run), "--steps", f"10:{CUT}", "--out", str(out / "linearity"),
-                    "--no-plots")
+        lin = rank1(
+            "linearity",
+            str(base),
+            "--run",
+            str(run),
+            "--steps",
+            f"10:{CUT}",
+            "--out",
+            str(out / "linearity"),
+            "--no-plots",
+        )
         s = lin["summary"]
-        row = {"run": kind, "window": f"10..{CUT}", "target": TARGET,
-               "linearity_frac_r2_above_0.7": s["headline"]["frac_r2_above_0.7"],
-               "explained_1_mean": s["mean"]["mean_explained_1"],
-               "coef_r2_1_mean": s["mean"]["mean_coef_r2_1"],
-               "error_stop_at_cut": error(run / f"checkpoint-{CUT}", run / f"checkpoint-{TARGET}", base)}
-        for label, method, opts in (("relex", "relex", ["--rank", "1"]), ("linear", "linear", ["--mode", "lstsq"]),
-                                     ("linear_norms", "linear", ["--mode", "lstsq", "--extrapolate-norms"])):
+        row = {
+            "run": kind,
+            "window": f"10..{CUT}",
+            "target": TARGET,
+            "linearity_frac_r2_above_0.7": s["headline"]["frac_r2_above_0.7"],
+            "explained_1_mean": s["mean"]["mean_explained_1"],
+            "coef_r2_1_mean": s["mean"]["mean_coef_r2_1"],
+            "error_stop_at_cut": error(run / f"checkpoint-{CUT}", run / f"checkpoint-{TARGET}", base),
+        }
+        for label, method, opts in (
+            ("relex", "relex", ["--rank", "1"]),
+            ("linear", "linear", ["--mode", "lstsq"]),
+            ("linear_norms", "linear", ["--mode", "lstsq", "--extrapolate-norms"]),
+        ):
             dest = out / label
-            rank1("extrapolate", str(base), "--run", str(run), "--method", method, *opts, "--history-until", str(CUT),
-                  "--target-step", str(TARGET), "--dtype", "float32", "--out", str(dest))
+            rank1(
+                "extrapolate",
+                str(base),
+                "--run",
+                str(run),
+                "--method",
+                method,
+                *opts,
+                "--history-until",
+                str(CUT),
+                "--target-step",
+                str(TARGET),
+                "--dtype",
+                "float32",
+                "--out",
+                str(dest),
+            )
             row[f"error_{label}"] = error(dest, run / f"checkpoint-{TARGET}", base)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    write_results("extrapolation_quality", {"machine_info": info, "benchmark": "extrapolation_quality",
-                                            "steps": STEPS, "cut": CUT, "target": TARGET, "noise": NOISE, "rows": rows},
-                  summarise, QUICK)
+    write_results(
+        "extrapolation_quality",
+        {
+            "machine_info": info,
+            "benchmark": "extrapolation_quality",
+            "steps": STEPS,
+            "cut": CUT,
+            "target": TARGET,
+            "noise": NOISE,
+            "rows": rows,
+        },
+        summarise,
+        QUICK,
+    )
 
 
 MEASURED = """How far a good fit in the window says anything about the extrapolation. Three planted runs of the
@@ -147,22 +196,50 @@ beside stopping at the cut (θ̂ = θ₄₀). Accuracy only: nothing here is tim
 
 
 def summarise(raw: dict) -> dict:
-    cols = ["run (update law)", "share of elements R² > 0.7", "mean explained_1", "mean coef R²_1",
-            "error: stop at the cut", "error: relex r = 1", "error: linear lstsq",
-            "error: linear lstsq, `--extrapolate-norms`"]
-    keys = ["run", "linearity_frac_r2_above_0.7", "explained_1_mean", "coef_r2_1_mean", "error_stop_at_cut",
-            "error_relex", "error_linear", "error_linear_norms"]
-    quality = extra(f"Window {raw['steps'][0]}..{raw['cut']}, target step {raw['target']}, noise {raw['noise']}", cols,
-                    [[r[k] for k in keys] for r in raw["rows"]])
-    return report(raw, name="extrapolation_quality", title="Extrapolation quality on planted runs", issue="#10",
-                  measured=MEASURED, table=table([]), tables=[quality],
-                  notes=["The first three figures are what `rank1 linearity` shows on the window; the last four are "
-                         "the error of each checkpoint at the target step. The model is small, so its norm weights "
-                         "carry a large share of the update norm (hence the gap between lstsq with norms copied and "
-                         "extrapolated).",
-                         "How to read the table: [extrapolation.md](extrapolation.md#a-high-r²-is-not-a-licence-to-"
-                         "extrapolate): compare the window's figures (the first three) of the runs that keep their "
-                         "direction with those of the rotating run, then their errors."])
+    cols = [
+        "run (update law)",
+        "share of elements R² > 0.7",
+        "mean explained_1",
+        "mean coef R²_1",
+        "error: stop at the cut",
+        "error: relex r = 1",
+        "error: linear lstsq",
+        "error: linear lstsq, `--extrapolate-norms`",
+    ]
+    keys = [
+        "run",
+        "linearity_frac_r2_above_0.7",
+        "explained_1_mean",
+        "coef_r2_1_mean",
+        "error_stop_at_cut",
+        "error_relex",
+        "error_linear",
+        "error_linear_norms",
+    ]
+    quality = extra(
+        f"Window {raw['steps'][0]}..{raw['cut']}, target step {raw['target']}, noise {raw['noise']}",
+        cols,
+        [[r[k] for k in keys] for r in raw["rows"]],
+    )
+    return report(
+        raw,
+        name="extrapolation_quality",
+        title="Extrapolation quality on planted runs",
+        issue="#10",
+        measured=MEASURED,
+        table=table([]),
+        tables=[quality],
+        notes=[
+            "The first three figures are what `rank1 linearity` shows on the window; the last four are "
+            "the error of each checkpoint at the target step. The model is small, so its norm weights "
+            "carry a large share of the update norm (hence the gap between lstsq with norms copied and "
+            "extrapolated).",
+            "How to read the table: [extrapolation.md](extrapolation.md#a-high-r²-is-not-a-licence-to-"
+            "extrapolate): compare the window's figures (the first three) of the runs that keep their "
+            "direction with those of the rotating run, then their errors.",
+        ],
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -32,8 +32,15 @@ PY = sys.executable
 RANK1 = str(Path(PY).with_name("rank1"))
 REPS = 1 if QUICK else 3
 LAYERS, T = (2, 8) if QUICK else (32, 50)
-SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
-          "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}
+SHAPES = {
+    "q": (4096, 4096),
+    "k": (1024, 4096),
+    "v": (1024, 4096),
+    "o": (4096, 4096),
+    "gate": (14336, 4096),
+    "up": (14336, 4096),
+    "down": (4096, 14336),
+}
 if QUICK:
     SHAPES = {t: (m // 64, n // 64) for t, (m, n) in SHAPES.items()}
 
@@ -84,8 +91,12 @@ def _ensure() -> Path:
             V = rng.standard_normal((T, n))
             part = "mlp" if t in ("gate", "up", "down") else "self_attn"
             modules[f"model.layers.{layer}.{part}.{t}_proj.weight"] = {
-                "U": (X / S[:, None]).astype(np.float32), "S": S.astype(np.float32),
-                "V": (V / np.linalg.norm(V, axis=1, keepdims=True)).astype(np.float32), "layer": layer, "type": t}
+                "U": (X / S[:, None]).astype(np.float32),
+                "S": S.astype(np.float32),
+                "V": (V / np.linalg.norm(V, axis=1, keepdims=True)).astype(np.float32),
+                "layer": layer,
+                "type": t,
+            }
     write_factor_store(store, steps, modules)
     (WORK / "metrics.json").write_text(json.dumps({str(s): float(v) for s, v in zip(steps, acc)}))
     return store
@@ -95,15 +106,36 @@ def main() -> None:
     store = _ensure()
     metrics = WORK / "metrics.json"
     out = WORK / "out"
-    r: dict = {"machine_info": machine(), "layers": LAYERS, "modules": LAYERS * len(SHAPES),
-               "checkpoints": T, "max_d_out": max(m for m, _ in SHAPES.values()),
-               "store_bytes": sum(f.stat().st_size for f in (store / "factors").iterdir())}
-    r["import"] = repeat([PY, "-c", "import torch, typer, rich.table, sklearn, rank1tools.cli, "
-                          "rank1tools.commands.fit_pls"], REPS)
-    r["cli"] = repeat([RANK1, "fit-pls", str(store), "--metrics", str(metrics), "--out", str(out), "--force",
-                       "--quiet", "--no-plots"], REPS)
-    ours = {row["module"]: [row["r2"], row["loo_r2"], row["r2_step"]]
-            for row in map(json.loads, (out / "fits.jsonl").read_text().splitlines())}
+    r: dict = {
+        "machine_info": machine(),
+        "layers": LAYERS,
+        "modules": LAYERS * len(SHAPES),
+        "checkpoints": T,
+        "max_d_out": max(m for m, _ in SHAPES.values()),
+        "store_bytes": sum(f.stat().st_size for f in (store / "factors").iterdir()),
+    }
+    r["import"] = repeat(
+        [PY, "-c", "import torch, typer, rich.table, sklearn, rank1tools.cli, rank1tools.commands.fit_pls"], REPS
+    )
+    r["cli"] = repeat(
+        [
+            RANK1,
+            "fit-pls",
+            str(store),
+            "--metrics",
+            str(metrics),
+            "--out",
+            str(out),
+            "--force",
+            "--quiet",
+            "--no-plots",
+        ],
+        REPS,
+    )
+    ours = {
+        row["module"]: [row["r2"], row["loo_r2"], row["r2_step"]]
+        for row in map(json.loads, (out / "fits.jsonl").read_text().splitlines())
+    }
     naive_out = WORK / "naive.json"
     r["naive"] = measure([PY, "-c", NAIVE, str(store), str(metrics), str(naive_out)])
     naive = json.loads(naive_out.read_text())
@@ -115,10 +147,13 @@ def main() -> None:
     r["speedup"] = r["naive"]["seconds"] / r["cli"]["seconds"]
     shutil.rmtree(out)
     c, i = r["cli"], r["import"]
-    print(f"fit-pls {c['seconds']:.1f} s (imports {i['seconds']:.1f} s), peak RSS {c['peak_rss'] / 1e6:.0f} MB "
-          f"(+{(c['peak_rss'] - i['peak_rss']) / 1e6:.0f} over imports; one module block "
-          f"{r['one_module_block_bytes'] / 1e6:.1f} MB); naive {r['naive']['seconds']:.1f} s -> "
-          f"{r['speedup']:.1f}x; max |R² diff| {r['max_abs_r2_diff']:.1e}", file=sys.stderr)
+    print(
+        f"fit-pls {c['seconds']:.1f} s (imports {i['seconds']:.1f} s), peak RSS {c['peak_rss'] / 1e6:.0f} MB "
+        f"(+{(c['peak_rss'] - i['peak_rss']) / 1e6:.0f} over imports; one module block "
+        f"{r['one_module_block_bytes'] / 1e6:.1f} MB); naive {r['naive']['seconds']:.1f} s -> "
+        f"{r['speedup']:.1f}x; max |R² diff| {r['max_abs_r2_diff']:.1e}",
+        file=sys.stderr,
+    )
     write_results("fit_pls", r, summarise, QUICK)
 
 
@@ -135,39 +170,87 @@ importing what the CLI imports before it starts work; peak RSS is the whole proc
 def summarise(raw: dict) -> dict:
     cli, naive, imp = raw["cli"], raw["naive"], raw["import"]
     naive_case = "naive scikit-learn refit loop (whole process)"
-    rows = [row("`rank1 fit-pls` (whole process)", cli["seconds"], runs_of(cli), naive_case, cli["peak_rss"]),
-            row(naive_case, naive["seconds"], runs_of(naive), None, naive["peak_rss"]),
-            row("imports alone", imp["seconds"], runs_of(imp), None, imp["peak_rss"])]
+    rows = [
+        row("`rank1 fit-pls` (whole process)", cli["seconds"], runs_of(cli), naive_case, cli["peak_rss"]),
+        row(naive_case, naive["seconds"], runs_of(naive), None, naive["peak_rss"]),
+        row("imports alone", imp["seconds"], runs_of(imp), None, imp["peak_rss"]),
+    ]
     above = cli["peak_rss"] - imp["peak_rss"]
     block = raw["one_module_block_bytes"]
-    facts = extra("Store and memory", ["modules", "checkpoints", "largest d_out", "factor store (MB)",
-                                       "peak RSS above imports (MB)", "one module's float64 T × d_out block (MB)",
-                                       "peak above imports ÷ block"],
-                  [[raw["modules"], raw["checkpoints"], raw["max_d_out"], raw["store_bytes"] / 1e6, above / 1e6,
-                    block / 1e6, above / block]])
+    facts = extra(
+        "Store and memory",
+        [
+            "modules",
+            "checkpoints",
+            "largest d_out",
+            "factor store (MB)",
+            "peak RSS above imports (MB)",
+            "one module's float64 T × d_out block (MB)",
+            "peak above imports ÷ block",
+        ],
+        [
+            [
+                raw["modules"],
+                raw["checkpoints"],
+                raw["max_d_out"],
+                raw["store_bytes"] / 1e6,
+                above / 1e6,
+                block / 1e6,
+                above / block,
+            ]
+        ],
+    )
     targets = [
-        target("speedup", "speed-up over the naive scikit-learn refit loop, whole process (issue #9)", ">=", 5.0,
-               naive["seconds"] / cli["seconds"], unit="×",
-               met_limit="The leave-one-out (T² · d_out per module, all folds from downdates) is most of the work; "
-               "reading the factors (float32 to float64) and writing the fit store make most of the rest. R²_step is "
-               "in-sample only, so it costs one fit, not T.",
-               missed_limit="Imports and reading the factors are a fixed cost next to the naive loop's refits; the "
-               "margin is small on few cores and shrinks when other work shares them."),
-        target("r2_equal", "largest difference between the two tools' R² values (issue #9: same R², 1e-9)", "<=", 1e-9,
-               raw["max_abs_r2_diff"],
-               met_limit="Same estimator in float64; the leave-one-out downdates are exact algebra.",
-               missed_limit="The two tools do not compute the same R²: alignment or standardisation differs."),
-        target("memory_block", "peak RSS above imports in units of one module's float64 T × d_out block of the "
-               "largest module (issue #9: 'about one block', read as at most 2)", "<=", 2.0, above / block, unit="×",
-               met_limit="Modules are processed one at a time and the leave-one-out keeps one block of temporaries.",
-               missed_limit="Modules are processed one at a time, so the peak does not grow with the number of "
-               "modules or the store size, but the leave-one-out keeps a few T × d_out float64 temporaries at "
-               "once (see the table), not one. A fold-chunked leave-one-out would get closer, at some speed."),
+        target(
+            "speedup",
+            "speed-up over the naive scikit-learn refit loop, whole process (issue #9)",
+            ">=",
+            5.0,
+            naive["seconds"] / cli["seconds"],
+            unit="×",
+            met_limit="The leave-one-out (T² · d_out per module, all folds from downdates) is most of the work; "
+            "reading the factors (float32 to float64) and writing the fit store make most of the rest. R²_step is "
+            "in-sample only, so it costs one fit, not T.",
+            missed_limit="Imports and reading the factors are a fixed cost next to the naive loop's refits; the "
+            "margin is small on few cores and shrinks when other work shares them.",
+        ),
+        target(
+            "r2_equal",
+            "largest difference between the two tools' R² values (issue #9: same R², 1e-9)",
+            "<=",
+            1e-9,
+            raw["max_abs_r2_diff"],
+            met_limit="Same estimator in float64; the leave-one-out downdates are exact algebra.",
+            missed_limit="The two tools do not compute the same R²: alignment or standardisation differs.",
+        ),
+        target(
+            "memory_block",
+            "peak RSS above imports in units of one module's float64 T × d_out block of the "
+            "largest module (issue #9: 'about one block', read as at most 2)",
+            "<=",
+            2.0,
+            above / block,
+            unit="×",
+            met_limit="Modules are processed one at a time and the leave-one-out keeps one block of temporaries.",
+            missed_limit="Modules are processed one at a time, so the peak does not grow with the number of "
+            "modules or the store size, but the leave-one-out keeps a few T × d_out float64 temporaries at "
+            "once (see the table), not one. A fold-chunked leave-one-out would get closer, at some speed.",
+        ),
     ]
-    return report(raw, name="fit_pls", title="`rank1 fit-pls`", issue="#9", measured=MEASURED,
-                  table=table(rows, memory="peak RSS, whole process"), tables=[facts], targets=targets,
-                  notes=["The per-module leave-one-out alone is measured in "
-                         "[Leave-one-out PLS of one module](#pls) (`bench_pls.py`)."])
+    return report(
+        raw,
+        name="fit_pls",
+        title="`rank1 fit-pls`",
+        issue="#9",
+        measured=MEASURED,
+        table=table(rows, memory="peak RSS, whole process"),
+        tables=[facts],
+        targets=targets,
+        notes=[
+            "The per-module leave-one-out alone is measured in "
+            "[Leave-one-out PLS of one module](#pls) (`bench_pls.py`)."
+        ],
+    )
 
 
 if __name__ == "__main__":

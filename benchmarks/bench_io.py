@@ -72,8 +72,15 @@ def _child(mode: str, path: str) -> dict:
             tracker.sample()
             del t
     seconds = time.perf_counter() - t0
-    return {"mode": mode, "seconds": seconds, "import_rss": base_rss, "peak_rss": peak_rss(),
-            "peak_anon": tracker.peak, "anon_at_start": tracker.start, "largest_fp32_tensor": largest}
+    return {
+        "mode": mode,
+        "seconds": seconds,
+        "import_rss": base_rss,
+        "peak_rss": peak_rss(),
+        "peak_anon": tracker.peak,
+        "anon_at_start": tracker.start,
+        "largest_fp32_tensor": largest,
+    }
 
 
 def main() -> None:
@@ -87,23 +94,36 @@ def main() -> None:
     if not (model / "model.safetensors").exists():
         print(f"generating {shape.parameter_count / 1e6:.0f}M-parameter bf16 model in {model}", file=sys.stderr)
         # in a child: the generator's own peak must not touch this process
-        subprocess.run([sys.executable, "-c", "import sys, torch; from rank1tools.synthetic import LlamaShape, make_base; "
-                        f"make_base(sys.argv[1], LlamaShape(**{SHAPE!r}), dtype=torch.bfloat16)", str(model)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, torch; from rank1tools.synthetic import LlamaShape, make_base; "
+                f"make_base(sys.argv[1], LlamaShape(**{SHAPE!r}), dtype=torch.bfloat16)",
+                str(model),
+            ],
+            check=True,
+        )
     size = (model / "model.safetensors").stat().st_size
     info = machine()
     runs = {}
     for mode in ("stream", "mmap", "load"):
         reps = []
         for _ in range(REPS):
-            out = subprocess.run([sys.executable, __file__, mode, str(model)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, mode, str(model)], capture_output=True, text=True, check=True
+            )
             reps.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = runs[mode] = dict(reps[-1])
         r["all_seconds"] = [x["seconds"] for x in reps]
         r["seconds"] = statistics.median(r["all_seconds"])
         for key in ("peak_rss", "peak_anon"):
             r[key] = max(x[key] for x in reps)
-        print(f"{mode:7s} peak RSS {r['peak_rss'] / 1e6:8.0f} MB (+{(r['peak_rss'] - r['import_rss']) / 1e6:.0f} over imports), "
-              f"peak anon +{(r['peak_anon'] - r['anon_at_start']) / 1e6:.0f} MB, {r['seconds']:.2f} s", file=sys.stderr)
+        print(
+            f"{mode:7s} peak RSS {r['peak_rss'] / 1e6:8.0f} MB (+{(r['peak_rss'] - r['import_rss']) / 1e6:.0f} over imports), "
+            f"peak anon +{(r['peak_anon'] - r['anon_at_start']) / 1e6:.0f} MB, {r['seconds']:.2f} s",
+            file=sys.stderr,
+        )
     rank1 = Path(sys.executable).with_name("rank1")
     help_times = []
     for _ in range(HELP_REPS):
@@ -111,14 +131,21 @@ def main() -> None:
         subprocess.run([str(rank1), "--help"], capture_output=True, check=True)
         help_times.append(time.perf_counter() - t0)
     result = {
-        "machine_info": info, "checkpoint_bytes": size, "parameters": shape.parameter_count,
-        "runs": runs, "rank1_help_seconds_median": statistics.median(help_times), "rank1_help_runs": len(help_times),
+        "machine_info": info,
+        "checkpoint_bytes": size,
+        "parameters": shape.parameter_count,
+        "runs": runs,
+        "rank1_help_seconds_median": statistics.median(help_times),
+        "rank1_help_runs": len(help_times),
     }
     write_results("io", result, summarise, QUICK)
     s = runs["stream"]
-    print(f"checkpoint {size / 1e9:.2f} GB; stream peak RSS above imports "
-          f"{(s['peak_rss'] - s['import_rss']) / 1e6:.0f} MB (largest fp32 tensor {s['largest_fp32_tensor'] / 1e6:.0f} MB); "
-          f"rank1 --help {result['rank1_help_seconds_median'] * 1000:.0f} ms", file=sys.stderr)
+    print(
+        f"checkpoint {size / 1e9:.2f} GB; stream peak RSS above imports "
+        f"{(s['peak_rss'] - s['import_rss']) / 1e6:.0f} MB (largest fp32 tensor {s['largest_fp32_tensor'] / 1e6:.0f} MB); "
+        f"rank1 --help {result['rank1_help_seconds_median'] * 1000:.0f} ms",
+        file=sys.stderr,
+    )
 
 
 MEASURED = """A generated bf16 Llama-shaped model in one `model.safetensors` (vocab 32000, hidden 1536, MLP 4096,
@@ -130,8 +157,11 @@ the memory-mapped file) is sampled after every tensor. `rank1 --help` is timed a
 answers without importing torch."""
 
 LOAD = "safetensors `load_file()` (naive)"
-CASES = {"stream": "rank1tools `open_checkpoint().read()`", "mmap": "safetensors `safe_open().get_tensor().float()` (mmap)",
-         "load": LOAD}
+CASES = {
+    "stream": "rank1tools `open_checkpoint().read()`",
+    "mmap": "safetensors `safe_open().get_tensor().float()` (mmap)",
+    "load": LOAD,
+}
 
 
 def summarise(raw: dict) -> dict:
@@ -140,36 +170,67 @@ def summarise(raw: dict) -> dict:
     rows = [row(CASES[m], r["seconds"], runs_of(r), None if m == "load" else LOAD, above[m]) for m, r in runs.items()]
     rows.append(row("`rank1 --help` (whole process)", raw["rank1_help_seconds_median"], raw.get("rank1_help_runs", 7)))
     s = runs["stream"]
-    anon = extra("Memory by mode", ["mode", "peak RSS above imports (MB)", "peak anonymous memory above start (MB)",
-                                    "largest float32 tensor (MB)"],
-                 [[CASES[m], above[m] / 1e6, (r["peak_anon"] - r["anon_at_start"]) / 1e6, r["largest_fp32_tensor"] / 1e6]
-                  for m, r in runs.items()])
+    anon = extra(
+        "Memory by mode",
+        [
+            "mode",
+            "peak RSS above imports (MB)",
+            "peak anonymous memory above start (MB)",
+            "largest float32 tensor (MB)",
+        ],
+        [
+            [CASES[m], above[m] / 1e6, (r["peak_anon"] - r["anon_at_start"]) / 1e6, r["largest_fp32_tensor"] / 1e6]
+            for m, r in runs.items()
+        ],
+    )
     setup = extra("Checkpoint", ["parameters (M)", "file size (GB)"], [[raw["parameters"] / 1e6, size / 1e9]])
     targets = [
-        target("stream_vs_checkpoint", "rank1tools' peak RSS above imports, as a share of the checkpoint size "
-               "(issue #2: 'far below the checkpoint size', read as at most half)", "<=", 0.5, above["stream"] / size,
-               unit="×",
-               met_limit="The peak is one float32 tensor plus its bf16 source, whatever the checkpoint size; on a larger "
-               "checkpoint the share only falls. Through the memory map the whole file becomes resident instead (on a "
-               "16 GB checkpoint, 16 GB of RSS).",
-               missed_limit="The streaming reader should hold one float32 tensor plus its source: a larger share means it "
-               "holds more, or that the checkpoint is so small that one tensor is a large part of it (quick runs)."),
-        target("stream_vs_tensor", "rank1tools' peak RSS above imports, in units of the largest float32 tensor (issue #2: "
-               "'around one tensor, not one model', read as at most 2)", "<=", 2.0,
-               above["stream"] / s["largest_fp32_tensor"], unit="×",
-               met_limit="One float32 tensor plus its bf16 source (1.5 tensors) is the floor of an upcasting reader; "
-               "the price is one copy out of the page cache, slower than mmap's zero copy.",
-               missed_limit="More than one tensor is resident at the peak: the reader or the allocator keeps a second "
-               "tensor; or, on tiny models, the allocator's arenas outweigh the tensors (quick runs)."),
+        target(
+            "stream_vs_checkpoint",
+            "rank1tools' peak RSS above imports, as a share of the checkpoint size "
+            "(issue #2: 'far below the checkpoint size', read as at most half)",
+            "<=",
+            0.5,
+            above["stream"] / size,
+            unit="×",
+            met_limit="The peak is one float32 tensor plus its bf16 source, whatever the checkpoint size; on a larger "
+            "checkpoint the share only falls. Through the memory map the whole file becomes resident instead (on a "
+            "16 GB checkpoint, 16 GB of RSS).",
+            missed_limit="The streaming reader should hold one float32 tensor plus its source: a larger share means it "
+            "holds more, or that the checkpoint is so small that one tensor is a large part of it (quick runs).",
+        ),
+        target(
+            "stream_vs_tensor",
+            "rank1tools' peak RSS above imports, in units of the largest float32 tensor (issue #2: "
+            "'around one tensor, not one model', read as at most 2)",
+            "<=",
+            2.0,
+            above["stream"] / s["largest_fp32_tensor"],
+            unit="×",
+            met_limit="One float32 tensor plus its bf16 source (1.5 tensors) is the floor of an upcasting reader; "
+            "the price is one copy out of the page cache, slower than mmap's zero copy.",
+            missed_limit="More than one tensor is resident at the peak: the reader or the allocator keeps a second "
+            "tensor; or, on tiny models, the allocator's arenas outweigh the tensors (quick runs).",
+        ),
     ]
-    return report(raw, name="io", title="Streaming reads", issue="#2", measured=MEASURED,
-                  table=table(rows, memory="peak RSS above imports"), tables=[anon, setup], targets=targets,
-                  notes=["rank1tools' peak is set by the largest tensor, not by the checkpoint: the same reader on a "
-                         "16 GB checkpoint peaks at the same figure plus the difference in largest tensor.",
-                         "The copy out of the page cache is what the reader pays for that: compare its time with "
-                         "the memory-mapped read's in the table.",
-                         "Option errors and `--out` refusals answer as fast as `--help`: they are checked before "
-                         "torch is imported (tested in `tests/test_cli.py`)."])
+    return report(
+        raw,
+        name="io",
+        title="Streaming reads",
+        issue="#2",
+        measured=MEASURED,
+        table=table(rows, memory="peak RSS above imports"),
+        tables=[anon, setup],
+        targets=targets,
+        notes=[
+            "rank1tools' peak is set by the largest tensor, not by the checkpoint: the same reader on a "
+            "16 GB checkpoint peaks at the same figure plus the difference in largest tensor.",
+            "The copy out of the page cache is what the reader pays for that: compare its time with "
+            "the memory-mapped read's in the table.",
+            "Option errors and `--out` refusals answer as fast as `--help`: they are checked before "
+            "torch is imported (tested in `tests/test_cli.py`).",
+        ],
+    )
 
 
 if __name__ == "__main__":

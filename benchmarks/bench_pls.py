@@ -29,7 +29,7 @@ def naive_loo_r2(X, y) -> float:
     pred = np.empty(len(y))
     for t in range(len(y)):
         keep = np.arange(len(y)) != t
-        pred[t] = PLSRegression(n_components=1, scale=True).fit(X[keep], y[keep]).predict(X[t:t + 1]).ravel()[0]
+        pred[t] = PLSRegression(n_components=1, scale=True).fit(X[keep], y[keep]).predict(X[t : t + 1]).ravel()[0]
     return r2_score(y, pred)
 
 
@@ -55,12 +55,22 @@ def main() -> None:
     warnings.simplefilter("ignore")
     ours_s, ours = _median_time(loo_r2, X, y)
     naive_s, naive = _median_time(naive_loo_r2, X, y)
-    res = {"machine_info": info, "T": T, "d": D, "reps": REPS, "ours_s": round(ours_s, 4),
-           "naive_s": round(naive_s, 4), "speedup": round(naive_s / ours_s, 1), "max_abs_diff": abs(ours - naive),
-           "loo_r2": ours}
+    res = {
+        "machine_info": info,
+        "T": T,
+        "d": D,
+        "reps": REPS,
+        "ours_s": round(ours_s, 4),
+        "naive_s": round(naive_s, 4),
+        "speedup": round(naive_s / ours_s, 1),
+        "max_abs_diff": abs(ours - naive),
+        "loo_r2": ours,
+    }
     write_results("pls", res, summarise, QUICK)
-    print(f"loo_r2 {ours_s:.4f}s  naive sklearn loop {naive_s:.4f}s  speedup {naive_s / ours_s:.1f}x  "
-          f"max |diff| {abs(ours - naive):.2e}")
+    print(
+        f"loo_r2 {ours_s:.4f}s  naive sklearn loop {naive_s:.4f}s  speedup {naive_s / ours_s:.1f}x  "
+        f"max |diff| {abs(ours - naive):.2e}"
+    )
 
 
 MEASURED = """The leave-one-out R² of one module's one-component PLS fit, as `rank1 fit-pls` computes it: a
@@ -75,17 +85,37 @@ NAIVE = "scikit-learn `PLSRegression` refit per fold"
 
 def summarise(raw: dict) -> dict:
     reps = raw.get("reps", 1)
-    rows = [row(f"`loo_r2` (T = {raw['T']}, d = {raw['d']})", raw["ours_s"], reps, NAIVE), row(NAIVE, raw["naive_s"], reps)]
-    targets = [target("loo_equal", "largest difference between the two leave-one-out R² values (issue #9: the same "
-                      "R² as scikit-learn's refits, to 1e-9)", "<=", 1e-9, raw["max_abs_diff"],
-                      met_limit="Both compute the same estimator in float64; the downdates are exact algebra, not "
-                      "an approximation.",
-                      missed_limit="The downdates lose precision against the refits: the fold's standardisation or "
-                      "weights are not the refit's.")]
-    return report(raw, name="pls", title="Leave-one-out PLS of one module", issue="#9", measured=MEASURED,
-                  table=table(rows), targets=targets,
-                  notes=["The leave-one-out costs T² · d per module instead of T refits of T · d each with "
-                         "scikit-learn's per-fit overhead; it is most of `rank1 fit-pls`'s arithmetic."])
+    rows = [
+        row(f"`loo_r2` (T = {raw['T']}, d = {raw['d']})", raw["ours_s"], reps, NAIVE),
+        row(NAIVE, raw["naive_s"], reps),
+    ]
+    targets = [
+        target(
+            "loo_equal",
+            "largest difference between the two leave-one-out R² values (issue #9: the same "
+            "R² as scikit-learn's refits, to 1e-9)",
+            "<=",
+            1e-9,
+            raw["max_abs_diff"],
+            met_limit="Both compute the same estimator in float64; the downdates are exact algebra, not "
+            "an approximation.",
+            missed_limit="The downdates lose precision against the refits: the fold's standardisation or "
+            "weights are not the refit's.",
+        )
+    ]
+    return report(
+        raw,
+        name="pls",
+        title="Leave-one-out PLS of one module",
+        issue="#9",
+        measured=MEASURED,
+        table=table(rows),
+        targets=targets,
+        notes=[
+            "The leave-one-out costs T² · d per module instead of T refits of T · d each with "
+            "scikit-learn's per-fit overhead; it is most of `rank1 fit-pls`'s arithmetic."
+        ],
+    )
 
 
 if __name__ == "__main__":

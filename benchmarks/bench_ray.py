@@ -61,10 +61,22 @@ from bench_decompose_run import ENV, PY, QUICK, RANK1, REPS, ROOT, STEPS, WORK, 
 CORES = os.cpu_count() or 1
 OUT = WORK / "ray-bench-out"  # every mode writes here (same --out, same provenance), then it is moved aside
 RAY_ENV = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}  # a fresh local instance, not a cluster
-OPTS = {"local": [], "ray": ["--executor", "ray", "--max-in-flight", "2"],
-        "ray_cluster": ["--executor", "ray", "--max-in-flight", "2"], "gpu_local": [],
-        "gpu_ray": ["--executor", "ray", "--ray-num-gpus", "0.25", "--max-in-flight", "4",
-                    "--ray-num-cpus", f"{CORES / 4:g}"]}
+OPTS = {
+    "local": [],
+    "ray": ["--executor", "ray", "--max-in-flight", "2"],
+    "ray_cluster": ["--executor", "ray", "--max-in-flight", "2"],
+    "gpu_local": [],
+    "gpu_ray": [
+        "--executor",
+        "ray",
+        "--ray-num-gpus",
+        "0.25",
+        "--max-in-flight",
+        "4",
+        "--ray-num-cpus",
+        f"{CORES / 4:g}",
+    ],
+}
 PAIRS = {"ray": "local", "ray_cluster": "local", "gpu_ray": "gpu_local"}
 RAY_AGENTS = ("ray::DashboardA", "ray::RuntimeEnv")  # Ray's agents (names cut to 15 characters), not workers
 
@@ -105,6 +117,7 @@ ray.shutdown()
 
 # ---- the modes ---------------------------------------------------------------------------------------
 
+
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
@@ -124,16 +137,40 @@ def _differing(a: Path, b: Path) -> list[str]:
 
 def _decompose(mode: str) -> dict:
     device = "cuda" if mode.startswith("gpu") else "cpu"
-    cmd = [RANK1, "decompose", str(ROOT / "base"), "--run", str(ROOT / "run"), "--rank", "8", "--out", str(OUT),
-           "--device", device, "--quiet", "--force", *OPTS[mode]]
+    cmd = [
+        RANK1,
+        "decompose",
+        str(ROOT / "base"),
+        "--run",
+        str(ROOT / "run"),
+        "--rank",
+        "8",
+        "--out",
+        str(OUT),
+        "--device",
+        device,
+        "--quiet",
+        "--force",
+        *OPTS[mode],
+    ]
     if mode == "ray_cluster":
-        holder = subprocess.Popen([PY, "-c", CLUSTER, str(CORES)], env=RAY_ENV, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        holder = subprocess.Popen(
+            [PY, "-c", CLUSTER, str(CORES)],
+            env=RAY_ENV,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         address = holder.stdout.readline().strip()
         try:
             # a client of a running instance needs its authentication mode (the token is in ~/.ray)
-            r = measure([*cmd, "--ray-address", address], {**RAY_ENV, "RAY_AUTH_MODE": "token"},
-                        WORK / f"ray-bench-{mode}.log", keep=frozenset([holder.pid]))
+            r = measure(
+                [*cmd, "--ray-address", address],
+                {**RAY_ENV, "RAY_AUTH_MODE": "token"},
+                WORK / f"ray-bench-{mode}.log",
+                keep=frozenset([holder.pid]),
+            )
         finally:
             holder.stdin.close()
             holder.wait(timeout=120)
@@ -159,16 +196,30 @@ def _probe(workers: int) -> dict:
 
 
 def _gpu() -> bool:
-    r = subprocess.run([PY, "-c", "import torch; print(torch.cuda.is_available())"], env=RAY_ENV, check=False,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [PY, "-c", "import torch; print(torch.cuda.is_available())"],
+        env=RAY_ENV,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     return r.returncode == 0 and r.stdout.strip().endswith("True")
 
 
 def _summary(runs: list[dict]) -> dict:
     out = {k: v for k, v in runs[-1].items() if k not in ("differing", "digest", "cpu_by_process")}
     out["all_cpu_by_process"] = [r["cpu_by_process"] for r in runs]
-    for k in ("seconds", "user_cpu", "sys_cpu", "other_cpu", "load_average", "import_ray", "init", "workers",
-              "shutdown"):
+    for k in (
+        "seconds",
+        "user_cpu",
+        "sys_cpu",
+        "other_cpu",
+        "load_average",
+        "import_ray",
+        "init",
+        "workers",
+        "shutdown",
+    ):
         if k in runs[0]:
             out[k] = statistics.median(r[k] for r in runs)
             out["all_" + k] = [r[k] for r in runs]
@@ -196,21 +247,33 @@ def main() -> None:
     runs: dict[str, list] = {m: [] for m in modes}
     for _ in range(REPS):
         for mode in modes:
-            runs[mode].append(_probe(0) if mode == "ray_init" else _probe(2) if mode == "ray_workers"
-                              else _decompose(mode))
+            runs[mode].append(
+                _probe(0) if mode == "ray_init" else _probe(2) if mode == "ray_workers" else _decompose(mode)
+            )
             print(f"{mode}: {runs[mode][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
-    raw.update({"bytes_on_disk": sum(f.stat().st_size for f in ROOT.rglob("*.safetensors")),
-                "checkpoints": len(STEPS), "reps": REPS, "cores": CORES,
-                "options": {m: OPTS[m] for m in modes if m in OPTS},
-                "ray_address_env": "RAY_ADDRESS" in ENV,
-                "gpu": {"available": gpu, "status": "measured" if gpu else "skipped: no GPU "
-                        "(torch.cuda.is_available() is False)"},
-                "modes": {m: _summary(v) for m, v in runs.items()}})
+    raw.update(
+        {
+            "bytes_on_disk": sum(f.stat().st_size for f in ROOT.rglob("*.safetensors")),
+            "checkpoints": len(STEPS),
+            "reps": REPS,
+            "cores": CORES,
+            "options": {m: OPTS[m] for m in modes if m in OPTS},
+            "ray_address_env": "RAY_ADDRESS" in ENV,
+            "gpu": {
+                "available": gpu,
+                "status": "measured" if gpu else "skipped: no GPU (torch.cuda.is_available() is False)",
+            },
+            "modes": {m: _summary(v) for m, v in runs.items()},
+        }
+    )
     m = raw["modes"]
-    print(f"decompose run ({len(STEPS)} checkpoints): local {m['local']['seconds']:.1f} s, ray {m['ray']['seconds']:.1f} s "
-          f"(x{m['ray']['seconds'] / m['local']['seconds']:.2f}), on a running cluster {m['ray_cluster']['seconds']:.1f} s "
-          f"(x{m['ray_cluster']['seconds'] / m['local']['seconds']:.2f}); ray.init+shutdown {m['ray_init']['init_shutdown']:.1f} s; "
-          f"files differing {sum(m[k]['differing_count'] for k in PAIRS if k in m)}", file=sys.stderr)
+    print(
+        f"decompose run ({len(STEPS)} checkpoints): local {m['local']['seconds']:.1f} s, ray {m['ray']['seconds']:.1f} s "
+        f"(x{m['ray']['seconds'] / m['local']['seconds']:.2f}), on a running cluster {m['ray_cluster']['seconds']:.1f} s "
+        f"(x{m['ray_cluster']['seconds'] / m['local']['seconds']:.2f}); ray.init+shutdown {m['ray_init']['init_shutdown']:.1f} s; "
+        f"files differing {sum(m[k]['differing_count'] for k in PAIRS if k in m)}",
+        file=sys.stderr,
+    )
     write_results("ray", raw, summarise, QUICK)
     if any(m[k]["differing_count"] for k in PAIRS if k in m):
         sys.exit(f"FAILED: ray outputs differ from local: {[(k, m[k]['differing']) for k in PAIRS if k in m]}")
@@ -233,11 +296,15 @@ uses, and the same with two one-CPU tasks importing torch and rank1tools in betw
 two workers are ready). Every Ray output is compared with the local output of the same repetition, every
 file byte for byte."""
 
-NAMES = {"local": "local executor (default)", "ray": "`--executor ray --max-in-flight 2`",
-         "ray_cluster": "the same, on a Ray instance already running (`--ray-address`)",
-         "ray_init": "Ray alone: `ray.init` + `ray.shutdown`", "ray_workers": "Ray alone, with 2 workers ready",
-         "gpu_local": "local executor, `--device cuda`",
-         "gpu_ray": "`--executor ray`, `--device cuda`, 4 tasks on one GPU (0.25 each)"}
+NAMES = {
+    "local": "local executor (default)",
+    "ray": "`--executor ray --max-in-flight 2`",
+    "ray_cluster": "the same, on a Ray instance already running (`--ray-address`)",
+    "ray_init": "Ray alone: `ray.init` + `ray.shutdown`",
+    "ray_workers": "Ray alone, with 2 workers ready",
+    "gpu_local": "local executor, `--device cuda`",
+    "gpu_ray": "`--executor ray`, `--device cuda`, 4 tasks on one GPU (0.25 each)",
+}
 
 
 def _kinds(cpu: dict[str, float]) -> tuple[float, float, float]:
@@ -250,53 +317,105 @@ def _kinds(cpu: dict[str, float]) -> tuple[float, float, float]:
 
 def summarise(raw: dict) -> dict:
     m = raw["modes"]
-    rows = [row(NAMES["local"], m["local"]["seconds"], len(m["local"]["all_seconds"])),
-            row(NAMES["ray"], m["ray"]["seconds"], len(m["ray"]["all_seconds"]), NAMES["local"]),
-            row(NAMES["ray_cluster"], m["ray_cluster"]["seconds"], len(m["ray_cluster"]["all_seconds"]), NAMES["local"]),
-            row(NAMES["ray_init"], m["ray_init"]["init_shutdown"], len(m["ray_init"]["all_init_shutdown"])),
-            row(NAMES["ray_workers"], m["ray_workers"]["init_workers_shutdown"],
-                len(m["ray_workers"]["all_init_workers_shutdown"]))]
+    rows = [
+        row(NAMES["local"], m["local"]["seconds"], len(m["local"]["all_seconds"])),
+        row(NAMES["ray"], m["ray"]["seconds"], len(m["ray"]["all_seconds"]), NAMES["local"]),
+        row(NAMES["ray_cluster"], m["ray_cluster"]["seconds"], len(m["ray_cluster"]["all_seconds"]), NAMES["local"]),
+        row(NAMES["ray_init"], m["ray_init"]["init_shutdown"], len(m["ray_init"]["all_init_shutdown"])),
+        row(
+            NAMES["ray_workers"],
+            m["ray_workers"]["init_workers_shutdown"],
+            len(m["ray_workers"]["all_init_workers_shutdown"]),
+        ),
+    ]
     if "gpu_local" in m:
-        rows += [row(NAMES["gpu_local"], m["gpu_local"]["seconds"], len(m["gpu_local"]["all_seconds"])),
-                 row(NAMES["gpu_ray"], m["gpu_ray"]["seconds"], len(m["gpu_ray"]["all_seconds"]), NAMES["gpu_local"])]
-    cpu = [[NAMES[k] + (" (whole process)" if k in ("ray_init", "ray_workers") else ""), v["seconds"], v["user_cpu"], v["sys_cpu"], v["other_cpu"], v["load_average"]]
-           for k, v in m.items()]
-    by_process = [[NAMES[k] + (" (whole process)" if k in ("ray_init", "ray_workers") else ""),
-                   *(statistics.median(_kinds(d)[i] for d in v["all_cpu_by_process"]) for i in range(3)),
-                   statistics.median(sum(d.values()) for d in v["all_cpu_by_process"])] for k, v in m.items()]
+        rows += [
+            row(NAMES["gpu_local"], m["gpu_local"]["seconds"], len(m["gpu_local"]["all_seconds"])),
+            row(NAMES["gpu_ray"], m["gpu_ray"]["seconds"], len(m["gpu_ray"]["all_seconds"]), NAMES["gpu_local"]),
+        ]
+    cpu = [
+        [
+            NAMES[k] + (" (whole process)" if k in ("ray_init", "ray_workers") else ""),
+            v["seconds"],
+            v["user_cpu"],
+            v["sys_cpu"],
+            v["other_cpu"],
+            v["load_average"],
+        ]
+        for k, v in m.items()
+    ]
+    by_process = [
+        [
+            NAMES[k] + (" (whole process)" if k in ("ray_init", "ray_workers") else ""),
+            *(statistics.median(_kinds(d)[i] for d in v["all_cpu_by_process"]) for i in range(3)),
+            statistics.median(sum(d.values()) for d in v["all_cpu_by_process"]),
+        ]
+        for k, v in m.items()
+    ]
     overhead = m["ray"]["seconds"] - m["local"]["seconds"]
     ri, rw = m["ray_init"], m["ray_workers"]
-    parts = [("`rank1 decompose`: ray − local (wall)", overhead), ("`import ray`", ri["import_ray"]),
-             ("`ray.init`", ri["init"]), ("`ray.shutdown`", ri["shutdown"]), ("`ray.init` + `ray.shutdown`",
-                                                                               ri["init_shutdown"]),
-             ("2 workers ready: import torch and rank1tools (after `ray.init`)", rw["workers"])]
+    parts = [
+        ("`rank1 decompose`: ray − local (wall)", overhead),
+        ("`import ray`", ri["import_ray"]),
+        ("`ray.init`", ri["init"]),
+        ("`ray.shutdown`", ri["shutdown"]),
+        ("`ray.init` + `ray.shutdown`", ri["init_shutdown"]),
+        ("2 workers ready: import torch and rank1tools (after `ray.init`)", rw["workers"]),
+    ]
     split = [[label, s, s / overhead if overhead > 0 else None] for label, s in parts]
-    outputs = [[f"{NAMES[k]} vs {NAMES[PAIRS[k]]}", len(m[k]["all_seconds"]), m[k]["files"], m[k]["differing_count"],
-                m[PAIRS[k]]["reproducible"]] for k in PAIRS if k in m]
+    outputs = [
+        [
+            f"{NAMES[k]} vs {NAMES[PAIRS[k]]}",
+            len(m[k]["all_seconds"]),
+            m[k]["files"],
+            m[k]["differing_count"],
+            m[PAIRS[k]]["reproducible"],
+        ]
+        for k in PAIRS
+        if k in m
+    ]
     differing = sum(m[k]["differing_count"] for k in PAIRS if k in m)
     targets = [
-        target("ray_overhead", "`decompose --executor ray` (2 tasks at once) within 1.20× the local executor's wall "
-               "time: overhead ≤ 20 % (issue #13)", "<=", 1.2, m["ray"]["seconds"] / m["local"]["seconds"], unit="×",
-               met_limit="Ray's fixed costs (start-up, shut-down, two workers importing torch) are paid once per "
-               "command and amortised over the run; on two cores they compete with the computation for CPU.",
-               missed_limit="On two cores the overhead is CPU time taken from the two threads that compute: Ray's "
-               "start-up and shut-down (its services and prestarted workers), two worker processes importing torch, "
-               "and the driver's and Ray's own processes' CPU time. The fixed part is paid once per command: a "
-               "longer run, a cluster already running (`--ray-address`: no start-up, the next target), or more cores "
-               "(Ray's processes beside the computation) amortise it."),
-        target("ray_cluster_overhead", "the same on a Ray instance already running (what a verl / OpenRLHF user "
-               "has): within 1.20× the local executor's wall time", "<=", 1.2,
-               m["ray_cluster"]["seconds"] / m["local"]["seconds"], unit="×",
-               met_limit="Without Ray's start-up, what is left is two workers importing torch, one task per module "
-               "and Ray's processes' CPU time beside the computation on the same two cores.",
-               missed_limit="Even without Ray's start-up, two workers import torch and Ray's own processes (its "
-               "services, the driver's threads) take CPU time from the two cores that compute."),
-        target("identical", "every Ray output byte-identical to the local output of the same repetition: files "
-               "differing", "<=", 0, differing,
-               met_limit="Each task uses the local run's torch thread count, and the executor options are left out "
-               "of the recorded command line.",
-               missed_limit="A differing file fails the benchmark; the results file lists which (on a GPU, check "
-               "first whether the local repetitions agree with each other)."),
+        target(
+            "ray_overhead",
+            "`decompose --executor ray` (2 tasks at once) within 1.20× the local executor's wall "
+            "time: overhead ≤ 20 % (issue #13)",
+            "<=",
+            1.2,
+            m["ray"]["seconds"] / m["local"]["seconds"],
+            unit="×",
+            met_limit="Ray's fixed costs (start-up, shut-down, two workers importing torch) are paid once per "
+            "command and amortised over the run; on two cores they compete with the computation for CPU.",
+            missed_limit="On two cores the overhead is CPU time taken from the two threads that compute: Ray's "
+            "start-up and shut-down (its services and prestarted workers), two worker processes importing torch, "
+            "and the driver's and Ray's own processes' CPU time. The fixed part is paid once per command: a "
+            "longer run, a cluster already running (`--ray-address`: no start-up, the next target), or more cores "
+            "(Ray's processes beside the computation) amortise it.",
+        ),
+        target(
+            "ray_cluster_overhead",
+            "the same on a Ray instance already running (what a verl / OpenRLHF user "
+            "has): within 1.20× the local executor's wall time",
+            "<=",
+            1.2,
+            m["ray_cluster"]["seconds"] / m["local"]["seconds"],
+            unit="×",
+            met_limit="Without Ray's start-up, what is left is two workers importing torch, one task per module "
+            "and Ray's processes' CPU time beside the computation on the same two cores.",
+            missed_limit="Even without Ray's start-up, two workers import torch and Ray's own processes (its "
+            "services, the driver's threads) take CPU time from the two cores that compute.",
+        ),
+        target(
+            "identical",
+            "every Ray output byte-identical to the local output of the same repetition: files differing",
+            "<=",
+            0,
+            differing,
+            met_limit="Each task uses the local run's torch thread count, and the executor options are left out "
+            "of the recorded command line.",
+            missed_limit="A differing file fails the benchmark; the results file lists which (on a GPU, check "
+            "first whether the local repetitions agree with each other).",
+        ),
     ]
     notes = [
         "The CPU-time tables account for the overhead: on two busy cores, Ray's extra CPU time (its own "
@@ -315,24 +434,56 @@ def summarise(raw: dict) -> dict:
         "The local time can differ from the warm-start row of the section on a whole run (the same command on "
         "the same run, measured in another session): this machine's speed varies between sessions; compare "
         "ratios measured in one run.",
-    ] + ([] if "gpu_local" in m else [
-        "No GPU was available: the GPU mode (four tasks sharing one GPU against the local GPU path) was skipped; "
-        "the script runs it where torch sees a GPU."])
-    return report(raw, name="ray", title="`rank1 decompose --executor ray` on one machine", issue="#13",
-                  measured=MEASURED, table=table(rows),
-                  tables=[extra("Wall and CPU time (medians; CPU of the whole process tree)",
-                                ["mode", "wall (s)", "user CPU (s)", "system CPU (s)",
-                                 "other processes' CPU meanwhile (s)", "load average at start"], cpu),
-                          extra("CPU time by process (user + system, seconds, medians)",
-                                ["mode", "the command itself (`rank1`: Ray's driver)", "Ray's worker processes",
-                                 "Ray's other processes", "total"], by_process),
-                          extra("Where Ray's overhead goes (medians)", ["figure", "seconds", "share of the overhead"],
-                                split),
-                          extra("Outputs compared, file by file", ["pair", "runs", "files per output",
-                                                                   "files differing", "local runs reproducible"],
-                                outputs),
-                          extra("GPU mode", ["status"], [[raw["gpu"]["status"]]])],
-                  targets=targets, notes=notes)
+    ] + (
+        []
+        if "gpu_local" in m
+        else [
+            "No GPU was available: the GPU mode (four tasks sharing one GPU against the local GPU path) was skipped; "
+            "the script runs it where torch sees a GPU."
+        ]
+    )
+    return report(
+        raw,
+        name="ray",
+        title="`rank1 decompose --executor ray` on one machine",
+        issue="#13",
+        measured=MEASURED,
+        table=table(rows),
+        tables=[
+            extra(
+                "Wall and CPU time (medians; CPU of the whole process tree)",
+                [
+                    "mode",
+                    "wall (s)",
+                    "user CPU (s)",
+                    "system CPU (s)",
+                    "other processes' CPU meanwhile (s)",
+                    "load average at start",
+                ],
+                cpu,
+            ),
+            extra(
+                "CPU time by process (user + system, seconds, medians)",
+                [
+                    "mode",
+                    "the command itself (`rank1`: Ray's driver)",
+                    "Ray's worker processes",
+                    "Ray's other processes",
+                    "total",
+                ],
+                by_process,
+            ),
+            extra("Where Ray's overhead goes (medians)", ["figure", "seconds", "share of the overhead"], split),
+            extra(
+                "Outputs compared, file by file",
+                ["pair", "runs", "files per output", "files differing", "local runs reproducible"],
+                outputs,
+            ),
+            extra("GPU mode", ["status"], [[raw["gpu"]["status"]]]),
+        ],
+        targets=targets,
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":

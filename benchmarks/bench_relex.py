@@ -40,8 +40,11 @@ PY = sys.executable
 RANK1 = str(Path(PY).with_name("rank1"))
 STEPS = [10 * (i + 1) for i in range(8 if QUICK else 32)]
 TS = (2, 4, 8) if QUICK else (4, 16, 32)
-SHAPE = ("LlamaShape(vocab=256, hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, tie=True)" if QUICK else
-         "LlamaShape(vocab=49152, hidden=576, intermediate=1536, layers=6, heads=9, kv_heads=3, tie=True)")
+SHAPE = (
+    "LlamaShape(vocab=256, hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, tie=True)"
+    if QUICK
+    else "LlamaShape(vocab=49152, hidden=576, intermediate=1536, layers=6, heads=9, kv_heads=3, tie=True)"
+)
 
 GEN = """
 import sys, torch
@@ -109,8 +112,10 @@ for name in base.entries:
 print(n)
 """
 
-IMPORT_CLI = ("import torch, typer, rich.progress, rich.table, huggingface_hub, safetensors.torch, rank1tools.cli, "
-              "rank1tools.commands.extrapolate.relex, rank1tools.commands.extrapolate.linear")
+IMPORT_CLI = (
+    "import torch, typer, rich.progress, rich.table, huggingface_hub, safetensors.torch, rank1tools.cli, "
+    "rank1tools.commands.extrapolate.relex, rank1tools.commands.extrapolate.linear"
+)
 IMPORT_DENSE = "import torch, rank1tools.io, rank1tools.io.writer"
 
 
@@ -125,8 +130,10 @@ def _ensure() -> Path:
 
 def _warm(T: int) -> None:
     """Read the window's files once (page cache), so that no mode pays the disk for another."""
-    for f in [WORK / "base" / "model.safetensors", *(WORK / "run" / f"checkpoint-{s}" / "model.safetensors"
-                                                     for s in STEPS[:T])]:
+    for f in [
+        WORK / "base" / "model.safetensors",
+        *(WORK / "run" / f"checkpoint-{s}" / "model.safetensors" for s in STEPS[:T]),
+    ]:
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
@@ -140,19 +147,41 @@ def _run(cmd: list[str], T: int) -> dict:
 
 
 def _cli(method: str, T: int, out: Path, *extra: str) -> list[str]:
-    return [RANK1, "extrapolate", str(WORK / "base"), "--run", str(WORK / "run"), "--method", method,
-            "--history-until", str(STEPS[T - 1]), "--target-step", str(2 * STEPS[T - 1]), "--out", str(out),
-            "--quiet", "--device", "cpu", "--force", *extra]
+    return [
+        RANK1,
+        "extrapolate",
+        str(WORK / "base"),
+        "--run",
+        str(WORK / "run"),
+        "--method",
+        method,
+        "--history-until",
+        str(STEPS[T - 1]),
+        "--target-step",
+        str(2 * STEPS[T - 1]),
+        "--out",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--force",
+        *extra,
+    ]
 
 
 def main() -> None:
     _ensure()
     out = WORK / "out"
-    results: dict = {"machine_info": machine(), "shape": SHAPE,
-                     "dtype": "bfloat16 base and checkpoints", "steps": f"{STEPS[0]}..{STEPS[-1]} every 10",
-                     "bytes_per_checkpoint": (WORK / "run" / "checkpoint-10" / "model.safetensors").stat().st_size,
-                     "import_cli": measure([PY, "-c", IMPORT_CLI]), "import_dense": measure([PY, "-c", IMPORT_DENSE]),
-                     "T": {}}
+    results: dict = {
+        "machine_info": machine(),
+        "shape": SHAPE,
+        "dtype": "bfloat16 base and checkpoints",
+        "steps": f"{STEPS[0]}..{STEPS[-1]} every 10",
+        "bytes_per_checkpoint": (WORK / "run" / "checkpoint-10" / "model.safetensors").stat().st_size,
+        "import_cli": measure([PY, "-c", IMPORT_CLI]),
+        "import_dense": measure([PY, "-c", IMPORT_DENSE]),
+        "T": {},
+    }
     for k in ("import_cli", "import_dense"):
         results[k].pop("stdout", None)
     base_cli, base_dense = results["import_cli"]["peak_rss"], results["import_dense"]["peak_rss"]
@@ -168,15 +197,22 @@ def main() -> None:
             m["read"]["peak_above_imports"] = m["read"]["peak_rss"] - base_dense
         results["T"][str(T)] = m
         r, d = m["relex"], m["dense"]
-        print(f"T={T:>2}: relex {r['seconds']:6.1f} s, +{r['peak_above_imports'] / 1e6:6.0f} MB | dense SVD "
-              f"{d['seconds']:6.1f} s, +{d['peak_above_imports'] / 1e6:6.0f} MB | time ratio "
-              f"{r['seconds'] / d['seconds']:.2f}, memory ratio {d['peak_above_imports'] / r['peak_above_imports']:.1f}x",
-              file=sys.stderr)
+        print(
+            f"T={T:>2}: relex {r['seconds']:6.1f} s, +{r['peak_above_imports'] / 1e6:6.0f} MB | dense SVD "
+            f"{d['seconds']:6.1f} s, +{d['peak_above_imports'] / 1e6:6.0f} MB | time ratio "
+            f"{r['seconds'] / d['seconds']:.2f}, memory ratio {d['peak_above_imports'] / r['peak_above_imports']:.1f}x",
+            file=sys.stderr,
+        )
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(WORK / "out-dense", ignore_errors=True)
     tg = summarise(results)["targets"]
-    print("; ".join(f"{t['name']} {t['measured']:.2f} ({t['comparison']} {t['threshold']}: "
-                    f"{'met' if t['met'] else 'missed'})" for t in tg), file=sys.stderr)
+    print(
+        "; ".join(
+            f"{t['name']} {t['measured']:.2f} ({t['comparison']} {t['threshold']}: {'met' if t['met'] else 'missed'})"
+            for t in tg
+        ),
+        file=sys.stderr,
+    )
     write_results("relex", results, summarise, QUICK)
 
 
@@ -195,56 +231,104 @@ T = 32 dense SVD alone takes minutes), page cache warmed before each; peaks are 
 
 
 def summarise(raw: dict) -> dict:
-    rows = [row("imports of `rank1 extrapolate`", raw["import_cli"]["seconds"], runs_of(raw["import_cli"])),
-            row("imports of the dense script", raw["import_dense"]["seconds"], runs_of(raw["import_dense"]))]
+    rows = [
+        row("imports of `rank1 extrapolate`", raw["import_cli"]["seconds"], runs_of(raw["import_cli"])),
+        row("imports of the dense script", raw["import_dense"]["seconds"], runs_of(raw["import_dense"])),
+    ]
     Ts = sorted(raw["T"], key=int)
     for T in Ts:
         m = raw["T"][T]
         dense = f"T = {T}: dense, materialise + `torch.linalg.svd`"
-        rows.append(row(f"T = {T}: `rank1 extrapolate --method relex`", m["relex"]["seconds"], runs_of(m["relex"]),
-                        dense, m["relex"]["peak_above_imports"]))
+        rows.append(
+            row(
+                f"T = {T}: `rank1 extrapolate --method relex`",
+                m["relex"]["seconds"],
+                runs_of(m["relex"]),
+                dense,
+                m["relex"]["peak_above_imports"],
+            )
+        )
         rows.append(row(dense, m["dense"]["seconds"], runs_of(m["dense"]), None, m["dense"]["peak_above_imports"]))
         if "lstsq" in m:
             read = f"T = {T}: read the window once"
-            rows.append(row(f"T = {T}: `rank1 extrapolate --method linear --mode lstsq`", m["lstsq"]["seconds"],
-                            runs_of(m["lstsq"]), read, m["lstsq"]["peak_above_imports"]))
+            rows.append(
+                row(
+                    f"T = {T}: `rank1 extrapolate --method linear --mode lstsq`",
+                    m["lstsq"]["seconds"],
+                    runs_of(m["lstsq"]),
+                    read,
+                    m["lstsq"]["peak_above_imports"],
+                )
+            )
             rows.append(row(read, m["read"]["seconds"], runs_of(m["read"]), None, m["read"]["peak_above_imports"]))
     first, last = raw["T"][Ts[0]], raw["T"][Ts[-1]]
     lo, hi = Ts[0], Ts[-1]
     targets = [
-        target("relex_peak_flat", f"relex peak above imports at T = {hi} within 1.5× of T = {lo} (issue #10)", "<=", 1.5,
-               last["relex"]["peak_above_imports"] / first["relex"]["peak_above_imports"], unit="×",
-               met_limit="relex holds one T × chunk block (the chunk is 2M elements divided by T: 8 MiB of float32 "
-               "whatever T) plus its float64 products and one output chunk per target: flat in T.",
-               missed_limit="Something besides the T × chunk block (whose size does not depend on T) grows with T."),
-        target("dense_over_relex_peak", f"dense approach's peak ÷ relex's peak at T = {hi} (issue #10)", ">=", 10.0,
-               last["dense"]["peak_above_imports"] / last["relex"]["peak_above_imports"], unit="×",
-               met_limit="The materialising approach holds T × d floats of the largest tensor plus the SVD's copies; "
-               "relex holds a T × chunk block.",
-               missed_limit="At small T or on small tensors the materialised matrix is not much larger than relex's "
-               "fixed chunk and the process's own arenas (quick runs)."),
-        target("relex_time", f"relex time ÷ the dense approach's at T = {hi} (issue #10: no worse than 1.5×)", "<=", 1.5,
-               last["relex"]["seconds"] / last["dense"]["seconds"], unit="×",
-               met_limit="relex makes two passes over the history (the Gram matrix, then the weighted sum of the "
-               "updates that is the prediction), T² · d flops per tensor; the dense SVD costs T² · d too, with "
-               "LAPACK's full SVD of a T × d matrix on top, which grows faster.",
-               missed_limit="relex reads the history twice; on tiny tensors the second pass and the process's fixed "
-               "costs outweigh the dense SVD it avoids."),
+        target(
+            "relex_peak_flat",
+            f"relex peak above imports at T = {hi} within 1.5× of T = {lo} (issue #10)",
+            "<=",
+            1.5,
+            last["relex"]["peak_above_imports"] / first["relex"]["peak_above_imports"],
+            unit="×",
+            met_limit="relex holds one T × chunk block (the chunk is 2M elements divided by T: 8 MiB of float32 "
+            "whatever T) plus its float64 products and one output chunk per target: flat in T.",
+            missed_limit="Something besides the T × chunk block (whose size does not depend on T) grows with T.",
+        ),
+        target(
+            "dense_over_relex_peak",
+            f"dense approach's peak ÷ relex's peak at T = {hi} (issue #10)",
+            ">=",
+            10.0,
+            last["dense"]["peak_above_imports"] / last["relex"]["peak_above_imports"],
+            unit="×",
+            met_limit="The materialising approach holds T × d floats of the largest tensor plus the SVD's copies; "
+            "relex holds a T × chunk block.",
+            missed_limit="At small T or on small tensors the materialised matrix is not much larger than relex's "
+            "fixed chunk and the process's own arenas (quick runs).",
+        ),
+        target(
+            "relex_time",
+            f"relex time ÷ the dense approach's at T = {hi} (issue #10: no worse than 1.5×)",
+            "<=",
+            1.5,
+            last["relex"]["seconds"] / last["dense"]["seconds"],
+            unit="×",
+            met_limit="relex makes two passes over the history (the Gram matrix, then the weighted sum of the "
+            "updates that is the prediction), T² · d flops per tensor; the dense SVD costs T² · d too, with "
+            "LAPACK's full SVD of a T × d matrix on top, which grows faster.",
+            missed_limit="relex reads the history twice; on tiny tensors the second pass and the process's fixed "
+            "costs outweigh the dense SVD it avoids.",
+        ),
     ]
     if "lstsq" in last:
-        targets.append(target(
-            "lstsq_over_read", f"`linear --mode lstsq` time ÷ reading the window once at T = {hi} (issue #10: within "
-            "1.5×)", "<=", 1.5, last["lstsq"]["seconds"] / last["read"]["seconds"], unit="×",
-            met_limit="lstsq's per-element float64 arithmetic is cheap next to reading the window.",
-            missed_limit="lstsq reads the window once, like the floor script, but then does per element, in float64, "
-            "what the floor does not: the upcast, the mean and the slope (one BLAS pass), the prediction, the cast to "
-            "the output dtype, the rounding report and the write. The per-element R² was taken out of the "
-            "extrapolation pass (it is `rank1 linearity`'s figure); the rest is the float64 arithmetic the 1e-6 "
-            "accuracy bar needs."))
-    return report(raw, name="relex", title="Extrapolation: RELEX streaming and linear lstsq", issue="#10",
-                  measured=MEASURED, table=table(rows, memory="peak RSS above imports"), targets=targets,
-                  notes=["Absolute seconds of single runs are noisy on a shared machine; the ratios come from the "
-                         "same run."])
+        targets.append(
+            target(
+                "lstsq_over_read",
+                f"`linear --mode lstsq` time ÷ reading the window once at T = {hi} (issue #10: within 1.5×)",
+                "<=",
+                1.5,
+                last["lstsq"]["seconds"] / last["read"]["seconds"],
+                unit="×",
+                met_limit="lstsq's per-element float64 arithmetic is cheap next to reading the window.",
+                missed_limit="lstsq reads the window once, like the floor script, but then does per element, in float64, "
+                "what the floor does not: the upcast, the mean and the slope (one BLAS pass), the prediction, the cast to "
+                "the output dtype, the rounding report and the write. The per-element R² was taken out of the "
+                "extrapolation pass (it is `rank1 linearity`'s figure); the rest is the float64 arithmetic the 1e-6 "
+                "accuracy bar needs.",
+            )
+        )
+    return report(
+        raw,
+        name="relex",
+        title="Extrapolation: RELEX streaming and linear lstsq",
+        issue="#10",
+        measured=MEASURED,
+        table=table(rows, memory="peak RSS above imports"),
+        targets=targets,
+        notes=["Absolute seconds of single runs are noisy on a shared machine; the ratios come from the same run."],
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -53,6 +53,7 @@ names the machine, the date its run started and the load average (the machine's 
 
 # ---- formatting ------------------------------------------------------------------------------------
 
+
 def fmt(x) -> str:
     """Numbers to 3 significant digits (integers and values ≥ 100 to the unit), deterministically."""
     if x is None:
@@ -97,10 +98,14 @@ def _threshold(t: dict) -> str:
 
 def _machine(m: dict) -> str:
     have, missing = [], []
-    for key, label, show in (("cpu", "CPU model", lambda v: v), ("cores", "core count", lambda v: f"{v} cores"),
-                             ("ram_bytes", "RAM", lambda v: f"{v / 2 ** 30:.1f} GiB RAM"),
-                             ("gpu", "GPU", lambda v: f"GPU: {v}"), ("torch", "torch version", lambda v: f"torch {v}"),
-                             ("python", "Python version", lambda v: f"Python {v}")):
+    for key, label, show in (
+        ("cpu", "CPU model", lambda v: v),
+        ("cores", "core count", lambda v: f"{v} cores"),
+        ("ram_bytes", "RAM", lambda v: f"{v / 2**30:.1f} GiB RAM"),
+        ("gpu", "GPU", lambda v: f"GPU: {v}"),
+        ("torch", "torch version", lambda v: f"torch {v}"),
+        ("python", "Python version", lambda v: f"Python {v}"),
+    ):
         (have.append(show(m[key])) if m.get(key) is not None else missing.append(label))
     text = "Machine: " + (", ".join(have) if have else "not recorded")
     if missing and have:
@@ -116,6 +121,7 @@ def _machine(m: dict) -> str:
 
 
 # ---- reading the results ---------------------------------------------------------------------------
+
 
 def _script_summarise(name: str):
     path = HERE / f"bench_{name}.py"
@@ -151,9 +157,20 @@ def load(results: Path, order: list[str] = BENCHES, resummarise: bool = False) -
 
 # ---- the page --------------------------------------------------------------------------------------
 
+
 def _summary(entries) -> list[str]:
-    rows = [[f"[{rep['title']} ({rep['issue']})](#{name})", t["target"], _threshold(t), fmt(t["measured"]) + t["unit"],
-             _verdict(t)] for name, rep, _ in entries if rep for t in rep["targets"]]
+    rows = [
+        [
+            f"[{rep['title']} ({rep['issue']})](#{name})",
+            t["target"],
+            _threshold(t),
+            fmt(t["measured"]) + t["unit"],
+            _verdict(t),
+        ]
+        for name, rep, _ in entries
+        if rep
+        for t in rep["targets"]
+    ]
     met = sum(1 for _, rep, _ in entries if rep for t in rep["targets"] if t["met"])
     quick = [name for name, rep, raw in entries if (rep or {}).get("quick", raw.get("quick"))]
     out = ["## Targets", "", f"{len(rows)} targets: {met} met, {len(rows) - met} missed.", ""]
@@ -165,23 +182,43 @@ def _summary(entries) -> list[str]:
 def _section(name: str, rep: dict, results: str) -> list[str]:
     out = [f'<a id="{name}"></a>', "", f"## {rep['title']} (issue {rep['issue']})", ""]
     if rep["quick"]:
-        out += ["> **Quick run** (`--quick`, tiny sizes): it checks that the script runs and reports; its figures "
-                "measure nothing.", ""]
-    out += [f"Script `{rep['script']}`, results `{results}/{name}.json`. {_machine(rep['machine'])}", "",
-            rep["measured"], ""]
+        out += [
+            "> **Quick run** (`--quick`, tiny sizes): it checks that the script runs and reports; its figures "
+            "measure nothing.",
+            "",
+        ]
+    out += [
+        f"Script `{rep['script']}`, results `{results}/{name}.json`. {_machine(rep['machine'])}",
+        "",
+        rep["measured"],
+        "",
+    ]
     rows = rep["table"]["rows"]
     if rows:
         mem = rep["table"].get("memory")
         header = ["case", "median time (s)", "runs", "baseline", "time ÷ baseline"] + ([f"{mem} (MB)"] if mem else [])
-        out += _table(header, [[r["case"], r["seconds"], r["runs"], r["baseline"], r["ratio"]]
-                               + ([None if r["peak_bytes"] is None else r["peak_bytes"] / 1e6] if mem else [])
-                               for r in rows]) + [""]
+        out += _table(
+            header,
+            [
+                [r["case"], r["seconds"], r["runs"], r["baseline"], r["ratio"]]
+                + ([None if r["peak_bytes"] is None else r["peak_bytes"] / 1e6] if mem else [])
+                for r in rows
+            ],
+        ) + [""]
     for t in rep["tables"]:
         out += [f"**{t['title']}**", ""] + _table(t["columns"], t["rows"]) + [""]
     if rep["targets"]:
-        out += ["Targets:", ""] + _table(["target", "threshold", "measured", "verdict", "what limits it"],
-                                         [[t["target"], _threshold(t), fmt(t["measured"]) + t["unit"], _verdict(t),
-                                           t["limit"]] for t in rep["targets"]]) + [""]
+        out += (
+            ["Targets:", ""]
+            + _table(
+                ["target", "threshold", "measured", "verdict", "what limits it"],
+                [
+                    [t["target"], _threshold(t), fmt(t["measured"]) + t["unit"], _verdict(t), t["limit"]]
+                    for t in rep["targets"]
+                ],
+            )
+            + [""]
+        )
     if rep["notes"]:
         out += ["What limits the figures:", ""] + [f"- {n}" for n in rep["notes"]] + [""]
     return out
@@ -199,9 +236,19 @@ def _flat(d, prefix: str = "") -> list[list]:
 
 
 def _raw_section(name: str, raw: dict, results: str) -> list[str]:
-    return [f'<a id="{name}"></a>', "", f"## {name} (no report block)", "",
+    return (
+        [
+            f'<a id="{name}"></a>',
+            "",
+            f"## {name} (no report block)",
+            "",
             f"`{results}/{name}.json` has no report block and `benchmarks/bench_{name}.py` no `summarise`: "
-            "its figures as stored, with no targets judged.", ""] + _table(["figure", "value"], _flat(raw)) + [""]
+            "its figures as stored, with no targets judged.",
+            "",
+        ]
+        + _table(["figure", "value"], _flat(raw))
+        + [""]
+    )
 
 
 def page(entries, results: str = "benchmarks/results") -> str:
@@ -237,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"updated the report block of {args.results / f'{name}.json'}", file=sys.stderr)
     if args.check:
         same = args.out.is_file() and args.out.read_text() == text
-        print(f"{args.out}: {'up to date' if same else 'differs from the results files; run make bench-report'}",
-              file=sys.stderr)
+        print(
+            f"{args.out}: {'up to date' if same else 'differs from the results files; run make bench-report'}",
+            file=sys.stderr,
+        )
         return 0 if same else 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

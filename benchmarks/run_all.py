@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for name in args.only or BENCHES:
             print(f"== bench_{name}.py{' --quick' if args.quick else ''}", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, str(HERE / f"bench_{name}.py"), *(["--quick"] if args.quick else [])],
-                           check=True)
+            subprocess.run(
+                [sys.executable, str(HERE / f"bench_{name}.py"), *(["--quick"] if args.quick else [])], check=True
+            )
     report = [sys.executable, str(HERE / "report.py")]
     if args.quick:
         quick = HERE / "work" / "quick"

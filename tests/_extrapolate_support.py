@@ -49,8 +49,9 @@ def trajectory(base: dict, cks: list[dict], name: str) -> np.ndarray:
     return np.stack([c[name].reshape(-1) - base[name].reshape(-1) for c in cks])
 
 
-def relex_reference(M: np.ndarray, steps: list[int], target: float, r: int, W: int | None = None,
-                    positions: bool = False) -> tuple[np.ndarray, dict]:
+def relex_reference(
+    M: np.ndarray, steps: list[int], target: float, r: int, W: int | None = None, positions: bool = False
+) -> tuple[np.ndarray, dict]:
     """Dense SVD of M, OLS line per coefficient over the last W points (on steps, or on positions
     0..W-1 with the target at (s − t_first)/mean spacing), prediction (a + b·s) V_rᵀ."""
     T = M.shape[0]
@@ -63,11 +64,13 @@ def relex_reference(M: np.ndarray, steps: list[int], target: float, r: int, W: i
         spacing = (x[-1] - x[0]) / (W - 1)
         x, xs = np.arange(W, dtype=np.float64), (xs - x[0]) / spacing
     A = np.stack([np.ones(W), x], axis=1)
-    coef, *_ = np.linalg.lstsq(A, C[T - W:], rcond=None)  # 2 × r: intercept, slope
+    coef, *_ = np.linalg.lstsq(A, C[T - W :], rcond=None)  # 2 × r: intercept, slope
     c = coef[0] + coef[1] * xs
     pred = c @ Vt[:r]
-    figures = {"explained_variance": float((S[:r] ** 2).sum() / (S ** 2).sum()),
-               "norm_ratio": float(np.linalg.norm(pred) / np.linalg.norm(M[-1]))}
+    figures = {
+        "explained_variance": float((S[:r] ** 2).sum() / (S**2).sum()),
+        "norm_ratio": float(np.linalg.norm(pred) / np.linalg.norm(M[-1])),
+    }
     return pred, figures
 
 
@@ -85,8 +88,9 @@ def lstsq_reference(M: np.ndarray, steps: list[int], target: float) -> tuple[np.
     return coef[0] + coef[1] * float(target), r2
 
 
-def assert_update_close(got: np.ndarray, base: np.ndarray, ref_update: np.ndarray, what: str,
-                        rel: float = REL) -> float:
+def assert_update_close(
+    got: np.ndarray, base: np.ndarray, ref_update: np.ndarray, what: str, rel: float = REL
+) -> float:
     """The written float32 weights equal base + reference update within `rel` × max|reference
     update| plus one float32 spacing of the weight (storing W in float32 can do no better).
     Returns the worst error relative to max|reference update|."""
@@ -104,8 +108,15 @@ def planted_direction(name: str, shape: tuple[int, ...], scale: float) -> np.nda
     return scale * rng.standard_normal(shape)
 
 
-def write_planted(root: Path, steps: list[int], shape: LlamaShape = SHAPE, *, scale: float = 1e-3,
-                  still: tuple[str, ...] = (), base_dtype: torch.dtype = torch.float32) -> tuple[Path, Path, callable]:
+def write_planted(
+    root: Path,
+    steps: list[int],
+    shape: LlamaShape = SHAPE,
+    *,
+    scale: float = 1e-3,
+    still: tuple[str, ...] = (),
+    base_dtype: torch.dtype = torch.float32,
+) -> tuple[Path, Path, callable]:
     """Base + run whose updates are exactly linear and trajectory rank 1: θ_t = θ₀ + t·D (D fixed
     per tensor, zero for the `still` tensors), stored float32. Returns base, run and truth(step)
     -> {name: float64 weights}."""
@@ -117,7 +128,9 @@ def write_planted(root: Path, steps: list[int], shape: LlamaShape = SHAPE, *, sc
         return {n: base[n] + step * D[n] for n in base}
 
     for s in steps:
-        write_model(root / "run" / f"checkpoint-{s}",
-                    {n: torch.from_numpy(v).to(torch.float32) for n, v in truth(s).items()},
-                    shape.config(torch.float32))
+        write_model(
+            root / "run" / f"checkpoint-{s}",
+            {n: torch.from_numpy(v).to(torch.float32) for n, v in truth(s).items()},
+            shape.config(torch.float32),
+        )
     return base_dir, root / "run", truth

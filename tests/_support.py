@@ -32,7 +32,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def assert_bit_identical(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     assert torch.equal(bits(actual), bits(expected)), f"{what}: bits differ"
 
 
@@ -91,9 +93,15 @@ def cli_env() -> dict[str, str]:
 def start_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `rank1 ARGS` exactly as the console script does (rank1tools.cli.main) in a subprocess
     (`env`: variables added to its environment)."""
-    return subprocess.Popen([sys.executable, "-m", "rank1tools.cli", *map(str, args)], cwd=str(cwd),
-                            env={**cli_env(), **(env or {})}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rank1tools.cli", *map(str, args)],
+        cwd=str(cwd),
+        env={**cli_env(), **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def start_paused(args: list[str], cwd: Path, phase: str) -> tuple[subprocess.Popen, list[str]]:
@@ -107,8 +115,10 @@ def start_paused(args: list[str], cwd: Path, phase: str) -> tuple[subprocess.Pop
         if line.startswith(f"rank1: test pause: {phase}"):
             return proc, lines
     proc.wait()
-    raise AssertionError(f"rank1 {' '.join(map(str, args))} ended (exit {proc.returncode}) without pausing at "
-                         f"{phase!r}: {''.join(lines)}")
+    raise AssertionError(
+        f"rank1 {' '.join(map(str, args))} ended (exit {proc.returncode}) without pausing at "
+        f"{phase!r}: {''.join(lines)}"
+    )
 
 
 def finish_paused(proc: subprocess.Popen, lines: list[str], sig: int, timeout: float = 120) -> CliResult:
@@ -162,15 +172,24 @@ class ModelFixture:
         return self.shape.tie
 
 
-def build_model(folder: Path, *, dtype: torch.dtype = torch.float32, tie: bool = False, sharded: bool = False,
-                seed: int = 0) -> ModelFixture:
+def build_model(
+    folder: Path, *, dtype: torch.dtype = torch.float32, tie: bool = False, sharded: bool = False, seed: int = 0
+) -> ModelFixture:
     shape = LlamaShape(tie=tie)
     make_base(folder, shape, dtype, seed=seed, max_shard_size=SMALL_SHARD if sharded else None)
     return ModelFixture(Path(folder), shape, dtype, sharded)
 
 
-def build_checkpoint(folder: Path, *, shape: LlamaShape = LlamaShape(), dtype: torch.dtype = torch.float32,
-                     step: int = 10, t_max: int = 100, tensors_edit=None, sharded: bool = False) -> Path:
+def build_checkpoint(
+    folder: Path,
+    *,
+    shape: LlamaShape = LlamaShape(),
+    dtype: torch.dtype = torch.float32,
+    step: int = 10,
+    t_max: int = 100,
+    tensors_edit=None,
+    sharded: bool = False,
+) -> Path:
     """One RL checkpoint of `shape` (optionally with its tensor dict edited before saving)."""
     tensors = checkpoint_tensors(shape, step, t_max, torch.float32, dtype)
     if tensors_edit is not None:

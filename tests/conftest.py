@@ -26,8 +26,9 @@ class _ModelCache:
         key = (dtype, tie, sharded)
         if key not in self._built:
             name = f"{dtype}-{'tied' if tie else 'untied'}-{'sharded' if sharded else 'single'}"
-            self._built[key] = build_model(self._factory.mktemp(name) / "model", dtype=DTYPES[dtype], tie=tie,
-                                           sharded=sharded)
+            self._built[key] = build_model(
+                self._factory.mktemp(name) / "model", dtype=DTYPES[dtype], tie=tie, sharded=sharded
+            )
         return self._built[key]
 
 
@@ -38,8 +39,12 @@ def models(tmp_path_factory) -> _ModelCache:
 
 
 ALL_MODEL_KINDS = [
-    pytest.param((dtype, tie, sharded), id=f"{dtype}-{'tied' if tie else 'untied'}-{'sharded' if sharded else 'single'}")
-    for dtype in ("fp32", "bf16") for tie in (False, True) for sharded in (False, True)
+    pytest.param(
+        (dtype, tie, sharded), id=f"{dtype}-{'tied' if tie else 'untied'}-{'sharded' if sharded else 'single'}"
+    )
+    for dtype in ("fp32", "bf16")
+    for tie in (False, True)
+    for sharded in (False, True)
 ]
 
 

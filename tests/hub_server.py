@@ -48,8 +48,15 @@ class Repo:
     tags: dict[str, str] = field(default_factory=dict)
     _n: int = 0
 
-    def commit(self, message: str, files: dict[str, bytes] | None = None, *, branch: str = "main",
-               delete: tuple[str, ...] = (), parent: str | None = None) -> str:
+    def commit(
+        self,
+        message: str,
+        files: dict[str, bytes] | None = None,
+        *,
+        branch: str = "main",
+        delete: tuple[str, ...] = (),
+        parent: str | None = None,
+    ) -> str:
         """Add a commit on `branch` (created from `parent`, or empty, if new): parent's files + `files` - `delete`."""
         parent = parent if parent is not None else self.branches.get(branch)
         tree = dict(self.commits[parent].files) if parent else {}
@@ -61,7 +68,9 @@ class Repo:
         for path in sorted(tree):
             h.update(path.encode() + hashlib.sha256(tree[path]).digest())
         sha = h.hexdigest()
-        self.commits[sha] = Commit(sha, message, tree, parent, f"2025-01-01T00:{self._n // 60:02d}:{self._n % 60:02d}.000Z")
+        self.commits[sha] = Commit(
+            sha, message, tree, parent, f"2025-01-01T00:{self._n // 60:02d}:{self._n % 60:02d}.000Z"
+        )
         self.branches[branch] = sha
         return sha
 
@@ -133,8 +142,14 @@ class FakeHub:
 
     def downloads(self, repo_id: str | None = None) -> list[Logged]:
         """Data GETs of files (not header range reads): no Range, or an open-ended resume range."""
-        return [r for r in self.log if r.kind == "resolve" and r.method == "GET"
-                and (repo_id is None or r.repo_id == repo_id) and (r.range is None or r.range.endswith("-"))]
+        return [
+            r
+            for r in self.log
+            if r.kind == "resolve"
+            and r.method == "GET"
+            and (repo_id is None or r.repo_id == repo_id)
+            and (r.range is None or r.range.endswith("-"))
+        ]
 
     def start(self) -> str:
         hub = self
@@ -177,8 +192,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
 
     def _error(self, status: int, code: str, message: str, headers: dict | None = None):
-        self._send(status, json.dumps({"error": message}).encode(),
-                   {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message, **(headers or {})})
+        self._send(
+            status,
+            json.dumps({"error": message}).encode(),
+            {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message, **(headers or {})},
+        )
 
     def do_HEAD(self):  # noqa: N802
         self._route()
@@ -203,8 +221,17 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             return self._error(404, "NotFound", f"no route for {url.path}")
         with self.fake._lock:
-            self.fake.log.append(Logged(self.command, kind, repo_id, rev, path, self.headers.get("Range"),
-                                        self.headers.get("Authorization") is not None))
+            self.fake.log.append(
+                Logged(
+                    self.command,
+                    kind,
+                    repo_id,
+                    rev,
+                    path,
+                    self.headers.get("Range"),
+                    self.headers.get("Authorization") is not None,
+                )
+            )
         repo = self.fake.repos.get(repo_id)
         if repo is None:
             return self._error(401, "RepoNotFound", "Repository not found")
@@ -213,23 +240,51 @@ class _Handler(BaseHTTPRequestHandler):
             if auth is None:
                 return self._error(401, "GatedRepo", "Access to this model is restricted. You must be authenticated.")
             if auth != f"Bearer {self.fake.token}":
-                return self._error(403, "GatedRepo", "Access to this model is restricted and you are not in the authorized list.")
+                return self._error(
+                    403, "GatedRepo", "Access to this model is restricted and you are not in the authorized list."
+                )
         if kind == "refs":
-            return self._json({
-                "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in sorted(repo.branches.items())],
-                "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": s} for t, s in sorted(repo.tags.items())],
-                "converts": [], "pullRequests": [],
-            })
+            return self._json(
+                {
+                    "branches": [
+                        {"name": b, "ref": f"refs/heads/{b}", "targetCommit": s}
+                        for b, s in sorted(repo.branches.items())
+                    ],
+                    "tags": [
+                        {"name": t, "ref": f"refs/tags/{t}", "targetCommit": s} for t, s in sorted(repo.tags.items())
+                    ],
+                    "converts": [],
+                    "pullRequests": [],
+                }
+            )
         sha = repo.resolve(rev if rev is not None else "main")
         if sha is None:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         commit = repo.commits[sha]
         if kind == "info":
-            return self._json({"id": repo_id, "sha": sha, "private": False, "gated": "auto" if repo.gated else False,
-                               "lastModified": commit.date, "siblings": [{"rfilename": p} for p in sorted(commit.files)]})
+            return self._json(
+                {
+                    "id": repo_id,
+                    "sha": sha,
+                    "private": False,
+                    "gated": "auto" if repo.gated else False,
+                    "lastModified": commit.date,
+                    "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+                }
+            )
         if kind == "commits":
-            return self._json([{"id": c.sha, "title": c.title, "message": c.message, "date": c.date,
-                                "authors": [{"user": "trainer"}]} for c in repo.history(sha)])
+            return self._json(
+                [
+                    {
+                        "id": c.sha,
+                        "title": c.title,
+                        "message": c.message,
+                        "date": c.date,
+                        "authors": [{"user": "trainer"}],
+                    }
+                    for c in repo.history(sha)
+                ]
+            )
         if kind == "tree":
             return self._tree(commit, path or "", query.get("recursive", ["False"])[0].lower() == "true")
         if kind == "resolve":
@@ -240,11 +295,12 @@ class _Handler(BaseHTTPRequestHandler):
         prefix = f"{path.strip('/')}/" if path.strip("/") else ""
         under = {p: b for p, b in commit.files.items() if p.startswith(prefix)}
         if prefix and not under:
-            return self._error(404, "EntryNotFound", f"{path} does not exist on {commit.sha}",
-                               {"X-Repo-Commit": commit.sha})
+            return self._error(
+                404, "EntryNotFound", f"{path} does not exist on {commit.sha}", {"X-Repo-Commit": commit.sha}
+            )
         items: dict[str, dict] = {}
         for p, data in under.items():
-            rel = p[len(prefix):]
+            rel = p[len(prefix) :]
             parts = rel.split("/")
             for i in range(1, len(parts)):  # folders on the way
                 d = prefix + "/".join(parts[:i])
@@ -258,10 +314,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self, commit: Commit, path: str):
         data = commit.files.get(path)
         if data is None:
-            return self._error(404, "EntryNotFound", f"{path} does not exist on {commit.sha}",
-                               {"X-Repo-Commit": commit.sha})
-        headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": commit.sha,
-                   "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+            return self._error(
+                404, "EntryNotFound", f"{path} does not exist on {commit.sha}", {"X-Repo-Commit": commit.sha}
+            )
+        headers = {
+            "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            "X-Repo-Commit": commit.sha,
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         total = len(data)
         start, end = 0, total - 1
         rng = self.headers.get("Range")
@@ -277,7 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, b"", {"Content-Range": f"bytes */{total}"})
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
-        body = data[start:end + 1]
+        body = data[start : end + 1]
         limit = self.fake.drop.get(path)
         is_download = rng is None or rng.strip().endswith("-")
         if self.command == "GET" and limit is not None and is_download:

@@ -20,6 +20,7 @@ from _support import copy_model, reference_tensors, run_cli_many, tree_snapshot
 
 # Each builder makes its case inside `root` and returns (path to pass, regexes the message must match).
 
+
 def case_missing_path(root, models):
     return root / "does-not-exist", [r"does-not-exist: no such file or directory"]
 
@@ -176,8 +177,10 @@ def case_config_not_object(root, models):
 def case_overlapping_offsets(root, models):
     folder = root / "model"
     folder.mkdir()
-    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
@@ -235,8 +238,10 @@ def cli_results(tmp_path_factory, models):
         cwd.mkdir()
         cases[name] = (["inspect", path], cwd, root, patterns, tree_snapshot(root))
     results = run_cli_many({name: (args, cwd) for name, (args, cwd, *_) in cases.items()})
-    return {name: (results[name], patterns, before, tree_snapshot(root))
-            for name, (_, _, root, patterns, before) in cases.items()}
+    return {
+        name: (results[name], patterns, before, tree_snapshot(root))
+        for name, (_, _, root, patterns, before) in cases.items()
+    }
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
@@ -260,7 +265,9 @@ def test_base_checkpoint_shape_mismatch(tmp_path, models):
     from safetensors.torch import save_file
 
     tensors = {n: r.tensor for n, r in reference_tensors(other).items()}
-    tensors["model.layers.1.self_attn.o_proj.weight"] = tensors["model.layers.1.self_attn.o_proj.weight"][:, :32].contiguous()
+    tensors["model.layers.1.self_attn.o_proj.weight"] = tensors["model.layers.1.self_attn.o_proj.weight"][
+        :, :32
+    ].contiguous()
     save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(InputError) as info:
         check_compatible(base, open_checkpoint(other))
@@ -269,8 +276,11 @@ def test_base_checkpoint_shape_mismatch(tmp_path, models):
     assert "model.layers.1.self_attn.o_proj.weight" in msg and "[64, 32]" in msg and "[64, 64]" in msg
 
 
-@pytest.mark.parametrize("header", [b"[]", b'{"a": 5}', b'{"a": {"dtype": "F32", "shape": "xy", "data_offsets": [0, 4]}}'],
-                         ids=["list-header", "tensor-not-object", "string-shape"])
+@pytest.mark.parametrize(
+    "header",
+    [b"[]", b'{"a": 5}', b'{"a": {"dtype": "F32", "shape": "xy", "data_offsets": [0, 4]}}'],
+    ids=["list-header", "tensor-not-object", "string-shape"],
+)
 def test_structurally_invalid_json_header_is_input_error(tmp_path, header):
     f = tmp_path / "model.safetensors"
     header += b" " * (-len(header) % 8)

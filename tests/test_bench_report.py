@@ -33,20 +33,55 @@ P = _load_module(BENCH / "report.py", "_bench_report_page")
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
-def _raw(name: str, *, fast: float = 2.0, slow: float = 8.0, peak: int = 123_456_789, measured: float = 1.4,
-         comparison: str = "<=", threshold: float = 1.5) -> dict:
-    raw = {"machine_info": {"cpu": "Test CPU", "cores": 2, "ram_bytes": 8 * 2 ** 30, "gpu": "none", "torch": "9.9",
-                            "python": "3.0", "date_utc": "2026-01-02T03:04:05+00:00", "load_average_start": 0.5,
-                            "load_average_end": 1.25},
-           "fast": fast, "slow": slow}
+
+def _raw(
+    name: str,
+    *,
+    fast: float = 2.0,
+    slow: float = 8.0,
+    peak: int = 123_456_789,
+    measured: float = 1.4,
+    comparison: str = "<=",
+    threshold: float = 1.5,
+) -> dict:
+    raw = {
+        "machine_info": {
+            "cpu": "Test CPU",
+            "cores": 2,
+            "ram_bytes": 8 * 2**30,
+            "gpu": "none",
+            "torch": "9.9",
+            "python": "3.0",
+            "date_utc": "2026-01-02T03:04:05+00:00",
+            "load_average_start": 0.5,
+            "load_average_end": 1.25,
+        },
+        "fast": fast,
+        "slow": slow,
+    }
     rows = [R.row(f"{name} ours", fast, 3, f"{name} naive", peak), R.row(f"{name} naive", slow, 1, None, 2 * peak)]
     raw["report"] = R.report(
-        raw, name=name, title=f"Title {name}", issue="#7", measured=f"What {name} measures.",
+        raw,
+        name=name,
+        title=f"Title {name}",
+        issue="#7",
+        measured=f"What {name} measures.",
         table=R.table(rows, memory="peak RSS"),
         tables=[R.extra(f"Extra {name}", ["label", "value"], [["x", 0.012345], ["y", 4321.0]])],
-        targets=[R.target(f"t_{name}", f"target of {name}", comparison, threshold, measured,
-                          met_limit=f"MET-LIMIT-{name}", missed_limit=f"MISSED-LIMIT-{name}", unit="×")],
-        notes=[f"note of {name}"])
+        targets=[
+            R.target(
+                f"t_{name}",
+                f"target of {name}",
+                comparison,
+                threshold,
+                measured,
+                met_limit=f"MET-LIMIT-{name}",
+                missed_limit=f"MISSED-LIMIT-{name}",
+                unit="×",
+            )
+        ],
+        notes=[f"note of {name}"],
+    )
     return raw
 
 
@@ -84,6 +119,7 @@ def _close(cell: str, value: float) -> bool:
 
 # ---- the page ---------------------------------------------------------------------------------------
 
+
 def test_figures_on_the_page_are_the_files_values(tmp_path):
     _write(tmp_path, _raw("a", fast=2.0, slow=8.0, peak=123_456_789))
     _write(tmp_path, _raw("b", fast=0.0123, slow=456.7, peak=5_000_000))
@@ -110,10 +146,13 @@ def test_figures_on_the_page_are_the_files_values(tmp_path):
     assert "2 targets: 2 met, 0 missed." in md
 
 
-@pytest.mark.parametrize("comparison, threshold, met_values, missed_values", [
-    ("<=", 1.5, [1.4, 1.5, 0.0], [1.6, 15.0, float("nan")]),
-    (">=", 5.0, [5.0, 5.01, 50.0], [4.99, 0.0, float("nan")]),
-])
+@pytest.mark.parametrize(
+    "comparison, threshold, met_values, missed_values",
+    [
+        ("<=", 1.5, [1.4, 1.5, 0.0], [1.6, 15.0, float("nan")]),
+        (">=", 5.0, [5.0, 5.01, 50.0], [4.99, 0.0, float("nan")]),
+    ],
+)
 def test_verdict_follows_the_threshold(tmp_path, comparison, threshold, met_values, missed_values):
     for i, value in enumerate(met_values + missed_values):
         folder = tmp_path / str(i)
@@ -148,8 +187,13 @@ def test_sections_follow_run_all_order_then_other_files_by_name(tmp_path):
         _write(tmp_path, _raw(name))
     md = _page(tmp_path, order=("b", "a", "missing"))
     sections = [line for line in md.splitlines() if line.startswith("## Title")]
-    assert sections == ["## Title b (issue #7)", "## Title a (issue #7)", "## Title alpha (issue #7)",
-                        "## Title extra (issue #7)", "## Title zeta (issue #7)"]
+    assert sections == [
+        "## Title b (issue #7)",
+        "## Title a (issue #7)",
+        "## Title alpha (issue #7)",
+        "## Title extra (issue #7)",
+        "## Title zeta (issue #7)",
+    ]
     summary = [r[0] for r in _rows(md) if r[0].startswith("[Title ")]
     assert summary == [f"[Title {n} (#7)](#{n})" for n in ("b", "a", "alpha", "extra", "zeta")]
 
@@ -200,10 +244,19 @@ def test_quick_results_are_marked(tmp_path):
 
 def test_number_format():
     assert [P.fmt(x) for x in (0.99987, 1031.4, 5.7651, 0.04, 1.11e-16, 0.0, 7, None)] == [
-        "0.9999", "1031", "5.77", "0.0400", "1.11e-16", "0", "7", "—"]
+        "0.9999",
+        "1031",
+        "5.77",
+        "0.0400",
+        "1.11e-16",
+        "0",
+        "7",
+        "—",
+    ]
 
 
 # ---- the scripts' summarise on the stored results -----------------------------------------------------
+
 
 def _stored(name: str) -> dict:
     raw = json.loads((BENCH / "results" / f"{name}.json").read_text())
@@ -229,13 +282,17 @@ def test_every_script_summarises_its_stored_results(name):
 
 def test_summarised_targets_against_the_raw_figures():
     """Spot checks, computed here from the raw data."""
-    mods = {n: _load_module(BENCH / f"bench_{n}.py", f"_bench_{n}_spot") for n in ("io", "decompose", "fit_pls", "relex")}
+    mods = {
+        n: _load_module(BENCH / f"bench_{n}.py", f"_bench_{n}_spot") for n in ("io", "decompose", "fit_pls", "relex")
+    }
     raw = _stored("relex")
     t = _targets(mods["relex"].summarise(raw))
     assert t["relex_peak_flat"]["measured"] == pytest.approx(
-        raw["T"]["32"]["relex"]["peak_above_imports"] / raw["T"]["4"]["relex"]["peak_above_imports"])
+        raw["T"]["32"]["relex"]["peak_above_imports"] / raw["T"]["4"]["relex"]["peak_above_imports"]
+    )
     assert t["lstsq_over_read"]["measured"] == pytest.approx(
-        raw["T"]["32"]["lstsq"]["seconds"] / raw["T"]["32"]["read"]["seconds"])
+        raw["T"]["32"]["lstsq"]["seconds"] / raw["T"]["32"]["read"]["seconds"]
+    )
     assert t["lstsq_over_read"]["met"] is (t["lstsq_over_read"]["measured"] <= 1.5)
     raw = _stored("decompose")
     m = raw["models"]["135M"]
@@ -243,20 +300,23 @@ def test_summarised_targets_against_the_raw_figures():
     assert t["speedup_135M"]["measured"] == pytest.approx(m["naive"]["seconds"] / m["cli"]["seconds"])
     assert t["anon_4x"]["measured"] == pytest.approx(
         (raw["models"]["4x"]["cli"]["peak_anon_sampled"] - raw["models"]["4x"]["import"]["peak_anon_sampled"])
-        / raw["models"]["4x"]["tight"]["largest_read_fp32"])
+        / raw["models"]["4x"]["tight"]["largest_read_fp32"]
+    )
     raw = _stored("fit_pls")
     t = _targets(mods["fit_pls"].summarise(raw))
     assert t["speedup"]["measured"] == pytest.approx(raw["naive"]["seconds"] / raw["cli"]["seconds"])
     raw = _stored("io")
     t = _targets(mods["io"].summarise(raw))
     s = raw["runs"]["stream"]
-    assert t["stream_vs_checkpoint"]["measured"] == pytest.approx((s["peak_rss"] - s["import_rss"])
-                                                                  / raw["checkpoint_bytes"])
+    assert t["stream_vs_checkpoint"]["measured"] == pytest.approx(
+        (s["peak_rss"] - s["import_rss"]) / raw["checkpoint_bytes"]
+    )
 
 
 def test_the_committed_page_is_generated_from_the_committed_results():
     """docs/benchmarks.md is what `make bench-report` writes: no figure on it is edited by hand."""
     entries = P.load(BENCH / "results", BENCHES)
     assert {n for n, _, _ in entries} >= {n for n in BENCHES if (BENCH / "results" / f"{n}.json").exists()}
-    assert (ROOT / "docs" / "benchmarks.md").read_text() == P.page(entries), \
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == P.page(entries), (
         "docs/benchmarks.md differs from the results files: run `make bench-report`"
+    )

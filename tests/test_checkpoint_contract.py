@@ -70,8 +70,19 @@ class Case:
         """decompose + fit-pls (against the step) of the run, for alpharl."""
         if self._fits is None:
             store, fits = self.root / "store", self.root / "fits"
-            r = run_main("decompose", str(self.base), "--run", str(self.run), "--rank", "1", "--out", str(store),
-                         "--device", "cpu", "--quiet")
+            r = run_main(
+                "decompose",
+                str(self.base),
+                "--run",
+                str(self.run),
+                "--rank",
+                "1",
+                "--out",
+                str(store),
+                "--device",
+                "cpu",
+                "--quiet",
+            )
             assert r.returncode == 0, r.stderr
             r = run_main("fit-pls", str(store), "--out", str(fits), "--no-plots", "--quiet")
             assert r.returncode == 0, r.stderr
@@ -82,8 +93,7 @@ class Case:
 _CASES: dict[tuple, Case] = {}
 
 
-@pytest.fixture(params=[(h, lay, d) for h in HEADS for lay in LAYOUTS for d in DTYPES],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(params=[(h, lay, d) for h in HEADS for lay in LAYOUTS for d in DTYPES], ids=lambda p: "-".join(p))
 def case(request, tmp_path_factory) -> Case:
     if request.param not in _CASES:
         _CASES[request.param] = Case(tmp_path_factory.mktemp("-".join(request.param)), *request.param)
@@ -109,8 +119,26 @@ def _linear(c: Case, out: Path):
 
 
 def _linear_two_point_rest_base(c: Case, out: Path):
-    return ["extrapolate", c.base, "--run", c.run, "--method", "linear", "--mode", "two-point", "--from", "0",
-            "--target-step", "40", "--include", "model.layers.*", "--rest", "base", "--out", out]
+    return [
+        "extrapolate",
+        c.base,
+        "--run",
+        c.run,
+        "--method",
+        "linear",
+        "--mode",
+        "two-point",
+        "--from",
+        "0",
+        "--target-step",
+        "40",
+        "--include",
+        "model.layers.*",
+        "--rest",
+        "base",
+        "--out",
+        out,
+    ]
 
 
 def _alpharl(c: Case, out: Path):
@@ -118,12 +146,36 @@ def _alpharl(c: Case, out: Path):
 
 
 def _alpharl_container_last(c: Case, out: Path):
-    return ["extrapolate", c.base, "--method", "alpharl", "--fits", c.fits(), "--target-step", "40",
-            "--container", "last", "--last-checkpoint", c.last, "--out", out]
+    return [
+        "extrapolate",
+        c.base,
+        "--method",
+        "alpharl",
+        "--fits",
+        c.fits(),
+        "--target-step",
+        "40",
+        "--container",
+        "last",
+        "--last-checkpoint",
+        c.last,
+        "--out",
+        out,
+    ]
 
 
-WRITERS = {f.__name__.lstrip("_"): f for f in (_reconstruct, _reconstruct_rest_checkpoint, _relex, _linear,
-                                                _linear_two_point_rest_base, _alpharl, _alpharl_container_last)}
+WRITERS = {
+    f.__name__.lstrip("_"): f
+    for f in (
+        _reconstruct,
+        _reconstruct_rest_checkpoint,
+        _relex,
+        _linear,
+        _linear_two_point_rest_base,
+        _alpharl,
+        _alpharl_container_last,
+    )
+}
 
 
 def _stored(folder: Path) -> dict:
@@ -135,8 +187,10 @@ def assert_checkpoint_contract(out: Path, base: Path, *, untied: bool, transform
     got, want = _stored(out), _stored(base)
     base_tied = HEAD not in want
     expected_names = set(want) | ({HEAD} if untied and base_tied else set())
-    assert set(got) == expected_names, (f"tensors differ from the base's: missing {sorted(expected_names - set(got))}, "
-                                        f"extra {sorted(set(got) - expected_names)}")
+    assert set(got) == expected_names, (
+        f"tensors differ from the base's: missing {sorted(expected_names - set(got))}, "
+        f"extra {sorted(set(got) - expected_names)}"
+    )
     for name, ref in got.items():
         src = want.get(name, want.get(EMB) if name == HEAD else None)
         assert ref.shape == src.shape, f"{name}: shape {ref.shape} != base {src.shape}"
@@ -144,7 +198,8 @@ def assert_checkpoint_contract(out: Path, base: Path, *, untied: bool, transform
     cfg = json.loads((out / "config.json").read_text())
     stores_head = HEAD in got
     assert cfg.get("tie_word_embeddings", True) is (not stores_head), (
-        f"config.json tie_word_embeddings={cfg.get('tie_word_embeddings')} but lm_head stored={stores_head}")
+        f"config.json tie_word_embeddings={cfg.get('tie_word_embeddings')} but lm_head stored={stores_head}"
+    )
     dtypes = {SAFETENSORS_DTYPE[r.dtype_code] for r in got.values()}
     assert len(dtypes) == 1
     field = cfg.get("dtype", cfg.get("torch_dtype"))
@@ -176,8 +231,12 @@ def test_written_checkpoint_keeps_the_contract(case, writer, tmp_path, transform
     result = json.loads(r.stdout)
     untied = result.get("untied_lm_head", False) or any("tie_word_embeddings: false" in n for n in result["notes"])
     assert_checkpoint_contract(out, case.base, untied=untied, transformers=transformers)
-    if case.head == "untied-by-training" and writer in ("relex", "linear", "reconstruct_rest_checkpoint",
-                                                       "alpharl_container_last"):
+    if case.head == "untied-by-training" and writer in (
+        "relex",
+        "linear",
+        "reconstruct_rest_checkpoint",
+        "alpharl_container_last",
+    ):
         assert HEAD in _stored(out), f"{writer}: the run's own head was dropped"  # the head the run trained
     if case.head in ("untied", "untied-base-tied-run"):
         assert HEAD in _stored(out), f"{writer}: the base's own head was dropped"
@@ -211,8 +270,21 @@ def test_untied_base_head_is_extrapolated_like_any_tensor(head, tmp_path_factory
         _CASES[key] = Case(tmp_path_factory.mktemp("-".join(key)), *key)
     c = _CASES[key]
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(c.base), "--run", str(c.run), "--method", "linear", "--target-step", "40",
-                 "--out", str(out), "--device", "cpu", "--quiet")
+    r = run_main(
+        "extrapolate",
+        str(c.base),
+        "--run",
+        str(c.run),
+        "--method",
+        "linear",
+        "--target-step",
+        "40",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     b = _stored(c.base)[HEAD].tensor.double().numpy()
     hist = []

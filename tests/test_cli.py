@@ -28,8 +28,9 @@ runner = CliRunner()
 def _expected_model_report(folder, tie: bool, layers: int) -> dict:
     """What `inspect --json` must say, from safetensors' own reader and Llama naming (docs/concepts.md#words)."""
     ref = reference_tensors(folder)
-    matrices = [n for n, r in ref.items()
-                if n.startswith("model.layers.") and n.endswith("_proj.weight") and len(r.shape) == 2]
+    matrices = [
+        n for n, r in ref.items() if n.startswith("model.layers.") and n.endswith("_proj.weight") and len(r.shape) == 2
+    ]
     return {
         "tensors": len(ref),
         "parameters": sum(r.tensor.numel() for r in ref.values()),
@@ -109,11 +110,13 @@ def test_inspect_run_table_lists_steps(tmp_path):
     assert steps == [5, 10, 100]
 
 
-_TORCH_PROBE = ("import sys, rank1tools.cli as c\n"
-                "sys.argv = ['rank1', *sys.argv[1:]]\n"
-                "try:\n    c.main()\nexcept SystemExit as e:\n    code = e.code\n"
-                "sys.stderr.write(f'torch imported: {\"torch\" in sys.modules}\\n')\n"
-                "sys.exit(code)\n")
+_TORCH_PROBE = (
+    "import sys, rank1tools.cli as c\n"
+    "sys.argv = ['rank1', *sys.argv[1:]]\n"
+    "try:\n    c.main()\nexcept SystemExit as e:\n    code = e.code\n"
+    "sys.stderr.write(f'torch imported: {\"torch\" in sys.modules}\\n')\n"
+    "sys.exit(code)\n"
+)
 
 
 def test_inspect_reads_headers_without_importing_torch(models, tmp_path):
@@ -122,10 +125,15 @@ def test_inspect_reads_headers_without_importing_torch(models, tmp_path):
     safetensors' own listing."""
     m = models("bf16", True, True)
     run = build_run(tmp_path / "run", [5, 10], "trl")
-    for args in (["inspect", str(m.path), "--json"], ["inspect", str(m.path)],
-                 ["inspect", str(run), "--json"], ["inspect", str(run)]):
-        r = subprocess.run([sys.executable, "-c", _TORCH_PROBE, *args], capture_output=True, text=True,
-                           env=cli_env(), timeout=60)
+    for args in (
+        ["inspect", str(m.path), "--json"],
+        ["inspect", str(m.path)],
+        ["inspect", str(run), "--json"],
+        ["inspect", str(run)],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-c", _TORCH_PROBE, *args], capture_output=True, text=True, env=cli_env(), timeout=60
+        )
         assert r.returncode == 0, r.stderr
         assert r.stderr.splitlines()[-1] == "torch imported: False", (args, r.stderr)
         assert r.stdout == runner.invoke(app, args).stdout, args
@@ -149,6 +157,7 @@ def test_version():
 
 
 # ---------- exit codes and stderr come from rank1tools.cli.main ----------
+
 
 def call_main(args, monkeypatch, capsys):
     """Run rank1tools.cli.main() in-process, as the console script does; returns (code, stdout, stderr)."""
@@ -217,7 +226,10 @@ def test_malformed_steps_exits_2(verl_run, monkeypatch, capsys):
     code, out, err = call_main(["inspect", verl_run, "--steps", "10:x"], monkeypatch, capsys)
     assert code == 2
     assert out == ""
-    assert _one_error_line(err) == "rank1: error: --steps '10:x': expected a list like 50,100,200 or a range like 10:100:10"
+    assert (
+        _one_error_line(err)
+        == "rank1: error: --steps '10:x': expected a list like 50,100,200 or a range like 10:100:10"
+    )
 
 
 def test_model_json_through_main(models, monkeypatch, capsys):
@@ -240,20 +252,25 @@ def test_internal_error_is_one_line_exit_1(models, monkeypatch, capsys):
     monkeypatch.setattr(insp, "inspect_source", boom)
     code, out, err = call_main(["inspect", models("fp32").path], monkeypatch, capsys)
     assert code == 1
-    assert err.splitlines() == ["rank1: internal error: ZeroDivisionError: synthetic failure (set RANK1_DEBUG=1 for a traceback)"]
+    assert err.splitlines() == [
+        "rank1: internal error: ZeroDivisionError: synthetic failure (set RANK1_DEBUG=1 for a traceback)"
+    ]
 
 
 def test_help_exits_0():
-    r = subprocess.run([sys.executable, "-m", "rank1tools.cli", "--help"], capture_output=True, text=True,
-                       env=cli_env(), timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "rank1tools.cli", "--help"], capture_output=True, text=True, env=cli_env(), timeout=60
+    )
     assert r.returncode == 0, r.stderr
     assert "inspect" in r.stdout and "Usage" in r.stdout
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; sys.argv=['rank1','--help']; import rank1tools.cli as c\n"
-            "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; sys.argv=['rank1','--help']; import rank1tools.cli as c\n"
+        "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=60)
     assert r.returncode == 0, r.stderr
     assert "Usage" in r.stdout  # help really ran
@@ -274,8 +291,16 @@ EARLY_ERRORS = [  # (args, exit code, message) — each must be refused before t
     (["reconstruct", "b", "c", "--rank", "1", "--max-shard-size", "-1GB", "--out", "x"], 2, "--max-shard-size '-1GB'"),
     (["reconstruct", "b", "c", "--rank", "1", "--dtype", "float8", "--out", "x"], 2, "--dtype 'float8'"),
     (["reconstruct", "b", "c", "--rank", "1", "--rest", "none", "--out", "x"], 2, "--rest 'none'"),
-    (["reconstruct", "b", "c", "--rank", "1", "--alpha", "inf", "--out", "x"], 2, "--alpha 'inf': expected a number in ASCII digits"),
-    (["reconstruct", "b", "c", "--rank", "1", "--hub-cache-policy", "never", "--out", "x"], 2, "--hub-cache-policy 'never'"),
+    (
+        ["reconstruct", "b", "c", "--rank", "1", "--alpha", "inf", "--out", "x"],
+        2,
+        "--alpha 'inf': expected a number in ASCII digits",
+    ),
+    (
+        ["reconstruct", "b", "c", "--rank", "1", "--hub-cache-policy", "never", "--out", "x"],
+        2,
+        "--hub-cache-policy 'never'",
+    ),
     (["inspect", "r", "--steps", "٢٠"], 2, "--steps '٢٠'"),
     (["demo", "--out", "existing"], 4, "already exists"),
 ]
@@ -286,14 +311,22 @@ def test_option_and_output_errors_answer_before_importing_torch(tmp_path):
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "mine.txt").write_text("x")
     (tmp_path / "b").mkdir()
-    code = ("import json, sys; import rank1tools.cli as c\n"
-            "results = []\n"
-            "for args in json.loads(sys.argv[1]):\n"
-            "    sys.argv = ['rank1', *args]\n"
-            "    try:\n        c.main()\n    except SystemExit as e:\n        results.append(e.code)\n"
-            "print(json.dumps([results, 'torch' in sys.modules]))")
-    r = subprocess.run([sys.executable, "-c", code, json.dumps([a for a, _, _ in EARLY_ERRORS])], cwd=tmp_path,
-                       capture_output=True, text=True, env=cli_env(), timeout=60)
+    code = (
+        "import json, sys; import rank1tools.cli as c\n"
+        "results = []\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    sys.argv = ['rank1', *args]\n"
+        "    try:\n        c.main()\n    except SystemExit as e:\n        results.append(e.code)\n"
+        "print(json.dumps([results, 'torch' in sys.modules]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([a for a, _, _ in EARLY_ERRORS])],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+    )
     codes, torch_imported = json.loads(r.stdout.strip().splitlines()[-1])
     lines = r.stderr.strip().splitlines()
     assert len(lines) == len(EARLY_ERRORS), r.stderr
@@ -324,8 +357,14 @@ def test_in_a_pipe_no_value_is_cut_or_wrapped(tmp_path):
     env = {**cli_env(), "COLUMNS": "60"}
 
     def rank1(*args):
-        r = subprocess.run([sys.executable, "-m", "rank1tools.cli", *map(str, args)], capture_output=True, text=True,
-                           env=env, timeout=300, cwd=tmp_path)
+        r = subprocess.run(
+            [sys.executable, "-m", "rank1tools.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=tmp_path,
+        )
         assert r.returncode == 0, r.stderr
         assert "…" not in r.stdout
         return r.stdout.splitlines()
@@ -340,8 +379,10 @@ def test_in_a_pipe_no_value_is_cut_or_wrapped(tmp_path):
     assert lines[-1].startswith(f"7 modules x 3 checkpoints -> {root / 'spectra'} (overall energy_1 0.")
     lines = rank1("fit-pls", root / "spectra", "--out", root / "fits", "-q", "--no-plots")
     assert lines[-1] == f"-> {root / 'fits'}"
-    assert any(line.startswith("most linear (r2_step): model.layers.0.") and line.count("model.layers.0.") == 5
-               for line in lines)  # five modules and their figures on one line
+    assert any(
+        line.startswith("most linear (r2_step): model.layers.0.") and line.count("model.layers.0.") == 5
+        for line in lines
+    )  # five modules and their figures on one line
 
 
 def test_on_a_narrow_terminal_cells_fold_instead_of_being_cut(monkeypatch, capsys):
@@ -355,8 +396,9 @@ def test_on_a_narrow_terminal_cells_fold_instead_of_being_cut(monkeypatch, capsy
     monkeypatch.setattr(render, "_console", lambda: Console(width=50, force_terminal=True, color_system=None))
     path = "outputs/" + "future-step-500-of-a-long-run/" * 3 + "rank-1"
 
-    rank_output = RankOutput(rank="1", path=path, lost_fraction=0.001, rel_error=1e-3, updated_elements=1234,
-                             warning=None, tensors=[])
+    rank_output = RankOutput(
+        rank="1", path=path, lost_fraction=0.001, rel_error=1e-3, updated_elements=1234, warning=None, tensors=[]
+    )
     render.reconstruct(type("Result", (), {"modules": 7, "used_factors": False, "outputs": [rank_output]}))
     out = capsys.readouterr().out
     assert "…" not in out

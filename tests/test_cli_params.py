@@ -13,8 +13,24 @@ from rank1tools.cli import app
 from rank1tools.engine.executors import EXECUTOR_FLAGS, without_executor_args
 
 CLI = Path(__file__).resolve().parents[1] / "src" / "rank1tools" / "cli"
-SHARED = ["--out", "--force", "--include", "--exclude", "--steps", "--run", "--revisions", "--subfolders", "--commits",
-          "--hub-cache-policy", "--device", "--dtype", "--max-shard-size", "--quiet", "--json", *EXECUTOR_FLAGS.values()]
+SHARED = [
+    "--out",
+    "--force",
+    "--include",
+    "--exclude",
+    "--steps",
+    "--run",
+    "--revisions",
+    "--subfolders",
+    "--commits",
+    "--hub-cache-policy",
+    "--device",
+    "--dtype",
+    "--max-shard-size",
+    "--quiet",
+    "--json",
+    *EXECUTOR_FLAGS.values(),
+]
 
 
 def test_shared_options_are_declared_only_in_params():

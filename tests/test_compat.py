@@ -75,7 +75,9 @@ def test_tied_head_against_wrong_sized_lm_head(tmp_path):
 
 def test_missing_tensor_is_named(tmp_path, models):
     base = open_checkpoint(models("fp32", False, False).path)
-    ckpt = open_checkpoint(build_checkpoint(tmp_path / "c", tensors_edit=lambda t: {k: v for k, v in t.items() if k != UP0}))
+    ckpt = open_checkpoint(
+        build_checkpoint(tmp_path / "c", tensors_edit=lambda t: {k: v for k, v in t.items() if k != UP0})
+    )
     with pytest.raises(InputError) as info:
         check_compatible(base, ckpt)
     assert UP0 in str(info.value) and "lacks" in str(info.value)

@@ -51,6 +51,7 @@ def _planted(m: int, n: int, sigmas: list[float], noise: float, seed: int) -> to
 
 # ---------------------------------------------------------------- math against numpy float64
 
+
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("m,n", [(120, 80), (80, 200)])
 def test_topk_matches_numpy_float64(m, n, exact):
@@ -114,6 +115,7 @@ def test_sign_canonicalisation_and_alignment():
 
 # ---------------------------------------------------------------- command
 
+
 def _read_csv(path: Path) -> list[dict]:
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -121,14 +123,15 @@ def _read_csv(path: Path) -> list[dict]:
 
 def test_decompose_bf16_base_fp32_checkpoints(dec_run, tmp_path):
     out = tmp_path / "out"
-    res = decompose(str(dec_run / "base"), [], str(out), run=str(dec_run / "run"),
-                    options=DecomposeOptions(rank=4, device="cpu"))
+    res = decompose(
+        str(dec_run / "base"), [], str(out), run=str(dec_run / "run"), options=DecomposeOptions(rank=4, device="cpu")
+    )
     mods = matrix_module_names(SHAPE)
     assert res.steps == STEPS and sorted(res.modules) == sorted(mods)
     rows = _read_csv(out / "spectrum.csv")
     assert len(rows) == len(mods) * len(STEPS)
     base = open_checkpoint(dec_run / "base")
-    for r in rows[:: 4]:  # a spread of (module, step)
+    for r in rows[::4]:  # a spread of (module, step)
         ck = open_checkpoint(dec_run / "run" / f"checkpoint-{r['step']}")
         with safe_open(str(dec_run / "base" / "model.safetensors"), "pt") as f:
             w0 = f.get_tensor(r["module"]).double().numpy()  # bf16 upcast, independent reader
@@ -198,8 +201,12 @@ def test_resume_is_byte_identical(dec_run, tmp_path):
 def test_steps_from_paths_and_exact_matches_randomized(dec_run, tmp_path):
     cks = [str(dec_run / "run" / f"checkpoint-{s}") for s in (100, 5)]  # given out of order
     r1 = decompose(str(dec_run / "base"), cks, str(tmp_path / "a"), options=DecomposeOptions(rank=2, device="cpu"))
-    r2 = decompose(str(dec_run / "base"), cks, str(tmp_path / "b"),
-                   options=DecomposeOptions(rank=2, exact=True, device="cpu", include=["*.mlp.*"]))
+    r2 = decompose(
+        str(dec_run / "base"),
+        cks,
+        str(tmp_path / "b"),
+        options=DecomposeOptions(rank=2, exact=True, device="cpu", include=["*.mlp.*"]),
+    )
     assert r1.steps == [5, 100]
     assert {r["type"] for r in r2.rows} == {"gate", "up", "down"}
     by = {(r["module"], r["step"]): r for r in r1.rows}
@@ -209,6 +216,7 @@ def test_steps_from_paths_and_exact_matches_randomized(dec_run, tmp_path):
 
 
 # ---------------------------------------------------------------- bad input (CLI)
+
 
 def _assert_error(proc, code: int, *needles: str):
     assert proc.returncode == code, proc.stderr
@@ -220,8 +228,22 @@ def _assert_error(proc, code: int, *needles: str):
 
 
 def test_cli_decompose_json_and_exit_code(dec_run, tmp_path):
-    p = _cli("decompose", str(dec_run / "base"), "--run", str(dec_run / "run"), "--steps", "5,100",
-             "--out", str(tmp_path / "o"), "--rank", "2", "--json", "--device", "cpu", "--quiet")
+    p = _cli(
+        "decompose",
+        str(dec_run / "base"),
+        "--run",
+        str(dec_run / "run"),
+        "--steps",
+        "5,100",
+        "--out",
+        str(tmp_path / "o"),
+        "--rank",
+        "2",
+        "--json",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert p.returncode == 0, p.stderr
     data = json.loads(p.stdout)
     assert data["steps"] == [5, 100] and data["modules"] == len(matrix_module_names(SHAPE))
@@ -232,8 +254,16 @@ def test_cli_decompose_json_and_exit_code(dec_run, tmp_path):
 
 def test_cli_rank_above_min_dim(dec_run, tmp_path):
     kv = SHAPE.kv_heads * SHAPE.hidden // SHAPE.heads
-    p = _cli("decompose", str(dec_run / "base"), "--run", str(dec_run / "run"), "--out", str(tmp_path / "o"),
-             "--rank", str(kv + 1))
+    p = _cli(
+        "decompose",
+        str(dec_run / "base"),
+        "--run",
+        str(dec_run / "run"),
+        "--out",
+        str(tmp_path / "o"),
+        "--rank",
+        str(kv + 1),
+    )
     _assert_error(p, 2, "--rank", "k_proj", str(kv))
     assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
 
@@ -250,8 +280,9 @@ def _clone_checkpoint(src: Path, dst: Path, edit) -> Path:
 def test_cli_shape_mismatch_missing_module_nonfinite(dec_run, tmp_path):
     src = dec_run / "run" / "checkpoint-10"
     name = "model.layers.1.mlp.up_proj.weight"
-    bad_shape = _clone_checkpoint(src, tmp_path / "shape" / "checkpoint-10",
-                                  lambda t: t.__setitem__(name, t[name][:-1].contiguous()))
+    bad_shape = _clone_checkpoint(
+        src, tmp_path / "shape" / "checkpoint-10", lambda t: t.__setitem__(name, t[name][:-1].contiguous())
+    )
     missing = _clone_checkpoint(src, tmp_path / "missing" / "checkpoint-10", lambda t: t.pop(name))
 
     def poison(t):
@@ -260,7 +291,9 @@ def test_cli_shape_mismatch_missing_module_nonfinite(dec_run, tmp_path):
 
     nan = _clone_checkpoint(src, tmp_path / "nan" / "checkpoint-10", poison)
     base = str(dec_run / "base")
-    _assert_error(_cli("decompose", base, str(bad_shape), "--out", str(tmp_path / "o1")), 3, name, "[111, 48]", "[112, 48]")
+    _assert_error(
+        _cli("decompose", base, str(bad_shape), "--out", str(tmp_path / "o1")), 3, name, "[111, 48]", "[112, 48]"
+    )
     _assert_error(_cli("decompose", base, str(missing), "--out", str(tmp_path / "o2")), 3, name, "step 10")
     _assert_error(_cli("decompose", base, str(nan), "--out", str(tmp_path / "o3")), 3, name, "step 10", "non-finite")
     for o in ("o1", "o2", "o3"):
@@ -271,8 +304,12 @@ def test_errors_raised_as_types(dec_run, tmp_path):
     with pytest.raises(UsageError):
         decompose(str(dec_run / "base"), [], str(tmp_path / "o"))
     with pytest.raises(UsageError):
-        decompose(str(dec_run / "base"), [str(dec_run / "run" / "checkpoint-5")], str(tmp_path / "o"),
-                  options=DecomposeOptions(rank=0))
+        decompose(
+            str(dec_run / "base"),
+            [str(dec_run / "run" / "checkpoint-5")],
+            str(tmp_path / "o"),
+            options=DecomposeOptions(rank=0),
+        )
     with pytest.raises(InputError):
         decompose(str(dec_run / "base"), [str(tmp_path / "nope")], str(tmp_path / "o"))
 
@@ -289,8 +326,19 @@ def test_cli_interrupt_says_how_to_resume(dec_run, tmp_path, monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(dec, "topk_svd", interrupted)
-    args = ("decompose", str(dec_run / "base"), "--run", str(dec_run / "run"), "--out", str(tmp_path / "o"),
-            "--rank", "2", "--quiet", "--device", "cpu")
+    args = (
+        "decompose",
+        str(dec_run / "base"),
+        "--run",
+        str(dec_run / "run"),
+        "--out",
+        str(tmp_path / "o"),
+        "--rank",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     r = _cli(*args)
     assert r.returncode == 130 and r.stdout == ""
     assert r.stderr == "rank1: interrupted: finished modules are kept; rerun the same command to resume\n"

@@ -48,8 +48,11 @@ def test_quick_demo_table_is_consistent_with_its_files(quick_demo):
     for r in res["rows"]:
         assert Path(r["path"]).is_dir(), r["name"]
         assert 0.0 <= r["accuracy"] <= 1.0
-        expected = (r["accuracy"] - base["accuracy"]) / (final["accuracy"] - base["accuracy"]) \
-            if final["accuracy"] != base["accuracy"] else None
+        expected = (
+            (r["accuracy"] - base["accuracy"]) / (final["accuracy"] - base["accuracy"])
+            if final["accuracy"] != base["accuracy"]
+            else None
+        )
         assert r["kept"] == pytest.approx(expected) if expected is not None else r["kept"] is None
     # the accuracies are the evaluator's on the written folders (re-evaluated here)
     for r in (res["rows"][0], res["rows"][2], res["rows"][4]):
@@ -69,8 +72,17 @@ def test_quick_demo_table_is_consistent_with_its_files(quick_demo):
 @pytest.mark.training
 def test_quick_demo_outputs_of_every_command(quick_demo):
     out, res = quick_demo
-    for folder in ("decompose", "fit-pls", "fit-pls-window", "linearity", "rank-1", "extrapolate-relex",
-                   "extrapolate-linear", "extrapolate-alpharl", "relex-whole-run"):
+    for folder in (
+        "decompose",
+        "fit-pls",
+        "fit-pls-window",
+        "linearity",
+        "rank-1",
+        "extrapolate-relex",
+        "extrapolate-linear",
+        "extrapolate-alpharl",
+        "relex-whole-run",
+    ):
         assert (out / folder / "rank1tools.json").is_file(), folder
     base = _tensors(out / "base")
     for r in res["rows"][3:]:
@@ -83,8 +95,21 @@ def test_quick_demo_outputs_of_every_command(quick_demo):
 def test_full_rank_reconstruction_equals_the_checkpoint(quick_demo, tmp_path):
     out, res = quick_demo
     final = out / "run" / f"checkpoint-{res['final']}"
-    r = run_main("reconstruct", str(out / "base"), str(final), "--rank", "100%", "--exact", "--rest", "checkpoint",
-                 "--dtype", "float32", "--out", str(tmp_path / "full"), "--quiet")
+    r = run_main(
+        "reconstruct",
+        str(out / "base"),
+        str(final),
+        "--rank",
+        "100%",
+        "--exact",
+        "--rest",
+        "checkpoint",
+        "--dtype",
+        "float32",
+        "--out",
+        str(tmp_path / "full"),
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     want, got = _tensors(final), _tensors(tmp_path / "full")
     assert set(got) == set(want)
@@ -99,15 +124,28 @@ def test_relex_inside_the_history_equals_the_trajectory_reconstruction(quick_dem
     out, res = quick_demo
     steps = [s for s in res["steps"] if s <= res["cut"]]
     inside = steps[1]
-    r = run_main("extrapolate", str(out / "base"), "--method", "relex", "--run", str(out / "run"),
-                 "--history-until", str(res["cut"]),
-                 "--target-step", str(inside), "--out", str(tmp_path / "relex"), "--quiet")
+    r = run_main(
+        "extrapolate",
+        str(out / "base"),
+        "--method",
+        "relex",
+        "--run",
+        str(out / "run"),
+        "--history-until",
+        str(res["cut"]),
+        "--target-step",
+        str(inside),
+        "--out",
+        str(tmp_path / "relex"),
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     got = _tensors(tmp_path / "relex")
     base = _tensors(out / "base")
     name = "model.layers.0.mlp.down_proj.weight"
-    M = np.stack([(_tensors(out / "run" / f"checkpoint-{s}")[name] - base[name]).double().numpy().ravel()
-                  for s in steps])
+    M = np.stack(
+        [(_tensors(out / "run" / f"checkpoint-{s}")[name] - base[name]).double().numpy().ravel() for s in steps]
+    )
     _, sv, vt = np.linalg.svd(M, full_matrices=False)
     c = M @ vt[0]
     slope, intercept = np.polyfit(np.array(steps, dtype=np.float64), c, 1)

@@ -20,21 +20,60 @@ from rank1tools.io.metrics import read_metrics
 from rank1tools.io.runs import discover_run
 from rank1tools.synthetic import write_model
 
-TINY = dict(hidden_size=32, intermediate_size=64, layers=1, heads=2, kv_heads=1, eval_size=200,
-            sft_eval_size=100, sft_max_steps=12, sft_eval_every=4, sft_target=1.1, grpo_prompts=4,
-            grpo_group=4, grpo_steps=4, save_every=2)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    layers=1,
+    heads=2,
+    kv_heads=1,
+    eval_size=200,
+    sft_eval_size=100,
+    sft_max_steps=12,
+    sft_eval_every=4,
+    sft_target=1.1,
+    grpo_prompts=4,
+    grpo_group=4,
+    grpo_steps=4,
+    save_every=2,
+)
 
 # transformers' TrainerState fields (transformers/trainer_callback.py), which trainer_state.json mirrors
 TRAINER_STATE_FIELDS = {
-    "epoch", "global_step", "max_steps", "logging_steps", "eval_steps", "save_steps", "train_batch_size",
-    "num_train_epochs", "num_input_tokens_seen", "total_flos", "log_history", "best_metric",
-    "best_global_step", "best_model_checkpoint", "is_local_process_zero", "is_world_process_zero",
-    "is_hyper_param_search", "trial_name", "trial_params", "stateful_callbacks",
+    "epoch",
+    "global_step",
+    "max_steps",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "train_batch_size",
+    "num_train_epochs",
+    "num_input_tokens_seen",
+    "total_flos",
+    "log_history",
+    "best_metric",
+    "best_global_step",
+    "best_model_checkpoint",
+    "is_local_process_zero",
+    "is_world_process_zero",
+    "is_hyper_param_search",
+    "trial_name",
+    "trial_params",
+    "stateful_callbacks",
 }
 HF_NAMES = {"model.embed_tokens.weight", "model.norm.weight"} | {
-    f"model.layers.0.{m}.weight" for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-        "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")}
+    f"model.layers.0.{m}.weight"
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "input_layernorm",
+        "post_attention_layernorm",
+    )
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +98,23 @@ def _random_model(config: TinyLlamaConfig, seed: int = 0, std: float = 0.3) -> T
 
 # ---- task and reward ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("prompt, completion, expected", [
-    ("47+96=", "341", 1.0),     # 143 reversed
-    ("47+96=", "143", 0.0),     # not reversed
-    ("00+00=", "000", 1.0),
-    ("99+99=", "891", 1.0),     # 198
-    ("05+05=", "010", 1.0),     # 010 reversed
-    ("05+05=", "01", 0.0),      # too short: the answer is zero-padded to digits + 1
-    ("05+05=", "0100", 0.0),
-    ("047+596=", "3460", 1.0),  # three digits: 0643 reversed
-    ("47+96", "341", 0.0),      # no '='
-    ("47+6=", "35", 0.0),       # operands of different widths
-    ("4a+96=", "341", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "prompt, completion, expected",
+    [
+        ("47+96=", "341", 1.0),  # 143 reversed
+        ("47+96=", "143", 0.0),  # not reversed
+        ("00+00=", "000", 1.0),
+        ("99+99=", "891", 1.0),  # 198
+        ("05+05=", "010", 1.0),  # 010 reversed
+        ("05+05=", "01", 0.0),  # too short: the answer is zero-padded to digits + 1
+        ("05+05=", "0100", 0.0),
+        ("047+596=", "3460", 1.0),  # three digits: 0643 reversed
+        ("47+96", "341", 0.0),  # no '='
+        ("47+6=", "35", 0.0),  # operands of different widths
+        ("4a+96=", "341", 0.0),
+    ],
+)
 def test_reward_hand_cases(prompt, completion, expected):
     assert reward(prompt, completion) == expected
 
@@ -99,14 +142,24 @@ def test_held_out_set_is_seeded_and_disjoint_from_training():
     assert len(held) == 300 and not held & train and held | train == set(range(10_000))
     g = torch.Generator().manual_seed(0)
     prompts, _ = a.sample(2000, g)
-    drawn = {int(p[1:3].sub(VOCAB["0"]) @ torch.tensor([10, 1])) * 100
-             + int(p[4:6].sub(VOCAB["0"]) @ torch.tensor([10, 1])) for p in prompts}
+    drawn = {
+        int(p[1:3].sub(VOCAB["0"]) @ torch.tensor([10, 1])) * 100 + int(p[4:6].sub(VOCAB["0"]) @ torch.tensor([10, 1]))
+        for p in prompts
+    }
     assert not drawn & held
 
 
 def test_teacher_forced_accuracy_is_greedy_decoding():
-    model = _random_model(TinyLlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model = _random_model(
+        TinyLlamaConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     task = AdditionTask(2, 0, 200)
     decoded = greedy(model, task.eval_prompts, task.answer_len)
     assert greedy_correct(model, task.eval_prompts, decoded).all()
@@ -118,6 +171,7 @@ def test_teacher_forced_accuracy_is_greedy_decoding():
 
 
 # ---- GRPO -----------------------------------------------------------------------------------------
+
 
 def test_group_advantages_against_numpy():
     r = np.array([[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 1]], dtype=np.float64)
@@ -141,7 +195,9 @@ def test_clipped_objective_value_against_numpy():
     assert float(clipped_objective(logp, old, adv, 0.2)) == pytest.approx(expected, rel=1e-12)
     # rows with A = 0 left out, the full count as divisor: the same value
     keep = adv != 0
-    assert float(clipped_objective(logp[keep], old[keep], adv[keep], 0.2, tokens=18)) == pytest.approx(expected, rel=1e-12)
+    assert float(clipped_objective(logp[keep], old[keep], adv[keep], 0.2, tokens=18)) == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def _logp_grad(advantage: float, log_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,21 +217,32 @@ def test_gradient_step_moves_the_sampled_token_with_the_advantage(advantage):
     assert (after - before) * advantage > 0
 
 
-@pytest.mark.parametrize("advantage, log_ratio, zero", [
-    (1.0, np.log(1.3), True),    # ratio above 1 + eps, A > 0: clipped
-    (-1.0, np.log(0.7), True),   # ratio below 1 - eps, A < 0: clipped
-    (1.0, np.log(0.7), False),   # ratio below the band, A > 0: the unclipped term is the minimum
-    (-1.0, np.log(1.3), False),
-    (1.0, np.log(1.1), False),   # inside the band
-])
+@pytest.mark.parametrize(
+    "advantage, log_ratio, zero",
+    [
+        (1.0, np.log(1.3), True),  # ratio above 1 + eps, A > 0: clipped
+        (-1.0, np.log(0.7), True),  # ratio below 1 - eps, A < 0: clipped
+        (1.0, np.log(0.7), False),  # ratio below the band, A > 0: the unclipped term is the minimum
+        (-1.0, np.log(1.3), False),
+        (1.0, np.log(1.1), False),  # inside the band
+    ],
+)
 def test_clip_stops_the_gradient_only_past_the_band(advantage, log_ratio, zero):
     _, grad = _logp_grad(advantage, log_ratio)
     assert (grad.abs().max() == 0) == zero
 
 
 def test_sampling_with_cache_gives_the_training_log_probs():
-    model = _random_model(TinyLlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model = _random_model(
+        TinyLlamaConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     task = AdditionTask(2, 0, 100)
     prompts = task.eval_prompts[:50]
     completions, old = sample(model, prompts, 3, torch.Generator().manual_seed(0))
@@ -186,6 +253,7 @@ def test_sampling_with_cache_gives_the_training_log_probs():
 
 
 # ---- model files ----------------------------------------------------------------------------------
+
 
 def test_state_dict_has_hf_names_and_a_tied_head(tmp_path):
     cfg = TinyLlamaConfig(num_hidden_layers=1)
@@ -202,8 +270,14 @@ def test_state_dict_has_hf_names_and_a_tied_head(tmp_path):
 
 
 def test_load_weights_reads_sharded_and_untied_folders(tmp_path):
-    cfg = TinyLlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1)
+    cfg = TinyLlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = _random_model(cfg)
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     ids = AdditionTask(2, 0, 50).eval_prompts
@@ -217,18 +291,29 @@ def test_load_weights_reads_sharded_and_untied_folders(tmp_path):
         assert torch.equal(loaded(ids), expected)
     # a stored head equal to the embedding keeps the tie; a different one is used as the head
     head = torch.randn(tensors["model.embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(9))
-    write_model(tmp_path / "untied", {**tensors, "lm_head.weight": head}, {**cfg.hf_config(), "tie_word_embeddings": False})
+    write_model(
+        tmp_path / "untied", {**tensors, "lm_head.weight": head}, {**cfg.hf_config(), "tie_word_embeddings": False}
+    )
     untied = TinyLlama(cfg)
     load_weights(untied, tmp_path / "untied")
-    assert torch.equal(untied.lm_head.weight, head) and not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
+    assert torch.equal(untied.lm_head.weight, head) and not torch.equal(
+        untied.lm_head.weight, untied.model.embed_tokens.weight
+    )
     with torch.no_grad():
-        body = untied.model.norm(untied.model.layers[1](untied.model.layers[0](
-            untied.model.embed_tokens(ids), untied.rope_cos[:ids.shape[1]], untied.rope_sin[:ids.shape[1]]),
-            untied.rope_cos[:ids.shape[1]], untied.rope_sin[:ids.shape[1]]))
+        body = untied.model.norm(
+            untied.model.layers[1](
+                untied.model.layers[0](
+                    untied.model.embed_tokens(ids), untied.rope_cos[: ids.shape[1]], untied.rope_sin[: ids.shape[1]]
+                ),
+                untied.rope_cos[: ids.shape[1]],
+                untied.rope_sin[: ids.shape[1]],
+            )
+        )
         torch.testing.assert_close(untied(ids), body @ head.T)
 
 
 # ---- a trained run --------------------------------------------------------------------------------
+
 
 @pytest.mark.training
 def test_run_layout(trained):
@@ -238,8 +323,13 @@ def test_run_layout(trained):
     assert run.metrics == run.run / "metrics.csv" and run.train_seconds > 0
     for folder in (run.base, run.run / "checkpoint-2", run.run / "checkpoint-4"):
         names = {p.name for p in folder.iterdir()}
-        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json"} <= names
+        assert {
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        } <= names
         assert ("trainer_state.json" in names) == (folder != run.base)
         with safe_open(folder / "model.safetensors", "pt") as f:
             assert set(f.keys()) == HF_NAMES
@@ -296,7 +386,9 @@ def test_same_seed_same_bytes(trained, tmp_path):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     other = DemoTraining(seed=4, **TINY)
     train_demo_run(tmp_path / "c", other)
-    assert (tmp_path / "c" / "base" / "model.safetensors").read_bytes() != (a / "base" / "model.safetensors").read_bytes()
+    assert (tmp_path / "c" / "base" / "model.safetensors").read_bytes() != (
+        a / "base" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_quick_and_full_configs():

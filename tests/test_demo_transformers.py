@@ -45,8 +45,14 @@ def test_auto_tokenizer_gives_our_ids(tmp_path, transformers):
 
 @pytest.mark.parametrize("layers, heads, kv_heads", [(2, 4, 2), (1, 2, 2)])
 def test_llama_for_causal_lm_gives_our_logits(tmp_path, transformers, layers, heads, kv_heads):
-    config = TinyLlamaConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=kv_heads)
+    config = TinyLlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
     ours = _folder(tmp_path, config)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
     assert hf.config.tie_word_embeddings and torch.equal(hf.lm_head.weight, ours.lm_head.weight)
@@ -64,16 +70,35 @@ def test_hf_greedy_generation_matches_ours(tmp_path, transformers):
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
     prompts = AdditionTask(2, 0, 40).eval_prompts
     with torch.no_grad():
-        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=3, min_new_tokens=3,
-                          do_sample=False, pad_token_id=VOCAB["<pad>"], eos_token_id=None)
-    assert torch.equal(out[:, prompts.shape[1]:], greedy(ours, prompts, 3))
+        out = hf.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            pad_token_id=VOCAB["<pad>"],
+            eos_token_id=None,
+        )
+    assert torch.equal(out[:, prompts.shape[1] :], greedy(ours, prompts, 3))
 
 
 @pytest.mark.training
 def test_trained_checkpoint_generates_and_scores_the_same(tmp_path, transformers):
-    config = DemoTraining(hidden_size=32, intermediate_size=64, layers=1, heads=2, kv_heads=1, eval_size=100,
-                          sft_eval_size=100, sft_max_steps=30, sft_target=1.1, grpo_prompts=4, grpo_group=4,
-                          grpo_steps=2, save_every=2)
+    config = DemoTraining(
+        hidden_size=32,
+        intermediate_size=64,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        eval_size=100,
+        sft_eval_size=100,
+        sft_max_steps=30,
+        sft_target=1.1,
+        grpo_prompts=4,
+        grpo_group=4,
+        grpo_steps=2,
+        save_every=2,
+    )
     run = train_demo_run(tmp_path, config)
     folder = run.run / "checkpoint-2"
     hf = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
@@ -81,9 +106,16 @@ def test_trained_checkpoint_generates_and_scores_the_same(tmp_path, transformers
     load_weights(ours, folder)
     task = AdditionTask(config.digits, config.seed, config.eval_size)
     with torch.no_grad():
-        out = hf.generate(task.eval_prompts, attention_mask=torch.ones_like(task.eval_prompts), max_new_tokens=3,
-                          min_new_tokens=3, do_sample=False, pad_token_id=VOCAB["<pad>"], eos_token_id=None)
-    hf_completions = out[:, task.prompt_len:]
+        out = hf.generate(
+            task.eval_prompts,
+            attention_mask=torch.ones_like(task.eval_prompts),
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            pad_token_id=VOCAB["<pad>"],
+            eos_token_id=None,
+        )
+    hf_completions = out[:, task.prompt_len :]
     assert torch.equal(hf_completions, greedy(ours, task.eval_prompts, task.answer_len))
     hf_accuracy = (hf_completions == task.eval_answers).all(dim=1).double().mean().item()
     assert hf_accuracy == pytest.approx(run.accuracy[2], abs=1e-12)

@@ -31,8 +31,10 @@ def test_every_example_block_runs_and_prints_what_its_page_shows(tmp_path):
     # jq is a common tool, not a dependency: without it, the blocks piping into jq are not run
     no_jq = shutil.which("jq") is None
     bad = examples.check(str(tmp_path / "work"), skip=lambda ex: no_jq and any("jq " in c for c in ex.commands))
-    assert not bad, "examples differ from the pages (regenerate with `make docs-examples` if the change is " \
-                    "intended):\n" + "\n".join(f"{where}:\n" + "\n".join(d) for where, d in bad.items())
+    assert not bad, (
+        "examples differ from the pages (regenerate with `make docs-examples` if the change is "
+        "intended):\n" + "\n".join(f"{where}:\n" + "\n".join(d) for where, d in bad.items())
+    )
 
 
 def test_every_console_block_of_the_command_pages_is_a_checked_example():
@@ -41,7 +43,7 @@ def test_every_console_block_of_the_command_pages_is_a_checked_example():
     for page in COMMAND_PAGES:
         text = page.read_text(encoding="utf-8")
         for m in re.finditer(r"^```console\n", text, re.M):
-            before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
             ok = before.startswith("<!-- example ") or (page.name == "demo.md" and before == "<!-- demo output -->")
             assert ok, f"{page.name}: a console block at offset {m.start()} is not an example block"
     names = [ex.name for ex in examples.examples()]
@@ -54,18 +56,21 @@ def test_every_example_runs_on_the_synthetic_demo_folder():
         assert "demo-out" not in ex.body, f"{ex.name}: demo-out/ holds the GRPO demo, the examples use demo-synthetic/"
 
 
-@pytest.mark.parametrize("quoted, real, same", [
-    ("│ q │ 0.5975 │ 20 │", "│ q   │   0.5976 │   20 │", True),  # one unit of the last digit, other widths
-    ("│ q │ 0.5975 │ 20 │", "│ q │ 0.5977 │ 20 │", False),
-    ("-0.010639065389212781", "-0.01063906538921278", True),  # float64 last bits
-    ("share 0.2526232114467409", "share 0.2527", False),
-    ("5.39e-07", "5.40e-07", True),
-    ("5.39e-07", "5.49e-07", False),
-    ("$ echo $?\n", "$ echo $?\n", True),
-    ("4", "3", False),  # an exit code, a count: exact
-    ("184,320", "184,321", False),
-    ("-> fits", "-> fits-step", False),
-])
+@pytest.mark.parametrize(
+    "quoted, real, same",
+    [
+        ("│ q │ 0.5975 │ 20 │", "│ q   │   0.5976 │   20 │", True),  # one unit of the last digit, other widths
+        ("│ q │ 0.5975 │ 20 │", "│ q │ 0.5977 │ 20 │", False),
+        ("-0.010639065389212781", "-0.01063906538921278", True),  # float64 last bits
+        ("share 0.2526232114467409", "share 0.2527", False),
+        ("5.39e-07", "5.40e-07", True),
+        ("5.39e-07", "5.49e-07", False),
+        ("$ echo $?\n", "$ echo $?\n", True),
+        ("4", "3", False),  # an exit code, a count: exact
+        ("184,320", "184,321", False),
+        ("-> fits", "-> fits-step", False),
+    ],
+)
 def test_line_comparison(quoted, real, same):
     assert examples.line_matches(quoted, real) is same
 

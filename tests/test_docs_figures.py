@@ -27,11 +27,23 @@ def test_a_driftless_random_walk_looks_trajectory_rank1(tmp_path, steps):
     for step in range(1, steps + 1):
         weights = {n: w + 1e-3 * torch.randn(w.shape, generator=gen) for n, w in weights.items()}
         write_model(tmp_path / "run" / f"checkpoint-{step}", weights, SHAPE.config(torch.float32))
-    r = run_main("linearity", str(base), "--run", str(tmp_path / "run"), "--out", str(tmp_path / "lin"),
-                 "--include", "*proj.weight", "--no-plots", "-q")
+    r = run_main(
+        "linearity",
+        str(base),
+        "--run",
+        str(tmp_path / "run"),
+        "--out",
+        str(tmp_path / "lin"),
+        "--include",
+        "*proj.weight",
+        "--no-plots",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
-    rows = [{k: float(v) for k, v in row.items() if k in ("explained_1", "coef_r2_1")}
-            for row in csv.DictReader((tmp_path / "lin" / "linearity.csv").open())]
+    rows = [
+        {k: float(v) for k, v in row.items() if k in ("explained_1", "coef_r2_1")}
+        for row in csv.DictReader((tmp_path / "lin" / "linearity.csv").open())
+    ]
     explained = [row["explained_1"] for row in rows]
     coef = [row["coef_r2_1"] for row in rows]
     assert len(rows) == 14

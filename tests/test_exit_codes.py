@@ -43,29 +43,76 @@ def _raiser(exc):
             os.kill(os.getpid(), exc)
             time.sleep(5)  # the handler raises here
         raise exc
+
     return boom
 
 
 # (documented code, case id, argv with {root} and {tmp}, what to patch in rank1tools.commands.inspect, stderr needle)
 EXIT_CASES = [
     (0, "success", ["inspect", "{root}/base", "--json"], None, ""),
-    (1, "internal-error", ["inspect", "{root}/base"], ZeroDivisionError("x"), "rank1: internal error: ZeroDivisionError"),
-    (2, "unknown-option", ["fit-pls", "{root}/store", "--windw", "10:20", "--out", "{tmp}/o"], None,
-     "No such option: --windw (did you mean --window?)"),
-    (2, "python-literal", ["reconstruct", "{root}/base", "{root}/run/checkpoint-30", "--rank", "1", "--alpha", "1_0",
-                           "--out", "{tmp}/o"], None, "--alpha '1_0'"),
-    (2, "rank-above-factor-store", ["reconstruct", "{root}/base", "{root}/run/checkpoint-30", "--rank", "9",
-                                    "--factors", "{root}/store", "--out", "{tmp}/o"], None, "holds 8"),
-    (2, "metric-not-in-file", ["fit-pls", "{root}/store", "--metrics", "{root}/rising.csv", "--metric", "acc",
-                               "--out", "{tmp}/o"], None, "no metric 'acc' (available: accuracy, loss)"),
+    (
+        1,
+        "internal-error",
+        ["inspect", "{root}/base"],
+        ZeroDivisionError("x"),
+        "rank1: internal error: ZeroDivisionError",
+    ),
+    (
+        2,
+        "unknown-option",
+        ["fit-pls", "{root}/store", "--windw", "10:20", "--out", "{tmp}/o"],
+        None,
+        "No such option: --windw (did you mean --window?)",
+    ),
+    (
+        2,
+        "python-literal",
+        ["reconstruct", "{root}/base", "{root}/run/checkpoint-30", "--rank", "1", "--alpha", "1_0", "--out", "{tmp}/o"],
+        None,
+        "--alpha '1_0'",
+    ),
+    (
+        2,
+        "rank-above-factor-store",
+        [
+            "reconstruct",
+            "{root}/base",
+            "{root}/run/checkpoint-30",
+            "--rank",
+            "9",
+            "--factors",
+            "{root}/store",
+            "--out",
+            "{tmp}/o",
+        ],
+        None,
+        "holds 8",
+    ),
+    (
+        2,
+        "metric-not-in-file",
+        ["fit-pls", "{root}/store", "--metrics", "{root}/rising.csv", "--metric", "acc", "--out", "{tmp}/o"],
+        None,
+        "no metric 'acc' (available: accuracy, loss)",
+    ),
     (2, "step-not-in-run", ["inspect", "{root}/run", "--steps", "10,40"], None, "no checkpoint for step 40"),
     (2, "out-is-a-url", ["fit-pls", "{root}/store", "--out", "hf://org/name"], None, "outputs are local paths"),
     (3, "missing-input", ["inspect", "{root}/nope"], None, "no such file or directory"),
-    (3, "constant-metric", ["fit-pls", "{root}/store", "--metrics", "{root}/flat.csv", "--out", "{tmp}/o"], None,
-     "a constant metric has nothing to fit"),
+    (
+        3,
+        "constant-metric",
+        ["fit-pls", "{root}/store", "--metrics", "{root}/flat.csv", "--out", "{tmp}/o"],
+        None,
+        "a constant metric has nothing to fit",
+    ),
     (4, "output-exists", ["fit-pls", "{root}/store", "--out", "{root}/run"], None, "already exists; pass --force"),
-    (5, "gate", ["fit-pls", "{root}/store", "--out", "{tmp}/o", "--no-plots", "--fail-below", "1"], None,
-     "rank1: gate:"),
+    (
+        5,
+        "gate",
+        ["fit-pls", "{root}/store", "--out", "{tmp}/o", "--no-plots", "--fail-below", "1"],
+        None,
+        "rank1: gate:",
+    ),
     (130, "interrupted", ["inspect", "{root}/base"], signal.SIGINT, "rank1: interrupted"),
     (143, "terminated", ["inspect", "{root}/base"], signal.SIGTERM, "rank1: terminated"),
 ]
@@ -73,16 +120,19 @@ EXIT_CASES = [
 
 def test_every_row_of_the_exit_code_table_has_a_case():
     text = (DOCS / "cli.md").read_text(encoding="utf-8")
-    table = text[text.index("## Exit codes"):].split("\n\n")[1]
+    table = text[text.index("## Exit codes") :].split("\n\n")[1]
     documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
     assert documented == {code for code, *_ in EXIT_CASES}
 
 
-@pytest.mark.parametrize("code,args,patch,needle", [pytest.param(c, a, p, n, id=f"{c}-{i}") for c, i, a, p, n in EXIT_CASES])
+@pytest.mark.parametrize(
+    "code,args,patch,needle", [pytest.param(c, a, p, n, id=f"{c}-{i}") for c, i, a, p, n in EXIT_CASES]
+)
 def test_exit_code_table(small_run, tmp_path, monkeypatch, code, args, patch, needle):
     """Each documented exit code, from a real command line through rank1tools.cli.main; a 2 or a 3
     writes nothing."""
     import rank1tools.commands.inspect as insp
+
     monkeypatch.chdir(tmp_path)  # `--out hf://org/name` once made ./hf:
     if patch is not None:
         monkeypatch.setattr(insp, "inspect_source", _raiser(patch))

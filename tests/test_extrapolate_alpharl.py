@@ -61,17 +61,35 @@ def realistic(tmp_path_factory):
     root = tmp_path_factory.mktemp("alpharl_real")
     make_base(root / "base", SHAPE, torch.bfloat16)
     make_run(root / "run", STEPS, SHAPE, base_dtype=torch.bfloat16, dtype=torch.float32, noise=1e-4)
-    decompose(str(root / "base"), [], str(root / "factors"), run=str(root / "run"),
-              options=DecomposeOptions(rank=1, exact=True))
+    decompose(
+        str(root / "base"),
+        [],
+        str(root / "factors"),
+        run=str(root / "run"),
+        options=DecomposeOptions(rank=1, exact=True),
+    )
     (root / "m.csv").write_text("step,accuracy\n" + "".join(f"{s},{a}\n" for s, a in zip(STEPS, ACC)))
-    fit_pls(str(root / "factors"), str(root / "fits"),
-            options=FitPlsOptions(metrics=str(root / "m.csv"), metric="accuracy", plots=False))
+    fit_pls(
+        str(root / "factors"),
+        str(root / "fits"),
+        options=FitPlsOptions(metrics=str(root / "m.csv"), metric="accuracy", plots=False),
+    )
     return root
 
 
 def _alpharl(root: Path, out: Path, *args: str, fits: str = "fits", base: str = "base"):
-    return run_main("extrapolate", str(root / base), "--method", "alpharl", "--fits", str(root / fits),
-                    "--out", str(out), "-q", *args)
+    return run_main(
+        "extrapolate",
+        str(root / base),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(root / fits),
+        "--out",
+        str(out),
+        "-q",
+        *args,
+    )
 
 
 def _aligned(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +151,9 @@ def test_written_tensors_match_float64_reference_and_sklearn(realistic, tmp_path
         x_hat = f["x_mean"] + f["x_scale"] * (((target - a) / b) * f["x_loadings"])
         with safe_open(str(root / "factors" / "factors" / (name + ".safetensors")), "pt") as ff:
             fro_last = float(ff.get_tensor("fro")[-1])
-        assert rows[name]["norm_ratio"] == pytest.approx(np.linalg.norm(np.outer(x_hat, f["v_last"])) / fro_last, rel=1e-9)
+        assert rows[name]["norm_ratio"] == pytest.approx(
+            np.linalg.norm(np.outer(x_hat, f["v_last"])) / fro_last, rel=1e-9
+        )
         assert rows[name]["status"] == "extrapolated" and rows[name]["r2"] == pytest.approx(f["r2"][0])
     prov = json.loads((out / "rank1tools.json").read_text())
     assert prov["command"] == "extrapolate" and prov["parameters"]["container"] == container
@@ -176,13 +196,18 @@ def planted(tmp_path_factory):
     norms drift too (container last must copy them); metric y_t = 0.2 + 0.001·t."""
     root = tmp_path_factory.mktemp("alpharl_planted")
     g = torch.Generator().manual_seed(3)
-    theta0 = {n: (0.02 * torch.randn(s, generator=g) if len(s) == 2 else 1 + 0.05 * torch.randn(s, generator=g))
-              for n, s in SHAPE.shapes().items()}
+    theta0 = {
+        n: (0.02 * torch.randn(s, generator=g) if len(s) == 2 else 1 + 0.05 * torch.randn(s, generator=g))
+        for n, s in SHAPE.shapes().items()
+    }
     write_model(root / "base", theta0, SHAPE.config(torch.float32))
     directions = {}
     for n, s in SHAPE.shapes().items():
         if len(s) == 2 and ".layers." in n:
-            u, v = torch.randn(s[0], generator=g, dtype=torch.float64), torch.randn(s[1], generator=g, dtype=torch.float64)
+            u, v = (
+                torch.randn(s[0], generator=g, dtype=torch.float64),
+                torch.randn(s[1], generator=g, dtype=torch.float64),
+            )
             directions[n] = 1e-4 * torch.outer(u / u.norm(), v / v.norm()) * (s[0] * s[1]) ** 0.5  # σ per step
     for t in LINEAR_STEPS:
         ck = {}
@@ -194,11 +219,19 @@ def planted(tmp_path_factory):
             else:
                 ck[n] = w.clone()
         write_model(root / "run" / f"checkpoint-{t}", ck, SHAPE.config(torch.float32))
-    decompose(str(root / "base"), [], str(root / "factors"), run=str(root / "run"),
-              options=DecomposeOptions(rank=1, exact=True))
+    decompose(
+        str(root / "base"),
+        [],
+        str(root / "factors"),
+        run=str(root / "run"),
+        options=DecomposeOptions(rank=1, exact=True),
+    )
     (root / "m.csv").write_text("step,accuracy\n" + "".join(f"{t},{0.2 + 0.001 * t}\n" for t in LINEAR_STEPS))
-    fit_pls(str(root / "factors"), str(root / "fits"),
-            options=FitPlsOptions(metrics=str(root / "m.csv"), metric="accuracy", plots=False))
+    fit_pls(
+        str(root / "factors"),
+        str(root / "fits"),
+        options=FitPlsOptions(metrics=str(root / "m.csv"), metric="accuracy", plots=False),
+    )
     fit_pls(str(root / "factors"), str(root / "fits_step"), options=FitPlsOptions(plots=False))
     return root, theta0, directions
 
@@ -208,8 +241,21 @@ def test_planted_linear_run_gives_the_future_update(planted, tmp_path, container
     root, theta0, directions = planted
     s = 80  # y* = 0.2 + 0.001·80: the metric of step 80 on the planted line
     out = tmp_path / "out"
-    r = _alpharl(root, out, "--target-metric", repr(0.2 + 0.001 * s), "--container", container, "--dtype", "float32",
-                 "--min-r2", "0.999", "--flag-ratio", "1.5", "--json")
+    r = _alpharl(
+        root,
+        out,
+        "--target-metric",
+        repr(0.2 + 0.001 * s),
+        "--container",
+        container,
+        "--dtype",
+        "float32",
+        "--min-r2",
+        "0.999",
+        "--flag-ratio",
+        "1.5",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     written = _read(out)
     last = _read(root / "run" / "checkpoint-40")
@@ -243,8 +289,20 @@ def test_planted_linear_run_gives_the_future_update(planted, tmp_path, container
 def test_step_fitted_store_takes_target_step(planted, tmp_path):
     root, theta0, directions = planted
     out = tmp_path / "out"
-    r = _alpharl(root, out, "--target-step", "80,120", "--dtype", "float32", "--min-r2", "0.999",
-                 "--flag-ratio", "1.5", "--json", fits="fits_step")
+    r = _alpharl(
+        root,
+        out,
+        "--target-step",
+        "80,120",
+        "--dtype",
+        "float32",
+        "--min-r2",
+        "0.999",
+        "--flag-ratio",
+        "1.5",
+        "--json",
+        fits="fits_step",
+    )
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert [(o["kind"], o["target"]) for o in data["outputs"]] == [("step", 80.0), ("step", 120.0)]
@@ -260,6 +318,7 @@ def test_step_fitted_store_takes_target_step(planted, tmp_path):
 
 
 # ---- errors: one line, exit 3 (2 for option misuse), nothing written ----
+
 
 def _one_error(r, code: int, *needles: str) -> None:
     assert r.returncode == code, (r.returncode, r.stderr)
@@ -280,8 +339,19 @@ def _edit_manifest(src: Path, dst: Path, edit) -> Path:
 def test_fit_store_from_another_base(realistic, tmp_path):
     make_base(tmp_path / "other", SHAPE, torch.bfloat16, seed=1)
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(tmp_path / "other"), "--method", "alpharl", "--fits", str(realistic / "fits"),
-                 "--target-metric", "0.5", "--out", str(out), "-q")
+    r = run_main(
+        "extrapolate",
+        str(tmp_path / "other"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(realistic / "fits"),
+        "--target-metric",
+        "0.5",
+        "--out",
+        str(out),
+        "-q",
+    )
     _one_error(r, 3, "fit store was made from base", str(realistic / "base"), str(tmp_path / "other"))
     assert not out.exists()
 
@@ -299,14 +369,41 @@ def test_container_last_without_a_last_checkpoint(realistic, tmp_path):
 
     _edit_manifest(realistic / "fits", tmp_path / "fits", drop)
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(realistic / "base"), "--method", "alpharl", "--fits", str(tmp_path / "fits"),
-                 "--target-metric", "0.5", "--container", "last", "--out", str(out), "-q")
+    r = run_main(
+        "extrapolate",
+        str(realistic / "base"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(tmp_path / "fits"),
+        "--target-metric",
+        "0.5",
+        "--container",
+        "last",
+        "--out",
+        str(out),
+        "-q",
+    )
     _one_error(r, 3, "last checkpoint (step 40)", "gone", "--last-checkpoint")
     assert not out.exists()
     # naming it works, and gives what the recorded one gives
-    r = run_main("extrapolate", str(realistic / "base"), "--method", "alpharl", "--fits", str(tmp_path / "fits"),
-                 "--target-metric", "0.5", "--container", "last", "--out", str(out), "-q",
-                 "--last-checkpoint", str(realistic / "run" / "checkpoint-40"))
+    r = run_main(
+        "extrapolate",
+        str(realistic / "base"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(tmp_path / "fits"),
+        "--target-metric",
+        "0.5",
+        "--container",
+        "last",
+        "--out",
+        str(out),
+        "-q",
+        "--last-checkpoint",
+        str(realistic / "run" / "checkpoint-40"),
+    )
     assert r.returncode == 0, r.stderr
     ref = _alpharl(realistic, tmp_path / "ref", "--target-metric", "0.5", "--container", "last")
     assert ref.returncode == 0, ref.stderr
@@ -322,8 +419,19 @@ def test_fit_store_without_fro_asks_to_rerun_fit_pls(realistic, tmp_path):
         meta = f.metadata()
     save_file(tensors, str(path), metadata=meta)
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(realistic / "base"), "--method", "alpharl", "--fits", str(fits),
-                 "--target-metric", "0.5", "--out", str(out), "-q")
+    r = run_main(
+        "extrapolate",
+        str(realistic / "base"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(fits),
+        "--target-metric",
+        "0.5",
+        "--out",
+        str(out),
+        "-q",
+    )
     _one_error(r, 3, "'fro'", "rerun rank1 fit-pls", path.name)
     assert not out.exists()
 
@@ -347,7 +455,18 @@ def test_module_file_outside_fits_folder_is_refused(realistic, tmp_path):
 
     _edit_manifest(realistic / "fits", tmp_path / "fits", escape)
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(realistic / "base"), "--method", "alpharl", "--fits", str(tmp_path / "fits"),
-                 "--target-metric", "0.5", "--out", str(out), "-q")
+    r = run_main(
+        "extrapolate",
+        str(realistic / "base"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(tmp_path / "fits"),
+        "--target-metric",
+        "0.5",
+        "--out",
+        str(out),
+        "-q",
+    )
     _one_error(r, 3, "not a file in the store's fits/ folder")
     assert not out.exists()

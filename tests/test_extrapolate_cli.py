@@ -83,8 +83,25 @@ def test_a_flag_of_another_method_exits_2_naming_it(method, flag, owners, form):
 
 
 def test_the_issue_examples_exit_2():
-    r = run_main("extrapolate", "b", "c", "--method", "relex", "--target-step", "9", "--out", "x", "--fits", "X",
-                 "--target-metric", "0.7", "--container", "last", "--min-r2", "0.9")
+    r = run_main(
+        "extrapolate",
+        "b",
+        "c",
+        "--method",
+        "relex",
+        "--target-step",
+        "9",
+        "--out",
+        "x",
+        "--fits",
+        "X",
+        "--target-metric",
+        "0.7",
+        "--container",
+        "last",
+        "--min-r2",
+        "0.9",
+    )
     assert (r.returncode, r.stderr) == (2, "rank1: error: --fits applies to --method alpharl, not relex\n")
     r = run_main("extrapolate", "b", "c", "--method", "linear", "--target-step", "9", "--out", "x", "--r2", "loo_r2")
     assert (r.returncode, r.stderr) == (2, "rank1: error: --r2 applies to --method alpharl, not linear\n")
@@ -105,8 +122,13 @@ def test_library_callers_get_the_same_refusal():
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_subcommand_help_lists_only_its_own_flags(name):
-    r = subprocess.run([sys.executable, "-m", "rank1tools.cli", "extrapolate", name, "--help"], capture_output=True,
-                       text=True, env=cli_env(), timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "rank1tools.cli", "extrapolate", name, "--help"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     listed = set(re.findall(r"^\s+(?:-\w, )?(--[\w-]+)", r.stdout, flags=re.M)) - {"--help"}
     assert listed == {f for f in _cli_flags(name) if f.startswith("--")}
@@ -143,8 +165,17 @@ def test_alias_and_subcommand_write_the_same_bytes(tmp_path, method, extra):
     make_base(tmp_path / "base", shape)
     make_run(tmp_path / "run", [10, 20, 30], shape)
     out = tmp_path / "out"
-    common = [str(tmp_path / "base"), "--run", str(tmp_path / "run"), "--target-step", "40,60", "--out", str(out),
-              *extra, "-q"]
+    common = [
+        str(tmp_path / "base"),
+        "--run",
+        str(tmp_path / "run"),
+        "--target-step",
+        "40,60",
+        "--out",
+        str(out),
+        *extra,
+        "-q",
+    ]
     r = run_main("extrapolate", *common, "--method", method)
     assert r.returncode == 0, r.stderr
     shutil.move(out, tmp_path / "alias")

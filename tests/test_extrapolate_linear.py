@@ -49,8 +49,11 @@ def noisy(request, tmp_path_factory):
 def test_lstsq_matches_dense_reference(noisy, tmp_path):
     root, _, base, cks = noisy
     out = tmp_path / "out"
-    res = extrapolate_linear(str(root / "base"), str(out), options=_opts(
-        run=str(root / "run"), target_steps=[35, 120], fit_window=4, extrapolate_norms=True))
+    res = extrapolate_linear(
+        str(root / "base"),
+        str(out),
+        options=_opts(run=str(root / "run"), target_steps=[35, 120], fit_window=4, extrapolate_norms=True),
+    )
     assert len(res.tensors) == len(base)
     for s in (35, 120):
         got = read_folder(out / f"step-{s}")
@@ -62,17 +65,31 @@ def test_lstsq_matches_dense_reference(noisy, tmp_path):
             row = rows[name]
             assert row["norm_ratio"] == pytest.approx(np.linalg.norm(pred) / np.linalg.norm(M[-1]), rel=1e-6)
     p = json.loads((out / "step-120" / "rank1tools.json").read_text())["parameters"]
-    assert (p["method"], p["mode"], p["fit_window"], p["fit_steps"], p["target_step"]) == \
-        ("linear", "lstsq", 4, STEPS[-4:], 120)
+    assert (p["method"], p["mode"], p["fit_window"], p["fit_steps"], p["target_step"]) == (
+        "linear",
+        "lstsq",
+        4,
+        STEPS[-4:],
+        120,
+    )
 
 
 @pytest.mark.parametrize("frm,to", [(None, None), (20, 40), (0, 50)])
 def test_two_point_matches_dense_reference(noisy, tmp_path, frm, to):
     root, _, base, cks = noisy
     out = tmp_path / "out"
-    extrapolate_linear(str(root / "base"), str(out), options=_opts(
-        run=str(root / "run"), target_steps=[100], mode="two-point", from_step=frm, to_step=to,
-        extrapolate_norms=True))
+    extrapolate_linear(
+        str(root / "base"),
+        str(out),
+        options=_opts(
+            run=str(root / "run"),
+            target_steps=[100],
+            mode="two-point",
+            from_step=frm,
+            to_step=to,
+            extrapolate_norms=True,
+        ),
+    )
     a, b = STEPS[0] if frm is None else frm, to or STEPS[-1]
     got = read_folder(out)
     rows = {r["tensor"]: r for r in report(out, REPORT_FILE)["tensors"]}
@@ -93,8 +110,9 @@ def test_planted_line_recovered_by_lstsq_and_two_point(tmp_path):
     base, want = read_folder(base_dir), truth(100)
     for mode in ("lstsq", "two-point"):
         out = tmp_path / mode
-        res = extrapolate_linear(str(base_dir), str(out), options=_opts(
-            run=str(run), target_steps=[100], mode=mode, extrapolate_norms=True))
+        res = extrapolate_linear(
+            str(base_dir), str(out), options=_opts(run=str(run), target_steps=[100], mode=mode, extrapolate_norms=True)
+        )
         got = read_folder(out)
         for name in base:
             assert_update_close(got[name], base[name], want[name] - base[name], f"{mode} {name}", rel=1e-5)
@@ -104,18 +122,23 @@ def test_planted_line_recovered_by_lstsq_and_two_point(tmp_path):
 def test_norm_weights_copied_unless_extrapolate_norms(noisy, tmp_path):
     root, bdt, base, cks = noisy
     from safetensors.torch import load_file
+
     last = load_file(str(root / "run" / "checkpoint-50" / "model.safetensors"))
     copied = tmp_path / "copied"
-    res = extrapolate_linear(str(root / "base"), str(copied), options=_opts(
-        run=str(root / "run"), target_steps=[100], dtype="auto", rest="base"))
+    res = extrapolate_linear(
+        str(root / "base"),
+        str(copied),
+        options=_opts(run=str(root / "run"), target_steps=[100], dtype="auto", rest="base"),
+    )
     got = load_file(str(copied / "model.safetensors"))
     names = {t["tensor"] for t in res.tensors}
     for n in NORMS:  # from the last checkpoint (whatever --rest says), cast to the base's dtype
         assert n not in names and got[n].dtype == bdt and torch.equal(got[n], last[n].to(bdt)), n
     assert any("norm weights copied from the last history checkpoint" in n for n in res.notes)
     ext = tmp_path / "ext"
-    extrapolate_linear(str(root / "base"), str(ext), options=_opts(
-        run=str(root / "run"), target_steps=[100], extrapolate_norms=True))
+    extrapolate_linear(
+        str(root / "base"), str(ext), options=_opts(run=str(root / "run"), target_steps=[100], extrapolate_norms=True)
+    )
     got = read_folder(ext)
     for n in NORMS:
         pred, _ = lstsq_reference(trajectory(base, cks, n), STEPS, 100)
@@ -136,20 +159,37 @@ def test_several_targets_equal_separate_runs_byte_for_byte(noisy, tmp_path):
             assert (both / REPORT_FILE).read_bytes() == (one / REPORT_FILE).read_bytes()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--mode", "two-point", "--from", "15"], "--from 15 is not a history step (10, 20, 30, 40, 50, or --from 0 for the base)"),
-    (["--mode", "two-point", "--from", "30", "--to", "30"], "--from and --to are both step 30"),
-    (["--fit-window", "1"], "--fit-window 1: at least 2"),
-    (["--from", "10"], "--from/--to apply to --mode two-point"),
-    (["--rank", "2"], "--rank applies to --method relex"),
-    (["--include", "*.nothing"], "no floating-point tensors to extrapolate"),
-    (["--include", "*norm*"], "norm weights are copied from the last checkpoint unless --extrapolate-norms"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["--mode", "two-point", "--from", "15"],
+            "--from 15 is not a history step (10, 20, 30, 40, 50, or --from 0 for the base)",
+        ),
+        (["--mode", "two-point", "--from", "30", "--to", "30"], "--from and --to are both step 30"),
+        (["--fit-window", "1"], "--fit-window 1: at least 2"),
+        (["--from", "10"], "--from/--to apply to --mode two-point"),
+        (["--rank", "2"], "--rank applies to --method relex"),
+        (["--include", "*.nothing"], "no floating-point tensors to extrapolate"),
+        (["--include", "*norm*"], "norm weights are copied from the last checkpoint unless --extrapolate-norms"),
+    ],
+)
 def test_cli_errors_write_nothing(noisy, tmp_path, args, needle):
     root = noisy[0]
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(root / "base"), "--run", str(root / "run"), "--method", "linear",
-                 "--target-step", "80", "--out", str(out), *args)
+    r = run_main(
+        "extrapolate",
+        str(root / "base"),
+        "--run",
+        str(root / "run"),
+        "--method",
+        "linear",
+        "--target-step",
+        "80",
+        "--out",
+        str(out),
+        *args,
+    )
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("rank1: error:") and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert r.stdout == "" and not out.exists()

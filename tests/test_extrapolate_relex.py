@@ -51,8 +51,9 @@ def noisy(request, tmp_path_factory):
 def test_matches_dense_svd_reference(noisy, tmp_path):
     root, bdt = noisy
     out = tmp_path / "out"
-    res = extrapolate_relex(str(root / "base"), str(out), options=_opts(
-        run=str(root / "run"), target_steps=[30, 100], rank=2, fit_window=3))
+    res = extrapolate_relex(
+        str(root / "base"), str(out), options=_opts(run=str(root / "run"), target_steps=[30, 100], rank=2, fit_window=3)
+    )
     base = read_folder(root / "base")
     cks = [read_folder(root / "run" / f"checkpoint-{s}") for s in STEPS]
     assert res.history_steps == STEPS and len(res.tensors) == len(base)  # every tensor, norms included
@@ -67,8 +68,10 @@ def test_matches_dense_svd_reference(noisy, tmp_path):
             worst = max(worst, assert_update_close(got[name], base[name], pred, f"{name} step {s}"))
             assert rows[name]["explained_variance"] == pytest.approx(fig["explained_variance"], rel=1e-9)
             assert rows[name]["norm_ratio"] == pytest.approx(fig["norm_ratio"], rel=1e-6)
-            assert res.tensors[[t["tensor"] for t in res.tensors].index(name)]["norm_ratio"][str(s)] == \
-                rows[name]["norm_ratio"]
+            assert (
+                res.tensors[[t["tensor"] for t in res.tensors].index(name)]["norm_ratio"][str(s)]
+                == rows[name]["norm_ratio"]
+            )
         ratios = sorted(r["norm_ratio"] for r in rows.values())
         assert res.outputs[j].norm_ratio_max == ratios[-1]
         assert res.outputs[j].path == str(out / f"step-{s}")
@@ -80,8 +83,14 @@ def test_matches_dense_svd_reference(noisy, tmp_path):
     prov = json.loads((f / "rank1tools.json").read_text())
     p = prov["parameters"]
     assert prov["command"] == "extrapolate" and len(prov["inputs"]) == 1 + len(STEPS)
-    assert (p["method"], p["rank"], p["fit_window"], p["position_index"], p["target_step"], p["history_steps"]) == \
-        ("relex", 2, 3, False, 100, STEPS)
+    assert (p["method"], p["rank"], p["fit_window"], p["position_index"], p["target_step"], p["history_steps"]) == (
+        "relex",
+        2,
+        3,
+        False,
+        100,
+        STEPS,
+    )
     assert report(f, ROUNDING_FILE)["updated_elements"] > 0
 
 
@@ -115,8 +124,9 @@ def test_uneven_spacing_steps_vs_position_index(tmp_path):
     base_dir, run, truth = write_planted(tmp_path, steps, small)
     base, want = read_folder(base_dir), truth(32)
     extrapolate_relex(str(base_dir), str(tmp_path / "steps"), options=_opts(run=str(run), target_steps=[32]))
-    res = extrapolate_relex(str(base_dir), str(tmp_path / "pos"), options=_opts(
-        run=str(run), target_steps=[32], position_index=True))
+    res = extrapolate_relex(
+        str(base_dir), str(tmp_path / "pos"), options=_opts(run=str(run), target_steps=[32], position_index=True)
+    )
     assert any("unevenly spaced" in n for n in res.notes)
     on_steps, on_pos = read_folder(tmp_path / "steps"), read_folder(tmp_path / "pos")
     cks = [read_folder(run / f"checkpoint-{s}") for s in steps]
@@ -137,8 +147,9 @@ def test_fit_window_2_at_last_step_is_trajectory_reconstruction(noisy, tmp_path)
     cks = [read_folder(root / "run" / f"checkpoint-{s}") for s in STEPS]
     for r in (2, len(STEPS)):
         out = tmp_path / f"r{r}"
-        extrapolate_relex(str(root / "base"), str(out), options=_opts(
-            run=str(root / "run"), target_steps=[40], rank=r, fit_window=2))
+        extrapolate_relex(
+            str(root / "base"), str(out), options=_opts(run=str(root / "run"), target_steps=[40], rank=r, fit_window=2)
+        )
         got = read_folder(out)
         for name in ("model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
             M = trajectory(base, cks, name)
@@ -168,20 +179,25 @@ def test_rest_last_and_base_for_excluded_tensors(noisy, tmp_path):
     last = _raw(root / "run" / "checkpoint-40")
     for rest in ("last", "base"):
         out = tmp_path / rest
-        res = extrapolate_relex(str(root / "base"), str(out), options=_opts(
-            run=str(root / "run"), target_steps=[80], exclude=["*.mlp.*"], rest=rest, dtype="auto"))
+        res = extrapolate_relex(
+            str(root / "base"),
+            str(out),
+            options=_opts(run=str(root / "run"), target_steps=[80], exclude=["*.mlp.*"], rest=rest, dtype="auto"),
+        )
         got = _raw(out)
         mlp = [n for n in got if ".mlp." in n]
         assert mlp and all(t["tensor"] not in mlp for t in res.tensors)
         for n in mlp:
             want = (last[n] if rest == "last" else base_t[n]).to(bdt)
             assert got[n].dtype == bdt and torch.equal(got[n], want), n
-        assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
-                               base_t["model.layers.0.self_attn.q_proj.weight"])
+        assert not torch.equal(
+            got["model.layers.0.self_attn.q_proj.weight"], base_t["model.layers.0.self_attn.q_proj.weight"]
+        )
 
 
 def _raw(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     out = {}
     for p in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(str(p)))
@@ -200,8 +216,9 @@ def test_untied_head_is_its_own_tensor(tmp_path):
         t = {n: torch.from_numpy(v).float() for n, v in base.items()}
         t["lm_head.weight"] = torch.from_numpy(emb + s * D).float()
         write_model(tmp_path / "run" / f"checkpoint-{s}", t, {**shape.config(), "tie_word_embeddings": False})
-    res = extrapolate_relex(str(tmp_path / "base"), str(tmp_path / "out"), options=_opts(
-        run=str(tmp_path / "run"), target_steps=[80]))
+    res = extrapolate_relex(
+        str(tmp_path / "base"), str(tmp_path / "out"), options=_opts(run=str(tmp_path / "run"), target_steps=[80])
+    )
     got = read_folder(tmp_path / "out")
     assert_update_close(got["lm_head.weight"], emb, 80 * D, "lm_head", rel=1e-5)
     assert np.array_equal(got["model.embed_tokens.weight"], emb)
@@ -209,14 +226,17 @@ def test_untied_head_is_its_own_tensor(tmp_path):
     assert any("tie_word_embeddings: false" in n for n in res.notes)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--history-until", "50"], "--history-until 50 is past the last checkpoint (step 40)"),
-    (["--history-until", "15"], "needs at least 2 history checkpoints up to --history-until 15"),
-    (["--target-step", "5"], "--target-step 5 is before the first history checkpoint (step 10)"),
-    (["--rank", "5"], "--rank 5 exceeds the 4 history checkpoints"),
-    (["--fit-window", "6"], "--fit-window 6: must be between 2 and the 4 history checkpoints"),
-    (["--from", "10"], "--from applies to --method linear"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--history-until", "50"], "--history-until 50 is past the last checkpoint (step 40)"),
+        (["--history-until", "15"], "needs at least 2 history checkpoints up to --history-until 15"),
+        (["--target-step", "5"], "--target-step 5 is before the first history checkpoint (step 10)"),
+        (["--rank", "5"], "--rank 5 exceeds the 4 history checkpoints"),
+        (["--fit-window", "6"], "--fit-window 6: must be between 2 and the 4 history checkpoints"),
+        (["--from", "10"], "--from applies to --method linear"),
+    ],
+)
 def test_cli_errors_write_nothing(noisy, tmp_path, args, needle):
     root, _ = noisy
     out = tmp_path / "out"
@@ -232,11 +252,19 @@ def test_cli_errors_write_nothing(noisy, tmp_path, args, needle):
 def test_history_until_equals_those_checkpoints_as_arguments(noisy, tmp_path):
     root, _ = noisy
     calls = []
-    extrapolate_relex(str(root / "base"), str(tmp_path / "until"), options=_opts(
-        run=str(root / "run"), history_until=30, target_steps=[60], dtype="auto"),
-        progress=lambda done, total: calls.append((done, total)))
-    res = extrapolate_relex(str(root / "base"), str(tmp_path / "args"), options=_opts(
-        checkpoints=[str(root / "run" / f"checkpoint-{s}") for s in (30, 10, 20)], target_steps=[60], dtype="auto"))
+    extrapolate_relex(
+        str(root / "base"),
+        str(tmp_path / "until"),
+        options=_opts(run=str(root / "run"), history_until=30, target_steps=[60], dtype="auto"),
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    res = extrapolate_relex(
+        str(root / "base"),
+        str(tmp_path / "args"),
+        options=_opts(
+            checkpoints=[str(root / "run" / f"checkpoint-{s}") for s in (30, 10, 20)], target_steps=[60], dtype="auto"
+        ),
+    )
     assert res.history_steps == [10, 20, 30]
     assert file_bytes(tmp_path / "until") == file_bytes(tmp_path / "args")
     n = len(read_folder(root / "base"))
@@ -248,6 +276,7 @@ def test_non_finite_checkpoint_is_refused(noisy, tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
+
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)
     f = run / "checkpoint-20" / "model.safetensors"
@@ -255,8 +284,18 @@ def test_non_finite_checkpoint_is_refused(noisy, tmp_path):
     t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(t, str(f), metadata={"format": "pt"})
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(root / "base"), "--run", str(run), "--method", "relex", "--target-step", "80",
-                 "--out", str(out))
+    r = run_main(
+        "extrapolate",
+        str(root / "base"),
+        "--run",
+        str(run),
+        "--method",
+        "relex",
+        "--target-step",
+        "80",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
     assert "checkpoint-20" in r.stderr and "'model.layers.1.mlp.up_proj.weight' has non-finite values" in r.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -271,8 +310,11 @@ def test_integer_tensors_are_copied_never_extrapolated(tmp_path):
         t = {n: v + s * 1e-3 for n, v in base.items()}
         write_model(tmp_path / "run" / f"checkpoint-{s}", {**t, "model.ids": torch.arange(5) * s}, shape.config())
     for rest in ("last", "base"):
-        res = extrapolate_relex(str(tmp_path / "base"), str(tmp_path / f"out-{rest}"), options=_opts(
-            run=str(tmp_path / "run"), target_steps=[80], rest=rest))
+        res = extrapolate_relex(
+            str(tmp_path / "base"),
+            str(tmp_path / f"out-{rest}"),
+            options=_opts(run=str(tmp_path / "run"), target_steps=[80], rest=rest),
+        )
         got = _raw(tmp_path / f"out-{rest}")["model.ids"]
         assert got.dtype == torch.int64 and torch.equal(got, torch.arange(5) * (40 if rest == "last" else 1))
         assert "model.ids" not in {t["tensor"] for t in res.tensors} and len(res.tensors) == len(base)

@@ -91,7 +91,8 @@ def _check(transformers, out: Path, weights: dict[str, np.ndarray]) -> None:
     config = transformers.AutoConfig.from_pretrained(str(out))
     built = transformers.AutoModelForCausalLM.from_config(config)
     missing, unexpected = built.load_state_dict(
-        {n: torch.from_numpy(w).to(torch.float32) for n, w in weights.items()}, strict=False)
+        {n: torch.from_numpy(w).to(torch.float32) for n, w in weights.items()}, strict=False
+    )
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     built.tie_weights()
     ids = torch.randint(0, SHAPE.vocab, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -104,8 +105,22 @@ def _check(transformers, out: Path, weights: dict[str, np.ndarray]) -> None:
 def test_history_methods_load_with_the_reference_logits(run, tmp_path, transformers, method):
     out = tmp_path / method
     extra = ["--rank", "1"] if method == "relex" else ["--mode", "lstsq"]
-    r = run_main("extrapolate", str(run / "base"), "--run", str(run / "run"), "--method", method, *extra,
-                 "--target-step", str(TARGET), "--dtype", "float32", "--out", str(out), "-q")
+    r = run_main(
+        "extrapolate",
+        str(run / "base"),
+        "--run",
+        str(run / "run"),
+        "--method",
+        method,
+        *extra,
+        "--target-step",
+        str(TARGET),
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     base = _arrays(run / "base")
     hist = [_arrays(run / "run" / f"checkpoint-{s}") for s in STEPS]
@@ -114,12 +129,42 @@ def test_history_methods_load_with_the_reference_logits(run, tmp_path, transform
 
 def test_alpharl_loads_with_the_reference_logits(run, tmp_path, transformers):
     (tmp_path / "m.csv").write_text("step,acc\n10,0.2\n20,0.3\n30,0.33\n40,0.41\n")
-    for args in (["decompose", str(run / "base"), "--run", str(run / "run"), "--rank", "1", "--exact",
-                  "--out", str(tmp_path / "factors")],
-                 ["fit-pls", str(tmp_path / "factors"), "--metrics", str(tmp_path / "m.csv"), "--no-plots",
-                  "--out", str(tmp_path / "fits")],
-                 ["extrapolate", str(run / "base"), "--method", "alpharl", "--fits", str(tmp_path / "fits"),
-                  "--target-metric", "0.5", "--dtype", "float32", "--out", str(tmp_path / "alpharl")]):
+    for args in (
+        [
+            "decompose",
+            str(run / "base"),
+            "--run",
+            str(run / "run"),
+            "--rank",
+            "1",
+            "--exact",
+            "--out",
+            str(tmp_path / "factors"),
+        ],
+        [
+            "fit-pls",
+            str(tmp_path / "factors"),
+            "--metrics",
+            str(tmp_path / "m.csv"),
+            "--no-plots",
+            "--out",
+            str(tmp_path / "fits"),
+        ],
+        [
+            "extrapolate",
+            str(run / "base"),
+            "--method",
+            "alpharl",
+            "--fits",
+            str(tmp_path / "fits"),
+            "--target-metric",
+            "0.5",
+            "--dtype",
+            "float32",
+            "--out",
+            str(tmp_path / "alpharl"),
+        ],
+    ):
         r = run_main(*args, "-q")
         assert r.returncode == 0, (args[0], r.stderr)
     _check(transformers, tmp_path / "alpharl", _alpharl(_arrays(run / "base"), tmp_path / "fits", 0.5))

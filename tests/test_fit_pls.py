@@ -72,8 +72,18 @@ def _sk_r2(X, y):
 def test_exact_line_gives_r2_one_and_matches_sklearn(tmp_path):
     planted = _store(tmp_path / "store", _line)
     out = tmp_path / "out"
-    r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(_metrics_csv(tmp_path / "m.csv")),
-                 "--metric", "accuracy", "--out", str(out), "--json", "-q")
+    r = run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--metrics",
+        str(_metrics_csv(tmp_path / "m.csv")),
+        "--metric",
+        "accuracy",
+        "--out",
+        str(out),
+        "--json",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["metric"] == "accuracy" and data["steps"] == STEPS and data["warnings"] == []
@@ -104,8 +114,18 @@ def test_exact_line_gives_r2_one_and_matches_sklearn(tmp_path):
 def test_sign_flip_mid_trajectory_is_undone(tmp_path):
     _store(tmp_path / "store", _line, flip_at=3)
     out = tmp_path / "out"
-    r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(_metrics_csv(tmp_path / "m.csv")),
-                 "--metric", "accuracy", "--out", str(out), "-q", "--no-plots")
+    r = run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--metrics",
+        str(_metrics_csv(tmp_path / "m.csv")),
+        "--metric",
+        "accuracy",
+        "--out",
+        str(out),
+        "-q",
+        "--no-plots",
+    )
     assert r.returncode == 0, r.stderr
     assert all(row["loo_r2"] == pytest.approx(1.0, abs=1e-9) for row in _rows(out).values())
 
@@ -113,8 +133,19 @@ def test_sign_flip_mid_trajectory_is_undone(tmp_path):
 def test_noise_fits_in_sample_but_not_held_out_and_warns(tmp_path):
     _store(tmp_path / "store", lambda rng, i: rng.standard_normal((len(STEPS), 400)), d_out=400)
     out = tmp_path / "out"
-    r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(_metrics_csv(tmp_path / "m.csv")),
-                 "--metric", "accuracy", "--out", str(out), "--json", "-q", "--no-plots")
+    r = run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--metrics",
+        str(_metrics_csv(tmp_path / "m.csv")),
+        "--metric",
+        "accuracy",
+        "--out",
+        str(out),
+        "--json",
+        "-q",
+        "--no-plots",
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)["summary"]["mean"]
     assert s["r2"] > 0.8 and s["loo_r2"] <= 0
@@ -123,14 +154,24 @@ def test_noise_fits_in_sample_but_not_held_out_and_warns(tmp_path):
 
 def test_step_only_and_the_gate(tmp_path):
     _store(tmp_path / "store", _line)
-    ok = run_main("fit-pls", str(tmp_path / "store"), "--out", str(tmp_path / "a"), "--fail-below", "0.5", "-q",
-                  "--json", "--no-plots")
+    ok = run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "a"),
+        "--fail-below",
+        "0.5",
+        "-q",
+        "--json",
+        "--no-plots",
+    )
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
     assert data["gate"]["figure"] == "mean r2_step" and data["gate"]["passed"] is True
     assert data["metric"] is None and all(r["loo_r2"] is None for r in _rows(tmp_path / "a").values())
-    bad = run_main("fit-pls", str(tmp_path / "store"), "--out", str(tmp_path / "b"), "--fail-below", "0.999999",
-                   "-q", "--no-plots")
+    bad = run_main(
+        "fit-pls", str(tmp_path / "store"), "--out", str(tmp_path / "b"), "--fail-below", "0.999999", "-q", "--no-plots"
+    )
     assert bad.returncode == 5, bad.stderr
     assert "rank1: gate: mean r2_step" in bad.stderr
     assert (tmp_path / "b" / "fits.csv").is_file() and (tmp_path / "b" / "manifest.json").is_file()
@@ -141,16 +182,38 @@ def test_metric_alignment_lists_both_sides_and_relative(tmp_path):
     steps = STEPS[1:] + [80]  # no metric for step 10; a metric row for step 80 has no checkpoint
     vals = np.append(ACC[1:], 0.6)
     out = tmp_path / "out"
-    r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(_metrics_csv(tmp_path / "m.csv", steps, vals)),
-                 "--metric", "accuracy", "--relative", "--out", str(out), "--json", "-q", "--no-plots")
+    r = run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--metrics",
+        str(_metrics_csv(tmp_path / "m.csv", steps, vals)),
+        "--metric",
+        "accuracy",
+        "--relative",
+        "--out",
+        str(out),
+        "--json",
+        "-q",
+        "--no-plots",
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["steps"] == STEPS[1:] and d["checkpoints_without_metric"] == [10]
     assert d["metric_steps_without_checkpoint"] == [80]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["checkpoints_without_metric"] == [10] and manifest["metric_steps_without_checkpoint"] == [80]
-    shown = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(tmp_path / "m.csv"), "--metric", "accuracy",
-                     "--out", str(tmp_path / "shown"), "-q", "--no-plots")
+    shown = run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--metrics",
+        str(tmp_path / "m.csv"),
+        "--metric",
+        "accuracy",
+        "--out",
+        str(tmp_path / "shown"),
+        "-q",
+        "--no-plots",
+    )
     assert "checkpoints without a metric (not fitted): steps 10\n" in shown.stdout
     assert "metric rows without a checkpoint (not fitted): steps 80\n" in shown.stdout
     with safe_open(str(out / json.loads((out / "manifest.json").read_text())["modules"][0]["file"]), "pt") as f:
@@ -164,17 +227,31 @@ def test_long_step_lists_are_summarised_on_the_terminal_and_complete_in_json(tmp
     steps = list(range(1, 1001))
     m = tmp_path / "m.csv"
     m.write_text("step,accuracy\n" + "".join(f"{s},{0.2 + 0.35 * s / 1000 + 0.01 * (s % 3)}\n" for s in steps))
-    shown = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(m), "--out", str(tmp_path / "a"), "-q",
-                     "--no-plots")
+    shown = run_main(
+        "fit-pls", str(tmp_path / "store"), "--metrics", str(m), "--out", str(tmp_path / "a"), "-q", "--no-plots"
+    )
     assert shown.returncode == 0, shown.stderr
     line = next(x for x in shown.stdout.splitlines() if x.startswith("metric rows without a checkpoint"))
     assert line == "metric rows without a checkpoint (not fitted): 993 steps, 1 .. 1000 (all of them in --json)"
     assert len(shown.stdout) < 3000  # the old output listed every step (about 5,000 characters)
-    data = json.loads(run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(m), "--out", str(tmp_path / "b"),
-                               "-q", "--no-plots", "--json").stdout)
+    data = json.loads(
+        run_main(
+            "fit-pls",
+            str(tmp_path / "store"),
+            "--metrics",
+            str(m),
+            "--out",
+            str(tmp_path / "b"),
+            "-q",
+            "--no-plots",
+            "--json",
+        ).stdout
+    )
     assert data["metric_steps_without_checkpoint"] == [s for s in steps if s not in STEPS]
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["metric_steps_without_checkpoint"] == \
-        data["metric_steps_without_checkpoint"]
+    assert (
+        json.loads((tmp_path / "b" / "manifest.json").read_text())["metric_steps_without_checkpoint"]
+        == data["metric_steps_without_checkpoint"]
+    )
 
 
 @pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])
@@ -185,13 +262,26 @@ def test_constant_metric_is_bad_input_before_any_output(tmp_path, relative):
     m = _metrics_csv(tmp_path / "m.csv", values=np.full(len(STEPS), 0.5))
     before = tree_snapshot(tmp_path)
     for extra in ([], ["--json"]):
-        r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(m), "--metric", "accuracy",
-                     "--out", str(tmp_path / "out"), "-q", *(["--relative"] if relative else []), *extra)
+        r = run_main(
+            "fit-pls",
+            str(tmp_path / "store"),
+            "--metrics",
+            str(m),
+            "--metric",
+            "accuracy",
+            "--out",
+            str(tmp_path / "out"),
+            "-q",
+            *(["--relative"] if relative else []),
+            *extra,
+        )
         assert r.returncode == 3, r.stderr
         assert r.stdout == "" and r.stderr.count("\n") == 1
-        assert r.stderr == (f"rank1: error: {m}: accuracy is 0.5 at all 7 checkpoints fitted (steps 10..70): a "
-                            "constant metric has nothing to fit; choose another --metric or --steps, or leave out "
-                            "--metrics to fit against the step\n")
+        assert r.stderr == (
+            f"rank1: error: {m}: accuracy is 0.5 at all 7 checkpoints fitted (steps 10..70): a "
+            "constant metric has nothing to fit; choose another --metric or --steps, or leave out "
+            "--metrics to fit against the step\n"
+        )
         assert tree_snapshot(tmp_path) == before
 
 
@@ -212,8 +302,17 @@ def test_summary_renders_when_every_figure_is_missing(capsys):
     from rank1tools.cli import render
     from rank1tools.commands.fit_pls import FitPlsResult, summarize
 
-    rows = [{"module": "model.layers.0.self_attn.q_proj.weight", "layer": 0, "type": "q", "n": 5,
-             "r2": None, "loo_r2": float("nan"), "r2_step": None}]
+    rows = [
+        {
+            "module": "model.layers.0.self_attn.q_proj.weight",
+            "layer": 0,
+            "type": "q",
+            "n": 5,
+            "r2": None,
+            "loo_r2": float("nan"),
+            "r2_step": None,
+        }
+    ]
     summary, _ = summarize(rows, with_metric=True)
     render.fit_pls(FitPlsResult(out="o", steps=[1, 2, 3], metric="acc", rows=rows, summary=summary))
     out = capsys.readouterr().out
@@ -224,16 +323,33 @@ def test_summary_renders_when_every_figure_is_missing(capsys):
 
 def test_window_and_too_few_checkpoints(tmp_path):
     _store(tmp_path / "store", _line)
-    r = run_main("fit-pls", str(tmp_path / "store"), "--window", "30:50", "--out", str(tmp_path / "w"), "-q",
-                 "--json", "--no-plots")
+    r = run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--window",
+        "30:50",
+        "--out",
+        str(tmp_path / "w"),
+        "-q",
+        "--json",
+        "--no-plots",
+    )
     assert r.returncode == 0 and json.loads(r.stdout)["steps"] == [30, 40, 50]
     before = tree_snapshot(tmp_path)
     r = run_main("fit-pls", str(tmp_path / "store"), "--window", "60:", "--out", str(tmp_path / "x"), "-q")
     assert r.returncode == 3 and "fewer than --min-checkpoints 3" in r.stderr and r.stderr.count("\n") == 1
     r = run_main("fit-pls", str(tmp_path / "store"), "--min-checkpoints", "2", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "at least 3" in r.stderr
-    r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(_metrics_csv(tmp_path / "m.csv")),
-                 "--metric", "nope", "--out", str(tmp_path / "x"))
+    r = run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--metrics",
+        str(_metrics_csv(tmp_path / "m.csv")),
+        "--metric",
+        "nope",
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert r.returncode == 2 and "accuracy" in r.stderr  # a name the file lacks: fix --metric; the error lists them
     assert tree_snapshot(tmp_path) == {**before, "m.csv": tree_snapshot(tmp_path)["m.csv"]}
 
@@ -242,8 +358,18 @@ def test_tables_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     _store(tmp_path / "store", _line)
     out = tmp_path / "out"
-    r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(_metrics_csv(tmp_path / "m.csv")),
-                 "--metric", "accuracy", "--out", str(out), "--json", "-q")
+    r = run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--metrics",
+        str(_metrics_csv(tmp_path / "m.csv")),
+        "--metric",
+        "accuracy",
+        "--out",
+        str(out),
+        "--json",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     plots = json.loads(r.stdout)["plots"]
     assert plots and all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in plots)
@@ -300,12 +426,29 @@ def test_decompose_plots(tmp_path):
     shape = LlamaShape(vocab=32, hidden=16, intermediate=40, layers=2, heads=2, kv_heads=1, tie=True)
     make_base(tmp_path / "base", shape, dtype=torch.float32)
     make_run(tmp_path / "run", [1, 2, 3], shape, base_dtype=torch.float32, dtype=torch.float32)
-    r = run_main("decompose", str(tmp_path / "base"), "--run", str(tmp_path / "run"), "--rank", "2", "--plots",
-                 "--out", str(tmp_path / "d"), "-q", "--json", "--device", "cpu")
+    r = run_main(
+        "decompose",
+        str(tmp_path / "base"),
+        "--run",
+        str(tmp_path / "run"),
+        "--rank",
+        "2",
+        "--plots",
+        "--out",
+        str(tmp_path / "d"),
+        "-q",
+        "--json",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     plots = json.loads(r.stdout)["plots"]
-    assert sorted(Path(p).name for p in plots) == ["energy_by_type.png", "energy_by_type.svg",
-                                                  "energy_heatmap.png", "energy_heatmap.svg"]
+    assert sorted(Path(p).name for p in plots) == [
+        "energy_by_type.png",
+        "energy_by_type.svg",
+        "energy_heatmap.png",
+        "energy_heatmap.svg",
+    ]
     assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots if p.endswith(".png"))
 
 
@@ -314,8 +457,17 @@ def test_same_inputs_same_bytes(tmp_path):
     _store(tmp_path / "store", _line)
     m = _metrics_csv(tmp_path / "m.csv")
     for out in ("a", "b"):
-        r = run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(m), "--metric", "accuracy", "--out",
-                     str(tmp_path / out), "-q")
+        r = run_main(
+            "fit-pls",
+            str(tmp_path / "store"),
+            "--metrics",
+            str(m),
+            "--metric",
+            "accuracy",
+            "--out",
+            str(tmp_path / out),
+            "-q",
+        )
         assert r.returncode == 0, r.stderr
     a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in sorted((tmp_path / "a").rglob("*")) if p.is_file()}
     b = {p.relative_to(tmp_path / "b"): p.read_bytes() for p in sorted((tmp_path / "b").rglob("*")) if p.is_file()}

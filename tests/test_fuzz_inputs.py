@@ -19,8 +19,13 @@ from safetensors.torch import save_file
 from rank1tools.errors import Rank1Error
 from rank1tools.io import open_source
 
-SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 VALID_HEADER = {
     "model.layers.0.self_attn.q_proj.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
@@ -31,11 +36,18 @@ VALID_HEADER = {
 DATA_BYTES = 40
 
 # JSON values, biased towards the near-valid: small and negative ints, floats, bools, lists of ints
-SCALARS = (st.none() | st.booleans() | st.integers(-3, 64) | st.integers(-2**70, 2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(["F32", "BF16", "C64", "", "4"])
-           | st.text(max_size=6))
-JSON = st.recursive(SCALARS, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=3),
-                    max_leaves=8)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 64)
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(["F32", "BF16", "C64", "", "4"])
+    | st.text(max_size=6)
+)
+JSON = st.recursive(
+    SCALARS, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=8
+)
 NEAR_LISTS = st.lists(st.integers(-8, 48) | SCALARS, max_size=4)
 
 
@@ -77,8 +89,11 @@ def mutated_header(draw) -> dict | object:
             else:
                 header.pop(victim)
         elif op == "add":
-            header[draw(st.text(max_size=6))] = {"dtype": draw(JSON), "shape": draw(NEAR_LISTS),
-                                                 "data_offsets": draw(NEAR_LISTS)}
+            header[draw(st.text(max_size=6))] = {
+                "dtype": draw(JSON),
+                "shape": draw(NEAR_LISTS),
+                "data_offsets": draw(NEAR_LISTS),
+            }
         else:
             header[draw(st.sampled_from(names))] = _nest(draw(SCALARS), draw(st.integers(1, 40)))
     return header
@@ -94,10 +109,13 @@ def safetensors_bytes(draw) -> bytes:
     if draw(st.integers(0, 4)) == 0:
         at = draw(st.integers(0, len(raw)))
         junk = draw(st.binary(min_size=1, max_size=8))
-        raw = raw[:at] + junk + raw[at + len(junk):]
+        raw = raw[:at] + junk + raw[at + len(junk) :]
     length = draw(st.sampled_from(["right"] * 8 + ["near", "any"]))
-    n = {"right": len(raw), "near": max(0, len(raw) + draw(st.integers(-3, 3))),
-         "any": draw(st.integers(0, 2**64 - 1))}[length]
+    n = {
+        "right": len(raw),
+        "near": max(0, len(raw) + draw(st.integers(-3, 3))),
+        "any": draw(st.integers(0, 2**64 - 1)),
+    }[length]
     data = DATA_BYTES if draw(st.integers(0, 3)) else draw(st.integers(0, 2 * DATA_BYTES))
     return struct.pack("<Q", n) + raw + bytes(data)
 
@@ -134,18 +152,37 @@ def test_any_single_file_opens_or_is_refused(content, as_folder):
 
 def _sharded_model(folder: Path) -> dict:
     """Two shards saved by safetensors itself, and their index."""
-    save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(3, 2), "model.norm.weight": torch.ones(2)},
-              str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
-    save_file({"lm_head.weight": torch.ones(2, 2)}, str(folder / "model-00002-of-00002.safetensors"),
-              metadata={"format": "pt"})
-    return {"metadata": {"total_size": 48}, "weight_map": {
-        "model.layers.0.mlp.up_proj.weight": "model-00001-of-00002.safetensors",
-        "model.norm.weight": "model-00001-of-00002.safetensors",
-        "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": torch.ones(3, 2), "model.norm.weight": torch.ones(2)},
+        str(folder / "model-00001-of-00002.safetensors"),
+        metadata={"format": "pt"},
+    )
+    save_file(
+        {"lm_head.weight": torch.ones(2, 2)},
+        str(folder / "model-00002-of-00002.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return {
+        "metadata": {"total_size": 48},
+        "weight_map": {
+            "model.layers.0.mlp.up_proj.weight": "model-00001-of-00002.safetensors",
+            "model.norm.weight": "model-00001-of-00002.safetensors",
+            "lm_head.weight": "model-00002-of-00002.safetensors",
+        },
+    }
 
 
-SHARD_NAMES = st.sampled_from(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                               "absent.safetensors", "../x.safetensors", "", ".", "/etc/passwd"])
+SHARD_NAMES = st.sampled_from(
+    [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "absent.safetensors",
+        "../x.safetensors",
+        "",
+        ".",
+        "/etc/passwd",
+    ]
+)
 
 
 @SETTINGS

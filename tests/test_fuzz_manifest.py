@@ -26,16 +26,31 @@ def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fuzz-store")
     make_base(root / "base", SHAPE, dtype=torch.float32)
     make_run(root / "run", [1, 2], SHAPE, base_dtype=torch.float32, dtype=torch.float32)
-    decompose(str(root / "base"), [], str(root / "store"), run=str(root / "run"), options=DecomposeOptions(rank=2, device="cpu"))
+    decompose(
+        str(root / "base"),
+        [],
+        str(root / "store"),
+        run=str(root / "run"),
+        options=DecomposeOptions(rank=2, device="cpu"),
+    )
     return root / "store"
 
 
-JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
-                      st.text(max_size=20), st.sampled_from(["../../../etc/passwd", "/etc/passwd", "factors/..",
-                                                             "factors/x\x00.safetensors", "factors/../manifest.json"]))
-JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                             st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                          max_leaves=8)
+JSON_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.sampled_from(
+        ["../../../etc/passwd", "/etc/passwd", "factors/..", "factors/x\x00.safetensors", "factors/../manifest.json"]
+    ),
+)
+JSON_VALUE = st.recursive(
+    JSON_LEAF,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8,
+)
 
 
 def _paths(obj, prefix=()):
@@ -59,7 +74,9 @@ def _set(doc, path, value):
     return doc
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_mutated_manifest_loads_or_fails_with_an_input_error(pristine, tmp_path_factory, data):
     store = tmp_path_factory.mktemp("m") / "store"

@@ -76,8 +76,9 @@ BAD_ENTRIES = {
 @pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
 def test_invalid_shape_or_offsets_refused(tmp_path, case):
     shape, offsets = BAD_ENTRIES[case]
-    f = write_safetensors(tmp_path / "m" / "model.safetensors",
-                          {Q: {"dtype": "F32", "shape": shape, "data_offsets": offsets}}, 64)
+    f = write_safetensors(
+        tmp_path / "m" / "model.safetensors", {Q: {"dtype": "F32", "shape": shape, "data_offsets": offsets}}, 64
+    )
     what = "shape" if case.startswith(("negative", "float-dim", "bool", "string", "shape")) else "data_offsets"
     assert_refused(tmp_path, f.parent, r"model\.safetensors", re.escape(repr(Q)), rf"invalid {what}")
 
@@ -85,8 +86,10 @@ def test_invalid_shape_or_offsets_refused(tmp_path, case):
 def test_negative_size_entry_cannot_hide_a_truncated_file(tmp_path):
     """[4, 4] then [-4, 4] with offsets [64, 0]: sizes add to 0, so a file of only its header
     looked complete (inspect exited 0 with "matrix_parameters": -16)."""
-    header = {Q: {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
-              "model.layers.0.self_attn.k_proj.weight": {"dtype": "F32", "shape": [-4, 4], "data_offsets": [64, 0]}}
+    header = {
+        Q: {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
+        "model.layers.0.self_attn.k_proj.weight": {"dtype": "F32", "shape": [-4, 4], "data_offsets": [64, 0]},
+    }
     f = write_safetensors(tmp_path / "m" / "model.safetensors", header, 0)
     assert_refused(tmp_path, f.parent, r"k_proj", r"invalid (shape|data_offsets)")
 
@@ -100,12 +103,16 @@ def test_safetensors_file_without_tensors_refused(tmp_path, header):
 
 # ---------------------------------------------------------------- index (items 2-4)
 
+
 def write_sharded(folder: Path, shards: dict[str, list[str]], weight_map: dict[str, str]) -> Path:
     """Shards holding the named 4x4 float32 tensors (saved by safetensors itself), and an index."""
     folder.mkdir(parents=True)
     for shard, names in shards.items():
-        save_file({n: torch.full((4, 4), float(i)) for i, n in enumerate(names)}, str(folder / shard),
-                  metadata={"format": "pt"})
+        save_file(
+            {n: torch.full((4, 4), float(i)) for i, n in enumerate(names)},
+            str(folder / shard),
+            metadata={"format": "pt"},
+        )
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
 
@@ -126,8 +133,12 @@ def test_tensor_in_two_shards_refused(tmp_path, listed_in):
 def test_tensor_missing_from_weight_map_refused(tmp_path):
     """Before: K was counted (and read) though the index does not list it."""
     folder = write_sharded(tmp_path / "m", {A: [Q, K]}, {Q: A})
-    assert_refused(tmp_path, folder, rf"shard '{A}' holds tensor '{K}' that the index does not list",
-                   r"model\.safetensors\.index\.json")
+    assert_refused(
+        tmp_path,
+        folder,
+        rf"shard '{A}' holds tensor '{K}' that the index does not list",
+        r"model\.safetensors\.index\.json",
+    )
 
 
 def test_empty_weight_map_refused(tmp_path):
@@ -164,6 +175,7 @@ def test_index_not_utf8_or_not_object(tmp_path):
 
 # ---------------------------------------------------------------- runs (items 6-8)
 
+
 @pytest.fixture(scope="module")
 def good_step(tmp_path_factory) -> Path:
     """A usable checkpoint-7 folder, linked into each case's run."""
@@ -183,8 +195,11 @@ RUN_CASES = {  # child -> (how to make it, expected step, problem regex)
     "checkpoint-abc": (lambda r: (r / "checkpoint-abc").mkdir(), None, r"^not a step folder name"),
     "checkpoint-٢٠": (lambda r: (r / "checkpoint-٢٠").mkdir(), None, r"^not a step folder name"),
     "global_step_x": (lambda r: (r / "global_step_x").mkdir(), None, r"^not a step folder name"),
-    "checkpoint-99999999999999999999999999": (lambda r: (r / "checkpoint-99999999999999999999999999").mkdir(),
-                                              None, r"^step number too large"),
+    "checkpoint-99999999999999999999999999": (
+        lambda r: (r / "checkpoint-99999999999999999999999999").mkdir(),
+        None,
+        r"^step number too large",
+    ),
     "checkpoint-20": (lambda r: (r / "checkpoint-20").write_text("a file"), 20, r"^not a directory$"),
     "checkpoint-30": (lambda r: (r / "checkpoint-30").symlink_to(r / "gone"), 30, r"^broken symbolic link$"),
 }
@@ -231,11 +246,14 @@ def test_decompose_run_with_unusable_entry(tmp_path, good_step, models):
     before = tree_snapshot(tmp_path)
     result = run_main("decompose", str(base), "--run", str(run), "--out", str(tmp_path / "out"), "-q")
     assert result.returncode == 3 and result.stdout == ""
-    assert result.stderr == f"rank1: error: {run / 'checkpoint-abc'}: not a step folder name " \
-                            "(checkpoint-N, global_step_N, global_stepN_hf; N in digits 0-9)\n"
+    assert (
+        result.stderr == f"rank1: error: {run / 'checkpoint-abc'}: not a step folder name "
+        "(checkpoint-N, global_step_N, global_stepN_hf; N in digits 0-9)\n"
+    )
     assert tree_snapshot(tmp_path) == before
-    ok = run_main("decompose", str(base), "--run", str(run), "--steps", "7", "--out", str(tmp_path / "out"),
-                  "-q", "--json")
+    ok = run_main(
+        "decompose", str(base), "--run", str(run), "--steps", "7", "--out", str(tmp_path / "out"), "-q", "--json"
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["steps"] == [7]
 
@@ -272,19 +290,25 @@ def test_openrlhf_deepspeed_state_beside_hf_weights(tmp_path):
         (run / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"never unpickled")
     found = discover_run(run)
     assert [(c.step, c.layout, Path(c.path).name) for c in found] == [
-        (20, "openrlhf", "global_step20_hf"), (30, "deepspeed", "global_step30")]
+        (20, "openrlhf", "global_step20_hf"),
+        (30, "deepspeed", "global_step30"),
+    ]
     assert found[0].problem is None
     assert found[1].weights is None and "mp_rank_00_model_states.pt" in found[1].problem
 
 
 # ---- an output folder's marker: invalid is not missing (#20) ----
 
-@pytest.mark.parametrize("marker, why", [
-    ("{not json", "not valid JSON"),
-    ('{"tool": "someone-else"}', 'no "tool": "rank1tools" entry'),
-    ('["rank1tools"]', 'no "tool": "rank1tools" entry'),
-    (None, "not a regular file"),
-])
+
+@pytest.mark.parametrize(
+    "marker, why",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"tool": "someone-else"}', 'no "tool": "rank1tools" entry'),
+        ('["rank1tools"]', 'no "tool": "rank1tools" entry'),
+        (None, "not a regular file"),
+    ],
+)
 def test_invalid_marker_is_named_not_reported_missing(tmp_path, marker, why):
     from rank1tools.errors import OutputError
     from rank1tools.io.outputs import prepare_output
@@ -314,19 +338,34 @@ LOOKALIKES = ["Checkpoint-25", ".checkpoint-5", "GLOBAL_STEP_3"]
 
 
 def test_lookalike_step_folders_are_noted(tmp_path, good_step, models):
-    run = _run_with(tmp_path, good_step, lambda r: [(r / n).symlink_to(good_step, target_is_directory=True)
-                                                    for n in LOOKALIKES])
+    run = _run_with(
+        tmp_path, good_step, lambda r: [(r / n).symlink_to(good_step, target_is_directory=True) for n in LOOKALIKES]
+    )
     (run / "checkpoint-9").symlink_to(good_step, target_is_directory=True)
     (run / "notes").mkdir()  # an unrelated folder is not a look-alike
     assert [c.step for c in discover_run(run)] == [7, 9]
-    note = (f"rank1: note: {run}: skipped 3 folders that look like checkpoints but do not match the layout "
-            "(checkpoint-N, global_step_N, global_stepN_hf: lower case, not hidden): .checkpoint-5, Checkpoint-25, "
-            "GLOBAL_STEP_3")
+    note = (
+        f"rank1: note: {run}: skipped 3 folders that look like checkpoints but do not match the layout "
+        "(checkpoint-N, global_step_N, global_stepN_hf: lower case, not hidden): .checkpoint-5, Checkpoint-25, "
+        "GLOBAL_STEP_3"
+    )
     r = run_main("inspect", str(run), "--json")
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines() == [note] and json.loads(r.stdout)["notes"] == [note.removeprefix("rank1: note: ")]
-    r = run_main("decompose", str(models("fp32").path), "--run", str(run), "--out", str(tmp_path / "out"), "-q",
-                 "--json", "--rank", "1", "--include", Q)
+    r = run_main(
+        "decompose",
+        str(models("fp32").path),
+        "--run",
+        str(run),
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+        "--json",
+        "--rank",
+        "1",
+        "--include",
+        Q,
+    )
     assert r.returncode == 0, r.stderr
     assert note in r.stderr.splitlines() and json.loads(r.stdout)["steps"] == [7, 9]
 
@@ -337,8 +376,10 @@ def test_run_of_only_lookalikes_is_refused_listing_them(tmp_path, good_step, mod
     for n in LOOKALIKES:
         (run / n).symlink_to(good_step, target_is_directory=True)
     before = tree_snapshot(tmp_path)
-    want = (f"rank1: error: {run}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) in this "
-            "directory; seen but not matching the layout (case, hidden): .checkpoint-5, Checkpoint-25, GLOBAL_STEP_3\n")
+    want = (
+        f"rank1: error: {run}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) in this "
+        "directory; seen but not matching the layout (case, hidden): .checkpoint-5, Checkpoint-25, GLOBAL_STEP_3\n"
+    )
     r = run_main("decompose", str(models("fp32").path), "--run", str(run), "--out", str(tmp_path / "out"), "-q")
     assert (r.returncode, r.stderr) == (3, want)
     r = run_main("inspect", str(run))

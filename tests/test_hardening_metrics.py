@@ -33,16 +33,28 @@ def refuse(path: Path, pattern: str, code: int = 3, **kw) -> str:
 
 # ---- duplicated keys: json would keep the last value silently ----
 
-@pytest.mark.parametrize("name, text, line, key", [
-    ("m.json", '{"10": 0.5,\n "20": 0.6,\n "10": 0.7}\n', 3, "10"),
-    ("m.json", '[{"step": 10, "acc": 0.5},\n {"step": 20, "acc": 0.6},\n {"step": 30, "acc": 0.6,\n  "acc": 0.9}]', 4,
-     "acc"),
-    ("m.jsonl", '{"step": 10, "acc": 0.5}\n{"step": 20, "acc": 0.6, "acc": 0.1}\n', 2, "acc"),
-    ("m.jsonl", '{"step": 10, "acc": 0.5}\n\n{"step": 20, "step": 30, "acc": 0.1}\n', 3, "step"),
-    ("trainer_state.json", json.dumps({"log_history": [{"step": 1, "eval_acc": 0.1}]}, indent=1)[:-1]
-     + ',\n"log_history": []}', 9, "log_history"),
-    ("m.json", '{"10": {"a": 1, "a": 2}}', 1, "a"),
-])
+
+@pytest.mark.parametrize(
+    "name, text, line, key",
+    [
+        ("m.json", '{"10": 0.5,\n "20": 0.6,\n "10": 0.7}\n', 3, "10"),
+        (
+            "m.json",
+            '[{"step": 10, "acc": 0.5},\n {"step": 20, "acc": 0.6},\n {"step": 30, "acc": 0.6,\n  "acc": 0.9}]',
+            4,
+            "acc",
+        ),
+        ("m.jsonl", '{"step": 10, "acc": 0.5}\n{"step": 20, "acc": 0.6, "acc": 0.1}\n', 2, "acc"),
+        ("m.jsonl", '{"step": 10, "acc": 0.5}\n\n{"step": 20, "step": 30, "acc": 0.1}\n', 3, "step"),
+        (
+            "trainer_state.json",
+            json.dumps({"log_history": [{"step": 1, "eval_acc": 0.1}]}, indent=1)[:-1] + ',\n"log_history": []}',
+            9,
+            "log_history",
+        ),
+        ("m.json", '{"10": {"a": 1, "a": 2}}', 1, "a"),
+    ],
+)
 def test_duplicated_json_key_is_refused_with_its_line(tmp_path, name, text, line, key):
     p = tmp_path / name
     p.write_text(text)
@@ -56,6 +68,7 @@ def test_same_step_twice_with_equal_values_still_accepted(tmp_path):
 
 
 # ---- files that are not regular, too large, or binary ----
+
 
 def test_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "metrics.csv"
@@ -130,6 +143,7 @@ def test_nul_byte_after_the_first_block_is_refused(tmp_path):
 
 # ---- linear-time parsing ----
 
+
 def test_wide_csv_reads_and_names_a_late_duplicate_column(tmp_path):
     n = 80_000
     cols = ["step", *(f"c{i}" for i in range(n))]
@@ -169,12 +183,20 @@ def _factor_store(folder: Path) -> Path:
     rng = np.random.default_rng(0)
     modules = {}
     for _i, t in enumerate(("q", "k")):
-        X = rng.standard_normal(12)[None, :] + ACC[:, None] * rng.standard_normal(12)[None, :] \
+        X = (
+            rng.standard_normal(12)[None, :]
+            + ACC[:, None] * rng.standard_normal(12)[None, :]
             + 0.05 * rng.standard_normal((len(STEPS), 12))
+        )
         S = np.linalg.norm(X, axis=1)
         V = rng.standard_normal((len(STEPS), 8))
         modules[f"model.layers.0.self_attn.{t}_proj.weight"] = {
-            "U": X / S[:, None], "S": S, "V": V / np.linalg.norm(V, axis=1, keepdims=True), "layer": 0, "type": t}
+            "U": X / S[:, None],
+            "S": S,
+            "V": V / np.linalg.norm(V, axis=1, keepdims=True),
+            "layer": 0,
+            "type": t,
+        }
     return write_factor_store(folder, STEPS, modules)
 
 
@@ -184,8 +206,18 @@ def _fit(tmp_path: Path, name: str, values, *extra: str):
     csv = tmp_path / f"{name}.csv"
     csv.write_text("step,acc\n" + "".join(f"{s},{float(v)!r}\n" for s, v in zip(STEPS, values)))
     out = tmp_path / name
-    return run_main("fit-pls", str(tmp_path / "store"), "--metrics", str(csv), "--out", str(out), "--no-plots",
-                    "--json", "-q", *extra), out
+    return run_main(
+        "fit-pls",
+        str(tmp_path / "store"),
+        "--metrics",
+        str(csv),
+        "--out",
+        str(out),
+        "--no-plots",
+        "--json",
+        "-q",
+        *extra,
+    ), out
 
 
 def _fit_rows(out: Path) -> dict[str, dict]:

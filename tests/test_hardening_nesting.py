@@ -32,8 +32,19 @@ def inputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nest")
     make_base(root / "base", SHAPE, dtype=torch.float32)
     make_run(root / "run", [5, 10, 20, 40], SHAPE, base_dtype=torch.float32, dtype=torch.float32, noise=3e-3)
-    r = run_main("decompose", str(root / "base"), "--run", str(root / "run"), "--out", str(root / "store"),
-                 "--rank", "2", "--device", "cpu", "-q")
+    r = run_main(
+        "decompose",
+        str(root / "base"),
+        "--run",
+        str(root / "run"),
+        "--out",
+        str(root / "store"),
+        "--rank",
+        "2",
+        "--device",
+        "cpu",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     return root
 
@@ -43,8 +54,19 @@ def _fit(inputs: Path, out: str, *extra: str) -> list[str]:
 
 
 def _linearity(inputs: Path, out: str, *extra: str) -> list[str]:
-    return ["linearity", str(inputs / "base"), "--run", str(inputs / "run"), "--out", out, "--no-plots", "-q",
-            "--device", "cpu", *extra]
+    return [
+        "linearity",
+        str(inputs / "base"),
+        "--run",
+        str(inputs / "run"),
+        "--out",
+        out,
+        "--no-plots",
+        "-q",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -53,8 +75,11 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def _debris(root: Path) -> list[str]:
     """Locks, staging and swap folders anywhere under `root` (none may outlive the runs)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob(".*")
-                  if p.name.endswith((".lock", ".partial")) or ".tmp-" in p.name or ".old-" in p.name)
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob(".*")
+        if p.name.endswith((".lock", ".partial")) or ".tmp-" in p.name or ".old-" in p.name
+    )
 
 
 def _one_error_line(stderr: str) -> str:
@@ -76,13 +101,20 @@ def test_output_inside_a_live_runs_output_is_refused(inputs, tmp_path, existing)
         ra = finish_paused(a, lines, signal.SIGUSR1)  # resume A
     assert b.returncode == 4, b.stderr
     line = _one_error_line(b.stderr)
-    assert line.startswith(f"rank1: error: d/sub: lies inside {tmp_path / 'd'}, the output of another rank1 run "
-                           f"that is still writing (pid {a.pid}: rank1 linearity "), line
+    assert line.startswith(
+        f"rank1: error: d/sub: lies inside {tmp_path / 'd'}, the output of another rank1 run "
+        f"that is still writing (pid {a.pid}: rank1 linearity "
+    ), line
     assert b.stdout == ""
     assert ra.returncode == 0, ra.stderr
     assert ra.stdout.strip().splitlines()[-1] == "-> d"
-    assert sorted(os.listdir(tmp_path / "d")) == ["by_type.csv", "linearity.csv", "linearity.jsonl",
-                                                  "rank1tools.json", "summary.json"]  # A's, and no d/sub
+    assert sorted(os.listdir(tmp_path / "d")) == [
+        "by_type.csv",
+        "linearity.csv",
+        "linearity.jsonl",
+        "rank1tools.json",
+        "summary.json",
+    ]  # A's, and no d/sub
     assert json.loads((tmp_path / "d" / "rank1tools.json").read_text())["command"] == "linearity"
     assert _debris(tmp_path) == []
 
@@ -97,7 +129,8 @@ def test_output_inside_a_completed_rank1_output_is_refused(inputs, tmp_path):
         assert r.returncode == 4, r.stderr
         assert _one_error_line(r.stderr) == (
             f"rank1: error: {tmp_path / out}: lies inside {tmp_path / 'd'}, an output folder of rank1; rank1 "
-            "replaces its outputs whole (--force, a rerun), which would delete this one: choose an --out outside it")
+            "replaces its outputs whole (--force, a rerun), which would delete this one: choose an --out outside it"
+        )
         assert tree_snapshot(tmp_path) == before
 
 
@@ -110,7 +143,8 @@ def test_output_around_a_live_runs_output_is_refused(inputs, tmp_path):
         assert r.returncode == 4, r.stderr
         assert _one_error_line(r.stderr).startswith(
             f"rank1: error: d: contains {tmp_path / 'd' / 'sub'}, the output of another rank1 run that is still "
-            f"writing (pid {os.getpid()}")
+            f"writing (pid {os.getpid()}"
+        )
         assert tree_snapshot(tmp_path) == before
 
 
@@ -161,11 +195,14 @@ def _command(inputs: Path, kind: str, out: str, force: bool) -> list[str]:
 
 def _same_output(got: dict[str, bytes], want: dict[str, bytes]) -> bool:
     """Same files and bytes; rank1tools.json compared without its command line (its --out)."""
+
     def strip(files):
         out = dict(files)
-        out["rank1tools.json"] = json.dumps({k: v for k, v in json.loads(files["rank1tools.json"]).items()
-                                             if k != "argv"})
+        out["rank1tools.json"] = json.dumps(
+            {k: v for k, v in json.loads(files["rank1tools.json"]).items() if k != "argv"}
+        )
         return out
+
     return strip(got) == strip(want)
 
 
@@ -173,10 +210,15 @@ run_spec = st.tuples(st.sampled_from(["fit", "lin"]), st.sampled_from(PATHS), st
 
 
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(first=run_spec, second=run_spec, existing=st.sampled_from([None, *PATHS]),
-       pause=st.sampled_from([None, "staged", "published"]))
-def test_two_concurrent_runs_never_lose_a_completed_output(inputs, references, tmp_path_factory, first, second,
-                                                           existing, pause):
+@given(
+    first=run_spec,
+    second=run_spec,
+    existing=st.sampled_from([None, *PATHS]),
+    pause=st.sampled_from([None, "staged", "published"]),
+)
+def test_two_concurrent_runs_never_lose_a_completed_output(
+    inputs, references, tmp_path_factory, first, second, existing, pause
+):
     """`existing`: a completed output there beforehand. `pause`: the first run is held at that
     phase while the second runs from start to end (None: both just run at once)."""
     root = tmp_path_factory.mktemp("prop")

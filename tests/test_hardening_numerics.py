@@ -51,12 +51,14 @@ def _assert_refused(r, code: int, pattern: str, out: Path) -> None:
 
 def _edited(**values):
     """tensors_edit for build_checkpoint: tensor name -> {(i, j): value}."""
+
     def edit(t):
         for name, cells in values.items():
             t[name] = t[name].clone()
             for idx, v in cells.items():
                 t[name][idx] = v
         return t
+
     return edit
 
 
@@ -69,10 +71,13 @@ def _planted(m, n, sigmas, noise, seed):
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(m, len(sigmas), generator=g, dtype=torch.float64)).Q
     V = torch.linalg.qr(torch.randn(n, len(sigmas), generator=g, dtype=torch.float64)).Q
-    return (U * torch.tensor(sigmas, dtype=torch.float64)) @ V.T + noise * torch.randn(m, n, generator=g, dtype=torch.float64)
+    return (U * torch.tensor(sigmas, dtype=torch.float64)) @ V.T + noise * torch.randn(
+        m, n, generator=g, dtype=torch.float64
+    )
 
 
 # ---------------------------------------------------------------- 1. range of the SVD
+
 
 @pytest.mark.parametrize("scale", [1e30, 1e-25])
 @pytest.mark.parametrize("exact", [True, False])
@@ -107,8 +112,9 @@ def test_topk_svd_ordinary_matrix_unchanged():
 def test_decompose_huge_finite_value_computes_correctly(base, tmp_path):
     ck = build_checkpoint(tmp_path / "run" / "checkpoint-10", tensors_edit=_edited(**{Q: {(3, 5): 3e38}}))
     out = tmp_path / "dec"
-    r = run_main("decompose", str(base), str(ck), "--out", str(out), "--rank", "2", "--device", "cpu", "--quiet",
-                 "--json")
+    r = run_main(
+        "decompose", str(base), str(ck), "--out", str(out), "--rank", "2", "--device", "cpu", "--quiet", "--json"
+    )
     assert r.returncode == 0, r.stderr
     with safe_open(str(out / "factors" / f"{Q}.safetensors"), "pt") as f:
         S, U = f.get_tensor("S")[0].double().numpy(), f.get_tensor("U")[0].double().numpy()
@@ -132,22 +138,50 @@ def test_update_overflowing_float32_is_refused(tmp_path):
     ck = build_checkpoint(tmp_path / "run" / "checkpoint-10", tensors_edit=_edited(**{Q: {(1, 2): 3e38}}))
     out = tmp_path / "o"
     r = run_main("decompose", str(base), str(ck), "--out", str(out), "--device", "cpu", "--quiet")
-    _assert_refused(r, 3, rf"checkpoint-10: the update of tensor '{re.escape(Q)}' at step 10 overflows float32 "
-                          r"\(\|values\| up to 3e\+38 in base and checkpoint\)$", out)
+    _assert_refused(
+        r,
+        3,
+        rf"checkpoint-10: the update of tensor '{re.escape(Q)}' at step 10 overflows float32 "
+        r"\(\|values\| up to 3e\+38 in base and checkpoint\)$",
+        out,
+    )
     r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--out", str(out), "--device", "cpu", "--quiet")
-    _assert_refused(r, 3, rf"checkpoint-10: the update of tensor '{re.escape(Q)}' overflows float32 "
-                          r"\(\|values\| up to 3e\+38", out)
+    _assert_refused(
+        r,
+        3,
+        rf"checkpoint-10: the update of tensor '{re.escape(Q)}' overflows float32 "
+        r"\(\|values\| up to 3e\+38",
+        out,
+    )
 
 
 # ---------------------------------------------------------------- 2. written values overflowing
 
+
 def test_alpha_overflow_is_not_blamed_on_base(base, tmp_path):
     ck = build_checkpoint(tmp_path / "run" / "checkpoint-10")
     out = tmp_path / "o"
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--alpha", "1e308", "--out", str(out),
-                 "--device", "cpu", "--quiet")
-    _assert_refused(r, 3, r"tensor 'model\.layers\.\d+\.[\w.]+\.weight': the reconstructed weights overflow "
-                          r"float32 \(check --alpha 1e\+308; largest finite float32 is 3\.4028e\+38\)$", out)
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--alpha",
+        "1e308",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    _assert_refused(
+        r,
+        3,
+        r"tensor 'model\.layers\.\d+\.[\w.]+\.weight': the reconstructed weights overflow "
+        r"float32 \(check --alpha 1e\+308; largest finite float32 is 3\.4028e\+38\)$",
+        out,
+    )
     assert "base" not in r.stderr
 
 
@@ -163,25 +197,72 @@ def test_float16_cast_overflow_refused_for_rest_and_modules(tmp_path):
     ck = build_checkpoint(tmp_path / "run" / "checkpoint-10")
     out = tmp_path / "o"
     base = build_checkpoint(tmp_path / "b1", step=0, tensors_edit=_edited(**{NORM: {(3,): 1e5}}))
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--dtype", "float16", "--out", str(out),
-                 "--device", "cpu", "--quiet")
-    _assert_refused(r, 3, r"tensor 'model\.norm\.weight': base values \(\|values\| up to 1e\+05\) overflow float16 "
-                          r"\(use --dtype float32 or bfloat16; largest finite float16 is 65504\)$", out)
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--dtype",
+        "float16",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    _assert_refused(
+        r,
+        3,
+        r"tensor 'model\.norm\.weight': base values \(\|values\| up to 1e\+05\) overflow float16 "
+        r"\(use --dtype float32 or bfloat16; largest finite float16 is 65504\)$",
+        out,
+    )
     # a selected module whose weight is 1e5 in base and checkpoint: theta_0 + update is 1e5 there
     base2 = build_checkpoint(tmp_path / "b2", step=0, tensors_edit=_edited(**{Q: {(3, 4): 1e5}}))
     ck2 = build_checkpoint(tmp_path / "run2" / "checkpoint-10", tensors_edit=_edited(**{Q: {(3, 4): 1e5}}))
-    r = run_main("reconstruct", str(base2), str(ck2), "--rank", "1", "--dtype", "float16", "--out", str(out),
-                 "--device", "cpu", "--quiet")
-    _assert_refused(r, 3, rf"tensor '{re.escape(Q)}': the reconstructed weights overflow float16 "
-                          r"\(check --alpha 1, or write --dtype float32;", out)
+    r = run_main(
+        "reconstruct",
+        str(base2),
+        str(ck2),
+        "--rank",
+        "1",
+        "--dtype",
+        "float16",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    _assert_refused(
+        r,
+        3,
+        rf"tensor '{re.escape(Q)}': the reconstructed weights overflow float16 "
+        r"\(check --alpha 1, or write --dtype float32;",
+        out,
+    )
     # bfloat16 holds 1e5: the same inputs are written, the large base value kept to bf16 precision
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--dtype", "bfloat16", "--out", str(out),
-                 "--device", "cpu", "--quiet")
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--dtype",
+        "bfloat16",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert float(_tensors(out)[NORM][3]) == float(torch.tensor(1e5).to(torch.bfloat16))
 
 
 # ---------------------------------------------------------------- 3. non-finite values never copied in
+
 
 def test_introduces_nonfinite_is_elementwise():
     b = torch.tensor([1.0, float("nan"), 2.0, float("inf")])
@@ -209,8 +290,20 @@ def test_rounding_stats_never_zero_error_for_nonfinite():
 def test_rest_checkpoint_refuses_nonfinite_unselected_tensor(base, tmp_path):
     ck = build_checkpoint(tmp_path / "run" / "checkpoint-10", tensors_edit=_edited(**{NORM: {(7,): float("nan")}}))
     out = tmp_path / "o"
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--rest", "checkpoint", "--out", str(out),
-                 "--device", "cpu", "--quiet")
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--rest",
+        "checkpoint",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     _assert_refused(r, 3, rf"error: {re.escape(str(ck))}: tensor 'model\.norm\.weight' has non-finite values", out)
 
 
@@ -223,8 +316,21 @@ def test_base_nonfinite_rest_tensor_is_kept_and_reported_as_unknown_error(tmp_pa
     r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--out", str(o1), "--device", "cpu", "--quiet")
     assert r.returncode == 0, r.stderr
     assert torch.isnan(_tensors(o1)[NORM][7])  # --rest base: the base's own value, bit for bit
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--rest", "checkpoint", "--out", str(o2),
-                 "--device", "cpu", "--quiet", "--json")
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--rest",
+        "checkpoint",
+        "--out",
+        str(o2),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert torch.isfinite(_tensors(o2)[NORM]).all()
     assert json.loads(r.stdout)["outputs"][0]["rel_error"] is None
@@ -234,6 +340,7 @@ def test_base_nonfinite_rest_tensor_is_kept_and_reported_as_unknown_error(tmp_pa
 
 
 # ---------------------------------------------------------------- 4. tied base, untied checkpoint
+
 
 @pytest.fixture(scope="module")
 def untied(tmp_path_factory):
@@ -257,8 +364,21 @@ def untied(tmp_path_factory):
 def test_rest_checkpoint_keeps_the_checkpoints_own_head(untied, tmp_path):
     base, ck = untied
     out = tmp_path / "o"
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--rest", "checkpoint", "--out", str(out),
-                 "--device", "cpu", "--quiet", "--json")
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--rest",
+        "checkpoint",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     got, theirs = _tensors(out), _tensors(ck)
     assert torch.equal(got[HEAD], theirs[HEAD]) and torch.equal(got[EMB], theirs[EMB])
@@ -266,16 +386,21 @@ def test_rest_checkpoint_keeps_the_checkpoints_own_head(untied, tmp_path):
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     res = json.loads(r.stdout)
     assert res["untied_lm_head"] is True and len(res["notes"]) == 1
-    assert re.search(r"^rank1: note: .*stores its own lm_head\.weight but base .* ties it to the embedding: the output "
-                     r"stores the head, copied \(--rest checkpoint\), and its config\.json says "
-                     r"tie_word_embeddings: false$", r.stderr, re.M), r.stderr
+    assert re.search(
+        r"^rank1: note: .*stores its own lm_head\.weight but base .* ties it to the embedding: the output "
+        r"stores the head, copied \(--rest checkpoint\), and its config\.json says "
+        r"tie_word_embeddings: false$",
+        r.stderr,
+        re.M,
+    ), r.stderr
 
 
 def test_rest_base_keeps_the_base_tied(untied, tmp_path):
     base, ck = untied
     out = tmp_path / "o"
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--out", str(out), "--device", "cpu", "--quiet",
-                 "--json")
+    r = run_main(
+        "reconstruct", str(base), str(ck), "--rank", "1", "--out", str(out), "--device", "cpu", "--quiet", "--json"
+    )
     assert r.returncode == 0, r.stderr
     assert HEAD not in _tensors(out) and json.loads(r.stdout)["untied_lm_head"] is False
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
@@ -291,8 +416,21 @@ def _rank1_formula(w0: np.ndarray, wt: np.ndarray) -> np.ndarray:
 def test_all_2d_selects_and_writes_the_untied_head(untied, tmp_path):
     base, ck = untied
     out = tmp_path / "o"
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--all-2d", "--exact", "--out", str(out),
-                 "--device", "cpu", "--quiet", "--json")
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--all-2d",
+        "--exact",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     got, b, c = _tensors(out), _tensors(base), _tensors(ck)
     want = _rank1_formula(b[EMB].double().numpy(), c[HEAD].double().numpy())  # the head's base value: the embedding
@@ -306,8 +444,20 @@ def test_all_2d_selects_and_writes_the_untied_head(untied, tmp_path):
 def test_decompose_selects_the_untied_head(untied, tmp_path):
     base, ck = untied
     out = tmp_path / "d"
-    r = run_main("decompose", str(base), str(ck), "--all-2d", "--rank", "2", "--exact", "--out", str(out),
-                 "--device", "cpu", "--quiet")
+    r = run_main(
+        "decompose",
+        str(base),
+        str(ck),
+        "--all-2d",
+        "--rank",
+        "2",
+        "--exact",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     names = [m["name"] for m in manifest["modules"]]
@@ -317,13 +467,26 @@ def test_decompose_selects_the_untied_head(untied, tmp_path):
     D = _tensors(ck)[HEAD].double().numpy() - _tensors(base)[EMB].double().numpy()
     np.testing.assert_allclose(S, np.linalg.svd(D, compute_uv=False)[:2], rtol=1e-5)
     only = tmp_path / "h"
-    r = run_main("decompose", str(base), str(ck), "--include", "lm_*", "--rank", "1", "--out", str(only),
-                 "--device", "cpu", "--quiet")
+    r = run_main(
+        "decompose",
+        str(base),
+        str(ck),
+        "--include",
+        "lm_*",
+        "--rank",
+        "1",
+        "--out",
+        str(only),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert [m["name"] for m in json.loads((only / "manifest.json").read_text())["modules"]] == [HEAD]
 
 
 # ---------------------------------------------------------------- 5. memory
+
 
 def test_available_memory_source(monkeypatch):
     monkeypatch.delenv("RANK1_AVAILABLE_MEMORY", raising=False)
@@ -349,14 +512,36 @@ def test_memory_check_refuses_before_any_work(base, tmp_path, monkeypatch):
     # decompose, fp32 160 x 64 MLP matrices (N = 10240, R = 40960 bytes), rank 8 (randomized,
     # sketch 18): 12 N + R + 16 (m + n) 18 = 228352 bytes (the next update is formed during the SVD)
     r = run_main("decompose", str(base), str(ck), "--out", str(out), "--device", "cpu", "--quiet")
-    _assert_refused(r, 3, r"error: tensor 'model\.layers\.\d\.mlp\.(gate|up|down)_proj\.weight' \[(160, 64|64, 160)\]: needs about "
-                          r"0\.000228 GB of memory but 0\.0001 GB are available$", out)
+    _assert_refused(
+        r,
+        3,
+        r"error: tensor 'model\.layers\.\d\.mlp\.(gate|up|down)_proj\.weight' \[(160, 64|64, 160)\]: needs about "
+        r"0\.000228 GB of memory but 0\.0001 GB are available$",
+        out,
+    )
     # reconstruct --rest checkpoint: the largest need is an unselected 128 x 64 tensor, the embedding or
     # lm_head (N = 8192): R + 20 N + 4 N = 229376 bytes
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--rest", "checkpoint", "--out", str(out),
-                 "--device", "cpu", "--quiet")
-    _assert_refused(r, 3, r"error: tensor '(lm_head|model\.embed_tokens)\.weight' \[128, 64\]: needs about 0\.000229 GB of "
-                          r"memory but 0\.0001 GB are available$", out)
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--rest",
+        "checkpoint",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    _assert_refused(
+        r,
+        3,
+        r"error: tensor '(lm_head|model\.embed_tokens)\.weight' \[128, 64\]: needs about 0\.000229 GB of "
+        r"memory but 0\.0001 GB are available$",
+        out,
+    )
     monkeypatch.setenv("RANK1_AVAILABLE_MEMORY", "300000")
     r = run_main("decompose", str(base), str(ck), "--out", str(out), "--device", "cpu", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -374,14 +559,35 @@ def test_header_declaring_a_huge_tensor_is_refused_without_reading(tmp_path, mon
             f.truncate(8 + len(header) + 4 * 32768**2)
     monkeypatch.setenv("RANK1_AVAILABLE_MEMORY", str(8 * 10**9))
     out = tmp_path / "o"
-    r = run_main("decompose", str(tmp_path / "base"), str(tmp_path / "ck"), "--out", str(out), "--device", "cpu",
-                 "--quiet")
-    _assert_refused(r, 3, rf"tensor '{name}' \[32768, 32768\]: needs about \d+(\.\d+)? GB of memory but 8 GB "
-                          r"are available$", out)
-    r = run_main("reconstruct", str(tmp_path / "base"), str(tmp_path / "ck"), "--rank", "1", "--out", str(out),
-                 "--device", "cpu", "--quiet")
-    _assert_refused(r, 3, rf"tensor '{name}' \[32768, 32768\]: needs about \d+(\.\d+)? GB of memory but 8 GB "
-                          r"are available$", out)
+    r = run_main(
+        "decompose", str(tmp_path / "base"), str(tmp_path / "ck"), "--out", str(out), "--device", "cpu", "--quiet"
+    )
+    _assert_refused(
+        r,
+        3,
+        rf"tensor '{name}' \[32768, 32768\]: needs about \d+(\.\d+)? GB of memory but 8 GB "
+        r"are available$",
+        out,
+    )
+    r = run_main(
+        "reconstruct",
+        str(tmp_path / "base"),
+        str(tmp_path / "ck"),
+        "--rank",
+        "1",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    _assert_refused(
+        r,
+        3,
+        rf"tensor '{name}' \[32768, 32768\]: needs about \d+(\.\d+)? GB of memory but 8 GB "
+        r"are available$",
+        out,
+    )
 
 
 @pytest.mark.integration
@@ -389,8 +595,20 @@ def test_untied_output_loads_its_own_head_with_transformers(untied, tmp_path):
     transformers = pytest.importorskip("transformers")
     base, ck = untied
     out = tmp_path / "o"
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--rest", "checkpoint", "--out", str(out),
-                 "--device", "cpu", "--quiet")
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--rest",
+        "checkpoint",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     theirs = _tensors(ck)
@@ -404,11 +622,23 @@ def test_untied_base_with_tied_checkpoint_writes_the_checkpoints_embedding_as_he
     base = build_model(tmp_path / "base", tie=False).path
     ck = build_checkpoint(tmp_path / "ck", shape=TIED, step=50)
     out = tmp_path / "out"
-    r = run_main("reconstruct", str(base), str(ck), "--rank", "1", "--rest", "checkpoint", "--out", str(out),
-                 "--device", "cpu", "-q", "--json")
+    r = run_main(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--rest",
+        "checkpoint",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "-q",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     got, theirs = _tensors(out), _tensors(ck)
     assert HEAD not in theirs and torch.equal(got[HEAD], theirs[EMB]) and torch.equal(got[EMB], theirs[EMB])
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     assert json.loads(r.stdout)["untied_lm_head"] is False  # nothing was untied: the base already was
-

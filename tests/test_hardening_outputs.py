@@ -56,10 +56,13 @@ def _dec(work: Path, *extra: str):
 
 
 def _rec(work: Path, *extra: str):
-    return run_main("reconstruct", str(work / "base"), str(work / "ckpt"), "--rank", "1", "--device", "cpu", "-q", *extra)
+    return run_main(
+        "reconstruct", str(work / "base"), str(work / "ckpt"), "--rank", "1", "--device", "cpu", "-q", *extra
+    )
 
 
 # ---- 1. `..` in --out ----
+
 
 def test_dotdot_out_never_deletes_the_parent_or_replaces_an_input(work, monkeypatch):
     (work / "inner").mkdir()
@@ -75,6 +78,7 @@ def test_dotdot_out_never_deletes_the_parent_or_replaces_an_input(work, monkeypa
 
 # ---- 2. --out through a symlink ----
 
+
 def test_symlinked_out_is_resolved_before_any_check(work):
     (work / "lnk").symlink_to(work / "base")
     before = tree_snapshot(work)
@@ -85,6 +89,7 @@ def test_symlinked_out_is_resolved_before_any_check(work):
 
 
 # ---- 3. empty --out; --force only over rank1's own folders ----
+
 
 def test_empty_out_is_refused_and_the_current_folder_kept(work, monkeypatch):
     monkeypatch.chdir(work)
@@ -101,7 +106,9 @@ def test_force_replaces_only_folders_rank1_wrote(work):
     (mine / "thesis.tex").write_text("years of work")
     before = tree_snapshot(work)
     for run in (_dec, _rec):
-        _one_line_error(run(work, "--out", str(mine), "--force"), 4, r"was not written by rank1", r"--force replaces only")
+        _one_line_error(
+            run(work, "--out", str(mine), "--force"), 4, r"was not written by rank1", r"--force replaces only"
+        )
     assert tree_snapshot(work) == before
     # a rank1 output is replaced, and so is an empty folder
     assert _rec(work, "--out", str(work / "r")).returncode == 0
@@ -120,8 +127,15 @@ def test_force_replaces_only_folders_rank1_wrote(work):
 
 # ---- 4. tensor names never become paths ----
 
-HOSTILE = ["/abs/path.layers.0.q_proj.weight", "../../x.layers.0.q_proj.weight", "a/b.layers.0.k_proj.weight",
-           "nul\x00.layers.0.v_proj.weight", "..", ".hidden.layers.0.o_proj.weight", "é" * 300 + ".layers.0.o_proj.weight"]
+HOSTILE = [
+    "/abs/path.layers.0.q_proj.weight",
+    "../../x.layers.0.q_proj.weight",
+    "a/b.layers.0.k_proj.weight",
+    "nul\x00.layers.0.v_proj.weight",
+    "..",
+    ".hidden.layers.0.o_proj.weight",
+    "é" * 300 + ".layers.0.o_proj.weight",
+]
 
 
 @pytest.mark.parametrize("name", HOSTILE + ["model.layers.0.self_attn.q_proj.weight"])
@@ -144,8 +158,21 @@ def test_hostile_tensor_names_are_decomposed_inside_out(tmp_path):
     save_file(ck, str(root / "ck.safetensors"))
     (root / "x.layers.0.q_proj.weight.safetensors").write_text("not finished work")  # where ../../x would land
     outside = tree_snapshot(tmp_path)
-    r = run_main("decompose", str(root / "base.safetensors"), str(root / "ck.safetensors"), "--out",
-                 str(root / "out" / "a" / "b"), "--rank", "1", "--include", "*", "-q", "--device", "cpu", "--json")
+    r = run_main(
+        "decompose",
+        str(root / "base.safetensors"),
+        str(root / "ck.safetensors"),
+        "--out",
+        str(root / "out" / "a" / "b"),
+        "--rank",
+        "1",
+        "--include",
+        "*",
+        "-q",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["modules"] == len(names)
     after = tree_snapshot(tmp_path)
@@ -161,6 +188,7 @@ def test_hostile_tensor_names_are_decomposed_inside_out(tmp_path):
 
 # ---- 5. factor-store manifests are confined and checked ----
 
+
 @pytest.fixture()
 def store(work):
     out = work / "fac"
@@ -175,12 +203,15 @@ def _point(store: Path, module_index: int, file: str) -> None:
     mf.write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("file,pattern", [
-    ("../../../etc/passwd", r"names file '\.\./\.\./\.\./etc/passwd', which is not a file in the store's factors/"),
-    ("/etc/passwd", r"not a file in the store's factors/"),
-    ("factors/../manifest.json", r"not a file in the store's factors/"),
-    ("factors/sub/x.safetensors", r"not a file in the store's factors/"),
-])
+@pytest.mark.parametrize(
+    "file,pattern",
+    [
+        ("../../../etc/passwd", r"names file '\.\./\.\./\.\./etc/passwd', which is not a file in the store's factors/"),
+        ("/etc/passwd", r"not a file in the store's factors/"),
+        ("factors/../manifest.json", r"not a file in the store's factors/"),
+        ("factors/sub/x.safetensors", r"not a file in the store's factors/"),
+    ],
+)
 def test_manifest_paths_outside_the_store_are_refused(work, store, file, pattern):
     _point(store, 0, file)
     before = tree_snapshot(work)
@@ -210,7 +241,9 @@ def test_symlink_out_of_the_factors_folder_is_refused(work, store):
 def test_decompose_redoes_a_partial_file_holding_another_module(work):
     """Resume trusts a finished file only if it records the module it stands for."""
     out = work / "o"
-    ref = decompose(str(work / "base"), [str(work / "ckpt")], str(work / "ref"), options=DecomposeOptions(rank=2, device="cpu"))
+    ref = decompose(
+        str(work / "base"), [str(work / "ckpt")], str(work / "ref"), options=DecomposeOptions(rank=2, device="cpu")
+    )
     partial = work / ".o.partial" / "factors"
     partial.mkdir(parents=True)
     names = ref.modules
@@ -221,6 +254,7 @@ def test_decompose_redoes_a_partial_file_holding_another_module(work):
 
 
 # ---- 11. output errors name the path and exit 4 ----
+
 
 def test_unwritable_location_is_an_output_error(work):
     before = tree_snapshot(work)
@@ -254,8 +288,13 @@ def _fit(store: Path, out: Path):
 def store3(work, tmp_path):
     """A factor store over three checkpoints (what fit-pls needs), beside `work`."""
     make_run(tmp_path / "run3", [10, 20, 30], SHAPE, base_dtype=torch.float32, dtype=torch.float32, noise=1e-4)
-    decompose(str(work / "base"), [], str(tmp_path / "fac3"), run=str(tmp_path / "run3"),
-              options=DecomposeOptions(rank=1, device="cpu"))
+    decompose(
+        str(work / "base"),
+        [],
+        str(tmp_path / "fac3"),
+        run=str(tmp_path / "run3"),
+        options=DecomposeOptions(rank=1, device="cpu"),
+    )
     return tmp_path / "fac3"
 
 
@@ -273,7 +312,9 @@ def test_full_disk_in_safetensors_writes_is_an_output_error(work, store3, monkey
     line = _one_line_error(_fit(store3, work / "f"), 4, r"No space left on device; free some space and rerun")
     assert line.startswith(f"rank1: error: {work}/.f.tmp-") and "/fits/" in line  # the file it was writing
     assert tree_snapshot(work) == before  # no staging folder, no lock
-    line = _one_line_error(_dec(work, "--out", str(work / "o")), 4, r"No space left on device; free some space and rerun")
+    line = _one_line_error(
+        _dec(work, "--out", str(work / "o")), 4, r"No space left on device; free some space and rerun"
+    )
     assert line.startswith(f"rank1: error: {work}/.o.partial/factors/")
     assert not (work / "o").exists()  # the work folder stays for a rerun once space is freed (decompose resumes)
     assert set(tree_snapshot(work)) - set(before) <= {".o.partial", ".o.partial/manifest.json", ".o.partial/factors"}
@@ -296,15 +337,17 @@ def full_disk(tmp_path):
 
 
 def test_full_disk_on_a_real_filesystem_is_an_output_error(work, store3, full_disk):
-    for run, out, where in ((lambda: _fit(store3, full_disk / "f"), "f", ".f.tmp-"),
-                            (lambda: _dec(work, "--out", str(full_disk / "o")), "o", ".o.partial"),
-                            ):
+    for run, out, where in (
+        (lambda: _fit(store3, full_disk / "f"), "f", ".f.tmp-"),
+        (lambda: _dec(work, "--out", str(full_disk / "o")), "o", ".o.partial"),
+    ):
         line = _one_line_error(run(), 4, r"No space left on device; free some space and rerun")
         assert line.startswith(f"rank1: error: {full_disk}/{where}"), line
         assert not (full_disk / out).exists()
     # a checkpoint writer knows its size from the headers: refused before any work (docs/cli.md)
-    line = _one_line_error(_rec(work, "--out", str(full_disk / "r")), 4,
-                           r"1 checkpoint: needs about .* GB of disk but .* GB are free at ")
+    line = _one_line_error(
+        _rec(work, "--out", str(full_disk / "r")), 4, r"1 checkpoint: needs about .* GB of disk but .* GB are free at "
+    )
     assert line.startswith(f"rank1: error: {full_disk}/r: "), line
     assert not (full_disk / "r").exists()
     assert set(os.listdir(full_disk)) <= {".filler", ".o.partial"}  # decompose's resumable work; nothing else
@@ -313,21 +356,45 @@ def test_full_disk_on_a_real_filesystem_is_an_output_error(work, store3, full_di
 def test_non_utf8_out_is_refused_before_any_work(work):
     out = os.fsencode(str(work)) + b"/out\xff"
     before = tree_snapshot(work)
-    p = subprocess.run([sys.executable, "-m", "rank1tools.cli", "reconstruct", str(work / "base"), str(work / "ckpt"),
-                        "--rank", "1", "--out", out], env=cli_env(), capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rank1tools.cli",
+            "reconstruct",
+            str(work / "base"),
+            str(work / "ckpt"),
+            "--rank",
+            "1",
+            "--out",
+            out,
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     _one_line_error(p, 2, r"not valid UTF-8")
     assert tree_snapshot(work) == before
 
 
 # ---- 14. outputs follow the umask ----
 
+
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_outputs_follow_the_umask(work, mask):
     code = f"import os, sys; os.umask({mask}); from rank1tools.cli import main; sys.argv = sys.argv[:1] + sys.argv[1:]; main()"
-    for args in (["reconstruct", str(work / "base"), str(work / "ckpt"), "--rank", "1,2", "--out", str(work / "r")],
-                 ["decompose", str(work / "base"), str(work / "ckpt"), "--rank", "1", "--out", str(work / "d")]):
-        p = subprocess.run([sys.executable, "-c", code, *args, "--device", "cpu", "-q"], env=cli_env(),
-                           capture_output=True, text=True, timeout=120)
+    for args in (
+        ["reconstruct", str(work / "base"), str(work / "ckpt"), "--rank", "1,2", "--out", str(work / "r")],
+        ["decompose", str(work / "base"), str(work / "ckpt"), "--rank", "1", "--out", str(work / "d")],
+    ):
+        p = subprocess.run(
+            [sys.executable, "-c", code, *args, "--device", "cpu", "-q"],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert p.returncode == 0, p.stderr
     for top in (work / "r", work / "d"):
         for path in [top, *top.rglob("*")]:
@@ -340,14 +407,32 @@ def test_outputs_follow_the_umask(work, mask):
 def test_demo_outputs_follow_the_umask(tmp_path, mask):
     """`rank1 demo --synthetic`, and the GRPO demo's model writer (the trainer saves every
     checkpoint through it): safetensors creates files 0600, the demos must not keep that mode."""
-    code = (f"import os, sys; os.umask({mask})\n"
-            "from rank1tools.demo.checkpoints import write_model_folder\n"
-            "from rank1tools.demo.model import TinyLlama, TinyLlamaConfig\n"
-            "write_model_folder(__import__('pathlib').Path(sys.argv[1]), TinyLlama(TinyLlamaConfig()))\n"
-            "from rank1tools.cli import main; sys.argv = ['rank1', *sys.argv[2:]]; main()")
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "trained"),
-                        "demo", "--synthetic", "--out", str(tmp_path / "demo"), "--device", "cpu", "-q"],
-                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    code = (
+        f"import os, sys; os.umask({mask})\n"
+        "from rank1tools.demo.checkpoints import write_model_folder\n"
+        "from rank1tools.demo.model import TinyLlama, TinyLlamaConfig\n"
+        "write_model_folder(__import__('pathlib').Path(sys.argv[1]), TinyLlama(TinyLlamaConfig()))\n"
+        "from rank1tools.cli import main; sys.argv = ['rank1', *sys.argv[2:]]; main()"
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(tmp_path / "trained"),
+            "demo",
+            "--synthetic",
+            "--out",
+            str(tmp_path / "demo"),
+            "--device",
+            "cpu",
+            "-q",
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "trained" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "run" / "checkpoint-50" / "model.safetensors").is_file()
@@ -374,5 +459,7 @@ def test_input_vanishing_mid_run_is_an_input_error(work, monkeypatch):
 
     monkeypatch.setattr(checkpoint_module.Checkpoint, "locate", vanish)
     before = tree_snapshot(work)
-    _one_line_error(_rec(work, "--out", str(work / "o")), 3, r"gone\.safetensors: cannot read \(No such file or directory\)")
+    _one_line_error(
+        _rec(work, "--out", str(work / "o")), 3, r"gone\.safetensors: cannot read \(No such file or directory\)"
+    )
     assert tree_snapshot(work) == before

@@ -36,12 +36,34 @@ def inputs(tmp_path_factory):
 
 
 def _decompose_args(inputs: Path) -> list[str]:
-    return ["decompose", str(inputs / "base"), "--run", str(inputs / "run"), "--out", "d", "--rank", "4", "--device", "cpu", "-q"]
+    return [
+        "decompose",
+        str(inputs / "base"),
+        "--run",
+        str(inputs / "run"),
+        "--out",
+        "d",
+        "--rank",
+        "4",
+        "--device",
+        "cpu",
+        "-q",
+    ]
 
 
 def _reconstruct_args(inputs: Path) -> list[str]:
-    return ["reconstruct", str(inputs / "base"), str(inputs / "run" / "checkpoint-30"), "--out", "r", "--rank", "1,2",
-            "--device", "cpu", "-q"]
+    return [
+        "reconstruct",
+        str(inputs / "base"),
+        str(inputs / "run" / "checkpoint-30"),
+        "--out",
+        "r",
+        "--rank",
+        "1,2",
+        "--device",
+        "cpu",
+        "-q",
+    ]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -123,7 +145,9 @@ def test_reconstruct_killed_leaves_nothing_or_rerun_cleans_up(inputs, reference,
     pytest.skip("the command finished before every signal (machine too fast for this workload)")
 
 
-@pytest.mark.parametrize("make_args,name", [(_decompose_args, "d"), (_reconstruct_args, "r")], ids=["decompose", "reconstruct"])
+@pytest.mark.parametrize(
+    "make_args,name", [(_decompose_args, "d"), (_reconstruct_args, "r")], ids=["decompose", "reconstruct"]
+)
 def test_second_run_on_a_held_output_fails_naming_the_holder(inputs, tmp_path, make_args, name):
     target = tmp_path / name
     (tmp_path / f".{name}.tmp-1-abc").mkdir()  # a staging folder of the live holder: must survive
@@ -140,6 +164,7 @@ def test_second_run_on_a_held_output_fails_naming_the_holder(inputs, tmp_path, m
 
 # ---- the line a signal prints tells the truth in each phase (issue #20 §3, "misleading messages") ----
 
+
 def _fit_pls_args(store: Path) -> list[str]:
     return ["fit-pls", str(store), "--out", "o", "--force", "--no-plots", "-q"]
 
@@ -148,17 +173,38 @@ def _fit_pls_args(store: Path) -> list[str]:
 def store(inputs, tmp_path_factory):
     """A factor store of the module's run, and fit-pls's uninterrupted output of _fit_pls_args."""
     root = tmp_path_factory.mktemp("store")
-    r = run_cli(["decompose", str(inputs / "base"), "--run", str(inputs / "run"), "--out", str(root / "store"),
-                 "--rank", "1", "--include", "*layers.0.*", "--device", "cpu", "-q"], root)
+    r = run_cli(
+        [
+            "decompose",
+            str(inputs / "base"),
+            "--run",
+            str(inputs / "run"),
+            "--out",
+            str(root / "store"),
+            "--rank",
+            "1",
+            "--include",
+            "*layers.0.*",
+            "--device",
+            "cpu",
+            "-q",
+        ],
+        root,
+    )
     assert r.returncode == 0, r.stderr
     r = run_cli(_fit_pls_args(root / "store"), root)
     assert r.returncode == 0, r.stderr
     return root / "store", _files(root / "o")
 
 
-@pytest.mark.parametrize("phase,state", [("staged", "nothing was written"),
-                                         ("publishing", "the output is complete at o"),
-                                         ("published", "the output is complete at o")])
+@pytest.mark.parametrize(
+    "phase,state",
+    [
+        ("staged", "nothing was written"),
+        ("publishing", "the output is complete at o"),
+        ("published", "the output is complete at o"),
+    ],
+)
 def test_sigterm_line_tells_the_state_of_the_output(store, tmp_path, phase, state):
     """SIGTERM while staging, in the middle of the swap of an existing output (--force) and just
     after it: exit 143, the last line says what is on disk, and no .o.old-* / .o.tmp-* / lock is left."""

@@ -25,6 +25,7 @@ def _assert_refused(r, code: int, pattern: str, out: Path) -> None:
 
 # ---- streaming commands: the same up-front checks (#20) ----
 
+
 def _sparse_run(tmp_path: Path, steps=(10, 20, 30)) -> tuple[Path, list[Path]]:
     """A base and checkpoints whose one tensor is a consistent 4 GiB F32 in a sparse file."""
     name = "model.layers.0.mlp.up_proj.weight"
@@ -44,11 +45,17 @@ def test_linearity_checks_its_streaming_memory_up_front(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK1_AVAILABLE_MEMORY", str(10**8))
     out = tmp_path / "o"
     r = run_main("linearity", str(base), *map(str, cks), "--out", str(out), "--device", "cpu", "--quiet")
-    _assert_refused(r, 3, r"tensor 'model.layers.0.mlp.up_proj.weight' \[32768, 32768\]: needs about 0\.\d+ GB of "
-                          r"memory but 0\.1 GB are available$", out)
+    _assert_refused(
+        r,
+        3,
+        r"tensor 'model.layers.0.mlp.up_proj.weight' \[32768, 32768\]: needs about 0\.\d+ GB of "
+        r"memory but 0\.1 GB are available$",
+        out,
+    )
     # the estimate is of the streamed chunks, not of the tensor: far below its 4.3 GB
     from rank1tools.io.run_inputs import chunk_elements
     from rank1tools.resources import streaming_peak_bytes
+
     assert streaming_peak_bytes(3, chunk_elements(3), 4) < 10**9
 
 
@@ -61,11 +68,42 @@ def test_extrapolation_whose_outputs_cannot_fit_on_disk_is_refused_up_front(tmp_
     real = _shutil.disk_usage
     monkeypatch.setattr(_shutil, "disk_usage", lambda p: real(p)._replace(free=10**9))
     out = tmp_path / "o"
-    r = run_main("extrapolate", str(base), "--run", str(tmp_path / "run"), "--method", method, "--target-step",
-                 "40,50", "--out", str(out), "--device", "cpu", "--quiet")
-    _assert_refused(r, 4, rf"{re.escape(str(out))}: 2 checkpoints: needs about 8\.59 GB of disk but 1 GB are free "
-                          rf"at {re.escape(str(tmp_path))}$", out)
+    r = run_main(
+        "extrapolate",
+        str(base),
+        "--run",
+        str(tmp_path / "run"),
+        "--method",
+        method,
+        "--target-step",
+        "40,50",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    _assert_refused(
+        r,
+        4,
+        rf"{re.escape(str(out))}: 2 checkpoints: needs about 8\.59 GB of disk but 1 GB are free "
+        rf"at {re.escape(str(tmp_path))}$",
+        out,
+    )
     monkeypatch.setenv("RANK1_AVAILABLE_MEMORY", str(10**7))  # and the streaming memory, checked first
-    r = run_main("extrapolate", str(base), "--run", str(tmp_path / "run"), "--method", method, "--target-step",
-                 "40", "--out", str(out), "--device", "cpu", "--quiet")
+    r = run_main(
+        "extrapolate",
+        str(base),
+        "--run",
+        str(tmp_path / "run"),
+        "--method",
+        method,
+        "--target-step",
+        "40",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     _assert_refused(r, 3, r"needs about 0\.\d+ GB of memory but 0\.01 GB are available$", out)

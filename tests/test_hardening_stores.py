@@ -36,11 +36,19 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("stores")
     make_base(root / "base", SHAPE, torch.float32)
     make_run(root / "run", STEPS, SHAPE, base_dtype=torch.float32, dtype=torch.float32, noise=1e-4)
-    decompose(str(root / "base"), [], str(root / "factors"), run=str(root / "run"),
-              options=DecomposeOptions(rank=2, exact=True))
+    decompose(
+        str(root / "base"),
+        [],
+        str(root / "factors"),
+        run=str(root / "run"),
+        options=DecomposeOptions(rank=2, exact=True),
+    )
     (root / "m.csv").write_text("step,accuracy\n" + "".join(f"{s},{a}\n" for s, a in zip(STEPS, ACC)))
-    fit_pls(str(root / "factors"), str(root / "fits"),
-            options=FitPlsOptions(metrics=str(root / "m.csv"), metric="accuracy", plots=False))
+    fit_pls(
+        str(root / "factors"),
+        str(root / "fits"),
+        options=FitPlsOptions(metrics=str(root / "m.csv"), metric="accuracy", plots=False),
+    )
     fit_pls(str(root / "factors"), str(root / "fits_step"), options=FitPlsOptions(plots=False))
     return root
 
@@ -73,17 +81,30 @@ def _edit_file(path: Path, edit) -> None:
 
 def _edit_model(folder: Path, **values) -> None:
     """Set tensor[name][index] = value in a model folder's single file."""
+
     def edit(t):
         for name, (idx, v) in values.items():
             t[name][idx] = v
+
     _edit_file(folder / "model.safetensors", edit)
 
 
 # ---- alpharl --container last: no non-finite value the base does not have (#20) ----
 
+
 def _alpharl(stores: Path, out: Path, *args: str, fits: str = "fits", base: str | None = None):
-    return run_main("extrapolate", base or str(stores / "base"), "--method", "alpharl", "--fits",
-                    str(stores / fits), "--out", str(out), "-q", *args)
+    return run_main(
+        "extrapolate",
+        base or str(stores / "base"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(stores / fits),
+        "--out",
+        str(out),
+        "-q",
+        *args,
+    )
 
 
 @pytest.mark.parametrize("where", ["norm", "kept module", "recorded checkpoint"])
@@ -102,8 +123,20 @@ def test_alpharl_container_last_refuses_nonfinite_copied_tensors(stores, tmp_pat
         m["factor_store"]["checkpoints"][-1].pop("fingerprint")  # else refused as another checkpoint (below)
         (fits / "manifest.json").write_text(json.dumps(m))
         _edit_model(last, **{NORM: ((3,), float("inf"))})
-        r = run_main("extrapolate", str(stores / "base"), "--method", "alpharl", "--fits", str(fits),
-                     "--out", str(tmp_path / "out"), "-q", *args, "--exclude", Q)
+        r = run_main(
+            "extrapolate",
+            str(stores / "base"),
+            "--method",
+            "alpharl",
+            "--fits",
+            str(fits),
+            "--out",
+            str(tmp_path / "out"),
+            "-q",
+            *args,
+            "--exclude",
+            Q,
+        )
         line = _one_error(r, 3, str(last), "non-finite")
         assert NORM in line or Q in line
     else:
@@ -126,15 +159,30 @@ def test_alpharl_container_base_keeps_the_bases_own_nan(stores, tmp_path):
     m["factor_store"]["base"]["source"] = str(base)
     m["factor_store"]["base"].pop("fingerprint", None)
     (fits / "manifest.json").write_text(json.dumps(m))
-    r = run_main("extrapolate", str(base), "--method", "alpharl", "--fits", str(fits), "--out",
-                 str(tmp_path / "out"), "-q", "--target-metric", "0.5", "--container", "last",
-                 "--last-checkpoint", str(last))
+    r = run_main(
+        "extrapolate",
+        str(base),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(fits),
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+        "--target-metric",
+        "0.5",
+        "--container",
+        "last",
+        "--last-checkpoint",
+        str(last),
+    )
     assert r.returncode == 0, r.stderr
     written, _ = _tensors(tmp_path / "out" / "model.safetensors")
     assert torch.isnan(written[NORM][3]) and torch.isfinite(written[NORM][:3]).all()
 
 
 # ---- tampered store tensors: validated on read, exit 3 naming file and tensor (#20) ----
+
 
 def _factor_copy(stores: Path, dst: Path, key: str, value) -> Path:
     """A copy of the factor store with factor tensor `key` of Q edited (`value`: function of the tensor)."""
@@ -148,6 +196,7 @@ def _set(idx, v):
     def edit(t):
         t[idx] = v
         return t
+
     return edit
 
 
@@ -169,8 +218,18 @@ def test_tampered_factor_store_is_refused_by_reconstruct_and_fit_pls(stores, tmp
     key, value, needle = FACTOR_TAMPERING[case]
     path = _factor_copy(stores, tmp_path / "factors", key, value)
     out = tmp_path / "out"
-    r = run_main("reconstruct", str(stores / "base"), str(stores / "run" / "checkpoint-20"), "--factors",
-                 str(tmp_path / "factors"), "--rank", "1", "--out", str(out), "-q")
+    r = run_main(
+        "reconstruct",
+        str(stores / "base"),
+        str(stores / "run" / "checkpoint-20"),
+        "--factors",
+        str(tmp_path / "factors"),
+        "--rank",
+        "1",
+        "--out",
+        str(out),
+        "-q",
+    )
     _one_error(r, 3, str(path), needle, "corrupt or edited factor store")
     _no_output(out)
     r = run_main("fit-pls", str(tmp_path / "factors"), "--out", str(out), "-q", "--no-plots")
@@ -180,8 +239,18 @@ def test_tampered_factor_store_is_refused_by_reconstruct_and_fit_pls(stores, tmp
 
 def test_untampered_factor_store_reconstructs(stores, tmp_path):
     """The checks pass on what decompose wrote (the control of the cases above)."""
-    r = run_main("reconstruct", str(stores / "base"), str(stores / "run" / "checkpoint-20"), "--factors",
-                 str(stores / "factors"), "--rank", "1,2", "--out", str(tmp_path / "out"), "-q")
+    r = run_main(
+        "reconstruct",
+        str(stores / "base"),
+        str(stores / "run" / "checkpoint-20"),
+        "--factors",
+        str(stores / "factors"),
+        "--rank",
+        "1,2",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -202,13 +271,25 @@ def test_tampered_fit_store_is_refused_by_alpharl(stores, tmp_path, case):
     path = tmp_path / "fits" / "fits" / f"{Q}.safetensors"
     _edit_file(path, lambda t: t.__setitem__(key, value(t[key].clone())))
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(stores / "base"), "--method", "alpharl", "--fits", str(tmp_path / "fits"),
-                 "--target-metric", "0.5", "--out", str(out), "-q")
+    r = run_main(
+        "extrapolate",
+        str(stores / "base"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(tmp_path / "fits"),
+        "--target-metric",
+        "0.5",
+        "--out",
+        str(out),
+        "-q",
+    )
     _one_error(r, 3, str(path), needle)
     _no_output(out)
 
 
 # ---- alpharl step targets: before the window refused, far ones warned about (#20) ----
+
 
 def test_alpharl_step_target_before_the_window_is_refused(stores, tmp_path):
     out = tmp_path / "out"
@@ -224,16 +305,21 @@ def test_alpharl_far_step_target_is_warned_about(stores, tmp_path):
     r = _alpharl(stores, tmp_path / "near", "--target-step", "20,160", "--json", fits="fits_step")
     assert r.returncode == 0, r.stderr  # inside the window and 4x its last step: no distance warning
     assert json.loads(r.stdout)["warnings"] == [] and "warning" not in r.stderr
-    r = _alpharl(stores, tmp_path / "far", "--target-step", "161,1000000", "--dtype", "float32", "--json",
-                 fits="fits_step")
+    r = _alpharl(
+        stores, tmp_path / "far", "--target-step", "161,1000000", "--dtype", "float32", "--json", fits="fits_step"
+    )
     assert r.returncode == 0, r.stderr
-    want = [f"--target-step {s} is {s / 40:.3g}x the fitted window's last step 40 (above --flag-ratio 4): a "
-            "prediction that far beyond the fit is unreliable" for s in (161, 1000000)]
+    want = [
+        f"--target-step {s} is {s / 40:.3g}x the fitted window's last step 40 (above --flag-ratio 4): a "
+        "prediction that far beyond the fit is unreliable"
+        for s in (161, 1000000)
+    ]
     assert json.loads(r.stdout)["warnings"] == want
     assert all(f"rank1: warning: {w}" in r.stderr for w in want)
 
 
 # ---- a store's base (and checkpoints) identified by content, not by path (#20) ----
+
 
 def _manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
@@ -265,13 +351,38 @@ def _swap_base(stores: Path, tmp_path: Path, seed: int) -> Path:
 def test_same_base_path_with_other_weights_is_refused(stores, tmp_path):
     root = _swap_base(stores, tmp_path, seed=7)
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(root / "base"), "--method", "alpharl", "--fits", str(root / "fits"),
-                 "--target-metric", "0.5", "--out", str(out), "-q")
-    _one_error(r, 3, f"{root / 'fits'}: fit store was made from base {root / 'base'}, not {root / 'base'}: "
-                     "the same path now holds other weights (content fingerprint differs)")
+    r = run_main(
+        "extrapolate",
+        str(root / "base"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(root / "fits"),
+        "--target-metric",
+        "0.5",
+        "--out",
+        str(out),
+        "-q",
+    )
+    _one_error(
+        r,
+        3,
+        f"{root / 'fits'}: fit store was made from base {root / 'base'}, not {root / 'base'}: "
+        "the same path now holds other weights (content fingerprint differs)",
+    )
     _no_output(out)
-    r = run_main("reconstruct", str(root / "base"), str(root / "run" / "checkpoint-20"), "--factors",
-                 str(root / "factors"), "--rank", "1", "--out", str(out), "-q")
+    r = run_main(
+        "reconstruct",
+        str(root / "base"),
+        str(root / "run" / "checkpoint-20"),
+        "--factors",
+        str(root / "factors"),
+        "--rank",
+        "1",
+        "--out",
+        str(out),
+        "-q",
+    )
     _one_error(r, 3, f"{root / 'factors'}: factor store was made from base", "the same path now holds other weights")
     _no_output(out)
 
@@ -287,18 +398,52 @@ def test_identical_base_elsewhere_is_accepted(stores, tmp_path):
     assert (copy / "model.safetensors.index.json").exists()
     ck_copy = tmp_path / "elsewhere" / "ck20"
     shutil.copytree(stores / "run" / "checkpoint-20", ck_copy)
-    ref = run_main("reconstruct", str(stores / "base"), str(stores / "run" / "checkpoint-20"), "--factors",
-                   str(stores / "factors"), "--rank", "1", "--out", str(tmp_path / "ref"), "-q", "--json")
+    ref = run_main(
+        "reconstruct",
+        str(stores / "base"),
+        str(stores / "run" / "checkpoint-20"),
+        "--factors",
+        str(stores / "factors"),
+        "--rank",
+        "1",
+        "--out",
+        str(tmp_path / "ref"),
+        "-q",
+        "--json",
+    )
     assert ref.returncode == 0, ref.stderr
-    r = run_main("reconstruct", str(copy), str(ck_copy), "--factors", str(stores / "factors"), "--rank", "1",
-                 "--out", str(tmp_path / "got"), "-q", "--json")
+    r = run_main(
+        "reconstruct",
+        str(copy),
+        str(ck_copy),
+        "--factors",
+        str(stores / "factors"),
+        "--rank",
+        "1",
+        "--out",
+        str(tmp_path / "got"),
+        "-q",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["notes"] == []
     got, _ = _tensors(next((tmp_path / "got").glob("*.safetensors")))
     want, _ = _tensors(tmp_path / "ref" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    r = run_main("extrapolate", str(copy), "--method", "alpharl", "--fits", str(stores / "fits"),
-                 "--target-metric", "0.5", "--out", str(tmp_path / "ar"), "-q", "--json")
+    r = run_main(
+        "extrapolate",
+        str(copy),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(stores / "fits"),
+        "--target-metric",
+        "0.5",
+        "--out",
+        str(tmp_path / "ar"),
+        "-q",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -308,16 +453,41 @@ def test_store_without_fingerprint_falls_back_to_the_path_with_a_note(stores, tm
     m = _manifest(fits)
     m["factor_store"]["base"].pop("fingerprint")
     (fits / "manifest.json").write_text(json.dumps(m))
-    r = run_main("extrapolate", str(stores / "base"), "--method", "alpharl", "--fits", str(fits),
-                 "--target-metric", "0.5", "--out", str(tmp_path / "out"), "-q", "--json")
+    r = run_main(
+        "extrapolate",
+        str(stores / "base"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(fits),
+        "--target-metric",
+        "0.5",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
-    note = (f"{fits}: fit store records no content fingerprint of its base (made by an older rank1tools): base "
-            f"{stores / 'base'} accepted by its path only; rerun rank1 decompose to record one")
+    note = (
+        f"{fits}: fit store records no content fingerprint of its base (made by an older rank1tools): base "
+        f"{stores / 'base'} accepted by its path only; rerun rank1 decompose to record one"
+    )
     assert note in json.loads(r.stdout)["notes"]
     copy = tmp_path / "base-copy"
     shutil.copytree(stores / "base", copy)  # by path only, a copy is another base (as before)
-    r = run_main("extrapolate", str(copy), "--method", "alpharl", "--fits", str(fits), "--target-metric", "0.5",
-                 "--out", str(tmp_path / "out2"), "-q")
+    r = run_main(
+        "extrapolate",
+        str(copy),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(fits),
+        "--target-metric",
+        "0.5",
+        "--out",
+        str(tmp_path / "out2"),
+        "-q",
+    )
     _one_error(r, 3, f"fit store was made from base {stores / 'base'}, not {copy}")
 
 
@@ -326,14 +496,51 @@ def test_checkpoints_are_identified_by_content_too(stores, tmp_path):
     _edit_model(root / "run" / "checkpoint-40", **{Q: ((0, 0), 0.5)})
     _edit_model(root / "run" / "checkpoint-20", **{Q: ((0, 0), 0.5)})
     out = tmp_path / "out"
-    r = run_main("extrapolate", str(root / "base"), "--method", "alpharl", "--fits", str(root / "fits"),
-                 "--target-metric", "0.5", "--container", "last", "--out", str(out), "-q")
-    _one_error(r, 3, f"{root / 'run' / 'checkpoint-40'} now holds other weights than when it was decomposed",
-               "--last-checkpoint")
-    r = run_main("reconstruct", str(root / "base"), str(root / "run" / "checkpoint-20"), "--factors",
-                 str(root / "factors"), "--rank", "1", "--out", str(out), "-q")
+    r = run_main(
+        "extrapolate",
+        str(root / "base"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(root / "fits"),
+        "--target-metric",
+        "0.5",
+        "--container",
+        "last",
+        "--out",
+        str(out),
+        "-q",
+    )
+    _one_error(
+        r,
+        3,
+        f"{root / 'run' / 'checkpoint-40'} now holds other weights than when it was decomposed",
+        "--last-checkpoint",
+    )
+    r = run_main(
+        "reconstruct",
+        str(root / "base"),
+        str(root / "run" / "checkpoint-20"),
+        "--factors",
+        str(root / "factors"),
+        "--rank",
+        "1",
+        "--out",
+        str(out),
+        "-q",
+    )
     _one_error(r, 3, "factor store holds no decomposition of")
     _no_output(out)
-    r = run_main("reconstruct", str(root / "base"), str(root / "run" / "checkpoint-30"), "--factors",
-                 str(root / "factors"), "--rank", "1", "--out", str(out), "-q")  # an unchanged one: found
+    r = run_main(
+        "reconstruct",
+        str(root / "base"),
+        str(root / "run" / "checkpoint-30"),
+        "--factors",
+        str(root / "factors"),
+        "--rank",
+        "1",
+        "--out",
+        str(out),
+        "-q",
+    )  # an unchanged one: found
     assert r.returncode == 0, r.stderr

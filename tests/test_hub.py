@@ -46,6 +46,7 @@ N_TENSORS = len(SHAPE.shapes())
 
 # ------------------------------------------------------------------ the fake Hub, built once
 
+
 @dataclass
 class World:
     hub: FakeHub
@@ -60,8 +61,14 @@ class World:
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("hubworld")
     base = make_base(root / "base", SHAPE, torch.float32, max_shard_size="40KB")
-    steps = {s: write_model(root / f"step{s}", checkpoint_tensors(SHAPE, s, max(STEPS), torch.float32, torch.bfloat16),
-                            SHAPE.config(torch.bfloat16)) for s in STEPS}
+    steps = {
+        s: write_model(
+            root / f"step{s}",
+            checkpoint_tensors(SHAPE, s, max(STEPS), torch.float32, torch.bfloat16),
+            SHAPE.config(torch.bfloat16),
+        )
+        for s in STEPS
+    }
     hub = FakeHub(TOKEN)
     w = World(hub, "", base, steps)
 
@@ -73,14 +80,19 @@ def world(tmp_path_factory):
     run = hub.create_repo("org/run")
     c0 = run.commit("Initial commit", {"README.md": b"# run\n"})
     for s in STEPS:  # HF Trainer every_save + all_checkpoints: root model and checkpoint-N/ on main
-        files = {**folder_files(steps[s]), **folder_files(steps[s], f"checkpoint-{s}/"),
-                 f"checkpoint-{s}/trainer_state.json": json.dumps({"global_step": s}).encode()}
+        files = {
+            **folder_files(steps[s]),
+            **folder_files(steps[s], f"checkpoint-{s}/"),
+            f"checkpoint-{s}/trainer_state.json": json.dumps({"global_step": s}).encode(),
+        }
         w.shas[f"commit{s}"] = run.commit(f"Training in progress, step {s}", files)
         # RELEX: one branch per step
         w.shas[f"step_{s}"] = run.commit(f"Upload step {s}", folder_files(steps[s]), branch=f"step_{s}", parent=c0)
     w.shas["run_main"] = run.commit("Update README.md", {"README.md": b"# run\nfinished\n"})
     run.branch("dev", c0)  # no step number
-    w.shas["openr1"] = run.commit("open-r1 checkpoint", folder_files(steps[20]), branch="v00.00-step-000000020", parent=c0)
+    w.shas["openr1"] = run.commit(
+        "open-r1 checkpoint", folder_files(steps[20]), branch="v00.00-step-000000020", parent=c0
+    )
 
     gated = hub.create_repo("org/gated", gated=True)
     w.shas["gated"] = gated.commit("Upload model", folder_files(steps[10]))
@@ -92,9 +104,14 @@ def world(tmp_path_factory):
     broken.commit("Upload model without one shard", files)
 
     pickled = hub.create_repo("org/pickled")
-    pickled.commit("two checkpoints", {"checkpoint-5/pytorch_model.bin": b"\x80\x02not really a pickle",
-                                       "checkpoint-5/config.json": b"{}",
-                                       **folder_files(steps[10], "checkpoint-10/")})
+    pickled.commit(
+        "two checkpoints",
+        {
+            "checkpoint-5/pytorch_model.bin": b"\x80\x02not really a pickle",
+            "checkpoint-5/config.json": b"{}",
+            **folder_files(steps[10], "checkpoint-10/"),
+        },
+    )
 
     w.url = hub.start()
     yield w
@@ -135,15 +152,28 @@ def _point_huggingface_hub(monkeypatch, url: str, home: Path, offline: bool = Fa
     from huggingface_hub import constants
 
     env = {
-        "HF_ENDPOINT": url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-        "HF_TOKEN_PATH": str(home / "token"), "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1" if offline else "0",
-        "HF_HUB_ETAG_TIMEOUT": "10", "HF_HUB_DOWNLOAD_TIMEOUT": "10",
+        "HF_ENDPOINT": url,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_OFFLINE": "1" if offline else "0",
+        "HF_HUB_ETAG_TIMEOUT": "10",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "10",
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "TRANSFORMERS_OFFLINE", "RANK1_HUB_CACHE_POLICY",
-              "HF_HUB_ENABLE_HF_TRANSFER", "RANK1_DEBUG"):
+    for k in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_OIDC_RESOURCE",
+        "TRANSFORMERS_OFFLINE",
+        "RANK1_HUB_CACHE_POLICY",
+        "HF_HUB_ENABLE_HF_TRANSFER",
+        "RANK1_DEBUG",
+    ):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
@@ -204,11 +234,25 @@ def rank1(capsys, *args: str) -> CliResult:
 def start_rank1(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
     """`python -m rank1tools.cli ARGS` in a subprocess that can reach only 127.0.0.1."""
     full = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RANK1_DEBUG")}
-    full.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "ALL_PROXY": "http://127.0.0.1:9",
-                 "NO_PROXY": "127.0.0.1,localhost", "PYTHONDONTWRITEBYTECODE": "1"})
+    full.update(
+        {
+            "HTTP_PROXY": "http://127.0.0.1:9",
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+            "ALL_PROXY": "http://127.0.0.1:9",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+    )
     full.update(env)
-    return subprocess.Popen([sys.executable, "-m", "rank1tools.cli", *args], env=full, cwd=str(cwd),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rank1tools.cli", *args],
+        env=full,
+        cwd=str(cwd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> CliResult:
@@ -224,19 +268,24 @@ def one_line_error(r: CliResult) -> str:
 
 # ------------------------------------------------------------------ syntax
 
+
 def test_source_syntax_and_step_parsing():
     assert parse_hub_spec("hf://org/name") == HubSpec("org/name", None, None)
     assert parse_hub_spec("hf://org/name@step_10") == HubSpec("org/name", "step_10", None)
     assert parse_hub_spec("hf://org/name@main/checkpoint-50/") == HubSpec("org/name", "main", "checkpoint-50")
-    assert parse_hub_spec("hf://org/name@main/global_step_5/actor/huggingface").subfolder == "global_step_5/actor/huggingface"
+    assert (
+        parse_hub_spec("hf://org/name@main/global_step_5/actor/huggingface").subfolder
+        == "global_step_5/actor/huggingface"
+    )
     assert parse_hub_spec("hf://org/name@refs%2Fpr%2F3").revision == "refs/pr/3"
     assert parse_hub_spec("hf://org/name/checkpoint-5") == HubSpec("org/name", None, "checkpoint-5")
     assert HubSpec("org/name", "refs/pr/3", "sub").address() == "hf://org/name@refs%2Fpr%2F3/sub"
     for bad in ("hf://name", "hf://org/name@", "hf://org/name@main/../x", "hf://datasets/squad", "hf://"):
         with pytest.raises(UsageError):
             parse_hub_spec(bad)
-    assert [step_from_name(n) for n in ("step_50", "main-step-000000050", "checkpoint-50", "v00.00-step-000000200",
-                                        "dev")] == [50, 50, 50, 200, None]
+    assert [
+        step_from_name(n) for n in ("step_50", "main-step-000000050", "checkpoint-50", "v00.00-step-000000200", "dev")
+    ] == [50, 50, 50, 200, None]
     assert step_from_commit("Training in progress, step 500") == 500
     assert step_from_commit("Upload STEP_20 weights") == 20
     assert step_from_commit("Upload checkpoint", "Trainer state: global_step 7") == 7
@@ -245,6 +294,7 @@ def test_source_syntax_and_step_parsing():
 
 
 # ------------------------------------------------------------------ listing and reading
+
 
 def test_listing_reads_headers_only(hubenv, capsys):
     h = hubenv
@@ -293,6 +343,7 @@ def test_sharded_model_streams_bit_exact(hubenv):
 
 # ------------------------------------------------------------------ revisions
 
+
 def test_revisions_resolve_once_to_shas(hubenv, tmp_path, monkeypatch):
     h = hubenv
     sha = h.world.shas["step_10"]
@@ -320,8 +371,13 @@ def test_revisions_resolve_once_to_shas(hubenv, tmp_path, monkeypatch):
         w.commit(copy_from=src, provenance=provenance("copy", [src], {}))
     record = json.loads((out / "rank1tools.json").read_text())
     assert record["inputs"] == [{"source": "hf://org/run@step_20", "revision": h.world.shas["step_20"]}]
-    for f in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
-              "chat_template.jinja"):
+    for f in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ):
         assert (out / f).read_bytes() == (h.world.steps[20] / f).read_bytes(), f
     assert all(LEAKY not in p.read_text(errors="replace") for p in out.iterdir() if p.suffix in (".json", ".jinja"))
     assert all(r.authorization for r in h.hub.log if r.repo_id == "org/run" and r.rev == h.world.shas["step_20"])
@@ -329,11 +385,13 @@ def test_revisions_resolve_once_to_shas(hubenv, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ run discovery
 
+
 def test_branch_glob_discovery(hubenv, capsys):
     h = hubenv
     found = discover_hub_run("hf://org/run", revisions="step_*")
     assert [(c.step, c.layout, c.weights, c.path) for c in found] == [
-        (s, "hub-branch", f"hf://org/run@{h.world.shas[f'step_{s}']}", f"hf://org/run@step_{s}") for s in STEPS]
+        (s, "hub-branch", f"hf://org/run@{h.world.shas[f'step_{s}']}", f"hf://org/run@step_{s}") for s in STEPS
+    ]
     openr1 = discover_hub_run("hf://org/run", revisions="*-step-*")
     assert [(c.step, c.weights) for c in openr1] == [(20, f"hf://org/run@{h.world.shas['openr1']}")]
     with pytest.raises(InputError, match="no branch matching 'dev\\*' ends in a step number"):
@@ -371,7 +429,8 @@ def test_subfolder_discovery(hubenv, capsys):
     main = h.world.shas["run_main"]
     found = discover_hub_run("hf://org/run", subfolders=True)
     assert [(c.step, c.layout, c.weights, c.problem) for c in found] == [
-        (s, "hub-subfolder/trl", f"hf://org/run@{main}/checkpoint-{s}", None) for s in STEPS]
+        (s, "hub-subfolder/trl", f"hf://org/run@{main}/checkpoint-{s}", None) for s in STEPS
+    ]
     ckpt = open_source(found[1].weights)
     assert ckpt.revision == main and ckpt.config["torch_dtype"] == "bfloat16"
     ref = reference_tensors(h.world.steps[20])
@@ -393,7 +452,8 @@ def test_commit_discovery(hubenv, capsys):
     h = hubenv
     found = discover_hub_run("hf://org/run", commits=True)
     assert [(c.step, c.layout, c.weights) for c in found] == [
-        (s, "hub-commit", f"hf://org/run@{h.world.shas[f'commit{s}']}") for s in STEPS]
+        (s, "hub-commit", f"hf://org/run@{h.world.shas[f'commit{s}']}") for s in STEPS
+    ]
     assert "Training in progress, step 20" in found[1].path
     ckpt = open_source(found[0].weights)
     ref = reference_tensors(h.world.steps[10])
@@ -409,6 +469,7 @@ def test_commit_discovery(hubenv, capsys):
 
 
 # ------------------------------------------------------------------ cache policy
+
 
 def _shard_files(h: HubEnv) -> tuple[int, int]:
     """(.safetensors snapshot links, shard blobs) of org/base in the cache (blobs are named by the ETag,
@@ -464,6 +525,7 @@ def test_evict_policy_keeps_one_shard(hubenv, capsys):
 
 # ------------------------------------------------------------------ offline
 
+
 def test_offline_mode_from_cache(hubenv, monkeypatch, capsys):
     h = hubenv
     sha = h.world.shas["base"]
@@ -502,6 +564,7 @@ def test_offline_mode_from_cache(hubenv, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------ errors
+
 
 def test_unknown_repo_revision_folder(hubenv, capsys, monkeypatch):
     h = hubenv
@@ -596,6 +659,7 @@ def test_connection_dropped_mid_download(hubenv, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ real subprocesses
 
+
 def test_cli_subprocesses(world, tmp_path, monkeypatch):
     """The console-script path end to end, several `python -m rank1tools.cli` at once (each its own cache)."""
     world.hub.reset()
@@ -605,20 +669,32 @@ def test_cli_subprocesses(world, tmp_path, monkeypatch):
     procs = {
         "run": start_rank1(["inspect", "hf://org/run", "--revisions", "step_*", "--json"], envs["run"], tmp_path),
         "gated_bad": start_rank1(["inspect", "hf://org/gated"], {**envs["gated"], "HF_TOKEN": LEAKY}, tmp_path),
-        "help": subprocess.Popen([sys.executable, "-c", "import sys; sys.argv = ['rank1', '--help']\n"
-                                  "from rank1tools import cli\ntry: cli.main()\nexcept SystemExit: pass\n"
-                                  "assert 'huggingface_hub' not in sys.modules and 'torch' not in sys.modules"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "help": subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; sys.argv = ['rank1', '--help']\n"
+                "from rank1tools import cli\ntry: cli.main()\nexcept SystemExit: pass\n"
+                "assert 'huggingface_hub' not in sys.modules and 'torch' not in sys.modules",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
     }
     res = {k: finish(p) for k, p in procs.items()}
     assert res["run"].code == 0, res["run"].stderr
     assert [(c["step"], c["status"], c["weights"]) for c in res["run"].json()["checkpoints"]] == [
-        (s, "ok", f"hf://org/run@{world.shas[f'step_{s}']}") for s in STEPS]
+        (s, "ok", f"hf://org/run@{world.shas[f'step_{s}']}") for s in STEPS
+    ]
     assert res["gated_bad"].code == 3 and "HTTP 403" in one_line_error(res["gated_bad"])
     assert LEAKY not in res["gated_bad"].stdout + res["gated_bad"].stderr
     assert res["help"].code == 0, res["help"].stderr
-    assert not [r for r in world.hub.log if r.kind == "resolve" and r.method == "GET" and r.range is None
-                and r.path.endswith(".safetensors")]
+    assert not [
+        r
+        for r in world.hub.log
+        if r.kind == "resolve" and r.method == "GET" and r.range is None and r.path.endswith(".safetensors")
+    ]
 
 
 def test_decompose_a_hub_run_matches_local(hubenv, capsys, tmp_path):
@@ -627,12 +703,31 @@ def test_decompose_a_hub_run_matches_local(hubenv, capsys, tmp_path):
     from rank1tools.commands.decompose import DecomposeOptions, decompose
 
     h = hubenv
-    r = rank1(capsys, "decompose", "hf://org/base", "--run", "hf://org/run", "--revisions", "step_*",
-              "--out", str(tmp_path / "hub"), "--rank", "2", "--hub-cache-policy", "evict", "--json", "--quiet")
+    r = rank1(
+        capsys,
+        "decompose",
+        "hf://org/base",
+        "--run",
+        "hf://org/run",
+        "--revisions",
+        "step_*",
+        "--out",
+        str(tmp_path / "hub"),
+        "--rank",
+        "2",
+        "--hub-cache-policy",
+        "evict",
+        "--json",
+        "--quiet",
+    )
     assert r.code == 0, r.stderr
     assert r.json()["steps"] == list(STEPS)
-    local = decompose(str(h.world.base), [str(h.world.steps[s]) for s in STEPS], str(tmp_path / "local"),
-                      options=DecomposeOptions(rank=2, device="cpu"))
+    local = decompose(
+        str(h.world.base),
+        [str(h.world.steps[s]) for s in STEPS],
+        str(tmp_path / "local"),
+        options=DecomposeOptions(rank=2, device="cpu"),
+    )
     with open(tmp_path / "hub" / "spectrum.jsonl") as f:
         hub_rows = [json.loads(line) for line in f]
     assert len(hub_rows) == len(local.rows)
@@ -650,16 +745,31 @@ def test_decompose_a_hub_run_matches_local(hubenv, capsys, tmp_path):
 def test_inspect_of_a_hub_model_does_not_import_torch(hubenv, tmp_path, capsys):
     """`rank1 inspect hf://...` reads the Hub headers without torch (issue #20), and says what the
     same command says in this process, where torch is loaded."""
-    probe = ("import sys, runpy\n"
-             "sys.argv = ['rank1', *sys.argv[1:]]\n"
-             "try:\n    runpy.run_module('rank1tools.cli', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
-             "sys.stderr.write(f'torch imported: {\"torch\" in sys.modules}\\n')\n"
-             "sys.exit(code)\n")
+    probe = (
+        "import sys, runpy\n"
+        "sys.argv = ['rank1', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('rank1tools.cli', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+        "sys.stderr.write(f'torch imported: {\"torch\" in sys.modules}\\n')\n"
+        "sys.exit(code)\n"
+    )
     full = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RANK1_DEBUG")}
-    full.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-                 "ALL_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}, **hubenv.env)
-    r = subprocess.run([sys.executable, "-c", probe, "inspect", "hf://org/base", "--json"], env=full, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    full.update(
+        {
+            "HTTP_PROXY": "http://127.0.0.1:9",
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+            "ALL_PROXY": "http://127.0.0.1:9",
+            "NO_PROXY": "127.0.0.1,localhost",
+        },
+        **hubenv.env,
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, "inspect", "hf://org/base", "--json"],
+        env=full,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines()[-1] == "torch imported: False", r.stderr
     assert json.loads(r.stdout) == rank1(capsys, "inspect", "hf://org/base", "--json").json()

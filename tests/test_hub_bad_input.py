@@ -43,25 +43,51 @@ def _index(weight_map: dict) -> bytes:
 
 
 REPOS = {  # repo -> (files, pattern of the one-line error)
-    "deep-header": ({"model.safetensors": _raw(b'{"a": ' + DEEP + b"}")}, r"corrupt safetensors header.*nested too deeply"),
-    "deep-index": ({A: _shard(Q), INDEX: b'{"weight_map": ' + DEEP + b"}"},
-                   rf"{INDEX}: unreadable index \(JSON nested too deeply\)"),
-    "deep-config": ({"model.safetensors": _shard(Q), "config.json": b'{"a": ' + DEEP + b"}"},
-                    r"config\.json: unreadable config\.json \(JSON nested too deeply\)"),
-    "negative-dims": ({"model.safetensors": _raw(json.dumps({Q: {"dtype": "F32", "shape": [-4, -4],
-                                                                 "data_offsets": [0, 64]}}).encode(), 64)},
-                      rf"tensor '{Q}' has invalid shape \[-4, -4\]"),
-    "string-dim": ({"model.safetensors": _raw(json.dumps({Q: {"dtype": "F32", "shape": ["4", 4],
-                                                              "data_offsets": [0, 64]}}).encode(), 64)},
-                   rf"tensor '{Q}' has invalid shape \['4', 4\]"),
+    "deep-header": (
+        {"model.safetensors": _raw(b'{"a": ' + DEEP + b"}")},
+        r"corrupt safetensors header.*nested too deeply",
+    ),
+    "deep-index": (
+        {A: _shard(Q), INDEX: b'{"weight_map": ' + DEEP + b"}"},
+        rf"{INDEX}: unreadable index \(JSON nested too deeply\)",
+    ),
+    "deep-config": (
+        {"model.safetensors": _shard(Q), "config.json": b'{"a": ' + DEEP + b"}"},
+        r"config\.json: unreadable config\.json \(JSON nested too deeply\)",
+    ),
+    "negative-dims": (
+        {
+            "model.safetensors": _raw(
+                json.dumps({Q: {"dtype": "F32", "shape": [-4, -4], "data_offsets": [0, 64]}}).encode(), 64
+            )
+        },
+        rf"tensor '{Q}' has invalid shape \[-4, -4\]",
+    ),
+    "string-dim": (
+        {
+            "model.safetensors": _raw(
+                json.dumps({Q: {"dtype": "F32", "shape": ["4", 4], "data_offsets": [0, 64]}}).encode(), 64
+            )
+        },
+        rf"tensor '{Q}' has invalid shape \['4', 4\]",
+    ),
     # huggingface_hub's own header parser would build a 10**12-character string from this shape
-    "string-times-huge": ({"model.safetensors": _raw(json.dumps({Q: {"dtype": "F32", "shape": ["x", 10**12],
-                                                                     "data_offsets": [0, 64]}}).encode(), 64)},
-                          rf"tensor '{Q}' has invalid shape \['x', 1000000000000\]"),
-    "two-shards": ({A: _shard(Q, K), B: _shard(K), INDEX: _index({Q: A, K: B})},
-                   rf"tensor '{K}' is stored in both '{A}' and '{B}'"),
-    "unlisted": ({A: _shard(Q, K), INDEX: _index({Q: A})},
-                 rf"{INDEX}: shard '{A}' holds tensor '{K}' that the index does not list"),
+    "string-times-huge": (
+        {
+            "model.safetensors": _raw(
+                json.dumps({Q: {"dtype": "F32", "shape": ["x", 10**12], "data_offsets": [0, 64]}}).encode(), 64
+            )
+        },
+        rf"tensor '{Q}' has invalid shape \['x', 1000000000000\]",
+    ),
+    "two-shards": (
+        {A: _shard(Q, K), B: _shard(K), INDEX: _index({Q: A, K: B})},
+        rf"tensor '{K}' is stored in both '{A}' and '{B}'",
+    ),
+    "unlisted": (
+        {A: _shard(Q, K), INDEX: _index({Q: A})},
+        rf"{INDEX}: shard '{A}' holds tensor '{K}' that the index does not list",
+    ),
     "empty-map": ({A: _shard(Q), INDEX: _index({})}, rf"{INDEX}: weight_map lists no tensors"),
     "no-tensors": ({"model.safetensors": _raw(b"{}")}, r"model\.safetensors holds no tensors"),
 }
@@ -73,8 +99,14 @@ def bad_hub():
     for name, (files, _) in REPOS.items():
         hub.create_repo(f"org/{name}").commit("Upload", files)
     run = hub.create_repo("org/run")
-    run.commit("Upload", {"checkpoint-5/model.safetensors": _shard(Q), "checkpoint-abc/model.safetensors": _shard(Q),
-                          "checkpoint-٢٠/model.safetensors": _shard(Q)})
+    run.commit(
+        "Upload",
+        {
+            "checkpoint-5/model.safetensors": _shard(Q),
+            "checkpoint-abc/model.safetensors": _shard(Q),
+            "checkpoint-٢٠/model.safetensors": _shard(Q),
+        },
+    )
     url = hub.start()
     yield url
     hub.stop()
@@ -99,5 +131,8 @@ def test_hub_source_refused_like_a_local_one(hub_url, capsys, repo):
 def test_hub_subfolders_lists_unnamed_step_folders(hub_url):
     found = discover_hub_run("hf://org/run", subfolders=True)
     assert [(c.step, c.path.rsplit("/", 1)[-1], c.weights is None) for c in found] == [
-        (5, "checkpoint-5", False), (None, "checkpoint-abc", True), (None, "checkpoint-٢٠", True)]
+        (5, "checkpoint-5", False),
+        (None, "checkpoint-abc", True),
+        (None, "checkpoint-٢٠", True),
+    ]
     assert all(c.problem.startswith("not a step folder name") for c in found[1:])

@@ -88,8 +88,11 @@ def test_subfolder_and_sharded_copy(hubenv, monkeypatch, tmp_path):
     h = hubenv
     sub = open_hub_checkpoint("hf://org/run/checkpoint-20")
     copy = pickle.loads(pickle.dumps(sub))
-    assert (copy.label, copy.revision, copy.subfolder) == ("hf://org/run/checkpoint-20", h.world.shas["run_main"],
-                                                          "checkpoint-20")
+    assert (copy.label, copy.revision, copy.subfolder) == (
+        "hf://org/run/checkpoint-20",
+        h.world.shas["run_main"],
+        "checkpoint-20",
+    )
     base = open_hub_checkpoint("hf://org/base@v1.0")
     data = pickle.dumps(base)
     cache = _worker_cache(monkeypatch, tmp_path / "worker_cache")

@@ -59,8 +59,9 @@ def _imports(module: str) -> set[str]:
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             source = _resolve(module, node)
-            targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in MODULES else source
-                       for alias in node.names]
+            targets = [
+                f"{source}.{alias.name}" if f"{source}.{alias.name}" in MODULES else source for alias in node.names
+            ]
         else:
             continue
         found.update(target for target in targets if target in MODULES and target != module)
@@ -155,8 +156,13 @@ FORBIDDEN = {
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_layer_imports_point_down(layer):
-    wrong = sorted(f"{module} imports {target}" for module, targets in GRAPH.items() if _layer(module) == layer
-                   for target in targets if _layer(target) in FORBIDDEN[layer])
+    wrong = sorted(
+        f"{module} imports {target}"
+        for module, targets in GRAPH.items()
+        if _layer(module) == layer
+        for target in targets
+        if _layer(target) in FORBIDDEN[layer]
+    )
     assert not wrong, "\n".join(wrong)
 
 

@@ -29,6 +29,7 @@ FRAC = "frac_r2_above_0.7"
 
 # ---- independent reference ----------------------------------------------------------------------
 
+
 def _read(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor as float64 (from its stored dtype), read with safetensors itself."""
     out = {}
@@ -54,13 +55,18 @@ def reference(base: dict, cks: list[dict], steps: list[int], name: str, r: int, 
     theta = np.stack([c[name].reshape(-1) for c in cks])  # T × d
     M = theta - base[name].reshape(-1)[None, :]
     U, S, _ = np.linalg.svd(M, full_matrices=False)
-    lam = S ** 2
+    lam = S**2
     Y = theta if idx is None else theta[:, idx]
     r2 = _r2(t, Y)
     changing = ~np.isnan(r2)
-    return {"explained_1": lam[0] / lam.sum(), "explained_r": lam[:r].sum() / lam.sum(),
-            "coef_r2": _r2(t, U[:, :r] * S[:r]), "elements": Y.shape[1], "changing": int(changing.sum()),
-            "linear": int((r2[changing] > 0.7).sum())}
+    return {
+        "explained_1": lam[0] / lam.sum(),
+        "explained_r": lam[:r].sum() / lam.sum(),
+        "coef_r2": _r2(t, U[:, :r] * S[:r]),
+        "elements": Y.shape[1],
+        "changing": int(changing.sum()),
+        "linear": int((r2[changing] > 0.7).sum()),
+    }
 
 
 def _check_row(row: dict, ref: dict, r: int) -> None:
@@ -77,6 +83,7 @@ def _check_row(row: dict, ref: dict, r: int) -> None:
 
 # ---- fixtures -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """A bf16 base and a TRL run of fp32 checkpoints (the planted rank-1 drift plus noise)."""
@@ -90,8 +97,12 @@ def _planted(root: Path, kind: str, steps=UNEVEN, seed=0) -> Path:
     """base + run of planted tensors: `linear` θ_t = θ₀ + (a + b·t)·mask (static where mask is 0),
     `walk` θ_t = θ₀ + cumulative Gaussian steps (a random walk per element)."""
     rng = np.random.default_rng(seed)
-    shapes = {"model.layers.0.mlp.up_proj.weight": (24, 16), "model.layers.0.input_layernorm.weight": (16,),
-              "model.layers.1.self_attn.q_proj.weight": (16, 16), "model.layers.1.self_attn.q_proj.bias": (16,)}
+    shapes = {
+        "model.layers.0.mlp.up_proj.weight": (24, 16),
+        "model.layers.0.input_layernorm.weight": (16,),
+        "model.layers.1.self_attn.q_proj.weight": (16, 16),
+        "model.layers.1.self_attn.q_proj.bias": (16,),
+    }
     base = {n: rng.standard_normal(s) * 0.02 for n, s in shapes.items()}
     a = {n: rng.standard_normal(s) * 1e-3 for n, s in shapes.items()}
     b = {n: rng.standard_normal(s) * 1e-4 for n, s in shapes.items()}
@@ -123,11 +134,17 @@ def _all_refs(root: Path, steps, r, sample=None, seed=0):
 
 # ---- figures ------------------------------------------------------------------------------------
 
+
 def test_bf16_base_fp32_run_matches_dense_reference_streamed_in_chunks(synth, tmp_path):
     refs = _all_refs(synth, STEPS, 2)
     for chunk in (None, 1000):  # one chunk per tensor, and many (1000 does not divide any size)
-        res = linearity(str(synth / "base"), [], str(tmp_path / f"o{chunk}"), run=str(synth / "run"),
-                        options=LinearityOptions(rank=2, chunk=chunk, plots=False))
+        res = linearity(
+            str(synth / "base"),
+            [],
+            str(tmp_path / f"o{chunk}"),
+            run=str(synth / "run"),
+            options=LinearityOptions(rank=2, chunk=chunk, plots=False),
+        )
         assert res.steps == STEPS and res.rank == 2
         assert sorted(r["tensor"] for r in res.rows) == sorted(SHAPE.shapes())  # every tensor (tied: no lm_head)
         for row in res.rows:
@@ -144,8 +161,13 @@ def test_bf16_base_fp32_run_matches_dense_reference_streamed_in_chunks(synth, tm
 
 def test_planted_exact_lines_on_uneven_steps_with_static_elements(tmp_path):
     root = _planted(tmp_path, "linear")
-    res = linearity(str(root / "base"), [], str(tmp_path / "o"), run=str(root / "run"),
-                    options=LinearityOptions(rank=3, plots=False))
+    res = linearity(
+        str(root / "base"),
+        [],
+        str(tmp_path / "o"),
+        run=str(root / "run"),
+        options=LinearityOptions(rank=3, plots=False),
+    )
     refs = _all_refs(root, UNEVEN, 3)
     for row in res.rows:
         _check_row(row, refs[row["tensor"]], 1)
@@ -167,16 +189,37 @@ def test_random_walk_is_not_linear_and_the_gate_exits_5_after_writing(tmp_path):
     headline = sum(v["linear"] for v in refs.values()) / sum(v["changing"] for v in refs.values())
     assert headline < 0.6
     out = tmp_path / "o"
-    r = run_main("linearity", str(root / "base"), "--run", str(root / "run"), "--out", str(out), "--fail-below", "0.7",
-                 "--no-plots", "-q", "--json")
+    r = run_main(
+        "linearity",
+        str(root / "base"),
+        "--run",
+        str(root / "run"),
+        "--out",
+        str(out),
+        "--fail-below",
+        "0.7",
+        "--no-plots",
+        "-q",
+        "--json",
+    )
     assert r.returncode == 5, r.stderr
     assert "rank1: gate: element-weighted frac_r2_above_0.7" in r.stderr and "below --fail-below 0.7" in r.stderr
     data = json.loads(r.stdout)
     assert data["gate"]["passed"] is False and data["gate"]["value"] == pytest.approx(headline)
     assert json.loads((out / "summary.json").read_text())["headline"][FRAC] == pytest.approx(headline)
     assert (out / "linearity.csv").is_file() and (out / "rank1tools.json").is_file()
-    ok = run_main("linearity", str(root / "base"), "--run", str(root / "run"), "--out", str(tmp_path / "p"),
-                  "--fail-below", f"{headline - 0.01}", "--no-plots", "-q")
+    ok = run_main(
+        "linearity",
+        str(root / "base"),
+        "--run",
+        str(root / "run"),
+        "--out",
+        str(tmp_path / "p"),
+        "--fail-below",
+        f"{headline - 0.01}",
+        "--no-plots",
+        "-q",
+    )
     assert ok.returncode == 0, ok.stderr
     assert "of the changing elements have per-element linear R² > 0.7" in ok.stdout
 
@@ -184,8 +227,20 @@ def test_random_walk_is_not_linear_and_the_gate_exits_5_after_writing(tmp_path):
 def test_sample_is_deterministic_and_equals_the_exact_figure_on_the_same_indices(synth, tmp_path):
     outs = []
     for name in ("a", "b"):
-        r = run_main("linearity", str(synth / "base"), "--run", str(synth / "run"), "--out", str(tmp_path / name),
-                     "--sample", "700", "--seed", "3", "--no-plots", "-q")
+        r = run_main(
+            "linearity",
+            str(synth / "base"),
+            "--run",
+            str(synth / "run"),
+            "--out",
+            str(tmp_path / name),
+            "--sample",
+            "700",
+            "--seed",
+            "3",
+            "--no-plots",
+            "-q",
+        )
         assert r.returncode == 0, r.stderr
         outs.append((tmp_path / name / "linearity.csv").read_bytes())
     assert outs[0] == outs[1]
@@ -195,7 +250,10 @@ def test_sample_is_deterministic_and_equals_the_exact_figure_on_the_same_indices
         _check_row(row, refs[row["tensor"]], 1)
         assert row["sampled"] is (row["numel"] > 700) and row["elements"] == min(700, row["numel"])
     # the headline weighs each tensor by its size, not by its sample
-    est = [(row["numel"] * row["linear"] / row["elements"], row["numel"] * row["changing"] / row["elements"]) for row in rows]
+    est = [
+        (row["numel"] * row["linear"] / row["elements"], row["numel"] * row["changing"] / row["elements"])
+        for row in rows
+    ]
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["headline"][FRAC] == pytest.approx(sum(a for a, _ in est) / sum(c for _, c in est))
     other = sample_indices(4608, 700, 4, "model.embed_tokens.weight")
@@ -215,14 +273,17 @@ def test_sample_indices_are_a_uniform_sorted_subset():
 
 def test_tables_reread(synth, tmp_path):
     out = tmp_path / "o"
-    res = linearity(str(synth / "base"), [], str(out), run=str(synth / "run"),
-                    options=LinearityOptions(rank=7, plots=False))  # capped at T = 5
+    res = linearity(
+        str(synth / "base"), [], str(out), run=str(synth / "run"), options=LinearityOptions(rank=7, plots=False)
+    )  # capped at T = 5
     assert res.rank == 5 and any("capped" in n for n in res.notes)
     with open(out / "linearity.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == (["tensor", "layer", "type", "numel", "T", "explained_1", "explained_r"]
-                             + [f"coef_r2_{i}" for i in range(1, 6)]
-                             + [FRAC, "static_fraction", "elements", "changing", "linear", "sampled"])
+    assert list(rows[0]) == (
+        ["tensor", "layer", "type", "numel", "T", "explained_1", "explained_r"]
+        + [f"coef_r2_{i}" for i in range(1, 6)]
+        + [FRAC, "static_fraction", "elements", "changing", "linear", "sampled"]
+    )
     jsonl = [json.loads(line) for line in (out / "linearity.jsonl").read_text().splitlines()]
     for row, j, want in zip(rows, jsonl, res.rows):
         for k in ("explained_1", "explained_r", "coef_r2_1", FRAC):
@@ -245,9 +306,16 @@ def test_tables_reread(synth, tmp_path):
 
 
 def test_include_exclude_and_labels(synth, tmp_path):
-    res = linearity(str(synth / "base"), [], str(tmp_path / "o"), run=str(synth / "run"),
-                    options=LinearityOptions(include=["*layers.1.*"], exclude=["*norm*"], plots=False))
-    assert sorted(r["tensor"] for r in res.rows) == sorted(n for n in SHAPE.shapes() if "layers.1." in n and "norm" not in n)
+    res = linearity(
+        str(synth / "base"),
+        [],
+        str(tmp_path / "o"),
+        run=str(synth / "run"),
+        options=LinearityOptions(include=["*layers.1.*"], exclude=["*norm*"], plots=False),
+    )
+    assert sorted(r["tensor"] for r in res.rows) == sorted(
+        n for n in SHAPE.shapes() if "layers.1." in n and "norm" not in n
+    )
     assert tensor_labels("transformer.h.3.ln_1.weight", (8,)) == (3, "norm")
     assert tensor_labels("transformer.ln_f.weight", (8,)) == (None, "norm")
     assert tensor_labels("transformer.wpe.weight", (16, 8)) == (None, "other")
@@ -256,6 +324,7 @@ def test_include_exclude_and_labels(synth, tmp_path):
 
 
 # ---- CLI: errors, step 0, plots -----------------------------------------------------------------
+
 
 def test_too_few_checkpoints_and_bad_rank_write_nothing(synth, tmp_path):
     out = tmp_path / "o"
@@ -293,8 +362,12 @@ def test_plots_are_deterministic_and_a_missing_matplotlib_gives_the_note(synth, 
         r = run_main("linearity", str(synth / "base"), "--run", str(synth / "run"), "--out", str(tmp_path / name), "-q")
         assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in (tmp_path / "a" / "plots").iterdir())
-    assert files == ["linear_fraction_by_type.png", "linear_fraction_by_type.svg",
-                     "linearity_heatmap.png", "linearity_heatmap.svg"]
+    assert files == [
+        "linear_fraction_by_type.png",
+        "linear_fraction_by_type.svg",
+        "linearity_heatmap.png",
+        "linearity_heatmap.svg",
+    ]
     for f in files:
         assert (tmp_path / "a" / "plots" / f).read_bytes() == (tmp_path / "b" / "plots" / f).read_bytes()
     import sys

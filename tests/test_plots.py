@@ -36,13 +36,20 @@ def spectrum_rows(extra: bool = True) -> list[dict]:
             base = 0.3 + 0.08 * TYPES.index(t)
             for s in STEPS:
                 e = min(1.0, base + 0.1 * layer / LAYERS + rng.uniform(-0.03, 0.03) - s / 4000)
-                rows.append({"module": f"model.layers.{layer}.{t}_proj.weight", "layer": layer, "type": t,
-                             "step": s, "energy_1": e, "norm_frac_1": math.sqrt(e)})
+                rows.append(
+                    {
+                        "module": f"model.layers.{layer}.{t}_proj.weight",
+                        "layer": layer,
+                        "type": t,
+                        "step": s,
+                        "energy_1": e,
+                        "norm_frac_1": math.sqrt(e),
+                    }
+                )
     if extra:
         for name, t in (("model.embed_tokens.weight", "embedding"), ("lm_head.weight", "lm_head")):
             for s in STEPS:
-                rows.append({"module": name, "layer": None, "type": t, "step": s, "energy_1": 0.2,
-                             "norm_frac_1": 0.45})
+                rows.append({"module": name, "layer": None, "type": t, "step": s, "energy_1": 0.2, "norm_frac_1": 0.45})
         rows[3]["energy_1"] = math.nan  # a NaN cell must not break the means
     return rows
 
@@ -54,15 +61,34 @@ def fit_inputs(metric: bool = True, with_nan: bool = True) -> tuple[list[dict], 
         for t in TYPES:
             name = f"model.layers.{layer}.{t}_proj.weight"
             r2s = 1.0 - rng.random() * 1.6  # some below -1 so clipping is exercised
-            rows.append({"module": name, "layer": layer, "type": t,
-                         "r2": (r2s + 0.1) if metric else None, "loo_r2": r2s if metric else None,
-                         "r2_step": 1.0 - rng.random() * 0.8})
+            rows.append(
+                {
+                    "module": name,
+                    "layer": layer,
+                    "type": t,
+                    "r2": (r2s + 0.1) if metric else None,
+                    "loo_r2": r2s if metric else None,
+                    "r2_step": 1.0 - rng.random() * 0.8,
+                }
+            )
             scores = [rng.gauss(0, 1) for _ in STEPS]
-            traj[name] = {"steps": STEPS, "scores": scores,
-                          "metric": [0.4 + 0.05 * x + rng.gauss(0, 0.02) for x in scores] if metric else None,
-                          "score_line": (0.4, 0.05) if metric else None, "step_line": (200.0, 50.0)}
-    rows.append({"module": "lm_head.weight", "layer": None, "type": "lm_head",
-                 "r2": 0.5 if metric else None, "loo_r2": 0.4 if metric else None, "r2_step": 0.3})
+            traj[name] = {
+                "steps": STEPS,
+                "scores": scores,
+                "metric": [0.4 + 0.05 * x + rng.gauss(0, 0.02) for x in scores] if metric else None,
+                "score_line": (0.4, 0.05) if metric else None,
+                "step_line": (200.0, 50.0),
+            }
+    rows.append(
+        {
+            "module": "lm_head.weight",
+            "layer": None,
+            "type": "lm_head",
+            "r2": 0.5 if metric else None,
+            "loo_r2": 0.4 if metric else None,
+            "r2_step": 0.3,
+        }
+    )
     if with_nan:
         rows[0]["r2_step"] = math.nan
         rows[1]["loo_r2"] = math.nan if metric else None
@@ -150,6 +176,7 @@ def test_missing_matplotlib_raises_plots_unavailable(tmp_path, monkeypatch):
 
 # ---- what every figure shows (issue #20): oriented scores, points by step, cell values, steps ----
 
+
 @pytest.fixture
 def figures(monkeypatch):
     """The matplotlib figures the plot functions save, by file stem, inspected before they close."""
@@ -165,9 +192,18 @@ def figures(monkeypatch):
             scatters = [(np.asarray(c.get_offsets()), c.get_array()) for c in ax.collections if len(c.get_offsets())]
             lines = [np.asarray(line.get_xydata()) for line in ax.get_lines()]
             images = [(im.get_array(), im.norm.vmin, im.norm.vmax) for im in ax.get_images()]
-            axes.append({"title": ax.get_title(), "ylabel": ax.get_ylabel(), "xlabel": ax.get_xlabel(),
-                         "texts": texts, "scatters": scatters, "lines": lines, "images": images,
-                         "visible": ax.get_visible()})
+            axes.append(
+                {
+                    "title": ax.get_title(),
+                    "ylabel": ax.get_ylabel(),
+                    "xlabel": ax.get_xlabel(),
+                    "texts": texts,
+                    "scatters": scatters,
+                    "lines": lines,
+                    "images": images,
+                    "visible": ax.get_visible(),
+                }
+            )
         seen[stem] = {"suptitle": fig._suptitle.get_text() if fig._suptitle else "", "axes": axes}
         return real_save(fig, out_dir, stem)
 
@@ -187,10 +223,24 @@ def _falling_fit_inputs():
             metric = [0.3 + 0.0005 * s + rng.gauss(0, 0.005) for s in STEPS]
             scores = [sign * (m - 0.4) / 0.05 for m in metric]
             step_scores = [sign * (s - 200) / 50 for s in STEPS]
-            rows.append({"module": name, "layer": layer, "type": t, "r2": 0.9 + rng.random() / 20,
-                         "loo_r2": 0.8 + rng.random() / 10, "r2_step": 0.95})
-            traj[name] = {"steps": STEPS, "scores": scores, "metric": metric, "score_line": (0.4, sign * 0.05),
-                          "step_scores": step_scores, "step_line": (200.0, sign * 50.0)}
+            rows.append(
+                {
+                    "module": name,
+                    "layer": layer,
+                    "type": t,
+                    "r2": 0.9 + rng.random() / 20,
+                    "loo_r2": 0.8 + rng.random() / 10,
+                    "r2_step": 0.95,
+                }
+            )
+            traj[name] = {
+                "steps": STEPS,
+                "scores": scores,
+                "metric": metric,
+                "score_line": (0.4, sign * 0.05),
+                "step_scores": step_scores,
+                "step_line": (200.0, sign * 50.0),
+            }
     return rows, traj
 
 
@@ -202,9 +252,9 @@ def test_fit_plot_scores_are_oriented_so_the_metric_and_step_rise(tmp_path, figu
     panels = [ax for ax in figures["linear_modules"]["axes"] if ax["visible"] and ax["xlabel"].startswith("PLS score")]
     assert len(panels) == 20  # 5 most + 5 least linear, metric and step panels
     for ax in panels:
-        (xy, colours), = ax["scatters"]
+        ((xy, colours),) = ax["scatters"]
         assert np.corrcoef(xy[:, 0], xy[:, 1])[0, 1] > 0.9, ax["title"]  # the y value rises with the score
-        line, = ax["lines"]
+        (line,) = ax["lines"]
         assert line[1, 1] > line[0, 1], ax["title"]  # the fitted line rises too
         # the plotted line is still the fit: it passes through the points (falling sign flipped with the score)
         slope = (line[1, 1] - line[0, 1]) / (line[1, 0] - line[0, 0])
@@ -240,7 +290,7 @@ def test_heatmap_cells_show_their_values(tmp_path, figures):
 def test_decompose_and_linearity_figures_name_the_steps_and_print_cells(tmp_path, figures):
     decompose_plots(spectrum_rows(), tmp_path / "d")
     assert all("steps 0..400" in ax["title"] for ax in figures["energy_by_type"]["axes"] if ax["title"])
-    heat, = [ax for ax in figures["energy_heatmap"]["axes"] if ax["images"]]
+    (heat,) = [ax for ax in figures["energy_heatmap"]["axes"] if ax["images"]]
     assert "steps 0..400" in heat["title"] and "step 400" in heat["title"]
     assert len(heat["texts"]) == LAYERS * len(TYPES)
     lin_rows = _linearity_rows(LAYERS)
@@ -254,10 +304,21 @@ def test_decompose_and_linearity_figures_name_the_steps_and_print_cells(tmp_path
 
 def _linearity_rows(layers: int) -> list[dict]:
     rng = random.Random(3)
-    return [{"tensor": f"model.layers.{layer}.{t}_proj.weight", "layer": layer, "type": t, "numel": 100,
-             "explained_1": 0.91 + 0.04 * rng.random(), "frac_r2_above_0.7": 0.2 + 0.1 * rng.random(),
-             "elements": 100, "changing": 100, "linear": 25}
-            for layer in range(layers) for t in TYPES]
+    return [
+        {
+            "tensor": f"model.layers.{layer}.{t}_proj.weight",
+            "layer": layer,
+            "type": t,
+            "numel": 100,
+            "explained_1": 0.91 + 0.04 * rng.random(),
+            "frac_r2_above_0.7": 0.2 + 0.1 * rng.random(),
+            "elements": 100,
+            "changing": 100,
+            "linear": 25,
+        }
+        for layer in range(layers)
+        for t in TYPES
+    ]
 
 
 def test_tall_heatmap_gets_a_colour_scale_fit_to_its_data(tmp_path, figures):

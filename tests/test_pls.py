@@ -32,7 +32,7 @@ def _naive_loo(X, y):
     pred = np.empty(T)
     for t in range(T):
         keep = np.arange(T) != t
-        pred[t] = _sk(X[keep], y[keep]).predict(X[t:t + 1]).ravel()[0]
+        pred[t] = _sk(X[keep], y[keep]).predict(X[t : t + 1]).ravel()[0]
     return pred
 
 
@@ -84,13 +84,13 @@ def test_loo_matches_sklearn_refits(T, d):
 def test_loo_constant_columns_and_fold_constant_y():
     rng = np.random.default_rng(3)
     X, y = rng.normal(size=(7, 12)), rng.normal(size=7)
-    X[:, 2] = 2.5                            # constant everywhere
+    X[:, 2] = 2.5  # constant everywhere
     X[:, 3] = 0.0
     X[:, 4] = 1.0
     X[0, 4] = 3.0  # constant in fold 0 only
-    X[:, 5] = [1, 1, 1, 1, 1, 2, 2]          # two distinct values: never fold-constant
+    X[:, 5] = [1, 1, 1, 1, 1, 2, 2]  # two distinct values: never fold-constant
     np.testing.assert_allclose(loo_predictions(X, y), _naive_loo(X, y), atol=TOL, rtol=0)
-    y2 = np.array([1, 1, 1, 1, 1, 1, 4.0])   # y constant in fold 6: that fold predicts its mean
+    y2 = np.array([1, 1, 1, 1, 1, 1, 4.0])  # y constant in fold 6: that fold predicts its mean
     p = loo_predictions(X, y2)
     np.testing.assert_allclose(p, _naive_loo(X, y2), atol=TOL, rtol=0)
     assert p[6] == 1.0
@@ -102,7 +102,7 @@ def test_loo_constant_columns_and_fold_constant_y():
 def test_planted_exact_line():
     rng = np.random.default_rng(7)
     y = rng.normal(size=9)
-    X = rng.normal(size=40) + np.outer(y, rng.normal(size=40))   # x_t = a + y_t * b
+    X = rng.normal(size=40) + np.outer(y, rng.normal(size=40))  # x_t = a + y_t * b
     m = PLS1().fit(X, y)
     assert abs(m.r2_ - 1.0) < TOL
     assert abs(loo_r2(X, y) - 1.0) < TOL

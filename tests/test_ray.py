@@ -43,8 +43,17 @@ def _assert_same_tree(actual: Path, expected: Path) -> None:
 
 def test_cli_ray_equals_local_byte_for_byte(ray_local, run_dir, tmp_path):
     out = tmp_path / "out"
-    common = ("decompose", str(run_dir / "base"), "--run", str(run_dir / "run"), "--out", str(out), "--rank", "3",
-              "--quiet")
+    common = (
+        "decompose",
+        str(run_dir / "base"),
+        "--run",
+        str(run_dir / "run"),
+        "--out",
+        str(out),
+        "--rank",
+        "3",
+        "--quiet",
+    )
     p = run_main(*common)
     assert p.returncode == 0, p.stderr
     out.rename(tmp_path / "local")
@@ -96,19 +105,31 @@ def test_failing_task_names_module_and_leaves_nothing(ray_local, run_dir, tmp_pa
 
 def test_missing_ray_is_a_usage_error(run_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    p = run_main("decompose", str(run_dir / "base"), "--run", str(run_dir / "run"), "--out", str(tmp_path / "o"),
-                 "--executor", "ray")
+    p = run_main(
+        "decompose",
+        str(run_dir / "base"),
+        "--run",
+        str(run_dir / "run"),
+        "--out",
+        str(tmp_path / "o"),
+        "--executor",
+        "ray",
+    )
     assert p.returncode == 2
-    assert p.stderr.strip() == ("rank1: error: --executor ray needs Ray, which is not installed: "
-                                "pip install 'rank1tools[ray]'")
+    assert p.stderr.strip() == (
+        "rank1: error: --executor ray needs Ray, which is not installed: pip install 'rank1tools[ray]'"
+    )
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("--executor", "dask"), "--executor 'dask': choose one of local, ray"),
-    (("--ray-num-gpus", "0.5"), "--ray-num-gpus applies to --executor ray only"),
-    (("--executor", "ray", "--max-in-flight", "0"), "--max-in-flight 0: must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("--executor", "dask"), "--executor 'dask': choose one of local, ray"),
+        (("--ray-num-gpus", "0.5"), "--ray-num-gpus applies to --executor ray only"),
+        (("--executor", "ray", "--max-in-flight", "0"), "--max-in-flight 0: must be at least 1"),
+    ],
+)
 def test_executor_option_errors(run_dir, tmp_path, args, needle):
     p = run_main("decompose", str(run_dir / "base"), "--run", str(run_dir / "run"), "--out", str(tmp_path / "o"), *args)
     assert p.returncode == 2
@@ -119,6 +140,18 @@ def test_executor_option_errors(run_dir, tmp_path, args, needle):
 def test_executor_args_left_out_of_command_line():
     from rank1tools.engine.executors import without_executor_args
 
-    argv = ["decompose", "b", "--executor", "ray", "--ray-address=auto", "--max-in-flight", "4", "--rank", "2",
-            "--ray-num-gpus", "0.25", "--ray-num-cpus=2"]
+    argv = [
+        "decompose",
+        "b",
+        "--executor",
+        "ray",
+        "--ray-address=auto",
+        "--max-in-flight",
+        "4",
+        "--rank",
+        "2",
+        "--ray-num-gpus",
+        "0.25",
+        "--ray-num-cpus=2",
+    ]
     assert without_executor_args(argv) == ["decompose", "b", "--rank", "2"]

@@ -50,13 +50,44 @@ def run_dir(tmp_path_factory):
 def _commands(r: Path) -> dict[str, tuple[str, ...]]:
     base, run = str(r / "base"), str(r / "run")
     return {
-        "reconstruct": ("reconstruct", base, f"{run}/checkpoint-40", "--rank", "1,3", "--max-shard-size", "40KB",
-                        "--rest", "checkpoint"),
+        "reconstruct": (
+            "reconstruct",
+            base,
+            f"{run}/checkpoint-40",
+            "--rank",
+            "1,3",
+            "--max-shard-size",
+            "40KB",
+            "--rest",
+            "checkpoint",
+        ),
         "linearity": ("linearity", base, "--run", run, "--rank", "2", "--sample", "500", "--no-plots"),
-        "relex": ("extrapolate", base, "--run", run, "--method", "relex", "--history-until", "20",
-                  "--target-step", "40,80", "--dtype", "float32"),
-        "linear": ("extrapolate", base, "--run", run, "--method", "linear", "--target-step", "60",
-                   "--max-shard-size", "40KB"),
+        "relex": (
+            "extrapolate",
+            base,
+            "--run",
+            run,
+            "--method",
+            "relex",
+            "--history-until",
+            "20",
+            "--target-step",
+            "40,80",
+            "--dtype",
+            "float32",
+        ),
+        "linear": (
+            "extrapolate",
+            base,
+            "--run",
+            run,
+            "--method",
+            "linear",
+            "--target-step",
+            "60",
+            "--max-shard-size",
+            "40KB",
+        ),
     }
 
 
@@ -79,16 +110,23 @@ def _interrupt_after(n: int, seen: list[int]):
         seen.append(done)
         if done >= n:
             raise KeyboardInterrupt
+
     return progress
 
 
 CALLS = {
-    "reconstruct": lambda r, out, **kw: reconstruct(str(r / "base"), str(r / "run" / "checkpoint-20"), out,
-                                                    options=ReconstructOptions(rank="2", device="cpu"), **kw),
-    "linearity": lambda r, out, **kw: linearity(str(r / "base"), [], out, run=str(r / "run"),
-                                                options=LinearityOptions(plots=False, device="cpu"), **kw),
-    "relex": lambda r, out, **kw: extrapolate(str(r / "base"), out, options=ExtrapolateOptions(
-        method="relex", run=str(r / "run"), target_steps=[60, 100], device="cpu"), **kw),
+    "reconstruct": lambda r, out, **kw: reconstruct(
+        str(r / "base"), str(r / "run" / "checkpoint-20"), out, options=ReconstructOptions(rank="2", device="cpu"), **kw
+    ),
+    "linearity": lambda r, out, **kw: linearity(
+        str(r / "base"), [], out, run=str(r / "run"), options=LinearityOptions(plots=False, device="cpu"), **kw
+    ),
+    "relex": lambda r, out, **kw: extrapolate(
+        str(r / "base"),
+        out,
+        options=ExtrapolateOptions(method="relex", run=str(r / "run"), target_steps=[60, 100], device="cpu"),
+        **kw,
+    ),
 }
 
 
@@ -118,8 +156,20 @@ def test_driver_killed_then_rerun_resumes(ray_local, run_dir, tmp_path):
     out.rename(tmp_path / "local")
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONPATH": SRC}
-    cmd = [sys.executable, "-c", "from rank1tools.cli import main; main()", *args, "--executor", "ray",
-           "--ray-address", address, "--ray-num-cpus", "1", "--max-in-flight", "1"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from rank1tools.cli import main; main()",
+        *args,
+        "--executor",
+        "ray",
+        "--ray-address",
+        address,
+        "--ray-num-cpus",
+        "1",
+        "--max-in-flight",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     units = tmp_path / ".out.partial" / "units"
     deadline = time.monotonic() + 60
@@ -168,16 +218,30 @@ def test_failing_task_names_the_tensor_and_leaves_nothing(ray_local, run_dir, tm
 
 def test_executor_option_errors_of_the_commands(run_dir, tmp_path):
     base, run = str(run_dir / "base"), str(run_dir / "run")
-    p = run_main("extrapolate", base, "--out", str(tmp_path / "o"), "--method", "alpharl", "--fits", str(run_dir / "fits"),
-                 "--target-metric", "0.5", "--executor", "ray")
+    p = run_main(
+        "extrapolate",
+        base,
+        "--out",
+        str(tmp_path / "o"),
+        "--method",
+        "alpharl",
+        "--fits",
+        str(run_dir / "fits"),
+        "--target-metric",
+        "0.5",
+        "--executor",
+        "ray",
+    )
     assert p.returncode == 2
     assert "--executor ray applies to --method relex and linear" in p.stderr
     p = run_main("linearity", base, "--run", run, "--out", str(tmp_path / "o"), "--executor", "ray", "--device", "cuda")
     assert p.returncode == 2
-    assert p.stderr.strip() == ("rank1: error: --device cuda with --executor ray needs --ray-num-gpus "
-                                "(e.g. 1, or 0.25 to share a GPU)")
-    p = run_main("reconstruct", base, f"{run}/checkpoint-5", "--rank", "1", "--out", str(tmp_path / "o"),
-                 "--max-in-flight", "2")
+    assert p.stderr.strip() == (
+        "rank1: error: --device cuda with --executor ray needs --ray-num-gpus (e.g. 1, or 0.25 to share a GPU)"
+    )
+    p = run_main(
+        "reconstruct", base, f"{run}/checkpoint-5", "--rank", "1", "--out", str(tmp_path / "o"), "--max-in-flight", "2"
+    )
     assert p.returncode == 2 and "--max-in-flight applies to --executor ray only" in p.stderr
     assert os.listdir(tmp_path) == []
 
@@ -208,8 +272,12 @@ def test_writer_keeps_intact_shards_of_a_resumable_staging(tmp_path):
     ck = open_checkpoint(tmp_path / "ckpt")
     assert torch.equal(ck.read_raw("a"), a) and torch.equal(ck.read_raw("b"), torch.ones(16, dtype=torch.bfloat16))
     # a different plan (here: the dtype of b) finds no intact shard to keep
-    w = ShardedWriter(tmp_path / "ckpt2", [specs[0], TensorSpec("b", (16,), torch.float32)], max_shard_size=100,
-                      staging=tmp_path / "work2")
+    w = ShardedWriter(
+        tmp_path / "ckpt2",
+        [specs[0], TensorSpec("b", (16,), torch.float32)],
+        max_shard_size=100,
+        staging=tmp_path / "work2",
+    )
     assert not w.resumed
     w.abort()
 

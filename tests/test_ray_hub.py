@@ -41,10 +41,20 @@ def worker_cache(world, tmp_path_factory):
     if ray.is_initialized():
         pytest.skip("Ray is already initialised in this process (without the fake Hub's environment)")
     home = tmp_path_factory.mktemp("worker_hf_home")
-    env = {"HF_ENDPOINT": world.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-           "HF_TOKEN_PATH": str(home / "token"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_ETAG_TIMEOUT": "10",
-           "HF_HUB_DOWNLOAD_TIMEOUT": "10", "NO_PROXY": "127.0.0.1,localhost", "RANK1_HUB_CACHE_POLICY": "keep"}
+    env = {
+        "HF_ENDPOINT": world.url,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_ETAG_TIMEOUT": "10",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "10",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "RANK1_HUB_CACHE_POLICY": "keep",
+    }
     src = str(Path(__file__).resolve().parents[1] / "src")  # the workers import rank1tools from this tree
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = src if not old_path else f"{src}{os.pathsep}{old_path}"
@@ -69,8 +79,21 @@ def _weights(cache: Path) -> list[Path]:
 def test_decompose_hub_run_on_ray_equals_local(worker_cache, hubenv, tmp_path, policy):
     h = hubenv
     out = tmp_path / "out"
-    common = ("decompose", "hf://org/base", "--run", "hf://org/run", "--revisions", "step_*", "--out", str(out),
-              "--rank", "2", "--hub-cache-policy", policy, "--quiet")
+    common = (
+        "decompose",
+        "hf://org/base",
+        "--run",
+        "hf://org/run",
+        "--revisions",
+        "step_*",
+        "--out",
+        str(out),
+        "--rank",
+        "2",
+        "--hub-cache-policy",
+        policy,
+        "--quiet",
+    )
     shutil.rmtree(worker_cache, ignore_errors=True)  # the workers start with an empty cache
     h.hub.reset()
     p = run_main(*common, "--executor", "ray", "--max-in-flight", "2")
@@ -81,13 +104,17 @@ def test_decompose_hub_run_on_ray_equals_local(worker_cache, hubenv, tmp_path, p
     assert got == pinned  # every weight file fetched at the sha the driver resolved, never by branch name
     for s in STEPS:  # each step's single weight file is in the workers' cache, under its sha (evict: a
         # file holding several modules is read by several tasks, none of which reads all it holds)
-        assert (worker_cache / "models--org--run" / "snapshots" / h.world.shas[f"step_{s}"]
-                / "model.safetensors").is_file()
+        assert (
+            worker_cache / "models--org--run" / "snapshots" / h.world.shas[f"step_{s}"] / "model.safetensors"
+        ).is_file()
     modules = [m["name"] for m in json.loads((out / "manifest.json").read_text())["modules"]]
     base = open_checkpoint(h.world.base)
     holders = {shard: {n for n in modules if base.entry(n).shard == shard} for shard in base.shards}
-    left = {p.name for p in (worker_cache / "models--org--base" / "snapshots" / h.world.shas["base"]).iterdir()
-            if p.suffix == ".safetensors"}
+    left = {
+        p.name
+        for p in (worker_cache / "models--org--base" / "snapshots" / h.world.shas["base"]).iterdir()
+        if p.suffix == ".safetensors"
+    }
     if policy == "keep":  # every base shard holding a selected module was downloaded and stays
         assert left == {shard for shard, names in holders.items() if names}
     else:  # evict: a shard goes once the one task that reads all its selected modules read them

@@ -35,8 +35,19 @@ def run_dir(tmp_path_factory):
 
 
 def _linearity(r: Path, *extra: str) -> list[str]:
-    return ["linearity", str(r / "base"), "--run", str(r / "run"), "--out", "L", "--no-plots", "-q",
-            "--executor", "ray", *extra]
+    return [
+        "linearity",
+        str(r / "base"),
+        "--run",
+        str(r / "run"),
+        "--out",
+        "L",
+        "--no-plots",
+        "-q",
+        "--executor",
+        "ray",
+        *extra,
+    ]
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 240):
@@ -56,20 +67,24 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("address", ["auto", "local", "10.0.0.5:6379", "ray://head:10001", "[::1]:6379",
-                                     "head-node.example.com:6379"])
+@pytest.mark.parametrize(
+    "address", ["auto", "local", "10.0.0.5:6379", "ray://head:10001", "[::1]:6379", "head-node.example.com:6379"]
+)
 def test_addresses_ray_takes_pass(address):
     check_address(address, "--ray-address")
 
 
-@pytest.mark.parametrize("address", ["x", "head", "head:0", "head:70000", "ray://", "http://head:6379", "a b:1",
-                                     "head:6379/x", ":6379"])
+@pytest.mark.parametrize(
+    "address", ["x", "head", "head:0", "head:70000", "ray://", "http://head:6379", "a b:1", "head:6379/x", ":6379"]
+)
 def test_malformed_ray_address_is_a_usage_error_before_anything_is_made(run_dir, tmp_path, address):
     before = tree_snapshot(tmp_path)
     r = run_main(*_linearity(run_dir, "--ray-address", address))
     assert r.returncode == 2, r.stderr
-    assert _one_error_line(r.stderr) == (f"rank1: error: --ray-address {address!r}: expected HOST:PORT (the head "
-                                         "node's GCS, e.g. 10.0.0.5:6379), ray://HOST:PORT (Ray Client), auto or local")
+    assert _one_error_line(r.stderr) == (
+        f"rank1: error: --ray-address {address!r}: expected HOST:PORT (the head "
+        "node's GCS, e.g. 10.0.0.5:6379), ray://HOST:PORT (Ray Client), auto or local"
+    )
     assert tree_snapshot(tmp_path) == before  # no .L.partial, no lock
 
 
@@ -88,8 +103,16 @@ def test_ray_timeout_is_checked(run_dir, tmp_path, value):
 
 
 def test_ray_timeout_applies_to_ray_only(run_dir, tmp_path):
-    r = run_main("linearity", str(run_dir / "base"), "--run", str(run_dir / "run"), "--out", str(tmp_path / "L"),
-                 "--ray-timeout", "5")
+    r = run_main(
+        "linearity",
+        str(run_dir / "base"),
+        "--run",
+        str(run_dir / "run"),
+        "--out",
+        str(tmp_path / "L"),
+        "--ray-timeout",
+        "5",
+    )
     assert r.returncode == 2
     assert _one_error_line(r.stderr) == "rank1: error: --ray-timeout applies to --executor ray only"
 
@@ -104,8 +127,10 @@ def test_address_where_nothing_listens_fails_at_once_and_leaves_nothing(run_dir,
     port = _closed_port()
     r = _run(_linearity(run_dir, "--ray-address", f"127.0.0.1:{port}"), tmp_path)
     assert r.returncode == 2, r.stderr
-    assert _one_error_line(r.stderr) == (f"rank1: error: --ray-address 127.0.0.1:{port}: cannot connect to Ray within "
-                                         "30 s (Connection refused); check the address, or raise --ray-timeout")
+    assert _one_error_line(r.stderr) == (
+        f"rank1: error: --ray-address 127.0.0.1:{port}: cannot connect to Ray within "
+        "30 s (Connection refused); check the address, or raise --ray-timeout"
+    )
     assert list(tmp_path.iterdir()) == []  # no .L.partial, no lock
 
 
@@ -118,8 +143,10 @@ def test_address_that_never_answers_fails_within_ray_timeout(run_dir, tmp_path):
         port = server.getsockname()[1]
         r = _run(_linearity(run_dir, "--ray-address", f"127.0.0.1:{port}", "--ray-timeout", "1"), tmp_path)
     assert r.returncode == 2, r.stderr
-    assert _one_error_line(r.stderr) == (f"rank1: error: --ray-address 127.0.0.1:{port}: Ray did not answer within 1 s "
-                                         "(is it a Ray head node?); check the address, or raise --ray-timeout")
+    assert _one_error_line(r.stderr) == (
+        f"rank1: error: --ray-address 127.0.0.1:{port}: Ray did not answer within 1 s "
+        "(is it a Ray head node?); check the address, or raise --ray-timeout"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -130,7 +157,9 @@ def test_sigterm_during_a_ray_run_cleans_up_and_exits_143(ray_local, run_dir, tm
     for _attempt in range(3):
         proc = start_cli(args, tmp_path)
         deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob(".L.partial/units/*.json")):
+        while (
+            proc.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob(".L.partial/units/*.json"))
+        ):
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         r = finish_cli(proc)
@@ -139,7 +168,8 @@ def test_sigterm_during_a_ray_run_cleans_up_and_exits_143(ray_local, run_dir, tm
             continue
         assert r.returncode == 143, r.stderr
         assert [ln for ln in r.stderr.splitlines() if ln.startswith("rank1:")] == [
-            "rank1: terminated: the finished work is kept beside --out: rerun the same command to resume"]
+            "rank1: terminated: the finished work is kept beside --out: rerun the same command to resume"
+        ]
         assert sorted(p.name for p in tmp_path.iterdir()) == [".L.partial"]  # lock released, units kept
         rerun = run_main(*[a if a != "L" else str(tmp_path / "L") for a in args])
         assert rerun.returncode == 0, rerun.stderr

@@ -150,8 +150,9 @@ def test_untied_lm_head_is_its_own_tensor(models, dtype):
 def test_missing_lm_head_with_untied_config_is_not_tied(tmp_path):
     """Config says tie_word_embeddings=false: an absent lm_head is absent, not the embedding."""
     shape = LlamaShape(tie=False)
-    folder = build_checkpoint(tmp_path / "m", shape=shape,
-                              tensors_edit=lambda t: {k: v for k, v in t.items() if k != LM_HEAD})
+    folder = build_checkpoint(
+        tmp_path / "m", shape=shape, tensors_edit=lambda t: {k: v for k, v in t.items() if k != LM_HEAD}
+    )
     ckpt = open_checkpoint(folder)
     assert ckpt.config["tie_word_embeddings"] is False
     assert ckpt.lm_head_tied is False

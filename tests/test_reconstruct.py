@@ -51,13 +51,18 @@ def _formula(w0: np.ndarray, wt: np.ndarray, k: int, alpha: float, norm_match: b
     return w0 + alpha * scale * Dk
 
 
-@pytest.mark.parametrize("rank,alpha,norm_match", [("1", 1.0, True), ("3", 1.0, False), ("2", -0.5, True),
-                                                   ("5%", 2.0, True)])
+@pytest.mark.parametrize(
+    "rank,alpha,norm_match", [("1", 1.0, True), ("3", 1.0, False), ("2", -0.5, True), ("5%", 2.0, True)]
+)
 def test_matches_float64_formula(pair, tmp_path, rank, alpha, norm_match):
     base, ck = pair
     out = tmp_path / "out"
-    reconstruct(str(base), str(ck), str(out), options=ReconstructOptions(
-        rank=rank, alpha=alpha, norm_match=norm_match, exact=True, device="cpu"))
+    reconstruct(
+        str(base),
+        str(ck),
+        str(out),
+        options=ReconstructOptions(rank=rank, alpha=alpha, norm_match=norm_match, exact=True, device="cpu"),
+    )
     got, b, c = _tensors(out), _tensors(base), _tensors(ck)
     mods = set(matrix_module_names(SHAPE))
     for name in mods:
@@ -86,8 +91,12 @@ def test_full_rank_reproduces_checkpoint_and_rest_checkpoint(pair, tmp_path):
     kv = SHAPE.kv_heads * SHAPE.hidden // SHAPE.heads
     out = tmp_path / "full"
     # full rank of every module = min(m, n); k/v are kv x hidden, the smallest
-    reconstruct(str(base), str(ck), str(out), options=ReconstructOptions(
-        rank="100%", rest="checkpoint", device="cpu", include=["*"]))
+    reconstruct(
+        str(base),
+        str(ck),
+        str(out),
+        options=ReconstructOptions(rank="100%", rest="checkpoint", device="cpu", include=["*"]),
+    )
     got, c = _tensors(out), _tensors(ck)
     assert min(SHAPE.hidden, kv) == kv
     for name, t in c.items():
@@ -99,10 +108,16 @@ def test_full_rank_reproduces_checkpoint_and_rest_checkpoint(pair, tmp_path):
 
 def test_several_ranks_one_pass_and_provenance(pair, tmp_path):
     base, ck = pair
-    res = reconstruct(str(base), str(ck), str(tmp_path / "multi"),
-                      options=ReconstructOptions(rank="1,2,1%", exact=True, device="cpu"))
+    res = reconstruct(
+        str(base), str(ck), str(tmp_path / "multi"), options=ReconstructOptions(rank="1,2,1%", exact=True, device="cpu")
+    )
     assert [o.rank for o in res.outputs] == ["1", "2", "1%"]
-    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["rank-1", "rank-1pct", "rank-2", "rank1tools.json"]
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == [
+        "rank-1",
+        "rank-1pct",
+        "rank-2",
+        "rank1tools.json",
+    ]
     top = json.loads((tmp_path / "multi" / "rank1tools.json").read_text())  # marks the parent as rank1's (--force)
     assert top["tool"] == "rank1tools" and top["outputs"] == ["rank-1", "rank-2", "rank-1pct"]
     assert top["parameters"]["rank"] == ["1", "2", "1%"]
@@ -132,8 +147,12 @@ def test_factor_store_gives_same_weights_without_reading_checkpoint(pair, tmp_pa
         return real_read(self, name, **kw)
 
     monkeypatch.setattr(ckmod.Checkpoint, "read", guarded)
-    res = reconstruct(str(base), str(ck), str(tmp_path / "viafactors"),
-                      options=ReconstructOptions(rank="2", device="cpu", factors=str(fac)))
+    res = reconstruct(
+        str(base),
+        str(ck),
+        str(tmp_path / "viafactors"),
+        options=ReconstructOptions(rank="2", device="cpu", factors=str(fac)),
+    )
     assert res.used_factors
     a, b = _tensors(direct), _tensors(tmp_path / "viafactors")
     for name in a:
@@ -147,22 +166,57 @@ def test_rounding_report_bf16_loses_tiny_update(tmp_path):
     # an update of ~1e-6 per element: below half a bf16 ulp of weights ~0.02 (6e-5), far above
     # float32's (1e-9). Only elements of a rank-1 u v^T near zero (small u_i times small v_j), or
     # on weights near zero, fall outside that: "about 100 %" and "about 0 %".
-    make_run(tmp_path / "run", [1], SHAPE, base_dtype=torch.bfloat16, dtype=torch.float32,
-             rank1_scale=5e-5, noise=0.0)
+    make_run(tmp_path / "run", [1], SHAPE, base_dtype=torch.bfloat16, dtype=torch.float32, rank1_scale=5e-5, noise=0.0)
     base, ck = tmp_path / "base", tmp_path / "run" / "checkpoint-1"
-    code, out, err = _cli("reconstruct", str(base), str(ck), "--rank", "1", "--out", str(tmp_path / "bf16"),
-                          "--json", "--quiet", "--device", "cpu")
+    code, out, err = _cli(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--out",
+        str(tmp_path / "bf16"),
+        "--json",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     rep = json.loads(out)["outputs"][0]
     assert rep["lost_fraction"] > 0.9 and rep["rel_error"] > 0.9
     assert "rank1: warning:" in err and "--dtype float32" in err
     prov = json.loads((tmp_path / "bf16" / "rank1tools.json").read_text())
-    assert prov["argv"] == ["rank1", "reconstruct", str(base), str(ck), "--rank", "1", "--out", str(tmp_path / "bf16"),
-                            "--json", "--quiet", "--device", "cpu"]
+    assert prov["argv"] == [
+        "rank1",
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--out",
+        str(tmp_path / "bf16"),
+        "--json",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     on_disk = json.loads((tmp_path / "bf16" / "rank1tools-rounding.json").read_text())
     assert on_disk["lost_fraction"] == rep["lost_fraction"]
-    code, out, err = _cli("reconstruct", str(base), str(ck), "--rank", "1", "--out", str(tmp_path / "f32"),
-                          "--json", "--quiet", "--dtype", "float32", "--device", "cpu")
+    code, out, err = _cli(
+        "reconstruct",
+        str(base),
+        str(ck),
+        "--rank",
+        "1",
+        "--out",
+        str(tmp_path / "f32"),
+        "--json",
+        "--quiet",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+    )
     rep = json.loads(out)["outputs"][0]
     assert code == 0 and rep["lost_fraction"] < 0.01 and rep["rel_error"] < 1e-2 and "warning" not in err
     cfg = json.loads((tmp_path / "f32" / "config.json").read_text())
@@ -177,8 +231,12 @@ def test_output_loads_with_transformers(tmp_path):
     make_base(tmp_path / "base", UNTIED, dtype=torch.float32)
     make_run(tmp_path / "run", [5], UNTIED, noise=1e-4)
     out = tmp_path / "out"
-    reconstruct(str(tmp_path / "base"), str(tmp_path / "run" / "checkpoint-5"), str(out),
-                options=ReconstructOptions(rank="2", device="cpu", max_shard_size="60KB", exact=True))
+    reconstruct(
+        str(tmp_path / "base"),
+        str(tmp_path / "run" / "checkpoint-5"),
+        str(out),
+        options=ReconstructOptions(rank="2", device="cpu", max_shard_size="60KB", exact=True),
+    )
     assert (out / "model.safetensors.index.json").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     # the same weights built in memory from the formula

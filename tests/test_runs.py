@@ -123,6 +123,7 @@ def test_not_a_run(tmp_path):
 
 # ---- --steps ----
 
+
 def _fake_run(steps: list[int]) -> list[RunCheckpoint]:
     return [RunCheckpoint(s, f"/run/checkpoint-{s}", "trl", f"/run/checkpoint-{s}") for s in sorted(steps)]
 
@@ -139,15 +140,31 @@ def test_select_steps_on_discovered_run(tmp_path):
 RUN = [5, 10, 20, 30, 50, 100, 150]
 
 
-@pytest.mark.parametrize("spec", [
-    "10:100:10", "10:100:20", "10:100", "50:", ":20", "::50", ":", "0:1000:5", "5:5", " 20 : 50 ",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "10:100:10",
+        "10:100:20",
+        "10:100",
+        "50:",
+        ":20",
+        "::50",
+        ":",
+        "0:1000:5",
+        "5:5",
+        " 20 : 50 ",
+    ],
+)
 def test_range_is_inclusive_and_strided_from_start(spec):
     parts = [p.strip() for p in spec.split(":")] + [""] * (3 - spec.count(":") - 1)
     start, stop, every = (int(p) if p else None for p in parts)
-    expected = [s for s in RUN
-                if (start is None or s >= start) and (stop is None or s <= stop)
-                and (every is None or (s - (start or 0)) % every == 0)]
+    expected = [
+        s
+        for s in RUN
+        if (start is None or s >= start)
+        and (stop is None or s <= stop)
+        and (every is None or (s - (start or 0)) % every == 0)
+    ]
     assert expected, "the case must select something"
     assert [c.step for c in select_steps(_fake_run(RUN), spec)] == expected
 

@@ -29,7 +29,12 @@ def parse_calls(monkeypatch):
 
 def test_step_selection_holds_what_parse_steps_reads():
     listed = StepSelection.of(" 50 , 100,50", "--window")
-    assert (listed.kind, listed.listed, listed.option, listed.text) == ("list", (50, 100, 50), "--window", " 50 , 100,50")
+    assert (listed.kind, listed.listed, listed.option, listed.text) == (
+        "list",
+        (50, 100, 50),
+        "--window",
+        " 50 , 100,50",
+    )
     assert listed.pick([100, 50, 7]) == [50, 100] and listed.missing([50, 7]) == [100]
     ranged = StepSelection.of("10:100:10")
     assert (ranged.kind, ranged.start, ranged.stop, ranged.every) == ("range", 10, 100, 10)
@@ -112,12 +117,15 @@ def test_shard_size(value, expected):
     assert shard_size(value) == expected
 
 
-@pytest.mark.parametrize("value, message", [
-    ("5XB", "--max-shard-size '5XB': expected a size like 5GB, 500MB or a number of bytes"),
-    ("0", "--max-shard-size '0': must be at least 1 byte"),
-    (0, "--max-shard-size 0: must be at least 1 byte"),
-    (True, "--max-shard-size True: must be at least 1 byte"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("5XB", "--max-shard-size '5XB': expected a size like 5GB, 500MB or a number of bytes"),
+        ("0", "--max-shard-size '0': must be at least 1 byte"),
+        (0, "--max-shard-size 0: must be at least 1 byte"),
+        (True, "--max-shard-size True: must be at least 1 byte"),
+    ],
+)
 def test_shard_size_refuses(value, message):
     with pytest.raises(UsageError) as info:
         shard_size(value)

@@ -34,11 +34,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 STEPS = [10, 20, 30, 40, 50, 60]
 COS_TOL = 0.9999
 
 
 # ---------------------------------------------------------------- planted runs (float64, independent of rank1tools)
+
 
 def _orthonormal(g: torch.Generator, d: int, r: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64)).Q
@@ -69,8 +72,9 @@ def planted_run(kind: str, m: int, n: int, T: int, seed: int) -> list[torch.Tens
             if kind == "lowrank":
                 D += f * 0.01 * torch.outer(U[:, 1], V[:, 1])
         elif kind == "switch":
-            D = (0.02 * (1 - f) + 0.002) * torch.outer(U[:, 0], V[:, 0]) \
-                + (0.03 * max(0.0, f - 0.3)) * torch.outer(U[:, 1], V[:, 1])
+            D = (0.02 * (1 - f) + 0.002) * torch.outer(U[:, 0], V[:, 0]) + (0.03 * max(0.0, f - 0.3)) * torch.outer(
+                U[:, 1], V[:, 1]
+            )
         else:
             D = f * 0.02 * torch.outer(U[:, 0], V[:, 0]) + f * 0.02 * 0.998 * torch.outer(U[:, 1], V[:, 1])
         out.append((D + noise).float())
@@ -93,7 +97,7 @@ def _truth(M: torch.Tensor):
 
 def _value_errors(M: torch.Tensor, r) -> torch.Tensor:
     """|sigma_i - sigma_i exact| / sigma_i exact for the k reported values."""
-    S = torch.linalg.svdvals(M.double())[:r.S.numel()]
+    S = torch.linalg.svdvals(M.double())[: r.S.numel()]
     return (r.S.double() - S).abs() / S
 
 
@@ -106,7 +110,7 @@ def _assert_bar(M: torch.Tensor, r, where: str) -> None:
     assert abs(float(r.S[0]) - s1) / s1 <= SIGMA_REL_TOL, (where, float(r.S[0]), s1)
     assert abs(float(r.U[:, 0].double() @ U[:, 0])) >= COS_TOL, where
     assert abs(float(r.V[:, 0].double() @ Vh[0])) >= COS_TOL, where
-    assert (r.S.double() <= S[:r.S.numel()] * (1 + 1e-5)).all(), where
+    assert (r.S.double() <= S[: r.S.numel()] * (1 + 1e-5)).all(), where
 
 
 @pytest.mark.parametrize("kind", ["drift", "switch", "tie"])
@@ -143,8 +147,10 @@ def test_iterations_drop_on_drifting_runs():
     # rank 1: only the top triplet is reported, and the warm start certifies it in a few products
     mats = planted_run("drift", 300, 120, 8, seed=5)
     warm, cold = _chain(mats, True, k=1), _chain(mats, False, k=1)
-    assert all(w.iterations < c.iterations for w, c in zip(warm[1:], cold[1:])), \
-        ([w.iterations for w in warm], [c.iterations for c in cold])
+    assert all(w.iterations < c.iterations for w, c in zip(warm[1:], cold[1:])), (
+        [w.iterations for w in warm],
+        [c.iterations for c in cold],
+    )
     assert sum(w.iterations for w in warm[1:]) <= 0.6 * sum(c.iterations for c in cold[1:])
     # rank 3 over three separated directions: all three values certified, as accurate as the cold
     # path's planted values (1e-5, tests/test_decompose.py), long before the cold schedule's 10 steps
@@ -152,8 +158,9 @@ def test_iterations_drop_on_drifting_runs():
         mats = planted_run("lowrank", m, n, 8, seed=3)
         warm, cold = _chain(mats, True, k=3), _chain(mats, False, k=3)
         assert [c.iterations for c in cold] == [10] * 8
-        assert all(w.iterations <= 5 for w in warm) and all(w.iterations <= 3 for w in warm[1:]), \
-            [w.iterations for w in warm]
+        assert all(w.iterations <= 5 for w in warm) and all(w.iterations <= 3 for w in warm[1:]), [
+            w.iterations for w in warm
+        ]
         for M, r in zip(mats, warm):
             _assert_bar(M, r, f"lowrank {m}x{n}")
             assert float(_value_errors(M, r).max()) <= 1e-5
@@ -189,8 +196,10 @@ def test_lower_values_bound_against_numpy():
     bound the values' true errors."""
     g = torch.Generator().manual_seed(4)
     U, V = _orthonormal(g, 90, 4), _orthonormal(g, 70, 4)
-    M = ((U * torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)) @ V.T
-         + 1e-3 * torch.randn(90, 70, generator=g, dtype=torch.float64)).float()
+    M = (
+        (U * torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)) @ V.T
+        + 1e-3 * torch.randn(90, 70, generator=g, dtype=torch.float64)
+    ).float()
     X = torch.linalg.qr(V[:, :3] + 0.01 * torch.randn(70, 3, generator=g, dtype=torch.float64)).Q
     X = torch.cat([X, _orthonormal(g, 70, 3)], 1)
     X = torch.linalg.qr(X).Q.float()  # a right basis near the top 3 right singular vectors
@@ -238,6 +247,7 @@ def test_frobenius_blocked_float32_matches_float64():
 
 # ---------------------------------------------------------------- the command on a planted drifting run
 
+
 def _write_run(root: Path, kind: str = "drift") -> Path:
     """A float32 base (synthetic) and checkpoints whose matrix modules carry planted drifting updates."""
     names = matrix_module_names(SHAPE)
@@ -265,8 +275,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _run(root: Path, out: Path, rank: int = 4, **kw):
-    return decompose(str(root / "base"), [], str(out), run=str(root / "run"),
-                     options=DecomposeOptions(rank=rank, device="cpu", **kw))
+    return decompose(
+        str(root / "base"), [], str(out), run=str(root / "run"), options=DecomposeOptions(rank=rank, device="cpu", **kw)
+    )
 
 
 def _by_key(out: Path) -> dict:
@@ -290,8 +301,9 @@ def test_command_warm_rows_meet_the_bar_for_every_value(drift_run, tmp_path):
             assert abs(float(S[j, 0]) - Sn[0]) / Sn[0] <= SIGMA_REL_TOL
             assert abs(U[j, :, 0].double().numpy() @ Un[:, 0]) >= COS_TOL
             # sigma_2..4 (a noise bulk here) to the cold path's tolerance, in the table as in the store
-            np.testing.assert_allclose([float(rows[(name, step)][f"sigma_{i}"]) for i in range(1, 5)], Sn[:4],
-                                       rtol=1e-2)
+            np.testing.assert_allclose(
+                [float(rows[(name, step)][f"sigma_{i}"]) for i in range(1, 5)], Sn[:4], rtol=1e-2
+            )
             r, c = rows[(name, step)], cold_rows[(name, step)]
             assert int(r["iterations"]) == meta["iterations"][j]
             if r["svd_method"] == "randomized":  # no certificate for the bulk: the cold schedule's steps
@@ -309,10 +321,13 @@ def test_command_warm_start_takes_fewer_steps_at_rank_1(drift_run, tmp_path):
     for name, step in randomized:
         w, c = int(rows[(name, step)]["iterations"]), int(cold_rows[(name, step)]["iterations"])
         assert c >= 10 and (step == STEPS[0] or w < c), (name, step, w, c)
-        assert float(rows[(name, step)]["sigma_1"]) == pytest.approx(float(cold_rows[(name, step)]["sigma_1"]),
-                                                                     rel=2 * SIGMA_REL_TOL)
-    assert sum(int(rows[key]["iterations"]) for key in randomized) < \
-        sum(int(cold_rows[key]["iterations"]) for key in randomized) / 2
+        assert float(rows[(name, step)]["sigma_1"]) == pytest.approx(
+            float(cold_rows[(name, step)]["sigma_1"]), rel=2 * SIGMA_REL_TOL
+        )
+    assert (
+        sum(int(rows[key]["iterations"]) for key in randomized)
+        < sum(int(cold_rows[key]["iterations"]) for key in randomized) / 2
+    )
 
 
 def open_raw(folder: Path, name: str) -> np.ndarray:
@@ -332,12 +347,23 @@ def test_resumed_and_two_worker_runs_equal_an_uninterrupted_one(drift_run, tmp_p
 
     out = tmp_path / "resumed" / "out"
     with pytest.raises(KeyboardInterrupt):
-        decompose(str(drift_run / "base"), [], str(out), run=str(drift_run / "run"),
-                  options=DecomposeOptions(rank=4, device="cpu", workers=2), on_module_done=stop_after_four)
+        decompose(
+            str(drift_run / "base"),
+            [],
+            str(out),
+            run=str(drift_run / "run"),
+            options=DecomposeOptions(rank=4, device="cpu", workers=2),
+            on_module_done=stop_after_four,
+        )
     saved = sorted(p.name for p in (out.parent / ".out.partial" / "factors").glob("*.safetensors"))
     assert saved == sorted(f"{n}.safetensors" for n in seen)  # a module in flight in the other worker is dropped
-    res = decompose(str(drift_run / "base"), [], str(out), run=str(drift_run / "run"),
-                    options=DecomposeOptions(rank=4, device="cpu", workers=2))
+    res = decompose(
+        str(drift_run / "base"),
+        [],
+        str(out),
+        run=str(drift_run / "run"),
+        options=DecomposeOptions(rank=4, device="cpu", workers=2),
+    )
     assert res.resumed_modules == 4
     assert _files(out) == _files(ref)
 
@@ -358,8 +384,14 @@ def test_a_partial_folder_of_the_other_schedule_is_not_reused(drift_run, tmp_pat
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        decompose(str(drift_run / "base"), [], str(out), run=str(drift_run / "run"),
-                  options=DecomposeOptions(rank=1, device="cpu", warm_start=False), on_module_done=stop)
+        decompose(
+            str(drift_run / "base"),
+            [],
+            str(out),
+            run=str(drift_run / "run"),
+            options=DecomposeOptions(rank=1, device="cpu", warm_start=False),
+            on_module_done=stop,
+        )
     assert len(list((tmp_path / ".o.partial" / "factors").glob("*.safetensors"))) == 1
     assert _run(drift_run, out, rank=1).resumed_modules == 0
     # the module the cold run had finished was redone warm (rank 1: fewer than the cold 10 steps)
@@ -381,14 +413,36 @@ def test_data_error_in_one_worker_stops_the_run(tmp_path):
 
 
 def test_cli_cold_start_option(drift_run, tmp_path):
-    p = run_main("decompose", str(drift_run / "base"), "--run", str(drift_run / "run"), "--out", str(tmp_path / "o"),
-                 "--rank", "2", "--cold-start", "--device", "cpu", "--quiet", "--json")
+    p = run_main(
+        "decompose",
+        str(drift_run / "base"),
+        "--run",
+        str(drift_run / "run"),
+        "--out",
+        str(tmp_path / "o"),
+        "--rank",
+        "2",
+        "--cold-start",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr
     rows = _rows(tmp_path / "o")
     assert {(r["svd_method"], r["iterations"]) for r in rows} <= {("randomized", "10"), ("exact", "0")}
-    p = run_main("decompose", str(drift_run / "base"), "--run", str(drift_run / "run"), "--out", str(tmp_path / "x"),
-                 "--exact", "--cold-start")
+    p = run_main(
+        "decompose",
+        str(drift_run / "base"),
+        "--run",
+        str(drift_run / "run"),
+        "--out",
+        str(tmp_path / "x"),
+        "--exact",
+        "--cold-start",
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip().splitlines() == [
-        "rank1: error: --cold-start selects the randomized SVD's start; it cannot be combined with --exact"]
+        "rank1: error: --cold-start selects the randomized SVD's start; it cannot be combined with --exact"
+    ]
     assert not (tmp_path / "x").exists()

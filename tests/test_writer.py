@@ -25,7 +25,13 @@ from _support import (
     tree_snapshot,
 )
 
-AUX = ["config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+AUX = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+]
 MAX_SHARD = 40_000  # "40KB"
 SHARD_NAME = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 
@@ -34,8 +40,17 @@ def specs_of(ckpt, dtype: torch.dtype | None = None) -> list[TensorSpec]:
     return [TensorSpec(n, e.shape, dtype or e.torch_dtype) for n, e in ckpt.entries.items()]
 
 
-def write_copy(ckpt, out: Path, *, dtype: torch.dtype | None = None, max_shard_size="40KB", seed: int = 0,
-               output_dtype=None, prov: dict | None = None, force: bool = False) -> Path:
+def write_copy(
+    ckpt,
+    out: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size="40KB",
+    seed: int = 0,
+    output_dtype=None,
+    prov: dict | None = None,
+    force: bool = False,
+) -> Path:
     """Write every tensor of `ckpt` in a shuffled order; raw bytes when the dtype is kept."""
     specs = specs_of(ckpt, dtype)
     order = [s.name for s in specs]
@@ -122,7 +137,9 @@ def test_dtype_change_casts_and_updates_config(tmp_path, models, src_dtype, out_
     expected_name = str(out_dtype).removeprefix("torch.")
     assert src_cfg["torch_dtype"] != expected_name
     assert out_cfg["torch_dtype"] == expected_name
-    assert {k: v for k, v in out_cfg.items() if k != "torch_dtype"} == {k: v for k, v in src_cfg.items() if k != "torch_dtype"}
+    assert {k: v for k, v in out_cfg.items() if k != "torch_dtype"} == {
+        k: v for k, v in src_cfg.items() if k != "torch_dtype"
+    }
     for f in AUX[1:]:
         assert (out / f).read_bytes() == (src.path / f).read_bytes(), f
 
@@ -130,8 +147,17 @@ def test_dtype_change_casts_and_updates_config(tmp_path, models, src_dtype, out_
 def _aux_dir(folder: Path, config: dict) -> Path:
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
-    for name in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt", "modeling_custom.py"]:
+    for name in [
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "modeling_custom.py",
+    ]:
         (folder / name).write_text(f"content of {name}\n")
     for name in ["model.safetensors", "trainer_state.json", "optimizer.pt", "rng_state.pth", "notes.md"]:
         (folder / name).write_text(f"not copied: {name}\n")
@@ -143,20 +169,35 @@ def test_copy_aux_files_copies_only_model_files(tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     copied = copy_aux_files(src, dst, None)
-    expected = ["added_tokens.json", "chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
-                "modeling_custom.py", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    expected = [
+        "added_tokens.json",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "merges.txt",
+        "modeling_custom.py",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
     assert sorted(copied) == expected
     assert sorted(p.name for p in dst.iterdir()) == expected
     for name in expected:
         assert (dst / name).read_bytes() == (src / name).read_bytes()
 
 
-@pytest.mark.parametrize("cfg,expected", [
-    ({"model_type": "llama", "dtype": "bfloat16"}, {"model_type": "llama", "dtype": "float32"}),
-    ({"model_type": "llama", "dtype": "bfloat16", "torch_dtype": "bfloat16"},
-     {"model_type": "llama", "dtype": "float32", "torch_dtype": "float32"}),
-    ({"model_type": "llama"}, {"model_type": "llama", "torch_dtype": "float32"}),
-])
+@pytest.mark.parametrize(
+    "cfg,expected",
+    [
+        ({"model_type": "llama", "dtype": "bfloat16"}, {"model_type": "llama", "dtype": "float32"}),
+        (
+            {"model_type": "llama", "dtype": "bfloat16", "torch_dtype": "bfloat16"},
+            {"model_type": "llama", "dtype": "float32", "torch_dtype": "float32"},
+        ),
+        ({"model_type": "llama"}, {"model_type": "llama", "torch_dtype": "float32"}),
+    ],
+)
 def test_config_dtype_field_updated(tmp_path, cfg, expected):
     src = _aux_dir(tmp_path / "src", cfg)
     dst = tmp_path / "dst"

@@ -54,11 +54,18 @@ def figures(record: dict) -> dict[str, str]:
     curve = {p["step"]: p["accuracy"] for p in res["curve"]}
     fig = res["figures"]
     out = {
-        "wall": m[1], "train": m[2], "first": str(res["steps"][0]), "cut": str(res["cut"]),
-        "final": str(res["final"]), "target": f"{fig['alpharl_target_accuracy']:.3f}",
-        "energy": f"{fig['energy_1_mean']:.2f}", "traj-ev": f"{fig['trajectory_explained_1']:.2f}",
-        "traj-ev-pct": _pct(fig["trajectory_explained_1"], 0), "pls-r2": f"{fig['pls_r2']:.2f}",
-        "pls-loo": f"{fig['pls_loo_r2']:.2f}", "linear-pct": _pct(fig["linear_elements"], 0),
+        "wall": m[1],
+        "train": m[2],
+        "first": str(res["steps"][0]),
+        "cut": str(res["cut"]),
+        "final": str(res["final"]),
+        "target": f"{fig['alpharl_target_accuracy']:.3f}",
+        "energy": f"{fig['energy_1_mean']:.2f}",
+        "traj-ev": f"{fig['trajectory_explained_1']:.2f}",
+        "traj-ev-pct": _pct(fig["trajectory_explained_1"], 0),
+        "pls-r2": f"{fig['pls_r2']:.2f}",
+        "pls-loo": f"{fig['pls_loo_r2']:.2f}",
+        "linear-pct": _pct(fig["linear_elements"], 0),
         "curve": ", ".join(f"{s}: {_pct(a)}" for s, a in sorted(curve.items())),
         "relex-steps": ",".join(str(p["step"]) for p in record["relex_by_distance"]),
         "relex-by-distance": _list([_pct(p["accuracy"]) for p in record["relex_by_distance"]]),
@@ -93,8 +100,11 @@ def stale() -> list[str]:
     """The pages whose figures differ from the record's."""
     record = load()
     values, block = figures(record), transcript_block(record)
-    return [str(p.relative_to(ROOT)) for p in PAGES if filled(p.read_text(encoding="utf-8"), values, block)
-            != p.read_text(encoding="utf-8")]
+    return [
+        str(p.relative_to(ROOT))
+        for p in PAGES
+        if filled(p.read_text(encoding="utf-8"), values, block) != p.read_text(encoding="utf-8")
+    ]
 
 
 def fill() -> None:
@@ -116,16 +126,27 @@ def relex_by_distance(demo_out: Path, results: dict) -> list[dict]:
     config = DemoTraining.quick(results["seed"]) if results["quick"] else DemoTraining(seed=results["seed"])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "relex"
-        res = extrapolate(str(demo_out / "base"), str(out), options=ExtrapolateOptions(
-            method="relex", run=str(demo_out / "run"), history_until=cut, target_steps=targets, device="cpu"))
-        return [{"step": step, "accuracy": evaluate_checkpoint(o.path, config)}
-                for step, o in zip(targets, res.outputs, strict=True)]
+        res = extrapolate(
+            str(demo_out / "base"),
+            str(out),
+            options=ExtrapolateOptions(
+                method="relex", run=str(demo_out / "run"), history_until=cut, target_steps=targets, device="cpu"
+            ),
+        )
+        return [
+            {"step": step, "accuracy": evaluate_checkpoint(o.path, config)}
+            for step, o in zip(targets, res.outputs, strict=True)
+        ]
 
 
 def record(demo_out: Path, transcript: Path) -> None:
     results = json.loads((demo_out / "results.json").read_text(encoding="utf-8"))
-    data = {"command": COMMAND, "results": results, "transcript": transcript.read_text(encoding="utf-8"),
-            "relex_by_distance": relex_by_distance(demo_out, results)}
+    data = {
+        "command": COMMAND,
+        "results": results,
+        "transcript": transcript.read_text(encoding="utf-8"),
+        "relex_by_distance": relex_by_distance(demo_out, results),
+    }
     RECORD.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     shutil.copyfile(demo_out / "accuracy.png", PLOT)
     fill()

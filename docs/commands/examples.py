@@ -49,8 +49,9 @@ PAGES.append(DOCS / "cli.md")
 DEMO = "demo-synthetic"  # where `make demo` puts the planted run (Makefile)
 SETUP = f"rank1 demo --synthetic --out {DEMO} --force"
 COLUMNS = "110"
-MARK = re.compile(r"^<!-- example (?P<name>[\w-]+)(?: lines=(?P<lines>[0-9,-]+))? -->\n```console\n(?P<body>.*?)^```\n",
-                  re.M | re.S)
+MARK = re.compile(
+    r"^<!-- example (?P<name>[\w-]+)(?: lines=(?P<lines>[0-9,-]+))? -->\n```console\n(?P<body>.*?)^```\n", re.M | re.S
+)
 SHELL_SYNTAX = re.compile(r"[|&;<>`$(){}*?]")
 
 
@@ -67,8 +68,11 @@ class Example:
 
 
 def examples(pages: list[Path] = PAGES) -> list[Example]:
-    return [Example(page, m["name"], m["lines"], m["body"])
-            for page in pages for m in MARK.finditer(page.read_text(encoding="utf-8"))]
+    return [
+        Example(page, m["name"], m["lines"], m["body"])
+        for page in pages
+        for m in MARK.finditer(page.read_text(encoding="utf-8"))
+    ]
 
 
 def select(lines: list[str], spec: str | None) -> list[str]:
@@ -82,7 +86,7 @@ def select(lines: list[str], spec: str | None) -> list[str]:
         stop = len(lines) if part.endswith("-") else int(b or a)
         if start > last + 1:
             out.append("…")
-        out.extend(lines[start - 1:stop])
+        out.extend(lines[start - 1 : stop])
         last = stop
     if last < len(lines):
         out.append("…")
@@ -144,7 +148,9 @@ def transcript(example: Example, cwd: Path) -> str:
 def scratch(folder: str | None):
     """cwd = the scratch folder with the synthetic demo in it, COLUMNS fixed, for the duration."""
     with contextlib.ExitStack() as stack:
-        path = Path(folder) if folder else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rank1-examples-")))
+        path = (
+            Path(folder) if folder else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rank1-examples-")))
+        )
         path.mkdir(parents=True, exist_ok=True)
         old_cwd, old_env = os.getcwd(), {k: os.environ.get(k) for k in ("COLUMNS", "HF_HUB_OFFLINE")}
         os.chdir(path)
@@ -185,8 +191,10 @@ def line_matches(quoted: str, real: str) -> bool:
     a, b = _normal(quoted), _normal(real)
     if NUMBER.sub("#", a) != NUMBER.sub("#", b):
         return False
-    return all(math.isclose(float(x), float(y), rel_tol=0, abs_tol=_tolerance(x))
-               for x, y in zip(NUMBER.findall(a), NUMBER.findall(b)))
+    return all(
+        math.isclose(float(x), float(y), rel_tol=0, abs_tol=_tolerance(x))
+        for x, y in zip(NUMBER.findall(a), NUMBER.findall(b))
+    )
 
 
 def differences(quoted: str, real: str) -> list[str]:

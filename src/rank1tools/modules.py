@@ -13,13 +13,30 @@ _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 # Projection name -> short module type. Fused projections keep a fused name.
 _MODULE_TYPES = {
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-    "query": "q", "key": "k", "value": "v", "dense": "o",
-    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
-    "w1": "gate", "w3": "up", "w2": "down",
-    "qkv_proj": "qkv", "query_key_value": "qkv", "c_attn": "qkv", "Wqkv": "qkv",
-    "gate_up_proj": "gate_up", "c_fc": "up",
-    "fc1": "up", "fc2": "down", "dense_h_to_4h": "up", "dense_4h_to_h": "down",
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "dense": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+    "qkv_proj": "qkv",
+    "query_key_value": "qkv",
+    "c_attn": "qkv",
+    "Wqkv": "qkv",
+    "gate_up_proj": "gate_up",
+    "c_fc": "up",
+    "fc1": "up",
+    "fc2": "down",
+    "dense_h_to_4h": "up",
+    "dense_4h_to_h": "down",
     "out_proj": "o",
 }
 
@@ -71,8 +88,13 @@ def is_embedding(name: str) -> bool:
     return name.endswith(EMBEDDING_NAMES)
 
 
-def select_tensors(shapes: dict[str, tuple[int, ...]], *, include: list[str] | None = None,
-                   exclude: list[str] | None = None, all_2d: bool = False) -> list[str]:
+def select_tensors(
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    all_2d: bool = False,
+) -> list[str]:
     """Names of the 2-D tensors a command works on, in the given order.
 
     Default: matrix modules. `all_2d` adds every other 2-D tensor (embeddings, lm_head).

@@ -103,8 +103,15 @@ def check_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def parse_number(value: str | float, option: str, *, at_least: float | None = None, above: float | None = None,
-                 at_most: float | None = None, integer: bool = False) -> float | int:
+def parse_number(
+    value: str | float,
+    option: str,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    integer: bool = False,
+) -> float | int:
     """A numeric option: ASCII decimal text (`0.5`, `-2`, `1e-3`; an integer option: digits only),
     finite, within the given bounds. Python's own literals beyond that are refused, because float()
     and int() would read them silently: `0_5` as 5, `1_0` as 10, `inf`, `nan`, other scripts' digits."""

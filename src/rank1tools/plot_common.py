@@ -11,7 +11,22 @@ from pathlib import Path
 INSTALL_HINT = "pip install 'rank1tools[plot]'"
 
 # Same order as the spectrum summary (engine/spectrum_tables.py); unknown types go last, by name.
-TYPE_ORDER = ["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "norm", "bias", "embedding", "lm_head", "other"]
+TYPE_ORDER = [
+    "q",
+    "k",
+    "v",
+    "o",
+    "qkv",
+    "gate",
+    "up",
+    "gate_up",
+    "down",
+    "norm",
+    "bias",
+    "embedding",
+    "lm_head",
+    "other",
+]
 DPI = 100
 ANNOTATE_MAX_LAYERS = 40  # past this a cell is a few pixels high: no room for its value
 RC = {"svg.hashsalt": "rank1tools", "svg.fonttype": "path", "font.size": 9, "axes.titlesize": 10}
@@ -43,6 +58,7 @@ def plots_available() -> bool:
 def pyplot():
     try:
         import matplotlib
+
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError as e:
@@ -104,8 +120,9 @@ def grid(rows: list[dict], key: str, step=None):
     return layers, types, mat
 
 
-def heatmap_panels(plt, grids, cmap, vmin, vmax, bar_label, title, out_dir, name, *, fit_scale=False,
-                    labels=None) -> list[Path]:
+def heatmap_panels(
+    plt, grids, cmap, vmin, vmax, bar_label, title, out_dir, name, *, fit_scale=False, labels=None
+) -> list[Path]:
     """One figure of layer × type heatmaps side by side (grids: (title, layers, types, matrix)),
     one colour scale; nothing when there is no grid. Cells show their value (labels: the matrices
     of values to print, default the grids' own); with `fit_scale`, grids too tall to print values
@@ -118,8 +135,13 @@ def heatmap_panels(plt, grids, cmap, vmin, vmax, bar_label, title, out_dir, name
         vmin, vmax = data_range([g[3] for g in grids], vmin, vmax)
         bar_label = f"{bar_label or ''} (scale fit to the data)".strip()
     w = max(3.2, 0.45 * n_types + 1.6)
-    fig, axes = plt.subplots(1, len(grids), figsize=(w * len(grids) + 1.0, min(10, max(3.5, 0.25 * n_layers + 2))),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(grids),
+        figsize=(w * len(grids) + 1.0, min(10, max(3.5, 0.25 * n_layers + 2))),
+        squeeze=False,
+        layout="constrained",
+    )
     try:
         im = None
         for i, (ax, (label, layers, types, mat)) in enumerate(zip(axes[0], grids)):
@@ -162,8 +184,7 @@ def heatmap(ax, plt, layers, types, mat, cmap, vmin, vmax, labels=None):
                     continue
                 r, g, b, _ = im.cmap(im.norm(arr[i, j]))
                 dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark cells
-                ax.text(j, i, cell_text(v), ha="center", va="center", fontsize=size,
-                        color="white" if dark else "black")
+                ax.text(j, i, cell_text(v), ha="center", va="center", fontsize=size, color="white" if dark else "black")
     ax.set_xticks(range(len(types)), types, rotation=45 if len(types) > 6 else 0)
     step = max(1, math.ceil(len(layers) / 16))
     ax.set_yticks(range(0, len(layers), step), [str(layer) for layer in layers[::step]])

@@ -20,8 +20,17 @@ from pathlib import Path
 from . import plot_common as common
 from .plot_common import INSTALL_HINT, PlotsUnavailable, plots_available, steps_label
 
-__all__ = ["INSTALL_HINT", "PlotsUnavailable", "decompose_plots", "demo_accuracy_plot", "fit_plots",
-           "linearity_plots", "oriented", "plots_available", "steps_label"]
+__all__ = [
+    "INSTALL_HINT",
+    "PlotsUnavailable",
+    "decompose_plots",
+    "demo_accuracy_plot",
+    "fit_plots",
+    "linearity_plots",
+    "oriented",
+    "plots_available",
+    "steps_label",
+]
 
 _R2_KINDS = [("r2", "in-sample R²"), ("loo_r2", "leave-one-out R²"), ("r2_step", "R² vs step")]
 
@@ -48,18 +57,23 @@ def decompose_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         span = steps_label(steps)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
         try:
-            for ax, key, label in ((axes[0], "energy_1", "energy₁ = σ₁² / ‖ΔW‖²"),
-                                   (axes[1], "norm_frac_1", "norm fraction = σ₁ / ‖ΔW‖")):
+            for ax, key, label in (
+                (axes[0], "energy_1", "energy₁ = σ₁² / ‖ΔW‖²"),
+                (axes[1], "norm_frac_1", "norm fraction = σ₁ / ‖ΔW‖"),
+            ):
                 for t in types:
-                    ys = [common.nanmean([common.num(r.get(key)) for r in rows if str(r["type"]) == t and r["step"] == s])
-                          for s in steps]
+                    ys = [
+                        common.nanmean([common.num(r.get(key)) for r in rows if str(r["type"]) == t and r["step"] == s])
+                        for s in steps
+                    ]
                     ax.plot(steps, ys, marker="o", markersize=3, linewidth=1.3, label=t)
                 ax.set_title(f"{key} by module type (mean over layers), {span}")
                 ax.set_xlabel("step")
                 ax.set_ylabel(label)
                 ax.grid(True, alpha=0.3)
-            axes[1].legend(title="type", fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                           ncol=2 if len(types) > 12 else 1)
+            axes[1].legend(
+                title="type", fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=2 if len(types) > 12 else 1
+            )
             fig.tight_layout()
             written += common.save(fig, out_dir, "energy_by_type")
         finally:
@@ -69,7 +83,9 @@ def decompose_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         last = steps[-1]
         layers, htypes, mat = common.grid(rows, "energy_1", step=last)
         if layers:
-            fig, ax = plt.subplots(figsize=(max(4.5, 0.6 * len(htypes) + 2.5), min(10, max(3.5, 0.25 * len(layers) + 2))))
+            fig, ax = plt.subplots(
+                figsize=(max(4.5, 0.6 * len(htypes) + 2.5), min(10, max(3.5, 0.25 * len(layers) + 2)))
+            )
             try:
                 vmin, vmax, bar = 0.0, 1.0, "energy₁"
                 if len(layers) > common.ANNOTATE_MAX_LAYERS:  # no room for the values: a scale fit to the data
@@ -99,7 +115,7 @@ def _ranked(rows: list[dict], trajectories: dict, n: int = 5) -> tuple[str, list
     cands = [r for r in rows if r["module"] in trajectories and not math.isnan(common.num(r.get(key)))]
     cands.sort(key=lambda r: (-common.num(r.get(key)), str(r["module"])))
     top = cands[:n]
-    bottom = cands[max(n, len(cands) - n):][::-1]
+    bottom = cands[max(n, len(cands) - n) :][::-1]
     return key, top, bottom
 
 
@@ -120,8 +136,17 @@ def _fit_panel(ax, xs, ys, line, xlabel, ylabel, title, steps, norm):
     """y against the (oriented) score, points coloured by their step, the fitted line in red."""
     pts = [(x, y, s) for x, y, s in zip(xs, ys, steps) if not (math.isnan(common.num(x)) or math.isnan(common.num(y)))]
     if pts:
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", norm=norm,
-                   s=18, zorder=3, edgecolors="black", linewidths=0.3)
+        ax.scatter(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            c=[p[2] for p in pts],
+            cmap="viridis",
+            norm=norm,
+            s=18,
+            zorder=3,
+            edgecolors="black",
+            linewidths=0.3,
+        )
     if line is not None and pts:
         a, b = common.num(line[0]), common.num(line[1])
         lo, hi = min(p[0] for p in pts), max(p[0] for p in pts)
@@ -135,7 +160,7 @@ def _fit_panel(ax, xs, ys, line, xlabel, ylabel, title, steps, norm):
 
 
 def _short(name: str, width: int = 34) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
 def _label(row: dict) -> str:
@@ -145,8 +170,7 @@ def _label(row: dict) -> str:
     return _short(str(row["module"]), 24)
 
 
-def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path,
-              metric_name: str | None) -> list[Path]:
+def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path, metric_name: str | None) -> list[Path]:
     """Figures for `rank1 fit-pls`. rows: one dict per module with module, layer, type, r2, loo_r2,
     r2_step (NaN allowed; r2 and loo_r2 None without a metric). trajectories[module]: steps,
     scores, metric (or None), score_line (a, b) with metric ≈ a + b·score; step_scores (the scores
@@ -168,11 +192,22 @@ def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path,
         kinds = [(k, label) for k, label in _R2_KINDS if _present(rows, k)]
         grids = [(label, *common.grid(rows, k)) for k, label in kinds]
         grids = [g for g in grids if g[1]]
-        clipped = [(label, layers, types, [[v if math.isnan(v) else min(1.0, max(-1.0, v)) for v in row] for row in mat])
-                   for label, layers, types, mat in grids]
-        written += common.heatmap_panels(plt, clipped, "RdBu", -1.0, 1.0, "R² (colour clipped to [-1, 1])",
-                                   f"PLS fit per module, {span} (grey: no value)", out_dir, "r2_heatmap",
-                                   labels=[g[3] for g in grids])
+        clipped = [
+            (label, layers, types, [[v if math.isnan(v) else min(1.0, max(-1.0, v)) for v in row] for row in mat])
+            for label, layers, types, mat in grids
+        ]
+        written += common.heatmap_panels(
+            plt,
+            clipped,
+            "RdBu",
+            -1.0,
+            1.0,
+            "R² (colour clipped to [-1, 1])",
+            f"PLS fit per module, {span} (grey: no value)",
+            out_dir,
+            "r2_heatmap",
+            labels=[g[3] for g in grids],
+        )
 
         # (2) small multiples of the most / least linear modules
         key, top, bottom = _ranked(rows, trajectories)
@@ -203,13 +238,24 @@ def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path,
                             if panel == "metric":
                                 metric = tr.get("metric")
                                 xs, line = oriented(scores, tr.get("score_line"))
-                                _fit_panel(ax, xs, list(metric) if metric is not None else [],
-                                           line, "PLS score", mname, title, steps, norm)
+                                _fit_panel(
+                                    ax,
+                                    xs,
+                                    list(metric) if metric is not None else [],
+                                    line,
+                                    "PLS score",
+                                    mname,
+                                    title,
+                                    steps,
+                                    norm,
+                                )
                             else:
                                 xs, line = oriented(tr.get("step_scores") or scores, tr.get("step_line"))
                                 _fit_panel(ax, xs, steps, line, "PLS score (step fit)", "step", title, steps, norm)
-                fig.suptitle(f"Most and least linear modules, {span} (ranked by {key}); red: fitted line; "
-                             f"scores oriented so that {mname if has_metric else 'the step'} rises with them")
+                fig.suptitle(
+                    f"Most and least linear modules, {span} (ranked by {key}); red: fitted line; "
+                    f"scores oriented so that {mname if has_metric else 'the step'} rises with them"
+                )
                 fig.tight_layout(rect=(0, 0, 0.93, 1))
                 bar = fig.add_axes((0.945, 0.15, 0.012, 0.7))
                 fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis"), cax=bar, label="step")
@@ -259,12 +305,20 @@ def linearity_plots(rows: list[dict], out_dir: Path, steps: list[int] | None = N
         fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(types) + 2.0), 4))
         try:
             xs = list(range(len(types)))
-            ax.bar(xs, [_weighted_frac([r for r in rows if str(r["type"]) == t]) for t in types],
-                   color="C0", alpha=0.6, label="element-weighted")
+            ax.bar(
+                xs,
+                [_weighted_frac([r for r in rows if str(r["type"]) == t]) for t in types],
+                color="C0",
+                alpha=0.6,
+                label="element-weighted",
+            )
             for x, t in zip(xs, types):
-                vals = sorted(v for r in rows if str(r["type"]) == t and not math.isnan(v := common.num(r.get(_FRAC_KEY))))
-                ax.scatter([x] * len(vals), vals, s=10, color="C1", zorder=3,
-                           label="per tensor" if x == xs[0] else None)
+                vals = sorted(
+                    v for r in rows if str(r["type"]) == t and not math.isnan(v := common.num(r.get(_FRAC_KEY)))
+                )
+                ax.scatter(
+                    [x] * len(vals), vals, s=10, color="C1", zorder=3, label="per tensor" if x == xs[0] else None
+                )
             overall = _weighted_frac(rows)
             if not math.isnan(overall):
                 ax.axhline(overall, color="C3", linestyle="--", linewidth=1.2, label=f"all tensors {overall:.1%}")
@@ -280,16 +334,31 @@ def linearity_plots(rows: list[dict], out_dir: Path, steps: list[int] | None = N
         finally:
             plt.close(fig)
 
-        grids = [(label, *common.grid(rows, key)) for key, label in
-                 (("explained_1", "trajectory rank-1 explained variance"), (_FRAC_KEY, "share with R² > 0.7"))]
-        written += common.heatmap_panels(plt, [g for g in grids if g[1]], "viridis", 0.0, 1.0, None,
-                                   f"Linearity per layer and type, {span} (grey: no value)", out_dir,
-                                   "linearity_heatmap", fit_scale=True)
+        grids = [
+            (label, *common.grid(rows, key))
+            for key, label in (
+                ("explained_1", "trajectory rank-1 explained variance"),
+                (_FRAC_KEY, "share with R² > 0.7"),
+            )
+        ]
+        written += common.heatmap_panels(
+            plt,
+            [g for g in grids if g[1]],
+            "viridis",
+            0.0,
+            1.0,
+            None,
+            f"Linearity per layer and type, {span} (grey: no value)",
+            out_dir,
+            "linearity_heatmap",
+            fit_scale=True,
+        )
     return written
 
 
-def demo_accuracy_plot(curve: dict[int, float], cut: int, points: list[tuple[str, int, float]],
-                       out_dir: Path) -> list[Path]:
+def demo_accuracy_plot(
+    curve: dict[int, float], cut: int, points: list[tuple[str, int, float]], out_dir: Path
+) -> list[Path]:
     """accuracy (`rank1 demo`): the run's held-out accuracy by step (line), the cut of the
     extrapolations' history (dotted), and each synthesized model (name, step, accuracy) as a marker
     at the step it stands for. Returns the PNG and SVG written."""

@@ -65,7 +65,9 @@ def check_memory(need_bytes: int, what: str) -> None:
         raise ResourceError(f"{what}: needs about {_gb(need_bytes)} of memory but {_gb(avail)} are available")
 
 
-def check_largest_tensor(names: Iterable[str], need: Callable[[str], int], shape: Callable[[str], Sequence[int]]) -> None:
+def check_largest_tensor(
+    names: Iterable[str], need: Callable[[str], int], shape: Callable[[str], Sequence[int]]
+) -> None:
     """Refuse (check_memory) before any work when the tensor with the largest working set `need(name)`
     does not fit: the check every command makes, each with its own estimate of a tensor's need."""
     name = max(names, key=need)
@@ -101,8 +103,17 @@ def decompose_peak_bytes(numel: int, raw_bytes: int, svd: int, on_cpu: bool = Tr
     return 12 * numel + raw_bytes + svd
 
 
-def reconstruct_peak_bytes(numel: int, raw_bytes: int, out_itemsize: int, *, selected: bool,
-                           from_factors: bool, svd: int, rest: str, on_cpu: bool = True) -> int:
+def reconstruct_peak_bytes(
+    numel: int,
+    raw_bytes: int,
+    out_itemsize: int,
+    *,
+    selected: bool,
+    from_factors: bool,
+    svd: int,
+    rest: str,
+    on_cpu: bool = True,
+) -> int:
     """Peak host bytes while `reconstruct` writes one tensor (N elements, R raw bytes).
 
     Selected: reading and subtracting holds base, checkpoint and update in float32 plus a raw

@@ -32,12 +32,22 @@ class LlamaShape:
 
     def config(self, dtype: torch.dtype = torch.float32) -> dict:
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.intermediate,
-            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads, "head_dim": self.hidden // self.heads,
-            "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "hidden_act": "silu", "tie_word_embeddings": self.tie, "bos_token_id": 1, "eos_token_id": 2,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.hidden // self.heads,
+            "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
             "torch_dtype": str(dtype).removeprefix("torch."),
         }
 
@@ -47,13 +57,19 @@ class LlamaShape:
         out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
         for n in range(self.layers):
             p = f"model.layers.{n}."
-            out.update({
-                p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                p + "mlp.down_proj.weight": (h, i),
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            })
+            out.update(
+                {
+                    p + "self_attn.q_proj.weight": (h, h),
+                    p + "self_attn.k_proj.weight": (kv, h),
+                    p + "self_attn.v_proj.weight": (kv, h),
+                    p + "self_attn.o_proj.weight": (h, h),
+                    p + "mlp.gate_proj.weight": (i, h),
+                    p + "mlp.up_proj.weight": (i, h),
+                    p + "mlp.down_proj.weight": (h, i),
+                    p + "input_layernorm.weight": (h,),
+                    p + "post_attention_layernorm.weight": (h,),
+                }
+            )
         out["model.norm.weight"] = (h,)
         if not self.tie:
             out["lm_head.weight"] = (self.vocab, h)
@@ -86,8 +102,9 @@ def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return 0.02 * torch.randn(shape, generator=g)
 
 
-def update_tensor(name: str, base: torch.Tensor, step: int, t_max: int, seed: int,
-                  rank1_scale: float = 0.05, noise: float = 2e-5) -> torch.Tensor:
+def update_tensor(
+    name: str, base: torch.Tensor, step: int, t_max: int, seed: int, rank1_scale: float = 0.05, noise: float = 2e-5
+) -> torch.Tensor:
     """The planted update dW_step of one tensor (float32)."""
     frac = step / t_max
     g = _gen(seed * 7919 + stable_hash(name))
@@ -98,11 +115,16 @@ def update_tensor(name: str, base: torch.Tensor, step: int, t_max: int, seed: in
     else:
         direction = torch.randn(base.shape, generator=g) * (rank1_scale * base.norm() / base.numel() ** 0.5)
     gn = _gen(seed * 104729 + stable_hash(name) + 31 * step)
-    return frac * direction + frac ** 0.5 * noise * torch.randn(base.shape, generator=gn)
+    return frac * direction + frac**0.5 * noise * torch.randn(base.shape, generator=gn)
 
 
-def write_model(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict | None = None,
-                max_shard_size: int | str | None = None, extras: bool = True) -> Path:
+def write_model(
+    folder: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict | None = None,
+    max_shard_size: int | str | None = None,
+    extras: bool = True,
+) -> Path:
     """Write a HF model folder: `model.safetensors` or shards + index (huggingface_hub's saver)."""
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import save_file
@@ -117,7 +139,7 @@ def write_model(folder: str | Path, tensors: dict[str, torch.Tensor], config: di
     else:
         save_torch_state_dict(tensors, folder, max_shard_size=max_shard_size)
     for weights in folder.glob("*.safetensors"):  # safetensors creates its files 0600; the demos' outputs
-        follow_umask(weights, directory=False)   # follow the umask like every output (docs/cli.md)
+        follow_umask(weights, directory=False)  # follow the umask like every output (docs/cli.md)
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if extras:
@@ -128,15 +150,21 @@ def write_model(folder: str | Path, tensors: dict[str, torch.Tensor], config: di
     return folder
 
 
-def make_base(folder: str | Path, shape: LlamaShape = LlamaShape(), dtype: torch.dtype = torch.float32,
-              seed: int = 0, max_shard_size: int | str | None = None) -> Path:
+def make_base(
+    folder: str | Path,
+    shape: LlamaShape = LlamaShape(),
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_shard_size: int | str | None = None,
+) -> Path:
     """A random Llama-shaped base model folder."""
     tensors = {n: base_tensor(n, s, seed).to(dtype) for n, s in shape.shapes().items()}
     return write_model(folder, tensors, shape.config(dtype), max_shard_size)
 
 
-def checkpoint_tensors(shape: LlamaShape, step: int, t_max: int, base_dtype: torch.dtype,
-                       dtype: torch.dtype, seed: int = 0, **update_kw) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(
+    shape: LlamaShape, step: int, t_max: int, base_dtype: torch.dtype, dtype: torch.dtype, seed: int = 0, **update_kw
+) -> dict[str, torch.Tensor]:
     """theta_step = theta_0 + dW_step, computed in float32 from the base as stored."""
     out = {}
     for n, s in shape.shapes().items():
@@ -145,9 +173,17 @@ def checkpoint_tensors(shape: LlamaShape, step: int, t_max: int, base_dtype: tor
     return out
 
 
-def make_run(run_dir: str | Path, steps: list[int], shape: LlamaShape = LlamaShape(),
-             layout: str = "trl", base_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32,
-             seed: int = 0, max_shard_size: int | str | None = None, **update_kw) -> Path:
+def make_run(
+    run_dir: str | Path,
+    steps: list[int],
+    shape: LlamaShape = LlamaShape(),
+    layout: str = "trl",
+    base_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_shard_size: int | str | None = None,
+    **update_kw,
+) -> Path:
     """A run directory of checkpoints in a trainer's layout: `trl`, `verl` or `openrlhf`."""
     run = Path(run_dir)
     t_max = max(steps)
@@ -188,18 +224,37 @@ def write_factor_store(folder: str | Path, steps: list[int], modules: dict[str, 
     for name, m in modules.items():
         U, S, V = (torch.as_tensor(m[k], dtype=torch.float32) for k in ("U", "S", "V"))
         T = len(steps)
-        tensors = {"steps": torch.tensor(steps, dtype=torch.int64), "S": S.reshape(T, 1).contiguous(),
-                   "U": U.reshape(T, -1, 1).contiguous(), "V": V.reshape(T, -1, 1).contiguous(),
-                   "fro": S.double().abs().reshape(T).contiguous(), "base_fro": torch.ones(1, dtype=torch.float64)}
-        meta = {"rank1tools": json.dumps({"module": name, "methods": ["exact"] * T, "residuals": [0.0] * T},
-                                         sort_keys=True)}
+        tensors = {
+            "steps": torch.tensor(steps, dtype=torch.int64),
+            "S": S.reshape(T, 1).contiguous(),
+            "U": U.reshape(T, -1, 1).contiguous(),
+            "V": V.reshape(T, -1, 1).contiguous(),
+            "fro": S.double().abs().reshape(T).contiguous(),
+            "base_fro": torch.ones(1, dtype=torch.float64),
+        }
+        meta = {
+            "rank1tools": json.dumps({"module": name, "methods": ["exact"] * T, "residuals": [0.0] * T}, sort_keys=True)
+        }
         save_file(tensors, str(folder / "factors" / factor_file(name)), metadata=meta)
-        entries.append({"name": name, "shape": [U.shape[-1], V.shape[-1]], "layer": m.get("layer"),
-                        "type": m.get("type"), "file": f"factors/{factor_file(name)}"})
-    manifest = {"format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": "synthetic",
-                "base": {"source": "synthetic-base", "revision": None},
-                "checkpoints": [{"step": s, "source": f"synthetic/checkpoint-{s}", "revision": None} for s in steps],
-                "step_source": "trainer", "parameters": {"rank": 1, "svd": "exact"}, "modules": entries}
+        entries.append(
+            {
+                "name": name,
+                "shape": [U.shape[-1], V.shape[-1]],
+                "layer": m.get("layer"),
+                "type": m.get("type"),
+                "file": f"factors/{factor_file(name)}",
+            }
+        )
+    manifest = {
+        "format": FACTOR_FORMAT,
+        "format_version": FACTOR_FORMAT_VERSION,
+        "tool_version": "synthetic",
+        "base": {"source": "synthetic-base", "revision": None},
+        "checkpoints": [{"step": s, "source": f"synthetic/checkpoint-{s}", "revision": None} for s in steps],
+        "step_source": "trainer",
+        "parameters": {"rank": 1, "svd": "exact"},
+        "modules": entries,
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / "rank1tools.json").write_text(json.dumps({"tool": "rank1tools", "command": "synthetic"}) + "\n")
     return folder

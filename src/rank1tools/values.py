@@ -22,10 +22,17 @@ INT64_MAX = 2**63 - 1  # steps and counts end up in int64 tensors and JSON reade
 _ASCII_INT = re.compile(r"[0-9]+")
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)")
 SIZE_UNITS = {
-    "": 1, "b": 1,
+    "": 1,
+    "b": 1,
     # decimal, as huggingface_hub.serialization.parse_size_to_int (and save_pretrained's "5GB")
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 
 
@@ -130,8 +137,11 @@ class StepSelection:
     def contains(self, step: int) -> bool:
         if self.kind == "list":
             return step in self.listed
-        return ((self.start is None or step >= self.start) and (self.stop is None or step <= self.stop)
-                and (self.every is None or (step - (self.start or 0)) % self.every == 0))
+        return (
+            (self.start is None or step >= self.start)
+            and (self.stop is None or step <= self.stop)
+            and (self.every is None or (step - (self.start or 0)) % self.every == 0)
+        )
 
     def __str__(self) -> str:
         return self.text

@@ -30,6 +30,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
 class _PlainArgument(TyperArgument):
     """An argument shown by its metavar alone: `BASE`, `[CHECKPOINT]...`, not typer's `{base}` or `<str>`."""
 
@@ -113,8 +114,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     pass
 
 
@@ -146,8 +150,15 @@ def stderr_progress(enabled: bool, description: str):
         TimeRemainingColumn,
     )
 
-    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    bar = Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
     task = bar.add_task(description, total=None)
 
     def update(done: int, total: int) -> None:
@@ -252,9 +263,10 @@ def main() -> None:
     except Exception as e:  # one line for users; the traceback on request
         if os.environ.get("RANK1_DEBUG"):
             raise
-        sys.stderr.write(f"rank1: internal error: {type(e).__name__}: {_one_line(e)} (set RANK1_DEBUG=1 for a traceback)\n")
+        sys.stderr.write(
+            f"rank1: internal error: {type(e).__name__}: {_one_line(e)} (set RANK1_DEBUG=1 for a traceback)\n"
+        )
         sys.exit(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
         rank1tools.COMMAND_LINE = None  # later library calls in this process have no command line
-

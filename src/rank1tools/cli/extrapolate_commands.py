@@ -102,7 +102,7 @@ class ExtrapolateGroup(typer.core.TyperGroup):
             return super().parse_args(ctx, args)
         rewritten = rewrite_method_alias(args)
         if rewritten is args and args[0] not in self.commands:  # no method given
-            head = args[:args.index("--")] if "--" in args else args
+            head = args[: args.index("--")] if "--" in args else args
             if "-h" in head or "--help" in head:
                 return super().parse_args(ctx, ["--help"])
             _no_method(ctx, self, args)
@@ -158,8 +158,10 @@ def _no_method(ctx: Context, group, args: list[str]) -> None:
         if not known:
             union = typer.core.TyperCommand(name="extrapolate", params=params)
             raise NoSuchOption(flag, ctx=Context(union, info_name="extrapolate", parent=ctx.parent))
-    raise UsageError("extrapolate needs a method: rank1 extrapolate alpharl|relex|linear BASE ... "
-                     "(or --method M; see rank1 extrapolate --help)")
+    raise UsageError(
+        "extrapolate needs a method: rank1 extrapolate alpharl|relex|linear BASE ... "
+        "(or --method M; see rank1 extrapolate --help)"
+    )
 
 
 class MethodCommand(Rank1Command):
@@ -190,45 +192,84 @@ def _method_command(name: str):
 
 
 extrapolate_app = typer.Typer(
-    cls=ExtrapolateGroup, no_args_is_help=True, rich_markup_mode=None, add_completion=False,
+    cls=ExtrapolateGroup,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Write the checkpoint(s) a method predicts for later steps or a target metric.\n\n"
-         "One subcommand per method, each with its own flags (rank1 extrapolate METHOD --help). "
-         "`rank1 extrapolate BASE --method METHOD ...` is an alias of `rank1 extrapolate METHOD BASE ...`. "
-         "A flag of another method exits 2 naming the method it belongs to.")
+    "One subcommand per method, each with its own flags (rank1 extrapolate METHOD --help). "
+    "`rank1 extrapolate BASE --method METHOD ...` is an alias of `rank1 extrapolate METHOD BASE ...`. "
+    "A flag of another method exits 2 naming the method it belongs to.",
+)
 app.add_typer(extrapolate_app, name="extrapolate")
 
 # ---- the options, declared once ----
 
 OUT_OPT = out_option("Output checkpoint (one target) or parent of step-S / metric-Y folders.")
-TARGET_STEP_OPT = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, e.g. 500 or 500,1000,2000.")
+TARGET_STEP_OPT = typer.Option(
+    None, "--target-step", metavar="STEPS", help="Step(s) to predict, e.g. 500 or 500,1000,2000."
+)
 INCLUDE_OPT = include_option()
-FLAG_RATIO_OPT = typer.Option(4.0, "--flag-ratio", metavar="RATIO", parser=number("--flag-ratio", above=0),
-                              help="Flag tensors whose predicted update norm exceeds this many times a straight line's.")
+FLAG_RATIO_OPT = typer.Option(
+    4.0,
+    "--flag-ratio",
+    metavar="RATIO",
+    parser=number("--flag-ratio", above=0),
+    help="Flag tensors whose predicted update norm exceeds this many times a straight line's.",
+)
 HISTORY_ARG = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="History checkpoints (or use --run).")
-HISTORY_UNTIL_OPT = typer.Option(None, "--history-until", metavar="STEP", help="Use checkpoints up to this step (default all).")
-REST_OPT = choice_option("last", "--rest", REST_CHOICES, "Tensors not selected from the 'last' history checkpoint or the 'base'.")
+HISTORY_UNTIL_OPT = typer.Option(
+    None, "--history-until", metavar="STEP", help="Use checkpoints up to this step (default all)."
+)
+REST_OPT = choice_option(
+    "last", "--rest", REST_CHOICES, "Tensors not selected from the 'last' history checkpoint or the 'base'."
+)
 
 
 def _history(checkpoints, run_spec: RunSpec, history_until, rest, fit_window) -> dict:
     from ..options import parse_positive_int, parse_step
 
-    return dict(checkpoints=checkpoints or [], run=run_spec.run, steps=run_spec.steps, hub_run=run_spec.hub_run,
-                history_until=None if history_until is None else parse_step(history_until, "--history-until"),
-                rest=rest, fit_window=None if fit_window is None else parse_positive_int(fit_window, "--fit-window"))
+    return dict(
+        checkpoints=checkpoints or [],
+        run=run_spec.run,
+        steps=run_spec.steps,
+        hub_run=run_spec.hub_run,
+        history_until=None if history_until is None else parse_step(history_until, "--history-until"),
+        rest=rest,
+        fit_window=None if fit_window is None else parse_positive_int(fit_window, "--fit-window"),
+    )
 
 
 def _common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio) -> dict:
     from ..options import parse_step_list
 
     # --max-shard-size: text, parsed once by the options class (values.shard_size)
-    return dict(target_steps=parse_step_list(target_step, "--target-step") if target_step is not None else [],
-                include=include or [], exclude=exclude or [], dtype=dtype, device=device,
-                max_shard_size=max_shard_size, flag_ratio=flag_ratio)
+    return dict(
+        target_steps=parse_step_list(target_step, "--target-step") if target_step is not None else [],
+        include=include or [],
+        exclude=exclude or [],
+        dtype=dtype,
+        device=device,
+        max_shard_size=max_shard_size,
+        flag_ratio=flag_ratio,
+    )
 
 
-def _run(name: str, base: str, out: str, fields: dict, inputs: list, *, force: bool, device: str,
-         hub_cache_policy: str | None, executor: ExecutorFlags, quiet: bool, as_json: bool) -> None:
+def _run(
+    name: str,
+    base: str,
+    out: str,
+    fields: dict,
+    inputs: list,
+    *,
+    force: bool,
+    device: str,
+    hub_cache_policy: str | None,
+    executor: ExecutorFlags,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Build and check the method's options (torch-free), check the output and the executor, then run."""
     from ..commands.extrapolate.registry import method
 
@@ -262,8 +303,12 @@ def relex(
     history_until: str | None = HISTORY_UNTIL_OPT,
     target_step: str | None = TARGET_STEP_OPT,
     rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="Trajectory rank r."),
-    fit_window: str | None = typer.Option(None, "--fit-window", metavar="W", help="Fit the coefficient lines on the last W history points."),
-    position_index: bool = typer.Option(False, "--position-index", help="Fit on positions 0..T-1 as the reference code does (wrong for uneven spacing)."),
+    fit_window: str | None = typer.Option(
+        None, "--fit-window", metavar="W", help="Fit the coefficient lines on the last W history points."
+    ),
+    position_index: bool = typer.Option(
+        False, "--position-index", help="Fit on positions 0..T-1 as the reference code does (wrong for uneven spacing)."
+    ),
     include: list[str] | None = INCLUDE_OPT,
     exclude: list[str] | None = EXCLUDE_OPT,
     rest: str = REST_OPT,
@@ -280,11 +325,25 @@ def relex(
     steps in one pass. Each output loads like the base and records how it was made."""
     from ..options import parse_positive_int
 
-    fields = {**_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
-              **_history(checkpoints, run_spec, history_until, rest, fit_window),
-              "rank": parse_positive_int(rank, "--rank"), "position_index": position_index}
-    _run("relex", base, out, fields, [*(checkpoints or []), run_spec.run], force=force, device=device,
-         hub_cache_policy=run_spec.hub_cache_policy, quiet=quiet, as_json=as_json, executor=executor)
+    fields = {
+        **_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
+        **_history(checkpoints, run_spec, history_until, rest, fit_window),
+        "rank": parse_positive_int(rank, "--rank"),
+        "position_index": position_index,
+    }
+    _run(
+        "relex",
+        base,
+        out,
+        fields,
+        [*(checkpoints or []), run_spec.run],
+        force=force,
+        device=device,
+        hub_cache_policy=run_spec.hub_cache_policy,
+        quiet=quiet,
+        as_json=as_json,
+        executor=executor,
+    )
 
 
 @extrapolate_app.command("linear", cls=_method_command("linear"))
@@ -297,11 +356,24 @@ def linear(
     run_spec: RunSpec = RunSpec(),
     history_until: str | None = HISTORY_UNTIL_OPT,
     target_step: str | None = TARGET_STEP_OPT,
-    mode: str = choice_option("lstsq", "--mode", MODES, "lstsq (per-element least squares over the history) or two-point."),
-    fit_window: str | None = typer.Option(None, "--fit-window", metavar="W", help="lstsq: fit on the last W checkpoints."),
-    from_step: str | None = typer.Option(None, "--from", metavar="STEP", help="two-point: first step (default the first history checkpoint; 0 is the base)."),
-    to_step: str | None = typer.Option(None, "--to", metavar="STEP", help="two-point: second step (default the last history checkpoint)."),
-    extrapolate_norms: bool = typer.Option(False, "--extrapolate-norms", help="Extrapolate norm weights too (default: copy them from the last checkpoint)."),
+    mode: str = choice_option(
+        "lstsq", "--mode", MODES, "lstsq (per-element least squares over the history) or two-point."
+    ),
+    fit_window: str | None = typer.Option(
+        None, "--fit-window", metavar="W", help="lstsq: fit on the last W checkpoints."
+    ),
+    from_step: str | None = typer.Option(
+        None,
+        "--from",
+        metavar="STEP",
+        help="two-point: first step (default the first history checkpoint; 0 is the base).",
+    ),
+    to_step: str | None = typer.Option(
+        None, "--to", metavar="STEP", help="two-point: second step (default the last history checkpoint)."
+    ),
+    extrapolate_norms: bool = typer.Option(
+        False, "--extrapolate-norms", help="Extrapolate norm weights too (default: copy them from the last checkpoint)."
+    ),
     include: list[str] | None = INCLUDE_OPT,
     exclude: list[str] | None = EXCLUDE_OPT,
     rest: str = REST_OPT,
@@ -318,13 +390,27 @@ def linear(
     streamed, several target steps in one pass. Each output loads like the base."""
     from ..options import parse_step
 
-    fields = {**_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
-              **_history(checkpoints, run_spec, history_until, rest, fit_window),
-              "mode": mode, "from_step": None if from_step is None else parse_step(from_step, "--from"),
-              "to_step": None if to_step is None else parse_step(to_step, "--to"),
-              "extrapolate_norms": extrapolate_norms}
-    _run("linear", base, out, fields, [*(checkpoints or []), run_spec.run], force=force, device=device,
-         hub_cache_policy=run_spec.hub_cache_policy, quiet=quiet, as_json=as_json, executor=executor)
+    fields = {
+        **_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
+        **_history(checkpoints, run_spec, history_until, rest, fit_window),
+        "mode": mode,
+        "from_step": None if from_step is None else parse_step(from_step, "--from"),
+        "to_step": None if to_step is None else parse_step(to_step, "--to"),
+        "extrapolate_norms": extrapolate_norms,
+    }
+    _run(
+        "linear",
+        base,
+        out,
+        fields,
+        [*(checkpoints or []), run_spec.run],
+        force=force,
+        device=device,
+        hub_cache_policy=run_spec.hub_cache_policy,
+        quiet=quiet,
+        as_json=as_json,
+        executor=executor,
+    )
 
 
 @extrapolate_app.command("alpharl", cls=_method_command("alpharl"))
@@ -333,12 +419,34 @@ def alpharl(
     base: str = BASE_ARG,
     out: str = OUT_OPT,
     fits: str | None = typer.Option(None, "--fits", metavar="FITS_DIR", help="A fit-pls --out folder (fit store)."),
-    target_metric: str | None = typer.Option(None, "--target-metric", metavar="VALUES", help="Target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."),
-    target_step: str | None = typer.Option(None, "--target-step", metavar="STEPS", help="Step(s) to predict, for a fit store fitted against the step."),
-    container: str = choice_option("base", "--container", CONTAINERS, "Add the predicted update to 'base' (default) or to the window's 'last' checkpoint."),
-    last_checkpoint: str | None = typer.Option(None, "--last-checkpoint", metavar="CHECKPOINT", help="--container last: the window's last checkpoint (default: as the fit store records it)."),
-    min_r2: float | None = typer.Option(None, "--min-r2", metavar="R2", parser=number("--min-r2", at_most=1), help="Modules whose R² is below this keep the container's value."),
-    r2_kind: str = choice_option("r2", "--r2", R2_KINDS, "Which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."),
+    target_metric: str | None = typer.Option(
+        None, "--target-metric", metavar="VALUES", help="Target metric value(s) y*, e.g. 0.7 or 0.6,0.7,0.8."
+    ),
+    target_step: str | None = typer.Option(
+        None, "--target-step", metavar="STEPS", help="Step(s) to predict, for a fit store fitted against the step."
+    ),
+    container: str = choice_option(
+        "base",
+        "--container",
+        CONTAINERS,
+        "Add the predicted update to 'base' (default) or to the window's 'last' checkpoint.",
+    ),
+    last_checkpoint: str | None = typer.Option(
+        None,
+        "--last-checkpoint",
+        metavar="CHECKPOINT",
+        help="--container last: the window's last checkpoint (default: as the fit store records it).",
+    ),
+    min_r2: float | None = typer.Option(
+        None,
+        "--min-r2",
+        metavar="R2",
+        parser=number("--min-r2", at_most=1),
+        help="Modules whose R² is below this keep the container's value.",
+    ),
+    r2_kind: str = choice_option(
+        "r2", "--r2", R2_KINDS, "Which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."
+    ),
     hub_cache_policy: str | None = HUB_CACHE_OPT,
     include: list[str] | None = INCLUDE_OPT,
     exclude: list[str] | None = EXCLUDE_OPT,
@@ -355,9 +463,25 @@ def alpharl(
     the window's last checkpoint). Reads no run: always local."""
     from ..options import parse_number_list
 
-    fields = {**_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
-              "fits": fits, "container": container, "last_checkpoint": last_checkpoint, "min_r2": min_r2,
-              "r2_kind": r2_kind,
-              "target_metrics": parse_number_list(target_metric, "--target-metric") if target_metric is not None else []}
-    _run("alpharl", base, out, fields, [fits, last_checkpoint], force=force, device=device,
-         hub_cache_policy=hub_cache_policy, quiet=quiet, as_json=as_json, executor=executor)
+    fields = {
+        **_common(target_step, include, exclude, dtype, device, max_shard_size, flag_ratio),
+        "fits": fits,
+        "container": container,
+        "last_checkpoint": last_checkpoint,
+        "min_r2": min_r2,
+        "r2_kind": r2_kind,
+        "target_metrics": parse_number_list(target_metric, "--target-metric") if target_metric is not None else [],
+    }
+    _run(
+        "alpharl",
+        base,
+        out,
+        fields,
+        [fits, last_checkpoint],
+        force=force,
+        device=device,
+        hub_cache_policy=hub_cache_policy,
+        quiet=quiet,
+        as_json=as_json,
+        executor=executor,
+    )

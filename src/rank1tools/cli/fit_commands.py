@@ -45,8 +45,10 @@ def exit_on_gate(gate: dict | None, out: str) -> None:
     from ..commands.fit_pls import GATE_EXIT_CODE
 
     if gate is not None and not gate["passed"]:
-        sys.stderr.write(f"rank1: gate: {gate['figure']} {gate['value']} is below --fail-below {gate['threshold']} "
-                         f"(outputs written to {out})\n")
+        sys.stderr.write(
+            f"rank1: gate: {gate['figure']} {gate['value']} is below --fail-below {gate['threshold']} "
+            f"(outputs written to {out})\n"
+        )
         raise typer.Exit(GATE_EXIT_CODE)
 
 
@@ -54,14 +56,33 @@ def exit_on_gate(gate: dict | None, out: str) -> None:
 def fit_pls(
     factors: str = typer.Argument(..., metavar="FACTORS_DIR", help="A decompose --out folder (factor store)."),
     out: str = out_option("Output folder: tables, summary, plots and the fit store."),
-    metrics: str | None = typer.Option(None, "--metrics", metavar="FILE", help="Metric per checkpoint step: CSV/TSV, JSON Lines, JSON, or trainer_state.json."),
-    metric: str | None = typer.Option(None, "--metric", metavar="NAME", help="Which metric of --metrics (default: the only one)."),
-    step_column: str | None = typer.Option(None, "--step-column", metavar="NAME", help="Step column of a CSV/JSONL metrics file."),
+    metrics: str | None = typer.Option(
+        None,
+        "--metrics",
+        metavar="FILE",
+        help="Metric per checkpoint step: CSV/TSV, JSON Lines, JSON, or trainer_state.json.",
+    ),
+    metric: str | None = typer.Option(
+        None, "--metric", metavar="NAME", help="Which metric of --metrics (default: the only one)."
+    ),
+    step_column: str | None = typer.Option(
+        None, "--step-column", metavar="NAME", help="Step column of a CSV/JSONL metrics file."
+    ),
     steps: str | None = steps_option(f"Checkpoint steps to fit: {STEPS_HELP}."),
     window: str | None = typer.Option(None, "--window", metavar="STEPS", help="Alias of --steps."),
-    relative: bool = typer.Option(False, "--relative", help="Divide the metric by its value at the window's last checkpoint."),
-    min_checkpoints: str = typer.Option("3", "--min-checkpoints", metavar="N", help="Fewest checkpoints to fit (at least 3)."),
-    fail_below: float | None = typer.Option(None, "--fail-below", metavar="R2", parser=number("--fail-below", at_most=1), help="Exit 5 (after writing) when mean LOO R² (or R²_step without --metrics) is below this."),
+    relative: bool = typer.Option(
+        False, "--relative", help="Divide the metric by its value at the window's last checkpoint."
+    ),
+    min_checkpoints: str = typer.Option(
+        "3", "--min-checkpoints", metavar="N", help="Fewest checkpoints to fit (at least 3)."
+    ),
+    fail_below: float | None = typer.Option(
+        None,
+        "--fail-below",
+        metavar="R2",
+        parser=number("--fail-below", at_most=1),
+        help="Exit 5 (after writing) when mean LOO R² (or R²_step without --metrics) is below this.",
+    ),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
@@ -82,8 +103,16 @@ def fit_pls(
     from ..commands.fit_pls import FitPlsOptions
     from ..commands.fit_pls import fit_pls as run_fit_pls
 
-    opts = FitPlsOptions(metrics=metrics, metric=metric, step_column=step_column, window=selection, relative=relative,
-                         min_checkpoints=min_ck, fail_below=fail_below, plots=not no_plots)
+    opts = FitPlsOptions(
+        metrics=metrics,
+        metric=metric,
+        step_column=step_column,
+        window=selection,
+        relative=relative,
+        min_checkpoints=min_ck,
+        fail_below=fail_below,
+        plots=not no_plots,
+    )
     bar, update = stderr_progress(not quiet, "fit-pls")
     with interrupt_hint("nothing was written", out), bar:
         result = run_fit_pls(factors, out, options=opts, force=force, progress=update)
@@ -103,15 +132,36 @@ def fit_pls(
 @with_executor
 def linearity(
     base: str = BASE_ARG,
-    checkpoints: list[str] | None = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
+    checkpoints: list[str] | None = typer.Argument(
+        None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."
+    ),
     out: str = out_option("Output folder: tables, summary and plots."),
     run_spec: RunSpec = RunSpec(),
-    rank: str = typer.Option("1", "--rank", "-k", metavar="R", help="Trajectory rank r for explained_r and coef_r2_1..r (capped at the checkpoints)."),
-    include: list[str] | None = include_option("Glob of tensor names (repeatable); default every tensor with 2+ elements."),
+    rank: str = typer.Option(
+        "1",
+        "--rank",
+        "-k",
+        metavar="R",
+        help="Trajectory rank r for explained_r and coef_r2_1..r (capped at the checkpoints).",
+    ),
+    include: list[str] | None = include_option(
+        "Glob of tensor names (repeatable); default every tensor with 2+ elements."
+    ),
     exclude: list[str] | None = EXCLUDE_OPT,
-    sample: str | None = typer.Option(None, "--sample", metavar="N", help="Per-element R² on a seeded uniform sample of N elements per tensor (default all)."),
+    sample: str | None = typer.Option(
+        None,
+        "--sample",
+        metavar="N",
+        help="Per-element R² on a seeded uniform sample of N elements per tensor (default all).",
+    ),
     seed: str = typer.Option("0", "--seed", metavar="SEED", help="Seed of --sample."),
-    fail_below: float | None = typer.Option(None, "--fail-below", metavar="SHARE", parser=number("--fail-below", at_least=0, at_most=1), help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this."),
+    fail_below: float | None = typer.Option(
+        None,
+        "--fail-below",
+        metavar="SHARE",
+        parser=number("--fail-below", at_least=0, at_most=1),
+        help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this.",
+    ),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
@@ -140,13 +190,30 @@ def linearity(
     from ..commands.linearity import linearity as run_linearity
 
     set_hub_cache_policy(run_spec.hub_cache_policy)
-    opts = LinearityOptions(rank=rank_r, include=include or [], exclude=exclude or [], sample=n_sample,
-                            seed=seed_value, fail_below=fail_below, plots=not no_plots, device=device)
+    opts = LinearityOptions(
+        rank=rank_r,
+        include=include or [],
+        exclude=exclude or [],
+        sample=n_sample,
+        seed=seed_value,
+        fail_below=fail_below,
+        plots=not no_plots,
+        device=device,
+    )
     bar, update = stderr_progress(not quiet, "linearity")
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
-        result = run_linearity(base, checkpoints or [], out, run=run_spec.run, steps=run_spec.steps,
-                               hub_run=run_spec.hub_run,
-                               options=opts, force=force, progress=update, executor=exec_opts)
+        result = run_linearity(
+            base,
+            checkpoints or [],
+            out,
+            run=run_spec.run,
+            steps=run_spec.steps,
+            hub_run=run_spec.hub_run,
+            options=opts,
+            force=force,
+            progress=update,
+            executor=exec_opts,
+        )
     print_result_notes(result)
     if result.plot_hint:
         sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")

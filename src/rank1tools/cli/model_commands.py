@@ -46,8 +46,12 @@ from .params import (
 @app.command(cls=Rank1Command)
 @with_run(run=False, steps_help="For a run: steps to list, '50,100' or '10:100:10' (inclusive).")
 def inspect(
-    source: str = typer.Argument(..., metavar="SOURCE", help="Model folder, .safetensors file, run directory of step folders, or a Hub "
-                                 "source hf://ORG/NAME, optionally @REVISION and /SUBFOLDER."),
+    source: str = typer.Argument(
+        ...,
+        metavar="SOURCE",
+        help="Model folder, .safetensors file, run directory of step folders, or a Hub "
+        "source hf://ORG/NAME, optionally @REVISION and /SUBFOLDER.",
+    ),
     run_spec: RunSpec = RunSpec(),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -81,19 +85,29 @@ def inspect(
 @with_executor
 def decompose(
     base: str = BASE_ARG,
-    checkpoints: list[str] | None = typer.Argument(None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."),
+    checkpoints: list[str] | None = typer.Argument(
+        None, metavar=CHECKPOINTS_ARG, help="Checkpoints θ_t (or use --run)."
+    ),
     out: str = out_option("Output folder: spectrum tables and factor store."),
     run_spec: RunSpec = RunSpec(),
     rank: str = typer.Option("8", "--rank", "-k", metavar="K", help="Singular triplets kept per module and step."),
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
-    cold_start: bool = typer.Option(False, "--cold-start", help="Every matrix from a fresh random sketch with 4 power "
-                                    "iterations, instead of warm-starting from the module's previous checkpoint and "
-                                    "stopping once the accuracy certificates pass."),
-    include: list[str] | None = include_option("Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    cold_start: bool = typer.Option(
+        False,
+        "--cold-start",
+        help="Every matrix from a fresh random sketch with 4 power "
+        "iterations, instead of warm-starting from the module's previous checkpoint and "
+        "stopping once the accuracy certificates pass.",
+    ),
+    include: list[str] | None = include_option(
+        "Glob of tensor names (repeatable); replaces the default matrix-module set."
+    ),
     exclude: list[str] | None = EXCLUDE_OPT,
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     device: str = DEVICE_OPT,
-    plots: bool = typer.Option(False, "--plots", help="Also draw energy_1/norm_frac_1 over steps and a layer x type heatmap (OUT/plots)."),
+    plots: bool = typer.Option(
+        False, "--plots", help="Also draw energy_1/norm_frac_1 over steps and a layer x type heatmap (OUT/plots)."
+    ),
     force: bool = FORCE_OPT,
     executor: ExecutorFlags = ExecutorFlags(),
     quiet: bool = QUIET_OPT,
@@ -117,13 +131,30 @@ def decompose(
     from ..commands.decompose import decompose as run_decompose
 
     set_hub_cache_policy(run_spec.hub_cache_policy)
-    opts = DecomposeOptions(rank=rank_k, exact=exact, include=include or [], exclude=exclude or [],
-                            all_2d=all_2d, device=device, plots=plots, warm_start=not cold_start)
+    opts = DecomposeOptions(
+        rank=rank_k,
+        exact=exact,
+        include=include or [],
+        exclude=exclude or [],
+        all_2d=all_2d,
+        device=device,
+        plots=plots,
+        warm_start=not cold_start,
+    )
     bar, update = stderr_progress(not quiet, "decompose")
     with interrupt_hint("finished modules are kept; rerun the same command to resume", out), bar:
-        result = run_decompose(base, checkpoints or [], out, run=run_spec.run, steps=run_spec.steps, hub_run=run_spec.hub_run,
-                               options=opts, force=force,
-                               progress=update, executor=exec_opts)
+        result = run_decompose(
+            base,
+            checkpoints or [],
+            out,
+            run=run_spec.run,
+            steps=run_spec.steps,
+            hub_run=run_spec.hub_run,
+            options=opts,
+            force=force,
+            progress=update,
+            executor=exec_opts,
+        )
     if result.resumed_modules:
         sys.stderr.write(f"rank1: resumed: {result.resumed_modules} modules were already done\n")
     print_result_notes(result)
@@ -141,18 +172,30 @@ def decompose(
 @with_executor
 def reconstruct(
     base: str = BASE_ARG,
-    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint θ_t whose update is reduced to rank k."),
+    checkpoint: str = typer.Argument(
+        ..., metavar="CHECKPOINT", help="Checkpoint θ_t whose update is reduced to rank k."
+    ),
     out: str = out_option("Output folder (one rank) or parent of rank-K folders (several)."),
-    rank: str = typer.Option(..., "--rank", "-k", metavar="K", help="Rank: 8, a fraction of min(m, n) like 1%, or a list 1,2,4,8."),
-    alpha: float = typer.Option(1.0, "--alpha", metavar="ALPHA", parser=number("--alpha"), help="Scale of the (norm-matched) rank-k update."),
+    rank: str = typer.Option(
+        ..., "--rank", "-k", metavar="K", help="Rank: 8, a fraction of min(m, n) like 1%, or a list 1,2,4,8."
+    ),
+    alpha: float = typer.Option(
+        1.0, "--alpha", metavar="ALPHA", parser=number("--alpha"), help="Scale of the (norm-matched) rank-k update."
+    ),
     no_norm_match: bool = typer.Option(False, "--no-norm-match", help="Add α·ΔW_k as is, without rescaling to ‖ΔW‖."),
-    rest: str = choice_option("base", "--rest", ("base", "checkpoint"), "Tensors not selected: 'base' (reference code) or 'checkpoint'."),
+    rest: str = choice_option(
+        "base", "--rest", ("base", "checkpoint"), "Tensors not selected: 'base' (reference code) or 'checkpoint'."
+    ),
     dtype: str = DTYPE_OPT,
-    include: list[str] | None = include_option("Glob of tensor names (repeatable); replaces the default matrix-module set."),
+    include: list[str] | None = include_option(
+        "Glob of tensor names (repeatable); replaces the default matrix-module set."
+    ),
     exclude: list[str] | None = EXCLUDE_OPT,
     all_2d: bool = typer.Option(False, "--all-2d", help="Also embeddings, lm_head and other 2-D tensors."),
     exact: bool = typer.Option(False, "--exact", help="Full SVD (torch.linalg.svd) instead of randomized."),
-    factors: str | None = typer.Option(None, "--factors", metavar="FACTORS_DIR", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."),
+    factors: str | None = typer.Option(
+        None, "--factors", metavar="FACTORS_DIR", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."
+    ),
     max_shard_size: str = SHARD_OPT,
     device: str = DEVICE_OPT,
     hub_cache_policy: str | None = HUB_CACHE_OPT,
@@ -179,13 +222,23 @@ def reconstruct(
     from ..commands.reconstruct import reconstruct as run_reconstruct
 
     set_hub_cache_policy(hub_cache_policy)
-    opts = ReconstructOptions(rank=ranks, alpha=alpha, norm_match=not no_norm_match, rest=rest, dtype=dtype,
-                              include=include or [], exclude=exclude or [], all_2d=all_2d, exact=exact,
-                              device=device, factors=factors, max_shard_size=shard_bytes)
+    opts = ReconstructOptions(
+        rank=ranks,
+        alpha=alpha,
+        norm_match=not no_norm_match,
+        rest=rest,
+        dtype=dtype,
+        include=include or [],
+        exclude=exclude or [],
+        all_2d=all_2d,
+        exact=exact,
+        device=device,
+        factors=factors,
+        max_shard_size=shard_bytes,
+    )
     bar, update = stderr_progress(not quiet, "reconstruct")
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
-        result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update,
-                                 executor=exec_opts)
+        result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update, executor=exec_opts)
     print_result_notes(result)
     for o in result.outputs:
         if o.warning:
@@ -199,10 +252,20 @@ def reconstruct(
 @app.command(cls=Rank1Command)
 def demo(
     out: str = out_option("Folder for the trained model, run and results.", default="demo-out", short=False),
-    seed: int = typer.Option(0, "--seed", metavar="SEED", parser=number("--seed", at_least=0, integer=True), help="Seed of the model, the task's data and the sampling."),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        metavar="SEED",
+        parser=number("--seed", at_least=0, integer=True),
+        help="Seed of the model, the task's data and the sampling.",
+    ),
     quick: bool = typer.Option(False, "--quick", help="A smaller, shorter run (under a minute): what the tests run."),
-    synthetic: bool = typer.Option(False, "--synthetic", help="The planted synthetic run instead of training "
-                                   "(inspect, decompose and a rank-1 reconstruct; its answer is known)."),
+    synthetic: bool = typer.Option(
+        False,
+        "--synthetic",
+        help="The planted synthetic run instead of training "
+        "(inspect, decompose and a rank-1 reconstruct; its answer is known).",
+    ),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
@@ -220,9 +283,17 @@ def demo(
 
         result = run_synthetic_demo(out, force=force)
         if as_json:
-            print_json(_json_safe({"out": result.out, "base": result.base.to_dict(), "run": result.run.to_dict(),
-                                    "decompose": result.decompose.to_dict(),
-                                    "reconstruct": result.reconstruct.to_dict()}))
+            print_json(
+                _json_safe(
+                    {
+                        "out": result.out,
+                        "base": result.base.to_dict(),
+                        "run": result.run.to_dict(),
+                        "decompose": result.decompose.to_dict(),
+                        "reconstruct": result.reconstruct.to_dict(),
+                    }
+                )
+            )
             return
         render.model(result.base)
         render.run(result.run)

@@ -26,6 +26,7 @@ from ..values import StepSelection
 def number(option: str, **bounds):
     """The `parser` of a numeric option: options.parse_number with the option's name and bounds, run
     while click parses the command line (before any heavy import): no `1_0`, `inf` or out-of-range value."""
+
     def parse(value):
         from ..options import parse_number
 
@@ -37,6 +38,7 @@ def number(option: str, **bounds):
 def choice(option: str, choices: tuple[str, ...], message: str = "expected one of"):
     """The `parser` of an option with fixed choices (listed as its metavar `a|b|c` in --help): a
     value outside them is refused while click parses, one line, exit 2."""
+
     def parse(value):
         from ..errors import UsageError
 
@@ -62,9 +64,15 @@ DTYPE_OPT = choice_option("auto", "--dtype", DTYPE_CHOICES, "auto (base dtype), 
 SHARD_OPT = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB.")
 EXCLUDE_OPT = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable).")
 HUB_CACHE_POLICIES = ("keep", "evict")
-HUB_CACHE_OPT = choice_option(None, "--hub-cache-policy", HUB_CACHE_POLICIES,
-                              "Hub shards: 'keep' in the cache (default) or 'evict' once read.")
-REVISIONS_OPT = typer.Option(None, "--revisions", metavar="GLOB", help="Hub run: branches matching this glob, e.g. 'step_*' (step = trailing number).")
+HUB_CACHE_OPT = choice_option(
+    None, "--hub-cache-policy", HUB_CACHE_POLICIES, "Hub shards: 'keep' in the cache (default) or 'evict' once read."
+)
+REVISIONS_OPT = typer.Option(
+    None,
+    "--revisions",
+    metavar="GLOB",
+    help="Hub run: branches matching this glob, e.g. 'step_*' (step = trailing number).",
+)
 SUBFOLDERS_OPT = typer.Option(False, "--subfolders", help="Hub run: step folders (checkpoint-N/ ...) at one revision.")
 COMMITS_OPT = typer.Option(False, "--commits", help="Hub run: commits whose message says 'step N'.")
 
@@ -85,14 +93,17 @@ def option_group(placeholder: str, params: list[tuple[str, object, object]], bui
     """A decorator putting `params` ((name, annotation, typer parameter) each) in the command's
     signature where its parameter `placeholder` is, and calling the command with
     `placeholder=build(**their values)`: a group of options declared once for every command."""
+
     def decorate(fn):
         sig = inspect.signature(fn, eval_str=True)
         names = [n for n, _, _ in params]
         expanded = []
         for p in sig.parameters.values():
             if p.name == placeholder:
-                expanded += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=a)
-                             for n, a, d in params]
+                expanded += [
+                    inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=a)
+                    for n, a, d in params
+                ]
             else:
                 expanded.append(p)
 
@@ -111,6 +122,7 @@ def option_group(placeholder: str, params: list[tuple[str, object, object]], bui
 
 # ---- executor: --executor and the Ray options -> ExecutorFlags -> executors.ExecutorOptions ----
 
+
 @dataclass(frozen=True)
 class ExecutorFlags:
     """The executor options as given; `check()` validates them (and Ray's presence, for `ray`)
@@ -126,35 +138,95 @@ class ExecutorFlags:
     def check(self):
         from ..engine.executors import check_executor
 
-        return check_executor(self.kind, address=self.address, num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                              max_in_flight=self.max_in_flight, timeout=self.timeout)
+        return check_executor(
+            self.kind,
+            address=self.address,
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            max_in_flight=self.max_in_flight,
+            timeout=self.timeout,
+        )
 
 
 _F = EXECUTOR_FLAGS  # field -> flag, spelled once in executors.py
 EXECUTOR_PARAMS = [
-    ("kind", str, choice_option("local", _F["kind"], EXECUTORS, "Where the work runs: 'local' (this process) or 'ray' "
-                                "(tasks on a Ray cluster; needs the ray extra and an output on storage every worker "
-                                "shares).", message="choose one of")),
-    ("address", Optional[str], typer.Option(None, _F["address"], metavar="ADDRESS", help="Ray cluster to use (default: "
-                                            "RAY_ADDRESS, else a running local cluster, else a new local Ray instance).")),
-    ("num_cpus", Optional[float], typer.Option(None, _F["num_cpus"], metavar="CPUS", parser=number(_F["num_cpus"], at_least=0),
-                                               help="CPUs per Ray task (default: the threads a local run uses).")),
-    ("num_gpus", Optional[float], typer.Option(None, _F["num_gpus"], metavar="GPUS", parser=number(_F["num_gpus"], at_least=0),
-                                               help="GPUs per Ray task, e.g. 0.25 for four tasks per GPU.")),
-    ("max_in_flight", Optional[int], typer.Option(None, _F["max_in_flight"], metavar="N",
-                                                  parser=number(_F["max_in_flight"], at_least=1, integer=True),
-                                                  help="Ray tasks submitted at once (bounds memory; default: as many as "
-                                                  "the cluster runs at the same time).")),
-    ("timeout", Optional[float], typer.Option(None, _F["connect_timeout"], metavar="SECONDS",
-                                              parser=number(_F["connect_timeout"], above=0),
-                                              help="Seconds to connect to the Ray cluster before giving up (default 30).")),
+    (
+        "kind",
+        str,
+        choice_option(
+            "local",
+            _F["kind"],
+            EXECUTORS,
+            "Where the work runs: 'local' (this process) or 'ray' "
+            "(tasks on a Ray cluster; needs the ray extra and an output on storage every worker "
+            "shares).",
+            message="choose one of",
+        ),
+    ),
+    (
+        "address",
+        Optional[str],
+        typer.Option(
+            None,
+            _F["address"],
+            metavar="ADDRESS",
+            help="Ray cluster to use (default: "
+            "RAY_ADDRESS, else a running local cluster, else a new local Ray instance).",
+        ),
+    ),
+    (
+        "num_cpus",
+        Optional[float],
+        typer.Option(
+            None,
+            _F["num_cpus"],
+            metavar="CPUS",
+            parser=number(_F["num_cpus"], at_least=0),
+            help="CPUs per Ray task (default: the threads a local run uses).",
+        ),
+    ),
+    (
+        "num_gpus",
+        Optional[float],
+        typer.Option(
+            None,
+            _F["num_gpus"],
+            metavar="GPUS",
+            parser=number(_F["num_gpus"], at_least=0),
+            help="GPUs per Ray task, e.g. 0.25 for four tasks per GPU.",
+        ),
+    ),
+    (
+        "max_in_flight",
+        Optional[int],
+        typer.Option(
+            None,
+            _F["max_in_flight"],
+            metavar="N",
+            parser=number(_F["max_in_flight"], at_least=1, integer=True),
+            help="Ray tasks submitted at once (bounds memory; default: as many as the cluster runs at the same time).",
+        ),
+    ),
+    (
+        "timeout",
+        Optional[float],
+        typer.Option(
+            None,
+            _F["connect_timeout"],
+            metavar="SECONDS",
+            parser=number(_F["connect_timeout"], above=0),
+            help="Seconds to connect to the Ray cluster before giving up (default 30).",
+        ),
+    ),
 ]
 EXECUTOR_PARAMS = [(f"executor_{n}", a, o) for n, a, o in EXECUTOR_PARAMS]  # unique among a command's parameters
-with_executor = option_group("executor", EXECUTOR_PARAMS,
-                             lambda **v: ExecutorFlags(**{k.removeprefix("executor_"): x for k, x in v.items()}))
+with_executor = option_group(
+    "executor", EXECUTOR_PARAMS, lambda **v: ExecutorFlags(**{k.removeprefix("executor_"): x for k, x in v.items()})
+)
 
 
 # ---- run: --run, --steps, the Hub run options and --hub-cache-policy -> RunSpec ----
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -178,10 +250,27 @@ class RunSpec:
 
 
 def _run_params(run: bool, steps_help: str) -> list:
-    params = [("run", Optional[str], typer.Option(None, "--run", metavar="RUN_DIR", help="Run directory of step folders instead of CHECKPOINT args."))] if run else []
-    return [*params, ("steps", Optional[str], steps_option(steps_help)), ("revisions", Optional[str], REVISIONS_OPT),
-            ("subfolders", bool, SUBFOLDERS_OPT), ("commits", bool, COMMITS_OPT),
-            ("hub_cache_policy", Optional[str], HUB_CACHE_OPT)]
+    params = (
+        [
+            (
+                "run",
+                Optional[str],
+                typer.Option(
+                    None, "--run", metavar="RUN_DIR", help="Run directory of step folders instead of CHECKPOINT args."
+                ),
+            )
+        ]
+        if run
+        else []
+    )
+    return [
+        *params,
+        ("steps", Optional[str], steps_option(steps_help)),
+        ("revisions", Optional[str], REVISIONS_OPT),
+        ("subfolders", bool, SUBFOLDERS_OPT),
+        ("commits", bool, COMMITS_OPT),
+        ("hub_cache_policy", Optional[str], HUB_CACHE_OPT),
+    ]
 
 
 def with_run(*, run: bool = True, steps_help: str = f"With --run: {STEPS_HELP}."):

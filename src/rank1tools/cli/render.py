@@ -67,7 +67,9 @@ def model(report) -> None:
     t.add_row("size", human_bytes(report.bytes))
     t.add_row("dtypes", ", ".join(f"{k}: {v}" for k, v in report.dtypes.items()))
     t.add_row("shards", str(report.shards))
-    t.add_row("matrix modules", f"{report.matrix_modules} in {report.layers} layers ({report.matrix_parameters:,} parameters)")
+    t.add_row(
+        "matrix modules", f"{report.matrix_modules} in {report.layers} layers ({report.matrix_parameters:,} parameters)"
+    )
     t.add_row("module types", ", ".join(f"{k}: {v}" for k, v in report.module_types.items()) or "none")
     t.add_row("lm_head", "tied to embedding" if report.lm_head_tied else "stored")
     if report.revision:
@@ -84,8 +86,14 @@ def run(report) -> None:
     for c in report.checkpoints:
         status = "ok" if c.status == "ok" else f"[red]{escape(c.problem)}[/red]"  # a path may hold [brackets]
         step = str(c.step) if c.step is not None else os.path.basename(c.path)  # a name without a step
-        t.add_row(escape(step), c.layout, escape(c.weights or "-"), ", ".join(f"{k}: {v}" for k, v in c.dtypes.items()) or "-",
-                  str(c.tensors or "-"), status)
+        t.add_row(
+            escape(step),
+            c.layout,
+            escape(c.weights or "-"),
+            ", ".join(f"{k}: {v}" for k, v in c.dtypes.items()) or "-",
+            str(c.tensors or "-"),
+            status,
+        )
     _console().print(t)
 
 
@@ -104,19 +112,25 @@ def decompose(result) -> None:
             t.add_row(escape(str(g)), f"{v['energy_1']:.4f}", f"{v['norm_frac_1']:.4f}", str(v["n"]))
         console.print(t)
     o = s["overall"]
-    console.print(f"{len(result.modules)} modules x {len(result.steps)} checkpoints -> {escape(str(result.out))} "
-                  f"(overall energy_1 {o['energy_1']:.4f}, norm_frac_1 {o['norm_frac_1']:.4f})")
+    console.print(
+        f"{len(result.modules)} modules x {len(result.steps)} checkpoints -> {escape(str(result.out))} "
+        f"(overall energy_1 {o['energy_1']:.4f}, norm_frac_1 {o['norm_frac_1']:.4f})"
+    )
 
 
 def reconstruct(result) -> None:
     from rich.markup import escape
 
-    t = _table(f"rank-k reconstructions of {result.modules} modules"
-               + (" (from the factor store)" if result.used_factors else ""))
+    t = _table(
+        f"rank-k reconstructions of {result.modules} modules"
+        + (" (from the factor store)" if result.used_factors else "")
+    )
     for col in ("rank", "output", "updated elements", "lost to rounding", "update rel. error"):
         _column(t, col, right=col not in ("rank", "output"))
     for o in result.outputs:
-        t.add_row(escape(o.rank), escape(o.path), f"{o.updated_elements:,}", f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}")
+        t.add_row(
+            escape(o.rank), escape(o.path), f"{o.updated_elements:,}", f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}"
+        )
     _console().print(t)
 
 
@@ -132,8 +146,10 @@ def fit_pls(result) -> None:
         return "-" if v is None else f"{v:.3f}"
 
     steps = f" (steps {result.steps[0]}..{result.steps[-1]})" if result.steps else ""
-    t = _table(f"PLS fits of {m['n']} modules over {len(result.steps)} checkpoints{steps}"
-               + (f", metric {escape(result.metric)}" if result.metric else ", step only"))
+    t = _table(
+        f"PLS fits of {m['n']} modules over {len(result.steps)} checkpoints{steps}"
+        + (f", metric {escape(result.metric)}" if result.metric else ", step only")
+    )
     for col in ("module type", "in-sample R²", "leave-one-out R²", "R²_step", "modules"):
         _column(t, col, right=col != "module type")
     for g, v in s["by_type"].items():
@@ -146,7 +162,9 @@ def fit_pls(result) -> None:
     if result.checkpoints_without_metric:
         console.print(f"checkpoints without a metric (not fitted): {steps_text(result.checkpoints_without_metric)}")
     if result.metric_steps_without_checkpoint:
-        console.print(f"metric rows without a checkpoint (not fitted): {steps_text(result.metric_steps_without_checkpoint)}")
+        console.print(
+            f"metric rows without a checkpoint (not fitted): {steps_text(result.metric_steps_without_checkpoint)}"
+        )
     key = s["ranked_by"]
     for title, rows in (("most linear", s["most_linear"][:5]), ("least linear", s["least_linear"][:5])):
         if rows:
@@ -173,14 +191,23 @@ def extrapolate(result) -> None:
         return "-" if v is None else f"{v:.3g}"
 
     for o in result.outputs:
-        t.add_row(f"{o.kind} {o.target:g}", escape(o.path), f(o.norm_ratio_median), f(o.norm_ratio_max),
-                  str(len(o.flagged)), f"{o.lost_fraction:.2%}", f"{o.rel_error:.2e}")
+        t.add_row(
+            f"{o.kind} {o.target:g}",
+            escape(o.path),
+            f(o.norm_ratio_median),
+            f(o.norm_ratio_max),
+            str(len(o.flagged)),
+            f"{o.lost_fraction:.2%}",
+            f"{o.rel_error:.2e}",
+        )
     console.print(t)
     for o in result.outputs:
         if o.flagged:
             worst = sorted(o.flagged, key=lambda r: -r["norm_ratio"])[:3]
-            console.print(f"{o.kind} {o.target:g}: {len(o.flagged)} tensors above their norm-ratio limit, e.g. "
-                          + ", ".join(f"{escape(r['tensor'])} {r['norm_ratio']:.3g} (limit {r['limit']:.3g})" for r in worst))
+            console.print(
+                f"{o.kind} {o.target:g}: {len(o.flagged)} tensors above their norm-ratio limit, e.g. "
+                + ", ".join(f"{escape(r['tensor'])} {r['norm_ratio']:.3g} (limit {r['limit']:.3g})" for r in worst)
+            )
 
 
 def linearity(result) -> None:
@@ -193,16 +220,28 @@ def linearity(result) -> None:
     def f(v, pct=False):
         return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3f}")
 
-    t = _table(f"linearity of {s['mean']['n']} tensors over {len(result.steps)} checkpoints "
-               f"(steps {result.steps[0]}..{result.steps[-1]})")
-    cols = ["type", "tensors", "mean explained_1"] + ([f"mean explained_{r}"] if r > 1 else []) + \
-        ["mean coef R²_1", "elements R² > 0.7", "static elements"]
+    t = _table(
+        f"linearity of {s['mean']['n']} tensors over {len(result.steps)} checkpoints "
+        f"(steps {result.steps[0]}..{result.steps[-1]})"
+    )
+    cols = (
+        ["type", "tensors", "mean explained_1"]
+        + ([f"mean explained_{r}"] if r > 1 else [])
+        + ["mean coef R²_1", "elements R² > 0.7", "static elements"]
+    )
     for col in cols:
         _column(t, col, right=col != "type")
 
     def add(label, g):
-        t.add_row(label, str(g["n"]), f(g["mean_explained_1"]), *([f(g["mean_explained_r"])] if r > 1 else []),
-                  f(g["mean_coef_r2_1"]), f(g[key], True), f(g["static_fraction"], True))
+        t.add_row(
+            label,
+            str(g["n"]),
+            f(g["mean_explained_1"]),
+            *([f(g["mean_explained_r"])] if r > 1 else []),
+            f(g["mean_coef_r2_1"]),
+            f(g[key], True),
+            f(g["static_fraction"], True),
+        )
 
     for name, g in s["by_type"].items():
         add(escape(name), g)
@@ -210,11 +249,15 @@ def linearity(result) -> None:
     console.print(t)
     h = s["headline"]
     sample = f", sampled: up to {s['sample']:,} elements per tensor" if s["sample"] else ""
-    console.print(f"[bold]{f(h[key], True)}[/bold] of the changing elements have per-element linear R² > 0.7 "
-                  f"(weighted by tensor size; {f(h['static_fraction'], True)} of elements do not change and are "
-                  f"left out{sample})")
+    console.print(
+        f"[bold]{f(h[key], True)}[/bold] of the changing elements have per-element linear R² > 0.7 "
+        f"(weighted by tensor size; {f(h['static_fraction'], True)} of elements do not change and are "
+        f"left out{sample})"
+    )
     if s["least_linear"]:
-        console.print("least linear: " + ", ".join(f"{escape(x['tensor'])} {f(x[key], True)}" for x in s["least_linear"][:5]))
+        console.print(
+            "least linear: " + ", ".join(f"{escape(x['tensor'])} {f(x[key], True)}" for x in s["least_linear"][:5])
+        )
     if result.plots:
         console.print("plots: " + ", ".join(escape(p) for p in result.plots if p.endswith(".png")))
     console.print(f"-> {escape(result.out)}")
@@ -225,13 +268,16 @@ def demo(result) -> None:
     from rich.markup import escape
 
     console = _console()
-    t = _table(f"rank1 demo (seed {result.seed}{', quick' if result.quick else ''}): held-out accuracy, "
-              f"GRPO steps {result.steps[0]}..{result.final}, history for extrapolation up to step {result.cut}")
+    t = _table(
+        f"rank1 demo (seed {result.seed}{', quick' if result.quick else ''}): held-out accuracy, "
+        f"GRPO steps {result.steps[0]}..{result.final}, history for extrapolation up to step {result.cut}"
+    )
     for col in ("model", "step", "accuracy", "gain kept", "how"):
         _column(t, col, right=col in ("step", "accuracy", "gain kept"))
     for r in result.rows:
-        t.add_row(escape(r.name), str(r.step), f"{r.accuracy:.1%}", "-" if r.kept is None else f"{r.kept:.0%}",
-                  escape(r.note))
+        t.add_row(
+            escape(r.name), str(r.step), f"{r.accuracy:.1%}", "-" if r.kept is None else f"{r.kept:.0%}", escape(r.note)
+        )
     console.print(t)
     f = result.figures
 
@@ -241,15 +287,19 @@ def demo(result) -> None:
     s = _table("what the tool tells about the run", show_header=False)
     _column(s, style="bold")
     _column(s, right=True)
-    for label, key in (("mean energy_1 (all matrices, all checkpoints)", "energy_1_mean"),
-                       ("mean energy_1 at the final step", "energy_1_final"),
-                       ("mean PLS R² vs accuracy, in-sample", "pls_r2"),
-                       ("mean PLS R² vs accuracy, leave-one-out", "pls_loo_r2"),
-                       ("mean PLS R² vs step", "pls_r2_step"),
-                       ("mean trajectory explained variance (rank 1, all tensors)", "trajectory_explained_1"),
-                       ("share of changing weights with per-element R² > 0.7", "linear_elements")):
+    for label, key in (
+        ("mean energy_1 (all matrices, all checkpoints)", "energy_1_mean"),
+        ("mean energy_1 at the final step", "energy_1_final"),
+        ("mean PLS R² vs accuracy, in-sample", "pls_r2"),
+        ("mean PLS R² vs accuracy, leave-one-out", "pls_loo_r2"),
+        ("mean PLS R² vs step", "pls_r2_step"),
+        ("mean trajectory explained variance (rank 1, all tensors)", "trajectory_explained_1"),
+        ("share of changing weights with per-element R² > 0.7", "linear_elements"),
+    ):
         s.add_row(label, v(f.get(key)))
     console.print(s)
-    console.print(f"results: {escape(str(result.out))}/results.json"
-                  + (f"; plot: {escape(result.plots[0])}" if result.plots else "")
-                  + f"; {result.seconds['total']:.0f} s (training {result.seconds['train']:.0f} s)")
+    console.print(
+        f"results: {escape(str(result.out))}/results.json"
+        + (f"; plot: {escape(result.plots[0])}" if result.plots else "")
+        + f"; {result.seconds['total']:.0f} s (training {result.seconds['train']:.0f} s)"
+    )

@@ -45,13 +45,23 @@ def _run_synthetic_demo(out: str, *, force: bool, device: str) -> DemoResult:
     with locked_output(out, force=force) as target, staged_output(target, force=force, label=out) as tmp:
         # bf16 base, fp32 policy checkpoints: what TRL saves for a bf16 model
         make_base(tmp / "base", DEMO_SHAPE, dtype=torch.bfloat16)
-        make_run(tmp / "run", DEMO_STEPS, DEMO_SHAPE, layout="trl", base_dtype=torch.bfloat16,
-                 dtype=torch.float32, noise=DEMO_NOISE)
+        make_run(
+            tmp / "run",
+            DEMO_STEPS,
+            DEMO_SHAPE,
+            layout="trl",
+            base_dtype=torch.bfloat16,
+            dtype=torch.float32,
+            noise=DEMO_NOISE,
+        )
         write_provenance(tmp, provenance("demo", [], {"steps": DEMO_STEPS, "noise": DEMO_NOISE}))
     root = Path(out)
     base, run = str(root / "base"), str(root / "run")
     dec = decompose(base, [], str(root / "decompose"), run=run, options=DecomposeOptions(rank=8, device=device))
-    rec = reconstruct(base, str(root / "run" / f"checkpoint-{DEMO_STEPS[-1]}"), str(root / "rank-1"),
-                      options=ReconstructOptions(rank="1", dtype="float32", device=device,
-                                                 factors=str(root / "decompose")))
+    rec = reconstruct(
+        base,
+        str(root / "run" / f"checkpoint-{DEMO_STEPS[-1]}"),
+        str(root / "rank-1"),
+        options=ReconstructOptions(rank="1", dtype="float32", device=device, factors=str(root / "decompose")),
+    )
     return DemoResult(out=out, base=inspect_model(base), run=inspect_run(run), decompose=dec, reconstruct=rec)

@@ -62,14 +62,31 @@ class RLDemoResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return json_safe({
-            "out": self.out, "seed": self.seed, "quick": self.quick, "steps": self.steps, "cut": self.cut,
-            "final": self.final, "figures": self.figures,
-            "rows": [{"name": r.name, "path": r.path, "step": r.step, "accuracy": r.accuracy, "kept": r.kept,
-                      "note": r.note} for r in self.rows],
-            "curve": [{"step": s, "accuracy": a} for s, a in sorted(self.curve.items())],
-            "plots": self.plots, "notes": self.notes,  # no timings: the file is byte-for-byte reproducible
-        })
+        return json_safe(
+            {
+                "out": self.out,
+                "seed": self.seed,
+                "quick": self.quick,
+                "steps": self.steps,
+                "cut": self.cut,
+                "final": self.final,
+                "figures": self.figures,
+                "rows": [
+                    {
+                        "name": r.name,
+                        "path": r.path,
+                        "step": r.step,
+                        "accuracy": r.accuracy,
+                        "kept": r.kept,
+                        "note": r.note,
+                    }
+                    for r in self.rows
+                ],
+                "curve": [{"step": s, "accuracy": a} for s, a in sorted(self.curve.items())],
+                "plots": self.plots,
+                "notes": self.notes,  # no timings: the file is byte-for-byte reproducible
+            }
+        )
 
 
 def window_cut(steps: list[int]) -> int:
@@ -94,8 +111,15 @@ def kept_share(acc: float, base: float, final: float) -> float | None:
     return None if final == base else (acc - base) / (final - base)
 
 
-def run_rl_demo(out: str, *, seed: int = 0, quick: bool = False, force: bool = False, device: str = "auto",
-                say: Callable[[str], None] | None = None) -> RLDemoResult:
+def run_rl_demo(
+    out: str,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    force: bool = False,
+    device: str = "auto",
+    say: Callable[[str], None] | None = None,
+) -> RLDemoResult:
     """Train the demo run into `out` (staged, renamed when training is done), then analyse it."""
     # `out` stays locked until the analyses inside it are written: no other run may write in or
     # around it meanwhile (io/output_nesting.py)
@@ -103,8 +127,9 @@ def run_rl_demo(out: str, *, seed: int = 0, quick: bool = False, force: bool = F
         return _run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, say=say)
 
 
-def _run_rl_demo(out: str, *, seed: int, quick: bool, force: bool, device: str,
-                 say: Callable[[str], None] | None) -> RLDemoResult:
+def _run_rl_demo(
+    out: str, *, seed: int, quick: bool, force: bool, device: str, say: Callable[[str], None] | None
+) -> RLDemoResult:
     from ..demo import DemoTraining, evaluate_checkpoint, train_demo_run
 
     say = say or (lambda _line: None)
@@ -130,62 +155,120 @@ def _run_rl_demo(out: str, *, seed: int, quick: bool, force: bool, device: str,
         seconds[name] = time.perf_counter() - t
         return value
 
-    dec = stage("decompose", lambda: decompose(base, [], str(root / "decompose"), run=run,
-                                               options=DecomposeOptions(rank=DECOMPOSE_RANK, device=device)))
-    pls = stage("fit-pls", lambda: fit_pls(str(root / "decompose"), str(root / "fit-pls"),
-                                           options=FitPlsOptions(metrics=metrics, metric="accuracy")))
-    lin = stage("linearity", lambda: linearity(base, [], str(root / "linearity"), run=run,
-                                               options=LinearityOptions(device=device)))
-    rec = stage("reconstruct", lambda: reconstruct(
-        base, str(root / "run" / f"checkpoint-{final}"), str(root / "rank-1"),
-        options=ReconstructOptions(rank="1", factors=str(root / "decompose"), device=device)))
+    dec = stage(
+        "decompose",
+        lambda: decompose(
+            base, [], str(root / "decompose"), run=run, options=DecomposeOptions(rank=DECOMPOSE_RANK, device=device)
+        ),
+    )
+    pls = stage(
+        "fit-pls",
+        lambda: fit_pls(
+            str(root / "decompose"), str(root / "fit-pls"), options=FitPlsOptions(metrics=metrics, metric="accuracy")
+        ),
+    )
+    lin = stage(
+        "linearity",
+        lambda: linearity(base, [], str(root / "linearity"), run=run, options=LinearityOptions(device=device)),
+    )
+    rec = stage(
+        "reconstruct",
+        lambda: reconstruct(
+            base,
+            str(root / "run" / f"checkpoint-{final}"),
+            str(root / "rank-1"),
+            options=ReconstructOptions(rank="1", factors=str(root / "decompose"), device=device),
+        ),
+    )
     target_metric = trend_target(curve, window, final)
     history = {"run": run, "history_until": cut, "target_steps": [final], "device": device}
-    relex = stage("extrapolate relex", lambda: extrapolate(
-        base, str(root / "extrapolate-relex"), options=ExtrapolateOptions(method="relex", **history)))
+    relex = stage(
+        "extrapolate relex",
+        lambda: extrapolate(
+            base, str(root / "extrapolate-relex"), options=ExtrapolateOptions(method="relex", **history)
+        ),
+    )
     # the same method over the whole run, evaluated at its last step: how much of the gain the
     # trajectory's rank-1 line holds in-sample, apart from how well the early window predicts it
-    relex_all = stage("relex whole run", lambda: extrapolate(
-        base, str(root / "relex-whole-run"),
-        options=ExtrapolateOptions(method="relex", run=run, target_steps=[final], device=device)))
-    lstsq = stage("extrapolate linear", lambda: extrapolate(
-        base, str(root / "extrapolate-linear"), options=ExtrapolateOptions(method="linear", mode="lstsq", **history)))
-    stage("fit-pls window", lambda: fit_pls(str(root / "decompose"), str(root / "fit-pls-window"),
-                                            options=FitPlsOptions(metrics=metrics, metric="accuracy",
-                                                                  window=f":{cut}", plots=False)))
-    alpharl = stage("extrapolate alpharl", lambda: extrapolate(
-        base, str(root / "extrapolate-alpharl"),
-        options=ExtrapolateOptions(method="alpharl", fits=str(root / "fit-pls-window"),
-                                   target_metrics=[target_metric], device=device)))
+    relex_all = stage(
+        "relex whole run",
+        lambda: extrapolate(
+            base,
+            str(root / "relex-whole-run"),
+            options=ExtrapolateOptions(method="relex", run=run, target_steps=[final], device=device),
+        ),
+    )
+    lstsq = stage(
+        "extrapolate linear",
+        lambda: extrapolate(
+            base, str(root / "extrapolate-linear"), options=ExtrapolateOptions(method="linear", mode="lstsq", **history)
+        ),
+    )
+    stage(
+        "fit-pls window",
+        lambda: fit_pls(
+            str(root / "decompose"),
+            str(root / "fit-pls-window"),
+            options=FitPlsOptions(metrics=metrics, metric="accuracy", window=f":{cut}", plots=False),
+        ),
+    )
+    alpharl = stage(
+        "extrapolate alpharl",
+        lambda: extrapolate(
+            base,
+            str(root / "extrapolate-alpharl"),
+            options=ExtrapolateOptions(
+                method="alpharl", fits=str(root / "fit-pls-window"), target_metrics=[target_metric], device=device
+            ),
+        ),
+    )
 
     base_acc, final_acc = curve[0], curve[final]
-    models = [("base (SFT warm-up)", base, 0, curve[0], ""),
-              ("checkpoint at the cut", str(root / "run" / f"checkpoint-{cut}"), cut, curve[cut], "history ends"),
-              ("final checkpoint", str(root / "run" / f"checkpoint-{final}"), final, final_acc, "")]
-    written = [("rank-1 of the final", rec.outputs[0].path, final, "σ₁u₁v₁ᵀ per matrix"),
-               ("relex (rank 1)", relex.outputs[0].path, final, f"from steps {window[0]}..{cut}"),
-               ("relex, whole run", relex_all.outputs[0].path, final, f"in-sample: steps {window[0]}..{final}"),
-               ("linear lstsq", lstsq.outputs[0].path, final, f"from steps {window[0]}..{cut}"),
-               ("alpharl", alpharl.outputs[0].path, final, f"target accuracy {target_metric:.3f}")]
+    models = [
+        ("base (SFT warm-up)", base, 0, curve[0], ""),
+        ("checkpoint at the cut", str(root / "run" / f"checkpoint-{cut}"), cut, curve[cut], "history ends"),
+        ("final checkpoint", str(root / "run" / f"checkpoint-{final}"), final, final_acc, ""),
+    ]
+    written = [
+        ("rank-1 of the final", rec.outputs[0].path, final, "σ₁u₁v₁ᵀ per matrix"),
+        ("relex (rank 1)", relex.outputs[0].path, final, f"from steps {window[0]}..{cut}"),
+        ("relex, whole run", relex_all.outputs[0].path, final, f"in-sample: steps {window[0]}..{final}"),
+        ("linear lstsq", lstsq.outputs[0].path, final, f"from steps {window[0]}..{cut}"),
+        ("alpharl", alpharl.outputs[0].path, final, f"target accuracy {target_metric:.3f}"),
+    ]
 
     def evaluate_all():
         return [(name, path, step, evaluate_checkpoint(path, config), note) for name, path, step, note in written]
 
     evaluated = stage("evaluate", evaluate_all)
-    rows = [DemoRow(name, path, step, acc, kept_share(acc, base_acc, final_acc), note)
-            for name, path, step, acc, note in models + evaluated]
+    rows = [
+        DemoRow(name, path, step, acc, kept_share(acc, base_acc, final_acc), note)
+        for name, path, step, acc, note in models + evaluated
+    ]
     figures = {
         "energy_1_mean": dec.summary["overall"]["energy_1"],
         "energy_1_final": dec.summary["by_step"][str(final)]["energy_1"],
-        "pls_r2": pls.summary["mean"]["r2"], "pls_loo_r2": pls.summary["mean"]["loo_r2"],
+        "pls_r2": pls.summary["mean"]["r2"],
+        "pls_loo_r2": pls.summary["mean"]["loo_r2"],
         "pls_r2_step": pls.summary["mean"]["r2_step"],
         "trajectory_explained_1": lin.summary["mean"]["mean_explained_1"],
         "linear_elements": lin.summary["headline"]["frac_r2_above_0.7"],
         "alpharl_target_accuracy": target_metric,
     }
     seconds["total"] = time.perf_counter() - t0
-    result = RLDemoResult(out=out, seed=seed, quick=quick, steps=steps, cut=cut, final=final, rows=rows,
-                          figures=figures, curve=curve, seconds=seconds, notes=list(pls.warnings))
+    result = RLDemoResult(
+        out=out,
+        seed=seed,
+        quick=quick,
+        steps=steps,
+        cut=cut,
+        final=final,
+        rows=rows,
+        figures=figures,
+        curve=curve,
+        seconds=seconds,
+        notes=list(pls.warnings),
+    )
     result.plots = _plot(result, root)
     (root / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
     return result

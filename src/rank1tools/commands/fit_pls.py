@@ -42,8 +42,19 @@ from ..values import StepSelection
 GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
 LOO_GOOD = 0.9  # the share of modules above this LOO R² is reported
 OVERFIT_GAP = 0.5  # warn when mean in-sample R² exceeds mean LOO R² by this much
-COLUMNS = ["module", "layer", "type", "n", "r2", "loo_r2", "r2_step", "score_a", "score_b",
-           "x_norm_first", "x_norm_last"]
+COLUMNS = [
+    "module",
+    "layer",
+    "type",
+    "n",
+    "r2",
+    "loo_r2",
+    "r2_step",
+    "score_a",
+    "score_b",
+    "x_norm_first",
+    "x_norm_last",
+]
 
 
 @dataclass
@@ -80,10 +91,19 @@ class FitPlsResult:
     plot_hint: str | None = None
 
     def to_dict(self) -> dict:
-        return json_safe({"out": self.out, "steps": self.steps, "metric": self.metric, "summary": self.summary,
-                          "checkpoints_without_metric": self.checkpoints_without_metric,
-                          "metric_steps_without_checkpoint": self.metric_steps_without_checkpoint,
-                          "warnings": self.warnings, "gate": self.gate, "plots": self.plots})
+        return json_safe(
+            {
+                "out": self.out,
+                "steps": self.steps,
+                "metric": self.metric,
+                "summary": self.summary,
+                "checkpoints_without_metric": self.checkpoints_without_metric,
+                "metric_steps_without_checkpoint": self.metric_steps_without_checkpoint,
+                "warnings": self.warnings,
+                "gate": self.gate,
+                "plots": self.plots,
+            }
+        )
 
 
 def _window(steps: list[int], selection: StepSelection | None) -> list[int]:
@@ -93,13 +113,21 @@ def _window(steps: list[int], selection: StepSelection | None) -> list[int]:
         return list(steps)
     missing = selection.missing(steps)
     if missing:
-        raise UsageError(f"{selection.option}: no checkpoint for step {missing[0]} in the factor store "
-                         f"(steps {', '.join(map(str, steps[:12]))}{', ...' if len(steps) > 12 else ''})")
+        raise UsageError(
+            f"{selection.option}: no checkpoint for step {missing[0]} in the factor store "
+            f"(steps {', '.join(map(str, steps[:12]))}{', ...' if len(steps) > 12 else ''})"
+        )
     return selection.pick(steps)
 
 
-def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(), force: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> FitPlsResult:
+def fit_pls(
+    factors: str,
+    out: str,
+    *,
+    options: FitPlsOptions = FitPlsOptions(),
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> FitPlsResult:
     check_min_checkpoints(options.min_checkpoints)
     store = FactorStore(factors)
     if not store.modules:  # decompose never writes one (it refuses an empty selection): nothing to fit
@@ -113,9 +141,11 @@ def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(),
     else:
         used = window
     if len(used) < options.min_checkpoints:
-        raise InputError(f"{factors}: {len(used)} checkpoints in the window"
-                         + (" with a metric" if options.metrics else "")
-                         + f" (steps {used}), fewer than --min-checkpoints {options.min_checkpoints}")
+        raise InputError(
+            f"{factors}: {len(used)} checkpoints in the window"
+            + (" with a metric" if options.metrics else "")
+            + f" (steps {used}), fewer than --min-checkpoints {options.min_checkpoints}"
+        )
     y = None
     if values is not None:
         y = np.array([values[s] for s in used], dtype=np.float64)
@@ -126,17 +156,23 @@ def fit_pls(factors: str, out: str, *, options: FitPlsOptions = FitPlsOptions(),
                 rel = y / y[-1]
             if not np.isfinite(rel).all():  # e.g. a last value of 1e-320 under values of order 1
                 big = float(np.max(np.abs(y)))
-                raise InputError(f"{options.metrics}: --relative divides by the metric at step {used[-1]}, "
-                                 f"{y[-1]:.3g}, and the metric up to {big:.3g} divided by it overflows float64; "
-                                 "fit the metric itself (without --relative)")
+                raise InputError(
+                    f"{options.metrics}: --relative divides by the metric at step {used[-1]}, "
+                    f"{y[-1]:.3g}, and the metric up to {big:.3g} divided by it overflows float64; "
+                    "fit the metric itself (without --relative)"
+                )
             y = rel
         if np.all(y == y[0]):  # R² is 0/0: refused before any output exists (docs/commands/fit-pls.md)
-            raise InputError(f"{options.metrics}: {metric_name} is {values[used[0]]!r} at all {len(used)} checkpoints "
-                             f"fitted (steps {used[0]}..{used[-1]}): a constant metric has nothing to fit; choose "
-                             "another --metric or --steps, or leave out --metrics to fit against the step")
+            raise InputError(
+                f"{options.metrics}: {metric_name} is {values[used[0]]!r} at all {len(used)} checkpoints "
+                f"fitted (steps {used[0]}..{used[-1]}): a constant metric has nothing to fit; choose "
+                "another --metric or --steps, or leave out --metrics to fit against the step"
+            )
     inputs = [factors] + ([options.metrics] if options.metrics else [])
-    with locked_output(out, force=force, inputs=inputs) as target, \
-            staged_output(target, force=force, label=out) as staging:
+    with (
+        locked_output(out, force=force, inputs=inputs) as target,
+        staged_output(target, force=force, label=out) as staging,
+    ):
         result = _fit_all(store, used, y, metric_name, options, staging, progress)
         result.out = out
         result.checkpoints_without_metric, result.metric_steps_without_checkpoint = no_metric, no_ckpt
@@ -165,17 +201,33 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
         mod = store.modules[name]
         norms = np.linalg.norm(X, axis=1)
         a, b = fit["score_line"]
-        rows.append({"module": name, "layer": mod.get("layer"), "type": mod.get("type"), "n": len(used),
-                     "r2": fit["r2"] if y is not None else None, "loo_r2": fit["loo_r2"] if y is not None else None,
-                     "r2_step": by_step["r2"], "score_a": a, "score_b": b,
-                     "x_norm_first": float(norms[0]), "x_norm_last": float(norms[-1])})
+        rows.append(
+            {
+                "module": name,
+                "layer": mod.get("layer"),
+                "type": mod.get("type"),
+                "n": len(used),
+                "r2": fit["r2"] if y is not None else None,
+                "loo_r2": fit["loo_r2"] if y is not None else None,
+                "r2_step": by_step["r2"],
+                "score_a": a,
+                "score_b": b,
+                "x_norm_first": float(norms[0]),
+                "x_norm_last": float(norms[-1]),
+            }
+        )
         pls = fit["model"]
-        trajectories[name] = {"steps": used, "scores": [float(v) for v in pls.x_scores_],
-                              "metric": None if y is None else [float(v) for v in y], "score_line": (a, b),
-                              "step_scores": [float(v) for v in by_step["model"].x_scores_],
-                              "step_line": by_step["score_line"]}
+        trajectories[name] = {
+            "steps": used,
+            "scores": [float(v) for v in pls.x_scores_],
+            "metric": None if y is None else [float(v) for v in y],
+            "score_line": (a, b),
+            "step_scores": [float(v) for v in by_step["model"].x_scores_],
+            "step_line": by_step["score_line"],
+        }
         tensors = {
-            "x_mean": torch.from_numpy(np.ascontiguousarray(pls.x_mean_)), "x_scale": torch.from_numpy(np.ascontiguousarray(pls.x_scale_)),
+            "x_mean": torch.from_numpy(np.ascontiguousarray(pls.x_mean_)),
+            "x_scale": torch.from_numpy(np.ascontiguousarray(pls.x_scale_)),
             "x_weights": torch.from_numpy(np.ascontiguousarray(pls.x_weights_)),
             "x_loadings": torch.from_numpy(np.ascontiguousarray(pls.x_loadings_)),
             "y": torch.tensor([pls.y_mean_, pls.y_scale_, pls.y_loading_], dtype=torch.float64),
@@ -183,7 +235,9 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
             "r2": torch.tensor([_nan(rows[-1]["r2"]), _nan(rows[-1]["loo_r2"]), by_step["r2"]], dtype=torch.float64),
             "steps": torch.tensor(used, dtype=torch.int64),
             "targets": torch.from_numpy(y.copy() if y is not None else steps_y.copy()),
-            "v_last": V[-1].contiguous(), "u_last": U[-1].contiguous(), "sigma_last": f["S"][idx[-1], 0:1].contiguous(),
+            "v_last": V[-1].contiguous(),
+            "u_last": U[-1].contiguous(),
+            "sigma_last": f["S"][idx[-1], 0:1].contiguous(),
             "fro": f["fro"][idx].double().contiguous(),  # ||dW_t||_F: alpharl's norm ratio needs no factor store
         }
         path = staging / "fits" / factor_file(name)
@@ -197,15 +251,28 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
     if options.fail_below is not None:
         key = "loo_r2" if y is not None else "r2_step"
         value = summary["mean"][key]
-        gate = {"figure": f"mean {key}", "value": value, "threshold": options.fail_below,
-                "passed": bool(value is not None and not math.isnan(value) and value >= options.fail_below)}
+        gate = {
+            "figure": f"mean {key}",
+            "value": value,
+            "threshold": options.fail_below,
+            "passed": bool(value is not None and not math.isnan(value) and value >= options.fail_below),
+        }
     plots, hint = [], None
     with output_errors(staging):
         _write_tables(staging, rows, summary)
         if options.plots:
             plots, hint = draw_plots(lambda: fit_plots(rows, trajectories, staging / "plots", metric_name))
-    return FitPlsResult(out="", steps=used, metric=metric_name, rows=rows, summary=summary, warnings=warnings,
-                        gate=gate, plots=plots, plot_hint=hint)
+    return FitPlsResult(
+        out="",
+        steps=used,
+        metric=metric_name,
+        rows=rows,
+        summary=summary,
+        warnings=warnings,
+        gate=gate,
+        plots=plots,
+        plot_hint=hint,
+    )
 
 
 def _nan(v) -> float:
@@ -230,22 +297,29 @@ def summarize(rows: list[dict], with_metric: bool) -> tuple[dict, list[str]]:
     for r in sorted(rows, key=lambda r: (TYPE_ORDER.get(r["type"], 99), str(r["type"]))):
         by_type.setdefault(str(r["type"]), []).append(r)
         by_layer_type.setdefault(f"{r['layer']}/{r['type']}", []).append(r)
-    ranked = sorted((r for r in rows if r[rank_key] is not None and not math.isnan(r[rank_key])),
-                    key=lambda r: (-r[rank_key], r["module"]))
-    summary = {"mean": means(rows), "ranked_by": rank_key,
-               "by_type": {t: means(rs) for t, rs in by_type.items()},
-               "by_layer_type": {k: means(rs) for k, rs in by_layer_type.items()},
-               "most_linear": [{"module": r["module"], rank_key: r[rank_key]} for r in ranked[:10]],
-               "least_linear": [{"module": r["module"], rank_key: r[rank_key]} for r in ranked[::-1][:10]]}
+    ranked = sorted(
+        (r for r in rows if r[rank_key] is not None and not math.isnan(r[rank_key])),
+        key=lambda r: (-r[rank_key], r["module"]),
+    )
+    summary = {
+        "mean": means(rows),
+        "ranked_by": rank_key,
+        "by_type": {t: means(rs) for t, rs in by_type.items()},
+        "by_layer_type": {k: means(rs) for k, rs in by_layer_type.items()},
+        "most_linear": [{"module": r["module"], rank_key: r[rank_key]} for r in ranked[:10]],
+        "least_linear": [{"module": r["module"], rank_key: r[rank_key]} for r in ranked[::-1][:10]],
+    }
     warnings = []
     if with_metric:
         loo = [r["loo_r2"] for r in rows if r["loo_r2"] is not None and not math.isnan(r["loo_r2"])]
         summary["share_loo_above_0.9"] = sum(v > LOO_GOOD for v in loo) / len(loo) if loo else None
         m = summary["mean"]
         if m["r2"] is not None and m["loo_r2"] is not None and m["r2"] - m["loo_r2"] > OVERFIT_GAP:
-            warnings.append(f"mean in-sample R² {m['r2']:.2f} but leave-one-out R² {m['loo_r2']:.2f}: with d_out ≫ "
-                            f"checkpoints, PLS fits any metric in-sample; the trajectory does not predict the metric "
-                            f"at held-out checkpoints, so do not extrapolate to new metric values from this fit")
+            warnings.append(
+                f"mean in-sample R² {m['r2']:.2f} but leave-one-out R² {m['loo_r2']:.2f}: with d_out ≫ "
+                f"checkpoints, PLS fits any metric in-sample; the trajectory does not predict the metric "
+                f"at held-out checkpoints, so do not extrapolate to new metric values from this fit"
+            )
     return summary, warnings
 
 
@@ -256,7 +330,9 @@ def _write_tables(folder: Path, rows: list[dict], summary: dict) -> None:
         kinds = [k for k in ("r2", "loo_r2", "r2_step") if k in summary["mean"]]
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow((["layer", "type"] if key == "by_layer_type" else ["type"]) + [f"mean_{k}" for k in kinds] + ["modules"])
+        w.writerow(
+            (["layer", "type"] if key == "by_layer_type" else ["type"]) + [f"mean_{k}" for k in kinds] + ["modules"]
+        )
         for g, m in groups.items():
             head = g.split("/", 1) if key == "by_layer_type" else [g]
             w.writerow(head + ["" if m[k] is None else m[k] for k in kinds] + [m["n"]])
@@ -264,24 +340,61 @@ def _write_tables(folder: Path, rows: list[dict], summary: dict) -> None:
     (folder / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
 
 
-def _write_manifest(staging: Path, store: FactorStore, used: list[int], metric_name, options, metrics,
-                    no_metric: list[int], no_checkpoint: list[int]) -> None:
+def _write_manifest(
+    staging: Path,
+    store: FactorStore,
+    used: list[int],
+    metric_name,
+    options,
+    metrics,
+    no_metric: list[int],
+    no_checkpoint: list[int],
+) -> None:
     manifest = {
-        "format": FIT_FORMAT, "format_version": FIT_FORMAT_VERSION, "tool_version": __version__,
-        "factor_store": {"path": str(store.folder), "base": store.manifest["base"],
-                         "checkpoints": store.manifest["checkpoints"]},
+        "format": FIT_FORMAT,
+        "format_version": FIT_FORMAT_VERSION,
+        "tool_version": __version__,
+        "factor_store": {
+            "path": str(store.folder),
+            "base": store.manifest["base"],
+            "checkpoints": store.manifest["checkpoints"],
+        },
         "target": "metric" if metric_name else "step",
-        "metric": None if metrics is None else {"file": str(options.metrics), "sha256": metrics.sha256,
-                                                 "name": metric_name, "relative": options.relative},
+        "metric": None
+        if metrics is None
+        else {
+            "file": str(options.metrics),
+            "sha256": metrics.sha256,
+            "name": metric_name,
+            "relative": options.relative,
+        },
         "window": used,
-        "checkpoints_without_metric": no_metric, "metric_steps_without_checkpoint": no_checkpoint,
-        "modules": [{"name": n, "layer": m.get("layer"), "type": m.get("type"), "shape": m["shape"],
-                     "file": f"fits/{factor_file(n)}"} for n, m in store.modules.items()],
+        "checkpoints_without_metric": no_metric,
+        "metric_steps_without_checkpoint": no_checkpoint,
+        "modules": [
+            {
+                "name": n,
+                "layer": m.get("layer"),
+                "type": m.get("type"),
+                "shape": m["shape"],
+                "file": f"fits/{factor_file(n)}",
+            }
+            for n, m in store.modules.items()
+        ],
     }
     with output_errors(staging):
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        write_provenance(staging, provenance("fit-pls", [str(store.folder)], {
-            "metrics": options.metrics, "metric": metric_name,
-            "window": None if options.window is None else options.window.text,
-            "relative": options.relative, "min_checkpoints": options.min_checkpoints}))
-
+        write_provenance(
+            staging,
+            provenance(
+                "fit-pls",
+                [str(store.folder)],
+                {
+                    "metrics": options.metrics,
+                    "metric": metric_name,
+                    "window": None if options.window is None else options.window.text,
+                    "relative": options.relative,
+                    "min_checkpoints": options.min_checkpoints,
+                },
+            ),
+        )

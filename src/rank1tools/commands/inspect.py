@@ -72,10 +72,18 @@ def inspect_model(source: str) -> ModelReport:
             layers.add(mod.layer)
             matrix_params += e.numel
     return ModelReport(
-        source=source, tensors=len(ckpt.entries), parameters=ckpt.parameter_count, bytes=ckpt.nbytes,
-        dtypes=ckpt.dtypes(), shards=len(ckpt.shards), matrix_modules=sum(types.values()),
-        matrix_parameters=matrix_params, module_types=dict(sorted(types.items())), layers=len(layers),
-        lm_head_tied=ckpt.lm_head_tied, revision=ckpt.revision,
+        source=source,
+        tensors=len(ckpt.entries),
+        parameters=ckpt.parameter_count,
+        bytes=ckpt.nbytes,
+        dtypes=ckpt.dtypes(),
+        shards=len(ckpt.shards),
+        matrix_modules=sum(types.values()),
+        matrix_parameters=matrix_params,
+        module_types=dict(sorted(types.items())),
+        layers=len(layers),
+        lm_head_tied=ckpt.lm_head_tied,
+        revision=ckpt.revision,
     )
 
 
@@ -83,8 +91,14 @@ def inspect_run(source: str, steps: StepSelection | str | None = None, checkpoin
     """`checkpoints`: already discovered (e.g. on the Hub); default: discover the local run directory."""
     rows = []
     for rc in select_steps(discover_run(source) if checkpoints is None else checkpoints, steps):
-        row = RunCheckpointReport(step=rc.step, path=rc.path, layout=rc.layout, weights=rc.weights,
-                                  status="ok" if rc.problem is None else "unusable", problem=rc.problem)
+        row = RunCheckpointReport(
+            step=rc.step,
+            path=rc.path,
+            layout=rc.layout,
+            weights=rc.weights,
+            status="ok" if rc.problem is None else "unusable",
+            problem=rc.problem,
+        )
         if rc.weights is not None:
             try:
                 ckpt = open_source(rc.weights)
@@ -96,8 +110,14 @@ def inspect_run(source: str, steps: StepSelection | str | None = None, checkpoin
     return RunReport(source=source, checkpoints=rows, notes=[lookalike_note(source, skipped)] if skipped else [])
 
 
-def inspect_source(source: str, steps: StepSelection | str | None = None, *, revisions: str | None = None,
-                   subfolders: bool = False, commits: bool = False) -> ModelReport | RunReport:
+def inspect_source(
+    source: str,
+    steps: StepSelection | str | None = None,
+    *,
+    revisions: str | None = None,
+    subfolders: bool = False,
+    commits: bool = False,
+) -> ModelReport | RunReport:
     """A model report for weights, a run report for a directory of step folders or a Hub run
     (`revisions` glob over branches, `subfolders` step folders, or `commits` with "step N")."""
     if revisions is not None or subfolders or commits:

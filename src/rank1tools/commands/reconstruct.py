@@ -113,11 +113,24 @@ class ReconstructResult:
     notes: list[str] = field(default_factory=list)  # for the user (the CLI prints them on stderr)
 
     def to_dict(self) -> dict:
-        return {"out": self.out, "modules": self.modules, "used_factors": self.used_factors,
-                "untied_lm_head": self.untied_lm_head, "notes": self.notes,
-                "outputs": [{"rank": o.rank, "path": o.path, "lost_fraction": o.lost_fraction,
-                             "rel_error": o.rel_error, "updated_elements": o.updated_elements,
-                             "warning": o.warning} for o in self.outputs]}
+        return {
+            "out": self.out,
+            "modules": self.modules,
+            "used_factors": self.used_factors,
+            "untied_lm_head": self.untied_lm_head,
+            "notes": self.notes,
+            "outputs": [
+                {
+                    "rank": o.rank,
+                    "path": o.path,
+                    "lost_fraction": o.lost_fraction,
+                    "rel_error": o.rel_error,
+                    "updated_elements": o.updated_elements,
+                    "warning": o.warning,
+                }
+                for o in self.outputs
+            ],
+        }
 
 
 @dataclass(frozen=True)
@@ -142,9 +155,16 @@ class ReconstructPlan:
     groups: list[TensorGroup] | None  # with Ray: the units of work
 
 
-def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOptions = ReconstructOptions(),
-                force: bool = False, progress: Callable[[int, int], None] | None = None,
-                executor: ExecutorOptions = ExecutorOptions()) -> ReconstructResult:
+def reconstruct(
+    base: str,
+    checkpoint: str,
+    out: str,
+    *,
+    options: ReconstructOptions = ReconstructOptions(),
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    executor: ExecutorOptions = ExecutorOptions(),
+) -> ReconstructResult:
     """Write the rank-k checkpoint(s). `executor`: where the tensors are computed and written
     (rank1tools.engine.executors); with Ray, one task per group of tensors writes into the planned shards."""
     options.check()  # a caller may have changed a field since construction
@@ -175,8 +195,10 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
             raise InputError(f"{options.factors}: factor store has no module {missing[0]!r}")
         short = [n for n in modules if kmax[n] > store.rank]
         if short:
-            raise UsageError(f"--rank needs {kmax[short[0]]} triplets of {short[0]} but {options.factors} "
-                             f"holds {store.rank}; rerun decompose with a larger --rank or drop --factors")
+            raise UsageError(
+                f"--rank needs {kmax[short[0]]} triplets of {short[0]} but {options.factors} "
+                f"holds {store.rank}; rerun decompose with a larger --rank or drop --factors"
+            )
     if options.rest == "checkpoint" or store is None:
         check_compatible(base_ck, ck, modules if options.rest == "base" else None)
 
@@ -184,13 +206,29 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
         ck.expect([] if store is not None else modules)  # the rest comes from the base
     # a checkpoint that unties the base's lm_head keeps its own head when that head is written
     untie = untied_head(base_ck, [ck]) and (options.rest == "checkpoint" or LM_HEAD_NAME in modules)
-    specs = [TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype))
-             for n in [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]]
+    specs = [
+        TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype))
+        for n in [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]
+    ]
     device = task_device(options.device, executor)
     groups = group_tensors([s.name for s in specs], lambda n: base_ck.entry(n).nbytes) if executor.is_ray else None
-    plan = ReconstructPlan(base=base_ck, checkpoint=ck, store=store, step_index=step_index, ranks=tuple(ranks),
-                           kmax=kmax, modules=tuple(modules), options=options, device=str(device), specs=tuple(specs),
-                           untie=untie, out=out, force=force, executor=executor, groups=groups)
+    plan = ReconstructPlan(
+        base=base_ck,
+        checkpoint=ck,
+        store=store,
+        step_index=step_index,
+        ranks=tuple(ranks),
+        kmax=kmax,
+        modules=tuple(modules),
+        options=options,
+        device=str(device),
+        specs=tuple(specs),
+        untie=untie,
+        out=out,
+        force=force,
+        executor=executor,
+        groups=groups,
+    )
     _check_memory(plan)
     local = [Path(c.label) for c in (base_ck, ck) if not is_hub_source(c.label)]
     if options.factors:
@@ -198,49 +236,98 @@ def reconstruct(base: str, checkpoint: str, out: str, *, options: ReconstructOpt
     with locked_output(out, force=force, inputs=local) as target:
         units = None
         if executor.is_ray:
-            units = TensorUnits(target, plan_bytes("reconstruct", [base_ck, ck], {**asdict(options), "device": device.type},
-                                                   groups, {"specs": [[s.name, s.shape, str(s.dtype)] for s in specs]}))
+            units = TensorUnits(
+                target,
+                plan_bytes(
+                    "reconstruct",
+                    [base_ck, ck],
+                    {**asdict(options), "device": device.type},
+                    groups,
+                    {"specs": [[s.name, s.shape, str(s.dtype)] for s in specs]},
+                ),
+            )
         outputs = _write_all(plan, target, units, progress)
     if untie:
         how = "reconstructed (selected)" if LM_HEAD_NAME in modules else "copied (--rest checkpoint)"
-        notes.append(f"{checkpoint} stores its own {LM_HEAD_NAME} but base {base} ties it to the embedding: "
-                     f"the output stores the head, {how}, and its config.json says tie_word_embeddings: false")
-    return ReconstructResult(out=out, modules=len(modules), used_factors=store is not None, outputs=outputs,
-                             untied_lm_head=untie, notes=notes)
+        notes.append(
+            f"{checkpoint} stores its own {LM_HEAD_NAME} but base {base} ties it to the embedding: "
+            f"the output stores the head, {how}, and its config.json says tie_word_embeddings: false"
+        )
+    return ReconstructResult(
+        out=out,
+        modules=len(modules),
+        used_factors=store is not None,
+        outputs=outputs,
+        untied_lm_head=untie,
+        notes=notes,
+    )
 
 
-def _write_all(plan: ReconstructPlan, target: Path, units: TensorUnits | None,
-               progress: Callable[[int, int], None] | None) -> list[RankOutput]:
+def _write_all(
+    plan: ReconstructPlan, target: Path, units: TensorUnits | None, progress: Callable[[int, int], None] | None
+) -> list[RankOutput]:
     """Write every rank's checkpoint (one pass over the inputs) and move them into place at `target`.
     With Ray, `units` (the resumable work folder) runs the plan's groups."""
     options, ranks = plan.options, plan.ranks
     names = [s.name for s in plan.specs]
-    with CheckpointOutputs(target, [r.folder for r in ranks], list(plan.specs), max_shard_size=options.max_shard_size,
-                           force=plan.force, work=units.work if units else None) as outs:
+    with CheckpointOutputs(
+        target,
+        [r.folder for r in ranks],
+        list(plan.specs),
+        max_shard_size=options.max_shard_size,
+        force=plan.force,
+        work=units.work if units else None,
+    ) as outs:
         stats = [dict() for _ in ranks]  # tensor name -> RoundingStats, per rank
-        results = run_tensor_groups(_tensors_task, (plan,), names, units=units, groups=plan.groups,
-                                    executor=plan.executor, on_done=progress_counter(progress, len(names)), outs=outs)
+        results = run_tensor_groups(
+            _tensors_task,
+            (plan,),
+            names,
+            units=units,
+            groups=plan.groups,
+            executor=plan.executor,
+            on_done=progress_counter(progress, len(names)),
+            outs=outs,
+        )
         for name in names:  # the plan's order, whatever the order the units finished in
             for st, rec in zip(stats, results[name]):
                 if rec is not None:
                     st[name] = stats_from(rec)
-        params = {"rank": [r.text for r in ranks], "alpha": options.alpha, "norm_match": options.norm_match,
-                  "rest": options.rest, "dtype": options.dtype, "include": options.include,
-                  "exclude": options.exclude, "all_2d": options.all_2d,
-                  "svd": "factor-store" if plan.store else ("exact" if options.exact else "randomized"),
-                  "factors": options.factors, "device": torch.device(plan.device).type}
+        params = {
+            "rank": [r.text for r in ranks],
+            "alpha": options.alpha,
+            "norm_match": options.norm_match,
+            "rest": options.rest,
+            "dtype": options.dtype,
+            "include": options.include,
+            "exclude": options.exclude,
+            "all_2d": options.all_2d,
+            "svd": "factor-store" if plan.store else ("exact" if options.exact else "randomized"),
+            "factors": options.factors,
+            "device": torch.device(plan.device).type,
+        }
         reports = [rounding_report(st) for st in stats]
         inputs = [plan.base, plan.checkpoint]
-        outs.commit(copy_from=plan.base, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
-                    provenances=[provenance("reconstruct", inputs, {**params, "rank": r.text}) for r in ranks],
-                    reports=[{ROUNDING_FILE: rep} for rep in reports],
-                    parent_provenance=provenance("reconstruct", inputs, params), label=plan.out,
-                    untie_word_embeddings=plan.untie)
+        outs.commit(
+            copy_from=plan.base,
+            output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
+            provenances=[provenance("reconstruct", inputs, {**params, "rank": r.text}) for r in ranks],
+            reports=[{ROUNDING_FILE: rep} for rep in reports],
+            parent_provenance=provenance("reconstruct", inputs, params),
+            label=plan.out,
+            untie_word_embeddings=plan.untie,
+        )
         if units is not None:
             units.finish()
-        return [RankOutput(rank=r.text, path=path, tensors=rep["tensors"],
-                           **{k: rep[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")})
-                for r, path, rep in zip(ranks, outs.paths(plan.out), reports)]
+        return [
+            RankOutput(
+                rank=r.text,
+                path=path,
+                tensors=rep["tensors"],
+                **{k: rep[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")},
+            )
+            for r, path, rep in zip(ranks, outs.paths(plan.out), reports)
+        ]
 
 
 def _tensors_task(group: TensorGroup, plan: ReconstructPlan, writers, on_tensor=None) -> dict:
@@ -273,8 +360,16 @@ def _check_memory(plan: ReconstructPlan) -> None:
         if name in selected:
             sketch = max(plan.kmax[name] + 10, MIN_SKETCH)
             svd = svd_bytes(e.shape, options.exact or min(e.shape) <= 2 * sketch, sketch)
-        return reconstruct_peak_bytes(e.numel, raw, item, selected=name in selected, from_factors=plan.store is not None,
-                                      svd=svd, rest=options.rest, on_cpu=torch.device(plan.device).type == "cpu")
+        return reconstruct_peak_bytes(
+            e.numel,
+            raw,
+            item,
+            selected=name in selected,
+            from_factors=plan.store is not None,
+            svd=svd,
+            rest=options.rest,
+            on_cpu=torch.device(plan.device).type == "cpu",
+        )
 
     check_largest_tensor(specs, need, lambda name: specs[name].shape)
 
@@ -294,25 +389,42 @@ def _write_module(name: str, plan: ReconstructPlan, device: torch.device, writer
             cause = nonfinite_update_cause(w0, theirs)
             if cause != "overflow":
                 raise nonfinite_error((base_ck if cause == "base" else ck).label, name)
-            raise InputError(f"{ck.label}: the update of tensor {name!r} overflows float32 "
-                             f"(|values| up to {max(max_abs(theirs), max_abs(w0)):.3g} in base and checkpoint)")
+            raise InputError(
+                f"{ck.label}: the update of tensor {name!r} overflows float32 "
+                f"(|values| up to {max(max_abs(theirs), max_abs(w0)):.3g} in base and checkpoint)"
+            )
         res = topk_svd(d, plan.kmax[name], exact=options.exact, fro=fro)
         del d
         if not all_finite(res.S):
-            raise InputError(f"{ck.label}: the update of tensor {name!r} has singular values beyond float32 "
-                             f"(||dW||_F = {fro:.3g})")
+            raise InputError(
+                f"{ck.label}: the update of tensor {name!r} has singular values beyond float32 (||dW||_F = {fro:.3g})"
+            )
         U, V = canonicalize_signs(res.U, res.V)
         S = res.S
     for r, w, st in zip(plan.ranks, writers, stats):
-        stored, stat = apply_rank_k(w0, U, S, V, r.resolve(w0.shape), fro, w.specs[name].dtype,
-                                    alpha=options.alpha, norm_match=options.norm_match)
+        stored, stat = apply_rank_k(
+            w0,
+            U,
+            S,
+            V,
+            r.resolve(w0.shape),
+            fro,
+            w.specs[name].dtype,
+            alpha=options.alpha,
+            norm_match=options.norm_match,
+        )
         if stat.introduced_nonfinite or not math.isfinite(stat.err_sq):
             if not all_finite(w0):  # NaN/Inf in the base (the factor path reads no checkpoint)
                 raise nonfinite_error(base_ck.label, name)
             if stat.introduced_nonfinite:
                 dt = w.specs[name].dtype
-                raise overflow_error(name, dt, "the reconstructed weights", hint=f"check --alpha {options.alpha:g}"
-                                     + (", or write --dtype float32" if dt != torch.float32 else ""))
+                raise overflow_error(
+                    name,
+                    dt,
+                    "the reconstructed weights",
+                    hint=f"check --alpha {options.alpha:g}"
+                    + (", or write --dtype float32" if dt != torch.float32 else ""),
+                )
         w.write(name, stored)
         st[name] = stat
 
@@ -332,8 +444,12 @@ def _write_rest(name: str, plan: ReconstructPlan, device: torch.device, writers,
     if introduces_nonfinite(stored, b):  # no written value may be non-finite where the base is finite
         if not all_finite(theirs):
             raise nonfinite_error(ck.label, name)
-        raise overflow_error(name, stored.dtype, f"checkpoint values (|values| up to {max_abs(theirs):.3g})",
-                             hint="use --dtype float32 or bfloat16")
+        raise overflow_error(
+            name,
+            stored.dtype,
+            f"checkpoint values (|values| up to {max_abs(theirs):.3g})",
+            hint="use --dtype float32 or bfloat16",
+        )
     stat = rounding_stats(b, delta(theirs, b), stored) if b is not None else None
     for w, st in zip(writers, stats):
         w.write(name, stored)

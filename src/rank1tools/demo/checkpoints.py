@@ -32,20 +32,48 @@ def write_model_folder(folder: Path, model: TinyLlama) -> None:
     write_tokenizer(folder)
 
 
-def trainer_state(log_history: list[dict], global_step: int, max_steps: int, save_steps: int,
-                  batch_size: int, epoch: float, tokens_seen: int) -> dict:
+def trainer_state(
+    log_history: list[dict],
+    global_step: int,
+    max_steps: int,
+    save_steps: int,
+    batch_size: int,
+    epoch: float,
+    tokens_seen: int,
+) -> dict:
     """transformers' TrainerState as a dict (its fields, in the values a GRPO run leaves)."""
     return {
-        "best_global_step": None, "best_metric": None, "best_model_checkpoint": None,
-        "epoch": epoch, "eval_steps": save_steps, "global_step": global_step,
-        "is_hyper_param_search": False, "is_local_process_zero": True, "is_world_process_zero": True,
+        "best_global_step": None,
+        "best_metric": None,
+        "best_model_checkpoint": None,
+        "epoch": epoch,
+        "eval_steps": save_steps,
+        "global_step": global_step,
+        "is_hyper_param_search": False,
+        "is_local_process_zero": True,
+        "is_world_process_zero": True,
         "log_history": [dict(entry) for entry in log_history],
-        "logging_steps": 1, "max_steps": max_steps, "num_input_tokens_seen": tokens_seen,
-        "num_train_epochs": 1, "save_steps": save_steps,
-        "stateful_callbacks": {"TrainerControl": {"args": {
-            "should_epoch_stop": False, "should_evaluate": False, "should_log": False,
-            "should_save": True, "should_training_stop": global_step >= max_steps}, "attributes": {}}},
-        "total_flos": 0.0, "train_batch_size": batch_size, "trial_name": None, "trial_params": None,
+        "logging_steps": 1,
+        "max_steps": max_steps,
+        "num_input_tokens_seen": tokens_seen,
+        "num_train_epochs": 1,
+        "save_steps": save_steps,
+        "stateful_callbacks": {
+            "TrainerControl": {
+                "args": {
+                    "should_epoch_stop": False,
+                    "should_evaluate": False,
+                    "should_log": False,
+                    "should_save": True,
+                    "should_training_stop": global_step >= max_steps,
+                },
+                "attributes": {},
+            }
+        },
+        "total_flos": 0.0,
+        "train_batch_size": batch_size,
+        "trial_name": None,
+        "trial_params": None,
     }
 
 

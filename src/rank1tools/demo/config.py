@@ -65,10 +65,15 @@ class DemoTraining:
     def model_config(self) -> TinyLlamaConfig:
         from .tokenizer import VOCAB
 
-        return TinyLlamaConfig(vocab_size=len(VOCAB), hidden_size=self.hidden_size,
-                               intermediate_size=self.intermediate_size, num_hidden_layers=self.layers,
-                               num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-                               max_position_embeddings=max(32, 4 * self.digits + 8))
+        return TinyLlamaConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=max(32, 4 * self.digits + 8),
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)

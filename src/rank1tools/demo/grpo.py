@@ -28,8 +28,9 @@ def group_advantages(rewards: torch.Tensor, eps: float = ADV_EPS) -> torch.Tenso
     return (rewards - mean) / (std + eps)
 
 
-def clipped_objective(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      clip_eps: float, tokens: int | None = None) -> torch.Tensor:
+def clipped_objective(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float, tokens: int | None = None
+) -> torch.Tensor:
     """Mean over tokens of -min(rho A, clip(rho, 1-eps, 1+eps) A); logp / old_logp (n, length),
     advantages (n,). `tokens`: the count to divide by when rows with A = 0 (whose terms are 0)
     were left out of logp, so that the value and gradient equal those of the full batch."""
@@ -40,8 +41,7 @@ def clipped_objective(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return -torch.minimum(unclipped, clipped).sum() / (logp.numel() if tokens is None else tokens)
 
 
-def clip_fraction(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  clip_eps: float) -> float:
+def clip_fraction(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float) -> float:
     """Share of tokens whose term is clipped (ratio outside the band on the side the advantage pushes)."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
@@ -49,16 +49,18 @@ def clip_fraction(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     return float(clipped.float().mean())
 
 
-def completion_logprobs(model, prompts: torch.Tensor, completions: torch.Tensor,
-                        temperature: float = 1.0) -> torch.Tensor:
+def completion_logprobs(
+    model, prompts: torch.Tensor, completions: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log pi(completion token | prefix) under softmax(logits / temperature), shape (n, length)."""
     seq = torch.cat([prompts, completions], dim=1)
-    logits = model(seq[:, :-1])[:, prompts.shape[1] - 1:].float() / temperature
+    logits = model(seq[:, :-1])[:, prompts.shape[1] - 1 :].float() / temperature
     return torch.gather(F.log_softmax(logits, dim=-1), 2, completions[:, :, None])[:, :, 0]
 
 
-def sample(model, prompts: torch.Tensor, length: int, generator: torch.Generator,
-           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    model, prompts: torch.Tensor, length: int, generator: torch.Generator, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions (n, length) sampled token by token from softmax(logits / temperature), and
     their log-probabilities under that same distribution (the pi_old of the clipped objective)."""
     with torch.inference_mode():

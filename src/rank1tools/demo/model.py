@@ -48,11 +48,19 @@ class TinyLlamaConfig:
     def hf_config(self) -> dict:
         """config.json as transformers writes it for a LlamaForCausalLM (float32 weights)."""
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            **asdict(self), "head_dim": self.head_dim,
-            "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-            "initializer_range": 0.02, "pretraining_tp": 1, "rope_scaling": None,
-            "tie_word_embeddings": True, "use_cache": True,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **asdict(self),
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "rope_scaling": None,
+            "tie_word_embeddings": True,
+            "use_cache": True,
             # float32: the GRPO updates are small against the weights; bfloat16 (8-bit mantissa)
             # would round many of them away and drown the run's signal in rounding noise
             "torch_dtype": "float32",
@@ -86,8 +94,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -126,8 +133,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -174,7 +180,7 @@ class TinyLlama(nn.Module):
         t = ids.shape[1]
         if start and t != 1:
             raise ValueError("with a filled cache, pass one token at a time")
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         x = self.model.embed_tokens(ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, None if cache is None else cache[i])
@@ -191,8 +197,7 @@ def parameter_count(model: TinyLlama) -> int:
 
 def model_tensors(model: TinyLlama) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores: HF names, float32, contiguous, without the tied lm_head."""
-    return {n: t.detach().to(torch.float32).contiguous().clone()
-            for n, t in model.state_dict().items() if n != LM_HEAD}
+    return {n: t.detach().to(torch.float32).contiguous().clone() for n, t in model.state_dict().items() if n != LM_HEAD}
 
 
 def save_model(folder: Path, model: TinyLlama) -> None:
@@ -201,9 +206,18 @@ def save_model(folder: Path, model: TinyLlama) -> None:
 
     write_model(folder, model_tensors(model), model.config.hf_config(), extras=False)
     c = model.config
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
-         "do_sample": False}, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": c.bos_token_id,
+                "eos_token_id": c.eos_token_id,
+                "pad_token_id": c.pad_token_id,
+                "do_sample": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def load_weights(model: TinyLlama, folder: str | Path) -> None:
@@ -219,14 +233,18 @@ def load_weights(model: TinyLlama, folder: str | Path) -> None:
             if name not in ck:
                 raise InputError(f"{folder}: has no tensor {name!r}")
             if tuple(ck.entry(name).shape) != tuple(target.shape):
-                raise InputError(f"{folder}: tensor {name!r} has shape {tuple(ck.entry(name).shape)}, "
-                                 f"the demo model expects {tuple(target.shape)}")
+                raise InputError(
+                    f"{folder}: tensor {name!r} has shape {tuple(ck.entry(name).shape)}, "
+                    f"the demo model expects {tuple(target.shape)}"
+                )
             target.copy_(ck.read(name))
         if LM_HEAD in ck.entries:
             head = ck.read(LM_HEAD)
             if tuple(head.shape) != tuple(state[EMBEDDING].shape):
-                raise InputError(f"{folder}: tensor {LM_HEAD!r} has shape {tuple(head.shape)}, "
-                                 f"the demo model expects {tuple(state[EMBEDDING].shape)}")
+                raise InputError(
+                    f"{folder}: tensor {LM_HEAD!r} has shape {tuple(head.shape)}, "
+                    f"the demo model expects {tuple(state[EMBEDDING].shape)}"
+                )
             if not torch.equal(head, state[EMBEDDING]):
                 model.lm_head.weight = nn.Parameter(head)
                 return

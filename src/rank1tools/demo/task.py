@@ -59,7 +59,7 @@ class AdditionTask:
         self.eval_prompts, self.eval_answers = self.tokens(self.eval_pairs)
 
     def operands(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pairs // 10 ** self.digits, pairs % 10 ** self.digits
+        return pairs // 10**self.digits, pairs % 10**self.digits
 
     def tokens(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt ids, answer ids) of pair indices, built arithmetically (no string round trip)."""
@@ -69,8 +69,9 @@ class AdditionTask:
         a_digits = (a[:, None] // p10) % 10 + zero
         b_digits = (b[:, None] // p10) % 10 + zero
         n = len(pairs)
-        prompts = torch.cat([torch.full((n, 1), BOS_ID), a_digits, torch.full((n, 1), plus), b_digits,
-                             torch.full((n, 1), eq)], dim=1)
+        prompts = torch.cat(
+            [torch.full((n, 1), BOS_ID), a_digits, torch.full((n, 1), plus), b_digits, torch.full((n, 1), eq)], dim=1
+        )
         s = a + b
         answers = (s[:, None] // 10 ** torch.arange(self.answer_len)) % 10 + zero  # least significant first
         return prompts, answers
@@ -97,11 +98,11 @@ def greedy(model, prompts: torch.Tensor, length: int, batch: int = 1024) -> torc
     token (sequences are ~10 tokens: no KV cache needed)."""
     out = []
     for start in range(0, len(prompts), batch):
-        seq = prompts[start:start + batch]
+        seq = prompts[start : start + batch]
         for _ in range(length):
             nxt = model(seq)[:, -1].argmax(dim=-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
-        out.append(seq[:, prompts.shape[1]:])
+        out.append(seq[:, prompts.shape[1] :])
     return torch.cat(out)
 
 
@@ -112,8 +113,8 @@ def greedy_correct(model, prompts: torch.Tensor, answers: torch.Tensor, batch: i
     prefix is the correct token (the first wrong argmax is where greedy decoding would leave it)."""
     out = []
     for start in range(0, len(prompts), batch):
-        p, a = prompts[start:start + batch], answers[start:start + batch]
-        logits = model(torch.cat([p, a[:, :-1]], dim=1))[:, p.shape[1] - 1:]
+        p, a = prompts[start : start + batch], answers[start : start + batch]
+        logits = model(torch.cat([p, a[:, :-1]], dim=1))[:, p.shape[1] - 1 :]
         out.append((logits.argmax(dim=-1) == a).all(dim=1))
     return torch.cat(out)
 

@@ -34,16 +34,26 @@ def decode(ids) -> str:
 
 
 def _added_token(token: str) -> dict:
-    return {"id": VOCAB[token], "content": token, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": True}
+    return {
+        "id": VOCAB[token],
+        "content": token,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
 
 
 def tokenizer_json() -> dict:
     bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
     return {
-        "version": "1.0", "truncation": None, "padding": None,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
         "added_tokens": [_added_token(t) for t in SPECIAL],
-        "normalizer": None, "pre_tokenizer": None,
+        "normalizer": None,
+        "pre_tokenizer": None,
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -51,20 +61,36 @@ def tokenizer_json() -> dict:
             "special_tokens": {BOS: {"id": BOS, "ids": [BOS_ID], "tokens": [BOS]}},
         },
         "decoder": {"type": "Fuse"},
-        "model": {"type": "BPE", "dropout": None, "unk_token": UNK, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False, "vocab": dict(VOCAB), "merges": []},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": UNK,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": dict(VOCAB),
+            "merges": [],
+        },
     }
 
 
 def tokenizer_config() -> dict:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
-        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": MAX_LENGTH, "padding_side": "left",
-        "added_tokens_decoder": {str(VOCAB[t]): {k: v for k, v in _added_token(t).items() if k != "id"}
-                                 for t in SPECIAL},
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MAX_LENGTH,
+        "padding_side": "left",
+        "added_tokens_decoder": {
+            str(VOCAB[t]): {k: v for k, v in _added_token(t).items() if k != "id"} for t in SPECIAL
+        },
     }
 
 

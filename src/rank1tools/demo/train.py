@@ -42,8 +42,9 @@ def make_task(config: DemoTraining) -> AdditionTask:
     return AdditionTask(config.digits, config.seed, config.eval_size)
 
 
-def supervised_warmup(model: TinyLlama, task: AdditionTask, config: DemoTraining,
-                      progress: Callable[[str], None]) -> int:
+def supervised_warmup(
+    model: TinyLlama, task: AdditionTask, config: DemoTraining, progress: Callable[[str], None]
+) -> int:
     """Cross-entropy on the answer tokens until the accuracy on the first sft_eval_size held-out
     problems reaches config.sft_target (checked every sft_eval_every steps) or sft_max_steps;
     returns the number of steps taken."""
@@ -57,7 +58,7 @@ def supervised_warmup(model: TinyLlama, task: AdditionTask, config: DemoTraining
             group["lr"] = config.sft_lr * min(1.0, step / max(1, config.sft_warmup))
         prompts, answers = task.sample(config.sft_batch, gen)
         seq = torch.cat([prompts, answers], dim=1)
-        logits = model(seq[:, :-1])[:, prompts.shape[1] - 1:]
+        logits = model(seq[:, :-1])[:, prompts.shape[1] - 1 :]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -71,8 +72,9 @@ def supervised_warmup(model: TinyLlama, task: AdditionTask, config: DemoTraining
     return step
 
 
-def grpo_step(model: TinyLlama, opt: torch.optim.Optimizer, task: AdditionTask, config: DemoTraining,
-              gen: torch.Generator) -> dict:
+def grpo_step(
+    model: TinyLlama, opt: torch.optim.Optimizer, task: AdditionTask, config: DemoTraining, gen: torch.Generator
+) -> dict:
     """One GRPO iteration: sample grpo_prompts x grpo_group completions, score them, optimise the
     clipped objective over the batch in grpo_passes passes. Returns TRL-named statistics."""
     prompts, answers = task.sample(config.grpo_prompts, gen)
@@ -96,11 +98,15 @@ def grpo_step(model: TinyLlama, opt: torch.optim.Optimizer, task: AdditionTask, 
             opt.zero_grad(set_to_none=False)
             if len(active):
                 logp = completion_logprobs(model, prompts[active], completions[active], config.temperature)
-                loss = clipped_objective(logp, old_logp[active], adv[active], config.clip_eps,
-                                         tokens=len(rows) * task.answer_len)
+                loss = clipped_objective(
+                    logp, old_logp[active], adv[active], config.clip_eps, tokens=len(rows) * task.answer_len
+                )
                 loss.backward()
-                clipped.append(clip_fraction(logp.detach(), old_logp[active], adv[active], config.clip_eps)
-                               * len(active) / len(rows))
+                clipped.append(
+                    clip_fraction(logp.detach(), old_logp[active], adv[active], config.clip_eps)
+                    * len(active)
+                    / len(rows)
+                )
                 losses.append(loss.item())
             else:
                 losses.append(0.0)
@@ -135,8 +141,7 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def train_demo_run(folder: Path, config: DemoTraining,
-                   progress: Callable[[str], None] | None = None) -> TrainedRun:
+def train_demo_run(folder: Path, config: DemoTraining, progress: Callable[[str], None] | None = None) -> TrainedRun:
     """Train the warm-up base and the GRPO run into folder/base and folder/run (see checkpoints.py);
     existing files there are overwritten. `progress` receives short lines about the training."""
     with torch_threads(config.threads):
@@ -147,8 +152,10 @@ def _train(folder: Path, config: DemoTraining, say: Callable[[str], None]) -> Tr
     start = time.perf_counter()
     task = make_task(config)
     model = new_model(config)
-    say(f"policy: Llama with {parameter_count(model):,} parameters; task: "
-        f"{config.digits}-digit addition, {config.eval_size} held-out problems")
+    say(
+        f"policy: Llama with {parameter_count(model):,} parameters; task: "
+        f"{config.digits}-digit addition, {config.eval_size} held-out problems"
+    )
 
     sft_steps = supervised_warmup(model, task, config, say)
     base_acc = accuracy(model, task)
@@ -180,12 +187,18 @@ def _train(folder: Path, config: DemoTraining, say: Callable[[str], None]) -> Tr
             state = trainer_state(history, step, config.grpo_steps, config.save_every, batch, epoch, tokens)
             write_state(ck / STATE_FILE, state)
             steps.append(step)
-            say(f"GRPO step {step}/{config.grpo_steps}: reward {stats['reward']:.3f}, "
-                f"held-out accuracy {acc:.3f}")
+            say(f"GRPO step {step}/{config.grpo_steps}: reward {stats['reward']:.3f}, held-out accuracy {acc:.3f}")
     write_state(run / STATE_FILE, state)
     write_metrics(run / METRICS_FILE, accs)
-    return TrainedRun(base=base, run=run, steps=steps, metrics=run / METRICS_FILE, accuracy=accs,
-                      train_seconds=time.perf_counter() - start, sft_steps=sft_steps)
+    return TrainedRun(
+        base=base,
+        run=run,
+        steps=steps,
+        metrics=run / METRICS_FILE,
+        accuracy=accs,
+        train_seconds=time.perf_counter() - start,
+        sft_steps=sft_steps,
+    )
 
 
 def evaluate_checkpoint(folder: str | Path, config: DemoTraining) -> float:

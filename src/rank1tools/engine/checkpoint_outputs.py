@@ -48,16 +48,21 @@ def nonfinite_error(label: str, name: str) -> InputError:
     return InputError(f"{label}: tensor {name!r} has non-finite values (NaN or Inf)")
 
 
-def overflow_error(name: str, dtype: torch.dtype, what: str, *, hint: str | None = None,
-                   then: str | None = None) -> InputError:
+def overflow_error(
+    name: str, dtype: torch.dtype, what: str, *, hint: str | None = None, then: str | None = None
+) -> InputError:
     """Values that are finite before the cast to the output dtype but not after (docs/cli.md: no written
     value is NaN/Inf where the base is finite): `what` overflows, with `hint` in the parentheses
     beside the dtype's largest finite value and `then` after them."""
-    return InputError(f"tensor {name!r}: {what} overflow {dtype_name(dtype)} ({hint + '; ' if hint else ''}largest "
-                      f"finite {dtype_name(dtype)} is {dtype_max(dtype):.5g})" + (f"; {then}" if then else ""))
+    return InputError(
+        f"tensor {name!r}: {what} overflow {dtype_name(dtype)} ({hint + '; ' if hint else ''}largest "
+        f"finite {dtype_name(dtype)} is {dtype_max(dtype):.5g})" + (f"; {then}" if then else "")
+    )
 
 
-def write_copied(name: str, source: Checkpoint, writers: list, *, described: str, base: Checkpoint | None = None) -> None:
+def write_copied(
+    name: str, source: Checkpoint, writers: list, *, described: str, base: Checkpoint | None = None
+) -> None:
     """Copy tensor `name` of `source` into every writer: cast once to the output dtype (bit-exact
     when the dtype is kept). Refused: a cast that overflows the dtype (`described` names the values
     in the message), and, when `source` is another checkpoint than `base`, a NaN/Inf where the base
@@ -68,8 +73,12 @@ def write_copied(name: str, source: Checkpoint, writers: list, *, described: str
         if introduces_nonfinite(raw, base.read_raw(name)):
             raise nonfinite_error(source.label, name)
     if stored.dtype != raw.dtype and introduces_nonfinite(stored, raw):  # e.g. values above 65504 cast to float16
-        raise overflow_error(name, stored.dtype, f"{described} (|values| up to {max_abs(raw):.3g})",
-                             hint="use --dtype float32 or bfloat16")
+        raise overflow_error(
+            name,
+            stored.dtype,
+            f"{described} (|values| up to {max_abs(raw):.3g})",
+            hint="use --dtype float32 or bfloat16",
+        )
     for w in writers:
         w.write(name, stored)
 
@@ -81,14 +90,22 @@ def rounding_report(per_tensor: dict[str, RoundingStats]) -> dict:
     rows = []
     for name, s in per_tensor.items():
         total.add(s)
-        rows.append({"tensor": name, "updated_elements": s.updated, "lost_fraction": s.lost_fraction,
-                     "rel_error": s.rel_error})
+        rows.append(
+            {"tensor": name, "updated_elements": s.updated, "lost_fraction": s.lost_fraction, "rel_error": s.rel_error}
+        )
     warning = None
     if total.lost_fraction > LOST_WARNING:
-        warning = (f"{total.lost_fraction:.0%} of the updated elements were rounded away by the output dtype "
-                   "(the update is below its resolution); write with --dtype float32")
-    return {"updated_elements": total.updated, "lost_fraction": total.lost_fraction,
-            "rel_error": total.rel_error, "warning": warning, "tensors": rows}
+        warning = (
+            f"{total.lost_fraction:.0%} of the updated elements were rounded away by the output dtype "
+            "(the update is below its resolution); write with --dtype float32"
+        )
+    return {
+        "updated_elements": total.updated,
+        "lost_fraction": total.lost_fraction,
+        "rel_error": total.rel_error,
+        "warning": warning,
+        "tensors": rows,
+    }
 
 
 class CheckpointOutputs:
@@ -104,8 +121,16 @@ class CheckpointOutputs:
     Leaving the block without `commit` removes everything staged: no partial output.
     """
 
-    def __init__(self, target: Path, folders: list[str], specs: list[TensorSpec], *,
-                 max_shard_size: int | str, force: bool, work: Path | None = None):
+    def __init__(
+        self,
+        target: Path,
+        folders: list[str],
+        specs: list[TensorSpec],
+        *,
+        max_shard_size: int | str,
+        force: bool,
+        work: Path | None = None,
+    ):
         self.target = target
         self.folders = folders
         self.multi = len(folders) > 1
@@ -128,8 +153,11 @@ class CheckpointOutputs:
                     if work is not None and os.path.lexists(dest):  # published by a run stopped while committing
                         with output_errors(dest):
                             shutil.rmtree(dest)
-                self.writers.append(ShardedWriter(dest, specs, max_shard_size=max_shard_size,
-                                                  force=force and not self.multi, staging=keep))
+                self.writers.append(
+                    ShardedWriter(
+                        dest, specs, max_shard_size=max_shard_size, force=force and not self.multi, staging=keep
+                    )
+                )
         except BaseException:
             self.abort()
             raise
@@ -142,8 +170,11 @@ class CheckpointOutputs:
         if self.work is not None:
             for root, _, files in os.walk(self.work):
                 held += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
-        check_disk(per * len(self.folders) - held, self.target.parent,
-                   f"{self.target}: {len(self.folders)} checkpoint{'s' if len(self.folders) > 1 else ''}")
+        check_disk(
+            per * len(self.folders) - held,
+            self.target.parent,
+            f"{self.target}: {len(self.folders)} checkpoint{'s' if len(self.folders) > 1 else ''}",
+        )
 
     @property
     def resumed(self) -> bool:
@@ -155,15 +186,27 @@ class CheckpointOutputs:
         """Where each checkpoint will be, as the user named the output."""
         return [str(Path(out) / f) if self.multi else out for f in self.folders]
 
-    def commit(self, *, copy_from: Checkpoint, output_dtype: torch.dtype | None, provenances: list[dict],
-               reports: list[dict[str, object]], parent_provenance: dict, label: str,
-               untie_word_embeddings: bool = False) -> None:
+    def commit(
+        self,
+        *,
+        copy_from: Checkpoint,
+        output_dtype: torch.dtype | None,
+        provenances: list[dict],
+        reports: list[dict[str, object]],
+        parent_provenance: dict,
+        label: str,
+        untie_word_embeddings: bool = False,
+    ) -> None:
         """Finish every checkpoint (`reports[i]`: file name -> JSON data written beside it), then
         move the parent folder into place when there are several."""
         for w, prov, extra in zip(self.writers, provenances, reports):
-            w.commit(copy_from=copy_from, output_dtype=output_dtype, provenance=prov,
-                     extra_json={k: json_safe(v) for k, v in extra.items()},
-                     untie_word_embeddings=untie_word_embeddings)
+            w.commit(
+                copy_from=copy_from,
+                output_dtype=output_dtype,
+                provenance=prov,
+                extra_json={k: json_safe(v) for k, v in extra.items()},
+                untie_word_embeddings=untie_word_embeddings,
+            )
         if self.multi:  # the parent is a rank1 output too: --force may replace it later
             with output_errors(self.staging):
                 write_provenance(self.staging, {**parent_provenance, "outputs": list(self.folders)})

@@ -51,8 +51,14 @@ EXECUTORS = ("local", "ray")
 INSTALL_HINT = "pip install 'rank1tools[ray]'"
 # CLI options that choose where work runs and not what it computes: left out of the command line
 # recorded in provenance files, so that outputs are byte-identical whatever the executor
-EXECUTOR_FLAGS = {"kind": "--executor", "address": "--ray-address", "num_cpus": "--ray-num-cpus",
-                  "num_gpus": "--ray-num-gpus", "max_in_flight": "--max-in-flight", "connect_timeout": "--ray-timeout"}
+EXECUTOR_FLAGS = {
+    "kind": "--executor",
+    "address": "--ray-address",
+    "num_cpus": "--ray-num-cpus",
+    "num_gpus": "--ray-num-gpus",
+    "max_in_flight": "--max-in-flight",
+    "connect_timeout": "--ray-timeout",
+}
 _VALUED_FLAGS = tuple(EXECUTOR_FLAGS.values())  # the CLI declares its options from EXECUTOR_FLAGS (cli/params.py)
 RETRIES = 3  # Ray's retries of a task whose worker died (node lost, OOM-killed) or that raised RetryableError
 CONNECT_TIMEOUT = 30.0  # seconds: --ray-timeout's default, the bound on connecting to a cluster
@@ -76,15 +82,30 @@ class ExecutorOptions:
         return self.kind == "ray"
 
 
-def check_executor(kind: str, *, address: str | None = None, num_cpus: float | None = None, num_gpus: float | None = None,
-                   max_in_flight: int | None = None, timeout: float | None = None) -> ExecutorOptions:
+def check_executor(
+    kind: str,
+    *,
+    address: str | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    max_in_flight: int | None = None,
+    timeout: float | None = None,
+) -> ExecutorOptions:
     """Validate the executor options (before any heavy import); for `ray`, that Ray is installed."""
     if kind not in EXECUTORS:
         raise UsageError(f"--executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
     if kind == "local":
-        given = [flag for flag, v in (("--ray-address", address), ("--ray-num-cpus", num_cpus),
-                                      ("--ray-num-gpus", num_gpus), ("--max-in-flight", max_in_flight),
-                                      ("--ray-timeout", timeout)) if v is not None]
+        given = [
+            flag
+            for flag, v in (
+                ("--ray-address", address),
+                ("--ray-num-cpus", num_cpus),
+                ("--ray-num-gpus", num_gpus),
+                ("--max-in-flight", max_in_flight),
+                ("--ray-timeout", timeout),
+            )
+            if v is not None
+        ]
         if given:
             raise UsageError(f"{given[0]} applies to --executor ray only")
         return ExecutorOptions()
@@ -99,8 +120,9 @@ def check_executor(kind: str, *, address: str | None = None, num_cpus: float | N
     if address is None:
         check_address(os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS")
     import_ray()
-    return ExecutorOptions("ray", address, num_cpus, num_gpus or 0.0, max_in_flight,
-                           CONNECT_TIMEOUT if timeout is None else float(timeout))
+    return ExecutorOptions(
+        "ray", address, num_cpus, num_gpus or 0.0, max_in_flight, CONNECT_TIMEOUT if timeout is None else float(timeout)
+    )
 
 
 def check_address(address: str | None, what: str) -> None:
@@ -109,8 +131,10 @@ def check_address(address: str | None, what: str) -> None:
         return
     m = _ADDRESS.fullmatch(address)
     if m is None or not 0 < int(m[2]) < 65536:
-        raise UsageError(f"{what} {address!r}: expected HOST:PORT (the head node's GCS, e.g. 10.0.0.5:6379), "
-                         "ray://HOST:PORT (Ray Client), auto or local")
+        raise UsageError(
+            f"{what} {address!r}: expected HOST:PORT (the head node's GCS, e.g. 10.0.0.5:6379), "
+            "ray://HOST:PORT (Ray Client), auto or local"
+        )
 
 
 def _host_port(address: str | None) -> tuple[str, int] | None:
@@ -167,8 +191,10 @@ def _connect(ray, options: ExecutorOptions) -> None:
             socket.create_connection(where, timeout=seconds).close()
         except OSError as err:
             reason = "no answer" if isinstance(err, socket.timeout) else (err.strerror or str(err))
-            raise UsageError(f"{what}: cannot connect to Ray within {seconds:g} s ({reason}); "
-                             "check the address, or raise --ray-timeout") from None
+            raise UsageError(
+                f"{what}: cannot connect to Ray within {seconds:g} s ({reason}); "
+                "check the address, or raise --ray-timeout"
+            ) from None
     kwargs = {"address": options.address} if options.address else {}
     try:
         with _connect_deadline(seconds), _signals_left_to_rank1():
@@ -176,8 +202,10 @@ def _connect(ray, options: ExecutorOptions) -> None:
             ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kwargs)
     except _ConnectTimeout:
         ray.shutdown()
-        raise UsageError(f"{what}: Ray did not answer within {seconds:g} s (is it a Ray head node?); "
-                         "check the address, or raise --ray-timeout") from None
+        raise UsageError(
+            f"{what}: Ray did not answer within {seconds:g} s (is it a Ray head node?); "
+            "check the address, or raise --ray-timeout"
+        ) from None
     except ConnectionError as err:
         ray.shutdown()
         raise UsageError(f"{what}: cannot connect to Ray ({' '.join(str(err).split())})") from None
@@ -307,8 +335,14 @@ def task_device(spec: str, options: ExecutorOptions):
     return dev
 
 
-def run_units(units: list, task: Callable, args: tuple, options: ExecutorOptions, threads: int,
-              label: Callable[[object], str] = str) -> Iterator[tuple[object, object]]:
+def run_units(
+    units: list,
+    task: Callable,
+    args: tuple,
+    options: ExecutorOptions,
+    threads: int,
+    label: Callable[[object], str] = str,
+) -> Iterator[tuple[object, object]]:
     """Run `task(unit, *args)` as one Ray task per unit, at most `--max-in-flight` at a time;
     yield (unit, what the task returned) as tasks finish (completion order). A failed task
     cancels the rest (and waits for them to stop, so nothing writes into the staging folder
@@ -318,8 +352,9 @@ def run_units(units: list, task: Callable, args: tuple, options: ExecutorOptions
         return
     with ray_session(options) as ray:
         num_cpus = task_cpus(options, threads)
-        remote = ray.remote(_in_task).options(num_cpus=num_cpus, num_gpus=options.num_gpus, max_retries=RETRIES,
-                                              retry_exceptions=[RetryableError])
+        remote = ray.remote(_in_task).options(
+            num_cpus=num_cpus, num_gpus=options.num_gpus, max_retries=RETRIES, retry_exceptions=[RetryableError]
+        )
         slots = _slots(ray, options, num_cpus)
         todo = iter(units)
         pending: dict = {}
@@ -374,9 +409,11 @@ def check_worker_code(expected: str) -> None:
     """Refuse to work in a process whose rank1tools differs from the driver's (`expected`)."""
     ours = code_fingerprint()
     if ours != expected:
-        raise TaskFailed(f"the Ray worker on {platform.node()} runs rank1tools {ours} "
-                         f"({Path(__file__).resolve().parents[1]}), the driver {expected}: install the same rank1tools "
-                         "on every node (or put it on shared storage and PYTHONPATH)")
+        raise TaskFailed(
+            f"the Ray worker on {platform.node()} runs rank1tools {ours} "
+            f"({Path(__file__).resolve().parents[1]}), the driver {expected}: install the same rank1tools "
+            "on every node (or put it on shared storage and PYTHONPATH)"
+        )
 
 
 def _in_task(box: list, threads: int, expected: str, unit):
@@ -394,5 +431,17 @@ def _in_task(box: list, threads: int, expected: str, unit):
         raise RetryableError(type(err).__name__, str(err) or type(err).__name__) from None
 
 
-__all__ = ["EXECUTORS", "ExecutorOptions", "TaskFailed", "check_executor", "check_worker_code", "code_fingerprint", "import_ray",
-           "run_units", "ray_session", "task_cpus", "task_device", "without_executor_args"]
+__all__ = [
+    "EXECUTORS",
+    "ExecutorOptions",
+    "TaskFailed",
+    "check_executor",
+    "check_worker_code",
+    "code_fingerprint",
+    "import_ray",
+    "run_units",
+    "ray_session",
+    "task_cpus",
+    "task_device",
+    "without_executor_args",
+]

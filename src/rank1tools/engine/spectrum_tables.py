@@ -28,13 +28,13 @@ def module_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
     return None, name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
 
 
-COLUMNS_HEAD = ["module", "layer", "type", "step", "rows", "cols", "k", "svd_method", "iterations", "fro",
-                "rel_update"]
+COLUMNS_HEAD = ["module", "layer", "type", "step", "rows", "cols", "k", "svd_method", "iterations", "fro", "rel_update"]
 COLUMNS_TAIL = ["energy_1", "energy_k", "rank1pct_k", "energy_rank1pct", "norm_frac_1", "stable_rank"]
 
 
-def spectrum_rows(name: str, shape: tuple[int, ...], data: dict, methods: list[str],
-                  iterations: list[int] | None = None) -> list[dict]:
+def spectrum_rows(
+    name: str, shape: tuple[int, ...], data: dict, methods: list[str], iterations: list[int] | None = None
+) -> list[dict]:
     """One row per step from a module's stored S, fro, base_fro and steps; `iterations`: the power
     iterations each step's SVD ran (None: not recorded, an empty cell)."""
     layer, mtype = module_labels(name, shape)
@@ -43,9 +43,20 @@ def spectrum_rows(name: str, shape: tuple[int, ...], data: dict, methods: list[s
     for j, step in enumerate(data["steps"].tolist()):
         sig = [float(x) for x in data["S"][j]]
         figs = spectrum_figures(sig, float(data["fro"][j]), base_fro, (shape[0], shape[1]))
-        out.append({"module": name, "layer": layer, "type": mtype, "step": step, "rows": shape[0], "cols": shape[1],
-                    "k": len(sig), "svd_method": methods[j],
-                    "iterations": iterations[j] if iterations is not None else None, **figs})
+        out.append(
+            {
+                "module": name,
+                "layer": layer,
+                "type": mtype,
+                "step": step,
+                "rows": shape[0],
+                "cols": shape[1],
+                "k": len(sig),
+                "svd_method": methods[j],
+                "iterations": iterations[j] if iterations is not None else None,
+                **figs,
+            }
+        )
     return out
 
 
@@ -73,15 +84,31 @@ def _mean(values: list[float]) -> float:
 
 def summarize(rows: list[dict]) -> dict:
     """Mean energy_1 and norm_frac_1 overall, by module type and by checkpoint step."""
+
     def group(key):
         groups: dict = {}
-        order = sorted(rows, key=lambda r: (TYPE_ORDER.get(r[key], len(TYPE_ORDER)), str(r[key]))) if key == "type" else rows
+        order = (
+            sorted(rows, key=lambda r: (TYPE_ORDER.get(r[key], len(TYPE_ORDER)), str(r[key])))
+            if key == "type"
+            else rows
+        )
         for r in order:
             groups.setdefault(r[key], []).append(r)
-        return {str(g): {"energy_1": _mean([r["energy_1"] for r in rs]),
-                         "norm_frac_1": _mean([r["norm_frac_1"] for r in rs]), "n": len(rs)}
-                for g, rs in groups.items()}
+        return {
+            str(g): {
+                "energy_1": _mean([r["energy_1"] for r in rs]),
+                "norm_frac_1": _mean([r["norm_frac_1"] for r in rs]),
+                "n": len(rs),
+            }
+            for g, rs in groups.items()
+        }
 
-    return {"overall": {"energy_1": _mean([r["energy_1"] for r in rows]),
-                        "norm_frac_1": _mean([r["norm_frac_1"] for r in rows]), "n": len(rows)},
-            "by_type": group("type"), "by_step": group("step")}
+    return {
+        "overall": {
+            "energy_1": _mean([r["energy_1"] for r in rows]),
+            "norm_frac_1": _mean([r["norm_frac_1"] for r in rows]),
+            "n": len(rows),
+        },
+        "by_type": group("type"),
+        "by_step": group("step"),
+    }

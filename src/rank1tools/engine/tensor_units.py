@@ -62,12 +62,19 @@ def group_tensors(names: list[str], nbytes: Callable[[str], int], budget: int | 
     return [TensorGroup(f"{i:06d}", tuple(g)) for i, g in enumerate(groups)]
 
 
-def plan_bytes(command: str, inputs: list, parameters: dict, groups: list[TensorGroup], extra: dict | None = None) -> bytes:
+def plan_bytes(
+    command: str, inputs: list, parameters: dict, groups: list[TensorGroup], extra: dict | None = None
+) -> bytes:
     """What identifies a run's work folder: rank1tools' code, the command, its inputs (pinned
     revisions), parameters and units. A rerun with anything else changed starts over."""
-    data = {"tool": code_fingerprint(), "command": command,
-            "inputs": [{"source": c.label, "revision": c.revision} for c in inputs],
-            "parameters": parameters, "units": [list(g.names) for g in groups], **(extra or {})}
+    data = {
+        "tool": code_fingerprint(),
+        "command": command,
+        "inputs": [{"source": c.label, "revision": c.revision} for c in inputs],
+        "parameters": parameters,
+        "units": [list(g.names) for g in groups],
+        **(extra or {}),
+    }
     return (json.dumps(data, indent=1, sort_keys=True, default=str) + "\n").encode()
 
 
@@ -80,6 +87,7 @@ def progress_counter(progress: Callable[[int, int], None] | None, total: int) ->
         done += n
         if progress:
             progress(done, total)
+
     return tick
 
 
@@ -115,8 +123,16 @@ class TensorUnits:
         shutil.rmtree(self.ledger.folder, ignore_errors=True)
         self.ledger = UnitLedger(self.work)
 
-    def run(self, groups: list[TensorGroup], task: Callable, args: tuple, executor: ExecutorOptions, threads: int, *,
-            on_done: Callable[[int], None] | None = None) -> dict[str, object]:
+    def run(
+        self,
+        groups: list[TensorGroup],
+        task: Callable,
+        args: tuple,
+        executor: ExecutorOptions,
+        threads: int,
+        *,
+        on_done: Callable[[int], None] | None = None,
+    ) -> dict[str, object]:
         results: dict[str, object] = {}
         todo = []
         kept = 0  # tensors of the recorded units
@@ -149,9 +165,17 @@ class TensorUnits:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def run_tensor_groups(task: Callable, args: tuple, names: list[str], *, units: TensorUnits | None,
-                      groups: list[TensorGroup] | None, executor: ExecutorOptions, on_done: Callable[[int], None],
-                      outs=None) -> dict[str, object]:
+def run_tensor_groups(
+    task: Callable,
+    args: tuple,
+    names: list[str],
+    *,
+    units: TensorUnits | None,
+    groups: list[TensorGroup] | None,
+    executor: ExecutorOptions,
+    on_done: Callable[[int], None],
+    outs=None,
+) -> dict[str, object]:
     """A command's per-tensor work over every tensor in `names`: `task(group, *args[, writers],
     on_tensor=...)`. Without `units`, in this process as one group, writing through the writers
     of `outs` (a CheckpointOutputs, for commands that write checkpoints); with `units`, as Ray

@@ -7,9 +7,16 @@ imported by the CLI before any heavy import.
 from importlib import import_module
 
 _EXPORTS = {
-    "Checkpoint": "checkpoint", "open_checkpoint": "checkpoint", "check_compatible": "compat",
-    "open_source": "sources", "is_hub_source": "sources", "RunCheckpoint": "runs", "discover_run": "runs",
-    "select_steps": "runs", "ShardedWriter": "writer", "TensorSpec": "writer",
+    "Checkpoint": "checkpoint",
+    "open_checkpoint": "checkpoint",
+    "check_compatible": "compat",
+    "open_source": "sources",
+    "is_hub_source": "sources",
+    "RunCheckpoint": "runs",
+    "discover_run": "runs",
+    "select_steps": "runs",
+    "ShardedWriter": "writer",
+    "TensorSpec": "writer",
 }
 __all__ = list(_EXPORTS)
 

@@ -24,9 +24,21 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Files of a model folder that travel with its weights (config, tokenizer, chat template, remote code).
 AUX_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab.*", "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template*",
-    "preprocessor_config.json", "configuration_*.py", "modeling_*.py", "tokenization_*.py",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.tiktoken",
+    "spiece.model",
+    "sentencepiece*.model",
+    "chat_template*",
+    "preprocessor_config.json",
+    "configuration_*.py",
+    "modeling_*.py",
+    "tokenization_*.py",
 )
 
 
@@ -44,16 +56,25 @@ class Checkpoint:
         revision: resolved revision (commit sha) for remote sources, None locally.
     """
 
-    def __init__(self, label: str, weight_dir: Path, entries: dict[str, TensorEntry],
-                 config: dict | None, root: Path | None, revision: str | None = None):
+    def __init__(
+        self,
+        label: str,
+        weight_dir: Path,
+        entries: dict[str, TensorEntry],
+        config: dict | None,
+        root: Path | None,
+        revision: str | None = None,
+    ):
         self.label = label
         self.weight_dir = weight_dir
         self.entries = entries
         self.config = config
         self.root = root
         self.revision = revision
-        self.lm_head_tied = LM_HEAD_NAME not in entries and self._embedding_name() is not None and (
-            config is None or config.get("tie_word_embeddings", True) is not False
+        self.lm_head_tied = (
+            LM_HEAD_NAME not in entries
+            and self._embedding_name() is not None
+            and (config is None or config.get("tie_word_embeddings", True) is not False)
         )
 
     def __repr__(self) -> str:
@@ -121,8 +142,14 @@ class Checkpoint:
         path, e = self.locate(name)
         return read_entry(path, e).reshape(e.shape)
 
-    def read(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(
+        self,
+        name: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """The tensor (or rows [a, b) of it) upcast to `dtype` (default float32) on `device`."""
         import torch
 
@@ -138,8 +165,9 @@ class Checkpoint:
         # move in the stored dtype, then upcast: half the host-to-device traffic for bf16
         return flat.reshape(shape).to(device=device).to(torch.float32 if dtype is None else dtype)
 
-    def read_flat(self, name: str, start: int, stop: int, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read_flat(
+        self, name: str, start: int, stop: int, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, upcast (default float32), as a 1-D tensor."""
         import torch
 
@@ -170,7 +198,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if len(files) == 1:
             entries = _read_single(p / files[0])
         elif files:
-            raise InputError(f"{label}: {len(files)} .safetensors files but no {INDEX_FILE} to say which form the model")
+            raise InputError(
+                f"{label}: {len(files)} .safetensors files but no {INDEX_FILE} to say which form the model"
+            )
         else:
             pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
             if pickles:

@@ -7,8 +7,9 @@ from ..modules import LM_HEAD_NAME
 from .checkpoint import Checkpoint
 
 
-def check_compatible(base: Checkpoint, other: Checkpoint, names: list[str] | None = None,
-                     label: str | None = None) -> None:
+def check_compatible(
+    base: Checkpoint, other: Checkpoint, names: list[str] | None = None, label: str | None = None
+) -> None:
     """Raise InputError naming the first tensor that differs in presence or shape.
 
     `names`: check only these base tensors (a command that reads a selection; other tensors of
@@ -28,8 +29,10 @@ def check_compatible(base: Checkpoint, other: Checkpoint, names: list[str] | Non
         if name not in base:
             raise InputError(f"{who}: has tensor {name!r} that base {base.label} lacks")
         if base.entry(name).shape != other.entries[name].shape:
-            raise InputError(f"tensor {name!r}: shape {list(other.entries[name].shape)} in {who} "
-                             f"but {list(base.entry(name).shape)} in base {base.label}")
+            raise InputError(
+                f"tensor {name!r}: shape {list(other.entries[name].shape)} in {who} "
+                f"but {list(base.entry(name).shape)} in base {base.label}"
+            )
 
 
 def untied_head(base: Checkpoint, others: list[Checkpoint]) -> bool:

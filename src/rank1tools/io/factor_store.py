@@ -31,7 +31,6 @@ def factor_file(name: str) -> str:
     return f"~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:40]}.safetensors"
 
 
-
 class FactorStore:
     """A decompose output folder: manifest plus per-module top-k factors over checkpoints."""
 
@@ -46,23 +45,33 @@ class FactorStore:
         if self.manifest.get("format") != FACTOR_FORMAT:
             raise InputError(f"{mf}: not a rank1tools factor store (format {self.manifest.get('format')!r})")
         if self.manifest.get("format_version") != FACTOR_FORMAT_VERSION:
-            raise InputError(f"{mf}: factor store format_version {self.manifest.get('format_version')} "
-                             f"is not supported (this rank1tools reads {FACTOR_FORMAT_VERSION})")
+            raise InputError(
+                f"{mf}: factor store format_version {self.manifest.get('format_version')} "
+                f"is not supported (this rank1tools reads {FACTOR_FORMAT_VERSION})"
+            )
         try:
             self.modules = {m["name"]: m for m in self.manifest["modules"]}
             self.rank = self.manifest["parameters"]["rank"]
             self.steps = [c["step"] for c in self.manifest["checkpoints"]]
             sources = [c["source"] for c in [self.manifest["base"], *self.manifest["checkpoints"]]]
-            ok = (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1
-                  and all(isinstance(n, str) and isinstance(m.get("file"), str) and is_shape(m.get("shape"))
-                          for n, m in self.modules.items())
-                  and all(isinstance(s, int) and not isinstance(s, bool) for s in self.steps)
-                  and all(isinstance(s, str) for s in sources))
+            ok = (
+                isinstance(self.rank, int)
+                and not isinstance(self.rank, bool)
+                and self.rank >= 1
+                and all(
+                    isinstance(n, str) and isinstance(m.get("file"), str) and is_shape(m.get("shape"))
+                    for n, m in self.modules.items()
+                )
+                and all(isinstance(s, int) and not isinstance(s, bool) for s in self.steps)
+                and all(isinstance(s, str) for s in sources)
+            )
         except (KeyError, TypeError, AttributeError):
             ok = False
         if not ok:
-            raise InputError(f"{mf}: malformed factor store manifest (modules, parameters.rank, base or checkpoints "
-                             "missing or of the wrong type)")
+            raise InputError(
+                f"{mf}: malformed factor store manifest (modules, parameters.rank, base or checkpoints "
+                "missing or of the wrong type)"
+            )
         self._factors_dir = Path(os.path.realpath(self.folder / "factors"))
 
     def find_checkpoint(self, ck: Checkpoint) -> int:
@@ -85,10 +94,17 @@ class FactorStore:
         rel = self.modules[name]["file"]
         parts = rel.split("/")
         path = Path(os.path.realpath(self.folder / rel)) if "\x00" not in rel else None
-        if (len(parts) != 2 or parts[0] != "factors" or parts[1] in ("", ".", "..") or path is None
-                or path.parent != self._factors_dir):
-            raise InputError(f"{self.folder / 'manifest.json'}: module {name!r} names file {rel!r}, "
-                             "which is not a file in the store's factors/ folder")
+        if (
+            len(parts) != 2
+            or parts[0] != "factors"
+            or parts[1] in ("", ".", "..")
+            or path is None
+            or path.parent != self._factors_dir
+        ):
+            raise InputError(
+                f"{self.folder / 'manifest.json'}: module {name!r} names file {rel!r}, "
+                "which is not a file in the store's factors/ folder"
+            )
         return path
 
     def load(self, name: str) -> dict[str, torch.Tensor]:
@@ -105,7 +121,9 @@ class FactorStore:
                 got = list(data[key].shape) if key in data else "missing"
                 raise InputError(f"{path}: factor tensor {key!r} is {got}, expected {list(dims)} (corrupt store)")
         if data["steps"].tolist() != self.steps:
-            raise InputError(f"{path}: factor file steps {data['steps'].tolist()} differ from the manifest's {self.steps}")
+            raise InputError(
+                f"{path}: factor file steps {data['steps'].tolist()} differ from the manifest's {self.steps}"
+            )
         check_factors(path, data, self.steps)
         return data
 
@@ -144,8 +162,11 @@ def check_factors(path: Path, data: dict[str, torch.Tensor], steps: list[int]) -
             raise _bad(path, "S", f"is not in non-increasing order at step {step}")
         energy = float(row.square().sum().sqrt())
         if energy > float(fro[i]) * (1 + NORM_SLACK) + 1e-30:
-            raise _bad(path, "S", f"holds more than ||dW||_F at step {step} (sqrt(sum S^2) = {energy:.4g} > "
-                                  f"fro = {float(fro[i]):.4g})")
+            raise _bad(
+                path,
+                "S",
+                f"holds more than ||dW||_F at step {step} (sqrt(sum S^2) = {energy:.4g} > fro = {float(fro[i]):.4g})",
+            )
         for key in ("U", "V"):
             norms = data[key][i].double().norm(dim=0)
             off = ((norms - 1).abs() > NORM_SLACK) & (row > 0)
@@ -155,10 +176,11 @@ def check_factors(path: Path, data: dict[str, torch.Tensor], steps: list[int]) -
 
 
 def is_shape(shape) -> bool:
-    return (isinstance(shape, list) and len(shape) == 2
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
-
-
+    return (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+    )
 
 
 def read_module_file(path: Path, name: str, kind: str) -> dict[str, torch.Tensor]:

@@ -33,8 +33,7 @@ def _windows(name: str, nbytes: int) -> list[tuple[int, int]]:
         return [(0, nbytes)]
     seed = int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()[:16], "little")
     span = nbytes - SAMPLE_BYTES
-    return [(0, SAMPLE_BYTES), (seed % span, SAMPLE_BYTES), ((seed >> 64) % span, SAMPLE_BYTES),
-            (span, SAMPLE_BYTES)]
+    return [(0, SAMPLE_BYTES), (seed % span, SAMPLE_BYTES), ((seed >> 64) % span, SAMPLE_BYTES), (span, SAMPLE_BYTES)]
 
 
 def fingerprint(ck: Checkpoint) -> dict | None:
@@ -102,12 +101,17 @@ def check_base(record: dict, ck: Checkpoint, where: str, what: str, notes: list[
     if not same:
         why = ""
         if by_content:
-            why = (": the same path now holds other weights (content fingerprint differs)"
-                   if same_source(src, None, ck.label, None) else " (content fingerprint differs)")
+            why = (
+                ": the same path now holds other weights (content fingerprint differs)"
+                if same_source(src, None, ck.label, None)
+                else " (content fingerprint differs)"
+            )
         raise InputError(f"{where}: {what} was made from base {src}, not {ck.label}{why}")
     if not by_content and not is_hub_source(src):
-        notes.append(f"{where}: {what} records no content fingerprint of its base (made by an older rank1tools): "
-                     f"base {ck.label} accepted by its path only; rerun rank1 decompose to record one")
+        notes.append(
+            f"{where}: {what} records no content fingerprint of its base (made by an older rank1tools): "
+            f"base {ck.label} accepted by its path only; rerun rank1 decompose to record one"
+        )
 
 
 def same_source(a: str, a_rev: str | None, b: str, b_rev: str | None) -> bool:

@@ -30,14 +30,18 @@ def _is_int(v) -> bool:
 
 
 def _is_source(entry) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("source"), str)
-            and (entry.get("revision") is None or isinstance(entry.get("revision"), str)))
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("source"), str)
+        and (entry.get("revision") is None or isinstance(entry.get("revision"), str))
+    )
 
 
 def _check_fit(path: Path, data: dict[str, torch.Tensor]) -> None:
     """What fit-pls writes and alpharl relies on (docs/formats.md, "Fit store"): x_scale > 0 (a
     standard deviation, 1 for a constant column), the norms fro >= 0 and sigma_last between 0 and
     the last fro, v_last of unit norm (when sigma_last > 0). A tampered value would silently scale or flip ΔŴ."""
+
     def bad(key: str, what: str) -> InputError:
         return InputError(f"{path}: fit tensor {key!r} {what} (corrupt or edited fit store)")
 
@@ -65,10 +69,14 @@ class FitStore:
         if not isinstance(m, dict):
             raise InputError(f"{mf}: manifest is not a JSON object")
         if m.get("format") != FIT_FORMAT:
-            raise InputError(f"{mf}: not a rank1tools fit store (format {m.get('format')!r}; make one with rank1 fit-pls)")
+            raise InputError(
+                f"{mf}: not a rank1tools fit store (format {m.get('format')!r}; make one with rank1 fit-pls)"
+            )
         if m.get("format_version") != FIT_FORMAT_VERSION:
-            raise InputError(f"{mf}: fit store format_version {m.get('format_version')} is not supported "
-                             f"(this rank1tools reads {FIT_FORMAT_VERSION})")
+            raise InputError(
+                f"{mf}: fit store format_version {m.get('format_version')} is not supported "
+                f"(this rank1tools reads {FIT_FORMAT_VERSION})"
+            )
         try:
             fs = m["factor_store"]
             self.base = fs["base"]
@@ -77,22 +85,34 @@ class FitStore:
             self.metric = m["metric"]
             self.window = m["window"]
             self.modules = {e["name"]: e for e in m["modules"]}
-            ok = (isinstance(fs.get("path"), str) and _is_source(self.base)
-                  and isinstance(self.checkpoints, list)
-                  and all(_is_source(c) and _is_int(c.get("step")) for c in self.checkpoints)
-                  and self.target in TARGETS
-                  and (self.metric is None if self.target == "step" else
-                       isinstance(self.metric, dict) and isinstance(self.metric.get("relative", False), bool))
-                  and isinstance(self.window, list) and len(self.window) >= 1 and all(map(_is_int, self.window))
-                  and all(a < b for a, b in zip(self.window, self.window[1:]))
-                  and len(self.modules) == len(m["modules"])
-                  and all(isinstance(n, str) and isinstance(e.get("file"), str) and is_shape(e.get("shape"))
-                          for n, e in self.modules.items()))
+            ok = (
+                isinstance(fs.get("path"), str)
+                and _is_source(self.base)
+                and isinstance(self.checkpoints, list)
+                and all(_is_source(c) and _is_int(c.get("step")) for c in self.checkpoints)
+                and self.target in TARGETS
+                and (
+                    self.metric is None
+                    if self.target == "step"
+                    else isinstance(self.metric, dict) and isinstance(self.metric.get("relative", False), bool)
+                )
+                and isinstance(self.window, list)
+                and len(self.window) >= 1
+                and all(map(_is_int, self.window))
+                and all(a < b for a, b in zip(self.window, self.window[1:]))
+                and len(self.modules) == len(m["modules"])
+                and all(
+                    isinstance(n, str) and isinstance(e.get("file"), str) and is_shape(e.get("shape"))
+                    for n, e in self.modules.items()
+                )
+            )
         except (KeyError, TypeError, AttributeError):
             ok = False
         if not ok:
-            raise InputError(f"{mf}: malformed fit store manifest (factor_store, target, metric, window or modules "
-                             "missing or of the wrong type)")
+            raise InputError(
+                f"{mf}: malformed fit store manifest (factor_store, target, metric, window or modules "
+                "missing or of the wrong type)"
+            )
         self._fits_dir = Path(os.path.realpath(self.folder / "fits"))
 
     @property
@@ -120,10 +140,17 @@ class FitStore:
         rel = self.modules[name]["file"]
         parts = rel.split("/")
         path = Path(os.path.realpath(self.folder / rel)) if "\x00" not in rel else None
-        if (len(parts) != 2 or parts[0] != "fits" or parts[1] in ("", ".", "..") or path is None
-                or path.parent != self._fits_dir):
-            raise InputError(f"{self.folder / 'manifest.json'}: module {name!r} names file {rel!r}, "
-                             "which is not a file in the store's fits/ folder")
+        if (
+            len(parts) != 2
+            or parts[0] != "fits"
+            or parts[1] in ("", ".", "..")
+            or path is None
+            or path.parent != self._fits_dir
+        ):
+            raise InputError(
+                f"{self.folder / 'manifest.json'}: module {name!r} names file {rel!r}, "
+                "which is not a file in the store's fits/ folder"
+            )
         return path
 
     def load(self, name: str) -> dict[str, torch.Tensor]:
@@ -133,21 +160,36 @@ class FitStore:
         path = self.fit_path(name)
         data = read_module_file(path, name, "fit file")
         if "fro" not in data:
-            raise InputError(f"{path}: fit file has no 'fro' (||dW_t||_F of the window): it was written by an "
-                             f"older rank1tools; rerun rank1 fit-pls to update {self.folder}")
+            raise InputError(
+                f"{path}: fit file has no 'fro' (||dW_t||_F of the window): it was written by an "
+                f"older rank1tools; rerun rank1 fit-pls to update {self.folder}"
+            )
         m, n = self.modules[name]["shape"]
         T = len(self.window)
-        want = {"x_mean": (m,), "x_scale": (m,), "x_weights": (m,), "x_loadings": (m,), "y": (3,),
-                "score_line": (2,), "r2": (3,), "steps": (T,), "targets": (T,), "u_last": (m,), "v_last": (n,),
-                "sigma_last": (1,), "fro": (T,)}
+        want = {
+            "x_mean": (m,),
+            "x_scale": (m,),
+            "x_weights": (m,),
+            "x_loadings": (m,),
+            "y": (3,),
+            "score_line": (2,),
+            "r2": (3,),
+            "steps": (T,),
+            "targets": (T,),
+            "u_last": (m,),
+            "v_last": (n,),
+            "sigma_last": (1,),
+            "fro": (T,),
+        }
         for key, dims in want.items():
             t = data.get(key)
             if t is None or tuple(t.shape) != dims or (key != "steps" and not t.is_floating_point()):
                 got = "missing" if t is None else f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
                 raise InputError(f"{path}: fit tensor {key!r} is {got}, expected {list(dims)} (corrupt fit store)")
         if data["steps"].tolist() != self.window:
-            raise InputError(f"{path}: fit file steps {data['steps'].tolist()} differ from the manifest's window "
-                             f"{self.window}")
+            raise InputError(
+                f"{path}: fit file steps {data['steps'].tolist()} differ from the manifest's window {self.window}"
+            )
         for key in _FINITE:
             if not bool(torch.isfinite(data[key]).all()):
                 raise InputError(f"{path}: fit tensor {key!r} has non-finite values (corrupt fit store)")

@@ -87,6 +87,7 @@ def _close_all() -> None:
 
 # ---------------------------------------------------------------- the checkpoint
 
+
 class HubCheckpoint(Checkpoint):
     """A model in a Hub repo at one commit: listed from remote headers, read shard by shard.
 
@@ -95,9 +96,19 @@ class HubCheckpoint(Checkpoint):
     `root` (config/tokenizer files, for writers to copy) is downloaded on first access.
     """
 
-    def __init__(self, spec: HubSpec, label: str, sha: str, entries: dict[str, TensorEntry], config: dict | None,
-                 *, aux_files: list[str], local: dict[str, Path] | None = None, root: Path | None = None,
-                 policy: str = "keep"):
+    def __init__(
+        self,
+        spec: HubSpec,
+        label: str,
+        sha: str,
+        entries: dict[str, TensorEntry],
+        config: dict | None,
+        *,
+        aux_files: list[str],
+        local: dict[str, Path] | None = None,
+        root: Path | None = None,
+        policy: str = "keep",
+    ):
         self.spec = spec
         self.repo_id = spec.repo_id
         self.subfolder = spec.subfolder
@@ -166,13 +177,17 @@ class HubCheckpoint(Checkpoint):
         listed = {n for n, e in self.entries.items() if e.shard == shard}
         if set(local) != listed:
             extra = sorted(set(local) ^ listed)[0]
-            raise InputError(f"{self.label}: downloaded {shard} does not hold the tensors its header listed "
-                             f"(e.g. {extra!r}); the cache entry may be corrupt, delete it and retry")
+            raise InputError(
+                f"{self.label}: downloaded {shard} does not hold the tensors its header listed "
+                f"(e.g. {extra!r}); the cache entry may be corrupt, delete it and retry"
+            )
         for name, e in local.items():
             old = self.entries[name]
             if (old.dtype, old.shape, old.nbytes) != (e.dtype, e.shape, e.nbytes):
-                raise InputError(f"{self.label}: downloaded {shard} stores {name!r} as {e.dtype}{list(e.shape)} but its "
-                                 f"header listed {old.dtype}{list(old.shape)}; the cache entry may be corrupt")
+                raise InputError(
+                    f"{self.label}: downloaded {shard} stores {name!r} as {e.dtype}{list(e.shape)} but its "
+                    f"header listed {old.dtype}{list(old.shape)}; the cache entry may be corrupt"
+                )
         self.entries.update(local)  # same keys: order kept
         self._local[shard] = path
         with _registry_lock:
@@ -185,8 +200,14 @@ class HubCheckpoint(Checkpoint):
         self._mark(name, 0, None)
         return t
 
-    def read(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(
+        self,
+        name: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         t = super().read(name, device=device, dtype=dtype, rows=rows)
         if rows is None:
             self._mark(name, 0, None)
@@ -196,8 +217,9 @@ class HubCheckpoint(Checkpoint):
             self._mark(name, rows[0] * per_row, rows[1] * per_row)
         return t
 
-    def read_flat(self, name: str, start: int, stop: int, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read_flat(
+        self, name: str, start: int, stop: int, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         t = super().read_flat(name, start, stop, device=device, dtype=dtype)
         self._mark(name, start, stop)
         return t
@@ -225,8 +247,11 @@ class HubCheckpoint(Checkpoint):
                 else:
                     self._covered[e.name] = merged
             if self.cache_policy == "evict" and e.shard in self._local:
-                wanted = [n for n, x in self.entries.items() if x.shard == e.shard
-                          and (self._needed is None or n in self._needed)]
+                wanted = [
+                    n
+                    for n, x in self.entries.items()
+                    if x.shard == e.shard and (self._needed is None or n in self._needed)
+                ]
                 if all(n in self._done for n in wanted):
                     self._evict(e.shard)
 
@@ -262,9 +287,17 @@ class HubCheckpoint(Checkpoint):
     # ---- pickling: a portable recipe (see the module docstring)
     def __reduce__(self):
         with self._lock:
-            recipe = {"repo_id": self.repo_id, "sha": self.revision, "subfolder": self.subfolder, "label": self.label,
-                      "policy": self.cache_policy, "entries": dict(self.entries), "config": self.config,
-                      "aux_files": self._root_files(), "needed": None if self._needed is None else sorted(self._needed)}
+            recipe = {
+                "repo_id": self.repo_id,
+                "sha": self.revision,
+                "subfolder": self.subfolder,
+                "label": self.label,
+                "policy": self.cache_policy,
+                "entries": dict(self.entries),
+                "config": self.config,
+                "aux_files": self._root_files(),
+                "needed": None if self._needed is None else sorted(self._needed),
+            }
         return _from_recipe, (recipe,)
 
     def _root_files(self) -> list[str]:
@@ -272,8 +305,11 @@ class HubCheckpoint(Checkpoint):
         folder it resolved to (the copy downloads them again where it runs, on first access)."""
         names = set(self._aux_files)
         if self._root is not None and self._root.is_dir():
-            names.update(p.name for p in self._root.iterdir()
-                         if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in AUX_PATTERNS))
+            names.update(
+                p.name
+                for p in self._root.iterdir()
+                if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in AUX_PATTERNS)
+            )
         return sorted(names)
 
     def __enter__(self) -> HubCheckpoint:
@@ -286,8 +322,15 @@ class HubCheckpoint(Checkpoint):
 def _from_recipe(recipe: dict) -> HubCheckpoint:
     """Unpickle a HubCheckpoint: the same source at the same sha, listed from the recipe."""
     spec = HubSpec(recipe["repo_id"], recipe["sha"], recipe["subfolder"])  # pinned: never a branch
-    ckpt = HubCheckpoint(spec, recipe["label"], recipe["sha"], recipe["entries"], recipe["config"],
-                         aux_files=recipe["aux_files"], policy=recipe["policy"])
+    ckpt = HubCheckpoint(
+        spec,
+        recipe["label"],
+        recipe["sha"],
+        recipe["entries"],
+        recipe["config"],
+        aux_files=recipe["aux_files"],
+        policy=recipe["policy"],
+    )
     if recipe["needed"] is not None:
         ckpt._needed = set(recipe["needed"])
     return ckpt
@@ -303,5 +346,11 @@ def _download(ckpt_or_spec, filename: str, *, sha: str | None = None, label: str
         spec = ckpt_or_spec
     where = f"{spec.subfolder}/{filename}" if spec.subfolder else filename
     with _hub_errors(label, spec.repo_id, sha, f"file {where}"):
-        return hf_hub_download(spec.repo_id, filename, subfolder=spec.subfolder, revision=sha,
-                               cache_dir=str(_cache_dir()), endpoint=_endpoint())
+        return hf_hub_download(
+            spec.repo_id,
+            filename,
+            subfolder=spec.subfolder,
+            revision=sha,
+            cache_dir=str(_cache_dir()),
+            endpoint=_endpoint(),
+        )

@@ -54,13 +54,17 @@ def _map_error(e: BaseException, label: str, repo_id: str, revision: str | None,
     if isinstance(e, E.GatedRepoError):
         status = getattr(getattr(e, "response", None), "status_code", None)
         why = "no token was sent" if status == 401 else "the token sent has no access"
-        return InputError(f"{label}: repository {repo_id} is gated and {why} (HTTP {status}); accept its terms on the "
-                          "Hub, then log in with `hf auth login` or set HF_TOKEN")
+        return InputError(
+            f"{label}: repository {repo_id} is gated and {why} (HTTP {status}); accept its terms on the "
+            "Hub, then log in with `hf auth login` or set HF_TOKEN"
+        )
     if isinstance(e, E.DisabledRepoError):
         return InputError(f"{label}: repository {repo_id} is disabled on the Hub")
     if isinstance(e, E.RepositoryNotFoundError):
-        return InputError(f"{label}: repository {repo_id} not found on {_endpoint()} (or it is private and no valid "
-                          "token is set: `hf auth login` or HF_TOKEN)")
+        return InputError(
+            f"{label}: repository {repo_id} not found on {_endpoint()} (or it is private and no valid "
+            "token is set: `hf auth login` or HF_TOKEN)"
+        )
     if isinstance(e, E.RevisionNotFoundError):
         return InputError(f"{label}: revision {rev!r} not found in repository {repo_id}")
     if isinstance(e, E.RemoteEntryNotFoundError):
@@ -68,24 +72,32 @@ def _map_error(e: BaseException, label: str, repo_id: str, revision: str | None,
     offline_kinds = (E.LocalEntryNotFoundError, E.OfflineModeIsEnabled, E.RevisionResolutionError)
     if isinstance(e, offline_kinds):
         if _offline():
-            return InputError(f"{label}: {thing} of {repo_id} is not in the local cache and HF_HUB_OFFLINE=1 is set "
-                              "(run once online to fill the cache, with --hub-cache-policy keep)")
+            return InputError(
+                f"{label}: {thing} of {repo_id} is not in the local cache and HF_HUB_OFFLINE=1 is set "
+                "(run once online to fill the cache, with --hub-cache-policy keep)"
+            )
         cause = e.__cause__ or e.__context__ or e
-        return InputError(f"{label}: cannot reach the Hub at {_endpoint()} for {thing} of {repo_id} "
-                          f"({type(cause).__name__}: {_scrub(cause)}) and it is not in the local cache")
+        return InputError(
+            f"{label}: cannot reach the Hub at {_endpoint()} for {thing} of {repo_id} "
+            f"({type(cause).__name__}: {_scrub(cause)}) and it is not in the local cache"
+        )
     if isinstance(e, E.HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", None)
         server = getattr(e, "server_message", None)
-        return InputError(f"{label}: the Hub answered HTTP {status} for {thing} of {repo_id}"
-                          + (f": {_scrub(server)}" if server else ""))
+        return InputError(
+            f"{label}: the Hub answered HTTP {status} for {thing} of {repo_id}"
+            + (f": {_scrub(server)}" if server else "")
+        )
     if isinstance(e, E.SafetensorsParsingError):
         return InputError(f"{label}: corrupt safetensors header in {thing} ({_scrub(e)})")
     if isinstance(e, E.HFValidationError):
         return UsageError(f"{label}: invalid repository id or revision ({_scrub(e)})")
     if isinstance(e, _transport_errors()) or (isinstance(e, OSError) and "Consistency check failed" in str(e)):
-        return InputError(f"{label}: network failure while fetching {thing} of {repo_id} ({type(e).__name__}: "
-                          f"{_scrub(e)}); nothing partial was kept, rerun to resume (files already downloaded stay "
-                          "in the cache)")
+        return InputError(
+            f"{label}: network failure while fetching {thing} of {repo_id} ({type(e).__name__}: "
+            f"{_scrub(e)}); nothing partial was kept, rerun to resume (files already downloaded stay "
+            "in the cache)"
+        )
     return None
 
 

@@ -53,7 +53,6 @@ _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _HEADER_THREADS = 8
 
 
-
 def resolve_revision(spec: HubSpec, label: str | None = None) -> str:
     """The commit sha of `spec.revision` (a sha is returned as is, without a request)."""
     label = label or spec.address()
@@ -62,14 +61,19 @@ def resolve_revision(spec: HubSpec, label: str | None = None) -> str:
     api = _api()
     with _hub_errors(label, spec.repo_id, spec.revision):
         if hasattr(api, "resolve_revision"):  # huggingface_hub >= 1.x: caches refs, falls back to them offline
-            return str(api.resolve_revision(spec.repo_id, revision=spec.revision, cache_dir=str(_cache_dir()),
-                                            local_files_only=_offline()).resolved)
+            return str(
+                api.resolve_revision(
+                    spec.repo_id, revision=spec.revision, cache_dir=str(_cache_dir()), local_files_only=_offline()
+                ).resolved
+            )
         ref = _storage_folder(spec.repo_id) / "refs" / (spec.revision or "main")
         if _offline():
             if ref.is_file():
                 return ref.read_text().strip()
-            raise InputError(f"{label}: revision {spec.revision or 'main'} of {spec.repo_id} is not in the local cache "
-                             "and HF_HUB_OFFLINE=1 is set")
+            raise InputError(
+                f"{label}: revision {spec.revision or 'main'} of {spec.repo_id} is not in the local cache "
+                "and HF_HUB_OFFLINE=1 is set"
+            )
         sha = api.model_info(spec.repo_id, revision=spec.revision).sha
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(sha)
@@ -102,15 +106,16 @@ def _list_folder(hs: HubSpec, label: str, sha: str) -> dict[str, int]:
     prefix = f"{hs.subfolder}/" if hs.subfolder else ""
     files = {}
     for it in items:
-        if isinstance(it, RepoFile) and it.path.startswith(prefix) and "/" not in it.path[len(prefix):]:
-            files[it.path[len(prefix):]] = it.size
+        if isinstance(it, RepoFile) and it.path.startswith(prefix) and "/" not in it.path[len(prefix) :]:
+            files[it.path[len(prefix) :]] = it.size
     if not items and hs.subfolder:
         raise InputError(f"{label}: folder {hs.subfolder!r} not found in repository {hs.repo_id} at {sha[:12]}")
     return files
 
 
-def _weight_files(label: str, files: dict[str, int] | list[str], read_index,
-                  complete: bool = True) -> tuple[list[str], dict[str, str] | None]:
+def _weight_files(
+    label: str, files: dict[str, int] | list[str], read_index, complete: bool = True
+) -> tuple[list[str], dict[str, str] | None]:
     """Which safetensors files form the model (like a local folder), and the index's weight map.
     `complete`: `files` is the repo folder's listing (not just what the cache holds)."""
     names = set(files)
@@ -154,10 +159,12 @@ def _remote_header(repo_id: str, filename: str, sha: str, where: str) -> dict:
         raise InputError(f"{where}: not a safetensors file (only {len(head)} bytes)")
     (n,) = struct.unpack("<Q", head[:8])
     if n > MAX_HEADER_BYTES:
-        raise InputError(f"{where}: corrupt safetensors header (header of {n} bytes, more than the "
-                         f"{MAX_HEADER_BYTES} safetensors allows)")
+        raise InputError(
+            f"{where}: corrupt safetensors header (header of {n} bytes, more than the "
+            f"{MAX_HEADER_BYTES} safetensors allows)"
+        )
     if 8 + n <= len(head):
-        raw = head[8:8 + n]
+        raw = head[8 : 8 + n]
     else:
         rest = get_session().get(url, headers={**headers, "range": f"bytes=8-{n + 7}"}, timeout=timeout)
         hf_raise_for_status(rest)
@@ -172,8 +179,9 @@ def _entries_from_header(label: str, shard: str, tensors: dict) -> dict[str, Ten
     return {name: entry_from_info(f"{label} ({shard})", shard, name, info, None) for name, info in tensors.items()}
 
 
-def _check_weight_map(label: str, weight_map: dict[str, str] | None, entries: dict[str, TensorEntry],
-                      shards: list[str]) -> None:
+def _check_weight_map(
+    label: str, weight_map: dict[str, str] | None, entries: dict[str, TensorEntry], shards: list[str]
+) -> None:
     """Index and headers agree (as for a local folder); a lone weight file must hold some tensor."""
     if weight_map is not None:
         check_weight_map(f"{label}: {INDEX_FILE}", weight_map, entries)
@@ -196,8 +204,9 @@ def _open_online(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoin
 
     with ThreadPoolExecutor(max_workers=min(_HEADER_THREADS, len(shards))) as pool:
         infos = list(pool.map(header, shards))
-    entries = merge_shards(label, [(shard, _entries_from_header(label, shard, tensors))
-                                   for shard, tensors in zip(shards, infos)])
+    entries = merge_shards(
+        label, [(shard, _entries_from_header(label, shard, tensors)) for shard, tensors in zip(shards, infos)]
+    )
     _check_weight_map(label, weight_map, entries, shards)
     config = None
     if "config.json" in files:
@@ -216,20 +225,26 @@ def _open_offline(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoi
     if hs.subfolder:
         folder = folder / hs.subfolder
     if not folder.is_dir():
-        raise InputError(f"{label}: {hs.repo_id} at {sha[:12]} is not in the local cache and HF_HUB_OFFLINE=1 is set "
-                         "(run once online to fill the cache, with --hub-cache-policy keep)")
+        raise InputError(
+            f"{label}: {hs.repo_id} at {sha[:12]} is not in the local cache and HF_HUB_OFFLINE=1 is set "
+            "(run once online to fill the cache, with --hub-cache-policy keep)"
+        )
     present = [p.name for p in folder.iterdir() if p.is_file()]
     if not any(n.endswith(".safetensors") or n == INDEX_FILE for n in present):
-        raise InputError(f"{label}: the weights of {hs.repo_id} at {sha[:12]} are not in the local cache and "
-                         "HF_HUB_OFFLINE=1 is set (run once online to fill the cache, with --hub-cache-policy keep)")
+        raise InputError(
+            f"{label}: the weights of {hs.repo_id} at {sha[:12]} are not in the local cache and "
+            "HF_HUB_OFFLINE=1 is set (run once online to fill the cache, with --hub-cache-policy keep)"
+        )
     shards, weight_map = _weight_files(label, present, lambda: folder / INDEX_FILE, complete=False)
     per_shard = []
     local: dict[str, Path] = {}
     for shard in shards:
         path = folder / shard
         if not path.is_file():
-            raise InputError(f"{label}: shard {shard} is not in the local cache and HF_HUB_OFFLINE=1 is set "
-                             "(run once online to fill the cache, with --hub-cache-policy keep)")
+            raise InputError(
+                f"{label}: shard {shard} is not in the local cache and HF_HUB_OFFLINE=1 is set "
+                "(run once online to fill the cache, with --hub-cache-policy keep)"
+            )
         per_shard.append((shard, read_header(path, shard)[0]))
         local[shard] = path
     entries = merge_shards(label, per_shard)

@@ -21,7 +21,6 @@ _TRAILING_INT = re.compile(r"([0-9]+)$")
 _COMMIT_STEP = re.compile(r"step[ _-]?([0-9]+)", re.IGNORECASE)
 
 
-
 def step_from_name(name: str) -> int | None:
     """Step number of a branch or folder name: its trailing integer (step_50, main-step-000000050, checkpoint-50)."""
     m = _TRAILING_INT.search(name)
@@ -37,24 +36,32 @@ def step_from_commit(title: str, message: str = "") -> int | None:
     return None
 
 
-def discover_hub_run(spec: str, *, revisions: str | None = None, subfolders: bool = False,
-                     commits: bool = False) -> list[RunCheckpoint]:
+def discover_hub_run(
+    spec: str, *, revisions: str | None = None, subfolders: bool = False, commits: bool = False
+) -> list[RunCheckpoint]:
     """A Hub run's checkpoints, ordered by step; each `weights` is an `hf://ORG/NAME@<sha>[/SUB]` source.
 
     revisions: glob over branch names (`step_*`), step = trailing integer of the name;
     subfolders: step folders (checkpoint-N/, global_step_N/, global_stepN_hf/) at one revision;
     commits: commits of one revision's history whose message says "step N" (newest wins on repeats).
     """
-    chosen = [m for m, on in (("--revisions", revisions is not None), ("--subfolders", subfolders),
-                              ("--commits", commits)) if on]
+    chosen = [
+        m
+        for m, on in (("--revisions", revisions is not None), ("--subfolders", subfolders), ("--commits", commits))
+        if on
+    ]
     if len(chosen) != 1:
-        raise UsageError(f"{spec}: choose one Hub discovery mode: --revisions GLOB, --subfolders or --commits"
-                         + (f" (got {', '.join(chosen)})" if chosen else ""))
+        raise UsageError(
+            f"{spec}: choose one Hub discovery mode: --revisions GLOB, --subfolders or --commits"
+            + (f" (got {', '.join(chosen)})" if chosen else "")
+        )
     hs = parse_hub_spec(spec)
     label = str(spec)
     if _offline() and not revisions:
-        raise InputError(f"{label}: {chosen[0]} lists the repo on the Hub, which HF_HUB_OFFLINE=1 forbids "
-                         "(--revisions works offline from the cached branch refs)")
+        raise InputError(
+            f"{label}: {chosen[0]} lists the repo on the Hub, which HF_HUB_OFFLINE=1 forbids "
+            "(--revisions works offline from the cached branch refs)"
+        )
     if revisions is not None:
         return _discover_branches(hs, label, revisions)
     if subfolders:
@@ -67,7 +74,9 @@ def _discover_branches(hs: HubSpec, label: str, pattern: str) -> list[RunCheckpo
         raise UsageError(f"{label}: --revisions picks the revisions; give the repo without @REVISION")
     if _offline():
         refs_dir = _storage_folder(hs.repo_id) / "refs"
-        branches = {p.name: p.read_text().strip() for p in refs_dir.iterdir() if p.is_file()} if refs_dir.is_dir() else {}
+        branches = (
+            {p.name: p.read_text().strip() for p in refs_dir.iterdir() if p.is_file()} if refs_dir.is_dir() else {}
+        )
     else:
         with _hub_errors(label, hs.repo_id, None, "the list of branches"):
             refs = _api().list_repo_refs(hs.repo_id)
@@ -78,8 +87,15 @@ def _discover_branches(hs: HubSpec, label: str, pattern: str) -> list[RunCheckpo
     for b in matched:
         step = step_from_name(b)
         if step is None:
-            unnamed.append(RunCheckpoint(None, hs.address(revision=b), "hub-branch", None,
-                                         "branch name ends in no step number (digits 0-9, below 2**63)"))
+            unnamed.append(
+                RunCheckpoint(
+                    None,
+                    hs.address(revision=b),
+                    "hub-branch",
+                    None,
+                    "branch name ends in no step number (digits 0-9, below 2**63)",
+                )
+            )
             continue
         if step in found:
             raise InputError(f"{label}: step {step} appears twice (branches {found[step].path.split('@')[-1]}, {b})")
@@ -87,8 +103,10 @@ def _discover_branches(hs: HubSpec, label: str, pattern: str) -> list[RunCheckpo
         found[step] = RunCheckpoint(step, hs.address(revision=b), "hub-branch", hs.address(revision=sha))
     if not found:
         where = " in the local cache" if _offline() else ""
-        raise InputError(f"{label}: no branch matching {pattern!r} ends in a step number{where} "
-                         f"(branches: {', '.join(sorted(branches)[:12]) or 'none'})")
+        raise InputError(
+            f"{label}: no branch matching {pattern!r} ends in a step number{where} "
+            f"(branches: {', '.join(sorted(branches)[:12]) or 'none'})"
+        )
     return [found[s] for s in sorted(found)] + unnamed
 
 
@@ -99,7 +117,7 @@ def _discover_subfolders(hs: HubSpec, label: str) -> list[RunCheckpoint]:
     base = f"{hs.subfolder}/" if hs.subfolder else ""
     with _hub_errors(label, hs.repo_id, sha, f"folder {hs.subfolder}" if hs.subfolder else None):
         items = list(_api().list_repo_tree(hs.repo_id, path_in_repo=hs.subfolder, revision=sha, recursive=True))
-    files = [it.path[len(base):] for it in items if isinstance(it, RepoFile) and it.path.startswith(base)]
+    files = [it.path[len(base) :] for it in items if isinstance(it, RepoFile) and it.path.startswith(base)]
     by_folder: dict[str, list[str]] = {}
     for f in files:
         top, _, rest = f.partition("/")
@@ -118,22 +136,29 @@ def _discover_subfolders(hs: HubSpec, label: str) -> list[RunCheckpoint]:
             unnamed.append(RunCheckpoint(None, path, f"hub-subfolder/{layout}", None, name_problem(folder)))
             continue
         rc = None
-        for cand in (_VERL_WEIGHT_DIRS if layout == "verl" else (".",)):
+        for cand in _VERL_WEIGHT_DIRS if layout == "verl" else (".",):
             prefix = "" if cand == "." else cand + "/"
-            names = [r[len(prefix):] for r in inner if r.startswith(prefix) and "/" not in r[len(prefix):]]
+            names = [r[len(prefix) :] for r in inner if r.startswith(prefix) and "/" not in r[len(prefix) :]]
             if any(n.endswith(".safetensors") or n == INDEX_FILE for n in names):
                 sub = base + folder + ("" if cand == "." else "/" + cand)
                 rc = RunCheckpoint(step, path, f"hub-subfolder/{layout}", hs.address(revision=sha, subfolder=sub))
                 break
         if rc is None:
             pickles = sorted(r for r in inner if r.endswith(PICKLE_SUFFIXES))
-            problem = (f"unsupported: only pickle/trainer shards ({pickles[0]}{', ...' if len(pickles) > 1 else ''}); "
-                       "convert to safetensors first") if pickles else "unsupported: no safetensors weights in this folder"
+            problem = (
+                (
+                    f"unsupported: only pickle/trainer shards ({pickles[0]}{', ...' if len(pickles) > 1 else ''}); "
+                    "convert to safetensors first"
+                )
+                if pickles
+                else "unsupported: no safetensors weights in this folder"
+            )
             rc = RunCheckpoint(step, path, f"hub-subfolder/{layout}", None, problem)
         found[step] = one_of_step(found[step], rc, label) if step in found else rc
     if not found and not unnamed:
-        raise InputError(f"{label}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) at revision "
-                         f"{sha[:12]}")
+        raise InputError(
+            f"{label}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) at revision {sha[:12]}"
+        )
     return [found[s] for s in sorted(found)] + unnamed
 
 
@@ -146,9 +171,12 @@ def _discover_commits(hs: HubSpec, label: str) -> list[RunCheckpoint]:
         if step is None or step in found:
             continue
         title = " ".join((c.title or "").split())[:60]
-        found[step] = RunCheckpoint(step, f"{hs.address(revision=c.commit_id[:12])} ({title})", "hub-commit",
-                                    hs.address(revision=c.commit_id))
+        found[step] = RunCheckpoint(
+            step, f"{hs.address(revision=c.commit_id[:12])} ({title})", "hub-commit", hs.address(revision=c.commit_id)
+        )
     if not found:
-        raise InputError(f"{label}: no commit message with a step number (like 'Training in progress, step 50') in "
-                         f"the history of {hs.revision or 'the default branch'} ({len(history)} commits)")
+        raise InputError(
+            f"{label}: no commit message with a step number (like 'Training in progress, step 50') in "
+            f"the history of {hs.revision or 'the default branch'} ({len(history)} commits)"
+        )
     return [found[s] for s in sorted(found)]

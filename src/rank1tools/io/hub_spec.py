@@ -30,6 +30,7 @@ def is_hub_source(spec: str) -> bool:
 
 # ---------------------------------------------------------------- settings
 
+
 def set_cache_policy(policy: str | None) -> None:
     """Cache policy for Hub sources opened from now on: 'keep' or 'evict' (None: back to the default)."""
     if policy is not None and policy not in CACHE_POLICIES:
@@ -78,6 +79,7 @@ def _storage_folder(repo_id: str) -> Path:
 
 # ---------------------------------------------------------------- source syntax
 
+
 @dataclass(frozen=True)
 class HubSpec:
     """A parsed `hf://ORG/NAME[@REVISION][/SUBFOLDER]`."""
@@ -101,8 +103,10 @@ def parse_hub_spec(spec: str) -> HubSpec:
     """Parse a Hub source. A revision containing '/' (e.g. refs/pr/1) is written with %2F."""
     m = _SPEC_RE.match(str(spec))
     if m is None:
-        raise UsageError(f"{spec}: not a Hub source; expected hf://ORG/NAME, hf://ORG/NAME@REVISION "
-                         "or hf://ORG/NAME@REVISION/SUBFOLDER")
+        raise UsageError(
+            f"{spec}: not a Hub source; expected hf://ORG/NAME, hf://ORG/NAME@REVISION "
+            "or hf://ORG/NAME@REVISION/SUBFOLDER"
+        )
     org, name = m["org"], m["name"]
     if org in ("datasets", "spaces"):
         raise UsageError(f"{spec}: only model repos are supported (hf://ORG/NAME)")

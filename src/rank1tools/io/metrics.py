@@ -154,8 +154,9 @@ def _csv_rows(text: str, where: str) -> tuple[list[tuple[str, dict]], list[str],
                     raise InputError(f"{where}: line {reader.line_num}: column {dup!r} appears twice in the header")
                 continue
             if len(record) != len(columns):
-                raise InputError(f"{where}: line {reader.line_num}: {len(record)} cells, "
-                                 f"but the header has {len(columns)} columns")
+                raise InputError(
+                    f"{where}: line {reader.line_num}: {len(record)} cells, but the header has {len(columns)} columns"
+                )
             rows.append((f"line {reader.line_num}", dict(zip(columns, record))))
     except csv.Error as e:
         raise InputError(f"{where}: line {reader.line_num}: unreadable CSV ({e})") from None
@@ -247,8 +248,9 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
     """Read one metric (step -> value) from a metrics file; see the module docstring."""
     where = str(path)
     p = Path(path)
-    data = read_text_file(p, where, "metrics file", max_metrics_bytes(), f"set {ENV_MAX_BYTES}=BYTES to raise it",
-                          "not CSV or JSON text")
+    data = read_text_file(
+        p, where, "metrics file", max_metrics_bytes(), f"set {ENV_MAX_BYTES}=BYTES to raise it", "not CSV or JSON text"
+    )
     sha = hashlib.sha256(data).hexdigest()
     try:
         text = data.decode("utf-8-sig")
@@ -265,7 +267,9 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
         rows = _jsonl_rows(text, where)
         columns = _columns(rows)
     else:
-        obj = parse_json_text(text, "metrics file", where, unique_keys=True)  # the bytes hashed above, not a second read
+        obj = parse_json_text(
+            text, "metrics file", where, unique_keys=True
+        )  # the bytes hashed above, not a second read
         if isinstance(obj, dict) and "log_history" in obj:
             if not isinstance(obj["log_history"], list):
                 raise InputError(f"{where}: log_history is not a list")
@@ -276,8 +280,10 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
         elif isinstance(obj, list):
             rows = _list_rows(obj, "", where)
         else:
-            raise InputError(f"{where}: expected a JSON object {{step: value}}, a list of rows, "
-                             f"or a trainer_state.json with log_history; found {type(obj).__name__}")
+            raise InputError(
+                f"{where}: expected a JSON object {{step: value}}, a list of rows, "
+                f"or a trainer_state.json with log_history; found {type(obj).__name__}"
+            )
         columns = _columns(rows)
     if not rows:
         raise InputError(f"{where}: no rows in the metrics file")
@@ -290,8 +296,9 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
     else:
         step_name = next((c for c in STEP_COLUMNS if c in columns), None)
         if step_name is None:
-            raise InputError(f"{where}: no step column ({' / '.join(STEP_COLUMNS)}; choose one with "
-                             f"--step-column); columns: {shown}")
+            raise InputError(
+                f"{where}: no step column ({' / '.join(STEP_COLUMNS)}; choose one with --step-column); columns: {shown}"
+            )
     text = kind in ("csv", "tsv")
     numeric: set[str] = set()  # one pass over the cells (a column-by-row scan is quadratic on sparse JSON rows)
     for _, cells in rows:
@@ -332,14 +339,23 @@ def read_metrics(path: str | Path, metric: str | None = None, step_column: str |
             empty.add(step)
             continue
         if step in values and values[step] != value:
-            raise InputError(f"{where}: {loc}: step {step} has {metric} {value!r}, "
-                             f"but {first[step]} gave {values[step]!r}")
+            raise InputError(
+                f"{where}: {loc}: step {step} has {metric} {value!r}, but {first[step]} gave {values[step]!r}"
+            )
         values.setdefault(step, value)
         first.setdefault(step, loc)
     if not values:
         raise InputError(f"{where}: no values of {metric!r} in the metrics file")
-    return Metrics(path=where, metric=metric, values=dict(sorted(values.items())), available=available,
-                   sha256=sha, missing_steps=sorted(empty - values.keys()), step_column=step_name, format=kind)
+    return Metrics(
+        path=where,
+        metric=metric,
+        values=dict(sorted(values.items())),
+        available=available,
+        sha256=sha,
+        missing_steps=sorted(empty - values.keys()),
+        step_column=step_name,
+        format=kind,
+    )
 
 
 def align(metrics: Metrics, steps: list[int]) -> tuple[list[int], list[int], list[int]]:

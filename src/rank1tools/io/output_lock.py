@@ -69,8 +69,10 @@ class OutputLock:
                     continue
                 holder = read_holder(fd)
                 os.close(fd)
-                raise OutputError(f"{self.label}: another rank1 run is writing this output ({holder}); "
-                                  "wait for it to finish or stop it") from None
+                raise OutputError(
+                    f"{self.label}: another rank1 run is writing this output ({holder}); "
+                    "wait for it to finish or stop it"
+                ) from None
             # the previous holder may have unlinked the file between our open and our lock
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

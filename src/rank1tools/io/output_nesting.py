@@ -74,19 +74,25 @@ def check_outer(target: Path, label: str, held: Callable[[Path], bool]) -> None:
         if outer.parent == outer:
             break
         if _STAGING_NAME.fullmatch(outer.name):
-            raise OutputError(f"{label}: lies inside {outer}, a staging folder of a rank1 run (removed when that "
-                              "run ends); choose another --out")
+            raise OutputError(
+                f"{label}: lies inside {outer}, a staging folder of a rank1 run (removed when that "
+                "run ends); choose another --out"
+            )
         if held(outer):
             continue
         holder = live_holder(lock_file(outer))
         if holder is not None:
-            raise OutputError(f"{label}: lies inside {outer}, the output of another rank1 run that is still "
-                              f"writing ({holder}); it would be deleted when that run finishes: wait for it or "
-                              "choose another --out")
+            raise OutputError(
+                f"{label}: lies inside {outer}, the output of another rank1 run that is still "
+                f"writing ({holder}); it would be deleted when that run finishes: wait for it or "
+                "choose another --out"
+            )
         if is_rank1_output(outer):
-            raise OutputError(f"{label}: lies inside {outer}, an output folder of rank1; rank1 replaces its "
-                              "outputs whole (--force, a rerun), which would delete this one: choose an --out "
-                              "outside it")
+            raise OutputError(
+                f"{label}: lies inside {outer}, an output folder of rank1; rank1 replaces its "
+                "outputs whole (--force, a rerun), which would delete this one: choose an --out "
+                "outside it"
+            )
 
 
 def check_inner(target: Path, label: str) -> None:
@@ -98,7 +104,9 @@ def check_inner(target: Path, label: str) -> None:
             if _LOCK_NAME.fullmatch(name):
                 holder = live_holder(Path(folder) / name)
                 if holder is not None:
-                    inner = Path(folder) / name[1:-len(".lock")]
-                    raise OutputError(f"{label}: contains {inner}, the output of another rank1 run that is still "
-                                      f"writing ({holder}); replacing {label} would delete it: wait for it or "
-                                      "choose another --out")
+                    inner = Path(folder) / name[1 : -len(".lock")]
+                    raise OutputError(
+                        f"{label}: contains {inner}, the output of another rank1 run that is still "
+                        f"writing ({holder}); replacing {label} would delete it: wait for it or "
+                        "choose another --out"
+                    )

@@ -73,8 +73,10 @@ def _as_text(out: str | os.PathLike) -> str:
     if "\x00" in text:
         raise UsageError("--out contains a NUL character")
     if _URL.match(text):  # would make a local folder `hf:` (or `s3:`) holding `/org/name`
-        raise UsageError(f"--out {text}: outputs are local paths, not URLs; write to a local folder "
-                         "(then upload it yourself, e.g. with `hf upload`)")
+        raise UsageError(
+            f"--out {text}: outputs are local paths, not URLs; write to a local folder "
+            "(then upload it yourself, e.g. with `hf upload`)"
+        )
     return text
 
 
@@ -101,7 +103,9 @@ def resolve_output(out: str | os.PathLike, *, inputs=(), label: str | None = Non
         src = _real(inp)
         if _inside(target, src) or _inside(src, target):
             where = "is" if target == src else ("is inside" if _inside(target, src) else "contains")
-            raise OutputError(f"{label}: output {where} an input ({inp}); outputs must not be inside or contain an input")
+            raise OutputError(
+                f"{label}: output {where} an input ({inp}); outputs must not be inside or contain an input"
+            )
     return target
 
 
@@ -124,7 +128,7 @@ def _rank1_mark(folder: Path) -> str | None:
                 data = json.loads(f.read_text(encoding="utf-8"))
                 if isinstance(data, dict) and str(data.get(key, "")).startswith("rank1tools"):
                     return None
-                why = f"no \"{key}\": \"rank1tools\" entry"
+                why = f'no "{key}": "rank1tools" entry'
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             why = f"unreadable: {e.strerror}" if isinstance(e, OSError) and e.strerror else "not valid JSON"
         if name == MARKER_FILE:
@@ -151,8 +155,10 @@ def check_replaceable(target: Path, *, force: bool, label: str) -> None:
         raise OutputError(f"{label}: cannot read the existing folder ({e.strerror or e})") from None
     mark = None if empty else _rank1_mark(target)
     if mark is not None:
-        raise OutputError(f"{label}: exists and was not written by rank1 ({mark}); "
-                          "--force replaces only rank1 output folders: remove it yourself or choose another --out")
+        raise OutputError(
+            f"{label}: exists and was not written by rank1 ({mark}); "
+            "--force replaces only rank1 output folders: remove it yourself or choose another --out"
+        )
 
 
 def prepare_output(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None) -> Path:

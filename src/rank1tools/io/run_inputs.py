@@ -65,8 +65,9 @@ class RunInputs:
         return RunInputs(self.base, kept, self.step_source, self.run, self.notes)
 
 
-def open_run_inputs(base: str, checkpoints: list[str], run: str | None, steps: StepSelection | str | None,
-                    hub_run: dict | None = None) -> RunInputs:
+def open_run_inputs(
+    base: str, checkpoints: list[str], run: str | None, steps: StepSelection | str | None, hub_run: dict | None = None
+) -> RunInputs:
     """Open the base and the checkpoints: CHECKPOINT arguments (steps read from their paths, else
     their positions 1, 2, ...) or `--run` with an optional `--steps` selection. `hub_run`:
     discovery options for a Hub run (revisions / subfolders / commits)."""
@@ -86,7 +87,9 @@ def open_run_inputs(base: str, checkpoints: list[str], run: str | None, steps: S
         skipped = [] if is_hub_source(run) else lookalikes(run)
         return RunInputs(base_ckpt, pairs, "trainer", run, [lookalike_note(run, skipped)] if skipped else [])
     inferred = [infer_step(c) for c in checkpoints]
-    step_source = "trainer" if all(s is not None for s in inferred) and len(set(inferred)) == len(inferred) else "position"
+    step_source = (
+        "trainer" if all(s is not None for s in inferred) and len(set(inferred)) == len(inferred) else "position"
+    )
     for i, c in enumerate(checkpoints):
         pairs.append((inferred[i] if step_source == "trainer" else i + 1, open_source(c)))
     pairs.sort(key=lambda p: p[0])
@@ -127,9 +130,15 @@ def chunk_elements(T: int, budget: int = CHUNK_BUDGET) -> int:
     return max(MIN_CHUNK, budget // max(1, T))
 
 
-def trajectory_chunks(base: Checkpoint, checkpoints: list[Checkpoint], name: str, *,
-                      chunk: int | None = None, device: torch.device | str = "cpu",
-                      prefetch: bool = True) -> Iterator[TrajectoryChunk]:
+def trajectory_chunks(
+    base: Checkpoint,
+    checkpoints: list[Checkpoint],
+    name: str,
+    *,
+    chunk: int | None = None,
+    device: torch.device | str = "cpu",
+    prefetch: bool = True,
+) -> Iterator[TrajectoryChunk]:
     """Stream tensor `name` across the base and `checkpoints` in element chunks (file order of
     the flattened tensor), reading the next chunk in a background thread. A tied `lm_head` of
     the base reads as its embedding."""

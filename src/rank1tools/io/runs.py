@@ -77,8 +77,10 @@ def lookalikes(run_dir: str | Path) -> list[str]:
 
 def lookalike_note(run_dir: str | Path, names: list[str]) -> str:
     shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
-    return (f"{run_dir}: skipped {len(names)} folder{'s' if len(names) > 1 else ''} that look like checkpoints but do "
-            f"not match the layout (checkpoint-N, global_step_N, global_stepN_hf: lower case, not hidden): {shown}")
+    return (
+        f"{run_dir}: skipped {len(names)} folder{'s' if len(names) > 1 else ''} that look like checkpoints but do "
+        f"not match the layout (checkpoint-N, global_step_N, global_stepN_hf: lower case, not hidden): {shown}"
+    )
 
 
 def looks_like_run(folder: Path) -> bool:
@@ -108,8 +110,14 @@ def discover_run(run_dir: str | Path) -> list[RunCheckpoint]:
         found[ckpt.step] = ckpt
     if not found and not unnamed:
         seen = lookalikes(run)
-        also = (f"; seen but not matching the layout (case, hidden): {', '.join(seen[:10])}"
-                + (", ..." if len(seen) > 10 else "")) if seen else ""
+        also = (
+            (
+                f"; seen but not matching the layout (case, hidden): {', '.join(seen[:10])}"
+                + (", ..." if len(seen) > 10 else "")
+            )
+            if seen
+            else ""
+        )
         raise InputError(
             f"{run_dir}: no checkpoint folders (checkpoint-N, global_step_N, global_stepN_hf) in this directory{also}"
         )
@@ -190,8 +198,9 @@ def _find_pickles(folder: Path) -> list[str]:
 
 
 def _has_safetensors(folder: Path) -> bool:
-    return folder.is_dir() and ((folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
-                                or any(folder.glob("*.safetensors")))
+    return folder.is_dir() and (
+        (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors"))
+    )
 
 
 def _locate_weights(folder: Path, layout: str, step: int) -> RunCheckpoint:
@@ -202,11 +211,19 @@ def _locate_weights(folder: Path, layout: str, step: int) -> RunCheckpoint:
             return RunCheckpoint(step, str(folder), layout, str(w))
     pickles = _find_pickles(folder)
     if pickles:
-        hint = ("merge the FSDP shards to a Hugging Face folder first (python -m verl.model_merger merge "
-                f"--backend fsdp --local_dir {folder}/actor --target_dir {folder}/actor/huggingface)"
-                if layout == "verl" else "save with safe_serialization=True or convert to safetensors first")
-        return RunCheckpoint(step, str(folder), layout, None,
-                             f"unsupported: only pickle/trainer shards ({pickles[0]}{', ...' if len(pickles) > 1 else ''}); {hint}")
+        hint = (
+            "merge the FSDP shards to a Hugging Face folder first (python -m verl.model_merger merge "
+            f"--backend fsdp --local_dir {folder}/actor --target_dir {folder}/actor/huggingface)"
+            if layout == "verl"
+            else "save with safe_serialization=True or convert to safetensors first"
+        )
+        return RunCheckpoint(
+            step,
+            str(folder),
+            layout,
+            None,
+            f"unsupported: only pickle/trainer shards ({pickles[0]}{', ...' if len(pickles) > 1 else ''}); {hint}",
+        )
     return RunCheckpoint(step, str(folder), layout, None, "unsupported: no safetensors weights in this folder")
 
 

@@ -24,13 +24,38 @@ if TYPE_CHECKING:
 # safetensors dtype code -> bytes per element. Headers are parsed without torch (`rank1 inspect`
 # never imports it); the torch dtypes are looked up only when a tensor is read or written.
 DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 _TORCH_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
 }
 
 
@@ -103,10 +128,14 @@ def read_header(path: Path, shard: str | None = None) -> tuple[dict[str, TensorE
                 raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > size - 8:
-                raise InputError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})")
+                raise InputError(
+                    f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})"
+                )
             if header_len > MAX_HEADER_BYTES:
-                raise InputError(f"{path}: corrupt safetensors header (header of {header_len} bytes, "
-                                 f"more than the {MAX_HEADER_BYTES} safetensors allows)")
+                raise InputError(
+                    f"{path}: corrupt safetensors header (header of {header_len} bytes, "
+                    f"more than the {MAX_HEADER_BYTES} safetensors allows)"
+                )
             raw = f.read(header_len)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
@@ -131,7 +160,9 @@ def parse_header_bytes(raw: bytes, where: str) -> tuple[dict[str, HeaderInfo], d
     infos = {}
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise InputError(f"{where}: corrupt safetensors header (tensor {name!r} needs dtype, shape and data_offsets)")
+            raise InputError(
+                f"{where}: corrupt safetensors header (tensor {name!r} needs dtype, shape and data_offsets)"
+            )
         infos[name] = HeaderInfo(info["dtype"], info["shape"], info["data_offsets"])
     return infos, metadata
 
@@ -154,16 +185,26 @@ def entry_from_info(where: str, shard: str, name: str, info, data_start: int | N
     """
     dtype, shape, offsets = info.dtype, info.shape, info.data_offsets
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise InputError(f"{where}: tensor {name!r} has unsupported dtype {dtype if isinstance(dtype, str) and dtype.isalnum() else _short(dtype)}")
+        raise InputError(
+            f"{where}: tensor {name!r} has unsupported dtype {dtype if isinstance(dtype, str) and dtype.isalnum() else _short(dtype)}"
+        )
     # JSON numbers may be floats or booleans (True == 1 in Python), and negative sizes would let
     # a truncated file add up: only non-negative ints are dimensions and offsets
     if not isinstance(shape, (list, tuple)) or not all(_is_count(s) for s in shape):
-        raise InputError(f"{where}: corrupt safetensors header: tensor {name!r} has invalid shape {_short(shape)} "
-                         "(expected a list of non-negative integers)")
-    if not (isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
-        raise InputError(f"{where}: corrupt safetensors header: tensor {name!r} has invalid data_offsets {_short(offsets)} "
-                         "(expected [begin, end] with 0 <= begin <= end)")
+        raise InputError(
+            f"{where}: corrupt safetensors header: tensor {name!r} has invalid shape {_short(shape)} "
+            "(expected a list of non-negative integers)"
+        )
+    if not (
+        isinstance(offsets, (list, tuple))
+        and len(offsets) == 2
+        and all(_is_count(o) for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise InputError(
+            f"{where}: corrupt safetensors header: tensor {name!r} has invalid data_offsets {_short(offsets)} "
+            "(expected [begin, end] with 0 <= begin <= end)"
+        )
     begin, end = offsets
     shape = tuple(shape)
     itemsize = DTYPE_SIZES[dtype]
@@ -174,13 +215,15 @@ def entry_from_info(where: str, shard: str, name: str, info, data_start: int | N
             break
     if end - begin != numel * itemsize:
         needs = "needs more" if len(shape) > 64 else f"needs {numel * itemsize}"
-        raise InputError(f"{where}: tensor {name!r} occupies {end - begin} bytes but shape {_short(list(shape))} "
-                         f"{dtype} {needs}")
+        raise InputError(
+            f"{where}: tensor {name!r} occupies {end - begin} bytes but shape {_short(list(shape))} {dtype} {needs}"
+        )
     return TensorEntry(name, dtype, shape, shard, -1 if data_start is None else data_start + begin, end - begin)
 
 
-def _entries(path: Path, shard: str, infos: dict[str, HeaderInfo], data_start: int,
-             size: int) -> dict[str, TensorEntry]:
+def _entries(
+    path: Path, shard: str, infos: dict[str, HeaderInfo], data_start: int, size: int
+) -> dict[str, TensorEntry]:
     entries: dict[str, TensorEntry] = {}
     spans = []
     for name, info in infos.items():

@@ -21,8 +21,9 @@ def open_source(spec: str) -> Checkpoint:
     return open_checkpoint(spec)
 
 
-def discover_checkpoints(run: str, *, revisions: str | None = None, subfolders: bool = False,
-                         commits: bool = False) -> list:
+def discover_checkpoints(
+    run: str, *, revisions: str | None = None, subfolders: bool = False, commits: bool = False
+) -> list:
     """A run's checkpoints (RunCheckpoint, step order): a local run directory, or a Hub repo by
     branch glob (`revisions`), `checkpoint-N/` subfolders, or commits whose message names a step."""
     from ..errors import UsageError

@@ -27,6 +27,8 @@ from .outputs import MARKER_FILE, follow_umask, make_staging, output_errors, pre
 from .safetensors_file import TORCH_TO_SAFETENSORS
 
 PROVENANCE_FILE = MARKER_FILE  # every rank1 output folder holds it: how --force recognises one
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor the writer will receive: name, shape and the dtype it is stored in."""
@@ -60,8 +62,15 @@ class ShardedWriter:
     Leaving the block without `commit` (an exception) removes the temporary directory: no partial output.
     """
 
-    def __init__(self, out_dir: str | Path, specs: list[TensorSpec], *, max_shard_size: int | str = "5GB",
-                 force: bool = False, staging: Path | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        specs: list[TensorSpec],
+        *,
+        max_shard_size: int | str = "5GB",
+        force: bool = False,
+        staging: Path | None = None,
+    ):
         from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
         self.label = str(out_dir)
@@ -77,16 +86,20 @@ class ShardedWriter:
         self.resumed = False  # every planned shard file was found intact in `staging`
         try:
             self.split = split_state_dict_into_shards_factory(
-                self.specs, get_storage_size=lambda s: s.nbytes,
-                filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
+                self.specs,
+                get_storage_size=lambda s: s.nbytes,
+                filename_pattern="model{suffix}.safetensors",
+                max_shard_size=max_shard_size,
             )
             where: dict[str, tuple[str, int]] = {}
             with output_errors(self.tmp):
                 if self.keep and not self.tmp.exists():
                     self.tmp.mkdir(parents=True)
                     follow_umask(self.tmp, directory=True)
-                found = [self._create_shard(self.tmp / filename, [self.specs[n] for n in names], where)
-                         for filename, names in self.split.filename_to_tensors.items()]
+                found = [
+                    self._create_shard(self.tmp / filename, [self.specs[n] for n in names], where)
+                    for filename, names in self.split.filename_to_tensors.items()
+                ]
             self.resumed = self.keep and all(found)
         except BaseException:
             self.abort()
@@ -102,8 +115,11 @@ class ShardedWriter:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         pos = 0
         for s in specs:
-            header[s.name] = {"dtype": TORCH_TO_SAFETENSORS[s.dtype], "shape": list(s.shape),
-                              "data_offsets": [pos, pos + s.nbytes]}
+            header[s.name] = {
+                "dtype": TORCH_TO_SAFETENSORS[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [pos, pos + s.nbytes],
+            }
             pos += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
@@ -142,9 +158,15 @@ class ShardedWriter:
             raise KeyError(f"writer was not told about tensor {unknown[0]!r}")
         self._pending.difference_update(names)
 
-    def commit(self, *, copy_from: Checkpoint | None = None, output_dtype: torch.dtype | None = None,
-               provenance: dict | None = None, extra_json: dict[str, object] | None = None,
-               untie_word_embeddings: bool = False) -> Path:
+    def commit(
+        self,
+        *,
+        copy_from: Checkpoint | None = None,
+        output_dtype: torch.dtype | None = None,
+        provenance: dict | None = None,
+        extra_json: dict[str, object] | None = None,
+        untie_word_embeddings: bool = False,
+    ) -> Path:
         """Finish: index, auxiliary files, provenance, `extra_json` reports (file name -> data);
         rename into place. Returns the output path. `untie_word_embeddings`: see copy_aux_files."""
         if self._pending:
@@ -157,8 +179,10 @@ class ShardedWriter:
 
     def _finish(self, copy_from, output_dtype, provenance, extra_json, untie_word_embeddings=False) -> None:
         if self.split.is_sharded:
-            index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
-                     "weight_map": dict(sorted(self.split.tensor_to_filename.items()))}
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
+                "weight_map": dict(sorted(self.split.tensor_to_filename.items())),
+            }
             (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if copy_from is not None and copy_from.root is not None:
             copy_aux_files(copy_from.root, self.tmp, output_dtype, untie_word_embeddings=untie_word_embeddings)
@@ -224,8 +248,9 @@ def _pwrite(path: str, view: memoryview, offset: int) -> None:
         os.close(fd)
 
 
-def copy_aux_files(src: Path, dst: Path, output_dtype: torch.dtype | None, *,
-                   untie_word_embeddings: bool = False) -> list[str]:
+def copy_aux_files(
+    src: Path, dst: Path, output_dtype: torch.dtype | None, *, untie_word_embeddings: bool = False
+) -> list[str]:
     """Copy config/tokenizer/chat-template files; set config's dtype field to `output_dtype`, and
     `tie_word_embeddings` to false when asked (the output stores its own lm_head)."""
     copied = []
@@ -263,7 +288,9 @@ def provenance(command: str, inputs: list[Checkpoint | str], parameters: dict) -
     return {
         "command": command,
         "argv": rank1tools.COMMAND_LINE,
-        "inputs": [{"source": c, "revision": None} if isinstance(c, str) else {"source": c.label, "revision": c.revision}
-                   for c in inputs],
+        "inputs": [
+            {"source": c, "revision": None} if isinstance(c, str) else {"source": c.label, "revision": c.revision}
+            for c in inputs
+        ],
         "parameters": parameters,
     }

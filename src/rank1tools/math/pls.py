@@ -157,7 +157,7 @@ def target_scale_exponent(y) -> int:
     """e such that y · 2^-e has its largest |value| in [0.5, 1), when y leaves the safe range; else 0.
     Scaling by a power of two is exact, so R², scores and the X side of the fit are unchanged."""
     top = float(np.max(np.abs(_f64(y)))) if np.size(y) else 0.0
-    if top == 0.0 or not np.isfinite(top) or 2.0 ** -SAFE_EXP <= top <= 2.0 ** SAFE_EXP:
+    if top == 0.0 or not np.isfinite(top) or 2.0**-SAFE_EXP <= top <= 2.0**SAFE_EXP:
         return 0
     return int(np.frexp(top)[1])
 

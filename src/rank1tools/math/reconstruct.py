@@ -66,9 +66,19 @@ def update_norm(A: torch.Tensor, B: torch.Tensor) -> float:
     return float(((A64.T @ A64) * (B64.T @ B64)).sum().clamp_min(0)) ** 0.5
 
 
-def apply_rank_k(base: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int, fro_full: float,
-                 out_dtype: torch.dtype, *, alpha: float = 1.0, norm_match: bool = True,
-                 block_elems: int = 1 << 18) -> tuple[torch.Tensor, RoundingStats]:
+def apply_rank_k(
+    base: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    k: int,
+    fro_full: float,
+    out_dtype: torch.dtype,
+    *,
+    alpha: float = 1.0,
+    norm_match: bool = True,
+    block_elems: int = 1 << 18,
+) -> tuple[torch.Tensor, RoundingStats]:
     """Stored W = (theta_0 + alpha * (||dW|| / ||dW_k||) * dW_k).to(out_dtype), and its rounding stats.
 
     dW_k = sum_{i<=k} s_i u_i v_i^T; without norm matching the update is alpha * dW_k. ||dW_k||_F
@@ -87,9 +97,9 @@ def apply_rank_k(base: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.
     stats = RoundingStats()
     rows = max(1, block_elems // max(1, base.shape[1]))
     for r in range(0, base.shape[0], rows):
-        w0 = base[r:r + rows]
-        upd = A[r:r + rows] @ B.T
+        w0 = base[r : r + rows]
+        upd = A[r : r + rows] @ B.T
         stored = (w0 + upd).to(out_dtype)
-        out[r:r + rows] = stored
+        out[r : r + rows] = stored
         stats.add(rounding_stats(w0, upd, stored))
     return out, stats

@@ -29,17 +29,17 @@ def frobenius(x: torch.Tensor) -> float:
     n = flat.numel()
     if flat.dtype == torch.float32 and n >= FRO_BLOCK:
         nb = n // FRO_BLOCK
-        sq = float(torch.linalg.vector_norm(flat[:nb * FRO_BLOCK].view(nb, FRO_BLOCK), dim=1).double().square().sum())
+        sq = float(torch.linalg.vector_norm(flat[: nb * FRO_BLOCK].view(nb, FRO_BLOCK), dim=1).double().square().sum())
         if nb * FRO_BLOCK < n:
-            sq += float(torch.linalg.vector_norm(flat[nb * FRO_BLOCK:], dtype=torch.float64)) ** 2
+            sq += float(torch.linalg.vector_norm(flat[nb * FRO_BLOCK :], dtype=torch.float64)) ** 2
         if math.isfinite(sq) and sq > n * 1e-20:  # no block overflowed, and underflow cannot matter
-            return sq ** 0.5
+            return sq**0.5
     if n <= FRO_CHUNK:
         return float(torch.linalg.vector_norm(flat, dtype=torch.float64))
     sq = 0.0
     for start in range(0, n, FRO_CHUNK):
-        sq += float(torch.linalg.vector_norm(flat[start:start + FRO_CHUNK], dtype=torch.float64)) ** 2
-    return sq ** 0.5
+        sq += float(torch.linalg.vector_norm(flat[start : start + FRO_CHUNK], dtype=torch.float64)) ** 2
+    return sq**0.5
 
 
 def rank_for_fraction(fraction: float, shape: tuple[int, int]) -> int:

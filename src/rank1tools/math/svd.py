@@ -91,8 +91,9 @@ def _gaussian(n: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(n, cols, generator=g, dtype=torch.float32)
 
 
-def start_sketch(n: int, ell: int, seed: int, start: torch.Tensor | None = None,
-                 like: torch.Tensor | None = None) -> torch.Tensor:
+def start_sketch(
+    n: int, ell: int, seed: int, start: torch.Tensor | None = None, like: torch.Tensor | None = None
+) -> torch.Tensor:
     """The n x ell test matrix: Gaussian (cold), or a warm start [start | Gaussian columns] whose
     first columns are given directions (e.g. the previous checkpoint's singular vectors) and
     at least MIN_RANDOM columns Gaussian, so a direction absent from `start` is still caught.
@@ -102,8 +103,10 @@ def start_sketch(n: int, ell: int, seed: int, start: torch.Tensor | None = None,
     if start is None:
         return _gaussian(n, ell, seed).to(device=device, dtype=dtype, copy=True)
     keep = min(start.shape[1], ell - MIN_RANDOM)
-    return torch.cat([start[:, :keep].to(device=device, dtype=dtype),
-                      _gaussian(n, ell - keep, seed).to(device=device, dtype=dtype)], dim=1)
+    return torch.cat(
+        [start[:, :keep].to(device=device, dtype=dtype), _gaussian(n, ell - keep, seed).to(device=device, dtype=dtype)],
+        dim=1,
+    )
 
 
 def _times(M: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -112,8 +115,9 @@ def _times(M: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
     return torch.mm(X.T.contiguous(), M if transpose else M.T).T
 
 
-def _ritz(M: torch.Tensor, X: torch.Tensor, transpose: bool
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ritz(
+    M: torch.Tensor, X: torch.Tensor, transpose: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One-sided Rayleigh-Ritz step (module doc): Y, P (the next step's basis), S (descending), Wh.
 
     transpose=False ("right step"): X (n x ell) orthonormal; Y = M X = P S Wh gives U = P and
@@ -126,8 +130,9 @@ def _ritz(M: torch.Tensor, X: torch.Tensor, transpose: bool
     return Y, P, S, Wh
 
 
-def _top_certificate(M: torch.Tensor, X: torch.Tensor, transpose: bool, P: torch.Tensor, S: torch.Tensor,
-                     Wh: torch.Tensor) -> tuple[float, bool]:
+def _top_certificate(
+    M: torch.Tensor, X: torch.Tensor, transpose: bool, P: torch.Tensor, S: torch.Tensor, Wh: torch.Tensor
+) -> tuple[float, bool]:
     """rho / s_1 of the top Ritz triplet of `_ritz` and whether the bar is met (module doc): the
     residual of the relation that is not exact, ||M^T u_1 - s_1 v_1|| for a right step,
     ||M v_1 - s_1 u_1|| for a left one (one matrix-vector product)."""
@@ -142,8 +147,7 @@ def _top_certificate(M: torch.Tensor, X: torch.Tensor, transpose: bool, P: torch
     return rho / s[0], SAFETY * sin_bound <= SIN_TOL and SAFETY * sigma_bound <= SIGMA_REL_TOL
 
 
-def lower_values_bound(Y: torch.Tensor, prev_S: torch.Tensor, prev_other: torch.Tensor, S: torch.Tensor
-                       ) -> float:
+def lower_values_bound(Y: torch.Tensor, prev_S: torch.Tensor, prev_other: torch.Tensor, S: torch.Tensor) -> float:
     """Certificate of the singular values below the top one (the adaptive schedule, module doc): the
     largest bound on |sigma_i - true sigma_i| / sigma_1, i = 2..k, of the Ritz values S of the
     current step, or 0.0 for k = 1.
@@ -159,7 +163,7 @@ def lower_values_bound(Y: torch.Tensor, prev_S: torch.Tensor, prev_other: torch.
     if k == 1:
         return 0.0
     rho = torch.linalg.vector_norm(Y[:, :k] - prev_other * prev_S[:k], dim=0, dtype=torch.float64).tolist()
-    p, s = prev_S[:k + 1].tolist(), S[:k].tolist()
+    p, s = prev_S[: k + 1].tolist(), S[:k].tolist()
     worst = 0.0
     for i in range(1, k):
         gap = max(min(p[i - 1] - p[i], p[i] - p[i + 1] if i + 1 < len(p) else math.inf), 1e-30)
@@ -185,9 +189,18 @@ def check_steps(niter: int, max_niter: int, adaptive: bool, warm: bool = False) 
         it = max(1, 2 * it)
 
 
-def randomized_topk(M: torch.Tensor, k: int, *, oversample: int = 10, niter: int = 4, seed: int = 0,
-                    max_niter: int = 16, start: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    adaptive: bool = False, early: bool = True) -> tuple[TopK, bool]:
+def randomized_topk(
+    M: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 10,
+    niter: int = 4,
+    seed: int = 0,
+    max_niter: int = 16,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    adaptive: bool = False,
+    early: bool = True,
+) -> tuple[TopK, bool]:
     """Randomized top-k SVD and whether it passed the a-posteriori check.
 
     Subspace iteration from the sketch (`start_sketch`), alternating products with M and M^T and
@@ -248,10 +261,20 @@ def range_scale(fro: float) -> float:
     return math.ldexp(1.0, math.frexp(fro)[1])  # 2^e with fro / 2^e in [0.5, 1)
 
 
-def topk_svd(M: torch.Tensor, k: int, *, exact: bool = False, oversample: int = 10, niter: int = 4,
-             seed: int = 0, max_niter: int = 16, fro: float | None = None,
-             start: tuple[torch.Tensor, torch.Tensor] | None = None, adaptive: bool = False,
-             early: bool = True) -> TopK:
+def topk_svd(
+    M: torch.Tensor,
+    k: int,
+    *,
+    exact: bool = False,
+    oversample: int = 10,
+    niter: int = 4,
+    seed: int = 0,
+    max_niter: int = 16,
+    fro: float | None = None,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    adaptive: bool = False,
+    early: bool = True,
+) -> TopK:
     """Top-k singular triplets of a finite float32 matrix (see module doc for the accuracy contract
     and the range handling). `fro`: ||M||_F if the caller has it (saves a pass).
 
@@ -265,17 +288,27 @@ def topk_svd(M: torch.Tensor, k: int, *, exact: bool = False, oversample: int = 
     m, n = M.shape
     if not 1 <= k <= min(m, n):
         raise ValueError(f"rank {k} outside 1..{min(m, n)} for a {m} x {n} matrix")
-    if start is not None and (start[0].dim() != 2 or start[0].shape[0] != m or start[1].dim() != 2
-                              or start[1].shape[0] != n):
-        raise ValueError(f"warm start of shapes {list(start[0].shape)}, {list(start[1].shape)} does not fit a "
-                         f"{m} x {n} matrix")
+    if start is not None and (
+        start[0].dim() != 2 or start[0].shape[0] != m or start[1].dim() != 2 or start[1].shape[0] != n
+    ):
+        raise ValueError(
+            f"warm start of shapes {list(start[0].shape)}, {list(start[1].shape)} does not fit a {m} x {n} matrix"
+        )
     if fro is None:
         fro = frobenius(M)
     if not math.isfinite(fro):
         raise ValueError("matrix has non-finite values")
     s = range_scale(fro)
-    opts = dict(exact=exact, oversample=oversample, niter=niter, seed=seed, max_niter=max_niter, start=start,
-                adaptive=adaptive, early=early)
+    opts = dict(
+        exact=exact,
+        oversample=oversample,
+        niter=niter,
+        seed=seed,
+        max_niter=max_niter,
+        start=start,
+        adaptive=adaptive,
+        early=early,
+    )
     if s == 1.0:
         return _topk_in_range(M, k, **opts)
     res = _topk_in_range(_times_power_of_two(M, -math.frexp(s)[1] + 1), k, **opts)

@@ -81,10 +81,16 @@ class DecomposeResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"out": self.out, "steps": self.steps, "modules": len(self.modules),
-                "resumed_modules": self.resumed_modules,
-                "exact_fallbacks": [{"module": m, "step": s} for m, s in self.fallbacks],
-                "summary": self.summary, "plots": self.plots, "notes": self.notes}
+        return {
+            "out": self.out,
+            "steps": self.steps,
+            "modules": len(self.modules),
+            "resumed_modules": self.resumed_modules,
+            "exact_fallbacks": [{"module": m, "step": s} for m, s in self.fallbacks],
+            "summary": self.summary,
+            "plots": self.plots,
+            "notes": self.notes,
+        }
 
 
 @dataclass(frozen=True)
@@ -125,33 +131,45 @@ def _stored_module(path: Path) -> str | None:
         return None
 
 
-def _check_memory(base: Checkpoint, others: list[Checkpoint], modules: list[str], options: DecomposeOptions,
-                  device: torch.device) -> int:
+def _check_memory(
+    base: Checkpoint, others: list[Checkpoint], modules: list[str], options: DecomposeOptions, device: torch.device
+) -> int:
     """The number of workers (modules.worker_count); refuse before any work when even one
     worker's working set for the largest module exceeds the available memory."""
+
     def need(name: str, workers: int) -> int:
         e = base.entry(name)
         raw = max(c.entry(name).nbytes for c in (base, *others))
         sketch = max(options.rank + options.oversample, MIN_SKETCH)
         exact = options.exact or min(e.shape) <= 2 * sketch
-        return decompose_peak_bytes(e.numel, raw, svd_bytes(e.shape, exact, sketch), on_cpu=device.type == "cpu",
-                                    workers=workers)
+        return decompose_peak_bytes(
+            e.numel, raw, svd_bytes(e.shape, exact, sketch), on_cpu=device.type == "cpu", workers=workers
+        )
 
     name = max(modules, key=lambda n: need(n, 1))
     avail = available_memory_bytes()
     two = need(max(modules, key=lambda n: need(n, 2)), 2)
-    workers = options.workers or worker_count(device, options, max(base.entry(n).numel for n in modules),
-                                              avail is None or two <= avail)
+    workers = options.workers or worker_count(
+        device, options, max(base.entry(n).numel for n in modules), avail is None or two <= avail
+    )
     check_memory(need(name, 1) if workers == 1 else two, f"tensor {name!r} {list(base.entry(name).shape)}")
     return workers
 
 
-def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = None,
-              steps: StepSelection | str | None = None,
-              hub_run: dict | None = None, options: DecomposeOptions = DecomposeOptions(), force: bool = False,
-              progress: Callable[[int, int], None] | None = None,
-              on_module_done: Callable[[str], None] | None = None,
-              executor: ExecutorOptions = ExecutorOptions()) -> DecomposeResult:
+def decompose(
+    base: str,
+    checkpoints: list[str],
+    out: str,
+    *,
+    run: str | None = None,
+    steps: StepSelection | str | None = None,
+    hub_run: dict | None = None,
+    options: DecomposeOptions = DecomposeOptions(),
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    on_module_done: Callable[[str], None] | None = None,
+    executor: ExecutorOptions = ExecutorOptions(),
+) -> DecomposeResult:
     """Decompose every selected module's update at every checkpoint; write the spectrum and factor store.
 
     `progress(done, total)` is called after each (module, checkpoint); `on_module_done(name)` after
@@ -171,31 +189,63 @@ def decompose(base: str, checkpoints: list[str], out: str, *, run: str | None = 
         ck.expect(modules)
     device = task_device(options.device, executor)
     workers = _check_memory(base_ckpt, [c for _, c in pairs], modules, options, device)
-    plan = DecomposePlan(base=base_ckpt, pairs=tuple(pairs), step_source=step_source, modules=tuple(modules),
-                         shapes=shapes, options=options, device=str(device), workers=workers, executor=executor,
-                         out=out, force=force)
+    plan = DecomposePlan(
+        base=base_ckpt,
+        pairs=tuple(pairs),
+        step_source=step_source,
+        modules=tuple(modules),
+        shapes=shapes,
+        options=options,
+        device=str(device),
+        workers=workers,
+        executor=executor,
+        out=out,
+        force=force,
+    )
     with locked_output(out, force=force, inputs=inputs.local_paths()) as target, cpu_threads(device, options):
         result = _decompose_locked(plan, target, progress, on_module_done)
     result.notes = list(inputs.notes)
     return result
 
 
-def _decompose_locked(plan: DecomposePlan, target: Path, progress: Callable[[int, int], None] | None,
-                      on_module_done: Callable[[str], None] | None) -> DecomposeResult:
+def _decompose_locked(
+    plan: DecomposePlan,
+    target: Path,
+    progress: Callable[[int, int], None] | None,
+    on_module_done: Callable[[str], None] | None,
+) -> DecomposeResult:
     """Decompose into the resumable work folder `.OUT.partial`, then publish it at `target`."""
     base_ckpt, pairs, modules, shapes, options = plan.base, plan.pairs, list(plan.modules), plan.shapes, plan.options
     device, workers, executor, out = torch.device(plan.device), plan.workers, plan.executor, plan.out
     manifest = {
-        "format": FACTOR_FORMAT, "format_version": FACTOR_FORMAT_VERSION, "tool_version": __version__,
+        "format": FACTOR_FORMAT,
+        "format_version": FACTOR_FORMAT_VERSION,
+        "tool_version": __version__,
         "base": source_record(base_ckpt),  # source, revision, content fingerprint (io/fingerprint.py)
         "checkpoints": [{"step": s, **source_record(c)} for s, c in pairs],
         "step_source": plan.step_source,
-        "parameters": {"rank": options.rank, "svd": "exact" if options.exact else "randomized",
-                       "oversample": options.oversample, **_svd_parameters(options), "seed": SVD_SEED,
-                       "include": options.include, "exclude": options.exclude, "all_2d": options.all_2d,
-                       "device": device.type, "delta_dtype": "float32"},
-        "modules": [{"name": n, "shape": list(shapes[n]), "layer": module_labels(n, shapes[n])[0],
-                     "type": module_labels(n, shapes[n])[1], "file": f"factors/{factor_file(n)}"} for n in modules],
+        "parameters": {
+            "rank": options.rank,
+            "svd": "exact" if options.exact else "randomized",
+            "oversample": options.oversample,
+            **_svd_parameters(options),
+            "seed": SVD_SEED,
+            "include": options.include,
+            "exclude": options.exclude,
+            "all_2d": options.all_2d,
+            "device": device.type,
+            "delta_dtype": "float32",
+        },
+        "modules": [
+            {
+                "name": n,
+                "shape": list(shapes[n]),
+                "layer": module_labels(n, shapes[n])[0],
+                "type": module_labels(n, shapes[n])[1],
+                "file": f"factors/{factor_file(n)}",
+            }
+            for n in modules
+        ],
     }
     manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
 
@@ -220,8 +270,16 @@ def _decompose_locked(plan: DecomposePlan, target: Path, progress: Callable[[int
                 progress(count, total)
 
     def compute(name: str, stop: threading.Event):
-        return module_factors(name, base_ckpt, pairs, options, device, read_ahead=options.prefetch and workers == 1,
-                              on_step=step_done, stop=stop)
+        return module_factors(
+            name,
+            base_ckpt,
+            pairs,
+            options,
+            device,
+            read_ahead=options.prefetch and workers == 1,
+            on_step=step_done,
+            stop=stop,
+        )
 
     steps = [s for s, _ in pairs]
     try:
@@ -261,16 +319,32 @@ def _decompose_locked(plan: DecomposePlan, target: Path, progress: Callable[[int
         write_provenance(work, provenance("decompose", [base_ckpt, *(c for _, c in pairs)], manifest["parameters"]))
         plots, hint = draw_plots(lambda: decompose_plots(rows, work / "plots")) if options.plots else ([], None)
     publish(work, target, force=plan.force, label=out)
-    return DecomposeResult(out=out, steps=[s for s, _ in pairs], modules=modules, rows=rows, summary=summary,
-                           resumed_modules=len(done), fallbacks=fallbacks,
-                           plots=[str(Path(out) / Path(p).relative_to(work)) for p in plots], plot_hint=hint)
+    return DecomposeResult(
+        out=out,
+        steps=[s for s, _ in pairs],
+        modules=modules,
+        rows=rows,
+        summary=summary,
+        resumed_modules=len(done),
+        fallbacks=fallbacks,
+        plots=[str(Path(out) / Path(p).relative_to(work)) for p in plots],
+        plot_hint=hint,
+    )
 
 
 def module_task(name: str, plan: DecomposePlan, factors: str, read_ahead: bool) -> None:
     """One module as a Ray task (rank1tools.engine.executors.run_units): what the local path does for it,
     its factor file saved into the shared staging folder; nothing returned through Ray."""
-    acc, base_fro = module_factors(name, plan.base, plan.pairs, plan.options, torch.device(plan.device),
-                                   read_ahead=read_ahead, on_step=lambda: None, stop=threading.Event())
+    acc, base_fro = module_factors(
+        name,
+        plan.base,
+        plan.pairs,
+        plan.options,
+        torch.device(plan.device),
+        read_ahead=read_ahead,
+        on_step=lambda: None,
+        stop=threading.Event(),
+    )
     _save_module(Path(factors) / factor_file(name), name, [s for s, _ in plan.pairs], acc, base_fro)
 
 
@@ -280,14 +354,20 @@ def _save_module(final: Path, name: str, steps: list[int], acc: dict, base_fro: 
 
     tensors = {
         "steps": torch.tensor(steps, dtype=torch.int64),
-        "S": torch.stack(acc["S"]), "U": torch.stack(acc["U"]), "V": torch.stack(acc["V"]),
+        "S": torch.stack(acc["S"]),
+        "U": torch.stack(acc["U"]),
+        "V": torch.stack(acc["V"]),
         "fro": torch.tensor(acc["fro"], dtype=torch.float64),
         "base_fro": torch.tensor([base_fro], dtype=torch.float64),
     }
     # one metadata key: safetensors writes __metadata__ from a hash map, so several keys
     # would come out in a different order from run to run (outputs must be byte-identical)
-    meta = {"rank1tools": json.dumps({"module": name, "methods": acc["method"], "residuals": acc["residual"],
-                                      "iterations": acc["iterations"]}, sort_keys=True)}
+    meta = {
+        "rank1tools": json.dumps(
+            {"module": name, "methods": acc["method"], "residuals": acc["residual"], "iterations": acc["iterations"]},
+            sort_keys=True,
+        )
+    }
     tmp = final.with_suffix(".tmp")
     with output_errors(final):
         save_file(tensors, str(tmp), metadata=meta)
@@ -301,8 +381,7 @@ def _stored_figures(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return ({k: f.get_tensor(k) for k in ("steps", "S", "fro", "base_fro")},
-                json.loads(f.metadata()["rank1tools"]))
+        return ({k: f.get_tensor(k) for k in ("steps", "S", "fro", "base_fro")}, json.loads(f.metadata()["rank1tools"]))
 
 
 def _svd_parameters(options: DecomposeOptions) -> dict:

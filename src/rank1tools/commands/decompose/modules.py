@@ -43,12 +43,23 @@ def bad_update(ck: Checkpoint, name: str, step: int, base_t: torch.Tensor) -> In
     theirs = ck.read_raw(name)
     if nonfinite_update_cause(base_t, theirs) == "checkpoint":  # the base was checked when read
         return nonfinite(ck.label, name, f"at step {step}")
-    return InputError(f"{ck.label}: the update of tensor {name!r} at step {step} overflows float32 "
-                      f"(|values| up to {max(max_abs(theirs), max_abs(base_t)):.3g} in base and checkpoint)")
+    return InputError(
+        f"{ck.label}: the update of tensor {name!r} at step {step} overflows float32 "
+        f"(|values| up to {max(max_abs(theirs), max_abs(base_t)):.3g} in base and checkpoint)"
+    )
 
 
-def module_factors(name: str, base_ckpt: Checkpoint, pairs: list[tuple[int, Checkpoint]], options, device: torch.device,
-                   *, read_ahead: bool, on_step: Callable[[], None], stop: threading.Event) -> tuple[dict, float]:
+def module_factors(
+    name: str,
+    base_ckpt: Checkpoint,
+    pairs: list[tuple[int, Checkpoint]],
+    options,
+    device: torch.device,
+    *,
+    read_ahead: bool,
+    on_step: Callable[[], None],
+    stop: threading.Event,
+) -> tuple[dict, float]:
     """(the factor lists of one module over all checkpoints, ||theta_0||_F). Raises InputError for
     non-finite data, Cancelled when `stop` is set.
 
@@ -87,17 +98,36 @@ def module_factors(name: str, base_ckpt: Checkpoint, pairs: list[tuple[int, Chec
         step, ck = pairs[i]
         if not math.isfinite(fro):  # the checkpoint's own NaN/Inf, or a float32 overflow of the difference
             raise bad_update(ck, name, step, base_t)
-        res = topk_svd(d, options.rank, exact=options.exact, oversample=options.oversample, niter=options.niter,
-                       max_niter=options.max_niter, seed=SVD_SEED + i if warm else SVD_SEED, fro=fro,
-                       start=prev if warm else None, adaptive=warm, early=early)
+        res = topk_svd(
+            d,
+            options.rank,
+            exact=options.exact,
+            oversample=options.oversample,
+            niter=options.niter,
+            max_niter=options.max_niter,
+            seed=SVD_SEED + i if warm else SVD_SEED,
+            fro=fro,
+            start=prev if warm else None,
+            adaptive=warm,
+            early=early,
+        )
         early = res.iterations < 2 + 2 * options.niter
         del d
         if not all_finite(res.S):
-            raise InputError(f"{ck.label}: the update of tensor {name!r} at step {step} has singular values beyond "
-                             f"float32 (||dW||_F = {fro:.3g}, float32 max {dtype_max(torch.float32):.3g})")
+            raise InputError(
+                f"{ck.label}: the update of tensor {name!r} at step {step} has singular values beyond "
+                f"float32 (||dW||_F = {fro:.3g}, float32 max {dtype_max(torch.float32):.3g})"
+            )
         prev = U, V = canonicalize_signs(res.U, res.V)  # the stored factors are the next warm start
-        for key, value in (("U", U.cpu()), ("V", V.cpu()), ("S", res.S.cpu()), ("fro", fro),
-                           ("method", res.method), ("residual", res.residual), ("iterations", res.iterations)):
+        for key, value in (
+            ("U", U.cpu()),
+            ("V", V.cpu()),
+            ("S", res.S.cpu()),
+            ("fro", fro),
+            ("method", res.method),
+            ("residual", res.residual),
+            ("iterations", res.iterations),
+        ):
             acc[key].append(value)
         on_step()
     return acc, base_fro
@@ -142,8 +172,14 @@ def worker_count(device: torch.device, options, largest_numel: int, fits_two: bo
     large enough to keep a thread busy, when the memory check allows two modules at once; else one
     (the exact SVD keeps the whole machine's threads, as `reconstruct --exact` does, so that the two
     commands give the same triplets)."""
-    if (device.type != "cpu" or options.exact or not options.prefetch or torch.get_num_threads() < 2
-            or largest_numel < PARALLEL_MIN_NUMEL or not fits_two):
+    if (
+        device.type != "cpu"
+        or options.exact
+        or not options.prefetch
+        or torch.get_num_threads() < 2
+        or largest_numel < PARALLEL_MIN_NUMEL
+        or not fits_two
+    ):
         return 1
     return 2
 

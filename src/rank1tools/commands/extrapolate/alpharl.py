@@ -25,8 +25,13 @@ class AlpharlOptions(CommonOptions):
 
     method: ClassVar[str] = "alpharl"
     FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "fits": ("--fits",), "target_metrics": ("--target-metric",), "container": ("--container",),
-        "last_checkpoint": ("--last-checkpoint",), "min_r2": ("--min-r2",), "r2_kind": ("--r2",)}
+        "fits": ("--fits",),
+        "target_metrics": ("--target-metric",),
+        "container": ("--container",),
+        "last_checkpoint": ("--last-checkpoint",),
+        "min_r2": ("--min-r2",),
+        "r2_kind": ("--r2",),
+    }
 
     fits: str | None = None
     target_metrics: list[float] = field(default_factory=list)
@@ -47,13 +52,21 @@ class AlpharlOptions(CommonOptions):
             raise UsageError("--method alpharl needs --target-metric Y (or --target-step S for a fit against the step)")
 
 
-def extrapolate_alpharl(base: str, out: str, *, options: AlpharlOptions, force: bool = False,
-                        progress: Callable[[int, int], None] | None = None,
-                        executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
+def extrapolate_alpharl(
+    base: str,
+    out: str,
+    *,
+    options: AlpharlOptions,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    executor: ExecutorOptions = ExecutorOptions(),
+) -> ExtrapolateResult:
     """Write the checkpoint AlphaRL predicts for each target (one pass over the container). It
     reads no run: fast locally, so `executor` must be local."""
     if executor.is_ray:
-        raise UsageError("--executor ray applies to --method relex and linear (alpharl reads no run: it is fast locally)")
+        raise UsageError(
+            "--executor ray applies to --method relex and linear (alpharl reads no run: it is fast locally)"
+        )
     options.check()
     from .alpharl_write import write_alpharl
 

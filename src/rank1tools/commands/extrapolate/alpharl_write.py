@@ -92,8 +92,9 @@ def predict(fit: dict[str, torch.Tensor], target: float) -> tuple[float, torch.T
     return s, x
 
 
-def apply_outer(container: torch.Tensor, x: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype,
-                block_elems: int = BLOCK_ELEMS) -> tuple[torch.Tensor, RoundingStats]:
+def apply_outer(
+    container: torch.Tensor, x: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype, block_elems: int = BLOCK_ELEMS
+) -> tuple[torch.Tensor, RoundingStats]:
     """Stored W = (container + x vᵀ).to(out_dtype) and the rounding stats of the intended update.
 
     `container` float32 (m, n); the update is formed in float32 (one rounding of each product)
@@ -104,16 +105,22 @@ def apply_outer(container: torch.Tensor, x: torch.Tensor, v: torch.Tensor, out_d
     stats = RoundingStats()
     rows = max(1, block_elems // max(1, container.shape[1]))
     for r in range(0, container.shape[0], rows):
-        w0 = container[r:r + rows]
-        upd = xf[r:r + rows, None] * vf[None, :]
+        w0 = container[r : r + rows]
+        upd = xf[r : r + rows, None] * vf[None, :]
         stored = (w0 + upd).to(out_dtype)
-        out[r:r + rows] = stored
+        out[r : r + rows] = stored
         stats.add(rounding_stats(w0, upd, stored))
     return out, stats
 
 
-def write_alpharl(base: str, out: str, *, options: AlpharlOptions, force: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> ExtrapolateResult:
+def write_alpharl(
+    base: str,
+    out: str,
+    *,
+    options: AlpharlOptions,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExtrapolateResult:
     """Write the checkpoint AlphaRL predicts for each target (one pass over the container)."""
     if options.last_checkpoint and options.container != "last":
         raise UsageError("--last-checkpoint applies to --container last only")
@@ -132,30 +139,55 @@ def write_alpharl(base: str, out: str, *, options: AlpharlOptions, force: bool =
         shapes[LM_HEAD_NAME] = base_ck.entry(LM_HEAD_NAME).shape  # a head the run untied: selectable
     selected = _select(store, shapes, base_ck, options)
     chosen = set(selected)  # a subset of the store's modules (_select checked it)
-    plans = {n: _plan(store, n, targets, kind, r2_index, options) if n in chosen
-             else ModulePlan(n, None, "not selected (--include/--exclude)") for n in store.modules}
+    plans = {
+        n: _plan(store, n, targets, kind, r2_index, options)
+        if n in chosen
+        else ModulePlan(n, None, "not selected (--include/--exclude)")
+        for n in store.modules
+    }
 
     container = last_ck if last_ck is not None else base_ck
-    untie = base_ck.lm_head_tied and (LM_HEAD_NAME in selected or (last_ck is not None and LM_HEAD_NAME in last_ck.entries))
+    untie = base_ck.lm_head_tied and (
+        LM_HEAD_NAME in selected or (last_ck is not None and LM_HEAD_NAME in last_ck.entries)
+    )
     names = [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]
-    specs = [TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype)) for n in names]
+    specs = [
+        TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype)) for n in names
+    ]
     base_ck.expect(names if last_ck is None else [])
     if last_ck is not None:
         last_ck.expect(names)
     device = resolve_device(options.device)
-    _check_memory(container, specs, {n for n in selected if plans[n].extrapolated}, device,
-                  rest="base" if last_ck is None else "checkpoint")
+    _check_memory(
+        container,
+        specs,
+        {n for n in selected if plans[n].extrapolated},
+        device,
+        rest="base" if last_ck is None else "checkpoint",
+    )
 
-    params = {"method": "alpharl", "targets": targets, "target_kind": kind, "container": options.container,
-              "min_r2": options.min_r2, "r2": options.r2_kind, "include": options.include, "exclude": options.exclude,
-              "dtype": options.dtype, "flag_ratio": options.flag_ratio, "device": device.type,
-              "fit_store": {"path": fits, "target": store.target, "metric": store.metric, "window": store.window},
-              "last_checkpoint": None if last_ck is None else last_ck.label}
+    params = {
+        "method": "alpharl",
+        "targets": targets,
+        "target_kind": kind,
+        "container": options.container,
+        "min_r2": options.min_r2,
+        "r2": options.r2_kind,
+        "include": options.include,
+        "exclude": options.exclude,
+        "dtype": options.dtype,
+        "flag_ratio": options.flag_ratio,
+        "device": device.type,
+        "fit_store": {"path": fits, "target": store.target, "metric": store.metric, "window": store.window},
+        "last_checkpoint": None if last_ck is None else last_ck.label,
+    }
     inputs = [base_ck, fits, *([last_ck] if last_ck is not None else [])]
     local = [Path(c.label) for c in (base_ck, last_ck) if c is not None and not is_hub_source(c.label)] + [Path(fits)]
     folders = [target_folder(kind, t) for t in targets]
-    with locked_output(out, force=force, inputs=local) as target_path, \
-            CheckpointOutputs(target_path, folders, specs, max_shard_size=options.max_shard_size, force=force) as outs:
+    with (
+        locked_output(out, force=force, inputs=local) as target_path,
+        CheckpointOutputs(target_path, folders, specs, max_shard_size=options.max_shard_size, force=force) as outs,
+    ):
         stats = [dict() for _ in targets]
         for i, name in enumerate(names):
             plan = plans.get(name)
@@ -170,45 +202,74 @@ def write_alpharl(base: str, out: str, *, options: AlpharlOptions, force: bool =
         limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
         reports = [_report(plans, i, t, kind, limits[i], store, options) for i, t in enumerate(targets)]
         roundings = [rounding_report(st) for st in stats]
-        outs.commit(copy_from=base_ck, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
-                    provenances=[provenance("extrapolate", inputs, {**params, "target": t}) for t in targets],
-                    reports=[{REPORT_FILE: rep, ROUNDING_FILE: rnd} for rep, rnd in zip(reports, roundings)],
-                    parent_provenance=provenance("extrapolate", inputs, params), label=out,
-                    untie_word_embeddings=untie)
+        outs.commit(
+            copy_from=base_ck,
+            output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
+            provenances=[provenance("extrapolate", inputs, {**params, "target": t}) for t in targets],
+            reports=[{REPORT_FILE: rep, ROUNDING_FILE: rnd} for rep, rnd in zip(reports, roundings)],
+            parent_provenance=provenance("extrapolate", inputs, params),
+            label=out,
+            untie_word_embeddings=untie,
+        )
         paths = outs.paths(out)
-    outputs = [TargetOutput(target=t, kind=kind, path=p, flagged=rep["flagged"],
-                            norm_ratio_median=rep["norm_ratio_median"], norm_ratio_max=rep["norm_ratio_max"],
-                            **{k: rnd[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")})
-               for t, p, rep, rnd in zip(targets, paths, reports, roundings)]
+    outputs = [
+        TargetOutput(
+            target=t,
+            kind=kind,
+            path=p,
+            flagged=rep["flagged"],
+            norm_ratio_median=rep["norm_ratio_median"],
+            norm_ratio_max=rep["norm_ratio_max"],
+            **{k: rnd[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")},
+        )
+        for t, p, rep, rnd in zip(targets, paths, reports, roundings)
+    ]
     _notes(store, plans, options, kind, last_step, untie, notes, warnings)
     if kind == "step":
         warnings.extend(far_step_warnings(targets, last_step, options.flag_ratio))
-    tensors = [{"tensor": p.name, "r2": p.r2, "score_line": list(p.score_line), "scores": p.scores,
-                "norm_ratio": p.ratios} for p in plans.values() if p.extrapolated]
-    return ExtrapolateResult(out=out, method="alpharl", history_steps=list(store.window), outputs=outputs,
-                             tensors=tensors, parameters=params, notes=notes, warnings=warnings)
+    tensors = [
+        {"tensor": p.name, "r2": p.r2, "score_line": list(p.score_line), "scores": p.scores, "norm_ratio": p.ratios}
+        for p in plans.values()
+        if p.extrapolated
+    ]
+    return ExtrapolateResult(
+        out=out,
+        method="alpharl",
+        history_steps=list(store.window),
+        outputs=outputs,
+        tensors=tensors,
+        parameters=params,
+        notes=notes,
+        warnings=warnings,
+    )
 
 
 def _targets(store: FitStore, options: AlpharlOptions) -> tuple[str, list[float]]:
     """The target kind the store was fitted against and the values asked for; the other flag is misuse."""
     if store.target == "metric":
         if options.target_steps:
-            raise UsageError(f"fit store {options.fits} was fitted against the metric {store.metric_name!r}: "
-                             "use --target-metric Y, not --target-step")
+            raise UsageError(
+                f"fit store {options.fits} was fitted against the metric {store.metric_name!r}: "
+                "use --target-metric Y, not --target-step"
+            )
         if not options.target_metrics:
-            raise UsageError(f"fit store {options.fits} was fitted against the metric {store.metric_name!r}: "
-                             "give --target-metric Y")
+            raise UsageError(
+                f"fit store {options.fits} was fitted against the metric {store.metric_name!r}: give --target-metric Y"
+            )
         return "metric", [float(y) for y in options.target_metrics]
     if options.target_metrics:
-        raise UsageError(f"fit store {options.fits} was fitted against the step (fit-pls without --metrics): "
-                         "use --target-step S, not --target-metric")
+        raise UsageError(
+            f"fit store {options.fits} was fitted against the step (fit-pls without --metrics): "
+            "use --target-step S, not --target-metric"
+        )
     if not options.target_steps:
         raise UsageError(f"fit store {options.fits} was fitted against the step: give --target-step S")
     first = store.window[0]
     early = [s for s in options.target_steps if s < first]
     if early:  # relex/linear's rule (history_extrapolation.open_history): targets inside the history are allowed
-        raise UsageError(f"--target-step {early[0]:g} is before the fitted window's first step ({first}) "
-                         f"of fit store {options.fits}")
+        raise UsageError(
+            f"--target-step {early[0]:g} is before the fitted window's first step ({first}) of fit store {options.fits}"
+        )
     return "step", [float(s) for s in options.target_steps]
 
 
@@ -216,9 +277,12 @@ def far_step_warnings(targets: list[float], last_step: int, flag_ratio: float) -
     """A step target more than --flag-ratio times the window's last step: the distance a metric
     target's norm-ratio flag stands for (a step target's flag limit grows with the step, so the
     flag alone never says that the target is far)."""
-    return [f"--target-step {number_label(t)} is {t / last_step:.3g}x the fitted window's last step {last_step} (above "
-            f"--flag-ratio {flag_ratio:g}): a prediction that far beyond the fit is unreliable"
-            for t in targets if last_step > 0 and t > flag_ratio * last_step]
+    return [
+        f"--target-step {number_label(t)} is {t / last_step:.3g}x the fitted window's last step {last_step} (above "
+        f"--flag-ratio {flag_ratio:g}): a prediction that far beyond the fit is unreliable"
+        for t in targets
+        if last_step > 0 and t > flag_ratio * last_step
+    ]
 
 
 def _r2_index(store: FitStore, options: AlpharlOptions) -> int:
@@ -226,8 +290,10 @@ def _r2_index(store: FitStore, options: AlpharlOptions) -> int:
     against the step has only R²_step, which is then also its in-sample R²."""
     if store.target == "step":
         if options.r2_kind == "loo_r2":
-            raise UsageError(f"--r2 loo_r2: fit store {options.fits} was fitted against the step, without a "
-                             "leave-one-out R²; use --r2 r2_step")
+            raise UsageError(
+                f"--r2 loo_r2: fit store {options.fits} was fitted against the step, without a "
+                "leave-one-out R²; use --r2 r2_step"
+            )
         return R2_INDEX["r2_step"]
     return R2_INDEX[options.r2_kind]
 
@@ -238,8 +304,10 @@ def _open_last(store: FitStore, options: AlpharlOptions, step: int, notes: list[
     if options.last_checkpoint:
         ck = open_source(options.last_checkpoint)
         if rec is not None and not matches(rec, ck)[0]:
-            notes.append(f"--last-checkpoint {ck.label} is not {rec['source']}, the checkpoint the fit store "
-                         f"records for step {step}")
+            notes.append(
+                f"--last-checkpoint {ck.label} is not {rec['source']}, the checkpoint the fit store "
+                f"records for step {step}"
+            )
         return ck
     need = f"--container last needs the window's last checkpoint (step {step})"
     if rec is None:
@@ -247,14 +315,20 @@ def _open_last(store: FitStore, options: AlpharlOptions, step: int, notes: list[
     try:
         ck = open_source(rec["source"])
     except Rank1Error as e:
-        raise InputError(f"{need}: {rec['source']}, as fit store {options.fits} records it, cannot be opened "
-                         f"({e}); pass --last-checkpoint PATH") from None
+        raise InputError(
+            f"{need}: {rec['source']}, as fit store {options.fits} records it, cannot be opened "
+            f"({e}); pass --last-checkpoint PATH"
+        ) from None
     if rec.get("revision") is not None and ck.revision != rec["revision"]:
-        raise InputError(f"{need}: {rec['source']} is now at revision {ck.revision}, fit store {options.fits} "
-                         f"recorded {rec['revision']}; pass --last-checkpoint with that revision")
+        raise InputError(
+            f"{need}: {rec['source']} is now at revision {ck.revision}, fit store {options.fits} "
+            f"recorded {rec['revision']}; pass --last-checkpoint with that revision"
+        )
     if not matches(rec, ck)[0]:
-        raise InputError(f"{need}: {rec['source']} now holds other weights than when it was decomposed (content "
-                         f"fingerprint differs); pass --last-checkpoint PATH")
+        raise InputError(
+            f"{need}: {rec['source']} now holds other weights than when it was decomposed (content "
+            f"fingerprint differs); pass --last-checkpoint PATH"
+        )
     return ck
 
 
@@ -274,13 +348,16 @@ def _select(store: FitStore, shapes: dict, base_ck: Checkpoint, options: Alpharl
         if n not in shapes:
             raise InputError(f"base {base_ck.label} has no tensor {n!r}, a module of fit store {options.fits}")
         if list(shapes[n]) != store.modules[n]["shape"]:
-            raise InputError(f"tensor {n!r}: shape {list(shapes[n])} in base {base_ck.label} but "
-                             f"{store.modules[n]['shape']} in fit store {options.fits}")
+            raise InputError(
+                f"tensor {n!r}: shape {list(shapes[n])} in base {base_ck.label} but "
+                f"{store.modules[n]['shape']} in fit store {options.fits}"
+            )
     return names
 
 
-def _plan(store: FitStore, name: str, targets: list[float], kind: str, r2_index: int,
-          options: AlpharlOptions) -> ModulePlan:
+def _plan(
+    store: FitStore, name: str, targets: list[float], kind: str, r2_index: int, options: AlpharlOptions
+) -> ModulePlan:
     fit = store.load(name)
     r2 = float(fit["r2"][r2_index])
     a, b = (float(v) for v in fit["score_line"])
@@ -296,8 +373,10 @@ def _plan(store: FitStore, name: str, targets: list[float], kind: str, r2_index:
     for t in targets:
         s, x = predict(fit, t)
         if not (math.isfinite(s) and bool(torch.isfinite(x).all())):
-            raise InputError(f"module {name!r}: --target-{kind} {t:g} gives score {s:.3g} on a score line of slope "
-                             f"{b:.3g}; the predicted update is not finite")
+            raise InputError(
+                f"module {name!r}: --target-{kind} {t:g} gives score {s:.3g} on a score line of slope "
+                f"{b:.3g}; the predicted update is not finite"
+            )
         norm = float(x.norm()) * v_norm
         plan.scores.append(s)
         plan.x_hat.append(x)
@@ -313,8 +392,16 @@ def _check_memory(container: Checkpoint, specs: list[TensorSpec], extrapolated: 
     def need(name: str) -> int:
         e = container.entry(name)
         item = torch.empty((), dtype=by_name[name].dtype).element_size()
-        return reconstruct_peak_bytes(e.numel, e.nbytes, item, selected=name in extrapolated, from_factors=True,
-                                      svd=0, rest=rest, on_cpu=device.type == "cpu")
+        return reconstruct_peak_bytes(
+            e.numel,
+            e.nbytes,
+            item,
+            selected=name in extrapolated,
+            from_factors=True,
+            svd=0,
+            rest=rest,
+            on_cpu=device.type == "cpu",
+        )
 
     check_largest_tensor(by_name, need, lambda name: by_name[name].shape)
 
@@ -328,20 +415,38 @@ def _write_module(name, plan: ModulePlan, container: Checkpoint, targets, kind, 
         dtype = w.specs[name].dtype
         stored, stat = apply_outer(w0, x, plan.v, dtype)
         if stat.introduced_nonfinite or not math.isfinite(stat.err_sq):
-            raise overflow_error(name, dtype, f"the extrapolated weights at --target-{kind} {t:g}",
-                                 hint=f"norm ratio {ratio:.3g}: check the target"
-                                 + (", or write --dtype float32" if dtype != torch.float32 else ""))
+            raise overflow_error(
+                name,
+                dtype,
+                f"the extrapolated weights at --target-{kind} {t:g}",
+                hint=f"norm ratio {ratio:.3g}: check the target"
+                + (", or write --dtype float32" if dtype != torch.float32 else ""),
+            )
         w.write(name, stored)
         st[name] = stat
 
 
-def _report(plans: dict[str, ModulePlan], i: int, target: float, kind: str, limit: float, store: FitStore,
-            options: AlpharlOptions) -> dict:
+def _report(
+    plans: dict[str, ModulePlan],
+    i: int,
+    target: float,
+    kind: str,
+    limit: float,
+    store: FitStore,
+    options: AlpharlOptions,
+) -> dict:
     """REPORT_FILE of output i: per module R², selected or kept and why, s*, norm ratio; flagged ones."""
     rows, flagged, ratios = [], [], []
     for p in plans.values():
-        row = {"module": p.name, "r2": p.r2, "status": "extrapolated" if p.extrapolated else "kept",
-               "reason": p.reason, "score": None, "norm_ratio": None, "flagged": False}
+        row = {
+            "module": p.name,
+            "r2": p.r2,
+            "status": "extrapolated" if p.extrapolated else "kept",
+            "reason": p.reason,
+            "score": None,
+            "norm_ratio": None,
+            "flagged": False,
+        }
         if p.extrapolated:
             ratio = p.ratios[i]
             row.update(score=p.scores[i], norm_ratio=ratio, flagged=ratio > limit)
@@ -349,33 +454,56 @@ def _report(plans: dict[str, ModulePlan], i: int, target: float, kind: str, limi
             if ratio > limit:
                 flagged.append({"tensor": p.name, "norm_ratio": ratio, "limit": limit})
         rows.append(row)
-    return {"method": "alpharl", "kind": kind, "target": target, "relative": store.relative,
-            "metric": store.metric_name, "container": options.container, "fit_store": str(options.fits),
-            "window": store.window, "r2_kind": options.r2_kind, "min_r2": options.min_r2, "flag_limit": limit,
-            "extrapolated": len(ratios), "kept": len(rows) - len(ratios),
-            "norm_ratio_median": statistics.median(ratios) if ratios else None,
-            "norm_ratio_max": max(ratios) if ratios else None, "flagged": flagged, "modules": rows}
+    return {
+        "method": "alpharl",
+        "kind": kind,
+        "target": target,
+        "relative": store.relative,
+        "metric": store.metric_name,
+        "container": options.container,
+        "fit_store": str(options.fits),
+        "window": store.window,
+        "r2_kind": options.r2_kind,
+        "min_r2": options.min_r2,
+        "flag_limit": limit,
+        "extrapolated": len(ratios),
+        "kept": len(rows) - len(ratios),
+        "norm_ratio_median": statistics.median(ratios) if ratios else None,
+        "norm_ratio_max": max(ratios) if ratios else None,
+        "flagged": flagged,
+        "modules": rows,
+    }
 
 
 def _notes(store, plans, options, kind, last_step, untie, notes, warnings) -> None:
     if store.relative:
-        notes.append(f"the fit is on the metric relative to its value at step {last_step} (fit-pls --relative): "
-                     f"--target-metric is relative too (1.0 = the metric of step {last_step})")
+        notes.append(
+            f"the fit is on the metric relative to its value at step {last_step} (fit-pls --relative): "
+            f"--target-metric is relative too (1.0 = the metric of step {last_step})"
+        )
     if options.container == "last":
-        notes.append(f"--container last: W = θ_last + ΔŴ, and ΔŴ models the cumulative update from the base, which "
-                     f"θ_last (step {last_step}) already holds in part: the update up to step {last_step} is "
-                     "counted twice (the reference script's choice; --container base avoids it)")
+        notes.append(
+            f"--container last: W = θ_last + ΔŴ, and ΔŴ models the cumulative update from the base, which "
+            f"θ_last (step {last_step}) already holds in part: the update up to step {last_step} is "
+            "counted twice (the reference script's choice; --container base avoids it)"
+        )
     if store.target == "step" and options.r2_kind == "r2" and options.min_r2 is not None:
         notes.append("the fit store was fitted against the step: --min-r2 reads its in-sample R²_step")
     kept = [p for p in plans.values() if not p.extrapolated and not p.reason.startswith("not selected")]
     low = [p for p in kept if not p.reason.startswith("flat")]
     if low:
-        notes.append(f"{len(low)} modules below --min-r2 {options.min_r2:g} ({options.r2_kind}) keep the "
-                     f"{options.container} value")
+        notes.append(
+            f"{len(low)} modules below --min-r2 {options.min_r2:g} ({options.r2_kind}) keep the "
+            f"{options.container} value"
+        )
     flat = [p.name for p in kept if p.reason.startswith("flat")]
     if flat:
-        warnings.append(f"{len(flat)} modules have a flat score line (slope 0: the {kind} does not move with "
-                        f"their trajectory) and keep the {options.container} value, e.g. {flat[0]}")
+        warnings.append(
+            f"{len(flat)} modules have a flat score line (slope 0: the {kind} does not move with "
+            f"their trajectory) and keep the {options.container} value, e.g. {flat[0]}"
+        )
     if untie:
-        notes.append(f"the base ties {LM_HEAD_NAME} to its embedding; the output stores its own head and its "
-                     "config.json says tie_word_embeddings: false")
+        notes.append(
+            f"the base ties {LM_HEAD_NAME} to its embedding; the output stores its own head and its "
+            "config.json says tie_word_embeddings: false"
+        )

@@ -66,9 +66,14 @@ class HistoryOptions(CommonOptions):
     StepSelection (a library caller's text parsed here)."""
 
     FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "checkpoints": ("CHECKPOINT",), "run": ("--run",), "steps": ("--steps",),
-        "hub_run": ("--revisions", "--subfolders", "--commits"), "history_until": ("--history-until",),
-        "rest": ("--rest",), "fit_window": ("--fit-window",)}
+        "checkpoints": ("CHECKPOINT",),
+        "run": ("--run",),
+        "steps": ("--steps",),
+        "hub_run": ("--revisions", "--subfolders", "--commits"),
+        "history_until": ("--history-until",),
+        "rest": ("--rest",),
+        "fit_window": ("--fit-window",),
+    }
 
     checkpoints: list[str] = field(default_factory=list)
     run: str | None = None
@@ -102,8 +107,16 @@ def own_flags(options: type[CommonOptions]) -> dict[str, tuple[str, ...]]:
 class MethodRun(Protocol):
     """A method's entry point (its module's `run`): write every target's checkpoint."""
 
-    def __call__(self, base: str, out: str, *, options: CommonOptions, force: bool = False,
-                 progress: Callable[[int, int], None] | None = None, executor=None) -> ExtrapolateResult: ...
+    def __call__(
+        self,
+        base: str,
+        out: str,
+        *,
+        options: CommonOptions,
+        force: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        executor=None,
+    ) -> ExtrapolateResult: ...
 
 
 @dataclass
@@ -134,14 +147,31 @@ class ExtrapolateResult:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return json_safe({
-            "out": self.out, "method": self.method, "history_steps": self.history_steps,
-            "parameters": self.parameters, "notes": self.notes, "warnings": self.warnings,
-            "outputs": [{"target": o.target, "kind": o.kind, "path": o.path, "lost_fraction": o.lost_fraction,
-                         "rel_error": o.rel_error, "updated_elements": o.updated_elements, "warning": o.warning,
-                         "norm_ratio_median": o.norm_ratio_median, "norm_ratio_max": o.norm_ratio_max,
-                         "flagged": o.flagged} for o in self.outputs],
-        })
+        return json_safe(
+            {
+                "out": self.out,
+                "method": self.method,
+                "history_steps": self.history_steps,
+                "parameters": self.parameters,
+                "notes": self.notes,
+                "warnings": self.warnings,
+                "outputs": [
+                    {
+                        "target": o.target,
+                        "kind": o.kind,
+                        "path": o.path,
+                        "lost_fraction": o.lost_fraction,
+                        "rel_error": o.rel_error,
+                        "updated_elements": o.updated_elements,
+                        "warning": o.warning,
+                        "norm_ratio_median": o.norm_ratio_median,
+                        "norm_ratio_max": o.norm_ratio_max,
+                        "flagged": o.flagged,
+                    }
+                    for o in self.outputs
+                ],
+            }
+        )
 
 
 def target_folder(kind: str, value: float) -> str:

@@ -97,11 +97,14 @@ def open_history(base: str, options: HistoryOptions, executor: ExecutorOptions =
     if early:
         raise UsageError(f"--target-step {early[0]} is before the first history checkpoint (step {steps[0]})")
     if inputs.step_source == "position":
-        notes.append("the checkpoints' steps could not be read from their names: using their positions 1, 2, ... "
-                     "as steps (name them checkpoint-STEP or use --run)")
+        notes.append(
+            "the checkpoints' steps could not be read from their names: using their positions 1, 2, ... "
+            "as steps (name them checkpoint-STEP or use --run)"
+        )
     inputs = RunInputs(inputs.base, pairs, inputs.step_source, inputs.run, inputs.notes)
-    return History(inputs, steps, [c for _, c in pairs], list(options.target_steps),
-                   task_device(options.device, executor), notes)
+    return History(
+        inputs, steps, [c for _, c in pairs], list(options.target_steps), task_device(options.device, executor), notes
+    )
 
 
 def history_chunks(h: History, cks: list[Checkpoint], name: str):
@@ -144,7 +147,8 @@ def plan_tensors(h: History, options: HistoryOptions, *, copy_norms: bool) -> Te
     norms = []
     for name, shape in shapes.items():
         chosen = (not options.include or any(fnmatchcase(name, g) for g in options.include)) and not any(
-            fnmatchcase(name, g) for g in options.exclude)
+            fnmatchcase(name, g) for g in options.exclude
+        )
         if not chosen or not h.base.entry(name).torch_dtype.is_floating_point:
             source[name] = options.rest
         elif copy_norms and is_norm_parameter(name, shape):
@@ -153,8 +157,11 @@ def plan_tensors(h: History, options: HistoryOptions, *, copy_norms: bool) -> Te
         else:
             source[name] = "extrapolate"
     if "extrapolate" not in source.values():
-        why = (f" ({len(norms)} norm weights are copied from the last checkpoint unless --extrapolate-norms)"
-               if norms else "")
+        why = (
+            f" ({len(norms)} norm weights are copied from the last checkpoint unless --extrapolate-norms)"
+            if norms
+            else ""
+        )
         raise UsageError(f"no floating-point tensors to extrapolate (check --include/--exclude){why}")
     untie = untied_head(h.base, h.checkpoints) and source[LM_HEAD_NAME] != "base"
     if h.base.lm_head_tied and not untie:
@@ -188,8 +195,10 @@ def nonfinite_history(h: History, name: str, cks: list[Checkpoint] | None = None
         theirs = ck.read_raw(name)
         if not all_finite(theirs):
             return nonfinite_error(ck.label, name)
-    return InputError(f"tensor {name!r}: its updates or their extrapolation overflow float32 "
-                      f"(|base values| up to {max_abs(base):.3g})")
+    return InputError(
+        f"tensor {name!r}: its updates or their extrapolation overflow float32 "
+        f"(|base values| up to {max_abs(base):.3g})"
+    )
 
 
 class TargetSink:
@@ -210,8 +219,9 @@ class TargetSink:
         if stat.introduced_nonfinite:
             if not all_finite(update):
                 raise nonfinite_history(self.h, name, self.cks)
-            raise overflow_error(name, dtype, f"the extrapolated weights at step {self.h.targets[j]}",
-                                 then="write --dtype float32")
+            raise overflow_error(
+                name, dtype, f"the extrapolated weights at step {self.h.targets[j]}", then="write --dtype float32"
+            )
         self.writers[j].write_range(name, start, stored)
         self.stats[j].setdefault(name, RoundingStats()).add(stat)
 
@@ -231,8 +241,12 @@ class TargetSink:
                 if stat.introduced_nonfinite:  # non-finite where the base is finite
                     if not all_finite(raw):
                         raise nonfinite_error(src.label, name)
-                    raise overflow_error(name, dtype, f"values of {src.label} (|values| up to {max_abs(raw):.3g})",
-                                         then="write --dtype float32")
+                    raise overflow_error(
+                        name,
+                        dtype,
+                        f"values of {src.label} (|values| up to {max_abs(raw):.3g})",
+                        then="write --dtype float32",
+                    )
             for j, w in enumerate(self.writers):
                 w.write_range(name, a, stored)
                 if stat is not None and not from_base:
@@ -244,10 +258,20 @@ class TargetSink:
 TensorFn = Callable[[str, TargetSink], dict]
 
 
-def write_extrapolation(h: History, plan: TensorPlan, out: str, options: HistoryOptions, force: bool,
-                        progress: Callable[[int, int], None] | None, *, params: dict, tensor_fn: TensorFn,
-                        read: list[int], notes: list[str],
-                        executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
+def write_extrapolation(
+    h: History,
+    plan: TensorPlan,
+    out: str,
+    options: HistoryOptions,
+    force: bool,
+    progress: Callable[[int, int], None] | None,
+    *,
+    params: dict,
+    tensor_fn: TensorFn,
+    read: list[int],
+    notes: list[str],
+    executor: ExecutorOptions = ExecutorOptions(),
+) -> ExtrapolateResult:
     """One pass over the tensors writing every target's checkpoint; `read`: indices of the history
     checkpoints the method reads (they are the provenance's inputs with the base). With Ray, one
     task per group of tensors (engine.tensor_units) runs the same per-tensor code."""
@@ -265,15 +289,34 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: History
         if executor.is_ray:
             groups = group_tensors(names, lambda n: h.base.entry(n).nbytes * (1 + len(used)))
             steps = None if options.steps is None else options.steps.text  # recorded as typed
-            units = TensorUnits(target, plan_bytes("extrapolate", [h.base, *used],
-                                                   {"method": options.method, **asdict(options), "steps": steps,
-                                                    "device": h.device.type, **params}, groups,
-                                                   {"sources": plan.source, "untie": plan.untie}))
-        with CheckpointOutputs(target, folders, specs, max_shard_size=options.max_shard_size, force=force,
-                               work=units.work if units else None) as outs:
-            results = run_tensor_groups(_tensors_task, (h, plan.source, tensor_fn, used), names, units=units,
-                                        groups=groups, executor=executor,
-                                        on_done=progress_counter(progress, len(names)), outs=outs)
+            units = TensorUnits(
+                target,
+                plan_bytes(
+                    "extrapolate",
+                    [h.base, *used],
+                    {"method": options.method, **asdict(options), "steps": steps, "device": h.device.type, **params},
+                    groups,
+                    {"sources": plan.source, "untie": plan.untie},
+                ),
+            )
+        with CheckpointOutputs(
+            target,
+            folders,
+            specs,
+            max_shard_size=options.max_shard_size,
+            force=force,
+            work=units.work if units else None,
+        ) as outs:
+            results = run_tensor_groups(
+                _tensors_task,
+                (h, plan.source, tensor_fn, used),
+                names,
+                units=units,
+                groups=groups,
+                executor=executor,
+                on_done=progress_counter(progress, len(names)),
+                outs=outs,
+            )
             stats: list[dict[str, RoundingStats]] = [dict() for _ in targets]  # per target: tensor -> figures
             for name in names:  # the plan's order, whatever the order the units finished in
                 if results[name]["figures"] is not None:
@@ -281,51 +324,98 @@ def write_extrapolation(h: History, plan: TensorPlan, out: str, options: History
                 for st, rec in zip(stats, results[name]["stats"]):
                     if rec is not None:
                         st[name] = stats_from(rec)
-            base_params = {"method": options.method, "history_steps": h.steps, "step_source": h.inputs.step_source,
-                           "history_until": options.history_until, "include": options.include,
-                           "exclude": options.exclude, "rest": options.rest, "dtype": options.dtype,
-                           "device": h.device.type, "flag_ratio": options.flag_ratio, "delta_dtype": "float32",
-                           **params}
+            base_params = {
+                "method": options.method,
+                "history_steps": h.steps,
+                "step_source": h.inputs.step_source,
+                "history_until": options.history_until,
+                "include": options.include,
+                "exclude": options.exclude,
+                "rest": options.rest,
+                "dtype": options.dtype,
+                "device": h.device.type,
+                "flag_ratio": options.flag_ratio,
+                "delta_dtype": "float32",
+                **params,
+            }
             reports, tables, outputs = [], [], []
             for j, s in enumerate(targets):
                 limit = flag_limit("step", s, h.steps[-1], options.flag_ratio)
                 rows = [{"tensor": n, **f["common"], **f["per_target"][j]} for n, f in figures.items()]
-                flagged = [{"tensor": r["tensor"], "norm_ratio": r["norm_ratio"], "limit": limit}
-                           for r in rows if r["norm_ratio"] > limit]  # NaN never compares greater
+                flagged = [
+                    {"tensor": r["tensor"], "norm_ratio": r["norm_ratio"], "limit": limit}
+                    for r in rows
+                    if r["norm_ratio"] > limit
+                ]  # NaN never compares greater
                 rep = rounding_report(stats[j])
                 reports.append(rep)
-                tables.append({"method": options.method, "target_step": s, "history_steps": h.steps,
-                               "norm_ratio_limit": limit, "flagged": flagged, "tensors": rows,
-                               "copied": {"last": plan.of("last"), "base": plan.of("base")}})
+                tables.append(
+                    {
+                        "method": options.method,
+                        "target_step": s,
+                        "history_steps": h.steps,
+                        "norm_ratio_limit": limit,
+                        "flagged": flagged,
+                        "tensors": rows,
+                        "copied": {"last": plan.of("last"), "base": plan.of("base")},
+                    }
+                )
                 ratios = [r["norm_ratio"] for r in rows if math.isfinite(r["norm_ratio"])]
-                outputs.append(TargetOutput(
-                    target=s, kind="step", path="", flagged=flagged,
-                    norm_ratio_median=statistics.median(ratios) if ratios else None,
-                    norm_ratio_max=max(ratios) if ratios else None,
-                    **{k: rep[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")}))
+                outputs.append(
+                    TargetOutput(
+                        target=s,
+                        kind="step",
+                        path="",
+                        flagged=flagged,
+                        norm_ratio_median=statistics.median(ratios) if ratios else None,
+                        norm_ratio_max=max(ratios) if ratios else None,
+                        **{k: rep[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")},
+                    )
+                )
             inputs = [h.base, *used]
-            outs.commit(copy_from=h.base, output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
-                        provenances=[provenance("extrapolate", inputs, {**base_params, "target_step": s})
-                                     for s in targets],
-                        reports=[{ROUNDING_FILE: rep, REPORT_FILE: tab} for rep, tab in zip(reports, tables)],
-                        parent_provenance=provenance("extrapolate", inputs, {**base_params, "target_steps": targets}),
-                        label=out, untie_word_embeddings=plan.untie)
+            outs.commit(
+                copy_from=h.base,
+                output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
+                provenances=[provenance("extrapolate", inputs, {**base_params, "target_step": s}) for s in targets],
+                reports=[{ROUNDING_FILE: rep, REPORT_FILE: tab} for rep, tab in zip(reports, tables)],
+                parent_provenance=provenance("extrapolate", inputs, {**base_params, "target_steps": targets}),
+                label=out,
+                untie_word_embeddings=plan.untie,
+            )
             for o, path in zip(outputs, outs.paths(out)):
                 o.path = path
         if units is not None:
             units.finish()
     notes = [*h.notes, *notes]
     if plan.untie:
-        notes.append(f"the checkpoints store their own {LM_HEAD_NAME} but the base ties it to the embedding: the "
-                     "output stores the head and its config.json says tie_word_embeddings: false")
-    warnings = [f"step {o.target}: {len(o.flagged)} tensors have a predicted update norm above {o.flagged[0]['limit']:.3g}x "
-                f"that of the last history checkpoint, e.g. {o.flagged[0]['tensor']}" for o in outputs if o.flagged]
-    tensors = [{"tensor": n, **f["common"],
-                "norm_ratio": {str(s): f["per_target"][j]["norm_ratio"] for j, s in enumerate(targets)}}
-               for n, f in figures.items()]
-    return ExtrapolateResult(out=out, method=options.method, history_steps=h.steps, outputs=outputs,
-                             tensors=tensors, parameters={**base_params, "target_steps": targets}, notes=notes,
-                             warnings=warnings)
+        notes.append(
+            f"the checkpoints store their own {LM_HEAD_NAME} but the base ties it to the embedding: the "
+            "output stores the head and its config.json says tie_word_embeddings: false"
+        )
+    warnings = [
+        f"step {o.target}: {len(o.flagged)} tensors have a predicted update norm above {o.flagged[0]['limit']:.3g}x "
+        f"that of the last history checkpoint, e.g. {o.flagged[0]['tensor']}"
+        for o in outputs
+        if o.flagged
+    ]
+    tensors = [
+        {
+            "tensor": n,
+            **f["common"],
+            "norm_ratio": {str(s): f["per_target"][j]["norm_ratio"] for j, s in enumerate(targets)},
+        }
+        for n, f in figures.items()
+    ]
+    return ExtrapolateResult(
+        out=out,
+        method=options.method,
+        history_steps=h.steps,
+        outputs=outputs,
+        tensors=tensors,
+        parameters={**base_params, "target_steps": targets},
+        notes=notes,
+        warnings=warnings,
+    )
 
 
 def _check_memory(h: History, plan: TensorPlan, used: list[Checkpoint], targets: int) -> None:
@@ -343,8 +433,15 @@ def _check_memory(h: History, plan: TensorPlan, used: list[Checkpoint], targets:
     check_largest_tensor(plan.names, need, lambda name: h.base.entry(name).shape)
 
 
-def _tensors_task(group: TensorGroup, h: History, source: dict[str, str], tensor_fn: TensorFn,
-                  used: list[Checkpoint], writers: list, on_tensor: Callable[[int], None] | None = None) -> dict:
+def _tensors_task(
+    group: TensorGroup,
+    h: History,
+    source: dict[str, str],
+    tensor_fn: TensorFn,
+    used: list[Checkpoint],
+    writers: list,
+    on_tensor: Callable[[int], None] | None = None,
+) -> dict:
     """Write a group of tensors into every target's checkpoint (`writers`: the writers themselves
     in this process, or their shard placements in a Ray task); returns each tensor's figures and
     per-target rounding figures."""

@@ -33,8 +33,11 @@ class LinearOptions(HistoryOptions):
 
     method: ClassVar[str] = "linear"
     FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "mode": ("--mode",), "from_step": ("--from",), "to_step": ("--to",),
-        "extrapolate_norms": ("--extrapolate-norms",)}
+        "mode": ("--mode",),
+        "from_step": ("--from",),
+        "to_step": ("--to",),
+        "extrapolate_norms": ("--extrapolate-norms",),
+    }
 
     mode: str = "lstsq"
     from_step: int | None = None
@@ -46,9 +49,15 @@ class LinearOptions(HistoryOptions):
         super().check()
 
 
-def extrapolate_linear(base: str, out: str, *, options: LinearOptions, force: bool = False,
-                       progress: Callable[[int, int], None] | None = None,
-                       executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
+def extrapolate_linear(
+    base: str,
+    out: str,
+    *,
+    options: LinearOptions,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    executor: ExecutorOptions = ExecutorOptions(),
+) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from straight lines through the history's weights."""
     from .history import check_history_tensors, open_history, plan_tensors, window_size, write_extrapolation
 
@@ -77,19 +86,37 @@ def extrapolate_linear(base: str, out: str, *, options: LinearOptions, force: bo
     else:
         W = window_size(options, T)
         read = list(range(T - W, T))
-        params = {"mode": "lstsq", "fit_window": W, "fit_steps": h.steps[-W:],
-                  "extrapolate_norms": options.extrapolate_norms}
+        params = {
+            "mode": "lstsq",
+            "fit_window": W,
+            "fit_steps": h.steps[-W:],
+            "extrapolate_norms": options.extrapolate_norms,
+        }
 
         def one(name: str, sink: TargetSink) -> dict:
             return _lstsq_tensor(h, name, sink, read)
+
     check_history_tensors(h, plan, read)
     notes = []
     copied = plan.norms
     if copied:
-        notes.append(f"{len(copied)} norm weights copied from the last history checkpoint (step {h.steps[-1]}); "
-                     "--extrapolate-norms extrapolates them too")
-    return write_extrapolation(h, plan, out, options, force, progress, params={**params, "copied_norms": copied},
-                               tensor_fn=one, executor=executor, read=read, notes=notes)
+        notes.append(
+            f"{len(copied)} norm weights copied from the last history checkpoint (step {h.steps[-1]}); "
+            "--extrapolate-norms extrapolates them too"
+        )
+    return write_extrapolation(
+        h,
+        plan,
+        out,
+        options,
+        force,
+        progress,
+        params={**params, "copied_norms": copied},
+        tensor_fn=one,
+        executor=executor,
+        read=read,
+        notes=notes,
+    )
 
 
 def _steps_text(steps: list[int]) -> str:
@@ -138,14 +165,18 @@ def _two_point_tensor(h: History, name: str, sink: TargetSink, read: list[int], 
     for ch in history_chunks(h, cks, name):
         M = ch.values.sub_(ch.base)
         for j, s in enumerate(h.targets):
-            d = two_point(M[row[a]] if a in row else torch.zeros_like(M[0]), M[row[b]], a, b, s)  # θ_a − θ₀ + f·(θ_b − θ_a), float64
+            d = two_point(
+                M[row[a]] if a in row else torch.zeros_like(M[0]), M[row[b]], a, b, s
+            )  # θ_a − θ₀ + f·(θ_b − θ_a), float64
             sq_pred[j] += float(d @ d)
             sink.write(j, name, ch.start, ch.base, d)
         sq_last += float(torch.linalg.vector_norm(M[row[h.steps[-1]]], dtype=torch.float64)) ** 2
     if not all(math.isfinite(v) for v in (sq_last, *sq_pred)):
         raise nonfinite_history(h, name, cks)
-    return {"common": {"numel": h.base.entry(name).numel, "last_update_norm": math.sqrt(sq_last)},
-            "per_target": [{"norm_ratio": _ratio(q, sq_last)} for q in sq_pred]}
+    return {
+        "common": {"numel": h.base.entry(name).numel, "last_update_norm": math.sqrt(sq_last)},
+        "per_target": [{"norm_ratio": _ratio(q, sq_last)} for q in sq_pred],
+    }
 
 
 run = extrapolate_linear

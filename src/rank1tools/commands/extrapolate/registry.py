@@ -22,11 +22,14 @@ class Method:
     summary: str
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("alpharl", alpharl.AlpharlOptions, alpharl.run, "AlphaRL: from a fit-pls output, for a target metric."),
-    Method("relex", relex.RelexOptions, relex.run, "RELEX: trajectory rank-r lines through a history."),
-    Method("linear", linear.LinearOptions, linear.run, "Straight lines through a history's weights."),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("alpharl", alpharl.AlpharlOptions, alpharl.run, "AlphaRL: from a fit-pls output, for a target metric."),
+        Method("relex", relex.RelexOptions, relex.run, "RELEX: trajectory rank-r lines through a history."),
+        Method("linear", linear.LinearOptions, linear.run, "Straight lines through a history's weights."),
+    )
+}
 
 
 def method(name: str) -> Method:
@@ -83,9 +86,15 @@ def ExtrapolateOptions(method: str = "relex", **values) -> CommonOptions:  # noq
     return make_options(method, **values)
 
 
-def extrapolate(base: str, out: str, *, options: CommonOptions, force: bool = False,
-                progress: Callable[[int, int], None] | None = None,
-                executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
+def extrapolate(
+    base: str,
+    out: str,
+    *,
+    options: CommonOptions,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    executor: ExecutorOptions = ExecutorOptions(),
+) -> ExtrapolateResult:
     """Write the checkpoint(s) the method of `options` predicts for every target. `executor`:
     where relex / linear compute and write the tensors (rank1tools.engine.executors)."""
     return method(options.method).run(base, out, options=options, force=force, progress=progress, executor=executor)

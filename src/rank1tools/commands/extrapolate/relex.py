@@ -41,9 +41,15 @@ class RelexOptions(HistoryOptions):
             raise UsageError(f"--rank {self.rank}: must be at least 1")
 
 
-def extrapolate_relex(base: str, out: str, *, options: RelexOptions, force: bool = False,
-                      progress: Callable[[int, int], None] | None = None,
-                      executor: ExecutorOptions = ExecutorOptions()) -> ExtrapolateResult:
+def extrapolate_relex(
+    base: str,
+    out: str,
+    *,
+    options: RelexOptions,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    executor: ExecutorOptions = ExecutorOptions(),
+) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from the trajectory rank-r fit of the history."""
     from ...math.linefit import positions_for
     from .history import check_history_tensors, open_history, plan_tensors, window_size, write_extrapolation
@@ -52,7 +58,9 @@ def extrapolate_relex(base: str, out: str, *, options: RelexOptions, force: bool
     h = open_history(base, options, executor)
     T = len(h.steps)
     if options.rank > T:
-        raise UsageError(f"--rank {options.rank} exceeds the {T} history checkpoints (steps {h.steps[0]}..{h.steps[-1]})")
+        raise UsageError(
+            f"--rank {options.rank} exceeds the {T} history checkpoints (steps {h.steps[0]}..{h.steps[-1]})"
+        )
     W = window_size(options, T)
     plan = plan_tensors(h, options, copy_norms=False)
     check_history_tensors(h, plan, list(range(T)))
@@ -64,20 +72,39 @@ def extrapolate_relex(base: str, out: str, *, options: RelexOptions, force: bool
     notes = []
     gaps = {b - a for a, b in zip(window, window[1:])}
     if options.position_index and len(gaps) > 1:
-        notes.append(f"--position-index fits on positions 0..{W - 1} although the window's steps are unevenly "
-                     f"spaced ({', '.join(map(str, window))}): the reference code's axis, not the steps")
-    params = {"rank": options.rank, "fit_window": W, "fit_steps": window, "position_index": options.position_index,
-              "fit_axis": "position" if options.position_index else "step"}
+        notes.append(
+            f"--position-index fits on positions 0..{W - 1} although the window's steps are unevenly "
+            f"spaced ({', '.join(map(str, window))}): the reference code's axis, not the steps"
+        )
+    params = {
+        "rank": options.rank,
+        "fit_window": W,
+        "fit_steps": window,
+        "position_index": options.position_index,
+        "fit_axis": "position" if options.position_index else "step",
+    }
 
     def one(name: str, sink: TargetSink) -> dict:
         return _relex_tensor(h, name, sink, options.rank, W, t_fit, x_targets)
 
-    return write_extrapolation(h, plan, out, options, force, progress, params=params, tensor_fn=one, executor=executor,
-                               read=list(range(T)), notes=notes)
+    return write_extrapolation(
+        h,
+        plan,
+        out,
+        options,
+        force,
+        progress,
+        params=params,
+        tensor_fn=one,
+        executor=executor,
+        read=list(range(T)),
+        notes=notes,
+    )
 
 
-def _relex_tensor(h: History, name: str, sink: TargetSink, r: int, W: int, t_fit: list[float],
-                  x_targets: list[float]) -> dict:
+def _relex_tensor(
+    h: History, name: str, sink: TargetSink, r: int, W: int, t_fit: list[float], x_targets: list[float]
+) -> dict:
     import torch
 
     from ...math.linefit import LineFit
@@ -92,22 +119,29 @@ def _relex_tensor(h: History, name: str, sink: TargetSink, r: int, W: int, t_fit
         raise nonfinite_history(h, name)
     basis = trajectory_basis(G, r)
     C = basis.coefficients()  # T × r
-    fit = LineFit().fit(t_fit, C[T - W:])
+    fit = LineFit().fit(t_fit, C[T - W :])
     predicted = [fit.predict(x) for x in x_targets]  # r coefficients per target
     weights = [basis.weights(c) for c in predicted]
     live = basis.sigma > 0
     last_norm = math.sqrt(max(float(G[T - 1, T - 1]), 0.0))
-    ratios = [float(torch.linalg.vector_norm(c[live])) / last_norm if last_norm > 0 else math.nan
-              for c in predicted]
+    ratios = [float(torch.linalg.vector_norm(c[live])) / last_norm if last_norm > 0 else math.nan for c in predicted]
     for ch in history_chunks(h, h.checkpoints, name):  # pass 2: write every target
         M64 = ch.values.sub_(ch.base).to(torch.float64)
         for j, w in enumerate(weights):
             sink.write(j, name, ch.start, ch.base, combine(M64, w))
-    common = {"numel": h.base.entry(name).numel, "explained_variance": basis.explained_variance(),
-              "sigma": basis.sigma.tolist(), "r2": fit.r2_.tolist(), "slope": fit.slope_.tolist(),
-              "intercept": fit.intercept_.tolist(), "last_update_norm": last_norm}
-    return {"common": common,
-            "per_target": [{"norm_ratio": q, "coefficients": c.tolist()} for q, c in zip(ratios, predicted)]}
+    common = {
+        "numel": h.base.entry(name).numel,
+        "explained_variance": basis.explained_variance(),
+        "sigma": basis.sigma.tolist(),
+        "r2": fit.r2_.tolist(),
+        "slope": fit.slope_.tolist(),
+        "intercept": fit.intercept_.tolist(),
+        "last_update_norm": last_norm,
+    }
+    return {
+        "common": common,
+        "per_target": [{"norm_ratio": q, "coefficients": c.tolist()} for q, c in zip(ratios, predicted)],
+    }
 
 
 run = extrapolate_relex

@@ -84,9 +84,19 @@ class LinearityResult:
     plot_hint: str | None = None
 
     def to_dict(self) -> dict:
-        return json_safe({"out": self.out, "steps": self.steps, "step_source": self.step_source, "rank": self.rank,
-                          "tensors": len(self.rows), "summary": self.summary, "notes": self.notes,
-                          "gate": self.gate, "plots": self.plots})
+        return json_safe(
+            {
+                "out": self.out,
+                "steps": self.steps,
+                "step_source": self.step_source,
+                "rank": self.rank,
+                "tensors": len(self.rows),
+                "summary": self.summary,
+                "notes": self.notes,
+                "gate": self.gate,
+                "plots": self.plots,
+            }
+        )
 
 
 def sample_indices(numel: int, n: int | None, seed: int, name: str) -> np.ndarray | None:
@@ -102,8 +112,9 @@ def sample_indices(numel: int, n: int | None, seed: int, name: str) -> np.ndarra
     sizes = np.full(blocks, SAMPLE_BLOCK, dtype=np.int64)
     sizes[-1] = numel - SAMPLE_BLOCK * (blocks - 1)
     counts = rng.multivariate_hypergeometric(sizes, n) if blocks > 1 else np.array([n])
-    parts = [b * SAMPLE_BLOCK + np.sort(rng.choice(int(sizes[b]), int(k), replace=False))
-             for b, k in enumerate(counts) if k]
+    parts = [
+        b * SAMPLE_BLOCK + np.sort(rng.choice(int(sizes[b]), int(k), replace=False)) for b, k in enumerate(counts) if k
+    ]
     return np.concatenate(parts).astype(np.int64)
 
 
@@ -111,9 +122,18 @@ def _num(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
 
-def tensor_figures(base: Checkpoint, checkpoints: list[Checkpoint], name: str, steps: list[int], rank: int, *,
-                   indices: np.ndarray | None = None, chunk: int | None = None, device="cpu",
-                   prefetch: bool = True) -> dict:
+def tensor_figures(
+    base: Checkpoint,
+    checkpoints: list[Checkpoint],
+    name: str,
+    steps: list[int],
+    rank: int,
+    *,
+    indices: np.ndarray | None = None,
+    chunk: int | None = None,
+    device="cpu",
+    prefetch: bool = True,
+) -> dict:
     """The figures of one tensor from one pass over its chunks: explained_1, explained_r,
     coef_r2 (r values), elements / changing / linear (counts over the evaluated elements)."""
     t = torch.tensor(steps, dtype=torch.float64, device=device)
@@ -128,27 +148,44 @@ def tensor_figures(base: Checkpoint, checkpoints: list[Checkpoint], name: str, s
             above, moving, _ = fraction_above(LineFit().fit(t, Y).r2_)
             linear, changing = linear + above, changing + moving
     if not bool(torch.isfinite(G).all()):
-        raise InputError(f"tensor {name!r}: non-finite values (NaN or Inf) in the base or a checkpoint, "
-                         f"or an update θ_t − θ₀ that overflows float32")
+        raise InputError(
+            f"tensor {name!r}: non-finite values (NaN or Inf) in the base or a checkpoint, "
+            f"or an update θ_t − θ₀ that overflows float32"
+        )
     basis = trajectory_basis(G, rank)
     lam = basis.eigenvalues
     total = float(lam.sum())
     coef_r2 = LineFit().fit(t, basis.coefficients()).r2_.tolist()
     elements = base.entry(name).numel if indices is None else len(indices)
-    return {"explained_1": float(lam[0]) / total if total > 0 else math.nan,
-            "explained_r": basis.explained_variance(), "coef_r2": coef_r2,
-            "elements": elements, "changing": changing, "linear": linear}
+    return {
+        "explained_1": float(lam[0]) / total if total > 0 else math.nan,
+        "explained_r": basis.explained_variance(),
+        "coef_r2": coef_r2,
+        "elements": elements,
+        "changing": changing,
+        "linear": linear,
+    }
 
 
 def _row(name: str, shape: tuple[int, ...], T: int, figs: dict, sampled: bool) -> dict:
     layer, mtype = tensor_labels(name, shape)
     frac = figs["linear"] / figs["changing"] if figs["changing"] else None
-    return {"tensor": name, "layer": layer, "type": mtype, "numel": math.prod(shape), "T": T,
-            "explained_1": _num(figs["explained_1"]), "explained_r": _num(figs["explained_r"]),
-            **{f"coef_r2_{i + 1}": _num(v) for i, v in enumerate(figs["coef_r2"])},
-            FRAC_KEY: frac, "static_fraction": 1.0 - figs["changing"] / figs["elements"],
-            "elements": figs["elements"], "changing": figs["changing"], "linear": figs["linear"],
-            "sampled": sampled}
+    return {
+        "tensor": name,
+        "layer": layer,
+        "type": mtype,
+        "numel": math.prod(shape),
+        "T": T,
+        "explained_1": _num(figs["explained_1"]),
+        "explained_r": _num(figs["explained_r"]),
+        **{f"coef_r2_{i + 1}": _num(v) for i, v in enumerate(figs["coef_r2"])},
+        FRAC_KEY: frac,
+        "static_fraction": 1.0 - figs["changing"] / figs["elements"],
+        "elements": figs["elements"],
+        "changing": figs["changing"],
+        "linear": figs["linear"],
+        "sampled": sampled,
+    }
 
 
 def check_options(options: LinearityOptions) -> None:
@@ -163,11 +200,19 @@ def check_options(options: LinearityOptions) -> None:
         raise UsageError(f"--fail-below {options.fail_below}: must be a finite number")
 
 
-def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = None,
-              steps: StepSelection | str | None = None,
-              hub_run: dict | None = None, options: LinearityOptions = LinearityOptions(), force: bool = False,
-              progress: Callable[[int, int], None] | None = None,
-              executor: ExecutorOptions = ExecutorOptions()) -> LinearityResult:
+def linearity(
+    base: str,
+    checkpoints: list[str],
+    out: str,
+    *,
+    run: str | None = None,
+    steps: StepSelection | str | None = None,
+    hub_run: dict | None = None,
+    options: LinearityOptions = LinearityOptions(),
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    executor: ExecutorOptions = ExecutorOptions(),
+) -> LinearityResult:
     """Measure every selected tensor's linearity over the window; write the report to `out`.
     `executor`: where the tensors are measured (rank1tools.engine.executors; with Ray, a task per group)."""
     check_options(options)
@@ -175,13 +220,19 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
     notes = list(inputs.notes)
     pairs = [(s, c) for s, c in inputs.checkpoints if s != 0]
     if len(pairs) < len(inputs.checkpoints):
-        notes.append("the checkpoint at step 0 is left out (its update is the start of the trajectory, not a point on it)")
+        notes.append(
+            "the checkpoint at step 0 is left out (its update is the start of the trajectory, not a point on it)"
+        )
     window = [s for s, _ in pairs]
     if len(pairs) < MIN_CHECKPOINTS:
-        raise InputError(f"{run or 'CHECKPOINT arguments'}: {len(pairs)} checkpoints in the window (steps {window}); linearity needs "
-                         f"at least {MIN_CHECKPOINTS} (a line through 2 points always fits)")
+        raise InputError(
+            f"{run or 'CHECKPOINT arguments'}: {len(pairs)} checkpoints in the window (steps {window}); linearity needs "
+            f"at least {MIN_CHECKPOINTS} (a line through 2 points always fits)"
+        )
     if inputs.step_source == "position":
-        notes.append("steps are the checkpoints' positions 1..T: no distinct trainer step could be read from their paths")
+        notes.append(
+            "steps are the checkpoints' positions 1..T: no distinct trainer step could be read from their paths"
+        )
     cks = [c for _, c in pairs]
     shapes = tensor_shapes(inputs.base, cks)
     names = select_all(shapes, options.include, options.exclude)
@@ -200,17 +251,26 @@ def linearity(base: str, checkpoints: list[str], out: str, *, run: str | None = 
         units = groups = None
         if executor.is_ray:  # figures per tensor from Ray tasks, recorded in the resumable work folder
             groups = group_tensors(names, lambda n: inputs.base.entry(n).nbytes * len(pairs))
-            units = TensorUnits(target, plan_bytes("linearity", [inputs.base, *cks],
-                                                   {**asdict(options), "device": device.type, "rank": rank}, groups))
-        figures = run_tensor_groups(_tensors_task, (inputs.base, cks, window, rank, options, str(device)), names,
-                                    units=units, groups=groups, executor=executor,
-                                    on_done=progress_counter(progress, len(names)))
+            units = TensorUnits(
+                target,
+                plan_bytes(
+                    "linearity", [inputs.base, *cks], {**asdict(options), "device": device.type, "rank": rank}, groups
+                ),
+            )
+        figures = run_tensor_groups(
+            _tensors_task,
+            (inputs.base, cks, window, rank, options, str(device)),
+            names,
+            units=units,
+            groups=groups,
+            executor=executor,
+            on_done=progress_counter(progress, len(names)),
+        )
         with staged_output(target, force=force, label=out) as staging:
             result = _write_report(staging, inputs, cks, names, shapes, figures, window, rank, options, notes, out)
         if units is not None:
             units.finish()
     return result
-
 
 
 def _check_memory(base: Checkpoint, cks: list[Checkpoint], names: list[str], options: LinearityOptions) -> None:
@@ -228,15 +288,28 @@ def _check_memory(base: Checkpoint, cks: list[Checkpoint], names: list[str], opt
     check_largest_tensor(names, need, lambda name: base.entry(name).shape)
 
 
-def _tensor_figures(base: Checkpoint, cks: list[Checkpoint], name: str, window: list[int], rank: int,
-                    options: LinearityOptions, device) -> dict:
+def _tensor_figures(
+    base: Checkpoint, cks: list[Checkpoint], name: str, window: list[int], rank: int, options: LinearityOptions, device
+) -> dict:
     idx = sample_indices(base.entry(name).numel, options.sample, options.seed, name)
-    return {**tensor_figures(base, cks, name, window, rank, indices=idx, chunk=options.chunk, device=device,
-                             prefetch=options.prefetch), "sampled": idx is not None}
+    return {
+        **tensor_figures(
+            base, cks, name, window, rank, indices=idx, chunk=options.chunk, device=device, prefetch=options.prefetch
+        ),
+        "sampled": idx is not None,
+    }
 
 
-def _tensors_task(group: TensorGroup, base: Checkpoint, cks: list[Checkpoint], window: list[int], rank: int,
-                  options: LinearityOptions, device: str, on_tensor: Callable[[int], None] | None = None) -> dict:
+def _tensors_task(
+    group: TensorGroup,
+    base: Checkpoint,
+    cks: list[Checkpoint],
+    window: list[int],
+    rank: int,
+    options: LinearityOptions,
+    device: str,
+    on_tensor: Callable[[int], None] | None = None,
+) -> dict:
     """The figures of a group of tensors (in this process, or as a Ray task)."""
     figures = {}
     for name in group.names:
@@ -246,26 +319,51 @@ def _tensors_task(group: TensorGroup, base: Checkpoint, cks: list[Checkpoint], w
     return figures
 
 
-def _write_report(staging: Path, inputs, cks, names, shapes, figures, window, rank, options, notes, out) -> LinearityResult:
+def _write_report(
+    staging: Path, inputs, cks, names, shapes, figures, window, rank, options, notes, out
+) -> LinearityResult:
     """Tables, summary, provenance and plots from every tensor's figures, in the names' order."""
     rows = [_row(name, shapes[name], len(cks), figures[name], figures[name]["sampled"]) for name in names]
     summary = summarize(rows, steps=window, rank=rank, sample=options.sample, seed=options.seed)
     gate = _gate(summary, options.fail_below)
-    params = {"steps": window, "step_source": inputs.step_source, "rank": rank, "include": options.include,
-              "exclude": options.exclude, "sample": options.sample, "seed": options.seed,
-              "threshold": summary["threshold"], "fail_below": options.fail_below}
+    params = {
+        "steps": window,
+        "step_source": inputs.step_source,
+        "rank": rank,
+        "include": options.include,
+        "exclude": options.exclude,
+        "sample": options.sample,
+        "seed": options.seed,
+        "threshold": summary["threshold"],
+        "fail_below": options.fail_below,
+    }
     with output_errors(staging):
         write_tables(staging, rows, summary, rank)
         write_provenance(staging, provenance("linearity", [inputs.base, *cks], params))
-        plots, hint = draw_plots(lambda: linearity_plots(rows, staging / "plots", window)) if options.plots else ([], None)
-    return LinearityResult(out=out, steps=window, step_source=inputs.step_source, rank=rank, rows=rows,
-                           summary=summary, notes=notes, gate=gate,
-                           plots=[str(Path(out) / Path(p).relative_to(staging)) for p in plots], plot_hint=hint)
+        plots, hint = (
+            draw_plots(lambda: linearity_plots(rows, staging / "plots", window)) if options.plots else ([], None)
+        )
+    return LinearityResult(
+        out=out,
+        steps=window,
+        step_source=inputs.step_source,
+        rank=rank,
+        rows=rows,
+        summary=summary,
+        notes=notes,
+        gate=gate,
+        plots=[str(Path(out) / Path(p).relative_to(staging)) for p in plots],
+        plot_hint=hint,
+    )
 
 
 def _gate(summary: dict, threshold: float | None) -> dict | None:
     if threshold is None:
         return None
     value = summary["headline"][FRAC_KEY]
-    return {"figure": f"element-weighted {FRAC_KEY}", "value": value, "threshold": threshold,
-            "passed": bool(value is not None and value >= threshold)}
+    return {
+        "figure": f"element-weighted {FRAC_KEY}",
+        "value": value,
+        "threshold": threshold,
+        "passed": bool(value is not None and value >= threshold),
+    }

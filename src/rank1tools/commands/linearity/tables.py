@@ -91,8 +91,13 @@ def weighted(rows: list[dict]) -> tuple[float | None, float | None]:
 
 def _group(rows: list[dict]) -> dict:
     frac, static = weighted(rows)
-    return {**{f"mean_{k}": _mean([r[k] for r in rows]) for k in MEAN_KEYS},
-            FRAC_KEY: frac, "static_fraction": static, "numel": sum(r["numel"] for r in rows), "n": len(rows)}
+    return {
+        **{f"mean_{k}": _mean([r[k] for r in rows]) for k in MEAN_KEYS},
+        FRAC_KEY: frac,
+        "static_fraction": static,
+        "numel": sum(r["numel"] for r in rows),
+        "n": len(rows),
+    }
 
 
 def summarize(rows: list[dict], *, steps: list[int], rank: int, sample: int | None, seed: int) -> dict:
@@ -101,22 +106,40 @@ def summarize(rows: list[dict], *, steps: list[int], rank: int, sample: int | No
     for r in sorted(rows, key=lambda r: type_key(r["type"])):
         by_type.setdefault(r["type"], []).append(r)
     frac, static = weighted(rows)
-    ranked = sorted((r for r in rows if r[FRAC_KEY] is not None and not math.isnan(r[FRAC_KEY])),
-                    key=lambda r: (r[FRAC_KEY], r["tensor"]))
+    ranked = sorted(
+        (r for r in rows if r[FRAC_KEY] is not None and not math.isnan(r[FRAC_KEY])),
+        key=lambda r: (r[FRAC_KEY], r["tensor"]),
+    )
     return {
-        "steps": steps, "T": len(steps), "rank": rank, "threshold": R2_LINEAR,
-        "sample": sample, "seed": seed if sample is not None else None,
+        "steps": steps,
+        "T": len(steps),
+        "rank": rank,
+        "threshold": R2_LINEAR,
+        "sample": sample,
+        "seed": seed if sample is not None else None,
         "headline": {
-            FRAC_KEY: frac, "static_fraction": static, "numel": sum(r["numel"] for r in rows),
-            "note": (f"share of the elements that change over the window whose per-element linear R² against "
-                     f"the step exceeds {R2_LINEAR}, weighted by tensor size; elements that do not change have "
-                     f"no R², are left out of it and counted in static_fraction"
-                     + (f"; estimated from a seeded sample of up to {sample} elements per tensor" if sample else "")),
+            FRAC_KEY: frac,
+            "static_fraction": static,
+            "numel": sum(r["numel"] for r in rows),
+            "note": (
+                f"share of the elements that change over the window whose per-element linear R² against "
+                f"the step exceeds {R2_LINEAR}, weighted by tensor size; elements that do not change have "
+                f"no R², are left out of it and counted in static_fraction"
+                + (f"; estimated from a seeded sample of up to {sample} elements per tensor" if sample else "")
+            ),
         },
         "mean": _group(rows),
         "by_type": {t: _group(rs) for t, rs in by_type.items()},
-        "least_linear": [{"tensor": r["tensor"], "layer": r["layer"], "type": r["type"], FRAC_KEY: r[FRAC_KEY],
-                          "explained_1": r["explained_1"]} for r in ranked[:LEAST_LINEAR]],
+        "least_linear": [
+            {
+                "tensor": r["tensor"],
+                "layer": r["layer"],
+                "type": r["type"],
+                FRAC_KEY: r[FRAC_KEY],
+                "explained_1": r["explained_1"],
+            }
+            for r in ranked[:LEAST_LINEAR]
+        ],
     }
 
 
