@@ -79,7 +79,7 @@ def _record_command_line(args: list[str], rewritten: list[str]) -> None:
     the subcommand form write the same bytes."""
     import rank1tools
 
-    from ..engine.executors import without_executor_args
+    from ..engine.executor_options import without_executor_args
 
     line = rank1tools.COMMAND_LINE
     if line and "extrapolate" in line:

@@ -32,7 +32,7 @@ from ..engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WAR
     rounding_report,
     write_copied,
 )
-from ..engine.executors import ExecutorOptions, task_device
+from ..engine.executor_options import ExecutorOptions, task_device
 from ..engine.tensor_units import (
     TensorGroup,
     TensorUnits,

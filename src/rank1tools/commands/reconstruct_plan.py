@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..engine.checkpoint_outputs import DTYPE_CHOICES
-from ..engine.executors import ExecutorOptions
+from ..engine.executor_options import ExecutorOptions
 from ..engine.tensor_units import TensorGroup
 from ..io.checkpoint import Checkpoint
 from ..io.factor_store import FactorStore

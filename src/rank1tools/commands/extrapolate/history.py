@@ -17,7 +17,7 @@ import torch
 from ...engine.checkpoint_outputs import (
     nonfinite_error,
 )
-from ...engine.executors import ExecutorOptions, task_device
+from ...engine.executor_options import ExecutorOptions, task_device
 from ...errors import InputError, UsageError
 from ...io.checkpoint import Checkpoint
 from ...io.compat import check_compatible, tensor_shapes, untied_head

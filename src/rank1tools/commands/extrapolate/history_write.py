@@ -25,7 +25,7 @@ from ...engine.checkpoint_outputs import (
     rounding_report,
     tensor_specs,
 )
-from ...engine.executors import ExecutorOptions
+from ...engine.executor_options import ExecutorOptions
 from ...engine.tensor_units import (
     TensorGroup,
     TensorUnits,
