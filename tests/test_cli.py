@@ -391,7 +391,7 @@ def test_on_a_narrow_terminal_cells_fold_instead_of_being_cut(monkeypatch, capsy
     from rich.console import Console
 
     from rank1tools.cli import render
-    from rank1tools.commands.reconstruct import RankOutput
+    from rank1tools.commands.reconstruct.plan import RankOutput
 
     monkeypatch.setattr(render, "_console", lambda: Console(width=50, force_terminal=True, color_system=None))
     path = "outputs/" + "future-step-500-of-a-long-run/" * 3 + "rank-1"

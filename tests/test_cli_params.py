@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from rank1tools.cli import app
-from rank1tools.engine.executors import EXECUTOR_FLAGS, without_executor_args
+from rank1tools.engine.executor_options import EXECUTOR_FLAGS, without_executor_args
 
 CLI = Path(__file__).resolve().parents[1] / "src" / "rank1tools" / "cli"
 SHARED = [

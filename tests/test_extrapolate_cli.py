@@ -14,7 +14,7 @@ import pytest
 import typer
 
 from rank1tools.cli import app
-from rank1tools.cli.extrapolate_commands import METHOD_NAMES
+from rank1tools.cli.extrapolate_alias import METHOD_NAMES
 from rank1tools.commands.extrapolate.base import own_flags
 from rank1tools.commands.extrapolate.registry import METHODS, ExtrapolateOptions, flag_owners
 

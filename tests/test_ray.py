@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from rank1tools.commands.decompose import DecomposeOptions, decompose
-from rank1tools.engine.executors import ExecutorOptions
+from rank1tools.engine.executor_options import ExecutorOptions
 from rank1tools.io import open_checkpoint
 from rank1tools.synthetic import LlamaShape, make_base, make_run, matrix_module_names
 
@@ -138,7 +138,7 @@ def test_executor_option_errors(run_dir, tmp_path, args, needle):
 
 
 def test_executor_args_left_out_of_command_line():
-    from rank1tools.engine.executors import without_executor_args
+    from rank1tools.engine.executor_options import without_executor_args
 
     argv = [
         "decompose",

@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 
 from rank1tools.commands.extrapolate.registry import ExtrapolateOptions, extrapolate
 from rank1tools.commands.linearity import LinearityOptions, linearity
-from rank1tools.commands.reconstruct import ReconstructOptions, reconstruct
-from rank1tools.engine.executors import ExecutorOptions, TaskFailed, check_worker_code, code_fingerprint
+from rank1tools.commands.reconstruct import reconstruct
+from rank1tools.commands.reconstruct.plan import ReconstructOptions
+from rank1tools.engine.executor_options import ExecutorOptions
+from rank1tools.engine.executors import TaskFailed, check_worker_code, code_fingerprint
 from rank1tools.engine.tensor_units import group_tensors
 from rank1tools.errors import Rank1Error
 from rank1tools.io import open_checkpoint

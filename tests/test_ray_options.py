@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rank1tools.engine.executors import check_address
+from rank1tools.engine.executor_options import check_address
 from rank1tools.synthetic import LlamaShape, make_base, make_run
 
 from _support import finish_cli, run_main, start_cli, tree_snapshot

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 from rank1tools.commands.decompose import DecomposeOptions, decompose
-from rank1tools.commands.reconstruct import ReconstructOptions, parse_ranks, reconstruct
+from rank1tools.commands.reconstruct import parse_ranks, reconstruct
+from rank1tools.commands.reconstruct.plan import ReconstructOptions
 from rank1tools.errors import UsageError
 from rank1tools.io import open_checkpoint
 from rank1tools.synthetic import LlamaShape, make_base, make_run, matrix_module_names

@@ -134,7 +134,7 @@ def test_shard_size_refuses(value, message):
 
 def test_options_classes_hold_bytes():
     from rank1tools.commands.extrapolate.registry import ExtrapolateOptions
-    from rank1tools.commands.reconstruct import ReconstructOptions
+    from rank1tools.commands.reconstruct.plan import ReconstructOptions
 
     assert ReconstructOptions(max_shard_size="40KB").max_shard_size == 40_000
     assert ExtrapolateOptions(method="relex", run="r", target_steps=[1], max_shard_size="2KiB").max_shard_size == 2048

@@ -221,7 +221,7 @@ def main() -> None:
 
     import rank1tools
 
-    from ..engine.executors import without_executor_args
+    from ..engine.executor_options import without_executor_args
     from ..io import outputs
 
     rank1tools.COMMAND_LINE = ["rank1", *without_executor_args(sys.argv[1:])]

@@ -4,7 +4,8 @@ One subcommand per method of commands/extrapolate/registry.py, each with its own
 --help; `rank1 extrapolate BASE --method M ...` is an alias of `rank1 extrapolate M BASE ...`
 (ExtrapolateGroup rewrites it, so both forms run the same code and record the same command
 line). A flag of another method is refused with one line naming the method(s) it belongs to
-(docs/commands/extrapolate.md, "Subcommands, the `--method` alias and the flag rule").
+(docs/commands/extrapolate.md, "Subcommands, the `--method` alias and the flag rule"); that
+parsing lives in cli/extrapolate_alias.py, the subcommands and their flags here.
 """
 
 from __future__ import annotations
@@ -12,18 +13,13 @@ from __future__ import annotations
 import sys
 
 import typer
-from typer._click.core import Context  # typer vendors click: its contexts and usage errors
-from typer._click.exceptions import NoSuchOption
-from typer._click.exceptions import UsageError as ClickUsageError
 
 from ..commands.extrapolate.alpharl import CONTAINERS, R2_KINDS
 from ..commands.extrapolate.base import REST_CHOICES
 from ..commands.extrapolate.linear import MODES
-from ..commands.extrapolate.registry import METHODS
 from . import render
 from .app import (
     RESUME_HINT,
-    Rank1Command,
     app,
     check_common_early,
     check_output_early,
@@ -33,6 +29,7 @@ from .app import (
     set_hub_cache_policy,
     stderr_progress,
 )
+from .extrapolate_alias import ExtrapolateGroup, method_command
 from .params import (
     BASE_ARG,
     CHECKPOINTS_ARG,
@@ -53,143 +50,6 @@ from .params import (
     with_executor,
     with_run,
 )
-
-METHOD_NAMES = tuple(METHODS)
-
-
-def rewrite_method_alias(args: list[str]) -> list[str]:
-    """`BASE ... --method M ...` (or `--method=M`) -> `M BASE ...`; the subcommand form as it is.
-    Both at once must agree. Only tokens before a `--` are options."""
-    from ..errors import UsageError
-
-    end = args.index("--") if "--" in args else len(args)
-    found, rest, i = [], [], 0
-    while i < end:
-        tok = args[i]
-        if tok == "--method":
-            if i + 1 >= end:
-                raise UsageError(f"--method needs a value: {', '.join(METHOD_NAMES)}")
-            found.append(args[i + 1])
-            i += 2
-            continue
-        if tok.startswith("--method="):
-            found.append(tok.split("=", 1)[1])
-        else:
-            rest.append(tok)
-        i += 1
-    rest += args[end:]
-    if not found:
-        return args
-    if len(set(found)) > 1:
-        raise UsageError(f"--method given twice ({found[0]}, {found[1]}): give it once")
-    name = found[0]
-    if name not in METHOD_NAMES:
-        raise UsageError(f"--method {name!r}: expected one of {', '.join(METHOD_NAMES)}")
-    if rest and rest[0] in METHOD_NAMES:
-        if rest[0] != name:
-            raise UsageError(f"--method {name} and the subcommand {rest[0]} disagree: give one of them")
-        return rest
-    return [name, *rest]
-
-
-class ExtrapolateGroup(typer.core.TyperGroup):
-    """`rank1 extrapolate`: the methods as subcommands, `--method M` as an alias."""
-
-    alias_options = ("--method",)  # options the group itself reads (docs: the alias)
-
-    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
-        if not args or args[0] in ("-h", "--help"):
-            return super().parse_args(ctx, args)
-        rewritten = rewrite_method_alias(args)
-        if rewritten is args and args[0] not in self.commands:  # no method given
-            head = args[: args.index("--")] if "--" in args else args
-            if "-h" in head or "--help" in head:
-                return super().parse_args(ctx, ["--help"])
-            _no_method(ctx, self, args)
-        if rewritten is not args:
-            _record_command_line(args, rewritten)
-        return super().parse_args(ctx, rewritten)
-
-
-def _record_command_line(args: list[str], rewritten: list[str]) -> None:
-    """Record the subcommand form in the provenance's argv (rank1tools.COMMAND_LINE): the alias and
-    the subcommand form write the same bytes."""
-    import rank1tools
-
-    from ..engine.executors import without_executor_args
-
-    line = rank1tools.COMMAND_LINE
-    if line and "extrapolate" in line:
-        at = line.index("extrapolate") + 1
-        if line[at:] == without_executor_args(args):
-            rank1tools.COMMAND_LINE = [*line[:at], *without_executor_args(rewritten)]
-
-
-def _options(params: list, args: list[str]):
-    """The option tokens of `args` (`--flag` or `--flag=value`, up to `--`), with the options'
-    values skipped: (flag as typed, known to `params`)."""
-    own = {o: p for p in params for o in (*p.opts, *p.secondary_opts)}
-    i = 0
-    while i < len(args) and args[i] != "--":
-        tok = args[i]
-        flag = tok.split("=", 1)[0]
-        takes_value = flag in own and own[flag].param_type_name == "option" and not own[flag].is_flag
-        if flag.startswith("-") and len(flag) > 1 and not _is_number(flag):
-            yield flag, flag in own
-        i += 2 if takes_value and "=" not in tok else 1
-
-
-def _is_number(text: str) -> bool:
-    return text[1:2].isdigit() or text[1:2] == "."
-
-
-def _no_method(ctx: Context, group, args: list[str]) -> None:
-    """No subcommand and no --method: an unknown flag gets the usual hint (against every method's
-    flags), else the usage error asks for a method."""
-    from ..errors import UsageError
-
-    params, seen = [], set()
-    for name in METHOD_NAMES:
-        for p in group.commands[name].params:
-            if p.name not in seen:
-                seen.add(p.name)
-                params.append(p)
-    for flag, known in _options(params, args):
-        if not known:
-            union = typer.core.TyperCommand(name="extrapolate", params=params)
-            raise NoSuchOption(flag, ctx=Context(union, info_name="extrapolate", parent=ctx.parent))
-    raise UsageError(
-        "extrapolate needs a method: rank1 extrapolate alpharl|relex|linear BASE ... "
-        "(or --method M; see rank1 extrapolate --help)"
-    )
-
-
-class MethodCommand(Rank1Command):
-    """One method's subcommand: a flag of another method is refused naming the method(s) it
-    belongs to (registry.foreign_flag_error), before click calls it unknown."""
-
-    method_name = ""
-
-    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
-        from ..commands.extrapolate.registry import foreign_flag_error
-
-        for flag, known in _options(self.params, args):
-            error = None if known else foreign_flag_error(flag, self.method_name)
-            if error is not None:
-                raise error
-        try:
-            return super().parse_args(ctx, args)
-        except ClickUsageError as e:
-            if "unexpected extra argument" in e.format_message():
-                error = foreign_flag_error("CHECKPOINT", self.method_name)
-                if error is not None:
-                    raise error from None
-            raise
-
-
-def _method_command(name: str):
-    return type(f"{name.capitalize()}Command", (MethodCommand,), {"method_name": name})
-
 
 extrapolate_app = typer.Typer(
     cls=ExtrapolateGroup,
@@ -292,7 +152,7 @@ def _run(
         render.extrapolate(result)
 
 
-@extrapolate_app.command("relex", cls=_method_command("relex"))
+@extrapolate_app.command("relex", cls=method_command("relex"))
 @with_run()
 @with_executor
 def relex(
@@ -346,7 +206,7 @@ def relex(
     )
 
 
-@extrapolate_app.command("linear", cls=_method_command("linear"))
+@extrapolate_app.command("linear", cls=method_command("linear"))
 @with_run()
 @with_executor
 def linear(
@@ -413,7 +273,7 @@ def linear(
     )
 
 
-@extrapolate_app.command("alpharl", cls=_method_command("alpharl"))
+@extrapolate_app.command("alpharl", cls=method_command("alpharl"))
 @with_executor
 def alpharl(
     base: str = BASE_ARG,

@@ -218,8 +218,8 @@ def reconstruct(
     check_output_early(out, force, [base, checkpoint, factors])
     exec_opts = executor.check()
 
-    from ..commands.reconstruct import ReconstructOptions
     from ..commands.reconstruct import reconstruct as run_reconstruct
+    from ..commands.reconstruct.plan import ReconstructOptions
 
     set_hub_cache_policy(hub_cache_policy)
     opts = ReconstructOptions(

@@ -18,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from ..engine.executors import EXECUTOR_FLAGS, EXECUTORS
+from ..engine.executor_options import EXECUTOR_FLAGS, EXECUTORS
 from ..options import DTYPE_CHOICES
 from ..values import StepSelection
 
@@ -136,7 +136,7 @@ class ExecutorFlags:
     timeout: float | None = None
 
     def check(self):
-        from ..engine.executors import check_executor
+        from ..engine.executor_options import check_executor
 
         return check_executor(
             self.kind,

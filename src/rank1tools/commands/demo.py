@@ -19,7 +19,8 @@ from ..io.writer import provenance, write_provenance
 from ..synthetic import LlamaShape, make_base, make_run
 from .decompose import DecomposeOptions, DecomposeResult, decompose
 from .inspect import ModelReport, RunReport, inspect_model, inspect_run
-from .reconstruct import ReconstructOptions, ReconstructResult, reconstruct
+from .reconstruct import reconstruct
+from .reconstruct.plan import ReconstructOptions, ReconstructResult
 
 DEMO_SHAPE = LlamaShape(vocab=256, hidden=64, intermediate=176, layers=4, heads=4, kv_heads=2, tie=True)
 DEMO_STEPS = [10, 20, 30, 40, 50]

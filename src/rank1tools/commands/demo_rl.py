@@ -26,7 +26,8 @@ from .decompose import DecomposeOptions, decompose
 from .extrapolate.registry import ExtrapolateOptions, extrapolate
 from .fit_pls import FitPlsOptions, fit_pls
 from .linearity import LinearityOptions, linearity
-from .reconstruct import ReconstructOptions, reconstruct
+from .reconstruct import reconstruct
+from .reconstruct.plan import ReconstructOptions
 
 RESULTS_FILE = "results.json"
 DECOMPOSE_RANK = 8

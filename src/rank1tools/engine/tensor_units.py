@@ -24,7 +24,8 @@ from pathlib import Path
 from ..errors import InputError
 from ..io.work_folder import UnitLedger, discard_unless_resumed, open_work_folder
 from ..math.reconstruct import RoundingStats
-from .executors import ExecutorOptions, code_fingerprint, run_units
+from .executor_options import ExecutorOptions
+from .executors import code_fingerprint, run_units
 
 GROUP_BYTES = 64 << 20  # consecutive tensors share a task up to this many bytes (a few tasks per layer)
 MIN_UNITS = 64  # ... or up to 1/64 of the model, so a small model still spreads over many tasks

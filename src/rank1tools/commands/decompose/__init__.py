@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ... import __version__
-from ...engine.executors import ExecutorOptions, run_units, task_cpus, task_device
+from ...engine.executor_options import ExecutorOptions, task_device
+from ...engine.executors import run_units, task_cpus
 from ...engine.spectrum_tables import module_labels, spectrum_rows, summarize, write_spectrum_tables
 from ...errors import InputError, UsageError
 from ...io.checkpoint import Checkpoint

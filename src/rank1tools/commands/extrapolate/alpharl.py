@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...engine.executors import ExecutorOptions
+from ...engine.executor_options import ExecutorOptions
 from ...errors import UsageError
 from ...options import check_choice
 from .base import CommonOptions, ExtrapolateResult

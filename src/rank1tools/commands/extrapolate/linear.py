@@ -16,13 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ...engine.executors import ExecutorOptions
+from ...engine.executor_options import ExecutorOptions
 from ...errors import UsageError
 from ...options import check_choice
 from .base import ExtrapolateResult, HistoryOptions
 
 if TYPE_CHECKING:
-    from .history import History, TargetSink
+    from .history import History
+    from .history_write import TargetSink
 
 MODES = ("lstsq", "two-point")
 
@@ -59,7 +60,8 @@ def extrapolate_linear(
     executor: ExecutorOptions = ExecutorOptions(),
 ) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from straight lines through the history's weights."""
-    from .history import check_history_tensors, open_history, plan_tensors, window_size, write_extrapolation
+    from .history import check_history_tensors, open_history, plan_tensors, window_size
+    from .history_write import write_extrapolation
 
     options.check()  # a caller may have changed a field since construction
     two = options.mode == "two-point"

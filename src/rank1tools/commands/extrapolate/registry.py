@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from ...engine.executors import ExecutorOptions
+from ...engine.executor_options import ExecutorOptions
 from ...errors import UsageError
 from . import alpharl, linear, relex
 from .base import CommonOptions, ExtrapolateResult, MethodRun, own_flags

@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ...engine.executors import ExecutorOptions
+from ...engine.executor_options import ExecutorOptions
 from ...errors import UsageError
 from .base import ExtrapolateResult, HistoryOptions
 
 if TYPE_CHECKING:
-    from .history import History, TargetSink
+    from .history import History
+    from .history_write import TargetSink
 
 
 @dataclass
@@ -52,7 +53,8 @@ def extrapolate_relex(
 ) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from the trajectory rank-r fit of the history."""
     from ...math.linefit import positions_for
-    from .history import check_history_tensors, open_history, plan_tensors, window_size, write_extrapolation
+    from .history import check_history_tensors, open_history, plan_tensors, window_size
+    from .history_write import write_extrapolation
 
     options.check()  # a caller may have changed a field since construction
     h = open_history(base, options, executor)

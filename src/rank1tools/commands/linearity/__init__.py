@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...engine.executors import ExecutorOptions, task_device
+from ...engine.executor_options import ExecutorOptions, task_device
 from ...engine.tensor_units import (
     TensorGroup,
     TensorUnits,
