@@ -63,31 +63,29 @@ def check_executor(
     timeout: float | None = None,
 ) -> ExecutorOptions:
     """Validate the executor options (before any heavy import); for `ray`, that Ray is installed."""
+    flag = EXECUTOR_FLAGS
     if kind not in EXECUTORS:
-        raise UsageError(f"--executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
+        raise UsageError(f"{flag['kind']} {kind!r}: choose one of {', '.join(EXECUTORS)}")
+    ray_only = {
+        "address": address,
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "max_in_flight": max_in_flight,
+        "connect_timeout": timeout,
+    }
     if kind == "local":
-        given = [
-            flag
-            for flag, v in (
-                ("--ray-address", address),
-                ("--ray-num-cpus", num_cpus),
-                ("--ray-num-gpus", num_gpus),
-                ("--max-in-flight", max_in_flight),
-                ("--ray-timeout", timeout),
-            )
-            if v is not None
-        ]
+        given = [flag[name] for name, v in ray_only.items() if v is not None]
         if given:
-            raise UsageError(f"{given[0]} applies to --executor ray only")
+            raise UsageError(f"{given[0]} applies to {flag['kind']} ray only")
         return ExecutorOptions()
-    for flag, value in (("--ray-num-cpus", num_cpus), ("--ray-num-gpus", num_gpus)):
-        if value is not None and not value >= 0:
-            raise UsageError(f"{flag} {value}: must be zero or more")
+    for name in ("num_cpus", "num_gpus"):
+        if ray_only[name] is not None and not ray_only[name] >= 0:
+            raise UsageError(f"{flag[name]} {ray_only[name]}: must be zero or more")
     if max_in_flight is not None and max_in_flight < 1:
-        raise UsageError(f"--max-in-flight {max_in_flight}: must be at least 1")
+        raise UsageError(f"{flag['max_in_flight']} {max_in_flight}: must be at least 1")
     if timeout is not None and not 0 < timeout <= 86400:
-        raise UsageError(f"--ray-timeout {timeout}: seconds, more than 0 (at most a day)")
-    check_address(address, "--ray-address")
+        raise UsageError(f"{flag['connect_timeout']} {timeout}: seconds, more than 0 (at most a day)")
+    check_address(address, flag["address"])
     if address is None:
         check_address(os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS")
     import_ray()
