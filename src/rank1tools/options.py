@@ -97,9 +97,9 @@ def check_device(spec: str) -> str:
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # --dtype of the commands writing checkpoints
 
 
-def check_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
+def check_choice(value: str, option: str, choices: tuple[str, ...], message: str = "expected one of") -> str:
     if value not in choices:
-        raise UsageError(f"{option} {value!r}: expected one of {', '.join(choices)}")
+        raise UsageError(f"{option} {value!r}: {message} {', '.join(choices)}")
     return value
 
 

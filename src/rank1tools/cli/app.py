@@ -98,13 +98,11 @@ def check_output_early(out: str, force: bool, inputs: list) -> None:
     check_inner(target, out)
 
 
-def check_common_early(device: str, hub_cache_policy: str | None) -> None:
-    from ..options import check_choice, check_device
-    from .params import HUB_CACHE_POLICIES
+def check_common_early(device: str) -> None:
+    """--device's syntax, before torch is imported (the choice options are checked while parsing)."""
+    from ..options import check_device
 
     check_device(device)
-    if hub_cache_policy is not None:
-        check_choice(hub_cache_policy, "--hub-cache-policy", HUB_CACHE_POLICIES)
 
 
 def _version(value: bool) -> None:

@@ -135,7 +135,7 @@ def _run(
 
     m = method(name)
     options = m.options(**fields)
-    check_common_early(device, hub_cache_policy)
+    check_common_early(device)
     check_output_early(out, force, [base, *inputs])
     exec_opts = executor.check()
     set_hub_cache_policy(hub_cache_policy)

@@ -175,14 +175,12 @@ def linearity(
     top coefficient series against the step, and the share of elements whose per-element linear
     R² exceeds 0.7 (static elements reported apart). One streaming pass per tensor; read-only.
     """
-    from ..options import check_finite, parse_positive_int
+    from ..options import parse_positive_int
 
     rank_r = parse_positive_int(rank, "--rank")
     n_sample = None if sample is None else parse_positive_int(sample, "--sample")
     seed_value = _seed(seed)
-    if fail_below is not None:
-        check_finite(fail_below, "--fail-below")
-    check_common_early(device, run_spec.hub_cache_policy)
+    check_common_early(device)
     check_output_early(out, force, [base, *(checkpoints or []), run_spec.run])
     exec_opts = executor.check()
 

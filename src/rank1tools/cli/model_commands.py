@@ -59,8 +59,6 @@ def inspect(
 
     Reads safetensors headers only (no torch). For a run, exits 3 if any checkpoint is unusable (listed).
     """
-    if run_spec.hub_cache_policy is not None:
-        check_common_early("auto", run_spec.hub_cache_policy)
     from ..commands.inspect import inspect_source
 
     set_hub_cache_policy(run_spec.hub_cache_policy)
@@ -123,7 +121,7 @@ def decompose(
     rank_k = parse_positive_int(rank, "--rank")
     if cold_start and exact:
         raise UsageError("--cold-start selects the randomized SVD's start; it cannot be combined with --exact")
-    check_common_early(device, run_spec.hub_cache_policy)
+    check_common_early(device)
     check_output_early(out, force, [base, *(checkpoints or []), run_spec.run])
     exec_opts = executor.check()
 
@@ -209,12 +207,11 @@ def reconstruct(
     W = θ₀ + α·(‖ΔW‖/‖ΔW_k‖)·ΔW_k per selected module; other tensors from --rest. Reports how
     much of the update the output dtype rounds away.
     """
-    from ..options import check_finite, parse_ranks
+    from ..options import parse_ranks
     from ..values import shard_size
 
-    ranks, shard_bytes = parse_ranks(rank), shard_size(max_shard_size)
-    check_finite(alpha, "--alpha")
-    check_common_early(device, hub_cache_policy)
+    ranks, shard_bytes = parse_ranks(rank), shard_size(max_shard_size)  # --alpha: finite, by its parser
+    check_common_early(device)
     check_output_early(out, force, [base, checkpoint, factors])
     exec_opts = executor.check()
 
@@ -275,7 +272,7 @@ def demo(
     decompose, fit-pls, linearity, reconstruct --rank 1 and extrapolate (relex, linear, alpharl) on
     the run and score every written checkpoint on held-out problems (OUT/results.json)."""
     check_output_early(out, force, [])
-    check_common_early(device, None)
+    check_common_early(device)
     if synthetic:
         if seed != 0 or quick:
             raise UsageError("--seed and --quick apply to the trained demo, not to --synthetic")

@@ -40,11 +40,9 @@ def choice(option: str, choices: tuple[str, ...], message: str = "expected one o
     value outside them is refused while click parses, one line, exit 2."""
 
     def parse(value):
-        from ..errors import UsageError
+        from ..options import check_choice
 
-        if value not in choices:
-            raise UsageError(f"{option} {value!r}: {message} {', '.join(choices)}")
-        return value
+        return check_choice(value, option, choices, message)
 
     return parse
 

@@ -209,11 +209,8 @@ def max_metrics_bytes() -> int:
     raw = os.environ.get(ENV_MAX_BYTES, "").strip()
     if not raw:
         return DEFAULT_MAX_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 1:
+    value = ascii_int(raw)  # ASCII digits only, as every number rank1 reads (no 1_000, no other scripts' digits)
+    if not value:
         raise UsageError(f"{ENV_MAX_BYTES}={raw!r}: expected a positive number of bytes")
     return value
 

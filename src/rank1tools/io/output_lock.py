@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OutputError
-from .output_nesting import check_inner, check_outer, read_holder
+from .output_nesting import check_inner, check_outer, lock_file, read_holder
 from .outputs import _HELD, _STAGING_INFIXES, check_replaceable, output_errors, resolve_output
 
 
@@ -31,7 +31,7 @@ class OutputLock:
     def __init__(self, target: Path, label: str):
         self.target = target
         self.label = label
-        self.path = target.parent / f".{target.name}.lock"
+        self.path = lock_file(target)  # where the nesting checks look for a live run
         self.fd: int | None = None
         self.removed_stale: list[str] = []
         self.created: list[Path] = []  # folders made for the lock file, outermost first

@@ -37,9 +37,9 @@ from ...engine.checkpoint_outputs import (
     ROUNDING_FILE,
     CheckpointOutputs,
     nonfinite_error,
-    output_dtype,
     overflow_error,
     rounding_report,
+    tensor_specs,
     write_copied,
 )
 from ...errors import UsageError
@@ -127,9 +127,7 @@ def write_alpharl(
         LM_HEAD_NAME in selected or (last_ck is not None and LM_HEAD_NAME in last_ck.entries)
     )
     names = [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]
-    specs = [
-        TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype)) for n in names
-    ]
+    specs = tensor_specs(base_ck, names, options.dtype)
     base_ck.expect(names if last_ck is None else [])
     if last_ck is not None:
         last_ck.expect(names)

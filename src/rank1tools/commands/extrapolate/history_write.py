@@ -40,7 +40,7 @@ from ...io.checkpoint import Checkpoint
 from ...io.output_lock import locked_output
 from ...io.run_inputs import chunk_elements
 from ...io.writer import provenance
-from ...math.finite import all_finite, max_abs
+from ...math.finite import all_finite, introduces_nonfinite, max_abs
 from ...math.reconstruct import RoundingStats, rounding_stats
 from ...modules import LM_HEAD_NAME
 from ...resources import check_largest_tensor, streaming_peak_bytes
@@ -59,11 +59,18 @@ class TargetSink:
         self.writers = writers
         self.cks = cks
         self.stats: list[dict[str, RoundingStats]] = [dict() for _ in writers]
+        self._base64: tuple[str, int, torch.Tensor] | None = None  # the last base chunk in float64
+
+    def _float64(self, name: str, start: int, base: torch.Tensor) -> torch.Tensor:
+        """The base chunk in float64, converted once for all targets (every target writes it in turn)."""
+        if self._base64 is None or self._base64[:2] != (name, start) or self._base64[2].shape != base.shape:
+            self._base64 = (name, start, base.to(torch.float64))
+        return self._base64[2]
 
     def write(self, j: int, name: str, start: int, base: torch.Tensor, update: torch.Tensor) -> None:
         """`base`: float32 chunk of θ₀; `update`: the float64 predicted update Δ̂ for target j."""
         dtype = self.writers[j].specs[name].dtype
-        stored = (base.to(torch.float64) + update).to(dtype)
+        stored = (self._float64(name, start, base) + update).to(dtype)
         stat = rounding_stats(base, update.to(torch.float32), stored)
         if stat.introduced_nonfinite:
             if not all_finite(update):
@@ -85,9 +92,14 @@ class TargetSink:
             stored = raw.to(dtype)
             stat = None
             if floating:
-                b0 = raw.to(torch.float32) if from_base else self.h.base.read_flat(name, a, b)
-                stat = rounding_stats(b0, raw.to(torch.float32) - b0, stored)
-                if stat.introduced_nonfinite:  # non-finite where the base is finite
+                raw32 = raw.to(torch.float32)
+                if from_base:  # nothing to measure (no update): only the cast can go wrong
+                    introduced = introduces_nonfinite(stored, raw32)
+                else:
+                    b0 = self.h.base.read_flat(name, a, b)
+                    stat = rounding_stats(b0, raw32 - b0, stored)
+                    introduced = stat.introduced_nonfinite > 0
+                if introduced:  # non-finite where the base is finite
                     if not all_finite(raw):
                         raise nonfinite_error(src.label, name)
                     raise overflow_error(
@@ -98,7 +110,7 @@ class TargetSink:
                     )
             for j, w in enumerate(self.writers):
                 w.write_range(name, a, stored)
-                if stat is not None and not from_base:
+                if stat is not None:
                     self.stats[j].setdefault(name, RoundingStats()).add(stat)
 
 

@@ -27,9 +27,9 @@ from ...engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WA
     ROUNDING_FILE,
     CheckpointOutputs,
     nonfinite_error,
-    output_dtype,
     overflow_error,
     rounding_report,
+    tensor_specs,
     write_copied,
 )
 from ...engine.executor_options import ExecutorOptions, task_device
@@ -48,7 +48,7 @@ from ...io.compat import check_compatible, tensor_shapes, untied_head
 from ...io.factor_store import FactorStore
 from ...io.output_lock import locked_output
 from ...io.sources import is_hub_source, open_source
-from ...io.writer import TensorSpec, provenance
+from ...io.writer import provenance
 from ...math.finite import all_finite, introduces_nonfinite, max_abs, nonfinite_update_cause
 from ...math.reconstruct import apply_rank_k, rounding_stats
 from ...math.signs import canonicalize_signs
@@ -111,10 +111,7 @@ def reconstruct(
         ck.expect([] if store is not None else modules)  # the rest comes from the base
     # a checkpoint that unties the base's lm_head keeps its own head when that head is written
     untie = untied_head(base_ck, [ck]) and (options.rest == "checkpoint" or LM_HEAD_NAME in modules)
-    specs = [
-        TensorSpec(n, base_ck.entry(n).shape, output_dtype(options.dtype, base_ck.entry(n).torch_dtype))
-        for n in [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])]
-    ]
+    specs = tensor_specs(base_ck, [*base_ck.entries, *([LM_HEAD_NAME] if untie else [])], options.dtype)
     device = task_device(options.device, executor)
     groups = group_tensors([s.name for s in specs], lambda n: base_ck.entry(n).nbytes) if executor.is_ray else None
     plan = ReconstructPlan(
