@@ -208,3 +208,22 @@ def test_empty_and_too_long_completions_are_refused_naming_the_item(causal_lm):
         match=f"^item 1: prompt \\+ completion are {CONTEXT + 6} tokens, past the model's context of {CONTEXT}",
     ):
         score_completions(model, tok, [("1+1=", "2"), ("1+1=", "1" * (CONTEXT + 1))])
+
+
+@pytest.mark.integration
+def test_special_tokens_after_a_text_are_not_scored(causal_lm, transformers, tmp_path):
+    """A tokenizer that appends `</s>` to every text (add_eos_token): the sequence is `<s>` +
+    prompt + completion, without the `</s>`, so only the completion's own tokens are scored."""
+    model, plain, _ = causal_lm
+    tj = tokenizer_json()
+    eos = {"SpecialToken": {"id": "</s>", "type_id": 0}}
+    tj["post_processor"]["single"].append(eos)
+    tj["post_processor"]["special_tokens"]["</s>"] = {"id": "</s>", "ids": [VOCAB["</s>"]], "tokens": ["</s>"]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config()))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tok("12", add_special_tokens=True)["input_ids"] == [*encode("12"), VOCAB["</s>"]]  # it appends </s>
+    pair = tokenize_pair(tok, "12+30=", "42")
+    assert pair.ids == tuple(encode("12+30=42")) and pair.start == len(encode("12+30="))
+    got = score_completions(model, tok, [("12+30=", "42"), ("", "3")])
+    torch.testing.assert_close(got, score_completions(model, plain, [("12+30=", "42"), ("", "3")]), rtol=0, atol=0)

@@ -2,10 +2,11 @@
 
 Which tokens are scored (docs/concepts.md#teacher-forced-log-probabilities):
 
-- the prompt's text is the `prompt` string, tokenized with the tokenizer's special tokens (a
-  Llama tokenizer's `<s>`), or a chat (`messages`) rendered with the tokenizer's chat template
-  with add_generation_prompt=True and tokenized without special tokens (the template writes its
-  own);
+- the prompt's text is the `prompt` string, preceded by the special tokens the tokenizer puts
+  before a text (a Llama tokenizer's `<s>`; never those it puts after one, such as an
+  `add_eos_token` tokenizer's `</s>`), or a chat (`messages`) rendered with the tokenizer's chat
+  template with add_generation_prompt=True and tokenized without special tokens (the template
+  writes its own);
 - prompt text + completion text are tokenized jointly, the same way, into the ids the model reads;
 - the completion's tokens are the joint ids from the first position where they differ from the
   prompt's own ids (the prompt's length when the joint ids start with the prompt's ids, the usual
@@ -55,7 +56,7 @@ class TokenizedPair:
 
 
 def _prompt_text(tokenizer, prompt: Prompt, where: str) -> tuple[str, bool]:
-    """The prompt's text and whether tokenizing it adds the tokenizer's special tokens."""
+    """The prompt's text and whether the tokenizer's leading special tokens go before it."""
     if isinstance(prompt, str):
         return prompt, True
     if getattr(tokenizer, "chat_template", None) is None:
@@ -66,8 +67,21 @@ def _prompt_text(tokenizer, prompt: Prompt, where: str) -> tuple[str, bool]:
     return text, False
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (a Llama tokenizer's `<s>`; none for
+    most chat models), found by tokenizing one character with and without special tokens. Those
+    it puts after a text (an `add_eos_token` tokenizer's `</s>`) are left out: a prompt + completion
+    is scored as the text the model continued, not as a closed document."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for at in range(len(full) - len(plain) + 1):
+        if full[at : at + len(plain)] == plain:
+            return full[:at]
+    return []
+
+
+def _ids(tokenizer, text: str, prefix: list[int]) -> list[int]:
+    return [*prefix, *tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
 def tokenize_pair(
@@ -79,8 +93,9 @@ def tokenize_pair(
     if not completion:
         raise InputError(f"{where}: empty completion (nothing to score)")
     text, special = _prompt_text(tokenizer, prompt, where)
-    prompt_ids = _ids(tokenizer, text, special)
-    ids = _ids(tokenizer, text + completion, special)
+    prefix = leading_special_ids(tokenizer) if special else []
+    prompt_ids = _ids(tokenizer, text, prefix)
+    ids = _ids(tokenizer, text + completion, prefix)
     start = 0
     limit = min(len(ids), len(prompt_ids))
     while start < limit and ids[start] == prompt_ids[start]:
