@@ -16,9 +16,11 @@ from rank1tools.engine.model_scoring import (
     INSTALL_HINT,
     import_transformers,
     score_completions,
+    score_rollouts,
     tokenize_pair,
 )
 from rank1tools.errors import InputError, UsageError
+from rank1tools.io.rollouts import read_rollouts
 from rank1tools.math.token_logprobs import gather_token_logprobs
 
 CONTEXT = 48
@@ -227,3 +229,21 @@ def test_special_tokens_after_a_text_are_not_scored(causal_lm, transformers, tmp
     assert pair.ids == tuple(encode("12+30=42")) and pair.start == len(encode("12+30="))
     got = score_completions(model, tok, [("12+30=", "42"), ("", "3")])
     torch.testing.assert_close(got, score_completions(model, plain, [("12+30=", "42"), ("", "3")]), rtol=0, atol=0)
+
+
+@pytest.mark.integration
+def test_rollouts_file_scored_in_order_with_errors_naming_its_lines(causal_lm, tmp_path):
+    model, _, tok = causal_lm  # the boundary tokenizer has the chat template
+    lines = [
+        {"id": "a", "prompt": "12+30=", "completion": "42"},
+        {"messages": [{"role": "user", "content": "7+7"}], "completion": "14"},
+    ]
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    got = score_rollouts(model, tok, read_rollouts(path), str(path), batch_size=2)
+    want = score_completions(model, tok, [("12+30=", "42"), ("7+7=", "14")], batch_size=1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    path.write_text(path.read_text() + json.dumps({"prompt": "1=", "completion": "1" * CONTEXT}) + "\n")
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}: line 3: prompt \\+ completion are"):
+        score_rollouts(model, tok, read_rollouts(path), str(path))

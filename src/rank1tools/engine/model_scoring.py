@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError, UsageError
+from ..io.rollouts import Rollout
 
 INSTALL_HINT = "pip install 'rank1tools[model]'"
 PADDING_SIDES = ("right", "left")
@@ -180,3 +181,11 @@ def score_completions(
     for lo in range(0, len(pairs), batch_size):
         out.extend(score_tokenized(model, pairs[lo : lo + batch_size], padding_side=padding_side))
     return out
+
+
+def score_rollouts(model, tokenizer, rollouts: Sequence[Rollout], where: str, *, batch_size: int = 8):
+    """score_completions over the rollouts of a file (io/rollouts.py), in file order; errors name
+    the file `where` and the rollout's line."""
+    items = [(r.chat() if r.messages is not None else r.prompt, r.completion) for r in rollouts]
+    labels = [f"{where}: line {r.line}" for r in rollouts]
+    return score_completions(model, tokenizer, items, batch_size=batch_size, labels=labels)
