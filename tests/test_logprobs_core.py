@@ -247,3 +247,19 @@ def test_rollouts_file_scored_in_order_with_errors_naming_its_lines(causal_lm, t
     path.write_text(path.read_text() + json.dumps({"prompt": "1=", "completion": "1" * CONTEXT}) + "\n")
     with pytest.raises(InputError, match=f"^{re.escape(str(path))}: line 3: prompt \\+ completion are"):
         score_rollouts(model, tok, read_rollouts(path), str(path))
+
+
+@pytest.mark.integration
+def test_without_a_bos_token_an_empty_prompt_is_refused(causal_lm, transformers, tmp_path):
+    model, _, _ = causal_lm
+    tj = tokenizer_json()
+    tj["post_processor"] = None  # no <s> before a text (as Qwen's tokenizers)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config()))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    pair = tokenize_pair(tok, "12+3=", "15")
+    assert pair.ids == tuple(encode("12+3=15", bos=False)) and pair.start == 5
+    (got,) = score_completions(model, tok, [("12+3=", "15")])
+    torch.testing.assert_close(got, _reference(model, list(pair.ids), 5), rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match="^item 0: the first completion token has nothing before it"):
+        score_completions(model, tok, [("", "15")])
