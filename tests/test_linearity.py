@@ -379,3 +379,18 @@ def test_plots_are_deterministic_and_a_missing_matplotlib_gives_the_note(synth, 
     assert "rank1: note: no plots: plots need matplotlib: pip install 'rank1tools[plot]'" in r.stderr
     assert (tmp_path / "c" / "linearity.csv").is_file() and not (tmp_path / "c" / "plots").exists()
     assert math.isfinite(json.loads((tmp_path / "c" / "summary.json").read_text())["headline"][FRAC])
+
+
+def test_element_filter_matches_numpy():
+    from rank1tools.math.linefit import ElementFilter
+
+    rng = np.random.default_rng(3)
+    Y = np.round(rng.standard_normal((6, 400)) * rng.choice([1e-6, 1e-3, 1.0], size=400), 3)
+    Y[:, :20] = Y[:1, :20]  # constant columns
+    for min_change, min_distinct in [(0.0, 2), (1e-4, 4), (0.5, 3)]:
+        keep, by_change, by_distinct = ElementFilter(min_change, min_distinct).apply(torch.from_numpy(Y))
+        moved = (Y.max(0) - Y.min(0)) > min_change
+        distinct = np.array([len(np.unique(Y[:, j])) for j in range(Y.shape[1])]) >= min_distinct
+        assert keep.numpy().tolist() == (moved & distinct).tolist()
+        assert by_change == int((~moved).sum())
+        assert by_distinct == int((moved & ~distinct).sum())

@@ -10,6 +10,7 @@ and `linearity` fit every element of a tensor (docs/extrapolation.md#extrapolate
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -67,6 +68,42 @@ def fraction_above(r2: torch.Tensor, threshold: float = R2_LINEAR) -> tuple[int,
     change over the window has no R² (NaN) and is counted only in the last figure."""
     nan = int(torch.isnan(r2).sum())
     return int((r2 > threshold).sum()), r2.numel() - nan, int(r2.numel())  # NaN > x is False
+
+
+def distinct_counts(Y: torch.Tensor) -> torch.Tensor:
+    """Per column of Y (T × n), how many distinct values it takes (exact comparison)."""
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    ordered = Y.sort(dim=0).values
+    return (ordered[1:] != ordered[:-1]).sum(dim=0) + 1
+
+
+@dataclass(frozen=True)
+class ElementFilter:
+    """Which series count in a per-element R² figure: the RLVR-linearity reference keeps an element
+    whose range over the window exceeds `min_change` (max − min > 1e-4 there) and that takes at
+    least `min_distinct` distinct values (4 there: a bf16 element moved by one or two rounding steps
+    is a staircase no line fits). The defaults keep every element that changes at all
+    (docs/concepts.md#per-element-linearity-filters)."""
+
+    min_change: float = 0.0
+    min_distinct: int = 2
+
+    def __post_init__(self):
+        if not (self.min_change >= 0 and math.isfinite(self.min_change)):
+            raise ValueError(f"min_change must be a finite number >= 0, got {self.min_change}")
+        if self.min_distinct < 1:
+            raise ValueError(f"min_distinct must be at least 1, got {self.min_distinct}")
+
+    def apply(self, Y: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(kept columns as a bool mask, columns the change filter removed, columns the distinct
+        filter removed among those the change filter kept)."""
+        if Y.ndim == 1:
+            Y = Y[:, None]
+        moved = (Y.max(dim=0).values.to(torch.float64) - Y.min(dim=0).values.to(torch.float64)) > self.min_change
+        distinct = distinct_counts(Y) >= self.min_distinct
+        keep = moved & distinct
+        return keep, int((~moved).sum()), int((moved & ~distinct).sum())
 
 
 def two_point(value_a: torch.Tensor, value_b: torch.Tensor, a: float, b: float, s: float) -> torch.Tensor:
