@@ -59,6 +59,19 @@ JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdou
 FORCE_OPT = typer.Option(False, "--force", help="Replace --out if it exists and rank1 wrote it.")
 STEPS_HELP = "'50,100' or '10:100:10' (inclusive)"
 DTYPE_OPT = choice_option("auto", "--dtype", DTYPE_CHOICES, "auto (base dtype), float32, bfloat16 or float16.")
+MODEL_DTYPE_OPT = choice_option(
+    "auto",
+    "--dtype",
+    DTYPE_CHOICES,
+    "Compute dtype: auto (float32 on CPU, the config's on GPU), float32, bfloat16, float16.",
+)
+BATCH_SIZE_OPT = typer.Option(
+    8,
+    "--batch-size",
+    metavar="N",
+    parser=number("--batch-size", at_least=1, integer=True),
+    help="Sequences per forward pass.",
+)
 SHARD_OPT = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB.")
 EXCLUDE_OPT = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable).")
 HUB_CACHE_POLICIES = ("keep", "evict")

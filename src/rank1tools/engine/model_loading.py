@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 from ..errors import InputError, UsageError
 from ..io.checkpoint import LM_HEAD_NAME, Checkpoint
+from ..options import DTYPE_CHOICES
 from .model_scoring import import_transformers
 
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_DTYPES = DTYPE_CHOICES  # the --dtype choices, shared with the commands writing checkpoints
 
 
 @dataclass(frozen=True)
