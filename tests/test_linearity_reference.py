@@ -222,3 +222,27 @@ def test_medians_against_numpy():
     counts = np.bincount(np.minimum((v * HIST_BINS).astype(np.int64), HIST_BINS - 1), minlength=HIST_BINS)
     assert abs(histogram_median(counts.astype(np.float64)) - np.median(v)) <= 1 / HIST_BINS
     assert histogram_median(np.zeros(HIST_BINS)) is None
+
+
+def test_min_distinct_above_the_points_keeps_nothing_and_says_so(bf16_run, tmp_path):
+    res = _run(bf16_run, tmp_path / "o", with_base=True, min_distinct=8)  # 7 points with the base
+    assert any("--min-distinct 8 exceeds the 7 points" in n for n in res.notes)
+    assert res.summary["element_r2"]["kept"] == 0 and res.summary["headline"]["r2_mean"] is None
+    assert res.summary["headline"]["r2_median"] is None and all(r["r2_median"] is None for r in res.rows)
+
+
+def test_a_tensors_figures_are_json_data_for_the_ray_ledger(bf16_run):
+    """With --executor ray a task's figures are recorded as JSON (engine.tensor_units): they must
+    read back equal, so a Ray run writes the same bytes as a local one."""
+    from rank1tools.commands.linearity import _tensors_task
+    from rank1tools.engine.tensor_units import TensorGroup
+    from rank1tools.io.run_inputs import open_run_inputs
+
+    inputs = open_run_inputs(str(bf16_run / "base"), [], str(bf16_run / "run"), None, None)
+    cks = [c for _, c in inputs.checkpoints]
+    names = ("model.embed_tokens.weight", "model.norm.weight")
+    figs = _tensors_task(
+        TensorGroup("0", names), inputs.base, cks, STEPS, 1, LinearityOptions(sample=500, **REF), "cpu"
+    )
+    assert json.loads(json.dumps(figs)) == figs
+    assert figs[names[0]]["element_r2"]["kept"] > 0 and figs[names[0]]["sampled"] is True

@@ -251,6 +251,11 @@ def linearity(
         check_compatible(inputs.base, ck, names, label=f"{ck.label} (step {s})")
     for ck in (inputs.base, *cks):
         ck.expect(names)
+    points = len(pairs) + options.with_base
+    if options.element_r2() is not None and options.min_distinct > points:
+        notes.append(
+            f"--min-distinct {options.min_distinct} exceeds the {points} points of each fit: no element is kept"
+        )
     rank = min(options.rank, len(pairs))
     if rank < options.rank:
         notes.append(f"--rank {options.rank} capped at the {len(pairs)} checkpoints of the window")
