@@ -299,8 +299,8 @@ def _check_memory(base: Checkpoint, cks: list[Checkpoint], names: list[str], opt
         item = max(c.entry(name).nbytes // max(1, e.numel) for c in (base, *cks))
         n = min(chunk, e.numel)
         peak = streaming_peak_bytes(T, n, item, sample=min(options.sample or 0, e.numel))
-        if options.element_r2() is not None:  # the kept R² as float32 (element_r2), the fit with the base
-            peak += 4 * min(options.sample or e.numel, e.numel) + (4 * 8 * (T + 1) * n if options.with_base else 0)
+        if options.element_r2() is not None:  # the kept R² as float32; the filter's sort and the fit with the base
+            peak += 4 * min(options.sample or e.numel, e.numel) + 36 * (T + options.with_base) * n
         return peak
 
     check_largest_tensor(names, need, lambda name: base.entry(name).shape)
