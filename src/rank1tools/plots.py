@@ -292,7 +292,10 @@ def linearity_plots(rows: list[dict], out_dir: Path, steps: list[int] | None = N
     per-element R² > 0.7 (bars), each tensor's own share (dots) and the all-tensor figure (dashed).
     linearity_heatmap: layer × type panels of explained_1 (trajectory rank-1 explained variance) and
     of frac_r2_above_0.7 (mean over the tensors of a cell), values printed in the cells; tensors
-    without a layer are left out. `steps`: the window, named in the titles. Returns the files
+    without a layer are left out. element_r2_heatmap (rows with r2_mean, `linearity --r2-stats`):
+    the same layout of r2_mean and r2_median, the mean and median per-element R² of the kept
+    elements (RLVR linearity's heatmap; a cell holding two tensors, e.g. a block's two norms,
+    shows the mean of their figures). `steps`: the window, named in the titles. Returns the files
     written, PNG then SVG per figure; a figure with no data is not written."""
     matplotlib, plt = common.pyplot()
     out_dir = Path(out_dir)
@@ -353,6 +356,22 @@ def linearity_plots(rows: list[dict], out_dir: Path, steps: list[int] | None = N
             "linearity_heatmap",
             fit_scale=True,
         )
+        if any("r2_mean" in r for r in rows):  # --r2-stats: the RLVR-linearity reference's heatmap
+            grids = [
+                (label, *common.grid(rows, key))
+                for key, label in (("r2_mean", "mean per-element R²"), ("r2_median", "median per-element R²"))
+            ]
+            written += common.heatmap_panels(
+                plt,
+                [g for g in grids if g[1]],
+                "Blues",
+                0.0,
+                1.0,
+                "R² of the kept elements",
+                f"Per-element R² per layer and type, {span} (grey: no value)",
+                out_dir,
+                "element_r2_heatmap",
+            )
     return written
 
 

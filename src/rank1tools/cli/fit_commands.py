@@ -162,6 +162,28 @@ def linearity(
         parser=number("--fail-below", at_least=0, at_most=1),
         help="Exit 5 (after writing) when the share of changing elements with R² > 0.7 is below this.",
     ),
+    r2_stats: bool = typer.Option(
+        False,
+        "--r2-stats",
+        help="Also the mean and median per-element R² of the kept elements (RLVR linearity's figure); "
+        "implied by --with-base, --min-change and --min-distinct.",
+    ),
+    with_base: bool = typer.Option(
+        False, "--with-base", help="The base as step 0 in the fits of --r2-stats (not in the share above 0.7)."
+    ),
+    min_change: float | None = typer.Option(
+        None,
+        "--min-change",
+        metavar="X",
+        parser=number("--min-change", at_least=0),
+        help="--r2-stats keeps elements whose range (max − min) exceeds X (default 0; the reference: 1e-4).",
+    ),
+    min_distinct: str | None = typer.Option(
+        None,
+        "--min-distinct",
+        metavar="N",
+        help="--r2-stats keeps elements with at least N distinct values (default 2; the reference: 4).",
+    ),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
@@ -180,6 +202,7 @@ def linearity(
     rank_r = parse_positive_int(rank, "--rank")
     n_sample = None if sample is None else parse_positive_int(sample, "--sample")
     seed_value = _seed(seed)
+    distinct = None if min_distinct is None else parse_positive_int(min_distinct, "--min-distinct")
     check_common_early(device)
     check_output_early(out, force, [base, *(checkpoints or []), run_spec.run])
     exec_opts = executor.check()
@@ -197,6 +220,10 @@ def linearity(
         fail_below=fail_below,
         plots=not no_plots,
         device=device,
+        r2_stats=r2_stats or min_change is not None or distinct is not None,
+        with_base=with_base,
+        min_change=0.0 if min_change is None else min_change,
+        min_distinct=2 if distinct is None else distinct,
     )
     bar, update = stderr_progress(not quiet, "linearity")
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:

@@ -216,6 +216,7 @@ def linearity(result) -> None:
 
     s, console = result.summary, _console()
     key, r = "frac_r2_above_0.7", result.rank
+    r2 = s.get("element_r2")
 
     def f(v, pct=False):
         return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3f}")
@@ -228,6 +229,7 @@ def linearity(result) -> None:
         ["type", "tensors", "mean explained_1"]
         + ([f"mean explained_{r}"] if r > 1 else [])
         + ["mean coef R²_1", "elements R² > 0.7", "static elements"]
+        + (["kept", "mean R²", "median R²"] if r2 else [])
     )
     for col in cols:
         _column(t, col, right=col != "type")
@@ -241,6 +243,7 @@ def linearity(result) -> None:
             f(g["mean_coef_r2_1"]),
             f(g[key], True),
             f(g["static_fraction"], True),
+            *([f"{g['kept']:,}", f(g["r2_mean"]), f(g["r2_median"])] if r2 else []),
         )
 
     for name, g in s["by_type"].items():
@@ -254,6 +257,14 @@ def linearity(result) -> None:
         f"(weighted by tensor size; {f(h['static_fraction'], True)} of elements do not change and are "
         f"left out{sample})"
     )
+    if r2:
+        console.print(
+            f"per-element R² (RLVR linearity's figure): mean [bold]{f(h['r2_mean'])}[/bold], median "
+            f"[bold]{f(h['r2_median'])}[/bold] over {r2['kept']:,} kept of {r2['evaluated']:,} elements "
+            f"({'base as step 0' if r2['with_base'] else 'base left out'}; removed {r2['removed_min_change']:,} "
+            f"with range ≤ {r2['min_change']:g}, {r2['removed_min_distinct']:,} with fewer than "
+            f"{r2['min_distinct']} distinct values)"
+        )
     if s["least_linear"]:
         console.print(
             "least linear: " + ", ".join(f"{escape(x['tensor'])} {f(x[key], True)}" for x in s["least_linear"][:5])

@@ -11,6 +11,10 @@ Per tensor, over the window's checkpoints t₁ < … < t_T (step 0 excluded; the
   out of that share and counted in `static_fraction`. The R² of an element is that of θ_t (float32
   values read exactly into float64): the same as ΔW_t's, without the float32 rounding of the
   subtraction. `sample`: only a seeded uniform subsample of the elements (sorted indices).
+- with `r2_stats` (or any of `with_base`, `min_change`, `min_distinct`): the RLVR-linearity
+  reference's figure, the mean and median per-element R² of the elements its filter keeps, the
+  base optionally a point at step 0 (commands.linearity.element_r2). The share above 0.7 stays
+  as it is (base left out, no filter).
 
 Everything per tensor comes from ONE streaming pass (io.run_inputs.trajectory_chunks): each chunk
 adds to G and to the per-element counts, so memory is O(T × chunk), whatever the model size.
@@ -45,15 +49,15 @@ from ...io.writer import provenance, write_provenance
 from ...jsonutil import json_safe
 from ...math.linefit import LineFit, fraction_above
 from ...math.trajectory import gram_update, trajectory_basis
-from ...modules import stable_hash
 from ...plot_common import draw_plots
 from ...plots import linearity_plots
 from ...resources import check_largest_tensor, streaming_peak_bytes
 from ...values import StepSelection
+from .element_r2 import ElementR2Settings, TensorR2, row_columns
+from .sampling import sample_indices
 from .tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
 
 MIN_CHECKPOINTS = 3  # a line through 2 points always fits
-SAMPLE_BLOCK = 1 << 20  # sampling splits a tensor into blocks of this many elements (see sample_indices)
 
 
 @dataclass
@@ -68,6 +72,17 @@ class LinearityOptions:
     device: str = "auto"
     chunk: int | None = None  # elements per chunk (default: io.run_inputs.chunk_elements)
     prefetch: bool = True
+    # the RLVR-linearity reference's figure (commands/linearity/element_r2): mean and median
+    # per-element R² of the kept elements; on with r2_stats or any setting off its default
+    r2_stats: bool = False
+    with_base: bool = False  # the base as step 0 in those fits (the share above 0.7 never includes it)
+    min_change: float = 0.0
+    min_distinct: int = 2
+
+    def element_r2(self) -> ElementR2Settings | None:
+        """The settings of the per-element R² figure, or None when it is not asked for."""
+        settings = ElementR2Settings(self.with_base, self.min_change, self.min_distinct)
+        return settings if self.r2_stats or settings != ElementR2Settings() else None
 
 
 @dataclass
@@ -99,25 +114,6 @@ class LinearityResult:
         )
 
 
-def sample_indices(numel: int, n: int | None, seed: int, name: str) -> np.ndarray | None:
-    """Sorted indices of a uniform random subset of n of the tensor's numel elements (None: n is
-    None or at least numel, so every element counts). Deterministic for (seed, name): the
-    generator is seeded with both, so each tensor gets its own sample. Memory O(n): the blocks of
-    SAMPLE_BLOCK elements get their counts from one multivariate hypergeometric draw (the counts
-    a uniform n-subset has), then a uniform subset within each block."""
-    if n is None or n >= numel:
-        return None
-    rng = np.random.default_rng([seed, stable_hash(name)])
-    blocks = -(-numel // SAMPLE_BLOCK)
-    sizes = np.full(blocks, SAMPLE_BLOCK, dtype=np.int64)
-    sizes[-1] = numel - SAMPLE_BLOCK * (blocks - 1)
-    counts = rng.multivariate_hypergeometric(sizes, n) if blocks > 1 else np.array([n])
-    parts = [
-        b * SAMPLE_BLOCK + np.sort(rng.choice(int(sizes[b]), int(k), replace=False)) for b, k in enumerate(counts) if k
-    ]
-    return np.concatenate(parts).astype(np.int64)
-
-
 def _num(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
@@ -133,20 +129,28 @@ def tensor_figures(
     chunk: int | None = None,
     device="cpu",
     prefetch: bool = True,
+    element_r2: ElementR2Settings | None = None,
 ) -> dict:
     """The figures of one tensor from one pass over its chunks: explained_1, explained_r,
-    coef_r2 (r values), elements / changing / linear (counts over the evaluated elements)."""
+    coef_r2 (r values), elements / changing / linear (counts over the evaluated elements); with
+    `element_r2`, its figures under "element_r2" (commands.linearity.element_r2.TensorR2)."""
     t = torch.tensor(steps, dtype=torch.float64, device=device)
     G, linear, changing = None, 0, 0
+    elements = base.entry(name).numel if indices is None else len(indices)
+    acc = None if element_r2 is None else TensorR2(element_r2, steps, elements, device)
     for ch in trajectory_chunks(base, checkpoints, name, chunk=chunk, device=device, prefetch=prefetch):
         G = gram_update(G, ch.values - ch.base)  # ΔW_t in float32, the Gram sum in float64
-        Y = ch.values
+        Y, B = ch.values, ch.base
         if indices is not None:
             lo, hi = np.searchsorted(indices, [ch.start, ch.stop])
-            Y = Y[:, torch.from_numpy(indices[lo:hi] - ch.start).to(device)]
+            cols = torch.from_numpy(indices[lo:hi] - ch.start).to(device)
+            Y, B = Y[:, cols], B[cols]
         if Y.shape[1]:
-            above, moving, _ = fraction_above(LineFit().fit(t, Y).r2_)
+            r2 = LineFit().fit(t, Y).r2_
+            above, moving, _ = fraction_above(r2)
             linear, changing = linear + above, changing + moving
+            if acc is not None:
+                acc.add(Y, B, r2)
     if not bool(torch.isfinite(G).all()):
         raise InputError(
             f"tensor {name!r}: non-finite values (NaN or Inf) in the base or a checkpoint, "
@@ -156,7 +160,6 @@ def tensor_figures(
     lam = basis.eigenvalues
     total = float(lam.sum())
     coef_r2 = LineFit().fit(t, basis.coefficients()).r2_.tolist()
-    elements = base.entry(name).numel if indices is None else len(indices)
     return {
         "explained_1": float(lam[0]) / total if total > 0 else math.nan,
         "explained_r": basis.explained_variance(),
@@ -164,6 +167,7 @@ def tensor_figures(
         "elements": elements,
         "changing": changing,
         "linear": linear,
+        **({} if acc is None else {"element_r2": acc.figures()}),
     }
 
 
@@ -185,6 +189,7 @@ def _row(name: str, shape: tuple[int, ...], T: int, figs: dict, sampled: bool) -
         "changing": figs["changing"],
         "linear": figs["linear"],
         "sampled": sampled,
+        **({} if "element_r2" not in figs else row_columns(figs["element_r2"])),
     }
 
 
@@ -198,6 +203,10 @@ def check_options(options: LinearityOptions) -> None:
         raise UsageError(f"--seed {options.seed}: must be at least 0")
     if options.fail_below is not None and not math.isfinite(options.fail_below):
         raise UsageError(f"--fail-below {options.fail_below}: must be a finite number")
+    if not (math.isfinite(options.min_change) and options.min_change >= 0):
+        raise UsageError(f"--min-change {options.min_change}: must be a finite number, at least 0")
+    if options.min_distinct < 1:
+        raise UsageError(f"--min-distinct {options.min_distinct}: must be at least 1")
 
 
 def linearity(
@@ -242,6 +251,11 @@ def linearity(
         check_compatible(inputs.base, ck, names, label=f"{ck.label} (step {s})")
     for ck in (inputs.base, *cks):
         ck.expect(names)
+    points = len(pairs) + options.with_base
+    if options.element_r2() is not None and options.min_distinct > points:
+        notes.append(
+            f"--min-distinct {options.min_distinct} exceeds the {points} points of each fit: no element is kept"
+        )
     rank = min(options.rank, len(pairs))
     if rank < options.rank:
         notes.append(f"--rank {options.rank} capped at the {len(pairs)} checkpoints of the window")
@@ -283,7 +297,11 @@ def _check_memory(base: Checkpoint, cks: list[Checkpoint], names: list[str], opt
     def need(name: str) -> int:
         e = base.entry(name)
         item = max(c.entry(name).nbytes // max(1, e.numel) for c in (base, *cks))
-        return streaming_peak_bytes(T, min(chunk, e.numel), item, sample=min(options.sample or 0, e.numel))
+        n = min(chunk, e.numel)
+        peak = streaming_peak_bytes(T, n, item, sample=min(options.sample or 0, e.numel))
+        if options.element_r2() is not None:  # the kept R² as float32; the filter's sort and the fit with the base
+            peak += 4 * min(options.sample or e.numel, e.numel) + 36 * (T + options.with_base) * n
+        return peak
 
     check_largest_tensor(names, need, lambda name: base.entry(name).shape)
 
@@ -294,7 +312,16 @@ def _tensor_figures(
     idx = sample_indices(base.entry(name).numel, options.sample, options.seed, name)
     return {
         **tensor_figures(
-            base, cks, name, window, rank, indices=idx, chunk=options.chunk, device=device, prefetch=options.prefetch
+            base,
+            cks,
+            name,
+            window,
+            rank,
+            indices=idx,
+            chunk=options.chunk,
+            device=device,
+            prefetch=options.prefetch,
+            element_r2=options.element_r2(),
         ),
         "sampled": idx is not None,
     }
@@ -324,7 +351,8 @@ def _write_report(
 ) -> LinearityResult:
     """Tables, summary, provenance and plots from every tensor's figures, in the names' order."""
     rows = [_row(name, shapes[name], len(cks), figures[name], figures[name]["sampled"]) for name in names]
-    summary = summarize(rows, steps=window, rank=rank, sample=options.sample, seed=options.seed)
+    element_r2 = options.element_r2()
+    summary = summarize(rows, steps=window, rank=rank, sample=options.sample, seed=options.seed, element_r2=element_r2)
     gate = _gate(summary, options.fail_below)
     params = {
         "steps": window,
@@ -336,9 +364,10 @@ def _write_report(
         "seed": options.seed,
         "threshold": summary["threshold"],
         "fail_below": options.fail_below,
+        **({} if element_r2 is None else {"element_r2": asdict(element_r2)}),
     }
     with output_errors(staging):
-        write_tables(staging, rows, summary, rank)
+        write_tables(staging, rows, summary, rank, element_r2=element_r2 is not None)
         write_provenance(staging, provenance("linearity", [inputs.base, *cks], params))
         plots, hint = (
             draw_plots(lambda: linearity_plots(rows, staging / "plots", window)) if options.plots else ([], None)

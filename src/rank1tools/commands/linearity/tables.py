@@ -25,6 +25,8 @@ from ...engine.spectrum_tables import TYPE_ORDER, module_labels, write_row_table
 from ...jsonutil import json_safe
 from ...math.linefit import R2_LINEAR
 from ...modules import LM_HEAD_NAME, is_embedding, is_norm_parameter, layer_index, parse_matrix_module
+from .element_r2 import COLUMNS as R2_COLUMNS
+from .element_r2 import by_layer, pooled, settings_record
 
 FRAC_KEY = f"frac_r2_above_{R2_LINEAR}"  # "frac_r2_above_0.7": RLVR linearity's headline figure
 NON_MATRIX_TYPES = ("norm", "bias", "embedding", "lm_head", "other")
@@ -65,8 +67,8 @@ def select_all(shapes: dict[str, tuple[int, ...]], include: list[str], exclude: 
     return out
 
 
-def columns(rank: int) -> list[str]:
-    return HEAD + [f"coef_r2_{i + 1}" for i in range(rank)] + TAIL
+def columns(rank: int, element_r2: bool = False) -> list[str]:
+    return HEAD + [f"coef_r2_{i + 1}" for i in range(rank)] + TAIL + (R2_COLUMNS if element_r2 else [])
 
 
 def _mean(values) -> float | None:
@@ -89,7 +91,7 @@ def weighted(rows: list[dict]) -> tuple[float | None, float | None]:
     return frac, static
 
 
-def _group(rows: list[dict]) -> dict:
+def _group(rows: list[dict], element_r2: bool = False) -> dict:
     frac, static = weighted(rows)
     return {
         **{f"mean_{k}": _mean([r[k] for r in rows]) for k in MEAN_KEYS},
@@ -97,15 +99,20 @@ def _group(rows: list[dict]) -> dict:
         "static_fraction": static,
         "numel": sum(r["numel"] for r in rows),
         "n": len(rows),
+        **(pooled(rows) if element_r2 else {}),
     }
 
 
-def summarize(rows: list[dict], *, steps: list[int], rank: int, sample: int | None, seed: int) -> dict:
-    """Means overall and by type, the element-weighted headline and the least linear tensors."""
+def summarize(rows: list[dict], *, steps: list[int], rank: int, sample: int | None, seed: int, element_r2=None) -> dict:
+    """Means overall and by type, the element-weighted headline and the least linear tensors;
+    with `element_r2` (its ElementR2Settings), the per-element R² figure beside the share: in the
+    headline, the groups, `by_layer` and `element_r2` (docs/formats.md#linearity-tables)."""
+    on = element_r2 is not None
     by_type: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: type_key(r["type"])):
         by_type.setdefault(r["type"], []).append(r)
     frac, static = weighted(rows)
+    overall = _group(rows, on)
     ranked = sorted(
         (r for r in rows if r[FRAC_KEY] is not None and not math.isnan(r[FRAC_KEY])),
         key=lambda r: (r[FRAC_KEY], r["tensor"]),
@@ -127,9 +134,10 @@ def summarize(rows: list[dict], *, steps: list[int], rank: int, sample: int | No
                 f"no R², are left out of it and counted in static_fraction"
                 + (f"; estimated from a seeded sample of up to {sample} elements per tensor" if sample else "")
             ),
+            **({"r2_mean": overall["r2_mean"], "r2_median": overall["r2_median"]} if on else {}),
         },
-        "mean": _group(rows),
-        "by_type": {t: _group(rs) for t, rs in by_type.items()},
+        "mean": overall,
+        "by_type": {t: _group(rs, on) for t, rs in by_type.items()},
         "least_linear": [
             {
                 "tensor": r["tensor"],
@@ -140,13 +148,14 @@ def summarize(rows: list[dict], *, steps: list[int], rank: int, sample: int | No
             }
             for r in ranked[:LEAST_LINEAR]
         ],
+        **({"by_layer": by_layer(rows), "element_r2": settings_record(element_r2, rows, sample)} if on else {}),
     }
 
 
-def write_tables(folder: Path, rows: list[dict], summary: dict, rank: int) -> None:
-    """linearity.csv / .jsonl, by_type.csv and summary.json."""
-    write_row_tables(folder, "linearity", rows, columns(rank))
-    keys = [f"mean_{k}" for k in MEAN_KEYS] + [FRAC_KEY, "static_fraction"]
+def write_tables(folder: Path, rows: list[dict], summary: dict, rank: int, element_r2: bool = False) -> None:
+    """linearity.csv / .jsonl, by_type.csv and summary.json (`element_r2`: with its columns)."""
+    write_row_tables(folder, "linearity", rows, columns(rank, element_r2))
+    keys = [f"mean_{k}" for k in MEAN_KEYS] + [FRAC_KEY, "static_fraction"] + (R2_COLUMNS if element_r2 else [])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["type", "tensors", "numel"] + keys)
