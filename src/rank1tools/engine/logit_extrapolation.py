@@ -156,7 +156,7 @@ class LogitExtrapolation:
     def __init__(self, model_a, model_b, tokenizer, *, alpha: float, tokenizer_a=None, eos_ids=None):
         models = [m for m in (model_a, model_b) if m is not None]
         if model_a is not None:
-            diff = vocabulary_difference(model_a, model_b, tokenizer_a or tokenizer, tokenizer)
+            diff = vocabulary_difference(model_a, model_b, tokenizer_a, tokenizer)
             if diff is not None:
                 raise InputError(f"the two checkpoints have different vocabularies: {diff}")
             if next(model_a.parameters()).device != next(model_b.parameters()).device:

@@ -190,6 +190,10 @@ def generate(
     if extrapolation is not None:
         alpha, step_a, step_b, note = resolve_alpha(model, extrapolation)
         notes += [note] if note else []
+    else:
+        from ...io.runs import infer_step
+
+        step_b = infer_step(model)
     prompts = read_prompts(prompts_file)
     if options.answer_field is not None:
         check_answers(prompts, options.answer_field, prompts_file)
