@@ -85,7 +85,7 @@ def _greedy(model, tokenizer, prompt: str, alpha_partner=None, alpha: float = 1.
         if token == 2:
             break
         ids.append(token)
-    return tokenizer.decode(ids[start:], skip_special_tokens=True), len(ids) - start
+    return tokenizer.decode(ids[start:], skip_special_tokens=False), len(ids) - start
 
 
 def test_extrapolated_generation_writes_rollouts_equal_to_the_formula(run, transformers, tmp_path):
@@ -130,8 +130,20 @@ def test_plain_generation_is_transformers_greedy(run, transformers, tmp_path):
     for line, p in zip(lines, PROMPTS, strict=True):
         ids = torch.tensor([tok(p["prompt"])["input_ids"]])
         want = b.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0)[0, ids.shape[1] :]
-        assert line["completion"] == tok.decode(want, skip_special_tokens=True)
+        want = want.tolist()
+        assert line["completion"] == tok.decode(want[: want.index(2)] if 2 in want else want)
         assert line["generation"]["alpha"] is None and line["generation"]["extrapolate_from"] is None
+    # rank1 logprobs' scoring reads the file on the tokens they were generated from: each greedy
+    # token is the argmax, so its teacher-forced log-prob is the largest at its position
+    from rank1tools.engine.model_scoring import score_rollouts
+
+    rollouts = read_rollouts(out)
+    for r, lp in zip(rollouts, score_rollouts(b, tok, rollouts, str(out)), strict=True):
+        ids = tok(r.prompt + r.completion)["input_ids"]
+        with torch.no_grad():
+            best = torch.log_softmax(b(torch.tensor([ids])).logits[0].float(), -1).max(-1).values
+        assert len(lp) == r.extra["completion_tokens"]  # the text re-tokenizes into the generated tokens
+        torch.testing.assert_close(lp, best[len(ids) - len(lp) - 1 : -1], rtol=0, atol=1e-5)
 
 
 def test_samples_are_named_seeded_and_independent_of_the_batch_size(run, tmp_path):
@@ -273,3 +285,79 @@ def test_answer_extraction():
     assert extract_answer("no digits") is None
     assert is_correct("answer: 1,000", 1000) and is_correct("= 42.0", "42") and not is_correct("41", 42)
     assert is_correct("\\boxed{x+1}", " x+1 ") and not is_correct("nothing", "3")
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+)
+
+
+def _copy(src, dst, names):
+    dst.mkdir(parents=True)
+    for name in names:
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_base_tokenizer_and_chat_prompts(run, transformers, tmp_path):
+    ck20, ck40 = run / "run" / "checkpoint-20", run / "run" / "checkpoint-40"
+    prompts = str(run / "prompts.jsonl")
+    weights_only = _copy(ck20, tmp_path / "w" / "checkpoint-20", ["model.safetensors"])
+    r = run_main("generate", str(weights_only), "--prompts", prompts, "--out", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 3 and "no config.json beside the weights" in r.stderr
+    r = run_main("generate", str(ck20), "--prompts", prompts, "--out", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 3 and "cannot load its tokenizer" in r.stderr  # checkpoint-20 has none
+    outs = {}
+    for name, args in {
+        "base": [str(weights_only), "--base", str(ck40)],
+        "tokenizer": [str(ck20), "--tokenizer", str(ck40)],
+    }.items():
+        outs[name] = tmp_path / f"{name}.jsonl"
+        r = run_main("generate", *args, "--prompts", prompts, "--out", str(outs[name]), "--max-new-tokens", "5")
+        assert r.returncode == 0, r.stderr
+    a = transformers.AutoModelForCausalLM.from_pretrained(ck20).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(ck40)
+    want = [_greedy(a, tok, p["prompt"], new=5)[0] for p in PROMPTS]
+    for out in outs.values():  # checkpoint-20's weights, with checkpoint-40's config or tokenizer
+        assert [r.completion for r in read_rollouts(out)] == want
+
+    chat = _copy(ck40, tmp_path / "chat" / "checkpoint-40", [p.name for p in ck40.iterdir()])
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    (chat / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    messages = [{"role": "user", "content": "12+3"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"id": "c", "messages": messages}) + "\n")
+    out = tmp_path / "chat_out.jsonl"
+    r = run_main(
+        "generate", str(chat), "--prompts", str(tmp_path / "chat.jsonl"), "--out", str(out), "--max-new-tokens", "5"
+    )
+    assert r.returncode == 0, r.stderr
+    (line,) = read_rollouts(out)
+    assert line.chat() == messages
+    b = transformers.AutoModelForCausalLM.from_pretrained(ck40).eval()
+    chat_tok = transformers.AutoTokenizer.from_pretrained(chat)
+    ids = chat_tok(
+        chat_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
+    assert ids["input_ids"][:1] == [1]  # the template writes <s> itself
+    gen = b.generate(
+        torch.tensor([ids["input_ids"]]), max_new_tokens=5, do_sample=False, eos_token_id=2, pad_token_id=0
+    )
+    new = gen[0, len(ids["input_ids"]) :].tolist()
+    assert line.completion == chat_tok.decode(new[: new.index(2)] if 2 in new else new)
+
+
+def test_a_tokenizer_of_its_own_must_match(run, tmp_path):
+    ck40 = run / "run" / "checkpoint-40"
+    other = _copy(ck40, tmp_path / "other" / "checkpoint-20", [p.name for p in ck40.iterdir()])
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["1"], vocab["2"] = vocab["2"], vocab["1"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    r = run_main(
+        "generate", str(ck40), "--prompts", str(run / "prompts.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+        "--extrapolate-from", str(other), "--target-step", "60",
+    )  # fmt: skip
+    assert r.returncode == 3
+    assert (
+        f"different vocabularies: token '1' has id {vocab['1']} in A's tokenizer and id {vocab['2']} in B's" in r.stderr
+    )

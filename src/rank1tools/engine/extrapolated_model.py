@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 
-from .logit_extrapolation import combine_logits, model_step, vocabulary_difference
+from .logit_extrapolation import combine_logits, model_step, new_cache, vocabulary_difference
 from .model_scoring import import_transformers
 
 
@@ -72,7 +72,7 @@ def _wrapper_class():
                 new, new_positions, caches = input_ids[:, -1:], positions[:, -1:], prev[1]
             else:
                 new, new_positions = input_ids, positions
-                caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+                caches = [new_cache(self.model_a), new_cache(self.model_b)]
             with torch.no_grad():
                 a, b = (
                     model_step(m, c, input_ids=new, attention_mask=attention_mask, position_ids=new_positions)

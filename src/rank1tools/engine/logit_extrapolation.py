@@ -80,6 +80,16 @@ def model_step(model, cache, **inputs):
     return model(**inputs, **extra).logits[:, -1, :]
 
 
+def new_cache(model):
+    """An empty transformers DynamicCache for `model`, built from its config where this version
+    takes one (so sliding-window and other per-layer cache kinds are the model's own)."""
+    transformers = import_transformers()
+    try:
+        return transformers.DynamicCache(config=model.config)
+    except TypeError:  # older transformers: no config argument
+        return transformers.DynamicCache()
+
+
 def _vocab_rows(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
@@ -122,8 +132,8 @@ def prompt_token_ids(tokenizer, prompt: Prompt, where: str = "prompt") -> list[i
 
 @dataclass
 class Completion:
-    """One generated sequence: `token_ids` (without the EOS that ended it), `text` (decoded
-    without special tokens), `finish_reason` ('eos' or 'length'), and with keep_logits the
+    """One generated sequence: `token_ids` (without the EOS that ended it), `text` (its
+    decoding, special tokens kept), `finish_reason` ('eos' or 'length'), and with keep_logits the
     (steps, V) float32 CPU logits each token was chosen from."""
 
     prompt_index: int
@@ -264,7 +274,6 @@ class LogitExtrapolation:
     def _decode_batch(self, jobs: list[_Job], options: SamplingOptions, keep_logits: bool) -> list[Completion]:
         import torch  # noqa: PLC0415
 
-        transformers = import_transformers()
         width = max(len(j.ids) for j in jobs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
@@ -274,7 +283,7 @@ class LogitExtrapolation:
             mask[row, width - len(job.ids) :] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        caches = [transformers.DynamicCache() for _ in self.models]
+        caches = [new_cache(model) for model in self.models]
         generators = [
             None if options.greedy else sequence_generator(options.seed, j.prompt_index, j.sample) for j in jobs
         ]
@@ -315,7 +324,7 @@ class LogitExtrapolation:
                 sample=job.sample,
                 prompt_length=len(job.ids),
                 token_ids=tokens[j],
-                text=self.tokenizer.decode(tokens[j], skip_special_tokens=True),
+                text=self.tokenizer.decode(tokens[j], skip_special_tokens=False),
                 finish_reason=finish[j],
                 logits=torch.stack(kept[j]) if keep_logits else None,
             )
