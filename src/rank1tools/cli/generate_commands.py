@@ -102,7 +102,9 @@ def generate(
 
     if extrapolate_from is None:
         given = [
-            o for o, v in (("--target-step", target_step), ("--alpha", alpha), ("--step-a", step_a)) if v is not None
+            o
+            for o, v in (("--target-step", target_step), ("--alpha", alpha), ("--step-a", step_a), ("--step-b", step_b))
+            if v is not None
         ]
         if given:
             raise UsageError(f"{given[0]} applies with --extrapolate-from A")
