@@ -83,7 +83,7 @@ def generate(
         None,
         "--answer-field",
         metavar="NAME",
-        help="Score each completion: last \\boxed{} or number == the prompt line's NAME field.",
+        help="Score each completion: its last \\boxed answer or number against the prompt line's NAME field.",
     ),
     device: str = DEVICE_OPT,
     dtype: str = MODEL_DTYPE_OPT,
