@@ -6,6 +6,8 @@ code (docs/commands/generate.md)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -361,3 +363,22 @@ def test_a_tokenizer_of_its_own_must_match(run, tmp_path):
     assert (
         f"different vocabularies: token '1' has id {vocab['1']} in A's tokenizer and id {vocab['2']} in B's" in r.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "phase,state", [("staged", "nothing was written"), ("publishing", "the output is complete at {out}")]
+)
+def test_sigterm_leaves_the_old_file_or_the_new_one(run, tmp_path, phase, state):
+    from _support import finish_paused, start_paused
+
+    out = tmp_path / "o.jsonl"
+    args = ["generate", run / "run" / "checkpoint-40", "--prompts", run / "prompts.jsonl", "--out", out]
+    assert run_main(*map(str, args), "--max-new-tokens", "2").returncode == 0
+    before = out.read_bytes()
+    proc, lines = start_paused([*args, "--max-new-tokens", "3", "--force"], tmp_path, phase)
+    r = finish_paused(proc, lines, signal.SIGTERM)
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"rank1: terminated: {state.format(out=out)}"
+    assert (out.read_bytes() == before) == (phase == "staged")
+    assert len(read_rollouts(out)) == len(PROMPTS)
+    assert sorted(os.listdir(tmp_path)) == ["o.jsonl"]  # no staging file, no lock

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OutputError
-from ..signals import deferred_signals
+from ..signals import deferred_signals, pause_for_test
 from .output_lock import OutputLock
 from .output_nesting import check_inner, check_outer
 from .outputs import _HELD, completed, follow_umask, output_errors, resolve_output
@@ -96,9 +96,11 @@ def staged_file(out: str | os.PathLike, *, force: bool, inputs=(), label: str | 
             os.close(fd)
             staging = Path(name)
             follow_umask(staging, directory=False)
+        pause_for_test("staged")
         yield staging
         check_replaceable_file(target, force=force, label=label)
         with deferred_signals(), output_errors(target):
+            pause_for_test("publishing")
             os.replace(staging, target)
             staging = None
             completed[target] = label
