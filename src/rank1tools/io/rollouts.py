@@ -3,7 +3,8 @@
 A line holds `prompt` (a string) or `messages` (a chat: a non-empty list of objects with string
 `role` and `content`, rendered later with the tokenizer's chat template), a non-empty string
 `completion`, and optionally `id` (a string or an integer, unique in the file). Other fields are
-kept aside untouched (a generator records its checkpoints there). Blank lines are skipped but
+kept aside untouched (a generator records its checkpoints there). A prompts file (`read_prompts`,
+the input of `rank1 generate`) has the same lines without `completion`. Blank lines are skipped but
 counted, so line numbers are the file's. Every refusal is one InputError line naming the file and
 the line (exit 3). The file is read through io/text_files.py (regular file, bounded size, no NUL
 byte). Torch-free.
@@ -68,7 +69,8 @@ def _messages(value: object, at: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _rollout(obj: object, n: int, at: str) -> Rollout:
+def _prompt_fields(obj: object, at: str) -> tuple[str | None, tuple | None, str | int | None]:
+    """(prompt, messages, id) of a line's object: the checks rollouts and prompts files share."""
     if not isinstance(obj, dict):
         raise InputError(f"{at}: expected a JSON object, found {type(obj).__name__}")
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
@@ -82,6 +84,14 @@ def _rollout(obj: object, n: int, at: str) -> Rollout:
             raise InputError(f"{at}: `prompt` must be a string, found {type(prompt).__name__}")
     else:
         messages = _messages(obj["messages"], at)
+    rid = obj.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise InputError(f"{at}: `id` must be a string or an integer, found {type(rid).__name__}")
+    return prompt, messages, rid
+
+
+def _rollout(obj: object, n: int, at: str) -> Rollout:
+    prompt, messages, rid = _prompt_fields(obj, at)
     if "completion" not in obj:
         raise InputError(f"{at}: missing `completion`")
     completion = obj["completion"]
@@ -89,17 +99,12 @@ def _rollout(obj: object, n: int, at: str) -> Rollout:
         raise InputError(f"{at}: `completion` must be a string, found {type(completion).__name__}")
     if not completion:
         raise InputError(f"{at}: empty `completion` (nothing to score)")
-    rid = obj.get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-        raise InputError(f"{at}: `id` must be a string or an integer, found {type(rid).__name__}")
     extra = {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}
     return Rollout(line=n, completion=completion, prompt=prompt, messages=messages, id=rid, extra=extra)
 
 
-def parse_rollouts(text: str, where: str) -> list[Rollout]:
-    """The rollouts of JSONL `text` (see the module docstring); `where` names the file in errors."""
-    rollouts: list[Rollout] = []
-    ids: dict[str | int, int] = {}
+def _json_lines(text: str, where: str):
+    """(line number, parsed object, "WHERE: line N") of every non-blank line of JSONL `text`."""
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -112,31 +117,85 @@ def parse_rollouts(text: str, where: str) -> list[Rollout]:
             raise InputError(f"{at}: unreadable JSON (nested too deeply)") from None
         except ValueError as e:  # JSONDecodeError, int too long to convert
             raise InputError(f"{at}: unreadable JSON ({' '.join(str(e).split())[:200]})") from None
+        yield n, obj, at
+
+
+def _check_unique_id(rid, ids: dict, n: int, at: str) -> None:
+    if rid is not None:
+        if rid in ids:
+            raise InputError(f"{at}: id {rid!r} already used on line {ids[rid]}")
+        ids[rid] = n
+
+
+def parse_rollouts(text: str, where: str) -> list[Rollout]:
+    """The rollouts of JSONL `text` (see the module docstring); `where` names the file in errors."""
+    rollouts: list[Rollout] = []
+    ids: dict[str | int, int] = {}
+    for n, obj, at in _json_lines(text, where):
         r = _rollout(obj, n, at)
-        if r.id is not None:
-            if r.id in ids:
-                raise InputError(f"{at}: id {r.id!r} already used on line {ids[r.id]}")
-            ids[r.id] = n
+        _check_unique_id(r.id, ids, n, at)
         rollouts.append(r)
     if not rollouts:
         raise InputError(f"{where}: no rollouts (the file has no non-blank line)")
     return rollouts
 
 
-def read_rollouts(path: str | Path) -> list[Rollout]:
-    """The rollouts of the JSONL file `path`, in file order; one-line InputError otherwise."""
+def _read_jsonl_text(path: str | Path, what: str) -> str:
     where = str(path)
     data = read_text_file(
         Path(path),
         where,
-        "rollouts file",
+        what,
         max_rollouts_bytes(),
         f"set {ENV_MAX_BYTES}=BYTES to raise it",
         "not JSONL text",
     )
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise InputError(f"{where}: line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return parse_rollouts(text, where)
+
+
+def read_rollouts(path: str | Path) -> list[Rollout]:
+    """The rollouts of the JSONL file `path`, in file order; one-line InputError otherwise."""
+    return parse_rollouts(_read_jsonl_text(path, "rollouts file"), str(path))
+
+
+# ---- prompts files: the same lines without a completion (the input of `rank1 generate`) ----
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """One line of a prompts file: exactly one of `prompt` and `messages` is set. A `completion`
+    field is ignored (a rollouts file serves as a prompts file); other fields are kept in `extra`."""
+
+    line: int
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+    id: str | int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def chat(self) -> list[dict[str, str]] | None:
+        if self.messages is None:
+            return None
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+def parse_prompts(text: str, where: str) -> list[PromptLine]:
+    """The prompts of JSONL `text`: rollout lines without `completion` (same checks, same errors)."""
+    prompts: list[PromptLine] = []
+    ids: dict[str | int, int] = {}
+    for n, obj, at in _json_lines(text, where):
+        prompt, messages, rid = _prompt_fields(obj, at)
+        _check_unique_id(rid, ids, n, at)
+        extra = {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}
+        prompts.append(PromptLine(line=n, prompt=prompt, messages=messages, id=rid, extra=extra))
+    if not prompts:
+        raise InputError(f"{where}: no prompts (the file has no non-blank line)")
+    return prompts
+
+
+def read_prompts(path: str | Path) -> list[PromptLine]:
+    """The prompts of the JSONL file `path`, in file order; one-line InputError otherwise."""
+    return parse_prompts(_read_jsonl_text(path, "prompts file"), str(path))
