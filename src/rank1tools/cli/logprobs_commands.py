@@ -145,19 +145,19 @@ def _render(result) -> None:
     def f(v, pct=False):
         return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3f}")
 
-    t = _table(
-        f"token log-prob linearity: {result.sequences} sequences, {result.tokens} tokens, {steps_text(result.steps)}"
-    )
-    for col in ("tokens", "kept", "R² > 0.7", "mean R²", "median R²"):
+    t = _table("token log-prob linearity")
+    for col in ("tokens", "count", "kept", "R² > 0.7", "mean R²", "median R²"):
         _column(t, col, right=col != "tokens")
     h = s["headline"]
-    t.add_row("[bold]all[/bold]", str(h["kept"]), f(h["frac_r2_above_0.7"], True), f(h["mean_r2"]), f(h["median_r2"]))
-    for name, b in s["buckets"].items():
-        t.add_row(escape(name), str(b["kept"]), f(b["frac_r2_above_0.7"], True), f(b["mean_r2"]), f(b["median_r2"]))
+    rows = [("[bold]all[/bold]", s["tokens"], h), *((escape(n), b["tokens"], b) for n, b in s["buckets"].items())]
+    for label, count, g in rows:
+        t.add_row(
+            label, str(count), str(g["kept"]), f(g["frac_r2_above_0.7"], True), f(g["mean_r2"]), f(g["median_r2"])
+        )
     console.print(t)
     flt = s["filter"]
     console.print(
-        f"filter: {flt['removed_min_change']} tokens removed by --min-change {flt['min_change']}, "
+        f"{result.sequences} sequences, {result.tokens} scored tokens, {steps_text(result.steps)}\nfilter: {flt['removed_min_change']} tokens removed by --min-change {flt['min_change']}, "
         f"{flt['removed_min_distinct']} by --min-distinct {flt['min_distinct']}; {flt['kept']} of {s['tokens']} kept"
     )
     q = s["sequence_sums"]

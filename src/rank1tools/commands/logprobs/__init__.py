@@ -59,6 +59,7 @@ from .plan import (
 )
 from .tables import summarize, write_tables
 
+PLAN_FILE = "plan.json"  # in the work folder: a rerun finding another key starts over
 __all__ = ["MIN_STEPS", "LogprobsOptions", "LogprobsResult", "check_options", "logprobs"]
 
 
@@ -159,7 +160,7 @@ def _run_locked(target, out, data, inputs, pairs, chosen, options, force, notes,
     )
     import torch  # noqa: PLC0415
 
-    work = open_work_folder(target, "plan.json", (json.dumps({"command": "logprobs", "key": key}) + "\n").encode())
+    work = open_work_folder(target, PLAN_FILE, (json.dumps({"command": "logprobs", "key": key}) + "\n").encode())
     store = LogprobStoreWriter(work / STORE_DIR, key, torch.tensor(flat, dtype=torch.int64))
     store.adopt(target / STORE_DIR, pairs)  # a previous output's steps (--force replaces it)
     reused = [s for s, ck in pairs if store.holds(s, ck)]
@@ -244,6 +245,7 @@ def _write_report(work, target, out, data, inputs, pairs, options, force, notes,
             from ...plots_logprobs import logprobs_plots  # noqa: PLC0415
 
             plots, hint = draw_plots(lambda: logprobs_plots(figs, store.steps, store.sequences, work / "plots"))
+        (work / PLAN_FILE).unlink()  # the work folder's, not the output's
     publish(work, target, force=force, label=out)
     return LogprobsResult(
         out=out,
