@@ -309,6 +309,12 @@ def test_cli_json_gate_and_errors(tiny_run, tmp_path, one_shot, transformers):
     _one_line(r, 3, "nope.jsonl")
     r = run_main("logprobs", str(tiny_run / "base"), "--run", str(tiny_run / "run"), "--out", str(tmp_path / "d"))
     assert r.returncode == 2 and "--data" in r.stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    r = _cli(tiny_run, foreign, "--force")  # --force replaces only a folder rank1 wrote
+    _one_line(r, 4, "was not written by rank1")
+    assert (foreign / "notes.txt").read_text() == "mine"
     r = _cli(tiny_run, tiny_run / "run" / "out")  # inside an input
     _one_line(r, 4, "outputs must not be inside or contain an input")
     # a checkpoint that is not of the base's model

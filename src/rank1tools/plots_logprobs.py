@@ -1,4 +1,4 @@
-"""Figures of `rank1 logprobs` (docs/commands/logprobs.md#outputs), drawn with the helpers every
+"""Figures of `rank1 logprobs` (docs/formats.md#logprobs-tables), drawn with the helpers every
 plot shares (plot_common: optional matplotlib, saving without run-to-run metadata).
 
 - token_r2_histogram: the per-token R² of the kept tokens, the 0.7 threshold and the mean marked;
