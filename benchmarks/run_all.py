@@ -30,6 +30,7 @@ BENCHES = [
     "pls",
     "relex",
     "extrapolation_quality",
+    "logprobs",
     "generate",
 ]
 
