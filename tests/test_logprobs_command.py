@@ -127,8 +127,8 @@ def test_figures_equal_numpy_from_the_stored_matrix(one_shot):
     h = s["headline"]
     assert h["kept"] == int(keep.sum()) == Y.shape[1]
     assert h["frac_r2_above_0.7"] == pytest.approx(float((r2[keep] > 0.7).mean()))
-    assert h["mean_r2"] == pytest.approx(float(r2[keep].mean()), rel=1e-9)
-    assert h["median_r2"] == pytest.approx(float(np.median(r2[keep])), rel=1e-9)
+    assert h["r2_mean"] == pytest.approx(float(r2[keep].mean()), rel=1e-9)
+    assert h["r2_median"] == pytest.approx(float(np.median(r2[keep])), rel=1e-9)
     rows = [json.loads(line) for line in (out / "sequences.jsonl").read_text().splitlines()]
     offsets = np.cumsum([0] + [r["tokens"] for r in rows])
     for row, a, b in zip(rows, offsets[:-1], offsets[1:]):

@@ -54,8 +54,8 @@ def test_a_planted_exactly_linear_matrix_gives_r2_one():
         "kept": 12,
         "linear": 12,
         FRAC_KEY: 1.0,
-        "mean_r2": pytest.approx(1.0),
-        "median_r2": pytest.approx(1.0),
+        "r2_mean": pytest.approx(1.0),
+        "r2_median": pytest.approx(1.0),
     }
     assert np.allclose(figs.sum_r2, 1.0, rtol=0, atol=1e-9)  # a sum of lines is a line
     for b in figs.buckets:
@@ -81,8 +81,8 @@ def test_figures_equal_numpy(min_change, min_distinct):
     assert (figs.removed_min_change, figs.removed_min_distinct) == (want["removed_change"], want["removed_distinct"])
     assert figs.overall["kept"] == int(want["keep"].sum())
     assert figs.overall[FRAC_KEY] == pytest.approx(want["frac"], abs=1e-15)
-    assert figs.overall["mean_r2"] == pytest.approx(want["mean"], rel=1e-12)
-    assert figs.overall["median_r2"] == pytest.approx(want["median"], rel=1e-12)
+    assert figs.overall["r2_mean"] == pytest.approx(want["mean"], rel=1e-12)
+    assert figs.overall["r2_median"] == pytest.approx(want["median"], rel=1e-12)
     # per sequence: the summed log-prob (float64) and its R²
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     sums = np.stack([Y[:, a:b].astype(np.float64).sum(axis=1) for a, b in zip(offsets[:-1], offsets[1:])], axis=1)
@@ -92,7 +92,7 @@ def test_figures_equal_numpy(min_change, min_distinct):
         k = want["keep"][a:b]
         assert figs.sequences[i]["kept"] == int(k.sum())
         if k.any():
-            assert figs.sequences[i]["mean_r2"] == pytest.approx(float(want["r2"][a:b][k].mean()), rel=1e-12)
+            assert figs.sequences[i]["r2_mean"] == pytest.approx(float(want["r2"][a:b][k].mean()), rel=1e-12)
     # buckets: token j of n in third floor(3j/n)
     which = np.concatenate([[(3 * j) // n for j in range(n)] for n in lengths])
     for bi, b in enumerate(figs.buckets):
@@ -101,7 +101,7 @@ def test_figures_equal_numpy(min_change, min_distinct):
         assert b["kept"] == sel.size
         if sel.size:
             assert b[FRAC_KEY] == pytest.approx(float((sel > 0.7).mean()))
-            assert b["median_r2"] == pytest.approx(float(np.median(sel)), rel=1e-12)
+            assert b["r2_median"] == pytest.approx(float(np.median(sel)), rel=1e-12)
     # per step means
     for i, row in enumerate(figs.per_step):
         assert row["step"] == STEPS[i]

@@ -74,7 +74,7 @@ def logprobs_plots(figs, steps: list[int], sequences, out_dir: Path) -> list[Pat
             names = [b["bucket"] for b in figs.buckets]
             xs = list(range(len(names)))
             frac = [common.num(b["frac_r2_above_0.7"]) for b in figs.buckets]
-            mean = [common.num(b["mean_r2"]) for b in figs.buckets]
+            mean = [common.num(b["r2_mean"]) for b in figs.buckets]
             ax.bar([x - 0.2 for x in xs], frac, width=0.4, color="C0", label=f"share R² > {R2_LINEAR}")
             ax.bar([x + 0.2 for x in xs], mean, width=0.4, color="C1", label="mean R²")
             ax.set_xticks(xs, names)

@@ -152,7 +152,7 @@ def _render(result) -> None:
     rows = [("[bold]all[/bold]", s["tokens"], h), *((escape(n), b["tokens"], b) for n, b in s["buckets"].items())]
     for label, count, g in rows:
         t.add_row(
-            label, str(count), str(g["kept"]), f(g["frac_r2_above_0.7"], True), f(g["mean_r2"]), f(g["median_r2"])
+            label, str(count), str(g["kept"]), f(g["frac_r2_above_0.7"], True), f(g["r2_mean"]), f(g["r2_median"])
         )
     console.print(t)
     flt = s["filter"]
@@ -163,7 +163,7 @@ def _render(result) -> None:
     q = s["sequence_sums"]
     console.print(
         f"summed log-prob per sequence: {f(q['frac_r2_above_0.7'], True)} of {q['sequences']} sequences "
-        f"with R² > 0.7 (mean R² {f(q['mean_r2'])})"
+        f"with R² > 0.7 (mean R² {f(q['r2_mean'])})"
     )
     if result.reused_steps:
         console.print(f"steps reused from the store: {', '.join(map(str, result.reused_steps))}")

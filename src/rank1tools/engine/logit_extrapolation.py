@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError, UsageError
-from .model_scoring import Prompt, _prompt_text, import_transformers, leading_special_ids, model_context
+from .model_scoring import Prompt, prompt_text, import_transformers, leading_special_ids, model_context
 from .sampling import SamplingOptions, choose_token, sequence_generator
 
 
@@ -122,7 +122,7 @@ def vocabulary_difference(model_a, model_b, tokenizer_a=None, tokenizer_b=None) 
 
 def prompt_token_ids(tokenizer, prompt: Prompt, where: str = "prompt") -> list[int]:
     """The ids a prompt is decoded from (the scoring convention; module docstring)."""
-    text, special = _prompt_text(tokenizer, prompt, where)
+    text, special = prompt_text(tokenizer, prompt, where)
     prefix = leading_special_ids(tokenizer) if special else []
     ids = [*prefix, *tokenizer(text, add_special_tokens=False)["input_ids"]]
     if not ids:

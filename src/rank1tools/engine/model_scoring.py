@@ -56,7 +56,7 @@ class TokenizedPair:
         return len(self.ids) - self.start
 
 
-def _prompt_text(tokenizer, prompt: Prompt, where: str) -> tuple[str, bool]:
+def prompt_text(tokenizer, prompt: Prompt, where: str) -> tuple[str, bool]:
     """The prompt's text and whether the tokenizer's leading special tokens go before it."""
     if isinstance(prompt, str):
         return prompt, True
@@ -93,7 +93,7 @@ def tokenize_pair(
     adds no token, a first scored token with nothing before it, or ids past `max_length`."""
     if not completion:
         raise InputError(f"{where}: empty completion (nothing to score)")
-    text, special = _prompt_text(tokenizer, prompt, where)
+    text, special = prompt_text(tokenizer, prompt, where)
     prefix = leading_special_ids(tokenizer) if special else []
     prompt_ids = _ids(tokenizer, text, prefix)
     ids = _ids(tokenizer, text + completion, prefix)

@@ -30,7 +30,7 @@ def _num(x) -> float | None:
 
 
 def r2_figures(r2: np.ndarray) -> dict:
-    """{kept, linear, frac_r2_above_0.7, mean_r2, median_r2} of the R² values of the kept tokens
+    """{kept, linear, frac_r2_above_0.7, r2_mean, r2_median} of the R² values of the kept tokens
     (float64; the median is the middle value, the mean of the two middle ones for an even count)."""
     n = int(r2.size)
     linear = int((r2 > R2_LINEAR).sum())
@@ -38,8 +38,8 @@ def r2_figures(r2: np.ndarray) -> dict:
         "kept": n,
         "linear": linear,
         FRAC_KEY: linear / n if n else None,
-        "mean_r2": float(r2.mean()) if n else None,
-        "median_r2": float(np.median(r2)) if n else None,
+        "r2_mean": float(r2.mean()) if n else None,
+        "r2_median": float(np.median(r2)) if n else None,
     }
 
 

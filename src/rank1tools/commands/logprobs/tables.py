@@ -19,7 +19,7 @@ from ...jsonutil import json_safe
 from ...math.linefit import R2_LINEAR
 from .figures import FRAC_KEY, Figures
 
-R2_COLUMNS = ["kept", "linear", FRAC_KEY, "mean_r2", "median_r2"]
+R2_COLUMNS = ["kept", "linear", FRAC_KEY, "r2_mean", "r2_median"]
 SEQUENCE_COLUMNS = ["sequence", "id", "line", "tokens", *R2_COLUMNS, "sum_r2", "sum_logprob_first", "sum_logprob_last"]
 BUCKET_COLUMNS = ["bucket", "tokens", *R2_COLUMNS]
 STEP_COLUMNS = ["step", "mean_logprob_per_token", "mean_logprob_per_sequence"]
@@ -82,7 +82,7 @@ def summarize(
                 "sequences": len(sum_r2),
                 "linear": sums_above,
                 FRAC_KEY: sums_above / len(sum_r2) if sum_r2 else None,
-                "mean_r2": sum(sum_r2) / len(sum_r2) if sum_r2 else None,
+                "r2_mean": sum(sum_r2) / len(sum_r2) if sum_r2 else None,
             },
             "buckets": {b["bucket"]: {k: v for k, v in b.items() if k != "bucket"} for b in figs.buckets},
             "per_step": figs.per_step,
