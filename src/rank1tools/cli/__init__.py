@@ -12,6 +12,7 @@ registers its commands on the app when imported here.
 from . import model_commands  # noqa: F401, I001 (registers inspect, decompose, reconstruct, demo)
 from . import fit_commands  # noqa: F401 (registers fit-pls, linearity)
 from . import extrapolate_commands  # noqa: F401 (registers extrapolate)
+from . import logprobs_commands  # noqa: F401 (registers logprobs)
 from . import generate_commands  # noqa: F401 (registers generate)
 from .app import app, main
 
