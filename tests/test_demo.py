@@ -40,13 +40,14 @@ def test_quick_demo_table_is_consistent_with_its_files(quick_demo):
     out, res = quick_demo
     assert json.loads((out / "results.json").read_text()) == res
     rows = {r["name"].split(" (")[0]: r for r in res["rows"]}
-    assert len(res["rows"]) == 8
+    logit_rows = [r for r in res["rows"] if r["name"].startswith("logits ")]
+    assert len(res["rows"]) == 8 + len(logit_rows) and len(logit_rows) == 1  # --quick: steps 3..15, cut 9: B = 12
     base, final = res["rows"][0], res["rows"][2]
     assert base["step"] == 0 and final["step"] == res["final"] == res["steps"][-1]
     assert res["steps"][0] < res["cut"] < res["final"]
     config = DemoTraining.quick(res["seed"])
     for r in res["rows"]:
-        assert Path(r["path"]).is_dir(), r["name"]
+        assert Path(r["path"]).is_dir() or r in logit_rows, r["name"]
         assert 0.0 <= r["accuracy"] <= 1.0
         expected = (
             (r["accuracy"] - base["accuracy"]) / (final["accuracy"] - base["accuracy"])
@@ -85,7 +86,7 @@ def test_quick_demo_outputs_of_every_command(quick_demo):
     ):
         assert (out / folder / "rank1tools.json").is_file(), folder
     base = _tensors(out / "base")
-    for r in res["rows"][3:]:
+    for r in res["rows"][3:8]:
         got = _tensors(r["path"])
         assert set(got) == set(base), r["name"]
         assert all(torch.isfinite(t).all() for t in got.values()), r["name"]
@@ -165,3 +166,54 @@ def test_synthetic_refuses_training_options(tmp_path):
     r = run_main("demo", "--synthetic", "--quick", "--out", str(tmp_path / "x"))
     assert r.returncode == 2
     assert "--quick" in r.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.training
+def test_logit_extrapolation_rows_equal_the_formula_on_the_demo_model(quick_demo):
+    """Each output-space row's accuracy is greedy decoding from logits_A + α(logits_B − logits_A),
+    recomputed here with the demo's own model code (not transformers), teacher-forced: greedy
+    decoding emits the answer iff every answer position's argmax is the answer's token."""
+    from rank1tools.demo import DemoTraining
+    from rank1tools.demo.model import TinyLlama, load_weights
+    from rank1tools.demo.train import make_task
+    from rank1tools.io.rollouts import read_rollouts
+
+    out, res = quick_demo
+    config = DemoTraining.quick(res["seed"])
+    task = make_task(config)
+    (row,) = [r for r in res["rows"] if r["name"].startswith("logits ")]
+    a, b = (int(s) for s in row["name"].removeprefix("logits ").split("→"))
+    assert a == res["cut"] and a < b < res["final"]
+    alpha = (res["final"] - a) / (b - a)
+    models = []
+    for step in (a, b):
+        m = TinyLlama(config.model_config())
+        load_weights(m, out / "run" / f"checkpoint-{step}")
+        models.append(m.eval())
+    p, ans = task.eval_prompts, task.eval_answers
+    with torch.no_grad():
+        ids = torch.cat([p, ans[:, :-1]], dim=1)
+        la, lb = (m(ids)[:, p.shape[1] - 1 :].float() for m in models)
+        combined = la + alpha * (lb - la)
+    correct = (combined.argmax(dim=-1) == ans).all(dim=1)
+    assert row["accuracy"] == int(correct.sum()) / len(correct)
+    written = read_rollouts(row["path"])
+    assert len(written) == len(task.eval_pairs)
+    assert {json.dumps(r.extra["generation"]["alpha"]) for r in written} == {json.dumps(alpha)}
+
+
+@pytest.mark.training
+def test_logprobs_of_the_base_rollouts(quick_demo):
+    out, res = quick_demo
+    summary = json.loads((out / "logprobs" / "summary.json").read_text())
+    assert summary["steps"] == [0, *res["steps"]]
+    assert res["figures"]["logprob_tokens_linear"] == summary["headline"]["frac_r2_above_0.7"]
+    assert res["figures"]["logprob_r2_mean"] == summary["headline"]["mean_r2"]
+    from rank1tools.demo.task import reward
+    from rank1tools.io.rollouts import read_rollouts
+
+    rollouts = read_rollouts(out / "rollouts-base.jsonl")
+    assert len(rollouts) == summary["sequences"] == 128
+    # the base's greedy completions: their accuracy is the base's on those prompts
+    base_acc = sum(reward(r.prompt, r.completion) for r in rollouts) / len(rollouts)
+    assert 0 < base_acc < 1

@@ -34,6 +34,9 @@ TRANSCRIPT = re.compile(r"(^<!-- demo output -->\n```console\n)(.*?)(^```\n)", r
 COMMAND = "rank1 demo --out demo-out"
 # the rows of the demo's table (commands/demo_rl.py), by the names the figures use
 ROWS = ["base", "cut", "final", "rank1", "relex", "relex_all", "lstsq", "alpharl"]
+# the output-space rows after them (commands/demo_output.py): logits of the cut and of the checkpoint
+# halfway to the final step, then of the last checkpoint before it, extrapolated to the final step
+LOGIT_ROWS = ["logits-mid", "logits-late"]
 
 
 def _pct(x: float, digits: int = 1) -> str:
@@ -50,7 +53,7 @@ def figures(record: dict) -> dict[str, str]:
     m = re.search(r"; (\d+) s \(training (\d+) s\)", text)
     if not m:
         raise ValueError("the transcript has no 'N s (training M s)' timing")
-    rows = dict(zip(ROWS, res["rows"], strict=True))
+    rows = dict(zip(ROWS + LOGIT_ROWS, res["rows"], strict=True))
     curve = {p["step"]: p["accuracy"] for p in res["curve"]}
     fig = res["figures"]
     out = {
@@ -74,6 +77,13 @@ def figures(record: dict) -> dict[str, str]:
     for name, row in rows.items():
         out[f"acc-{name}"] = _pct(row["accuracy"])
         out[f"kept-{name}"] = _pct(row["kept"], 0)
+    for name in LOGIT_ROWS:
+        out[f"b-{name}"] = rows[name]["name"].split("→")[-1]
+        out[f"alpha-{name}"] = rows[name]["note"].split("= ")[-1]
+    out["lp-linear-pct"] = _pct(fig["logprob_tokens_linear"], 0)
+    out["lp-r2-mean"] = f"{fig['logprob_r2_mean']:.2f}"
+    out["lp-r2-median"] = f"{fig['logprob_r2_median']:.2f}"
+    out["lp-seq-linear-pct"] = _pct(fig["logprob_sequences_linear"], 0)
     return out
 
 

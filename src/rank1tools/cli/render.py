@@ -306,8 +306,11 @@ def demo(result) -> None:
         ("mean PLS R² vs step", "pls_r2_step"),
         ("mean trajectory explained variance (rank 1, all tensors)", "trajectory_explained_1"),
         ("share of changing weights with per-element R² > 0.7", "linear_elements"),
+        ("share of base-rollout tokens with log-prob R² > 0.7", "logprob_tokens_linear"),
+        ("mean per-token log-prob R² (base rollouts)", "logprob_r2_mean"),
     ):
-        s.add_row(label, v(f.get(key)))
+        if key in f or not key.startswith("logprob"):  # the log-prob rows need the model extra
+            s.add_row(label, v(f.get(key)))
     console.print(s)
     console.print(
         f"results: {escape(str(result.out))}/results.json"

@@ -23,6 +23,7 @@ from ..io.outputs import staged_output
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from .decompose import DecomposeOptions, decompose
+from .demo_output import SKIP_NOTE, model_extra_present, run_output_stages
 from .extrapolate.registry import ExtrapolateOptions, extrapolate
 from .fit_pls import FitPlsOptions, fit_pls
 from .linearity import LinearityOptions, linearity
@@ -224,6 +225,13 @@ def _run_rl_demo(
         ),
     )
 
+    output_rows, output_figures, notes = [], {}, list(pls.warnings)
+    if model_extra_present():
+        stages = run_output_stages(root, steps, cut, final, config, device, stage)
+        output_rows, output_figures = stages.rows, stages.figures
+    else:
+        notes.append(SKIP_NOTE)
+
     base_acc, final_acc = curve[0], curve[final]
     models = [
         ("base (SFT warm-up)", base, 0, curve[0], ""),
@@ -241,7 +249,7 @@ def _run_rl_demo(
     def evaluate_all():
         return [(name, path, step, evaluate_checkpoint(path, config), note) for name, path, step, note in written]
 
-    evaluated = stage("evaluate", evaluate_all)
+    evaluated = stage("evaluate", evaluate_all) + output_rows
     rows = [
         DemoRow(name, path, step, acc, kept_share(acc, base_acc, final_acc), note)
         for name, path, step, acc, note in models + evaluated
@@ -255,6 +263,7 @@ def _run_rl_demo(
         "trajectory_explained_1": lin.summary["mean"]["mean_explained_1"],
         "linear_elements": lin.summary["headline"]["frac_r2_above_0.7"],
         "alpharl_target_accuracy": target_metric,
+        **output_figures,
     }
     seconds["total"] = time.perf_counter() - t0
     result = RLDemoResult(
@@ -268,7 +277,7 @@ def _run_rl_demo(
         figures=figures,
         curve=curve,
         seconds=seconds,
-        notes=list(pls.warnings),
+        notes=notes,
     )
     result.plots = _plot(result, root)
     (root / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
