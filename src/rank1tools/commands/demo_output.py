@@ -121,8 +121,8 @@ def run_output_stages(root: Path, steps: list[int], cut: int, final: int, config
     headline = lp.summary["headline"]
     figures = {
         "logprob_tokens_linear": headline["frac_r2_above_0.7"],
-        "logprob_r2_mean": headline["mean_r2"],
-        "logprob_r2_median": headline["median_r2"],
+        "logprob_r2_mean": headline["r2_mean"],
+        "logprob_r2_median": headline["r2_median"],
         "logprob_sequences_linear": lp.summary["sequence_sums"]["frac_r2_above_0.7"],
     }
     return OutputStages(rows=rows, figures=figures)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError, UsageError
-from .model_scoring import Prompt, prompt_text, import_transformers, leading_special_ids, model_context
+from .model_scoring import Prompt, import_transformers, leading_special_ids, model_context, prompt_text
 from .sampling import SamplingOptions, choose_token, sequence_generator
 
 
