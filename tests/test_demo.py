@@ -208,7 +208,7 @@ def test_logprobs_of_the_base_rollouts(quick_demo):
     summary = json.loads((out / "logprobs" / "summary.json").read_text())
     assert summary["steps"] == [0, *res["steps"]]
     assert res["figures"]["logprob_tokens_linear"] == summary["headline"]["frac_r2_above_0.7"]
-    assert res["figures"]["logprob_r2_mean"] == summary["headline"]["mean_r2"]
+    assert res["figures"]["logprob_r2_mean"] == summary["headline"]["r2_mean"]
     from rank1tools.demo.task import reward
     from rank1tools.io.rollouts import read_rollouts
 
