@@ -19,8 +19,8 @@ is plain decoding, so plain and extrapolated generation share one implementation
 Prompts follow the scoring convention (engine/model_scoring.py): a `prompt` string after the
 tokenizer's leading special tokens, or chat `messages` rendered with the chat template
 (add_generation_prompt=True), so a completion written here is scored by `rank1 logprobs` on the
-tokens it was generated from. Completions are decoded without special tokens; the EOS that ended
-one is not part of it.
+tokens it was generated from. A completion's text is what its tokens add to the prompt's decoded
+text (`completion_text`), special tokens kept; the EOS that ended one is not part of it.
 """
 
 from __future__ import annotations
@@ -324,12 +324,24 @@ class LogitExtrapolation:
                 sample=job.sample,
                 prompt_length=len(job.ids),
                 token_ids=tokens[j],
-                text=self.tokenizer.decode(tokens[j], skip_special_tokens=False),
+                text=completion_text(self.tokenizer, job.ids, tokens[j]),
                 finish_reason=finish[j],
                 logits=torch.stack(kept[j]) if keep_logits else None,
             )
             for j, job in enumerate(jobs)
         ]
+
+
+def completion_text(tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> str:
+    """The text `token_ids` add after the prompt: decode(prompt + tokens) minus decode(prompt),
+    special tokens kept. Decoding the tokens alone can lose text (a SentencePiece tokenizer drops
+    the leading space of a text's first token), and then prompt + completion would not re-tokenize
+    into the generated tokens; decode(tokens) only where the prompt's text is not a prefix."""
+    head = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
+    full = tokenizer.decode([*prompt_ids, *token_ids], skip_special_tokens=False)
+    if full.startswith(head):
+        return full[len(head) :]
+    return tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
 
 def _default_eos(tokenizer, model) -> set[int]:
