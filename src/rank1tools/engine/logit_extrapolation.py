@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError, UsageError
-from .model_scoring import Prompt, import_transformers, leading_special_ids, model_context, prompt_text
+from .model_scoring import Prompt, import_transformers, model_context, prompt_token_ids
 from .sampling import SamplingOptions, choose_token, sequence_generator
 
 
@@ -118,16 +118,6 @@ def vocabulary_difference(model_a, model_b, tokenizer_a=None, tokenizer_b=None) 
         if ida != idb:
             return f"{role.removesuffix('_id')} is {ida} in A's tokenizer and {idb} in B's"
     return None
-
-
-def prompt_token_ids(tokenizer, prompt: Prompt, where: str = "prompt") -> list[int]:
-    """The ids a prompt is decoded from (the scoring convention; module docstring)."""
-    text, special = prompt_text(tokenizer, prompt, where)
-    prefix = leading_special_ids(tokenizer) if special else []
-    ids = [*prefix, *tokenizer(text, add_special_tokens=False)["input_ids"]]
-    if not ids:
-        raise InputError(f"{where}: the prompt has no token to continue (empty prompt and no BOS token)")
-    return ids
 
 
 @dataclass

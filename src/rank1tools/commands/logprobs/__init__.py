@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...engine.model_loading import CausalLM
-from ...engine.model_scoring import model_context, score_tokenized, tokenize_pair
+from ...engine.model_scoring import model_context, score_batches, tokenize_pair
 from ...errors import InputError
 from ...io.compat import check_compatible
 from ...io.logprob_store import (
@@ -132,14 +132,7 @@ def _run_locked(target, out, data, inputs, pairs, chosen, options, force, notes,
     lm = CausalLM(inputs.base, options.model)
     context = model_context(lm.model)
     tokenized = [
-        tokenize_pair(
-            lm.tokenizer,
-            r.chat() if r.messages is not None else r.prompt,
-            r.completion,
-            f"{data}: line {r.line}",
-            context,
-        )
-        for r in chosen
+        tokenize_pair(lm.tokenizer, r.prompt_input(), r.completion, f"{data}: line {r.line}", context) for r in chosen
     ]
     seqs, offset, flat = [], 0, []
     for r, p in zip(chosen, tokenized):
@@ -196,10 +189,7 @@ def _run_locked(target, out, data, inputs, pairs, chosen, options, force, notes,
 def _score(lm: CausalLM, tokenized, batch_size: int, ck, step: int):
     import torch  # noqa: PLC0415
 
-    parts = []
-    for lo in range(0, len(tokenized), batch_size):
-        parts.extend(score_tokenized(lm.model, tokenized[lo : lo + batch_size]))
-    values = torch.cat(parts)
+    values = torch.cat(score_batches(lm.model, tokenized, batch_size))
     if not bool(torch.isfinite(values).all()):
         raise InputError(f"{ck.label} (step {step}): non-finite log-probabilities (NaN or Inf logits)")
     return values
