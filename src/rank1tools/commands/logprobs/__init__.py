@@ -46,6 +46,7 @@ from ...jsonutil import json_safe
 from ...math.linefit import ElementFilter
 from ...plot_common import draw_plots
 from ...values import StepSelection
+from ..gate import fail_below_gate
 from .figures import FRAC_KEY, compute_figures
 from .plan import (
     CONVENTION,
@@ -254,12 +255,4 @@ def _write_report(work, target, out, data, inputs, pairs, options, force, notes,
 
 
 def _gate(summary: dict, threshold: float | None) -> dict | None:
-    if threshold is None:
-        return None
-    value = summary["headline"][FRAC_KEY]
-    return {
-        "figure": f"token {FRAC_KEY}",
-        "value": value,
-        "threshold": threshold,
-        "passed": bool(value is not None and value >= threshold),
-    }
+    return fail_below_gate(f"token {FRAC_KEY}", summary["headline"][FRAC_KEY], threshold)
