@@ -202,3 +202,29 @@ def test_transformers_generate_runs_the_pair(models):
             want = LogitExtrapolation(a, b, tok, alpha=alpha).generate(PROMPTS, SamplingOptions(max_new_tokens=10))
             assert got == [c.token_ids for c in want]
     assert got != [_hf_greedy(a, tok, p, 10) for p in PROMPTS]  # α = 2.5 is not model A
+
+
+def test_a_completion_is_the_text_its_tokens_add_after_the_prompt(transformers):
+    """A SentencePiece-style (Metaspace) tokenizer drops the leading space of a text's first token
+    when that token is decoded alone: the completion must be what the tokens add to the prompt's
+    text, so that `rank1 logprobs` re-tokenizes prompt + completion into the generated tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from rank1tools.engine.model_scoring import tokenize_pair
+
+    vocab = {"▁a": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "a": 4, "b": 5, "▁": 6, "▁b": 7}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a"), ("▁", "b")], unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    model = _llama(transformers, 0, vocab=len(vocab))
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # every logit 0: greedy takes token 0, "▁a"
+    (got,) = LogitExtrapolation.single(model, tok).generate(["b"], SamplingOptions(max_new_tokens=2))
+    assert got.token_ids == [0, 0]
+    assert tok.decode(got.token_ids) == "a a"  # decoded alone, the first space is lost
+    assert got.text == " a a"
+    pair = tokenize_pair(tok, "b", got.text)
+    assert list(pair.ids[pair.start :]) == got.token_ids

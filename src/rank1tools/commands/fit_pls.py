@@ -38,6 +38,7 @@ from ..options import check_min_checkpoints
 from ..plot_common import draw_plots
 from ..plots import fit_plots
 from ..values import StepSelection
+from .gate import fail_below_gate
 
 GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
 LOO_GOOD = 0.9  # the share of modules above this LOO R² is reported
@@ -247,16 +248,8 @@ def _fit_all(store: FactorStore, used: list[int], y, metric_name, options, stagi
         if progress:
             progress(i + 1, len(names))
     summary, warnings = summarize(rows, metric_name is not None)
-    gate = None
-    if options.fail_below is not None:
-        key = "loo_r2" if y is not None else "r2_step"
-        value = summary["mean"][key]
-        gate = {
-            "figure": f"mean {key}",
-            "value": value,
-            "threshold": options.fail_below,
-            "passed": bool(value is not None and not math.isnan(value) and value >= options.fail_below),
-        }
+    key = "loo_r2" if y is not None else "r2_step"
+    gate = fail_below_gate(f"mean {key}", summary["mean"][key], options.fail_below)
     plots, hint = [], None
     with output_errors(staging):
         _write_tables(staging, rows, summary)

@@ -19,8 +19,8 @@ is plain decoding, so plain and extrapolated generation share one implementation
 Prompts follow the scoring convention (engine/model_scoring.py): a `prompt` string after the
 tokenizer's leading special tokens, or chat `messages` rendered with the chat template
 (add_generation_prompt=True), so a completion written here is scored by `rank1 logprobs` on the
-tokens it was generated from. Completions are decoded without special tokens; the EOS that ended
-one is not part of it.
+tokens it was generated from. A completion's text is what its tokens add to the prompt's decoded
+text (`completion_text`), special tokens kept; the EOS that ended one is not part of it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError, UsageError
-from .model_scoring import Prompt, import_transformers, leading_special_ids, model_context, prompt_text
+from .model_scoring import Prompt, import_transformers, model_context, prompt_token_ids
 from .sampling import SamplingOptions, choose_token, sequence_generator
 
 
@@ -118,16 +118,6 @@ def vocabulary_difference(model_a, model_b, tokenizer_a=None, tokenizer_b=None) 
         if ida != idb:
             return f"{role.removesuffix('_id')} is {ida} in A's tokenizer and {idb} in B's"
     return None
-
-
-def prompt_token_ids(tokenizer, prompt: Prompt, where: str = "prompt") -> list[int]:
-    """The ids a prompt is decoded from (the scoring convention; module docstring)."""
-    text, special = prompt_text(tokenizer, prompt, where)
-    prefix = leading_special_ids(tokenizer) if special else []
-    ids = [*prefix, *tokenizer(text, add_special_tokens=False)["input_ids"]]
-    if not ids:
-        raise InputError(f"{where}: the prompt has no token to continue (empty prompt and no BOS token)")
-    return ids
 
 
 @dataclass
@@ -324,12 +314,24 @@ class LogitExtrapolation:
                 sample=job.sample,
                 prompt_length=len(job.ids),
                 token_ids=tokens[j],
-                text=self.tokenizer.decode(tokens[j], skip_special_tokens=False),
+                text=completion_text(self.tokenizer, job.ids, tokens[j]),
                 finish_reason=finish[j],
                 logits=torch.stack(kept[j]) if keep_logits else None,
             )
             for j, job in enumerate(jobs)
         ]
+
+
+def completion_text(tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> str:
+    """The text `token_ids` add after the prompt: decode(prompt + tokens) minus decode(prompt),
+    special tokens kept. Decoding the tokens alone can lose text (a SentencePiece tokenizer drops
+    the leading space of a text's first token), and then prompt + completion would not re-tokenize
+    into the generated tokens; decode(tokens) only where the prompt's text is not a prefix."""
+    head = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
+    full = tokenizer.decode([*prompt_ids, *token_ids], skip_special_tokens=False)
+    if full.startswith(head):
+        return full[len(head) :]
+    return tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
 
 def _default_eos(tokenizer, model) -> set[int]:

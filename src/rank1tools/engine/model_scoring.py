@@ -85,6 +85,22 @@ def _ids(tokenizer, text: str, prefix: list[int]) -> list[int]:
     return [*prefix, *tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
+def _prompt_parts(tokenizer, prompt: Prompt, where: str) -> tuple[str, list[int]]:
+    """The prompt's text and the special token ids that go before it (module docstring)."""
+    text, special = prompt_text(tokenizer, prompt, where)
+    return text, leading_special_ids(tokenizer) if special else []
+
+
+def prompt_token_ids(tokenizer, prompt: Prompt, where: str = "prompt") -> list[int]:
+    """The ids a prompt is read as, alone: what generation continues (engine/logit_extrapolation.py)
+    under the convention scoring uses, so a generated completion is scored after the tokens it was
+    generated after. A one-line InputError for a prompt with no token."""
+    ids = _ids(tokenizer, *_prompt_parts(tokenizer, prompt, where))
+    if not ids:
+        raise InputError(f"{where}: the prompt has no token to continue (empty prompt and no BOS token)")
+    return ids
+
+
 def tokenize_pair(
     tokenizer, prompt: Prompt, completion: str, where: str = "input", max_length: int | None = None
 ) -> TokenizedPair:
@@ -93,8 +109,7 @@ def tokenize_pair(
     adds no token, a first scored token with nothing before it, or ids past `max_length`."""
     if not completion:
         raise InputError(f"{where}: empty completion (nothing to score)")
-    text, special = prompt_text(tokenizer, prompt, where)
-    prefix = leading_special_ids(tokenizer) if special else []
+    text, prefix = _prompt_parts(tokenizer, prompt, where)
     prompt_ids = _ids(tokenizer, text, prefix)
     ids = _ids(tokenizer, text + completion, prefix)
     start = 0
@@ -177,6 +192,14 @@ def score_completions(
         tokenize_pair(tokenizer, prompt, completion, labels[i] if labels else f"item {i}", context)
         for i, (prompt, completion) in enumerate(items)
     ]
+    return score_batches(model, pairs, batch_size, padding_side=padding_side)
+
+
+def score_batches(model, pairs: Sequence[TokenizedPair], batch_size: int, *, padding_side: str = "right"):
+    """score_tokenized over `pairs`, `batch_size` at a time: per pair, in order, its scored tokens'
+    float32 log-probabilities."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out = []
     for lo in range(0, len(pairs), batch_size):
         out.extend(score_tokenized(model, pairs[lo : lo + batch_size], padding_side=padding_side))
@@ -186,6 +209,6 @@ def score_completions(
 def score_rollouts(model, tokenizer, rollouts: Sequence[Rollout], where: str, *, batch_size: int = 8):
     """score_completions over the rollouts of a file (io/rollouts.py), in file order; errors name
     the file `where` and the rollout's line."""
-    items = [(r.chat() if r.messages is not None else r.prompt, r.completion) for r in rollouts]
+    items = [(r.prompt_input(), r.completion) for r in rollouts]
     labels = [f"{where}: line {r.line}" for r in rollouts]
     return score_completions(model, tokenizer, items, batch_size=batch_size, labels=labels)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,6 @@ STORE_FORMAT_VERSION = 1
 STORE_DIR = "logprobs"  # the store's folder inside a logprobs output
 MANIFEST = "manifest.json"
 TOKENS_FILE = "tokens.safetensors"
-_STEP_FILE = re.compile(r"step-(0|[1-9][0-9]{0,17})\.safetensors")
 MAX_LOGPROB = 1e-4  # a log-probability is <= 0; this much above it is float rounding, more is corruption
 
 

@@ -26,8 +26,26 @@ DEFAULT_MAX_BYTES = 1 << 30  # bounds the memory a hostile file can take; far ab
 KNOWN_FIELDS = ("id", "prompt", "messages", "completion")
 
 
+class _PromptFields:
+    """The prompt of a line (Rollout, PromptLine): exactly one of `prompt` and `messages` is set."""
+
+    prompt: str | None
+    messages: tuple[tuple[str, str], ...] | None
+
+    def chat(self) -> list[dict[str, str]] | None:
+        """The messages as a chat template takes them, or None for a plain prompt."""
+        if self.messages is None:
+            return None
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    def prompt_input(self) -> str | list[dict[str, str]]:
+        """The prompt as the model-running code takes it (engine/model_scoring.Prompt): the
+        `prompt` string, or the chat messages."""
+        return self.prompt if self.messages is None else self.chat()
+
+
 @dataclass(frozen=True)
-class Rollout:
+class Rollout(_PromptFields):
     """One line of a rollouts file: exactly one of `prompt` and `messages` is set."""
 
     line: int  # 1-based line number in the file
@@ -36,12 +54,6 @@ class Rollout:
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs
     id: str | int | None = None
     extra: dict = field(default_factory=dict)  # the line's other fields, as read
-
-    def chat(self) -> list[dict[str, str]] | None:
-        """The messages as a chat template takes them, or None for a plain prompt."""
-        if self.messages is None:
-            return None
-        return [{"role": r, "content": c} for r, c in self.messages]
 
 
 def max_rollouts_bytes() -> int:
@@ -166,7 +178,7 @@ def read_rollouts(path: str | Path) -> list[Rollout]:
 
 
 @dataclass(frozen=True)
-class PromptLine:
+class PromptLine(_PromptFields):
     """One line of a prompts file: exactly one of `prompt` and `messages` is set. A `completion`
     field is ignored (a rollouts file serves as a prompts file); other fields are kept in `extra`."""
 
@@ -175,11 +187,6 @@ class PromptLine:
     messages: tuple[tuple[str, str], ...] | None = None
     id: str | int | None = None
     extra: dict = field(default_factory=dict)
-
-    def chat(self) -> list[dict[str, str]] | None:
-        if self.messages is None:
-            return None
-        return [{"role": r, "content": c} for r, c in self.messages]
 
 
 def parse_prompts(text: str, where: str) -> list[PromptLine]:

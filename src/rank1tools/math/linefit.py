@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 R2_LINEAR = 0.7  # RLVR linearity's threshold: an element "evolves linearly" when its R² exceeds this
+FRAC_KEY = f"frac_r2_above_{R2_LINEAR}"  # "frac_r2_above_0.7": the share's name in every table and summary
 
 
 class LineFit:

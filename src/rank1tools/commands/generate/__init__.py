@@ -219,7 +219,7 @@ def generate(
         "device": device,
         "dtype": dtype,
     }
-    inputs = [p.chat() if p.messages is not None else p.prompt for p in prompts]
+    inputs = [p.prompt_input() for p in prompts]
     labels = [f"{prompts_file}: line {p.line}" for p in prompts]
     started = time.perf_counter()
     completions = decoder.generate(

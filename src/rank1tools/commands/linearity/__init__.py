@@ -53,6 +53,7 @@ from ...plot_common import draw_plots
 from ...plots import linearity_plots
 from ...resources import check_largest_tensor, streaming_peak_bytes
 from ...values import StepSelection
+from ..gate import fail_below_gate
 from .element_r2 import ElementR2Settings, TensorR2, row_columns
 from .sampling import sample_indices
 from .tables import FRAC_KEY, select_all, summarize, tensor_labels, write_tables
@@ -387,12 +388,4 @@ def _write_report(
 
 
 def _gate(summary: dict, threshold: float | None) -> dict | None:
-    if threshold is None:
-        return None
-    value = summary["headline"][FRAC_KEY]
-    return {
-        "figure": f"element-weighted {FRAC_KEY}",
-        "value": value,
-        "threshold": threshold,
-        "passed": bool(value is not None and value >= threshold),
-    }
+    return fail_below_gate(f"element-weighted {FRAC_KEY}", summary["headline"][FRAC_KEY], threshold)

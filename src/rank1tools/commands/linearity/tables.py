@@ -23,12 +23,11 @@ from pathlib import Path
 
 from ...engine.spectrum_tables import TYPE_ORDER, module_labels, write_row_tables
 from ...jsonutil import json_safe
-from ...math.linefit import R2_LINEAR
+from ...math.linefit import FRAC_KEY, R2_LINEAR
 from ...modules import LM_HEAD_NAME, is_embedding, is_norm_parameter, layer_index, parse_matrix_module
 from .element_r2 import COLUMNS as R2_COLUMNS
 from .element_r2 import by_layer, pooled, settings_record
 
-FRAC_KEY = f"frac_r2_above_{R2_LINEAR}"  # "frac_r2_above_0.7": RLVR linearity's headline figure
 NON_MATRIX_TYPES = ("norm", "bias", "embedding", "lm_head", "other")
 _ORDER = {**TYPE_ORDER, **{t: len(TYPE_ORDER) + i for i, t in enumerate(NON_MATRIX_TYPES)}}
 HEAD = ["tensor", "layer", "type", "numel", "T", "explained_1", "explained_r"]

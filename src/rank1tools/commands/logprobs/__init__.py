@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...engine.model_loading import CausalLM
-from ...engine.model_scoring import model_context, score_tokenized, tokenize_pair
+from ...engine.model_scoring import model_context, score_batches, tokenize_pair
 from ...errors import InputError
 from ...io.compat import check_compatible
 from ...io.logprob_store import (
@@ -46,6 +46,7 @@ from ...jsonutil import json_safe
 from ...math.linefit import ElementFilter
 from ...plot_common import draw_plots
 from ...values import StepSelection
+from ..gate import fail_below_gate
 from .figures import FRAC_KEY, compute_figures
 from .plan import (
     CONVENTION,
@@ -132,14 +133,7 @@ def _run_locked(target, out, data, inputs, pairs, chosen, options, force, notes,
     lm = CausalLM(inputs.base, options.model)
     context = model_context(lm.model)
     tokenized = [
-        tokenize_pair(
-            lm.tokenizer,
-            r.chat() if r.messages is not None else r.prompt,
-            r.completion,
-            f"{data}: line {r.line}",
-            context,
-        )
-        for r in chosen
+        tokenize_pair(lm.tokenizer, r.prompt_input(), r.completion, f"{data}: line {r.line}", context) for r in chosen
     ]
     seqs, offset, flat = [], 0, []
     for r, p in zip(chosen, tokenized):
@@ -196,10 +190,7 @@ def _run_locked(target, out, data, inputs, pairs, chosen, options, force, notes,
 def _score(lm: CausalLM, tokenized, batch_size: int, ck, step: int):
     import torch  # noqa: PLC0415
 
-    parts = []
-    for lo in range(0, len(tokenized), batch_size):
-        parts.extend(score_tokenized(lm.model, tokenized[lo : lo + batch_size]))
-    values = torch.cat(parts)
+    values = torch.cat(score_batches(lm.model, tokenized, batch_size))
     if not bool(torch.isfinite(values).all()):
         raise InputError(f"{ck.label} (step {step}): non-finite log-probabilities (NaN or Inf logits)")
     return values
@@ -264,12 +255,4 @@ def _write_report(work, target, out, data, inputs, pairs, options, force, notes,
 
 
 def _gate(summary: dict, threshold: float | None) -> dict | None:
-    if threshold is None:
-        return None
-    value = summary["headline"][FRAC_KEY]
-    return {
-        "figure": f"token {FRAC_KEY}",
-        "value": value,
-        "threshold": threshold,
-        "passed": bool(value is not None and value >= threshold),
-    }
+    return fail_below_gate(f"token {FRAC_KEY}", summary["headline"][FRAC_KEY], threshold)

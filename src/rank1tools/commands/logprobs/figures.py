@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...math.linefit import R2_LINEAR, ElementFilter, LineFit
+from ...math.linefit import FRAC_KEY, R2_LINEAR, ElementFilter, LineFit
 
 BUCKETS = ("early", "middle", "late")
-FRAC_KEY = f"frac_r2_above_{R2_LINEAR}"  # the vocabulary of `rank1 linearity`
 
 
 def _num(x) -> float | None:

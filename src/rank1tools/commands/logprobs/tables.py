@@ -25,10 +25,6 @@ BUCKET_COLUMNS = ["bucket", "tokens", *R2_COLUMNS]
 STEP_COLUMNS = ["step", "mean_logprob_per_token", "mean_logprob_per_sequence"]
 
 
-def _num(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
-
-
 def sequence_rows(seqs: list[SequenceEntry], figs: Figures) -> list[dict]:
     return [{"sequence": i, "id": s.id, "line": s.line, **f} for i, (s, f) in enumerate(zip(seqs, figs.sequences))]
 

@@ -1,0 +1,17 @@
+"""`--fail-below X`: the CI gate of the commands that measure linearity (fit-pls, linearity, logprobs).
+
+The command writes everything, then the CLI exits 5 when the gate did not pass (docs/cli.md#exit-codes).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def fail_below_gate(figure: str, value: float | None, threshold: float | None) -> dict | None:
+    """The gate record of `figure` (its name in the one-line message) against `threshold`; None
+    without --fail-below. A figure that could not be computed (None or NaN) does not pass."""
+    if threshold is None:
+        return None
+    passed = value is not None and not math.isnan(value) and value >= threshold
+    return {"figure": figure, "value": value, "threshold": threshold, "passed": bool(passed)}
