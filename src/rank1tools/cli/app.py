@@ -268,3 +268,15 @@ def main() -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         rank1tools.COMMAND_LINE = None  # later library calls in this process have no command line
+
+
+def exit_on_gate(gate: dict | None, out: str) -> None:
+    """--fail-below: everything was written; exit 5 with one line when the figure is below the bar."""
+    from ..commands.gate import GATE_EXIT_CODE
+
+    if gate is not None and not gate["passed"]:
+        sys.stderr.write(
+            f"rank1: gate: {gate['figure']} {gate['value']} is below --fail-below {gate['threshold']} "
+            f"(outputs written to {out})\n"
+        )
+        raise typer.Exit(GATE_EXIT_CODE)

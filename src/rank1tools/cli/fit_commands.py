@@ -13,6 +13,7 @@ from .app import (
     app,
     check_common_early,
     check_output_early,
+    exit_on_gate,
     interrupt_hint,
     one_step_selection,
     print_json,
@@ -34,22 +35,11 @@ from .params import (
     include_option,
     number,
     out_option,
+    parse_seed,
     steps_option,
     with_executor,
     with_run,
 )
-
-
-def exit_on_gate(gate: dict | None, out: str) -> None:
-    """--fail-below: everything was written; exit 5 with one line when the figure is below the bar."""
-    from ..commands.fit_pls import GATE_EXIT_CODE
-
-    if gate is not None and not gate["passed"]:
-        sys.stderr.write(
-            f"rank1: gate: {gate['figure']} {gate['value']} is below --fail-below {gate['threshold']} "
-            f"(outputs written to {out})\n"
-        )
-        raise typer.Exit(GATE_EXIT_CODE)
 
 
 @app.command("fit-pls", cls=Rank1Command)
@@ -201,7 +191,7 @@ def linearity(
 
     rank_r = parse_positive_int(rank, "--rank")
     n_sample = None if sample is None else parse_positive_int(sample, "--sample")
-    seed_value = _seed(seed)
+    seed_value = parse_seed(seed)
     distinct = None if min_distinct is None else parse_positive_int(min_distinct, "--min-distinct")
     check_common_early(device)
     check_output_early(out, force, [base, *(checkpoints or []), run_spec.run])
@@ -247,14 +237,3 @@ def linearity(
     else:
         render.linearity(result)
     exit_on_gate(result.gate, out)
-
-
-def _seed(text: str) -> int:
-    """--seed: a non-negative integer (ASCII digits)."""
-    from ..errors import UsageError
-    from ..options import ascii_int
-
-    value = ascii_int(str(text).strip())
-    if value is None:
-        raise UsageError(f"--seed {text!r}: expected a non-negative integer")
-    return value

@@ -13,13 +13,13 @@ from .app import (
     app,
     check_common_early,
     check_output_early,
+    exit_on_gate,
     interrupt_hint,
     print_json,
     print_result_notes,
     set_hub_cache_policy,
     stderr_progress,
 )
-from .fit_commands import _seed, exit_on_gate
 from .params import (
     BASE_ARG,
     BATCH_SIZE_OPT,
@@ -32,6 +32,7 @@ from .params import (
     RunSpec,
     number,
     out_option,
+    parse_seed,
     with_run,
 )
 
@@ -91,7 +92,7 @@ def logprobs(
     from ..options import parse_positive_int
 
     n_sample = None if sample is None else parse_positive_int(sample, "--sample")
-    seed_value = _seed(seed)
+    seed_value = parse_seed(seed)
     check_common_early(device)
     check_output_early(out, force, [base, *(checkpoints or []), run_spec.run, data])
 

@@ -287,3 +287,14 @@ def _run_params(run: bool, steps_help: str) -> list:
 def with_run(*, run: bool = True, steps_help: str = f"With --run: {STEPS_HELP}."):
     """The run options as one `run_spec: RunSpec` parameter (inspect has no --run: its SOURCE is the run)."""
     return option_group("run_spec", _run_params(run, steps_help), lambda **v: RunSpec(**v))
+
+
+def parse_seed(text: str) -> int:
+    """--seed: a non-negative integer (ASCII digits)."""
+    from ..errors import UsageError
+    from ..options import ascii_int
+
+    value = ascii_int(str(text).strip())
+    if value is None:
+        raise UsageError(f"--seed {text!r}: expected a non-negative integer")
+    return value

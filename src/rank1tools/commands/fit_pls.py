@@ -40,7 +40,6 @@ from ..plots import fit_plots
 from ..values import StepSelection
 from .gate import fail_below_gate
 
-GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the run is no longer linear enough
 LOO_GOOD = 0.9  # the share of modules above this LOO R² is reported
 OVERFIT_GAP = 0.5  # warn when mean in-sample R² exceeds mean LOO R² by this much
 COLUMNS = [

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+GATE_EXIT_CODE = 5  # --fail-below: outputs written, but the figure is below the bar
+
 
 def fail_below_gate(figure: str, value: float | None, threshold: float | None) -> dict | None:
     """The gate record of `figure` (its name in the one-line message) against `threshold`; None

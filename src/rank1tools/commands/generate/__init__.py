@@ -10,7 +10,8 @@ combines logits_A + α (logits_B − logits_A) (engine/logit_extrapolation.py); 
 from the checkpoints' paths, or given with --step-a / --step-b).
 
 Order of checks: options (exit 2), the prompts file (exit 3), the output (exit 4), then the models
-are loaded; nothing is written before every completion is generated (io/output_file.py).
+are loaded (the CLI checks the output before anything is read, as every command does, so there an
+existing --out is reported first); nothing is written before every completion is generated (io/output_file.py).
 """
 
 from __future__ import annotations
