@@ -72,9 +72,9 @@ def tensor_updates(
     from_step: float | None = None,
     to_step: float | None = None,
     chunk: int = CHUNK,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One tensor's predicted update at `target`, chunk by chunk over its flattened elements:
-    (first element, θ₀ chunk in float32, float64 update). `points`: the tensor at `steps` (any dtype
+    (first element, θ₀ chunk in float32, the latest point's float32 update, the float64 predicted update). `points`: the tensor at `steps` (any dtype
     and device; read one chunk at a time onto the origin's device)."""
     flat0 = origin.reshape(-1)
     flats = [p.detach().reshape(-1) for p in points]
@@ -85,7 +85,7 @@ def tensor_updates(
         rows = torch.stack([f[lo:hi].to(device=base.device, dtype=torch.float32) for f in flats])
         rows.sub_(base)  # float32 updates, as `extrapolate` computes them from files
         update = next(line_updates(rows, steps, [target], mode=mode, from_step=from_step, to_step=to_step))
-        yield lo, base, update
+        yield lo, base, rows[-1], update
 
 
 def extrapolate_state(
@@ -109,7 +109,7 @@ def extrapolate_state(
             out[name] = value.clone()
             continue
         flat = torch.empty(value.numel(), dtype=value.dtype, device=value.device)
-        for lo, base, update in tensor_updates(
+        for lo, base, _, update in tensor_updates(
             origin[name], [p[name] for p in points], steps, target, mode=mode, from_step=from_step, to_step=to_step
         ):
             flat[lo : lo + base.numel()] = (base.to(torch.float64) + update).to(value.dtype)
