@@ -187,8 +187,8 @@ class ReGroundCallback(transformers.TrainerCallback):
                 "predicted_norm_ratio": _ratio(sq_pred, sq_now) if sq_pred is not None else worst,
                 "actual_norm_ratio": 1.0,
                 "max_tensor_norm_ratio": worst,
-                "skipped": f"{len(flagged) or 'every'} tensors predict an update norm above {limit:.3g}x "
-                f"the segment's, e.g. {flagged[0] if flagged else params[0][0]} ({worst:.3g}x)",
+                "skipped": f"{f'{len(flagged)} tensors predict' if flagged else 'every tensor predicts'} an update "
+                f"norm above {limit:.3g}x the segment's, e.g. {flagged[0] if flagged else params[0][0]} ({worst:.3g}x)",
             }
             log.warning(f"re-grounding: step {step}: jump skipped: {record['skipped']}")
             return record
