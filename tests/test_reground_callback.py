@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -129,6 +131,27 @@ def test_jumps_land_on_the_planted_line(tmp_path, method):
     assert [r["step"] for r in _jumps(final["log_history"])] == [4, 8]
 
 
+def test_resumed_run_starts_a_segment_and_counts_earlier_jumps(tmp_path):
+    """Resumed from the checkpoint saved at the first jump (16D): the same weights and virtual
+    steps as the uninterrupted run."""
+    model = _model()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    D = _direction(model)
+    _train(tmp_path, model, [ReGroundCallback(4, 12)], 5, LineOptimizer(model, D), save_steps=4)
+    resumed = _model()
+    cb = ReGroundCallback(4, 12)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=9, per_device_train_batch_size=2, report_to=[], use_cpu=True
+    )
+    trainer = transformers.Trainer(
+        model=resumed, args=args, train_dataset=_data(), callbacks=[cb], optimizers=(LineOptimizer(resumed, D), None)
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    for n, p in resumed.named_parameters():
+        assert torch.equal(p.detach(), theta0[n] + (9 if n in NORMS else 33) * D[n]), n
+    assert [(j["step"], j["virtual_step"]) for j in cb.jumps] == [(8, 32)] and cb.jumped_steps == 24
+
+
 def test_extrapolated_norms_and_matrices_only(tmp_path):
     model = _model()
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -224,3 +247,13 @@ def test_distributed_settings_refused(args, setting):
             event(ns, transformers.TrainerState(), transformers.TrainerControl(), model=_model())
         msg = str(e.value)
         assert f"this run uses {setting}" in msg and "rank1 extrapolate --method linear" in msg and "\n" not in msg
+
+
+def test_without_transformers_the_import_says_what_to_install():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "try:\n    import rank1tools.integrations.trl\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.startswith("UsageError ") and "pip install 'rank1tools[model]'" in r.stdout
+    assert r.stdout.count("\n") == 1

@@ -111,6 +111,10 @@ class ReGroundCallback(transformers.TrainerCallback):
         self._refuse(args)
         if self.jump_steps == 0:
             return
+        # a resumed run: the jumps before the checkpoint are in its log history
+        self.jumped_steps = sum(
+            r.get(f"{LOG_PREFIX}jump_steps", 0) for r in state.log_history if r.get(f"{LOG_PREFIX}jumped")
+        )
         self._start_segment(state.global_step, model)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
