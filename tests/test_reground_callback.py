@@ -231,6 +231,19 @@ def test_bad_options_one_line(kw, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_nothing_to_extrapolate_is_refused():
+    model = _model()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in NORMS)  # only norm weights train, and norms="copy" keeps them
+    args = SimpleNamespace(world_size=1, deepspeed=None, fsdp=None)
+    with pytest.raises(
+        UsageError, match=r"no trainable floating-point parameter to extrapolate \(tensors='all', norms='copy'\)"
+    ):
+        ReGroundCallback(2, 2).on_train_begin(
+            args, transformers.TrainerState(), transformers.TrainerControl(), model=model
+        )
+
+
 @pytest.mark.parametrize(
     "args,setting",
     [

@@ -156,7 +156,17 @@ class ReGroundCallback(transformers.TrainerCallback):
     def _start_segment(self, step: int, model) -> None:
         self._segment_start = step
         self._snaps = []
-        for name, p in self._params(model):
+        params = list(self._params(model))
+        if not params:
+            raise UsageError(
+                f"ReGroundCallback: no trainable floating-point parameter to extrapolate "
+                f"(tensors={self.tensors!r}, norms={self.norms!r})"
+            )
+        for name, p in params:
+            if not p.data.is_contiguous():
+                raise UsageError(
+                    f"ReGroundCallback: parameter {name} is not contiguous: a jump cannot write it in place"
+                )
             held = self._start.get(name)
             if held is None or held.shape != p.shape:
                 self._start[name] = p.detach().to("cpu", torch.float32, copy=True)
@@ -199,9 +209,7 @@ class ReGroundCallback(transformers.TrainerCallback):
         sq_now, sq_pred, sq_after = 0.0, 0.0, 0.0
         with torch.no_grad():
             for name, p in params:
-                if not p.data.is_contiguous():
-                    raise UsageError(f"ReGroundCallback: parameter {name} is not contiguous: cannot write it in place")
-                flat = p.data.view(-1)
+                flat = p.data.view(-1)  # contiguous: checked when the segment started
                 for lo, base, latest, update in self._updates(name, p, offsets, target):
                     written = (base.to(torch.float64) + update).to(p.dtype)
                     flat[lo : lo + base.numel()].copy_(written)
