@@ -1,4 +1,4 @@
-"""`rank1 backtest`'s tables (docs/formats.md#backtest-tables): the overall rows (one per cut ×
+"""`rank1 backtest`'s tables (docs/commands/backtest.md#outputs): the overall rows (one per cut ×
 later checkpoint), the per-tensor rows (tensor × cut × later checkpoint) and summary.json (per
 cut: the recommended jump; the gate)."""
 
