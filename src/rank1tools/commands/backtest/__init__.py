@@ -82,7 +82,7 @@ def backtest(
     from ...io.run_inputs import open_run_inputs
     from ...io.writer import provenance, write_provenance
     from ...plot_common import draw_plots
-    from .figures import MeasureSink, compared_names, measure_tensor
+    from .figures import MeasureSink, check_memory, compared_names, measure_tensor
     from .plan import plan_cuts
     from .tables import build_rows, summarize, write_tables
 
@@ -95,6 +95,7 @@ def backtest(
     for s, ck in later.values():  # headers only: every later checkpoint holds the compared tensors
         check_compatible(inputs.base, ck, names, label=f"{ck.label} (step {s})")
         ck.expect(names)
+    check_memory(cuts, names)
     notes = list(dict.fromkeys(n for cp in cuts for n in (*cp.history_pass.history.notes, *cp.history_pass.notes)))
     sinks = [MeasureSink(cp.target_checkpoints) for cp in cuts]
     tick = progress_counter(progress, len(names))

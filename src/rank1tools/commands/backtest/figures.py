@@ -99,6 +99,27 @@ def compared_names(cuts: list) -> list[str]:
     return list(names)
 
 
+def check_memory(cuts: list, names: list[str]) -> None:
+    """Refuse before any work when one tensor's working set under some cut's fit exceeds the
+    available memory: extrapolate's estimate (resources.streaming_peak_bytes over the checkpoints
+    the fit reads, one target at a time: the sink holds no prediction) plus the later chunk read."""
+    from ...io.run_inputs import chunk_elements
+    from ...resources import check_largest_tensor, streaming_peak_bytes
+    from ..extrapolate.history import HISTORY_BUDGET
+
+    def need(name: str) -> int:
+        peak = 0
+        for cp in cuts:
+            p = cp.history_pass
+            e = p.history.base.entry(name)
+            T = len(p.read) if p.plan.source.get(name) == "extrapolate" else 1
+            chunk = min(chunk_elements(T, HISTORY_BUDGET), e.numel)
+            peak = max(peak, streaming_peak_bytes(T, chunk, max(4, e.nbytes // max(1, e.numel)), targets=2))
+        return peak
+
+    check_largest_tensor(names, need, lambda name: cuts[0].history_pass.history.base.entry(name).shape)
+
+
 def recommended_jump(rows: list[dict], max_error: float) -> dict:
     """The largest jump of one cut (rows in jump order) up to which every overall error is below
     `max_error`: 0 when the first jump already fails; `limited_by_run` when every jump the run
