@@ -334,3 +334,29 @@ def test_cli_input_and_output_errors(noisy, tmp_path):
     )
     assert r.returncode == 4 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (taken / "mine.txt").read_text() == "not rank1's\n"
+
+
+def test_read_recommended_jump_from_an_output(noisy, tmp_path):
+    from rank1tools.commands.backtest.tables import read_recommended_jump
+    from rank1tools.errors import InputError
+
+    root, _, _ = noisy
+    out = tmp_path / "bt"
+    res = backtest(
+        str(root / "base"),
+        [],
+        str(out),
+        run=str(root / "run"),
+        options=BacktestOptions("relex", [8, 16], {"device": "cpu"}, max_error=0.3, plots=False),
+    )
+    per_cut = {c["cut"]: c["recommended_jump"] for c in res.summary["cuts"]}
+    assert read_recommended_jump(out) == min(per_cut.values()) == res.summary["recommended_jump"]
+    assert read_recommended_jump(str(out), cut=16) == per_cut[16]
+    with pytest.raises(InputError, match=r"summary.json: no cut at step 12 \(cuts: 8, 16\)"):
+        read_recommended_jump(out, cut=12)
+    with pytest.raises(InputError, match="cannot read a backtest summary"):
+        read_recommended_jump(tmp_path / "none")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "summary.json").write_text('{"steps": [1]}\n')
+    with pytest.raises(InputError, match="not a rank1 backtest summary"):
+        read_recommended_jump(tmp_path / "other")

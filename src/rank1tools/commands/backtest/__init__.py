@@ -3,7 +3,8 @@
 with the same options) is fitted on the checkpoints up to the cut and predicts every later
 checkpoint the run holds; the predicted update is compared with the real one, per tensor and
 overall, against the jump length. plan.py: options and the per-cut passes; figures.py: the
-comparison and the recommended jump; tables.py: the files.
+comparison and the recommended jump; tables.py: the files, and `read_recommended_jump`, the N a
+backtest output recommends (for the re-grounding callback).
 
 Streaming: one tensor at a time; each cut's fit reads that tensor's chunks of the cut's history
 as `extrapolate` does (so a history checkpoint is read once per cut that holds it), and each

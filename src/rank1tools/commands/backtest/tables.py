@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ...engine.spectrum_tables import write_row_tables
+from ...errors import InputError
 from ...jsonutil import json_safe
 from .figures import Sums, recommended_jump
 
@@ -83,3 +84,23 @@ def write_tables(folder: Path, overall: list[dict], tensors: list[dict], summary
     write_row_tables(folder, "backtest", overall, OVERALL_COLUMNS)
     write_row_tables(folder, "tensors", tensors, TENSOR_COLUMNS)
     (folder / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+
+
+def read_recommended_jump(folder: str | Path, cut: int | None = None) -> int:
+    """The recommended jump a backtest output holds (its summary.json): of `cut`, or the smallest
+    over its cuts; what the re-grounding callback can take its N from. A missing or foreign file,
+    or a cut it lacks, is an InputError naming the file."""
+    path = Path(folder) / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        cuts = {int(c["cut"]): int(c["recommended_jump"]) for c in summary["cuts"]}
+        overall = int(summary["recommended_jump"])
+    except OSError as e:
+        raise InputError(f"{path}: cannot read a backtest summary ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{path}: not a rank1 backtest summary (no cuts with a recommended_jump)") from None
+    if cut is None:
+        return overall
+    if cut not in cuts:
+        raise InputError(f"{path}: no cut at step {cut} (cuts: {', '.join(map(str, sorted(cuts)))})")
+    return cuts[cut]
