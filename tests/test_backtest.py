@@ -360,3 +360,122 @@ def test_read_recommended_jump_from_an_output(noisy, tmp_path):
     (tmp_path / "other" / "summary.json").write_text('{"steps": [1]}\n')
     with pytest.raises(InputError, match="not a rank1 backtest summary"):
         read_recommended_jump(tmp_path / "other")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_run(tmp_path_factory):
+    """base/ (with the demo tokenizer) and run/checkpoint-{10..40}/ of a Llama built by
+    transformers, its weights on a line plus noise; rollouts.jsonl."""
+    transformers = pytest.importorskip("transformers")
+    from rank1tools.demo.tokenizer import VOCAB, write_tokenizer
+
+    root = tmp_path_factory.mktemp("bt-llama")
+    config = transformers.LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(root / "base")
+    write_tokenizer(root / "base")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    direction = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}
+    with torch.no_grad():
+        for s in (10, 20, 30, 40):
+            for k, p in model.state_dict().items():
+                p.copy_(base[k] + s * direction[k] + 0.02 * torch.randn(p.shape, generator=g))
+            model.save_pretrained(root / "run" / f"checkpoint-{s}")
+    rollouts = [("2+3=", "5"), ("12+30=", "42"), ("7+7=", "14+0"), ("1+1+1+1=", "4444")]
+    (root / "rollouts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rollouts)
+    )
+    return root, rollouts
+
+
+def test_output_space_figures_equal_a_direct_forward(tiny_llama_run, tmp_path):
+    """--data: mean |Δ log-prob| and mean KL(P_real ‖ P_predicted) of the predicted model (dense
+    numpy lstsq lines, loaded into a transformers model) against each real checkpoint, one
+    sequence at a time, in float64 from the float32 logits."""
+    import transformers
+
+    from rank1tools.engine.model_loading import ModelOptions
+    from rank1tools.engine.model_scoring import tokenize_pair
+
+    root, rollouts = tiny_llama_run
+    res = backtest(
+        str(root / "base"),
+        [],
+        str(tmp_path / "bt"),
+        run=str(root / "run"),
+        options=BacktestOptions(
+            "linear",
+            [20, 30],
+            {"extrapolate_norms": True, "device": "cpu"},
+            plots=False,
+            data=str(root / "rollouts.jsonl"),
+            model=ModelOptions(device="cpu", dtype="float32", batch_size=3),
+        ),
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(str(root / "base"))
+    pairs = [tokenize_pair(tok, p, c) for p, c in rollouts]
+    base = read_folder(root / "base")
+    cks = {s: read_folder(root / "run" / f"checkpoint-{s}") for s in (10, 20, 30, 40)}
+
+    def logsoftmax(folder=None, state=None):
+        model = transformers.LlamaForCausalLM.from_pretrained(str(folder or root / "base")).eval()
+        if state is not None:
+            model.load_state_dict({k: torch.from_numpy(v).to(torch.float32) for k, v in state.items()})
+        out = []
+        with torch.no_grad():
+            for p in pairs:
+                logits = model(torch.tensor([p.ids])).logits[0, p.start - 1 : len(p.ids) - 1].double()
+                out.append((torch.log_softmax(logits, -1), torch.tensor(p.ids[p.start :])))
+        return out
+
+    rows = {(r["cut"], r["target_step"]): r for r in res.overall}
+    assert sorted(rows) == [(20, 30), (20, 40), (30, 40)]
+    for (cut, target), row in rows.items():
+        hist = [s for s in (10, 20, 30) if s <= cut]
+        pred = {
+            n: base[n] + lstsq_reference(trajectory(base, [cks[s] for s in hist], n), hist, target)[0].reshape(v.shape)
+            for n, v in base.items()
+        }
+        real, predicted = logsoftmax(folder=root / "run" / f"checkpoint-{target}"), logsoftmax(state=pred)
+        mad = kl = 0.0
+        n = 0
+        for (lr, ids), (lp, _) in zip(real, predicted):
+            tr, tp = lr.gather(-1, ids[:, None]), lp.gather(-1, ids[:, None])
+            mad += float((tr - tp).abs().sum())
+            kl += float((lr.exp() * (lr - lp)).sum())
+            n += len(ids)
+        assert row["tokens"] == n
+        assert row["logprob_mad"] == pytest.approx(mad / n, rel=1e-4, abs=1e-6), (cut, target)
+        assert row["kl"] == pytest.approx(kl / n, rel=1e-4, abs=1e-6), (cut, target)
+        assert row["kl"] > 0
+    summary = json.loads((tmp_path / "bt" / "summary.json").read_text())
+    assert summary["cuts"][0]["longest"]["kl"] == rows[(20, 40)]["kl"]
+
+
+def test_cli_data_options(tiny_llama_run, tmp_path):
+    root, _ = tiny_llama_run
+    common = ["backtest", str(root / "base"), "--run", str(root / "run"), "--method", "linear", "--cuts", "20"]
+    r = run_main(*common, "--out", str(tmp_path / "a"), "--batch-size", "2")
+    assert (r.returncode, r.stderr.strip()) == (2, "rank1: error: --batch-size applies with --data")
+    r = run_main(*common, "--out", str(tmp_path / "b"), "--data", str(tmp_path / "none.jsonl"))
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "b").exists()
+    r = run_main(
+        *common, "--out", str(tmp_path / "c"), "--data", str(root / "rollouts.jsonl"), "--device", "cpu", "--no-plots"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "KL" in r.stdout
+    with open(tmp_path / "c" / "backtest.csv") as f:
+        assert all(float(row["kl"]) > 0 and int(row["tokens"]) > 0 for row in csv.DictReader(f))

@@ -12,6 +12,7 @@ import typer
 from ..commands.backtest.plan import DEFAULT_MAX_ERROR, METHOD_CHOICES
 from ..commands.extrapolate.base import REST_CHOICES
 from ..commands.extrapolate.linear import MODES
+from ..options import DTYPE_CHOICES as MODEL_DTYPES
 from .app import (
     Rank1Command,
     app,
@@ -87,6 +88,22 @@ def backtest(
     rest: str = choice_option(
         "last", "--rest", REST_CHOICES, "Tensors not selected held at the cut ('last') or the 'base'."
     ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        metavar="ROLLOUTS",
+        help="Rollouts JSONL (as for logprobs): also compare the predicted model with the real checkpoint on them.",
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        metavar="N",
+        parser=number("--batch-size", at_least=1, integer=True),
+        help="With --data: sequences per forward pass (default 8).",
+    ),
+    model_dtype: str | None = choice_option(
+        None, "--dtype", MODEL_DTYPES, "With --data: compute dtype (default auto: float32 on CPU, the config's on GPU)."
+    ),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw plots."),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
@@ -116,7 +133,15 @@ def backtest(
     fit.update({k: v for k, v in given.items() if v is not None})
 
     from ..commands.backtest.plan import BacktestOptions
+    from ..errors import UsageError
 
+    model = None
+    if data is not None:
+        from ..engine.model_loading import ModelOptions
+
+        model = ModelOptions(device=device, dtype=model_dtype or "auto", batch_size=batch_size or 8)
+    elif batch_size is not None or model_dtype is not None:
+        raise UsageError(f"{'--batch-size' if batch_size is not None else '--dtype'} applies with --data")
     opts = BacktestOptions(
         method=method,
         cuts=parse_step_list(cuts, "--cuts"),
@@ -124,9 +149,11 @@ def backtest(
         max_error=max_error,
         fail_above=fail_above,
         plots=not no_plots,
+        data=data,
+        model=model,
     )
     check_common_early(device)
-    check_output_early(out, force, [base, *(checkpoints or []), run_spec.run])
+    check_output_early(out, force, [base, *(checkpoints or []), run_spec.run, data])
 
     from ..commands.backtest import backtest as run_backtest
 
@@ -165,19 +192,16 @@ def _render(result) -> None:
     def f(v, fmt=".3f"):
         return "-" if v is None or v != v else format(v, fmt)
 
+    space = any(r.get("kl") is not None for r in result.overall)
     t = _table(f"backtest of --method {result.method}: overall predicted update vs the real one")
-    for col in ("cut", "target", "jump", "× window", "rel. error", "cosine", "norm ratio"):
+    cols = ("cut", "target", "jump", "× window", "rel. error", "cosine", "norm ratio")
+    for col in cols + (("|Δ log-prob|", "KL") if space else ()):
         _column(t, col, right=True)
     for r in result.overall:
-        t.add_row(
-            str(r["cut"]),
-            str(r["target_step"]),
-            str(r["jump"]),
-            f(r["jump_windows"], ".2f"),
-            f(r["rel_error"]),
-            f(r["cosine"]),
-            f(r["norm_ratio"]),
-        )
+        cells = [str(r["cut"]), str(r["target_step"]), str(r["jump"]), f(r["jump_windows"], ".2f")]
+        cells += [f(r["rel_error"]), f(r["cosine"]), f(r["norm_ratio"])]
+        cells += [f(r["logprob_mad"], ".4f"), f(r["kl"], ".4f")] if space else []
+        t.add_row(*cells)
     console.print(t)
     s = result.summary
     for c in s["cuts"]:

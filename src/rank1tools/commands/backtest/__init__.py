@@ -3,7 +3,8 @@
 with the same options) is fitted on the checkpoints up to the cut and predicts every later
 checkpoint the run holds; the predicted update is compared with the real one, per tensor and
 overall, against the jump length. plan.py: options and the per-cut passes; figures.py: the
-comparison and the recommended jump; tables.py: the files, and `read_recommended_jump`, the N a
+comparison and the recommended jump; output_space.py: with --data, the predicted model against the
+real checkpoint on fixed rollouts; tables.py: the files, and `read_recommended_jump`, the N a
 backtest output recommends (for the re-grounding callback).
 
 Streaming: one tensor at a time; each cut's fit reads that tensor's chunks of the cut's history
@@ -97,15 +98,30 @@ def backtest(
         check_compatible(inputs.base, ck, names, label=f"{ck.label} (step {s})")
         ck.expect(names)
     check_memory(cuts, names)
+    rollouts = None
+    if options.data is not None:  # checked before any tensor is read
+        from ...engine.model_scoring import import_transformers
+        from ...io.rollouts import read_rollouts
+
+        import_transformers()
+        rollouts = read_rollouts(options.data)
     notes = list(dict.fromkeys(n for cp in cuts for n in (*cp.history_pass.history.notes, *cp.history_pass.notes)))
     sinks = [MeasureSink(cp.target_checkpoints) for cp in cuts]
     tick = progress_counter(progress, len(names))
-    with locked_output(out, force=force, inputs=inputs.local_paths()) as target:
+    local = [*inputs.local_paths(), *([Path(options.data)] if options.data is not None else [])]
+    with locked_output(out, force=force, inputs=local) as target:
         for name in names:
             measure_tensor(name, cuts, sinks)
             if tick:
                 tick(1)
         overall, tensors = build_rows(cuts, sinks, names)
+        if options.data is not None:
+            from ...engine.model_loading import ModelOptions
+            from .output_space import output_figures
+
+            space = output_figures(inputs.base, cuts, names, rollouts, options.data, options.model or ModelOptions())
+            for row in overall:
+                row.update(space[(row["cut"], row["target_step"])])
         parameters = {
             "method": options.method,
             "method_parameters": {str(cp.cut): cp.history_pass.params for cp in cuts},
@@ -121,6 +137,7 @@ def backtest(
             with output_errors(staging):
                 write_tables(staging, overall, tensors, summary)
                 used = [inputs.base, *(c for s, c in inputs.checkpoints if s != 0)]
+                used += [options.data] if options.data is not None else []
                 write_provenance(
                     staging,
                     provenance("backtest", used, {**parameters, "options": asdict(options)}),

@@ -76,10 +76,10 @@ def measure_tensor(name: str, cuts: list, sinks: list[MeasureSink]) -> None:
         if source == "extrapolate":
             p.tensor_fn(name, sink)  # the method's fit, as extrapolate runs it
         elif source in ("last", "base"):
-            _held(p.history, name, source, sink)
+            held_prediction(p.history, name, source, sink)
 
 
-def _held(h, name: str, source: str, sink: MeasureSink) -> None:
+def held_prediction(h, name: str, source: str, sink: MeasureSink) -> None:
     """A tensor extrapolate copies: Δ̂ = θ_cut − θ₀ (`last`) or 0 (`base`) for every target."""
     for ch in trajectory_chunks(h.base, [h.last], name, device=h.device):
         b64 = ch.base.to(torch.float64)

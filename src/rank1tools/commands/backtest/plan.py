@@ -27,7 +27,8 @@ OWN_FIELDS = ("target_steps", "history_until")  # set per cut by backtest
 class BacktestOptions:
     """The method, its options as `extrapolate` takes them (`fit`: field -> value, e.g.
     {"rank": 2} or {"mode": "two-point"}; --include/--exclude/--rest/--device too), the cuts
-    (steps), the error bar of the recommended jump and the gate."""
+    (steps), the error bar of the recommended jump, the gate, and with `data` the rollouts and
+    `model` options (engine.model_loading.ModelOptions) of the output-space figures."""
 
     method: str = "linear"
     cuts: list[int] = field(default_factory=list)
@@ -35,6 +36,8 @@ class BacktestOptions:
     max_error: float = DEFAULT_MAX_ERROR
     fail_above: float | None = None
     plots: bool = True
+    data: str | None = None  # rollouts (the logprobs format): output-space figures
+    model: object | None = None  # engine.model_loading.ModelOptions for --data (default: its defaults)
 
     def check(self) -> None:
         """Checks that need no input (the CLI runs them before importing torch)."""
@@ -58,6 +61,8 @@ class BacktestOptions:
             raise UsageError(f"--max-error {self.max_error}: must be a finite number greater than 0")
         if self.fail_above is not None and not (math.isfinite(self.fail_above) and self.fail_above >= 0):
             raise UsageError(f"--fail-above {self.fail_above}: must be a finite number, at least 0")
+        if self.model is not None:
+            self.model.check()
         for name in OWN_FIELDS:
             if name in self.fit:
                 raise UsageError(f"{name} is set by --cuts in backtest: leave it out of the method options")

@@ -13,7 +13,8 @@ from ...jsonutil import json_safe
 from .figures import Sums, recommended_jump
 
 FIGURES = ["rel_error", "cosine", "norm_ratio", "update_norm", "predicted_norm"]
-OVERALL_COLUMNS = ["cut", "target_step", "jump", "jump_windows", *FIGURES, "tensors"]
+OUTPUT_FIGURES = ["logprob_mad", "kl", "tokens"]  # with --data (output_space.py)
+OVERALL_COLUMNS = ["cut", "target_step", "jump", "jump_windows", *FIGURES, "tensors", *OUTPUT_FIGURES]
 TENSOR_COLUMNS = ["tensor", "source", "cut", "target_step", "jump", "jump_windows", *FIGURES]
 OVERALL_NOTE = (
     "overall: the whole model's update as one vector (the tensors' sums of squares pooled), so each "
@@ -47,7 +48,7 @@ def build_rows(cuts: list, sinks: list, names: list[str]) -> tuple[list[dict], l
                 pooled.add(s)
                 count += 1
                 tensors.append({"tensor": n, "source": source[n], **where, **s.figures()})
-            overall.append({**where, **pooled.figures(), "tensors": count})
+            overall.append({**where, **pooled.figures(), "tensors": count, **dict.fromkeys(OUTPUT_FIGURES)})
     return overall, tensors
 
 
@@ -63,8 +64,8 @@ def summarize(cuts: list, overall: list[dict], max_error: float, gate: dict | No
                 "window_start": cp.window_start,
                 "window_length": cp.window_length,
                 "targets": cp.targets,
-                "shortest": {k: rows[0][k] for k in ("jump", *FIGURES[:3])},
-                "longest": {k: rows[-1][k] for k in ("jump", *FIGURES[:3])},
+                "shortest": {k: rows[0].get(k) for k in ("jump", *FIGURES[:3], *OUTPUT_FIGURES[:2])},
+                "longest": {k: rows[-1].get(k) for k in ("jump", *FIGURES[:3], *OUTPUT_FIGURES[:2])},
                 **recommended_jump(rows, max_error),
             }
         )
