@@ -29,12 +29,12 @@ def backtest_plots(overall: list[dict], summary: dict, out_dir: Path) -> list[Pa
                 if c["recommended_jump"]:
                     axes[0].axvline(c["recommended_jump"], color=f"C{i % 10}", linestyle=":", linewidth=1)
             axes[0].axhline(summary["max_error"], color="C3", linestyle="--", linewidth=1.2, label="--max-error")
-            axes[0].set_ylabel("‖Δ̂ − Δ‖ / ‖Δ‖")
+            axes[0].set_ylabel(r"$\Vert\hat{\Delta} - \Delta\Vert \,/\, \Vert\Delta\Vert$")
             axes[0].set_title("relative update error")
-            axes[1].set_ylabel("cosine(Δ̂, Δ)")
+            axes[1].set_ylabel(r"cosine$(\hat{\Delta}, \Delta)$")
             axes[1].set_title("direction")
             axes[2].axhline(1.0, color="grey", linewidth=0.8)
-            axes[2].set_ylabel("‖Δ̂‖ / ‖Δ‖")
+            axes[2].set_ylabel(r"$\Vert\hat{\Delta}\Vert \,/\, \Vert\Delta\Vert$")
             axes[2].set_title("norm ratio")
             for ax in axes:
                 ax.set_xlabel("jump (steps after the cut)")
