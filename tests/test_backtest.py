@@ -173,18 +173,18 @@ def test_relex_matches_dense_reference(noisy, tmp_path):
     ids=["lstsq", "two-point", "relex"],
 )
 def test_planted_straight_line_has_zero_error_at_every_horizon(tmp_path, method, fit):
-    steps = [5, 10, 15, 20, 25, 30, 35, 40]
+    steps = [5, 10, 15, 20, 25, 30]
     base, run, _ = write_planted(tmp_path, steps, SHAPE)
     res = backtest(
         str(base), [], str(tmp_path / "bt"), run=str(run), options=BacktestOptions(method, [10, 20], fit, plots=False)
     )
-    assert len(res.overall) == 6 + 4
+    assert len(res.overall) == 4 + 2
     for r in res.overall:
         assert r["rel_error"] < 1e-6, r
         assert r["cosine"] == pytest.approx(1.0, abs=1e-9)
         assert r["norm_ratio"] == pytest.approx(1.0, abs=1e-6)
     for c in res.summary["cuts"]:  # every jump holds: the recommendation is the run's longest
-        assert c["recommended_jump"] == 40 - c["cut"] and c["limited_by_run"]
+        assert c["recommended_jump"] == 30 - c["cut"] and c["limited_by_run"]
 
 
 def _saturating_run(root, steps, tau: float):
@@ -204,17 +204,17 @@ def _saturating_run(root, steps, tau: float):
 
 
 def test_planted_saturating_run_error_grows_with_the_horizon(tmp_path):
-    steps = list(range(4, 65, 4))
-    _saturating_run(tmp_path, steps, tau=24.0)
+    steps = list(range(4, 41, 4))
+    _saturating_run(tmp_path, steps, tau=16.0)
     out = tmp_path / "bt"
     res = backtest(
         str(tmp_path / "base"),
         [],
         str(out),
         run=str(tmp_path / "run"),
-        options=BacktestOptions("linear", [12, 24], {"extrapolate_norms": True}, max_error=0.2),
+        options=BacktestOptions("linear", [12, 20], {"extrapolate_norms": True}, max_error=0.2),
     )
-    for cut in (12, 24):
+    for cut in (12, 20):
         errors = [r["rel_error"] for r in res.overall if r["cut"] == cut]
         assert all(b > a for a, b in zip(errors, errors[1:])), errors
         ratios = [r["norm_ratio"] for r in res.overall if r["cut"] == cut]
