@@ -23,7 +23,7 @@ from ...options import check_choice
 from .base import ExtrapolateResult, HistoryOptions
 
 if TYPE_CHECKING:
-    from .history import History
+    from .history import History, HistoryPass
     from .history_write import TargetSink
 
 MODES = ("lstsq", "two-point")
@@ -61,8 +61,14 @@ def extrapolate_linear(
     executor: ExecutorOptions = ExecutorOptions(),
 ) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from straight lines through the history's weights."""
-    from .history import check_history_tensors, open_history, plan_tensors, window_size
-    from .history_write import write_extrapolation
+    from .history_write import write_pass
+
+    return write_pass(linear_pass(base, options, executor), out, options, force, progress, executor)
+
+
+def linear_pass(base: str, options: LinearOptions, executor: ExecutorOptions = ExecutorOptions()) -> HistoryPass:
+    """The checked history, plan and per-tensor lines giving θ̂(s) for every --target-step s."""
+    from .history import HistoryPass, check_history_tensors, open_history, plan_tensors, window_size
 
     options.check()  # a caller may have changed a field since construction
     two = options.mode == "two-point"
@@ -107,19 +113,7 @@ def extrapolate_linear(
             f"{len(copied)} norm weights copied from the last history checkpoint (step {h.steps[-1]}); "
             "--extrapolate-norms extrapolates them too"
         )
-    return write_extrapolation(
-        h,
-        plan,
-        out,
-        options,
-        force,
-        progress,
-        params={**params, "copied_norms": copied},
-        tensor_fn=one,
-        executor=executor,
-        read=read,
-        notes=notes,
-    )
+    return HistoryPass(h, plan, one, read, {**params, "copied_norms": copied}, notes)
 
 
 def _steps_text(steps: list[int]) -> str:
