@@ -360,6 +360,12 @@ def test_read_recommended_jump_from_an_output(noisy, tmp_path):
     (tmp_path / "other" / "summary.json").write_text('{"steps": [1]}\n')
     with pytest.raises(InputError, match="not a rank1 backtest summary"):
         read_recommended_jump(tmp_path / "other")
+    pytest.importorskip("transformers")
+    from rank1tools.integrations.trl import ReGroundCallback
+
+    cb = ReGroundCallback.from_backtest(str(out), 4, cut=16, method="two-point")
+    assert (cb.train_steps, cb.jump_steps) == (4, per_cut[16])
+    assert ReGroundCallback.from_backtest(str(out), 4).jump_steps == res.summary["recommended_jump"]
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,15 @@ class ReGroundCallback(transformers.TrainerCallback):
         self._start: dict[str, torch.Tensor] = {}
         self._snaps: list[dict[str, torch.Tensor]] = []
 
+    @classmethod
+    def from_backtest(cls, backtest_out: str, train_steps: int, *, cut: int | None = None, **options):
+        """The callback whose N is the jump a `rank1 backtest` output recommends (docs/reground.md):
+        of `cut`, or the smallest over its cuts. A backtest recommending 0 gives a callback that
+        never jumps."""
+        from ..commands.backtest.tables import read_recommended_jump  # noqa: PLC0415
+
+        return cls(train_steps, read_recommended_jump(backtest_out, cut), **options)
+
     @property
     def alpha(self) -> float:
         return (self.train_steps + self.jump_steps) / self.train_steps
