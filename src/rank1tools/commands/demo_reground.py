@@ -19,13 +19,18 @@ THRESHOLDS = (0.9, 1.0)  # shares of plain GRPO's final accuracy
 
 
 def parse_reground(value: str) -> tuple[int, int]:
-    """ "M:N" -> (M, N): M >= 1 optimizer steps per segment, N >= 0 steps jumped (one-line errors, exit 2)."""
+    """Parse --reground "M:N" into (M, N): M >= 1 optimizer steps per segment, N >= 0 steps jumped (one-line errors, exit 2)."""
     parts = value.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    try:
+        m, n = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        m = n = None
+    if m is None or n is None:
         raise UsageError(f"--reground: expected M:N (two integers, e.g. 8:8), got {value!r}")
-    m, n = (int(p) for p in parts)
     if m < 1:
         raise UsageError(f"--reground: M (optimizer steps per segment) must be at least 1, got {value!r}")
+    if n < 0:
+        raise UsageError(f"--reground: N (steps jumped) must be at least 0, got {value!r}")
     return m, n
 
 
