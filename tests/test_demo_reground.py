@@ -9,6 +9,7 @@ option's errors are one line, exit 2, before anything is trained or imported.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -134,6 +135,27 @@ def test_the_arms_table_follows_from_its_curve(plain):
     for share in (90, 100):
         a, b = rows["plain GRPO"][f"steps_to_{share}"], rows["re-grounded GRPO"][f"steps_to_{share}"]
         assert res[f"speedup_{share}"] == (a / b if a and b else None)
+    # the terminal table shows these figures
+    from rich.console import Console
+
+    from rank1tools.cli import render
+
+    buf = io.StringIO()
+    render.demo_reground(Console(file=buf, width=200), res)
+    lines = buf.getvalue().splitlines()
+    for name, row in rows.items():
+        line = next(line for line in lines if name in line and "│" in line)
+
+        def shown(taken, virtual):
+            return "never" if taken is None else str(taken) if taken == virtual else f"{taken} (virtual {virtual})"
+
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        assert cells == [
+            name,
+            shown(row["steps_to_90"], row["virtual_steps_to_90"]),
+            shown(row["steps_to_100"], row["virtual_steps_to_100"]),
+            f"{row['accuracy_at_final_step']:.1%}",
+        ]
 
 
 @pytest.mark.parametrize(
