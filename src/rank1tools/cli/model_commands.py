@@ -266,9 +266,9 @@ def demo(
     reground: str | None = typer.Option(
         None,
         "--reground",
-        metavar="M:N",
-        help="Also train a re-grounded GRPO arm from the same base and seed: every M optimizer steps, "
-        "jump the weights N steps ahead (two-point, norms copied; e.g. 8:8), and report the speed-up.",
+        metavar="SCHEDULE",
+        help="M:N (e.g. 8:8): also train a re-grounded GRPO arm from the same base and seed: every M "
+        "optimizer steps, jump the weights N steps ahead (two-point, norms copied), and report the speed-up.",
     ),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
