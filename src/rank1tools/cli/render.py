@@ -312,8 +312,52 @@ def demo(result) -> None:
         if key in f or not key.startswith("logprob"):  # the log-prob rows need the model extra
             s.add_row(label, v(f.get(key)))
     console.print(s)
+    if result.reground is not None:
+        demo_reground(console, result.reground)
     console.print(
         f"results: {escape(str(result.out))}/results.json"
         + (f"; plot: {escape(result.plots[0])}" if result.plots else "")
-        + f"; {result.seconds['total']:.0f} s (training {result.seconds['train']:.0f} s)"
+        + (
+            f"; re-grounding plot: {escape(result.reground['plots'][0])}"
+            if result.reground and result.reground["plots"]
+            else ""
+        )
+        + f"; {result.seconds['total']:.0f} s (training {result.seconds['train']:.0f} s"
+        + (
+            f", re-grounded arm {result.seconds['re-grounded GRPO']:.0f} s"
+            if "re-grounded GRPO" in result.seconds
+            else ""
+        )
+        + ")"
     )
+
+
+def demo_reground(console, arm: dict) -> None:
+    """`rank1 demo --reground M:N`: optimizer steps each arm needs to reach 90 % and 100 % of plain
+    GRPO's final accuracy (virtual steps beside them), and the accuracy at plain's final step."""
+
+    def steps(row, share):
+        taken, virtual = row[f"steps_to_{share}"], row[f"virtual_steps_to_{share}"]
+        if taken is None:
+            return "never"
+        return str(taken) if taken == virtual else f"{taken} (virtual {virtual})"
+
+    t = _table(
+        f"re-grounded GRPO ({arm['train_steps']}:{arm['jump_steps']}: every {arm['train_steps']} optimizer steps, "
+        f"jump {arm['jump_steps']} ahead) against plain GRPO, same base and seed; plain's final accuracy "
+        f"{arm['plain_final_accuracy']:.1%}"
+    )
+    for col in ("arm", "steps to 90 %", "steps to 100 %", "accuracy at plain's final step"):
+        _column(t, col, right=col != "arm")
+    for row in arm["table"]:
+        acc = row["accuracy_at_final_step"]
+        t.add_row(row["arm"], steps(row, 90), steps(row, 100), "-" if acc is None else f"{acc:.1%}")
+    console.print(t)
+    speed = [f"{share} %: {arm[f'speedup_{share}']:.2f}x" for share in (90, 100) if arm[f"speedup_{share}"] is not None]
+    jumps = ", ".join(f"step {j['step']}: {j['accuracy_before']:.1%} -> {j['accuracy']:.1%}" for j in arm["jumps"])
+    console.print(
+        "speed-up in optimizer steps (plain's steps / re-grounded's): "
+        + ("; ".join(speed) if speed else "none measurable (an arm never reaches a threshold)")
+    )
+    if jumps:
+        console.print(f"accuracy across each jump: {jumps}")

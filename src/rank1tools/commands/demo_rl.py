@@ -24,6 +24,7 @@ from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from .decompose import DecomposeOptions, decompose
 from .demo_output import SKIP_NOTE, model_extra_present, run_output_stages
+from .demo_reground import reground_plot, run_reground_arm
 from .extrapolate.registry import ExtrapolateOptions, extrapolate
 from .fit_pls import FitPlsOptions, fit_pls
 from .linearity import LinearityOptions, linearity
@@ -62,10 +63,13 @@ class RLDemoResult:
     seconds: dict[str, float]  # wall time per stage (shown, not written: results.json stays reproducible)
     plots: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    reground: dict | None = None  # --reground M:N: the re-grounded arm (commands/demo_reground.py)
 
     def to_dict(self) -> dict:
+        extra = {} if self.reground is None else {"reground": self.reground}
         return json_safe(
             {
+                **extra,
                 "out": self.out,
                 "seed": self.seed,
                 "quick": self.quick,
@@ -120,17 +124,25 @@ def run_rl_demo(
     quick: bool = False,
     force: bool = False,
     device: str = "auto",
+    reground: tuple[int, int] | None = None,
     say: Callable[[str], None] | None = None,
 ) -> RLDemoResult:
     """Train the demo run into `out` (staged, renamed when training is done), then analyse it."""
     # `out` stays locked until the analyses inside it are written: no other run may write in or
     # around it meanwhile (io/output_nesting.py)
     with locked_output(out, force=force):
-        return _run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, say=say)
+        return _run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, reground=reground, say=say)
 
 
 def _run_rl_demo(
-    out: str, *, seed: int, quick: bool, force: bool, device: str, say: Callable[[str], None] | None
+    out: str,
+    *,
+    seed: int,
+    quick: bool,
+    force: bool,
+    device: str,
+    reground: tuple[int, int] | None,
+    say: Callable[[str], None] | None,
 ) -> RLDemoResult:
     from ..demo import DemoTraining, evaluate_checkpoint, train_demo_run
 
@@ -265,6 +277,9 @@ def _run_rl_demo(
         "alpharl_target_accuracy": target_metric,
         **output_figures,
     }
+    arm = None
+    if reground is not None:
+        arm = stage("re-grounded GRPO", lambda: run_reground_arm(root, config, *reground, curve, say))
     seconds["total"] = time.perf_counter() - t0
     result = RLDemoResult(
         out=out,
@@ -278,8 +293,11 @@ def _run_rl_demo(
         curve=curve,
         seconds=seconds,
         notes=notes,
+        reground=arm,
     )
     result.plots = _plot(result, root)
+    if arm is not None:
+        arm["plots"] = reground_plot(curve, arm, root)
     (root / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
     return result
 
