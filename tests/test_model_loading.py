@@ -9,7 +9,7 @@ import torch
 from rank1tools.demo.tokenizer import VOCAB, write_tokenizer
 from rank1tools.engine.model_loading import CausalLM, ModelOptions
 from rank1tools.errors import InputError, UsageError
-from rank1tools.io.checkpoint import open_checkpoint
+from rank1tools.io.checkpoint import Checkpoint, open_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +111,22 @@ def test_refusals_name_the_file_and_tensor(tmp_path, transformers):
         (tmp_path / "notok" / f).write_bytes((base / f).read_bytes())
     with pytest.raises(InputError, match=r"notok: cannot load its tokenizer"):
         CausalLM(open_checkpoint(tmp_path / "notok"), ModelOptions(device="cpu"))
+
+
+def test_without_the_base_weights_until_the_first_load(tmp_path, transformers, monkeypatch):
+    base = _llama(transformers, tmp_path / "base", 0, False)
+    later = _llama(transformers, tmp_path / "later", 1, False, tokenizer=False)
+    base_ck = open_checkpoint(base)
+    read = []
+    monkeypatch.setattr(
+        type(base_ck), "read", lambda self, name, **kw: read.append(self.label) or READ(self, name, **kw)
+    )
+    lm = CausalLM(base_ck, ModelOptions(device="cpu"), load_base=False)
+    assert lm.loaded is None and read == []  # the base's weights are never read
+    lm.load(open_checkpoint(later))
+    assert set(read) == {str(later)}
+    want = transformers.AutoModelForCausalLM.from_pretrained(later, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(lm.model, IDS), _logits(want, IDS), rtol=0, atol=0)
+
+
+READ = Checkpoint.read  # the real reader, wrapped above to record what is read

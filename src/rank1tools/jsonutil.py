@@ -100,6 +100,25 @@ def parse_json_text(text: str, what: str, where: str, *, unique_keys: bool = Fal
         raise InputError(f"{where}: unreadable {what} ({' '.join(str(e).split())[:200]})") from None
 
 
+def json_lines(text: str, where: str):
+    """(line number, parsed value, "WHERE: line N") of every non-blank line of JSONL `text`, with
+    one-line InputErrors naming the line (a duplicated key, bad JSON, nesting too deep). Lines end at
+    "\n" only (JSON strings may hold other line separators, such as U+2028)."""
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        at = f"{where}: line {n}"
+        try:
+            obj = json.loads(line, object_pairs_hook=unique_pairs)
+        except DuplicateKey as e:
+            raise InputError(f"{at}: {e}") from None
+        except RecursionError:
+            raise InputError(f"{at}: unreadable JSON (nested too deeply)") from None
+        except ValueError as e:  # JSONDecodeError, int too long to convert
+            raise InputError(f"{at}: unreadable JSON ({' '.join(str(e).split())[:200]})") from None
+        yield n, obj, at
+
+
 def json_safe(x):
     """NaN and infinities become null (JSON has no NaN); containers are converted recursively."""
     if isinstance(x, float) and not math.isfinite(x):

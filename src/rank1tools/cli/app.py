@@ -125,9 +125,12 @@ def print_json(data: object) -> None:
 
 
 def print_result_notes(result, *, warnings: bool = False) -> None:
-    """A result's notes (and, with `warnings`, its warnings) on stderr, one `rank1: note:` line each."""
+    """A result's notes (and, with `warnings`, its warnings) on stderr, one `rank1: note:` line each;
+    then why no plots were drawn, for a result that says."""
     for note in getattr(result, "notes", []):
         sys.stderr.write(f"rank1: note: {note}\n")
+    if getattr(result, "plot_hint", None):
+        sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
     for w in getattr(result, "warnings", []) if warnings else []:
         sys.stderr.write(f"rank1: warning: {w}\n")
 

@@ -230,8 +230,6 @@ def linearity(
             executor=exec_opts,
         )
     print_result_notes(result)
-    if result.plot_hint:
-        sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
     if as_json:
         print_json(result.to_dict())
     else:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
 from .app import (
@@ -126,8 +124,6 @@ def logprobs(
             progress=update,
         )
     print_result_notes(result)
-    if result.plot_hint:
-        sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
     if as_json:
         print_json(result.to_dict())
     else:

@@ -158,8 +158,6 @@ def decompose(
     print_result_notes(result)
     for module, step in result.fallbacks:
         sys.stderr.write(f"rank1: note: {module} at step {step}: randomized SVD missed the accuracy bar, used exact\n")
-    if result.plot_hint:
-        sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
     if as_json:
         print_json(_json_safe(result.to_dict()))
     else:

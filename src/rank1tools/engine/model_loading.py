@@ -69,6 +69,11 @@ def _skip_init(transformers):
     return nullcontext()
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _model_root(base: Checkpoint):
     if base.root is None or base.config is None:
         raise InputError(f"{base.label}: no config.json beside the weights; running a model needs the base's config")
@@ -82,8 +87,7 @@ def load_tokenizer(source: Checkpoint, *, where: str | None = None):
     try:
         return transformers.AutoTokenizer.from_pretrained(str(root))
     except Exception as exc:  # noqa: BLE001 (transformers raises many kinds; the user needs one line)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{where or source.label}: cannot load its tokenizer: {first}") from None
+        raise InputError(f"{where or source.label}: cannot load its tokenizer: {_first_line(exc)}") from None
 
 
 class CausalLM:
@@ -91,9 +95,13 @@ class CausalLM:
 
     Attributes: `model` (eval mode, on `device`, in `dtype`), `tokenizer`, `base` (the Checkpoint
     the config came from), `loaded` (label of the checkpoint whose weights the model holds).
+    `load_base=False` leaves the weights unread (and `loaded` None) until the first `load`, for a
+    caller whose first checkpoint is not the base: the base's weights are then never read.
     """
 
-    def __init__(self, base: Checkpoint, options: ModelOptions | None = None, *, tokenizer=None):
+    def __init__(
+        self, base: Checkpoint, options: ModelOptions | None = None, *, tokenizer=None, load_base: bool = True
+    ):
         import torch  # noqa: PLC0415
 
         from ..device import resolve_device  # noqa: PLC0415
@@ -107,8 +115,9 @@ class CausalLM:
         try:
             config = transformers.AutoConfig.from_pretrained(str(root))
         except Exception as exc:  # noqa: BLE001
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"{base.label}: config.json does not describe a transformers model: {first}") from None
+            raise InputError(
+                f"{base.label}: config.json does not describe a transformers model: {_first_line(exc)}"
+            ) from None
         self.dtype = _torch_dtype(options.dtype, config, self.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base)
         try:
@@ -118,7 +127,8 @@ class CausalLM:
             raise InputError(f"{base.label}: not a causal language model transformers can build: {exc}") from None
         self.model = model.to(dtype=self.dtype).eval()
         self.loaded: str | None = None
-        self.load(base)
+        if load_base:
+            self.load(base)
 
     @property
     def vocab_size(self) -> int:

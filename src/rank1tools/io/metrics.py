@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, UsageError
-from ..jsonutil import DuplicateKey, parse_json_text, unique_pairs
+from ..jsonutil import json_lines, parse_json_text
 from ..values import INT64_MAX, ascii_int
 from .text_files import read_text_file
 
@@ -167,19 +167,9 @@ def _csv_rows(text: str, where: str) -> tuple[list[tuple[str, dict]], list[str],
 
 def _jsonl_rows(text: str, where: str) -> list[tuple[str, dict]]:
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line, object_pairs_hook=unique_pairs)
-        except DuplicateKey as e:
-            raise InputError(f"{where}: line {n}: {e}") from None
-        except RecursionError:
-            raise InputError(f"{where}: line {n}: unreadable JSON (nested too deeply)") from None
-        except ValueError as e:
-            raise InputError(f"{where}: line {n}: unreadable JSON ({' '.join(str(e).split())[:200]})") from None
+    for n, obj, at in json_lines(text, where):
         if not isinstance(obj, dict):
-            raise InputError(f"{where}: line {n}: expected a JSON object, found {type(obj).__name__}")
+            raise InputError(f"{at}: expected a JSON object, found {type(obj).__name__}")
         rows.append((f"line {n}", obj))
     return rows
 

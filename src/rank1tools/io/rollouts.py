@@ -12,13 +12,12 @@ byte). Torch-free.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..jsonutil import DuplicateKey, unique_pairs
+from ..jsonutil import json_lines
 from .text_files import read_text_file
 
 ENV_MAX_BYTES = "RANK1_MAX_ROLLOUTS_BYTES"
@@ -115,23 +114,6 @@ def _rollout(obj: object, n: int, at: str) -> Rollout:
     return Rollout(line=n, completion=completion, prompt=prompt, messages=messages, id=rid, extra=extra)
 
 
-def _json_lines(text: str, where: str):
-    """(line number, parsed object, "WHERE: line N") of every non-blank line of JSONL `text`."""
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        at = f"{where}: line {n}"
-        try:
-            obj = json.loads(line, object_pairs_hook=unique_pairs)
-        except DuplicateKey as e:
-            raise InputError(f"{at}: {e}") from None
-        except RecursionError:
-            raise InputError(f"{at}: unreadable JSON (nested too deeply)") from None
-        except ValueError as e:  # JSONDecodeError, int too long to convert
-            raise InputError(f"{at}: unreadable JSON ({' '.join(str(e).split())[:200]})") from None
-        yield n, obj, at
-
-
 def _check_unique_id(rid, ids: dict, n: int, at: str) -> None:
     if rid is not None:
         if rid in ids:
@@ -143,7 +125,7 @@ def parse_rollouts(text: str, where: str) -> list[Rollout]:
     """The rollouts of JSONL `text` (see the module docstring); `where` names the file in errors."""
     rollouts: list[Rollout] = []
     ids: dict[str | int, int] = {}
-    for n, obj, at in _json_lines(text, where):
+    for n, obj, at in json_lines(text, where):
         r = _rollout(obj, n, at)
         _check_unique_id(r.id, ids, n, at)
         rollouts.append(r)
@@ -193,7 +175,7 @@ def parse_prompts(text: str, where: str) -> list[PromptLine]:
     """The prompts of JSONL `text`: rollout lines without `completion` (same checks, same errors)."""
     prompts: list[PromptLine] = []
     ids: dict[str | int, int] = {}
-    for n, obj, at in _json_lines(text, where):
+    for n, obj, at in json_lines(text, where):
         prompt, messages, rid = _prompt_fields(obj, at)
         _check_unique_id(rid, ids, n, at)
         extra = {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}

@@ -288,9 +288,8 @@ def _decoder(model: str, extrapolation: Extrapolation | None, alpha, options: Ge
     ckpt_b = open_source(model)
     config_source = open_source(options.base) if options.base else ckpt_b
     tokenizer = _load_tokenizer(options.tokenizer) if options.tokenizer else None
-    lm_b = CausalLM(config_source, model_opts, tokenizer=tokenizer)
-    if config_source is not ckpt_b:
-        lm_b.load(ckpt_b)
+    lm_b = CausalLM(config_source, model_opts, tokenizer=tokenizer, load_base=False)  # --base: its weights unread
+    lm_b.load(ckpt_b)
     if extrapolation is None:
         decoder = LogitExtrapolation.single(lm_b.model, lm_b.tokenizer)
     else:

@@ -130,7 +130,7 @@ def logprobs(
 
 
 def _run_locked(target, out, data, inputs, pairs, chosen, options, force, notes, progress) -> LogprobsResult:
-    lm = CausalLM(inputs.base, options.model)
+    lm = CausalLM(inputs.base, options.model, load_base=False)  # weights read per step below
     context = model_context(lm.model)
     tokenized = [
         tokenize_pair(lm.tokenizer, r.prompt_input(), r.completion, f"{data}: line {r.line}", context) for r in chosen
@@ -163,7 +163,7 @@ def _run_locked(target, out, data, inputs, pairs, chosen, options, force, notes,
     if progress:
         progress(len(reused), len(pairs))
     try:
-        current = inputs.base
+        current = None
         for s, ck in todo:
             if ck is not current:
                 lm.load(ck)
