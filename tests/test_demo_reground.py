@@ -138,10 +138,10 @@ def test_the_arms_table_follows_from_its_curve(plain):
     # the terminal table shows these figures
     from rich.console import Console
 
-    from rank1tools.cli import render
+    from rank1tools.cli import render_demo
 
     buf = io.StringIO()
-    render.demo_reground(Console(file=buf, width=200), res)
+    render_demo.demo_reground(Console(file=buf, width=200), res)
     lines = buf.getvalue().splitlines()
     for name, row in rows.items():
         line = next(line for line in lines if name in line and "│" in line)
@@ -161,10 +161,10 @@ def test_the_arms_table_follows_from_its_curve(plain):
 @pytest.mark.parametrize(
     "value, words",
     [
-        ("8", "expected M:N"),
-        ("8:x", "expected M:N"),
+        ("8", "or M:N"),
+        ("8:x", "or M:N"),
         ("8:-1", "N (steps jumped) must be at least 0"),
-        ("1:2:3", "expected M:N"),
+        ("1:2:3", "or M:N"),
         ("0:8", "M (optimizer steps per segment) must be at least 1"),
     ],
 )
@@ -175,6 +175,14 @@ def test_reground_option_errors_are_one_line_exit_2(tmp_path, value, words):
     assert words in r.stderr and "--reground" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+def test_reground_schedules_parse():
+    from rank1tools.commands.demo_reground import parse_reground
+
+    assert parse_reground("auto") == "auto"  # the default: M:N from the demo's backtest
+    assert parse_reground("none") is None  # no re-grounded arm
+    assert parse_reground("16:8") == (16, 8) and parse_reground("3:0") == (3, 0)
 
 
 def test_reground_refused_with_synthetic_and_torch_free(tmp_path):

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from . import render
+from . import render, render_demo
 from .app import (
     RESUME_HINT,
     Rank1Command,
@@ -261,12 +261,13 @@ def demo(
         help="The planted synthetic run instead of training "
         "(inspect, decompose and a rank-1 reconstruct; its answer is known).",
     ),
-    reground: str | None = typer.Option(
-        None,
+    reground: str = typer.Option(
+        "auto",
         "--reground",
         metavar="SCHEDULE",
-        help="M:N (e.g. 8:8): also train a re-grounded GRPO arm from the same base and seed: every M "
-        "optimizer steps, jump the weights N steps ahead (two-point, norms copied), and report the speed-up.",
+        help="The re-grounded GRPO arm, from the same base and seed: every M optimizer steps, jump the "
+        "weights N steps ahead (two-point, norms copied); its speed-up is reported. 'auto': M:N from the "
+        "demo's backtest; 'M:N' (e.g. 8:8); 'none': no arm.",
     ),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
@@ -280,9 +281,9 @@ def demo(
     check_common_early(device)
     from ..commands.demo_reground import parse_reground
 
-    segments = None if reground is None else parse_reground(reground)
+    segments = parse_reground(reground)
     if synthetic:
-        if seed != 0 or quick or segments is not None:
+        if seed != 0 or quick or reground != "auto":
             raise UsageError("--seed, --quick and --reground apply to the trained demo, not to --synthetic")
         from ..commands.demo import run_synthetic_demo
 
@@ -317,4 +318,4 @@ def demo(
     if as_json:
         print_json(result.to_dict())
     else:
-        render.demo(result)
+        render_demo.demo(result)

@@ -18,15 +18,25 @@ REGROUND_DIR = "reground"
 THRESHOLDS = (0.9, 1.0)  # shares of plain GRPO's final accuracy
 
 
-def parse_reground(value: str) -> tuple[int, int]:
-    """Parse --reground "M:N" into (M, N): M >= 1 optimizer steps per segment, N >= 0 steps jumped (one-line errors, exit 2)."""
+AUTO = "auto"  # M: the re-grounding segment ending at the cut; N: what its backtest recommends
+OFF = "none"
+
+
+def parse_reground(value: str) -> tuple[int, int] | str | None:
+    """Parse --reground: "auto" (the default: the schedule the demo's backtest recommends), "none"
+    (no re-grounded arm) or "M:N" (M >= 1 optimizer steps per segment, N >= 0 steps jumped);
+    one-line errors, exit 2."""
+    if value == AUTO:
+        return AUTO
+    if value == OFF:
+        return None
     parts = value.split(":")
     try:
         m, n = (int(p) for p in parts) if len(parts) == 2 else (None, None)
     except ValueError:
         m = n = None
     if m is None or n is None:
-        raise UsageError(f"--reground: expected M:N (two integers, e.g. 8:8), got {value!r}")
+        raise UsageError(f"--reground: expected auto, none or M:N (two integers, e.g. 8:8), got {value!r}")
     if m < 1:
         raise UsageError(f"--reground: M (optimizer steps per segment) must be at least 1, got {value!r}")
     if n < 0:
@@ -77,14 +87,17 @@ def run_reground_arm(
     jump_steps: int,
     plain: dict[int, float],
     say: Callable[[str], None],
+    schedule: str = "given",
 ) -> dict:
-    """Train the arm into root/reground/run from root/base; the `reground` object of results.json."""
+    """Train the arm into root/reground/run from root/base; the `reground` object of results.json.
+    `schedule`: "given" (--reground M:N) or "backtest" (auto: M:N from the demo's backtest)."""
     from ..demo.reground import train_reground_arm
 
     say(f"re-grounded GRPO: {train_steps} steps, then jump {jump_steps} ahead, from the same base and seed ...")
     arm = train_reground_arm(root / "base", root / REGROUND_DIR, config, train_steps, jump_steps, say)
     rows = reground_table(plain, arm.curve)
     return {
+        "schedule": schedule,
         "train_steps": train_steps,
         "jump_steps": jump_steps,
         "run": str(arm.run),

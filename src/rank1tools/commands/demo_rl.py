@@ -23,8 +23,9 @@ from ..io.outputs import staged_output
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from .decompose import DecomposeOptions, decompose
-from .demo_output import SKIP_NOTE, model_extra_present, run_output_stages
-from .demo_reground import reground_plot, run_reground_arm
+from .demo_backtest import run_backtest_stages
+from .demo_output import ROLLOUTS_FILE, SKIP_NOTE, model_extra_present, run_output_stages
+from .demo_reground import AUTO, reground_plot, run_reground_arm
 from .extrapolate.registry import ExtrapolateOptions, extrapolate
 from .fit_pls import FitPlsOptions, fit_pls
 from .linearity import LinearityOptions, linearity
@@ -63,10 +64,12 @@ class RLDemoResult:
     seconds: dict[str, float]  # wall time per stage (shown, not written: results.json stays reproducible)
     plots: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    reground: dict | None = None  # --reground M:N: the re-grounded arm (commands/demo_reground.py)
+    reground: dict | None = None  # the re-grounded arm (commands/demo_reground.py); None: --reground none
+    backtest: dict | None = None  # the backtest at the cut (commands/demo_backtest.py)
 
     def to_dict(self) -> dict:
         extra = {} if self.reground is None else {"reground": self.reground}
+        extra |= {} if self.backtest is None else {"backtest": self.backtest}
         return json_safe(
             {
                 **extra,
@@ -124,7 +127,7 @@ def run_rl_demo(
     quick: bool = False,
     force: bool = False,
     device: str = "auto",
-    reground: tuple[int, int] | None = None,
+    reground: tuple[int, int] | str | None = AUTO,
     say: Callable[[str], None] | None = None,
 ) -> RLDemoResult:
     """Train the demo run into `out` (staged, renamed when training is done), then analyse it."""
@@ -141,7 +144,7 @@ def _run_rl_demo(
     quick: bool,
     force: bool,
     device: str,
-    reground: tuple[int, int] | None,
+    reground: tuple[int, int] | str | None,
     say: Callable[[str], None] | None,
 ) -> RLDemoResult:
     from ..demo import DemoTraining, evaluate_checkpoint, train_demo_run
@@ -243,6 +246,8 @@ def _run_rl_demo(
         output_rows, output_figures = stages.rows, stages.figures
     else:
         notes.append(SKIP_NOTE)
+    data = str(root / ROLLOUTS_FILE) if model_extra_present() else None
+    backtested = run_backtest_stages(root, curve, cut, config, device, stage, data)
 
     base_acc, final_acc = curve[0], curve[final]
     models = [
@@ -279,7 +284,13 @@ def _run_rl_demo(
     }
     arm = None
     if reground is not None:
-        arm = stage("re-grounded GRPO", lambda: run_reground_arm(root, config, *reground, curve, say))
+        schedule = "backtest" if reground == AUTO else "given"
+        m, n = (
+            (backtested["reground"]["segment"], backtested["reground"]["recommended_jump"])
+            if reground == AUTO
+            else reground
+        )
+        arm = stage("re-grounded GRPO", lambda: run_reground_arm(root, config, m, n, curve, say, schedule))
     seconds["total"] = time.perf_counter() - t0
     result = RLDemoResult(
         out=out,
@@ -294,6 +305,7 @@ def _run_rl_demo(
         seconds=seconds,
         notes=notes,
         reground=arm,
+        backtest=backtested,
     )
     result.plots = _plot(result, root)
     if arm is not None:

@@ -40,7 +40,7 @@ def output_figures(base, cuts: list, names: list[str], rollouts: list, data: str
     """{(cut, target step): {"logprob_mad", "kl", "tokens"}} on `rollouts` (io.rollouts, read from
     the file `data`, which errors name)."""
     predicted = CausalLM(base, model_options)
-    real = CausalLM(base, model_options, tokenizer=predicted.tokenizer)
+    real = CausalLM(base, model_options, tokenizer=predicted.tokenizer, load_base=False)  # loaded per target below
     tensors = predicted.model.state_dict(keep_vars=True)
     missing = [n for n in names if n not in tensors]
     if missing:
