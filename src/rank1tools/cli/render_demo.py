@@ -96,6 +96,10 @@ def demo_reground(console, arm: dict) -> None:
     )
     if jumps:
         console.print(f"accuracy across each jump: {jumps}")
+    console.print(
+        "the papers, for scale: RLVR-linearity 6.1x with re-grounding (M = N = 100), AlphaRL 2.0x on average, on "
+        "1.5B-32B models trained for days; this is a 0.6 M-parameter model trained for a minute"
+    )
 
 
 BACKTEST_FIGURES = (
