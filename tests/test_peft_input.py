@@ -78,6 +78,9 @@ PLAIN = dict(
 )
 
 
+STEPS = (10, 20, 30)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
@@ -91,7 +94,7 @@ def world(tmp_path_factory):
         "gpt2": _adapter(_gpt2, root / "gpt2-adapter", 3, r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"]),
     }
     # a TRL-style run: checkpoint-N/ folders holding only an adapter (and trainer state)
-    for step, seed in ((10, 11), (20, 12)):
+    for step, seed in ((10, 11), (20, 12), (30, 13)):
         folder = root / "run" / f"checkpoint-{step}"
         merged[f"run{step}"] = _adapter(_llama, folder, seed, **PLAIN)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
@@ -153,7 +156,7 @@ def test_decompose_of_a_trl_adapter_run_equals_a_dense_float64_svd(world, tmp_pa
     for name in modules:
         with safe_open(str(out / "factors" / (name + ".safetensors")), "pt") as f:
             S, U, V = f.get_tensor("S").double(), f.get_tensor("U").double(), f.get_tensor("V").double()
-        for i, step in enumerate((10, 20)):
+        for i, step in enumerate(STEPS):
             d = _delta_reference(merged[f"run{step}"], base, name)
             want = np.linalg.svd(d, compute_uv=False)[:3]
             scale = max(want[0], 1e-30)
@@ -175,16 +178,41 @@ def test_decompose_of_a_trl_adapter_run_equals_a_dense_float64_svd(world, tmp_pa
 
 def test_reconstruct_at_the_adapter_rank_gives_peft_merged_weights(world, tmp_path):
     root, merged = world
-    out = tmp_path / "rec"
-    r = run_main(
-        "reconstruct", str(root / "base"), str(root / "run" / "checkpoint-20"), "--rank", "4", "--out", str(out), "-q"
-    )
+    base, ckpt = str(root / "base"), str(root / "run" / "checkpoint-20")
+    r = run_main("reconstruct", base, ckpt, "--rank", "4", "--out", str(tmp_path / "rec"), "-q")
     assert r.returncode == 0, r.stderr
     ref = merged["run20"]
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "rec" / "model.safetensors"), "pt") as f:
         for name in f.keys():
             if "q_proj" in name or "down_proj" in name:  # rank 4 >= r: the whole update
                 assert torch.allclose(f.get_tensor(name).float(), ref[name], rtol=0, atol=1e-5), name
+    # from a factor store of the adapter run: the store knows the adapter by its content fingerprint
+    r = run_main("decompose", base, "--run", str(root / "run"), "--out", str(tmp_path / "dec"), "--rank", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    for tag, extra in (("dense", []), ("store", ["--factors", str(tmp_path / "dec")])):
+        r = run_main("reconstruct", base, ckpt, "--rank", "2", *extra, "--out", str(tmp_path / tag), "-q")
+        assert r.returncode == 0, r.stderr
+    with safe_open(str(tmp_path / "dense" / "model.safetensors"), "pt") as fa:
+        with safe_open(str(tmp_path / "store" / "model.safetensors"), "pt") as fb:
+            for name in fa.keys():
+                assert torch.allclose(fa.get_tensor(name), fb.get_tensor(name), rtol=0, atol=1e-5), name
+
+
+@pytest.mark.parametrize(("m", "r", "n", "k"), [(40, 4, 24, 3), (3, 5, 30, 3), (50, 6, 20, 6)])
+def test_factored_topk_equals_a_dense_float64_svd(m, r, n, k):
+    from rank1tools.math.factored_svd import factored_topk
+
+    g = torch.Generator().manual_seed(m + n)
+    L, R = torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
+    top, fro = factored_topk(L, R, k)
+    M = (L.double() @ R.double()).numpy()
+    U, S, Vt = np.linalg.svd(M)
+    np.testing.assert_allclose(top.S.double().numpy(), S[:k], rtol=1e-6)
+    np.testing.assert_allclose(fro, np.linalg.norm(M), rtol=1e-12)
+    recon = (top.U.double() * top.S.double()) @ top.V.double().T
+    np.testing.assert_allclose(recon.numpy(), (U[:, :k] * S[:k]) @ Vt[:k], rtol=0, atol=1e-5 * S[0])
+    assert top.method == "factored"
+    np.testing.assert_allclose((top.U.T.double() @ top.U.double()).numpy(), np.eye(k), atol=1e-6)
 
 
 def test_mixed_adapter_and_full_checkpoints_in_one_run(world, tmp_path):
@@ -263,3 +291,97 @@ def test_a_base_other_than_the_adapters_gives_a_note(world, tmp_path):
     )
     path.write_text(json.dumps({**config, "base_model_name_or_path": str(root / "base")}))
     assert open_source(str(path.parent), base=base).notes == []
+
+
+@pytest.fixture(scope="module")
+def merged_run(world):
+    """The adapter run's steps saved as full float32 checkpoints (peft's merged weights)."""
+    root, merged = world
+    for step in STEPS:
+        model = _llama()
+        model.load_state_dict(merged[f"run{step}"])
+        model.save_pretrained(root / "merged-run" / f"checkpoint-{step}")
+    return root / "merged-run"
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_linearity_and_extrapolate_read_an_adapter_run_as_its_merged_run(world, merged_run, tmp_path):
+    root, _ = world
+    base = str(root / "base")
+    for run, tag in ((root / "run", "lora"), (merged_run, "full")):
+        r = run_main("linearity", base, "--run", str(run), "--out", str(tmp_path / f"lin-{tag}"), "--no-plots", "-q")
+        assert r.returncode == 0, r.stderr
+        r = run_main(
+            "extrapolate", "linear", base, "--run", str(run), "--target-step", "40", "--dtype", "float32",
+            "--out", str(tmp_path / f"ext-{tag}"), "-q",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    lora, full = _csv_rows(tmp_path / "lin-lora" / "linearity.csv"), _csv_rows(tmp_path / "lin-full" / "linearity.csv")
+    assert [row["tensor"] for row in lora] == [row["tensor"] for row in full]
+    for a, b in zip(lora, full):
+        for key in ("explained_1", "coef_r2_1", "frac_r2_above_0.7"):
+            if a[key] or b[key]:
+                np.testing.assert_allclose(
+                    float(a[key]), float(b[key]), rtol=1e-4, atol=1e-6, err_msg=(a["tensor"], key)
+                )
+    ext_lora = next((tmp_path / "ext-lora").rglob("model.safetensors"))
+    ext_full = next((tmp_path / "ext-full").rglob("model.safetensors"))
+    with safe_open(str(ext_lora), "pt") as fa, safe_open(str(ext_full), "pt") as fb:
+        assert sorted(fa.keys()) == sorted(fb.keys())
+        for name in fa.keys():
+            assert torch.allclose(fa.get_tensor(name), fb.get_tensor(name), rtol=0, atol=1e-5), name
+
+
+def test_a_hub_run_of_adapter_subfolders_equals_the_local_run(world, tmp_path, monkeypatch):
+    """hf://: a repo of TRL checkpoint-N/ adapter folders (as TRL's push_to_hub uploads them), on
+    the fake Hub of tests/hub_server.py; nothing leaves 127.0.0.1."""
+    import socket
+
+    from test_hub import _point_huggingface_hub
+
+    from hub_server import FakeHub, folder_files
+
+    real = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise OSError(f"test tried to reach {host!r}")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    root, merged = world
+    hub = FakeHub()
+    files = {}
+    for step in STEPS:
+        files.update(folder_files(root / "run" / f"checkpoint-{step}", f"checkpoint-{step}/"))
+    hub.create_repo("org/lora-run").commit("adapters", files)
+    url = hub.start()
+    try:
+        _point_huggingface_hub(monkeypatch, url, tmp_path / "hf")
+        base = str(root / "base")
+        ck = open_source("hf://org/lora-run/checkpoint-20", base=open_source(base))
+        name = "model.layers.1.self_attn.v_proj.weight"
+        assert torch.allclose(ck.read(name), merged["run20"][name], rtol=0, atol=1e-6)
+        for run, tag, extra in ((str(root / "run"), "local", []), ("hf://org/lora-run", "hub", ["--subfolders"])):
+            out = tmp_path / tag
+            r = run_main("decompose", base, "--run", run, *extra, "--out", str(out), "--rank", "2", "-q")
+            assert r.returncode == 0, r.stderr
+        assert (tmp_path / "local" / "spectrum.csv").read_bytes() == (tmp_path / "hub" / "spectrum.csv").read_bytes()
+    finally:
+        hub.stop()
+
+
+def test_inspect_shows_an_adapter_folder_as_stored_with_its_config(world):
+    root, _ = world
+    r = run_main("inspect", str(root / "plain"), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    with safe_open(str(root / "plain" / "adapter_model.safetensors"), "pt") as f:
+        assert data["tensors"] == len(list(f.keys()))
+    assert data["adapter"]["peft_type"] == "LORA" and data["adapter"]["r"] == 4
+    assert data["adapter"]["modules_to_save"] == ["lm_head"]
+    assert "adapter" not in json.loads(run_main("inspect", str(root / "base"), "--json").stdout)
