@@ -86,12 +86,15 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
     _llama().save_pretrained(root / "base")
     _gpt2().save_pretrained(root / "gpt2")
+    _llama(tie=True).save_pretrained(root / "tied")
     merged = {
         "plain": _adapter(_llama, root / "plain", 1, **PLAIN),
         "rslora": _adapter(
             _llama, root / "rslora", 2, r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear"
         ),
         "gpt2": _adapter(_gpt2, root / "gpt2-adapter", 3, r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"]),
+        # LoRA on the embedding of a base that ties lm_head to it: the tied head moves with it
+        "embedding": _adapter(lambda: _llama(tie=True), root / "embedding", 6, r=3, target_modules=["embed_tokens"]),
     }
     # a TRL-style run: checkpoint-N/ folders holding only an adapter (and trainer state)
     for step, seed in ((10, 11), (20, 12), (30, 13)):
@@ -105,7 +108,9 @@ def _delta_reference(merged: dict, base: dict, name: str) -> np.ndarray:
     return (merged[name].double() - base[name].double()).numpy()
 
 
-@pytest.mark.parametrize(("adapter", "base"), [("plain", "base"), ("rslora", "base"), ("gpt2-adapter", "gpt2")])
+@pytest.mark.parametrize(
+    ("adapter", "base"), [("plain", "base"), ("rslora", "base"), ("gpt2-adapter", "gpt2"), ("embedding", "tied")]
+)
 def test_every_tensor_equals_peft_merge_and_unload(world, adapter, base):
     root, merged = world
     ref = merged["gpt2" if adapter == "gpt2-adapter" else adapter]
@@ -136,6 +141,9 @@ def test_every_tensor_equals_peft_merge_and_unload(world, adapter, base):
         assert {m.scale for m in ck.modules.values()} == {16 / 2}  # lora_alpha / sqrt(r)
     if adapter == "gpt2-adapter":
         assert all(m.transpose for m in ck.modules.values())  # Conv1D: fan_in_fan_out
+    if adapter == "embedding":
+        assert list(ck.modules) == ["model.embed_tokens.weight"] and ck.lm_head_tied
+        assert torch.allclose(ck.read("lm_head.weight"), ref["lm_head.weight"], rtol=0, atol=1e-6)
 
 
 def _spectrum(out: Path) -> dict[tuple[str, int], dict]:

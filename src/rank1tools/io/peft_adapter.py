@@ -23,11 +23,12 @@ import json
 import math
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..modules import LM_HEAD_NAME
 from .checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, Checkpoint
 from .hub_spec import is_hub_source, parse_hub_spec
 from .safetensors_file import TensorEntry
@@ -153,7 +154,9 @@ def plan_modules(adapter: Checkpoint, base: Checkpoint) -> tuple[dict[str, LoraM
         if suffix is None:
             if ".lora_" in rest or "lora_magnitude_vector" in rest:
                 raise InputError(f"{file}: tensor {key!r} is not a LoRA A or B factor (not supported)")
-            full[rest] = key  # modules_to_save or a saved embedding layer: the tensor itself
+            # modules_to_save, or the weight under a LoRA target that peft saves with it (a resized
+            # embedding: `<module>.base_layer.weight`): the tensor itself, in place of the base's
+            full[rest.replace(".base_layer.", ".")] = key
             continue
         module = rest[: -len(suffix)]
         which, is_embedding = _FACTOR_SUFFIXES[suffix]
@@ -173,7 +176,7 @@ def plan_modules(adapter: Checkpoint, base: Checkpoint) -> tuple[dict[str, LoraM
         name = module + ".weight"
         if name not in base:
             raise InputError(f"{file}: tensor {ab['A']!r} targets {name!r}, which base {base.label} lacks")
-        if name in full:
+        if name in full and ".base_layer." not in full[name]:
             raise InputError(f"{file}: {name!r} is both a LoRA target and a saved full tensor")
         a, b = adapter.entries[ab["A"]].shape, adapter.entries[ab["B"]].shape
         want = base.entry(name).shape
@@ -215,23 +218,25 @@ class AdapterCheckpoint(Checkpoint):
         modules, full = plan_modules(adapter, base)
         self.adapter = adapter
         self.base = base
+        self.lora_config = adapter.adapter_config  # kept here: a Hub source's pickled copy drops it
         self.modules = modules
         self.full = full
         note = base_mismatch((adapter.adapter_config or {}).get("base_model_name_or_path"), base)
         self.notes = [f"{adapter.label}: {note}"] if note else []
         entries: dict[str, TensorEntry] = {}
-        names = list(base.entries) + [n for n in full if n not in base.entries]  # an lm_head untied by the adapter
+        # a tied lm_head the adapter trains (LoRA or modules_to_save) is a tensor of its own here
+        names = list(base.entries) + [n for n in (*modules, *full) if n not in base.entries]
         for name in names:
             if name in modules:
-                e = base.entry(name)
+                e = base.entry(name)  # a tied lm_head: the embedding's shape
                 entries[name] = TensorEntry(name, "F32", e.shape, ADAPTER_FILE, -1, e.numel * 4)
             elif name in full:
-                entries[name] = adapter.entries[full[name]]
+                entries[name] = replace(adapter.entries[full[name]], name=name)  # read through `full`
             else:
                 entries[name] = base.entries[name]
         super().__init__(adapter.label, adapter.weight_dir, entries, base.config, None, revision=adapter.revision)
         self._factor_lock = threading.Lock()
-        self._last: tuple[str, str, object] | None = None  # (name, device, factors) of the last read
+        self._last: tuple[str, str, object] | None = None  # (name, device, (A, B)) of the last read
 
     def __repr__(self) -> str:
         return f"AdapterCheckpoint({self.label!r} on {self.base.label!r}, {len(self.modules)} LoRA modules)"
@@ -271,39 +276,55 @@ class AdapterCheckpoint(Checkpoint):
     def fingerprint_parts(self) -> tuple[list[Checkpoint], bytes]:
         """What identifies this checkpoint's content (io/fingerprint.py): the adapter's tensors and
         its config (scale, patterns); the base is recorded on its own."""
-        config = json.dumps(self.adapter.adapter_config, sort_keys=True).encode()
+        config = json.dumps(self.lora_config, sort_keys=True).encode()
         return [self.adapter], hashlib.sha256(config).digest()
 
     # ---- the update's factors
     def lora_factors(self, name: str, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(L, R), float32 on `device`, with dW = L @ R as the base stores `name` (scale in L);
-        None when `name` is not a LoRA target."""
-        import torch
-
-        m = self.modules.get(name)
-        if m is None:
+        """(L, R), float32 on `device`, with theta_t - theta_base = L @ R as the base stores `name`
+        (scale in L); None when `name` is not a LoRA target, or when the adapter saves the weight
+        under it (`base_layer`: its update over BASE is then formed as W_t - W_base)."""
+        if name not in self.modules or name in self.full:
             return None
+        return self._factors(name, device)
+
+    def _factors(self, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.modules[name]
+        A, B = self._ab(name, device)
+        L, R = (A.T, B.T) if m.transpose else (B, A)
+        return (L * m.scale).contiguous(), R.contiguous()
+
+    def _ab(self, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored A and B of a LoRA target, float32 on `device` (the last module's are kept:
+        a streamed reader asks for the same module chunk after chunk)."""
         with self._factor_lock:
             if self._last is not None and self._last[:2] == (name, str(device)):
                 return self._last[2]
-        A = self.adapter.read(m.a_key, device=device)
-        B = self.adapter.read(m.b_key, device=device)
-        L, R = (A.T, B.T) if m.transpose else (B, A)
-        L = (L * torch.tensor(m.scale, dtype=torch.float32)).contiguous()
-        factors = (L, R.contiguous())
+        m = self.modules[name]
+        ab = (self.adapter.read(m.a_key, device=device), self.adapter.read(m.b_key, device=device))
         with self._factor_lock:
-            self._last = (name, str(device), factors)
-        return factors
+            self._last = (name, str(device), ab)
+        return ab
 
     def delta(self, name: str, *, rows: tuple[int, int] | None = None, device="cpu") -> torch.Tensor:
-        """dW of a LoRA target (rows [a, b) of it), float32."""
-        L, R = self.lora_factors(name, device)
-        if rows is not None:
-            L = L[rows[0] : rows[1]]
-        return L @ R
+        """dW of a LoRA target (rows [a, b) of it), float32, in peft's order: (B A) or (B A)^T, times scale."""
+        m = self.modules[name]
+        A, B = self._ab(name, device)
+        if m.transpose:
+            prod = (B @ (A if rows is None else A[:, rows[0] : rows[1]])).T
+        else:
+            prod = (B if rows is None else B[rows[0] : rows[1]]) @ A
+        return prod * m.scale
 
     # ---- reads
+    def _stored_name(self, name: str) -> str:
+        """The tensor behind `name`: a tied lm_head reads as the embedding, as the adapter changes it."""
+        if name == LM_HEAD_NAME and name not in self.entries and self.lm_head_tied:
+            return self._embedding_name()
+        return name
+
     def read_raw(self, name: str) -> torch.Tensor:
+        name = self._stored_name(name)
         if name in self.modules:
             return self._merged(name, None, "cpu")
         if name in self.full:
@@ -313,6 +334,7 @@ class AdapterCheckpoint(Checkpoint):
     def read(self, name: str, *, device="cpu", dtype=None, rows=None) -> torch.Tensor:
         import torch
 
+        name = self._stored_name(name)
         if name in self.modules:
             return self._merged(name, rows, device).to(torch.float32 if dtype is None else dtype)
         if name in self.full:
@@ -322,6 +344,7 @@ class AdapterCheckpoint(Checkpoint):
     def read_flat(self, name: str, start: int, stop: int, *, device="cpu", dtype=None) -> torch.Tensor:
         import torch
 
+        name = self._stored_name(name)
         if name in self.modules:
             cols = self.entry(name).shape[1]
             a, b = start // cols, -(-stop // cols)
@@ -339,8 +362,12 @@ class AdapterCheckpoint(Checkpoint):
         return self.base.locate(name)
 
     def _merged(self, name: str, rows: tuple[int, int] | None, device) -> torch.Tensor:
-        """W_base + dW (rows [a, b) of it) in float32, as peft's merge computes it."""
-        w = self.base.read(name, device=device, rows=rows)
+        """W_base + dW (rows [a, b) of it) in float32, as peft's merge computes it; W_base is the
+        adapter's own `base_layer` tensor where it saves one."""
+        if name in self.full:
+            w = self.adapter.read(self.full[name], device=device, rows=rows)
+        else:
+            w = self.base.read(name, device=device, rows=rows)
         return w.add_(self.delta(name, rows=rows, device=device))
 
 
