@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -131,6 +132,9 @@ def test_every_tensor_equals_peft_merge_and_unload(world, adapter, base):
             assert torch.allclose(ck.read(name, rows=(1, 3)), got[1:3], rtol=0, atol=1e-6)
             assert torch.allclose(ck.read_flat(name, 5, 77), got.reshape(-1)[5:77], rtol=0, atol=1e-6)
     if adapter == "plain":
+        copy = pickle.loads(pickle.dumps(ck))  # as a Ray task receives it
+        name = "model.layers.1.self_attn.q_proj.weight"
+        assert torch.equal(copy.read(name), ck.read(name)) and copy.notes == ck.notes
         assert "lm_head.weight" in ck.full  # modules_to_save: the saved tensor replaces the base's
         assert not torch.equal(ck.read("lm_head.weight"), base_ck.read("lm_head.weight"))
         q1 = ck.modules["model.layers.1.self_attn.q_proj.weight"]
