@@ -93,7 +93,9 @@ def world(tmp_path_factory):
         "rslora": _adapter(
             _llama, root / "rslora", 2, r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear"
         ),
-        "gpt2": _adapter(_gpt2, root / "gpt2-adapter", 3, r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"]),
+        "gpt2": _adapter(
+            _gpt2, root / "gpt2-adapter", 3, r=4, lora_alpha=4, target_modules=["c_attn", "c_fc", "c_proj"]
+        ),
         # LoRA on the embedding of a base that ties lm_head to it: the tied head moves with it
         "embedding": _adapter(lambda: _llama(tie=True), root / "embedding", 6, r=3, target_modules=["embed_tokens"]),
     }

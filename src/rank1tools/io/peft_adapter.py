@@ -132,6 +132,19 @@ def _mismatch(named: str, base: Checkpoint, checked: bool = True) -> str:
     )
 
 
+def _orientation(a: tuple, b: tuple, want: tuple, stored_in_out: bool) -> bool | None:
+    """Whether dW = scale * (B A)^T (the base stores the weight [in, out]: GPT-2's Conv1D, embeddings)
+    for A (r, in), B (out, r) and the base's shape; None when they do not fit. Read from the shapes,
+    since peft rewrites the config's `fan_in_fan_out` per layer type (a model with both Conv1D and
+    Linear targets saves one value); the flag (or embedding) decides only for a square weight."""
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1] or len(want) != 2:
+        return None
+    out_in, in_out = want == (b[0], a[1]), want == (a[1], b[0])
+    if out_in and in_out:
+        return stored_in_out
+    return in_out if out_in or in_out else None
+
+
 def plan_modules(adapter: Checkpoint, base: Checkpoint) -> tuple[dict[str, LoraModule], dict[str, str]]:
     """(base name -> LoraModule, base name -> adapter key of a full tensor) from the adapter's
     tensors, checked against the base's names and shapes."""
@@ -180,15 +193,10 @@ def plan_modules(adapter: Checkpoint, base: Checkpoint) -> tuple[dict[str, LoraM
             raise InputError(f"{file}: {name!r} is both a LoRA target and a saved full tensor")
         a, b = adapter.entries[ab["A"]].shape, adapter.entries[ab["B"]].shape
         want = base.entry(name).shape
-        transpose = embedding[module] or fan_in_fan_out
-        fits = len(a) == 2 and len(b) == 2 and a[0] == b[1] and len(want) == 2
-        if fits:
-            out_in = (b[0], a[1])
-            fits = want == (out_in[::-1] if transpose else out_in)
-        if not fits:
+        transpose = _orientation(a, b, want, embedding[module] or fan_in_fan_out)
+        if transpose is None:
             raise InputError(
-                f"{file}: tensors {ab['A']!r} {list(a)} and {ab['B']!r} {list(b)} do not fit base "
-                f"{name!r} {list(want)}" + (" (fan_in_fan_out: base stored [in, out])" if transpose else "")
+                f"{file}: tensors {ab['A']!r} {list(a)} and {ab['B']!r} {list(b)} do not fit base {name!r} {list(want)}"
             )
         mod_key = module
         r = _pattern_value(config.get("rank_pattern"), mod_key, r_default, where, "rank_pattern")
