@@ -399,3 +399,19 @@ def test_inspect_shows_an_adapter_folder_as_stored_with_its_config(world):
     assert data["adapter"]["peft_type"] == "LORA" and data["adapter"]["r"] == 4
     assert data["adapter"]["modules_to_save"] == ["lm_head"]
     assert "adapter" not in json.loads(run_main("inspect", str(root / "base"), "--json").stdout)
+
+
+def test_a_model_loaded_from_an_adapter_gives_peft_merged_logits(world):
+    """The engine that logprobs and generate run (engine/model_loading.CausalLM) on an adapter."""
+    from rank1tools.engine.model_loading import CausalLM
+
+    root, merged = world
+    base = open_source(str(root / "base"))
+    lm = CausalLM(base, tokenizer=object(), load_base=False)
+    lm.load(open_source(str(root / "run" / "checkpoint-30"), base=base))
+    reference = _llama()
+    reference.load_state_dict(merged["run30"])
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        got, want = lm.model(ids).logits, reference.eval()(ids).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-4)
