@@ -24,6 +24,7 @@ BENCHES = [
     "io",
     "decompose",
     "decompose_run",
+    "decompose_lora",
     "ray",
     "reconstruct",
     "fit_pls",

@@ -27,9 +27,13 @@ class ModelReport:
     lm_head_tied: bool
     revision: str | None = None
     kind: str = "model"
+    adapter: dict | None = None  # a PEFT adapter folder: its config's summary (only then in JSON)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["adapter"] is None:
+            del out["adapter"]
+        return out
 
 
 @dataclass
@@ -84,7 +88,17 @@ def inspect_model(source: str) -> ModelReport:
         layers=len(layers),
         lm_head_tied=ckpt.lm_head_tied,
         revision=ckpt.revision,
+        **_adapter_summary(ckpt.adapter_config),
     )
+
+
+def _adapter_summary(config: dict | None) -> dict:
+    """The `adapter` field of a PEFT adapter folder (its tensors are listed as stored; commands
+    read it on a BASE: docs/formats.md#peft-lora-adapters)."""
+    if config is None:
+        return {}
+    keys = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "base_model_name_or_path", "modules_to_save")
+    return {"adapter": {k: config.get(k) for k in keys}}
 
 
 def inspect_run(source: str, steps: StepSelection | str | None = None, checkpoints: list | None = None) -> RunReport:

@@ -107,7 +107,7 @@ def write_alpharl(
     base_ck = open_source(base)
     store.check_base(base_ck, notes)
     last_step = store.window[-1]
-    last_ck = open_last_checkpoint(store, options, last_step, notes) if options.container == "last" else None
+    last_ck = open_last_checkpoint(store, options, last_step, notes, base_ck) if options.container == "last" else None
     if last_ck is not None:
         check_compatible(base_ck, last_ck, label=f"last checkpoint {last_ck.label}")
     shapes = tensor_shapes(base_ck, [last_ck] if last_ck is not None else [])

@@ -74,8 +74,9 @@ def reconstruct(
     (rank1tools.engine.executors); with Ray, one task per group of tensors writes into the planned shards."""
     options.check()  # a caller may have changed a field since construction
     ranks = options.rank
-    base_ck, ck = open_source(base), open_source(checkpoint)
-    notes: list[str] = []
+    base_ck = open_source(base)
+    ck = open_source(checkpoint, base=base_ck)  # a PEFT adapter: read on the base (io/peft_adapter.py)
+    notes: list[str] = list(getattr(ck, "notes", []))
     shapes = tensor_shapes(base_ck, [ck])  # with lm_head.weight when the checkpoint unties it
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
     if not modules:
@@ -148,6 +149,8 @@ def reconstruct(
                     {"specs": [[s.name, s.shape, str(s.dtype)] for s in specs]},
                 ),
             )
+        # outputs are merged full checkpoints, a PEFT adapter's included (io/peft_adapter.py); a
+        # `--format peft` output (#23, the adapter writer) would write the rank-k factors here instead
         outputs = _write_all(plan, target, units, progress)
     if untie:
         how = "reconstructed (selected)" if LM_HEAD_NAME in modules else "copied (--rest checkpoint)"
