@@ -26,6 +26,7 @@ BENCHES = [
     "decompose_run",
     "ray",
     "reconstruct",
+    "export_lora",
     "fit_pls",
     "pls",
     "relex",

@@ -6,6 +6,7 @@ output safety."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -437,3 +438,36 @@ def test_output_safety(llama, tmp_path):
     code, _, err = _export(llama / "base", llama / "ckpt", "--rank", 1, "--out", llama / "ckpt" / "ad")
     assert code == 4 and "inside" in err and not (llama / "ckpt" / "ad").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "mine"]  # no staging or lock left
+
+
+def test_nonfinite_weights_leave_no_output(llama, tmp_path):
+    tensors = _read(llama / "ckpt")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    (tmp_path / "bad").mkdir()
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "bad" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(llama / "ckpt" / "config.json", tmp_path / "bad")
+    r = run_main(
+        "export-lora",
+        str(llama / "base"),
+        str(tmp_path / "bad"),
+        "--rank",
+        "1",
+        "--out",
+        str(tmp_path / "ad"),
+        "--device",
+        "cpu",
+    )
+    assert r.returncode == 3 and r.stderr.count("\n") == 1
+    assert "tensor 'model.layers.1.mlp.up_proj.weight' has non-finite values" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no adapter, staging folder or lock
+
+
+def test_library_options_are_checked():
+    from rank1tools.commands.export_lora.plan import ExportLoraOptions
+    from rank1tools.errors import UsageError
+
+    for bad in ({"rank": 0}, {"rank": True}, {"dtype": "int8"}):
+        with pytest.raises(UsageError):
+            ExportLoraOptions(**bad)
