@@ -471,3 +471,22 @@ def test_library_options_are_checked():
     for bad in ({"rank": 0}, {"rank": True}, {"dtype": "int8"}):
         with pytest.raises(UsageError):
             ExportLoraOptions(**bad)
+
+
+def test_memory_is_checked_before_any_work(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK1_AVAILABLE_MEMORY", "20000")
+    r = run_main(
+        "export-lora",
+        str(llama / "base"),
+        str(llama / "ckpt"),
+        "--rank",
+        "1",
+        "--out",
+        str(tmp_path / "ad"),
+        "--device",
+        "cpu",
+    )
+    # the largest working set: an MLP projection's update and its SVD
+    assert r.returncode == 3 and r.stderr.count("\n") == 1
+    assert "tensor 'model.layers.0.mlp.down_proj.weight' [32, 48]: needs about" in r.stderr
+    assert not (tmp_path / "ad").exists()

@@ -33,8 +33,9 @@ from ...math.lora import lora_factors
 from ...math.reconstruct import rank_k_scale
 from ...math.signs import canonicalize_signs
 from ...math.spectrum import delta, frobenius
-from ...math.svd import topk_svd
-from ...modules import is_embedding, select_tensors
+from ...math.svd import MIN_SKETCH, topk_svd
+from ...modules import LM_HEAD_NAME, is_embedding, select_tensors
+from ...resources import check_largest_tensor, svd_bytes
 from .plan import ExportLoraOptions, ExportLoraResult, LeftOut
 from .targets import base_reference, check_targets, is_conv1d, lora_target, target_modules, task_type
 
@@ -88,6 +89,7 @@ def export_lora(
             "an adapter has one: choose --dtype float32, bfloat16 or float16"
         )
     selected = set(modules)
+    _check_memory(base_ck, ck, shapes, selected, k, exact=options.exact, from_store=store is not None)
     targets = [lora_target(base_ck, n, shapes[n]) for n in modules]
     changed = _changed_rest(base_ck, ck, [n for n in shapes if n not in selected])
     saved, left_out = _split_rest(base_ck, changed, shapes, selected, options.modules_to_save)
@@ -185,6 +187,27 @@ def _factors(name, base_ck, ck, store, step_index, k, options, device):
     return U, res.S, V, fro
 
 
+def _check_memory(base_ck, ck, shapes, selected, k: int, *, exact: bool, from_store: bool) -> None:
+    """Refuse before any work when the largest tensor's working set exceeds the available memory:
+    a target's base and checkpoint in float32, its update and the SVD's working memory (a store's
+    factors, T (m + n) k numbers, are not counted); any other tensor's two raw reads and their
+    float32 copies (the comparison with the base)."""
+
+    def need(name: str) -> int:
+        n = 1
+        for d in shapes[name]:
+            n *= d
+        raw = base_ck.entry(name).nbytes + (ck.entry(name).nbytes if name in ck else 0)
+        if name not in selected:
+            return raw + 8 * n
+        if from_store:  # only the module's factors are read: T x (m + n) x k
+            return 0
+        sketch = max(k + 10, MIN_SKETCH)
+        return 12 * n + svd_bytes(shapes[name], exact or min(shapes[name]) <= 2 * sketch, sketch)
+
+    check_largest_tensor(list(shapes), need, lambda name: shapes[name])
+
+
 def _changed_rest(base_ck, ck, names: list[str]) -> list[str]:
     """The tensors among `names` whose checkpoint values differ from the base's (float32
     comparison for floating tensors, bit-exact otherwise), one tensor at a time."""
@@ -205,8 +228,6 @@ def _changed_rest(base_ck, ck, names: list[str]) -> list[str]:
 def _split_rest(base_ck, changed, shapes, selected, save) -> tuple[list[str], list[LeftOut]]:
     """Which changed tensors are saved in full (with `save`: every tensor of their module) and which
     are left out, with the reason."""
-    from ...modules import LM_HEAD_NAME, is_embedding
-
     targets = {n.removesuffix(".weight") for n in selected}
     saved, left = [], []
     for name in changed:
