@@ -147,6 +147,14 @@ def summarise(raw: dict) -> dict:
             )
         ],
         targets=targets,
+        notes=[
+            "The machine was shared (load average 6 to 8 on its 2 cores): the runs of one case spread up to "
+            "5x (every run's seconds are in the results file).",
+            "At rank 16 most of export-lora's time (and part of reconstruct's) is the norm-matching factor's "
+            "float64 k x k Gram products (math/reconstruct.update_norm), measured in a profile on that loaded "
+            "machine at 24 ms per module with torch's 2 threads against 0.25 ms with 1 thread: thread "
+            "oversubscription, not arithmetic.",
+        ],
     )
 
 
