@@ -56,10 +56,10 @@ def export_lora(
     notes: list[str] = []
     shapes = tensor_shapes(base_ck, [ck])
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
-    if not modules:
-        raise UsageError("no tensors selected (check --include/--exclude)")
     if options.all_2d and not options.include:  # every other 2-D tensor but the embeddings (not a LoRA of ours)
         modules = [n for n in modules if not is_embedding(n)]
+    if not modules:
+        raise UsageError("no tensors selected (check --include/--exclude)")
     check_targets(base_ck, modules)
     for name in modules:
         if k > min(shapes[name]):
