@@ -27,6 +27,7 @@ BENCHES = [
     "decompose_lora",
     "ray",
     "reconstruct",
+    "export_lora",
     "fit_pls",
     "pls",
     "relex",

@@ -10,6 +10,7 @@ registers its commands on the app when imported here.
 
 # imported in the order `rank1 --help` lists the commands
 from . import model_commands  # noqa: F401, I001 (registers inspect, decompose, reconstruct, demo)
+from . import export_lora_commands  # noqa: F401 (registers export-lora)
 from . import fit_commands  # noqa: F401 (registers fit-pls, linearity)
 from . import extrapolate_commands  # noqa: F401 (registers extrapolate)
 from . import logprobs_commands  # noqa: F401 (registers logprobs)
