@@ -490,3 +490,24 @@ def test_memory_is_checked_before_any_work(llama, tmp_path, monkeypatch):
     assert r.returncode == 3 and r.stderr.count("\n") == 1
     assert "tensor 'model.layers.0.mlp.down_proj.weight' [32, 48]: needs about" in r.stderr
     assert not (tmp_path / "ad").exists()
+
+
+def test_an_exported_adapter_reads_back_as_the_reconstruction(llama, tmp_path):
+    """Round trip through rank1's own PEFT reader (io/peft_adapter): the exported adapter opened on
+    the base is, tensor for tensor, `reconstruct --rank k` of the same step (float32, 1e-5 of the
+    tensor's largest value)."""
+    from rank1tools.io.sources import open_source
+
+    k = 2
+    code, _, err = _export(llama / "base", llama / "ckpt", "--rank", k, "--exact", "--out", tmp_path / "ad")
+    assert code == 0, err
+    _reconstruct(
+        llama / "base", llama / "ckpt", "--rank", k, "--exact", "--dtype", "float32", "--out", tmp_path / "rec"
+    )
+    want = _read(tmp_path / "rec")
+    got = open_source(str(tmp_path / "ad"), base=open_source(str(llama / "base")))
+    assert set(got.entries) == set(want)
+    for name, w in want.items():
+        g = got.read(name).float()
+        scale = float(w.abs().max())
+        assert float((g - w).abs().max()) <= 1e-5 * scale, name
