@@ -41,7 +41,7 @@ from ...io.work_folder import discard_unless_resumed, make_folder, open_work_fol
 from ...io.writer import provenance, write_provenance
 from ...jsonutil import json_safe as _json_safe
 from ...math.svd import MIN_SKETCH
-from ...modules import select_tensors
+from ...modules import expert_slices, select_tensors
 from ...plot_common import draw_plots
 from ...plots import decompose_plots
 from ...resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
@@ -182,6 +182,7 @@ def decompose(
     inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
     base_ckpt, pairs, step_source = inputs.base, inputs.checkpoints, inputs.step_source
     shapes = tensor_shapes(base_ckpt, [c for _, c in pairs])  # with an lm_head the checkpoints untied
+    shapes = expert_slices(shapes)  # a fused [experts, out, in] tensor is one matrix module per expert
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
     if not modules:
         raise UsageError("no tensors selected (check --include/--exclude)")
