@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from rank1tools.modules import expert_slices, parse_matrix_module
+from rank1tools.plot_common import plots_available
 
 from _support import run_main
 
@@ -54,8 +55,8 @@ def _arrays(folder: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{"split": root, "fused": root}, each with base/ and run/checkpoint-{10,20,30}/: the same
-    weights in both layouts; every matrix moves along a rank-1 direction (its own per expert)
-    growing with the step, plus a little noise."""
+    weights in both layouts; every matrix but expert 0's moves along a rank-1 direction (its own per
+    expert) growing with the step, plus a little noise."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
@@ -69,6 +70,11 @@ def runs(tmp_path_factory):
         for k, v in base.items()
         if v.ndim >= 2
     }
+    for k, d in direction.items():  # expert 0 stays put (noise only): "which experts moved"
+        if d.ndim == 3:
+            d[0] = 0
+        elif ".experts.0." in k:
+            d.zero_()
     states = [base] + [
         {
             k: v + 1e-4 * s * direction[k] + 1e-6 * torch.randn(v.shape, generator=g) if k in direction else v
@@ -127,7 +133,10 @@ def test_names_of_experts_routers_and_shared_experts():
 def test_every_expert_matrix_once_with_float64_sigma(runs, tmp_path, layout):
     root = runs[layout]
     store = tmp_path / "store"
-    r = run_main("decompose", str(root / "base"), "--run", str(root / "run"), "--rank", "2", "--out", str(store), "-q")
+    plots = ["--plots"] if layout == "fused" and plots_available() else []
+    r = run_main(
+        "decompose", str(root / "base"), "--run", str(root / "run"), "--rank", "2", *plots, "--out", str(store), "-q"
+    )
     assert r.returncode == 0, r.stderr
     base = _expert_matrices(root / "base")
     with open(store / "spectrum.csv") as f:
@@ -154,6 +163,14 @@ def test_every_expert_matrix_once_with_float64_sigma(runs, tmp_path, layout):
     assert summary["by_expert"]["2"]["energy_1"] == pytest.approx(sum(e1) / len(e1), rel=1e-12)
     assert summary["by_expert"]["2"]["n"] == len(e1)
     assert "router" in summary["by_type"]
+    moved = summary["by_expert"]
+    assert moved["0"]["rel_update"] < 0.01 * min(moved[e]["rel_update"] for e in "123")  # expert 0 stayed put
+    assert moved["0"]["energy_1"] < 0.9 < min(moved[e]["energy_1"] for e in "123")  # noise vs a rank-1 update
+    if plots:
+        assert sorted(p.name for p in (store / "plots").glob("energy_by_expert.*")) == [
+            "energy_by_expert.png",
+            "energy_by_expert.svg",
+        ]
 
 
 def test_reconstruct_of_a_fused_tensor_is_the_experts_stacked(runs, tmp_path):
@@ -238,3 +255,13 @@ def test_extrapolated_moe_loads_with_the_reference_logits(runs, tmp_path, layout
     with torch.no_grad():
         la, lb = got(ids).logits, want(ids).logits
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_counts_every_expert_matrix(runs):
+    from rank1tools.commands.inspect import inspect_model
+
+    split, fused = (inspect_model(str(runs[layout] / "base")) for layout in ("split", "fused"))
+    dense = {"q": LAYERS, "k": LAYERS, "v": LAYERS, "o": LAYERS, "router": LAYERS}
+    assert split.module_types == {**dense, "gate": LAYERS * EXPERTS, "up": LAYERS * EXPERTS, "down": LAYERS * EXPERTS}
+    assert fused.module_types == dict(sorted({**dense, "gate_up": LAYERS * EXPERTS, "down": LAYERS * EXPERTS}.items()))
+    assert split.matrix_parameters == fused.matrix_parameters  # the same weights in either layout

@@ -44,6 +44,7 @@ from ...math.svd import MIN_SKETCH
 from ...modules import expert_slices, select_tensors
 from ...plot_common import draw_plots
 from ...plots import decompose_plots
+from ...plots_experts import expert_plots
 from ...resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
 from ...values import StepSelection
 from .modules import SVD_SEED, cpu_threads, in_order, module_factors, worker_count
@@ -320,6 +321,8 @@ def _decompose_locked(
         (work / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
         write_provenance(work, provenance("decompose", [base_ckpt, *(c for _, c in pairs)], manifest["parameters"]))
         plots, hint = draw_plots(lambda: decompose_plots(rows, work / "plots")) if options.plots else ([], None)
+        if options.plots and hint is None:  # a mixture-of-experts model: layer x expert too
+            plots += [str(p) for p in expert_plots(rows, work / "plots")]
     publish(work, target, force=plan.force, label=out)
     return DecomposeResult(
         out=out,
