@@ -265,3 +265,74 @@ def test_inspect_counts_every_expert_matrix(runs):
     assert split.module_types == {**dense, "gate": LAYERS * EXPERTS, "up": LAYERS * EXPERTS, "down": LAYERS * EXPERTS}
     assert fused.module_types == dict(sorted({**dense, "gate_up": LAYERS * EXPERTS, "down": LAYERS * EXPERTS}.items()))
     assert split.matrix_parameters == fused.matrix_parameters  # the same weights in either layout
+
+
+def _alpharl(root: Path, fits: Path, y_star: float) -> dict[str, np.ndarray]:
+    """AlphaRL from the fit store's tensors: W = θ₀ + x̂ v̂ᵀ per module, an expert `NAME[e]` of a
+    fused tensor at its index (docs/concepts.md#extrapolation-three-methods)."""
+    out = {k: v.copy() for k, v in _arrays(root / "base").items()}
+    for m in json.loads((fits / "manifest.json").read_text())["modules"]:
+        with safe_open(str(fits / m["file"]), "pt") as f:
+            g = {k: f.get_tensor(k).double().numpy() for k in f.keys()}
+        a, b = g["score_line"]
+        x_hat = g["x_mean"] + g["x_scale"] * ((y_star - a) / b) * g["x_loadings"].reshape(-1)
+        name, _, index = m["name"].partition("[")
+        target = out[name][int(index[:-1])] if index else out[name]
+        target += np.outer(x_hat, g["v_last"])
+    return out
+
+
+@pytest.mark.parametrize("layout", ["split", "fused"])
+def test_alpharl_on_experts_loads_with_the_reference_logits(runs, tmp_path, layout):
+    """decompose -> fit-pls -> extrapolate --method alpharl: every expert of a fused tensor is fitted and
+    moved on its own, the output keeps the base's layout and transformers loads it."""
+    transformers = pytest.importorskip("transformers")
+    root = runs[layout]
+    (tmp_path / "m.csv").write_text("step,acc\n10,0.2\n20,0.3\n30,0.41\n")
+    for args in (
+        ["decompose", str(root / "base"), "--run", str(root / "run"), "--rank", "1", "--out", str(tmp_path / "f")],
+        [
+            "fit-pls",
+            str(tmp_path / "f"),
+            "--metrics",
+            str(tmp_path / "m.csv"),
+            "--no-plots",
+            "--out",
+            str(tmp_path / "p"),
+        ],
+        ["extrapolate", str(root / "base"), "--method", "alpharl", "--fits", str(tmp_path / "p")]
+        + ["--target-metric", "0.5", "--dtype", "float32", "--out", str(tmp_path / "ex")],
+    ):
+        r = run_main(*args, "-q")
+        assert r.returncode == 0, (args[0], r.stderr)
+    got_arrays, want_arrays = _arrays(tmp_path / "ex"), _alpharl(root, tmp_path / "p", 0.5)
+    assert set(got_arrays) == set(want_arrays)  # the base's layout
+    for name, want in want_arrays.items():
+        np.testing.assert_allclose(got_arrays[name], want, rtol=0, atol=1e-6, err_msg=name)
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ex", dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 7, 11, 2, 30, 9]])
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).eval()
+    model.load_state_dict(_fused_state(want_arrays), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def _fused_state(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A state dict in the model's in-memory (fused) layout from either layout's arrays."""
+    out, experts = {}, {}
+    for name, a in arrays.items():
+        if ".experts." in name and a.ndim == 2:  # model.layers.L.mlp.experts.E.gate_proj.weight
+            head, rest = name.split(".experts.")
+            e, proj = rest.split(".")[:2]
+            experts.setdefault((head, proj), {})[int(e)] = a
+        else:
+            out[name] = torch.from_numpy(a).float()
+    for (head, proj), by_e in experts.items():
+        if proj == "down_proj":
+            out[f"{head}.experts.down_proj"] = torch.from_numpy(np.stack([by_e[e] for e in sorted(by_e)])).float()
+    for (head, proj), by_e in experts.items():
+        if proj == "gate_proj":
+            up = experts[(head, "up_proj")]
+            gate_up = np.stack([np.concatenate([by_e[e], up[e]]) for e in sorted(by_e)])
+            out[f"{head}.experts.gate_up_proj"] = torch.from_numpy(gate_up).float()
+    return out

@@ -33,6 +33,7 @@ from ...engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WA
     write_copied,
 )
 from ...engine.executor_options import ExecutorOptions, task_device
+from ...engine.expert_tensors import selected_slices, write_fused
 from ...engine.tensor_units import (
     TensorGroup,
     TensorUnits,
@@ -57,7 +58,6 @@ from ...math.svd import MIN_SKETCH, topk_svd
 from ...modules import LM_HEAD_NAME, expert_slices, select_tensors
 from ...options import RankSpec, parse_ranks  # noqa: F401 (RankSpec, parse_ranks: importable from here)
 from ...resources import check_largest_tensor, reconstruct_peak_bytes, svd_bytes
-from .experts import selected_slices, write_fused
 from .plan import RankOutput, ReconstructOptions, ReconstructPlan, ReconstructResult
 
 

@@ -1,7 +1,8 @@
-"""Fused expert tensors in `rank1 reconstruct` (docs/formats.md#mixture-of-experts-tensors): a 3-D
-[num_experts, out, in] tensor is one matrix module per expert (`NAME[e]`). Each expert is read,
-decomposed and reconstructed on its own, as a 2-D module is; the experts' results are stacked back
-into the fused layout the base stores."""
+"""Writing fused expert tensors (`reconstruct`, `extrapolate --method alpharl`;
+docs/formats.md#mixture-of-experts-tensors): a 3-D [num_experts, out, in] tensor is one matrix module
+per expert (`NAME[e]`). Each expert is read and written on its own by the command's per-module
+function, as a 2-D module is; the experts' results are stacked back into the fused layout the base
+stores."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from ...math.reconstruct import RoundingStats
-from ...modules import expert_slice_name, is_fused_experts
+from ..math.reconstruct import RoundingStats
+from ..modules import expert_slice_name, is_fused_experts
 
 
 def selected_slices(name: str, shape: tuple[int, ...], selected: set[str]) -> list[str]:
