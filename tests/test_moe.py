@@ -336,3 +336,31 @@ def _fused_state(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             gate_up = np.stack([np.concatenate([by_e[e], up[e]]) for e in sorted(by_e)])
             out[f"{head}.experts.gate_up_proj"] = torch.from_numpy(gate_up).float()
     return out
+
+
+def test_hub_source_reads_one_expert_at_a_time(runs, tmp_path, monkeypatch):
+    """A fused expert tensor on the Hub (the fake one of tests/test_hub.py): each expert reads back the
+    local bytes, and with the evict policy the shard goes only once every expert of it was read."""
+    import test_hub
+
+    from rank1tools.io.hub_open import open_hub_checkpoint
+
+    from hub_server import FakeHub, folder_files
+
+    hub = FakeHub(test_hub.TOKEN)
+    hub.create_repo("org/moe").commit("Upload model", folder_files(runs["fused"] / "base"))
+    url = hub.start()
+    try:
+        test_hub._point_huggingface_hub(monkeypatch, url, tmp_path / "hf_home")
+        fused = "model.layers.1.mlp.experts.down_proj"
+        local = _arrays(runs["fused"] / "base")[fused]
+        ck = open_hub_checkpoint("hf://org/moe", policy="evict")
+        slices = [f"{fused}[{e}]" for e in range(EXPERTS)]
+        ck.expect(slices)
+        cached = lambda: list((tmp_path / "hf_home" / "hub").rglob("model.safetensors"))  # noqa: E731
+        for e, name in enumerate(slices):
+            np.testing.assert_array_equal(ck.read_raw(name).double().numpy(), local[e])
+            assert bool(cached()) == (e < EXPERTS - 1), e  # evicted after the last expert only
+        ck.close()
+    finally:
+        hub.stop()
