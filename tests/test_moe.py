@@ -122,9 +122,14 @@ def test_names_of_experts_routers_and_shared_experts():
     assert (shared.type, shared.expert) == ("up", "shared")
     fused = parse_matrix_module("model.layers.1.mlp.experts.gate_up_proj[3]", (16, 16))
     assert (fused.layer, fused.type, fused.expert) == (1, "gate_up", 3)
-    shapes = {"model.layers.0.mlp.experts.down_proj": (4, 16, 8), "model.norm.weight": (16,)}
+    shapes = {
+        "model.layers.0.mlp.experts.down_proj": (4, 16, 8),
+        "model.layers.0.mlp.experts.down_proj_scales": (4, 16, 2),  # gpt-oss MXFP4 scales: not a matrix
+        "model.norm.weight": (16,),
+    }
     assert expert_slices(shapes) == {
         **{f"model.layers.0.mlp.experts.down_proj[{e}]": (16, 8) for e in range(4)},
+        "model.layers.0.mlp.experts.down_proj_scales": (4, 16, 2),
         "model.norm.weight": (16,),
     }
 

@@ -92,7 +92,8 @@ _ROUTER_NAMES = ("gate", "router")
 _MOE_BLOCK = re.compile(r"\.(?:mlp|block_sparse_moe|moe|feed_forward)\.(?:gate|router)\.weight$")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _SHARED_EXPERT = re.compile(r"\.shared_experts?\.")
-_FUSED_EXPERTS = re.compile(r"\.experts\.[A-Za-z_]\w*(?:\.weight)?$")
+# not gpt-oss's quantized `*_blocks` / `*_scales` (uint8) nor per-expert biases `*_bias`
+_FUSED_EXPERTS = re.compile(r"\.experts\.(?![A-Za-z_]\w*_(?:blocks|scales|bias)$)[A-Za-z_]\w*(?:\.weight)?$")
 _SLICE = re.compile(r"^(.+)\[(\d+)\]$")
 
 
