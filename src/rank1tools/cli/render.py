@@ -110,7 +110,8 @@ def decompose(result) -> None:
 
     s = result.summary
     console = _console()
-    for key, title in (("by_type", "module type"), ("by_step", "step")):
+    experts = [("by_expert", "expert")] if "by_expert" in s else []  # a mixture-of-experts model
+    for key, title in (("by_type", "module type"), *experts, ("by_step", "step")):
         t = _table(f"mean rank-1 share of the update, by {title}")
         _column(t, title)
         _column(t, "energy_1 (σ₁²/‖ΔW‖²)", right=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import Rank1Error
 from ..io.runs import discover_run, lookalike_note, lookalikes, looks_like_run, select_steps
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
-from ..modules import parse_matrix_module
+from ..modules import expert_slices, parse_matrix_module
 from ..values import StepSelection
 
 
@@ -69,12 +70,13 @@ def inspect_model(source: str) -> ModelReport:
     types: dict[str, int] = {}
     layers: set[int] = set()
     matrix_params = 0
-    for name, e in ckpt.entries.items():
-        mod = parse_matrix_module(name, e.shape)
+    shapes = expert_slices({name: e.shape for name, e in ckpt.entries.items()})  # one module per fused expert
+    for name, shape in shapes.items():
+        mod = parse_matrix_module(name, shape)
         if mod is not None:
             types[mod.type] = types.get(mod.type, 0) + 1
             layers.add(mod.layer)
-            matrix_params += e.numel
+            matrix_params += math.prod(shape)
     return ModelReport(
         source=source,
         tensors=len(ckpt.entries),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..jsonutil import read_json_file
-from ..modules import EMBEDDING_NAMES, LM_HEAD_NAME
+from ..modules import EMBEDDING_NAMES, LM_HEAD_NAME, split_expert_slice
 from .safetensors_file import TensorEntry, read_entry, read_header
 
 if TYPE_CHECKING:
@@ -114,6 +114,9 @@ class Checkpoint:
         return out
 
     def __contains__(self, name: str) -> bool:
+        if name not in self.entries and (sliced := split_expert_slice(name)) is not None:
+            parent = self.entries.get(sliced[0])
+            return parent is not None and len(parent.shape) == 3 and sliced[1] < parent.shape[0]
         return name in self.entries or (name == LM_HEAD_NAME and self.lm_head_tied)
 
     def entry(self, name: str) -> TensorEntry:
@@ -122,6 +125,12 @@ class Checkpoint:
             return self.entries[name]
         if name == LM_HEAD_NAME and self.lm_head_tied:
             return self.entries[self._embedding_name()]
+        if name in self:  # one expert of a fused [num_experts, out, in] tensor: its contiguous bytes
+            parent, index = split_expert_slice(name)
+            e = self.entries[parent]
+            per = e.nbytes // e.shape[0]
+            offset = e.offset if e.offset < 0 else e.offset + index * per  # -1: remote, not downloaded yet
+            return TensorEntry(name, e.dtype, tuple(e.shape[1:]), e.shard, offset, per)
         raise InputError(f"{self.label}: has no tensor {name!r}")
 
     def _embedding_name(self) -> str | None:

@@ -42,6 +42,7 @@ from ...engine.checkpoint_outputs import (
     tensor_specs,
     write_copied,
 )
+from ...engine.expert_tensors import selected_slices, write_fused
 from ...errors import UsageError
 from ...io.checkpoint import Checkpoint
 from ...io.compat import check_compatible, tensor_shapes
@@ -51,7 +52,7 @@ from ...io.sources import is_hub_source, open_source
 from ...io.writer import TensorSpec, provenance
 from ...math.finite import all_finite
 from ...math.reconstruct import RoundingStats, rounding_stats
-from ...modules import LM_HEAD_NAME
+from ...modules import LM_HEAD_NAME, expert_slices
 from ...resources import check_largest_tensor, reconstruct_peak_bytes
 from .alpharl_plan import (
     AlpharlOptions,
@@ -111,6 +112,7 @@ def write_alpharl(
     if last_ck is not None:
         check_compatible(base_ck, last_ck, label=f"last checkpoint {last_ck.label}")
     shapes = tensor_shapes(base_ck, [last_ck] if last_ck is not None else [])
+    shapes = expert_slices(shapes)  # a fused [experts, out, in] tensor is one matrix module per expert
     if base_ck.lm_head_tied and LM_HEAD_NAME in store.modules and LM_HEAD_NAME not in shapes:
         shapes[LM_HEAD_NAME] = base_ck.entry(LM_HEAD_NAME).shape  # a head the run untied: selectable
     selected = select_modules(store, shapes, base_ck, options)
@@ -163,10 +165,20 @@ def write_alpharl(
         CheckpointOutputs(target_path, folders, specs, max_shard_size=options.max_shard_size, force=force) as outs,
     ):
         stats = [dict() for _ in targets]
+        moved = {n for n, p in plans.items() if p.extrapolated}
+
+        def write_one(name: str, writers: list, stats: list[dict]) -> None:  # a module, or an expert of one
+            if name in moved:
+                _write_module(name, plans[name], container, targets, kind, device, writers, stats)
+            else:
+                write_copied(name, container, writers, described=f"{container.label} values", base=base_ck)
+
         for i, name in enumerate(names):
             plan = plans.get(name)
             if plan is not None and plan.extrapolated:
                 _write_module(name, plan, container, targets, kind, device, outs.writers, stats)
+            elif slices := selected_slices(name, base_ck.entry(name).shape, moved):
+                write_fused(name, slices, outs.writers, stats, write_one)
             else:
                 # the container's value; a value of the last checkpoint may not be NaN/Inf where the base
                 # is finite (the base's own non-finite values are kept, as reconstruct keeps them)
