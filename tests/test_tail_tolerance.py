@@ -359,3 +359,20 @@ def test_tail_tol_option_errors(tmp_path, args, message):
     r = run_main("decompose", str(tmp_path / "base"), str(tmp_path / "ck"), "-o", str(tmp_path / "out"), *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_tail_tol_checked_by_the_command_function(noise_run, tmp_path):
+    """The API refuses what the CLI refuses (exit 2 there), before any output exists."""
+    from rank1tools.commands.decompose import DecomposeOptions, decompose
+    from rank1tools.errors import UsageError
+
+    for bad in (1e-5, 1.5):
+        with pytest.raises(UsageError, match=r"--tail-tol .*: must lie between 0.0001"):
+            decompose(
+                str(noise_run / "base"),
+                [],
+                str(tmp_path / "out"),
+                run=str(noise_run / "run"),
+                options=DecomposeOptions(rank=2, device="cpu", tail_tol=bad),
+            )
+    assert not (tmp_path / "out").exists()

@@ -92,7 +92,7 @@ class TopK:
     method: str
     residual: float = 0.0
     iterations: int = 0
-    bounds: list[float] | None = None  # per value: |S_i - true sigma_i| <= bounds[i] (`value_bounds`)
+    bounds: list[float] | None = None  # per value: |S_i - true sigma_i| <= bounds[i]; None: not asked for
 
 
 def exact_topk(M: torch.Tensor, k: int) -> TopK:
@@ -177,6 +177,7 @@ def randomized_topk(
     adaptive: bool = False,
     early: bool = True,
     tail_tol: float = SIGMA_REL_TOL,
+    bounds: bool = True,
 ) -> tuple[TopK, bool]:
     """Randomized top-k SVD and whether it passed the a-posteriori check.
 
@@ -230,11 +231,11 @@ def randomized_topk(
             )
             ok = ok and rest
             if ok or step >= last:
-                if lower is None:
+                if lower is None and bounds:
                     lower = direct_value_bounds(M, X, transpose, P, S, Wh, k)
                 U, V = (other, P[:, :k]) if transpose else (P[:, :k], other)
                 res = TopK(U.contiguous(), S[:k].contiguous(), V.contiguous(), "randomized", residual, step)
-                res.bounds = value_bounds(top, lower, float(S[0]), margin)
+                res.bounds = value_bounds(top, lower, float(S[0]), margin) if lower is not None else None
                 return res, ok
             X, prev = P, (S, other)
         else:
@@ -263,6 +264,7 @@ def topk_svd(
     adaptive: bool = False,
     early: bool = True,
     tail_tol: float = SIGMA_REL_TOL,
+    bounds: bool = True,
 ) -> TopK:
     """Top-k singular triplets of a finite float32 matrix (see module doc for the accuracy contract
     and the range handling). `fro`: ||M||_F if the caller has it (saves a pass).
@@ -272,7 +274,8 @@ def topk_svd(
     with the singular vectors of a nearby matrix (`randomized_topk`). `adaptive`: evaluate the certificate after every product with M
     or M^T (`check_steps`) and stop at the first pass (still up to `max_niter` power iterations,
     then exact); `early` and `tail_tol`, the tolerance of values 2..k relative to sigma_1
-    (`randomized_topk`). `bounds` of the result: module doc."""
+    (`randomized_topk`). `bounds` of the result: module doc; `bounds=False` (a caller that does not
+    record them) spares a randomized result the product they may need, and leaves them None."""
     if M.dim() != 2:
         raise ValueError(f"expected a matrix, got shape {list(M.shape)}")
     m, n = M.shape
@@ -299,12 +302,14 @@ def topk_svd(
         adaptive=adaptive,
         early=early,
         tail_tol=tail_tol,
+        bounds=bounds,
     )
     if s == 1.0:
         return _topk_in_range(M, k, **opts)
     res = _topk_in_range(_times_power_of_two(M, -math.frexp(s)[1] + 1), k, **opts)
     res.S = (res.S.double() * s).to(res.S.dtype)  # inf where a singular value exceeds float32
-    res.bounds = [b * s for b in res.bounds]
+    if res.bounds is not None:
+        res.bounds = [b * s for b in res.bounds]
     return res
 
 
