@@ -13,7 +13,9 @@ SIGMA_REL_TOL = 1e-4
 SIN_TOL = (1 - 0.9999**2) ** 0.5  # |cos| >= 0.9999
 SAFETY = 4.0  # bounds use the estimated gap; demand this much margin
 TAIL_REL_TOL = 1e-2  # decompose's default tolerance of sigma_2..k, relative to sigma_1
-ROUNDING_REL = 1e-6  # float32 rounding of a computed singular value, relative to sigma_1 (about 8 eps)
+# float32 rounding of a computed singular value, relative to sigma_1 (about 32 eps): float32 SVDs of
+# 200 x 80 .. 4096 x 1024 matrices were measured off by at most 1.4e-6 sigma_1
+ROUNDING_REL = 4e-6
 TAIL_SAFETY = 2.0  # the margin of values 2..k under a tail tolerance looser than sigma_1's (`tail_margin`)
 
 
