@@ -83,7 +83,7 @@ TAIL_TOL_OPT = typer.Option(
     metavar="TOL",
     parser=number("--tail-tol", at_least=HEAD_REL_TOL, at_most=1),
     help=f"Certify σ₂..σ_k to TOL·σ₁ (default {TAIL_REL_TOL:g}; σ₁, u₁, v₁ always to {HEAD_REL_TOL:g}): "
-    f"down to {HEAD_REL_TOL:g}, today's warm schedule before #25. Not with --cold-start or --exact.",
+    f"{HEAD_REL_TOL:g} gives the warm schedule before issue #25. Not with --cold-start or --exact.",
 )
 HUB_CACHE_POLICIES = ("keep", "evict")
 HUB_CACHE_OPT = choice_option(
