@@ -335,6 +335,11 @@ def summarise(raw: dict) -> dict:
         "Gaussian sketch) takes the cold schedule's 10 products and may record a tail bound above 1e-2.",
         "`--cold-start` now also records the bounds of σ₂..σ_k: one extra product with k − 1 columns per matrix.",
         "The floor includes the imports (about 1.8 s of it is importing torch), paid by every mode.",
+        "On 2 cores shared with other work the ratios move with its load (the load averages at the start and the "
+        "end are in the header above): the modes run at different moments of a load that changes, and a "
+        "process with two worker threads suffers from it differently from the single-threaded floor, so a ratio "
+        "near its threshold may land on either side of it in another run. The step counts and the bounds do not "
+        "depend on the load.",
         "The benchmark runs on the CPU (`--device cpu`); the GPU path was not measured for issue #25.",
     ]
     return report(
