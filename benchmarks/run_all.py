@@ -32,6 +32,7 @@ BENCHES = [
     "extrapolation_quality",
     "logprobs",
     "generate",
+    "reground",
 ]
 
 

@@ -92,6 +92,63 @@ def test_quick_demo_outputs_of_every_command(quick_demo):
         assert all(torch.isfinite(t).all() for t in got.values()), r["name"]
 
 
+def _ranks(values):
+    """Average ranks (ties share the mean of their positions), numpy only."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        ranks[x == v] = ranks[x == v].mean()
+    return ranks
+
+
+@pytest.mark.training
+def test_quick_demo_backtest_beside_the_table(quick_demo):
+    """The demo's backtest: its rows are the backtest output's, each prediction's accuracy is the
+    evaluator's on the written step folder, the tracking figures are Spearman's ρ recomputed here,
+    and the auto re-grounding schedule is the segment's backtest recommendation."""
+    from rank1tools.demo import DemoTraining, evaluate_checkpoint
+
+    out, res = quick_demo
+    bt, curve = res["backtest"], {p["step"]: p["accuracy"] for p in res["curve"]}
+    config = DemoTraining.quick(res["seed"])
+    later = [s for s in res["steps"] if s > res["cut"]]
+    points = []
+    for name in ("relex", "linear"):
+        m = bt["methods"][name]
+        written = json.loads((out / f"backtest-{name}" / "summary.json").read_text())
+        assert written["cuts"][0]["recommended_jump"] == m["recommended_jump"]
+        assert [r["target_step"] for r in m["rows"]] == later
+        assert [r["jump"] for r in m["rows"]] == [s - res["cut"] for s in later]
+        for r in m["rows"]:
+            assert r["accuracy_real"] == curve[r["target_step"]]
+            assert {"logprob_mad", "kl"} <= set(r)  # the base rollouts were given (--data)
+        last = m["rows"][-1]
+        folder = out / f"predicted-{name}" / f"step-{last['target_step']}"
+        assert evaluate_checkpoint(folder, config) == last["accuracy_predicted"]
+        points += m["rows"]
+    # the prediction at the final step is the table's row of the same method (same fit, same bytes)
+    rows = {r["name"]: r for r in res["rows"]}
+    assert bt["methods"]["relex"]["rows"][-1]["accuracy_predicted"] == rows["relex (rank 1)"]["accuracy"]
+    assert bt["methods"]["linear"]["rows"][-1]["accuracy_predicted"] == rows["linear lstsq"]["accuracy"]
+    shortfall = _ranks([p["accuracy_real"] - p["accuracy_predicted"] for p in points])
+    for figure, distance in (("rel_error", lambda p: p["rel_error"]), ("kl", lambda p: p["kl"])):
+        want = np.corrcoef(_ranks([distance(p) for p in points]), shortfall)[0, 1]
+        assert bt["tracking"][figure] == pytest.approx(want, abs=1e-12), figure
+    assert sorted(bt["tracked"] + bt["not_tracked"]) == sorted(bt["tracking"])
+    # auto schedule: M = two checkpoint intervals before the cut, N = that segment's recommended jump
+    seg = bt["reground"]
+    assert seg["segment"] == res["cut"] - res["steps"][res["steps"].index(res["cut"]) - 2]
+    written = json.loads((out / "backtest-reground" / "summary.json").read_text())
+    assert written["cuts"][0]["recommended_jump"] == seg["recommended_jump"]
+    assert written["method_parameters"][str(res["cut"])]["mode"] == "two-point"
+    arm = res["reground"]
+    assert arm["schedule"] == "backtest"
+    assert (arm["train_steps"], arm["jump_steps"]) == (seg["segment"], seg["recommended_jump"])
+    assert [p["step"] for p in arm["curve"]] == [0, *res["steps"]]
+
+
 @pytest.mark.training
 def test_full_rank_reconstruction_equals_the_checkpoint(quick_demo, tmp_path):
     out, res = quick_demo

@@ -108,10 +108,10 @@ def test_the_grpo_demo_figures_on_the_pages_are_the_recorded_runs():
 
 def test_demo_figures_fill_replaces_every_marked_figure():
     record = demo_figures.load()
-    page = "in <!--fig:wall-->71<!--/fig--> s\n<!-- demo output -->\n```console\nold\n```\n"
+    page = "in <!--fig:wall-->71<!--/fig--> s\n<!-- demo output -->\n```console\nstale transcript line\n```\n"
     got = demo_figures.filled(page, demo_figures.figures(record), demo_figures.transcript_block(record))
     assert got.startswith(f"in <!--fig:wall-->{demo_figures.figures(record)['wall']}<!--/fig--> s\n")
-    assert "$ rank1 demo --out demo-out\n" in got and "old" not in got
+    assert "$ rank1 demo --out demo-out\n" in got and "stale transcript line" not in got
     with pytest.raises(KeyError, match="nonsense"):
         demo_figures.filled("<!--fig:nonsense-->1<!--/fig-->", {}, "")
 

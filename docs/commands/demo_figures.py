@@ -7,8 +7,8 @@ generated from one real run instead of typed by hand.
 
 A real run: `rank1 demo --out demo-out > transcript.txt`. `record` keeps what the pages
 need in docs/commands/demo-run.json (the run's results.json, its stdout, and the accuracy of RELEX
-from the same window to several steps, computed here), copies its accuracy plot to
-docs/commands/demo-accuracy.png, then fills the pages. `fill` and `check` read only demo-run.json,
+from the same window to several steps, computed here), copies its accuracy and re-grounding plots to
+docs/commands/demo-accuracy.png and demo-reground.png, then fills the pages. `fill` and `check` read only demo-run.json,
 so tests/test_docs_examples.py checks the pages without training.
 
 In a page, a generated figure is marked `<!--fig:NAME-->VALUE<!--/fig-->` (GitHub shows only
@@ -18,6 +18,7 @@ VALUE), and the transcript is the console block after `<!-- demo output -->`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -28,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RECORD = HERE / "demo-run.json"
 PLOT = HERE / "demo-accuracy.png"
+REGROUND_PLOT = HERE / "demo-reground.png"
 PAGES = [ROOT / "README.md", HERE / "demo.md", ROOT / "docs" / "concepts.md"]
 FIGURE = re.compile(r"<!--fig:(?P<name>[\w-]+)-->(?P<value>.*?)<!--/fig-->", re.S)
 TRANSCRIPT = re.compile(r"(^<!-- demo output -->\n```console\n)(.*?)(^```\n)", re.M | re.S)
@@ -50,15 +52,16 @@ def _list(items: list[str]) -> str:
 def figures(record: dict) -> dict[str, str]:
     """Every figure the pages quote, formatted as they quote it."""
     res, text = record["results"], " ".join(record["transcript"].split())
-    m = re.search(r"; (\d+) s \(training (\d+) s\)", text)
+    m = re.search(r"; (\d+) s \(training (\d+) s(?:, re-grounded arm (\d+) s)?\)", text)
     if not m:
-        raise ValueError("the transcript has no 'N s (training M s)' timing")
+        raise ValueError("the transcript has no 'N s (training M s[, re-grounded arm K s])' timing")
     rows = dict(zip(ROWS + LOGIT_ROWS, res["rows"], strict=True))
     curve = {p["step"]: p["accuracy"] for p in res["curve"]}
     fig = res["figures"]
     out = {
         "wall": m[1],
         "train": m[2],
+        "arm-seconds": m[3] or "0",
         "first": str(res["steps"][0]),
         "cut": str(res["cut"]),
         "final": str(res["final"]),
@@ -84,6 +87,72 @@ def figures(record: dict) -> dict[str, str]:
     out["lp-r2-mean"] = f"{fig['logprob_r2_mean']:.2f}"
     out["lp-r2-median"] = f"{fig['logprob_r2_median']:.2f}"
     out["lp-seq-linear-pct"] = _pct(fig["logprob_sequences_linear"], 0)
+    out.update(backtest_figures(res))
+    return out
+
+
+def check_backtest_statements(res: dict) -> None:
+    """The prose of demo.md#the-backtest-beside-the-accuracy-table states these of the recorded run:
+    no prediction from the window beat the checkpoint at the cut, and at the longest jump the
+    cosine alone favoured the method whose model scored lower. A record where they fail stops
+    here, so the page is rewritten rather than left wrong."""
+    bt = res["backtest"]
+    cut_acc = next(p["accuracy"] for p in res["curve"] if p["step"] == res["cut"])
+    if any(r["accuracy_predicted"] >= cut_acc for m in bt["methods"].values() for r in m["rows"]):
+        raise ValueError("a backtested prediction beat the checkpoint at the cut: rewrite the backtest section")
+    relex, linear = (bt["methods"][n]["rows"][-1] for n in ("relex", "linear"))
+    better, worse = (relex, linear) if relex["accuracy_predicted"] > linear["accuracy_predicted"] else (linear, relex)
+    agree = all(better[k] < worse[k] for k in ("rel_error", "kl", "logprob_mad"))
+    agree = agree and abs(math.log(better["norm_ratio"])) < abs(math.log(worse["norm_ratio"]))
+    if not (agree and better["cosine"] < worse["cosine"]):
+        raise ValueError("the longest jump's figures no longer order as the page says: rewrite the backtest section")
+
+
+def backtest_figures(res: dict) -> dict[str, str]:
+    """The backtest beside the table and the re-grounded arm (commands/demo_backtest.py, demo_reground.py)."""
+    bt, arm, out = res["backtest"], res["reground"], {}
+    cut_acc = next(p["accuracy"] for p in res["curve"] if p["step"] == res["cut"])
+    out["acc-at-cut"] = _pct(cut_acc)
+    for name, m in bt["methods"].items():
+        rows = {r["jump"]: r for r in m["rows"]}
+        rec, longest = rows.get(m["recommended_jump"]), rows[max(rows)]
+        out[f"bt-{name}-rec"] = str(m["recommended_jump"])
+        if rec is not None:
+            out[f"bt-{name}-rec-err"] = f"{rec['rel_error']:.2f}"
+            out[f"bt-{name}-rec-acc"] = _pct(rec["accuracy_predicted"])
+            out[f"bt-{name}-rec-real"] = _pct(rec["accuracy_real"])
+        short = rows[min(rows)]
+        out[f"bt-{name}-short-err"] = f"{short['rel_error']:.2f}"
+        out[f"bt-{name}-short-kl"] = f"{short['kl']:.2f}"
+        out[f"bt-{name}-long-acc"] = _pct(longest["accuracy_predicted"])
+        out[f"bt-{name}-long-err"] = f"{longest['rel_error']:.2f}"
+        out[f"bt-{name}-long-cos"] = f"{longest['cosine']:.2f}"
+        out[f"bt-{name}-long-norm"] = f"{longest['norm_ratio']:.2f}"
+        out[f"bt-{name}-long-kl"] = f"{longest['kl']:.2f}"
+        best = max(m["rows"], key=lambda r: r["accuracy_predicted"])
+        out[f"bt-{name}-best-acc"] = _pct(best["accuracy_predicted"])
+    check_backtest_statements(res)
+    rho = bt["tracking"]
+
+    def said(names):
+        return _list([f"{n} (ρ {'-' if rho[n] is None else f'{rho[n]:.2f}'})" for n in names]) or "none"
+
+    out["bt-points"] = str(sum(len(m["rows"]) for m in bt["methods"].values()))
+    out["bt-tracked"] = said(bt["tracked"])
+    out["bt-not-tracked"] = said(bt["not_tracked"])
+    out["rg-segment"] = str(bt["reground"]["segment"])
+    out["rg-from"] = str(res["cut"] - bt["reground"]["segment"])
+    out["rg-schedule"] = f"{arm['train_steps']}:{arm['jump_steps']}"
+    table = {r["arm"]: r for r in arm["table"]}
+    mine, plain = table["re-grounded GRPO"], table["plain GRPO"]
+    for share in (90, 100):
+        out[f"plain-steps-{share}"] = str(plain[f"steps_to_{share}"])
+    for share in (90, 100):
+        out[f"rg-steps-{share}"] = "never" if mine[f"steps_to_{share}"] is None else str(mine[f"steps_to_{share}"])
+    out["rg-acc-final"] = _pct(mine["accuracy_at_final_step"])
+    out["rg-jumps"] = ", ".join(
+        f"{j['step']}: {_pct(j['accuracy_before'])} → {_pct(j['accuracy'])}" for j in arm["jumps"]
+    )
     return out
 
 
@@ -159,6 +228,7 @@ def record(demo_out: Path, transcript: Path) -> None:
     }
     RECORD.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     shutil.copyfile(demo_out / "accuracy.png", PLOT)
+    shutil.copyfile(demo_out / "reground" / "reground.png", REGROUND_PLOT)
     fill()
 
 

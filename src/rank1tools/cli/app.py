@@ -274,12 +274,14 @@ def main() -> None:
 
 
 def exit_on_gate(gate: dict | None, out: str) -> None:
-    """--fail-below: everything was written; exit 5 with one line when the figure is below the bar."""
+    """--fail-below (--fail-above): everything was written; exit 5 with one line when the figure is
+    below (above) the bar."""
     from ..commands.gate import GATE_EXIT_CODE
 
     if gate is not None and not gate["passed"]:
+        relation, option = gate.get("relation", "is below"), gate.get("option", "--fail-below")
         sys.stderr.write(
-            f"rank1: gate: {gate['figure']} {gate['value']} is below --fail-below {gate['threshold']} "
+            f"rank1: gate: {gate['figure']} {gate['value']} {relation} {option} {gate['threshold']} "
             f"(outputs written to {out})\n"
         )
         raise typer.Exit(GATE_EXIT_CODE)

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import InputError, UsageError
 from ..jsonutil import json_safe as _json_safe
-from . import render
+from . import render, render_demo
 from .app import (
     RESUME_HINT,
     Rank1Command,
@@ -270,6 +270,14 @@ def demo(
         help="The planted synthetic run instead of training "
         "(inspect, decompose and a rank-1 reconstruct; its answer is known).",
     ),
+    reground: str = typer.Option(
+        "auto",
+        "--reground",
+        metavar="SCHEDULE",
+        help="The re-grounded GRPO arm, from the same base and seed: every M optimizer steps, jump the "
+        "weights N steps ahead (two-point, norms copied); its speed-up is reported. 'auto': M:N from the "
+        "demo's backtest; 'M:N' (e.g. 8:8); 'none': no arm.",
+    ),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
@@ -280,9 +288,12 @@ def demo(
     the run and score every written checkpoint on held-out problems (OUT/results.json)."""
     check_output_early(out, force, [])
     check_common_early(device)
+    from ..commands.demo_reground import parse_reground
+
+    segments = parse_reground(reground)
     if synthetic:
-        if seed != 0 or quick:
-            raise UsageError("--seed and --quick apply to the trained demo, not to --synthetic")
+        if seed != 0 or quick or reground != "auto":
+            raise UsageError("--seed, --quick and --reground apply to the trained demo, not to --synthetic")
         from ..commands.demo import run_synthetic_demo
 
         result = run_synthetic_demo(out, force=force)
@@ -311,9 +322,9 @@ def demo(
             sys.stderr.write(f"rank1 demo: {line}\n")
 
     with interrupt_hint(f"{out} may hold a partial demo; rerun with --force"):
-        result = run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, say=say)
+        result = run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, reground=segments, say=say)
     print_result_notes(result)
     if as_json:
         print_json(result.to_dict())
     else:
-        render.demo(result)
+        render_demo.demo(result)

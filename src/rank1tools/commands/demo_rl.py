@@ -23,7 +23,9 @@ from ..io.outputs import staged_output
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
 from .decompose import DecomposeOptions, decompose
-from .demo_output import SKIP_NOTE, model_extra_present, run_output_stages
+from .demo_backtest import run_backtest_stages
+from .demo_output import ROLLOUTS_FILE, SKIP_NOTE, model_extra_present, run_output_stages
+from .demo_reground import AUTO, reground_plot, run_reground_arm
 from .extrapolate.registry import ExtrapolateOptions, extrapolate
 from .fit_pls import FitPlsOptions, fit_pls
 from .linearity import LinearityOptions, linearity
@@ -62,10 +64,15 @@ class RLDemoResult:
     seconds: dict[str, float]  # wall time per stage (shown, not written: results.json stays reproducible)
     plots: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    reground: dict | None = None  # the re-grounded arm (commands/demo_reground.py); None: --reground none
+    backtest: dict | None = None  # the backtest at the cut (commands/demo_backtest.py)
 
     def to_dict(self) -> dict:
+        extra = {} if self.reground is None else {"reground": self.reground}
+        extra |= {} if self.backtest is None else {"backtest": self.backtest}
         return json_safe(
             {
+                **extra,
                 "out": self.out,
                 "seed": self.seed,
                 "quick": self.quick,
@@ -120,17 +127,25 @@ def run_rl_demo(
     quick: bool = False,
     force: bool = False,
     device: str = "auto",
+    reground: tuple[int, int] | str | None = AUTO,
     say: Callable[[str], None] | None = None,
 ) -> RLDemoResult:
     """Train the demo run into `out` (staged, renamed when training is done), then analyse it."""
     # `out` stays locked until the analyses inside it are written: no other run may write in or
     # around it meanwhile (io/output_nesting.py)
     with locked_output(out, force=force):
-        return _run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, say=say)
+        return _run_rl_demo(out, seed=seed, quick=quick, force=force, device=device, reground=reground, say=say)
 
 
 def _run_rl_demo(
-    out: str, *, seed: int, quick: bool, force: bool, device: str, say: Callable[[str], None] | None
+    out: str,
+    *,
+    seed: int,
+    quick: bool,
+    force: bool,
+    device: str,
+    reground: tuple[int, int] | str | None,
+    say: Callable[[str], None] | None,
 ) -> RLDemoResult:
     from ..demo import DemoTraining, evaluate_checkpoint, train_demo_run
 
@@ -231,6 +246,8 @@ def _run_rl_demo(
         output_rows, output_figures = stages.rows, stages.figures
     else:
         notes.append(SKIP_NOTE)
+    data = str(root / ROLLOUTS_FILE) if model_extra_present() else None
+    backtested = run_backtest_stages(root, curve, cut, config, device, stage, data)
 
     base_acc, final_acc = curve[0], curve[final]
     models = [
@@ -265,6 +282,15 @@ def _run_rl_demo(
         "alpharl_target_accuracy": target_metric,
         **output_figures,
     }
+    arm = None
+    if reground is not None:
+        schedule = "backtest" if reground == AUTO else "given"
+        m, n = (
+            (backtested["reground"]["segment"], backtested["reground"]["recommended_jump"])
+            if reground == AUTO
+            else reground
+        )
+        arm = stage("re-grounded GRPO", lambda: run_reground_arm(root, config, m, n, curve, say, schedule))
     seconds["total"] = time.perf_counter() - t0
     result = RLDemoResult(
         out=out,
@@ -278,8 +304,12 @@ def _run_rl_demo(
         curve=curve,
         seconds=seconds,
         notes=notes,
+        reground=arm,
+        backtest=backtested,
     )
     result.plots = _plot(result, root)
+    if arm is not None:
+        arm["plots"] = reground_plot(curve, arm, root)
     (root / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
     return result
 

@@ -34,6 +34,9 @@ output: run/checkpoint-N/ (weights, config, tokenizer, trainer_state.json), run/
 (transformers' TrainerState fields; log_history with loss, reward, reward_std, ... per step and
 eval_accuracy per checkpoint and at step 0), run/metrics.csv (step,accuracy; step 0 = base).
 Deterministic: the same seed gives the same bytes on the same machine and thread count.
+
+Re-grounding (`rank1 demo --reground M:N`, demo/reground.py): a second GRPO arm from base/ with the
+same seed, whose weights jump N steps ahead every M steps.
 """
 
 from .config import DemoTraining, TrainedRun

@@ -164,6 +164,33 @@ def _train(folder: Path, config: DemoTraining, say: Callable[[str], None]) -> Tr
     say(f"base: warm-up stopped at step {sft_steps}, held-out accuracy {base_acc:.3f}")
 
     run = folder / "run"
+    steps, accs = grpo_training(model, task, config, run, base_acc, say)
+    write_metrics(run / METRICS_FILE, accs)
+    return TrainedRun(
+        base=base,
+        run=run,
+        steps=steps,
+        metrics=run / METRICS_FILE,
+        accuracy=accs,
+        train_seconds=time.perf_counter() - start,
+        sft_steps=sft_steps,
+    )
+
+
+def grpo_training(
+    model: TinyLlama,
+    task: AdditionTask,
+    config: DemoTraining,
+    run: Path,
+    base_acc: float,
+    say: Callable[[str], None],
+    after_step: Callable[[int, TinyLlama], list[dict]] | None = None,
+) -> tuple[list[int], dict[int, float]]:
+    """config.grpo_steps GRPO steps from `model` (the warm-up base, held-out accuracy base_acc) with
+    a fresh Adam and the seed's GRPO stream, a checkpoint every save_every steps into `run`
+    (checkpoint-N/, trainer_state.json). `after_step(step, model)`, when given, runs after each
+    step's optimizer updates and before its checkpoint (re-grounding: demo/reground.py); the
+    records it returns join the log history. Returns the checkpoint steps and step -> accuracy."""
     run.mkdir(parents=True, exist_ok=True)
     gen = _generator(config.seed, _GRPO)
     opt = torch.optim.Adam(model.parameters(), lr=config.grpo_lr, betas=(0.9, 0.99))
@@ -178,6 +205,8 @@ def _train(folder: Path, config: DemoTraining, say: Callable[[str], None]) -> Tr
         tokens += stats["num_tokens"]
         epoch = round(step * config.grpo_prompts / len(task.train_pairs), 6)
         history.append({**stats, "epoch": epoch, "step": step})
+        if after_step is not None:
+            history.extend(after_step(step, model))
         if step % config.save_every == 0 or step == config.grpo_steps:
             acc = accuracy(model, task)
             accs[step] = acc
@@ -189,16 +218,7 @@ def _train(folder: Path, config: DemoTraining, say: Callable[[str], None]) -> Tr
             steps.append(step)
             say(f"GRPO step {step}/{config.grpo_steps}: reward {stats['reward']:.3f}, held-out accuracy {acc:.3f}")
     write_state(run / STATE_FILE, state)
-    write_metrics(run / METRICS_FILE, accs)
-    return TrainedRun(
-        base=base,
-        run=run,
-        steps=steps,
-        metrics=run / METRICS_FILE,
-        accuracy=accs,
-        train_seconds=time.perf_counter() - start,
-        sft_steps=sft_steps,
-    )
+    return steps, accs
 
 
 def evaluate_checkpoint(folder: str | Path, config: DemoTraining) -> float:

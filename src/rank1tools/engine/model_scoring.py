@@ -148,6 +148,18 @@ def score_tokenized(model, pairs: Sequence[TokenizedPair], *, padding_side: str 
         raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
     if not pairs:
         return []
+    logits, ids, scored = forward_pairs(model, pairs, padding_side=padding_side)
+    flat = gather_token_logprobs(logits, ids, scored).cpu()
+    return list(torch.split(flat, [p.scored_count for p in pairs]))
+
+
+def forward_pairs(model, pairs: Sequence[TokenizedPair], *, padding_side: str = "right"):
+    """One forward pass over `pairs` padded into a batch (score_tokenized's batching): (logits
+    (B, L, V), ids (B, L), scored (B, L) bool mask), on the model's device."""
+    import torch  # noqa: PLC0415
+
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
     device = next(model.parameters()).device
     width = max(len(p.ids) for p in pairs)
     ids = torch.zeros((len(pairs), width), dtype=torch.long)  # pad id 0: masked out, never scored
@@ -166,8 +178,7 @@ def score_tokenized(model, pairs: Sequence[TokenizedPair], *, padding_side: str 
             position_ids=positions.to(device),
             use_cache=False,
         ).logits
-        flat = gather_token_logprobs(logits, ids.to(device), scored.to(device)).cpu()
-    return list(torch.split(flat, [p.scored_count for p in pairs]))
+    return logits, ids.to(device), scored.to(device)
 
 
 def score_completions(

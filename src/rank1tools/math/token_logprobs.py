@@ -24,6 +24,15 @@ def gather_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, scored:
             f"expected logits (B, L, V), input_ids and scored (B, L); got {tuple(logits.shape)}, "
             f"{tuple(input_ids.shape)}, {tuple(scored.shape)}"
         )
+    rows, ids = scored_log_softmax(logits, input_ids, scored)
+    return rows.gather(-1, ids[:, None]).squeeze(-1)
+
+
+def scored_log_softmax(
+    logits: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) float32 log-softmax of the next-token distribution predicting each scored token, and
+    the (N,) scored token ids, in gather_token_logprobs' order (whose checks it shares)."""
     if scored.dtype != torch.bool:
         raise ValueError(f"scored must be a bool mask, got {scored.dtype}")
     if bool(scored[:, 0].any()):
@@ -31,4 +40,4 @@ def gather_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, scored:
     target = scored[:, 1:]
     rows = logits[:, :-1][target].float()  # (N, V): the logits predicting each scored token
     ids = input_ids[:, 1:][target].to(torch.long)
-    return torch.log_softmax(rows, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+    return torch.log_softmax(rows, dim=-1), ids

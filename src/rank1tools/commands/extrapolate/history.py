@@ -9,6 +9,7 @@ history and plans the tensors (where each one's values come from); the write pas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -144,6 +145,21 @@ def plan_tensors(h: History, options: HistoryOptions, *, copy_norms: bool) -> Te
     # A base that stores its own head keeps it whatever the checkpoints do (a checkpoint that ties
     # it reads its embedding as lm_head.weight): the output has exactly the base's tensors.
     return TensorPlan(source, untie, norms)
+
+
+@dataclass
+class HistoryPass:
+    """A history method ready to run on its inputs: the opened history, the tensor plan, the
+    per-tensor function that hands each target's predicted update to a sink (history_write's
+    TargetSink when `extrapolate` writes it; `backtest` measures it against later checkpoints),
+    the history checkpoints it reads (indices), its parameters and notes."""
+
+    history: History
+    plan: TensorPlan
+    tensor_fn: Callable  # (name, sink) -> figures, see history_write.TensorFn
+    read: list[int]
+    params: dict
+    notes: list[str]
 
 
 def check_history_tensors(h: History, plan: TensorPlan, used: list[int]) -> None:

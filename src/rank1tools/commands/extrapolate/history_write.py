@@ -45,7 +45,7 @@ from ...math.reconstruct import RoundingStats, rounding_stats
 from ...modules import LM_HEAD_NAME
 from ...resources import check_largest_tensor, streaming_peak_bytes
 from .base import REPORT_FILE, ExtrapolateResult, HistoryOptions, TargetOutput, flag_limit, target_folder
-from .history import HISTORY_BUDGET, History, TensorPlan, nonfinite_history
+from .history import HISTORY_BUDGET, History, HistoryPass, TensorPlan, nonfinite_history
 
 COPY_CHUNK = 1 << 22  # elements per chunk when a tensor is copied from the base or the last checkpoint
 
@@ -276,6 +276,30 @@ def write_extrapolation(
         parameters={**base_params, "target_steps": targets},
         notes=notes,
         warnings=warnings,
+    )
+
+
+def write_pass(
+    p: HistoryPass,
+    out: str,
+    options: HistoryOptions,
+    force: bool,
+    progress: Callable[[int, int], None] | None,
+    executor: ExecutorOptions = ExecutorOptions(),
+) -> ExtrapolateResult:
+    """Write a method's prepared pass (relex.relex_pass, linear.linear_pass) as `extrapolate` does."""
+    return write_extrapolation(
+        p.history,
+        p.plan,
+        out,
+        options,
+        force,
+        progress,
+        params=p.params,
+        tensor_fn=p.tensor_fn,
+        executor=executor,
+        read=p.read,
+        notes=p.notes,
     )
 
 

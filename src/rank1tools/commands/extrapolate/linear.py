@@ -5,7 +5,8 @@ last W history checkpoints (all by default), θ̂(s) = θ₀ + Δ̄ + slope·(s 
 `rank1 linearity`'s job: computing it here would triple the fit's cost). `--mode two-point`: the
 reference code's θ̂(s) = θ_a + (s − a)/(b − a)·(θ_b − θ_a) for two history steps a ≠ b (default the
 first and the last; `--from 0` is the base, the re-grounding recipe's θ₀ + α(θ_M − θ₀)). Both are computed on float32 updates in float64 and streamed in element
-chunks: one pass, O(W × chunk) memory. Norm weights are copied from the last history checkpoint
+chunks (math/linear_step.line_updates, the step re-grounding runs on the live model): one pass,
+O(W × chunk) memory. Norm weights are copied from the last history checkpoint
 (the reference's behaviour) unless --extrapolate-norms.
 """
 
@@ -22,7 +23,7 @@ from ...options import check_choice
 from .base import ExtrapolateResult, HistoryOptions
 
 if TYPE_CHECKING:
-    from .history import History
+    from .history import History, HistoryPass
     from .history_write import TargetSink
 
 MODES = ("lstsq", "two-point")
@@ -60,8 +61,14 @@ def extrapolate_linear(
     executor: ExecutorOptions = ExecutorOptions(),
 ) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from straight lines through the history's weights."""
-    from .history import check_history_tensors, open_history, plan_tensors, window_size
-    from .history_write import write_extrapolation
+    from .history_write import write_pass
+
+    return write_pass(linear_pass(base, options, executor), out, options, force, progress, executor)
+
+
+def linear_pass(base: str, options: LinearOptions, executor: ExecutorOptions = ExecutorOptions()) -> HistoryPass:
+    """The checked history, plan and per-tensor lines giving θ̂(s) for every --target-step s."""
+    from .history import HistoryPass, check_history_tensors, open_history, plan_tensors, window_size
 
     options.check()  # a caller may have changed a field since construction
     two = options.mode == "two-point"
@@ -106,19 +113,7 @@ def extrapolate_linear(
             f"{len(copied)} norm weights copied from the last history checkpoint (step {h.steps[-1]}); "
             "--extrapolate-norms extrapolates them too"
         )
-    return write_extrapolation(
-        h,
-        plan,
-        out,
-        options,
-        force,
-        progress,
-        params={**params, "copied_norms": copied},
-        tensor_fn=one,
-        executor=executor,
-        read=read,
-        notes=notes,
-    )
+    return HistoryPass(h, plan, one, read, {**params, "copied_norms": copied}, notes)
 
 
 def _steps_text(steps: list[int]) -> str:
@@ -132,7 +127,7 @@ def _ratio(sq_pred: float, sq_last: float) -> float:
 def _lstsq_tensor(h: History, name: str, sink: TargetSink, read: list[int]) -> dict:
     import torch
 
-    from ...math.linefit import LineFit
+    from ...math.linear_step import line_updates
     from .history import history_chunks, nonfinite_history
 
     cks = [h.checkpoints[i] for i in read]
@@ -142,9 +137,7 @@ def _lstsq_tensor(h: History, name: str, sink: TargetSink, read: list[int]) -> d
     for ch in history_chunks(h, cks, name):
         M = ch.values.sub_(ch.base)  # W × n float32 updates, in place
         # no per-element R² here: it triples the cost of the fit; `rank1 linearity` reports it
-        fit = LineFit(r2=False).fit(t, M)
-        for j, s in enumerate(h.targets):
-            d = fit.predict(s)
+        for j, d in enumerate(line_updates(M, t, h.targets, mode="lstsq")):
             sq_pred[j] += float(d @ d)
             sink.write(j, name, ch.start, ch.base, d)
         sq_last += float(torch.linalg.vector_norm(M[-1], dtype=torch.float64)) ** 2
@@ -158,21 +151,18 @@ def _lstsq_tensor(h: History, name: str, sink: TargetSink, read: list[int]) -> d
 def _two_point_tensor(h: History, name: str, sink: TargetSink, read: list[int], a: int, b: int) -> dict:
     import torch
 
-    from ...math.linefit import two_point
+    from ...math.linear_step import line_updates
     from .history import history_chunks, nonfinite_history
 
     cks = [h.checkpoints[i] for i in read]
-    row = {h.steps[i]: k for k, i in enumerate(read)}
+    t = [float(h.steps[i]) for i in read]  # a step that is not read (--from 0) is the base: update 0
     sq_last, sq_pred = 0.0, [0.0] * len(h.targets)
     for ch in history_chunks(h, cks, name):
         M = ch.values.sub_(ch.base)
-        for j, s in enumerate(h.targets):
-            d = two_point(
-                M[row[a]] if a in row else torch.zeros_like(M[0]), M[row[b]], a, b, s
-            )  # θ_a − θ₀ + f·(θ_b − θ_a), float64
+        for j, d in enumerate(line_updates(M, t, h.targets, mode="two-point", from_step=a, to_step=b)):
             sq_pred[j] += float(d @ d)
             sink.write(j, name, ch.start, ch.base, d)
-        sq_last += float(torch.linalg.vector_norm(M[row[h.steps[-1]]], dtype=torch.float64)) ** 2
+        sq_last += float(torch.linalg.vector_norm(M[-1], dtype=torch.float64)) ** 2  # read ends at the last step
     if not all(math.isfinite(v) for v in (sq_last, *sq_pred)):
         raise nonfinite_history(h, name, cks)
     return {

@@ -22,7 +22,7 @@ from ...errors import UsageError
 from .base import ExtrapolateResult, HistoryOptions
 
 if TYPE_CHECKING:
-    from .history import History
+    from .history import History, HistoryPass
     from .history_write import TargetSink
 
 
@@ -52,9 +52,15 @@ def extrapolate_relex(
     executor: ExecutorOptions = ExecutorOptions(),
 ) -> ExtrapolateResult:
     """Write θ̂(s) for every --target-step s from the trajectory rank-r fit of the history."""
+    from .history_write import write_pass
+
+    return write_pass(relex_pass(base, options, executor), out, options, force, progress, executor)
+
+
+def relex_pass(base: str, options: RelexOptions, executor: ExecutorOptions = ExecutorOptions()) -> HistoryPass:
+    """The checked history, plan and per-tensor fit of θ̂(s) for every --target-step s."""
     from ...math.linefit import positions_for
-    from .history import check_history_tensors, open_history, plan_tensors, window_size
-    from .history_write import write_extrapolation
+    from .history import HistoryPass, check_history_tensors, open_history, plan_tensors, window_size
 
     options.check()  # a caller may have changed a field since construction
     h = open_history(base, options, executor)
@@ -89,19 +95,7 @@ def extrapolate_relex(
     def one(name: str, sink: TargetSink) -> dict:
         return _relex_tensor(h, name, sink, options.rank, W, t_fit, x_targets)
 
-    return write_extrapolation(
-        h,
-        plan,
-        out,
-        options,
-        force,
-        progress,
-        params=params,
-        tensor_fn=one,
-        executor=executor,
-        read=list(range(T)),
-        notes=notes,
-    )
+    return HistoryPass(h, plan, one, list(range(T)), params, notes)
 
 
 def _relex_tensor(
