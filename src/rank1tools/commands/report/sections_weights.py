@@ -190,14 +190,13 @@ def linearity_section(inputs: list[Input], figs: FigureMaker) -> Section:
                 + f". {headline.get('note', '')}"
             )
         )
-        for f in figs.draw(
-            lambda rows=rows, steps=steps: linearity_plots(rows, UNWRITTEN, steps),
-            {
-                "linear_fraction_by_type": "share of changing elements with per-element R² > 0.7, by module type",
-                "linearity_heatmap": "trajectory EV (explained_1) and the linear share by layer × module type",
-                "element_r2_heatmap": "per-element R² (mean and median) by layer × module type",
-            },
-        ):
+        captions = {
+            "linear_fraction_by_type": "share of changing elements with per-element R² > 0.7, by module type",
+            "linearity_heatmap": "trajectory EV (explained_1) and the linear share by layer × module type",
+        }
+        if any("r2_mean" in r for r in rows):  # linearity --r2-stats
+            captions["element_r2_heatmap"] = "per-element R² (mean and median) by layer × module type"
+        for f in figs.draw(lambda rows=rows, steps=steps: linearity_plots(rows, UNWRITTEN, steps), captions):
             sec.add(f)
         by_type = summary.get("by_type") or {}
         sec.add(

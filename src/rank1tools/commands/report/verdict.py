@@ -32,6 +32,8 @@ def num(value, style: str = "2") -> Number:
         return Number(v, f"{100 * v:.0f}%")
     if style == "x":
         return Number(v, f"{v:.2f}×")
+    if style == "3":
+        return Number(v, f"{v:.3f}")
     if style == "int":
         return Number(v, f"{int(v)}")
     return Number(v, f"{v:.2f}")
@@ -133,38 +135,56 @@ def fit_pls(inp: Input) -> list[Statement]:
     if _finite(step):
         return [
             Statement(
-                ["The rank-1 direction follows the step (PLS R² against the step ", num(step), ")."], f"{src}.r2_step"
+                ["The rank-1 direction follows the step (PLS R² against the step ", num(step, "3"), ")."],
+                f"{src}.r2_step",
             )
         ]
     return []
 
 
+def _target_ratio(inp: Input, target) -> tuple[str, float, float, int]:
+    """(what was extrapolated to, largest norm ratio, flag limit, flagged count) of one target."""
+    report = inp.json(EXTRAPOLATION, target)
+    method = str(report.get("method", "?"))
+    if method == "alpharl":
+        what = f"{report.get('kind', 'target')} {report.get('target')}"
+        ratio, limit = number(report.get("norm_ratio_max")), number(report.get("flag_limit"))
+    else:
+        what = f"step {report.get('target_step')}"
+        ratios = [number(t.get("norm_ratio")) for t in report.get("tensors") or []]
+        ratios = [r for r in ratios if math.isfinite(r)]
+        ratio, limit = (max(ratios) if ratios else math.nan), number(report.get("norm_ratio_limit"))
+    return what, ratio, limit, len(report.get("flagged") or [])
+
+
 def extrapolate(inp: Input) -> list[Statement]:
-    out = []
+    """One statement per output (its targets together): the largest predicted update against the
+    last real one, the flag limit of that target, and how many tensors were flagged."""
+    if not inp.targets:
+        return []
+    method = str(inp.json(EXTRAPOLATION, inp.targets[0]).get("method", "?"))
+    found = [(_target_ratio(inp, t), t) for t in inp.targets]
+    found = [(f, t) for f, t in found if math.isfinite(f[1])]
+    if not found:
+        return []
+    (what, ratio, limit, _), worst = max(found, key=lambda ft: ft[0][1])
+    flagged = sum(f[3] for f, _ in found)
+    key = "norm_ratio_max" if method == "alpharl" else "max of tensors[].norm_ratio"
+    if len(found) == 1:
+        pieces = [f"{method} to {what}: the predicted update is at most ", num(ratio, "x"), " the last real one"]
+        src = f"{inp.where(EXTRAPOLATION, worst)}: {key}, flagged"
+    else:
+        pieces = [
+            f"{method}, {len(found)} targets: the predicted update is at most ",
+            num(ratio, "x"),
+            f" the last real one (at {what})",
+        ]
+        src = f"{inp.label.rstrip('/')}/*/{EXTRAPOLATION}: {key}, flagged"
+    if math.isfinite(limit):
+        pieces += [" against a flag limit of ", num(limit, "x")]
+    pieces += ["; ", num(flagged, "int"), " tensors flagged."] if flagged else ["; none flagged."]
+    out = [Statement(pieces, src, flag=bool(flagged))]
     for target in inp.targets:
-        report = inp.json(EXTRAPOLATION, target)
-        method = str(report.get("method", "?"))
-        src = inp.where(EXTRAPOLATION, target)
-        if method == "alpharl":
-            what = f"alpharl to {report.get('kind', 'target')} {report.get('target')}"
-            ratio, limit = number(report.get("norm_ratio_max")), number(report.get("flag_limit"))
-        else:
-            what = f"{method} to step {report.get('target_step')}"
-            ratios = [number(t.get("norm_ratio")) for t in report.get("tensors") or []]
-            ratios = [r for r in ratios if math.isfinite(r)]
-            ratio, limit = (max(ratios) if ratios else math.nan), number(report.get("norm_ratio_limit"))
-        flagged = len(report.get("flagged") or [])
-        if not _finite(ratio):
-            continue
-        pieces = [f"{what}: the largest predicted update is ", num(ratio, "x"), " the last real one"]
-        if _finite(limit):
-            pieces += [" (flag limit ", num(limit, "x"), ")"]
-        key = "norm_ratio_max" if method == "alpharl" else "max of tensors[].norm_ratio"
-        if flagged:
-            pieces += ["; ", num(flagged, "int"), " tensors flagged."]
-        else:
-            pieces += ["; none flagged."]
-        out.append(Statement(pieces, f"{src}: {key}, flagged", flag=bool(flagged)))
         out += _rounding(inp, target)
     return out
 
