@@ -93,7 +93,7 @@ def build_page(inputs: list[Input], names: list[str]) -> tuple[str, list[Section
             sections.append(demo_section(demo, figs))
     if not figs.available:
         sections[0].add(paragraph(f"The figures are not drawn: {MISSING}.", "warn"))
-    title = "rank1 report: " + ", ".join(dict.fromkeys(names))
+    title = "rank1 report: " + ", ".join(dict.fromkeys(os.path.basename(os.path.normpath(n)) or n for n in names))
     steps = next((s.subtitle for s in sections if s.id == "run" and s.subtitle), "")
     subtitle = f"{len(inputs)} rank1 outputs" + (f"; {steps}" if steps else "")
     footer = "Written by rank1 report from the outputs listed under The run; self-contained: no script, no network."

@@ -170,7 +170,7 @@ p.warn{color:var(--warn);border-left:3px solid var(--warn);padding-left:10px}
 #verdict li.flag::marker{content:"⚑ ";color:var(--warn)}
 b.v{font-variant-numeric:tabular-nums;color:var(--accent)}
 .src{display:block;font-size:12px}
-.scroll{display:inline-block;vertical-align:top;overflow-x:auto;max-width:100%;margin:8px 24px 8px 0}
+.scroll{display:inline-block;vertical-align:top;overflow-x:auto;max-width:100%;margin:8px 16px 8px 0}
 td code{overflow-wrap:anywhere}
 table{border-collapse:collapse;font-size:13px}
 caption{text-align:left;padding:2px 0 4px}
@@ -185,7 +185,7 @@ figure.fig{margin:12px 0;max-width:100%}
 figure.fig svg{display:block;width:100%;height:auto}
 code{font:12.5px/1.4 ui-monospace,"DejaVu Sans Mono",monospace;background:#eef1f6;padding:1px 4px;border-radius:4px}
 footer{max-width:1100px;margin:0 auto;padding:0 14px 30px;color:var(--muted);font-size:12px}
-@media (max-width:600px){body{font-size:14px}section{padding:2px 10px 12px}header h1{font-size:20px}th,td{padding:3px 6px}}
+@media (max-width:600px){.scroll{margin-right:0}body{font-size:14px}section{padding:2px 10px 12px}header h1{font-size:20px}th,td{padding:3px 6px}}
 """
 
 
