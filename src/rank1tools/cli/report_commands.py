@@ -36,5 +36,8 @@ def report(
         print_json(result.to_dict())
         return
     if not quiet:
-        sys.stderr.write(f"rank1 report: {len(result.inputs)} outputs, sections: {', '.join(result.sections)}\n")
-    sys.stdout.write(f"{result.out}\n")
+        sys.stderr.write(f"rank1 report: {len(result.inputs)} outputs read; sections: {', '.join(result.sections)}\n")
+    sys.stdout.write(
+        f"wrote {result.out} ({len(result.verdict)} verdict lines, {len(result.sections)} sections, "
+        f"{result.figures} figures)\n"
+    )
