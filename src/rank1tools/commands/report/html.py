@@ -172,6 +172,7 @@ b.v{font-variant-numeric:tabular-nums;color:var(--accent)}
 .src{display:block;font-size:12px}
 .scroll{display:inline-block;vertical-align:top;overflow-x:auto;max-width:100%;margin:8px 16px 8px 0}
 td code{overflow-wrap:anywhere}
+td:has(> code){min-width:18em}
 table{border-collapse:collapse;font-size:13px}
 caption{text-align:left;padding:2px 0 4px}
 th,td{padding:4px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
