@@ -305,8 +305,26 @@ def test_same_inputs_same_bytes(runs, tmp_path):
     names = _names(runs, "syn", "lin", "bt", "demo")  # every kind of figure, and the demo's tables
     a, b = tmp_path / "a.html", tmp_path / "b.html"
     assert run_main("report", *names, "--out", str(a)).returncode == 0
-    assert run_main("report", *names, "--out", str(b), "--json").returncode == 0
-    assert a.read_bytes() == b.read_bytes()
+    r = run_main("report", *names, "--out", str(b), "--json")
+    assert r.returncode == 0 and a.read_bytes() == b.read_bytes()
+    result = json.loads(r.stdout)
+    assert result["out"] == str(b) and result["sections"] == _section_ids(b.read_text(encoding="utf-8"))
+    assert len(result["verdict"]) == b.read_text(encoding="utf-8").count("<li")
+
+
+def test_a_missing_or_broken_table_exits_3_naming_the_file(runs, tmp_path):
+    import shutil
+
+    lin = tmp_path / "lin"
+    shutil.copytree(runs[1]["lin"], lin)
+    out = tmp_path / "r.html"
+    (lin / "summary.json").write_text("{not json")
+    r = run_main("report", str(lin), "--out", str(out))
+    assert r.returncode == 3 and str(lin / "summary.json") in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    (lin / "summary.json").unlink()
+    r = run_main("report", str(lin), "--out", str(out))
+    assert r.returncode == 3 and f"{lin / 'summary.json'}: missing" in r.stderr
+    assert not out.exists()
 
 
 class _Balance(HTMLParser):
