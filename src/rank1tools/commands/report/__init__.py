@@ -118,7 +118,7 @@ def report(inputs: list[str], out: str, *, force: bool = False) -> ReportResult:
         out=out,
         inputs=[{"path": i.label, "kind": i.kind} for i in found],
         sections=[s.id for s in sections],
-        verdict=["".join(p.shown if hasattr(p, "shown") else p for p in s.pieces) for s in statements],
+        verdict=[s.text() for s in statements],
         figures=figs.count,
         notes=notes,
     )

@@ -169,6 +169,7 @@ p.warn{color:var(--warn);border-left:3px solid var(--warn);padding-left:10px}
 #verdict li{margin:6px 0}
 #verdict li.flag::marker{content:"⚑ ";color:var(--warn)}
 b.v{font-variant-numeric:tabular-nums;color:var(--accent)}
+b.who{font-weight:600;color:#2d3748}
 .src{display:block;font-size:12px}
 .scroll{display:inline-block;vertical-align:top;overflow-x:auto;max-width:100%;margin:8px 16px 8px 0}
 td code{overflow-wrap:anywhere}

@@ -10,6 +10,7 @@ overfit warning is fit-pls's own (in-sample minus leave-one-out mean R² above O
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from .html import esc
@@ -39,6 +40,13 @@ def num(value, style: str = "2") -> Number:
     return Number(v, f"{v:.2f}")
 
 
+@dataclass(frozen=True)
+class Label:
+    """Which of several inputs of one kind a statement is about (its folder's name)."""
+
+    text: str
+
+
 @dataclass
 class Statement:
     """A sentence: text pieces and Numbers; where its numbers come from; flagged (a warning)."""
@@ -50,9 +58,17 @@ class Statement:
     def numbers(self) -> list[Number]:
         return [p for p in self.pieces if isinstance(p, Number)]
 
+    def text(self) -> str:
+        """The sentence as plain text (--json)."""
+        return "".join(
+            p.shown if isinstance(p, Number) else (f"{p.text} " if isinstance(p, Label) else p) for p in self.pieces
+        )
+
     def html(self) -> str:
         body = "".join(
-            f'<b class="v" data-value="{p.value!r}">{esc(p.shown)}</b>' if isinstance(p, Number) else esc(p)
+            f'<b class="v" data-value="{p.value!r}">{esc(p.shown)}</b>'
+            if isinstance(p, Number)
+            else (f'<b class="who">{esc(p.text)}</b> ' if isinstance(p, Label) else esc(p))
             for p in self.pieces
         )
         cls = ' class="flag"' if self.flag else ""
@@ -310,4 +326,12 @@ ORDER = ("decompose", "linearity", "fit-pls", "extrapolate", "reconstruct", "bac
 def verdict(inputs: list[Input]) -> list[Statement]:
     """The statements of every input, by kind in ORDER (what a reader asks first: is it rank-1, is
     it a line, does it predict, what happened to the extrapolations)."""
-    return [s for kind in ORDER for inp in inputs if inp.kind == kind for s in BY_KIND[kind](inp)]
+    out = []
+    for kind in ORDER:
+        of_kind = [inp for inp in inputs if inp.kind == kind]
+        for inp in of_kind:
+            for statement in BY_KIND[kind](inp):
+                if len(of_kind) > 1:  # which of them: its folder's name
+                    statement.pieces.insert(0, Label(f"{os.path.basename(inp.label.rstrip('/')) or inp.label}:"))
+                out.append(statement)
+    return out
