@@ -12,6 +12,7 @@ from ... import __version__
 
 SCREENFUL = 20  # rows a table shows whole; a longer one shows its first and last EDGE_ROWS
 EDGE_ROWS = 5
+SHORT_CELL = 28  # characters: a text cell up to this long is kept on one line
 GENERATOR = f"rank1tools {__version__}"  # the page's <meta name="generator">: how --force recognises it
 
 
@@ -63,7 +64,9 @@ class Table:
         cells = []
         for j, v in enumerate(row):
             text = v if isinstance(v, Html) else Html(esc(v if isinstance(v, str) else fmt(v, self.digits)))
-            cls = ' class="num"' if j in numeric else ""
+            # short cells never wrap (a path like step-20 or a method name stays on one line)
+            short = not isinstance(v, Html) and len(str(v)) <= SHORT_CELL
+            cls = ' class="num"' if j in numeric else (' class="nw"' if short else "")
             cells.append(f"<td{cls}>{text.markup}</td>")
         return "<tr>" + "".join(cells) + "</tr>"
 
@@ -179,6 +182,7 @@ caption{text-align:left;padding:2px 0 4px}
 th,td{padding:4px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 th{background:#eef1f6;font-weight:600;white-space:nowrap}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.nw{white-space:nowrap}
 tbody tr:nth-child(even){background:#fafbfd}
 tr.gap td{text-align:center;color:var(--muted);font-style:italic;background:#fff}
 details{margin:4px 0 10px}

@@ -20,10 +20,10 @@ def _rounding_row(inp: Input, target) -> list:
 
 
 def extrapolations_section(inputs: list[Input]) -> Section:
-    sec = Section("extrapolations", "Extrapolations", "from rank1 extrapolate: per target")
+    """One table, a row per target of every input, and the flagged tensors of all of them."""
+    sec = Section("extrapolations", "Extrapolations", "from rank1 extrapolate: one row per target")
+    summary, flagged_rows = [], []
     for inp in inputs:
-        sec.add(heading(inp.label))
-        summary, flagged_rows = [], []
         for target in inp.targets:
             rep = inp.json(EXTRAPOLATION, target)
             method = str(rep.get("method"))
@@ -36,52 +36,32 @@ def extrapolations_section(inputs: list[Input]) -> Section:
             finite = sorted(r for r in ratios if r == r)
             median = finite[len(finite) // 2] if finite else float("nan")
             flagged = rep.get("flagged") or []
+            name = inp.label if target == inp.path else f"{inp.label.rstrip('/')}/{target.name}"
             summary.append(
+                [name, method, goal, len(ratios), median, finite[-1] if finite else float("nan"), limit, len(flagged)]
+                + _rounding_row(inp, target)[1:]
+            )
+            flagged_rows += [
                 [
-                    target.name if target != inp.path else inp.path.name,
-                    method,
-                    goal,
-                    len(ratios),
-                    median,
-                    finite[-1] if finite else float("nan"),
-                    limit,
-                    len(flagged),
-                    *_rounding_row(inp, target),
+                    name,
+                    str(f.get("tensor", f.get("module"))),
+                    number(f.get("norm_ratio")),
+                    number(f.get("limit", limit)),
                 ]
-            )
-            for f in flagged:
-                if isinstance(f, dict):
-                    flagged_rows.append(
-                        [
-                            goal,
-                            str(f.get("tensor", f.get("module"))),
-                            number(f.get("norm_ratio")),
-                            number(f.get("limit", limit)),
-                        ]
-                    )
-        sec.add(
-            Table(
-                [
-                    "output",
-                    "method",
-                    "target",
-                    "tensors",
-                    "median norm ratio",
-                    "max norm ratio",
-                    "flag limit",
-                    "flagged",
-                    "updated elements",
-                    "lost to rounding",
-                    "rounding rel. error",
-                ],
-                summary,
-                caption="norm ratio = ‖predicted update‖ / ‖last real update‖",
-            )
-        )
-        if flagged_rows:
-            sec.add(Table(["target", "flagged tensor", "norm ratio", "limit"], flagged_rows, caption="flagged tensors"))
-        else:
-            sec.add(paragraph("No tensor flagged."))
+                for f in flagged
+                if isinstance(f, dict)
+            ]
+    columns = ["output", "method", "target", "tensors", "median ratio", "max ratio", "flag limit", "flagged"]
+    columns += ["lost to rounding", "rounding error"]
+    caption = (
+        "ratio: ‖predicted update‖ / ‖last real update‖ per tensor; lost to rounding: the share of updated "
+        "elements the output dtype left unchanged; rounding error: ‖stored − intended update‖ / ‖intended update‖"
+    )
+    sec.add(Table(columns, summary, caption=caption))
+    if flagged_rows:
+        sec.add(Table(["output", "flagged tensor", "norm ratio", "limit"], flagged_rows, caption="flagged tensors"))
+    else:
+        sec.add(paragraph("No tensor flagged."))
     return sec
 
 
@@ -106,11 +86,15 @@ def reconstructions_section(inputs: list[Input]) -> Section:
 
 def backtests_section(inputs: list[Input], figs: FigureMaker) -> Section:
     sec = Section("backtest", "Backtests: how far ahead do extrapolations hold", "from rank1 backtest")
+    notes: set[str] = set()
     for inp in inputs:
         summary = inp.json("summary.json")
         overall = inp.jsonl("backtest.jsonl")
         sec.add(heading(f"{inp.label} ({summary.get('method')})"))
-        sec.add(paragraph(str(summary.get("note", ""))))
+        note = str(summary.get("note", ""))
+        if note and note not in notes:  # the same definitions under every backtest: said once
+            notes.add(note)
+            sec.add(paragraph(note))
         for f in figs.draw(
             lambda overall=overall, summary=summary: backtest_plots(overall, summary, UNWRITTEN),
             {"error_by_jump": "relative error, cosine and norm ratio of the predicted update against the jump"},

@@ -152,8 +152,10 @@ def fits_section(inputs: list[Input], figs: FigureMaker) -> Section:
                     "warn",
                 )
             )
+        # the fit store keeps no per-step scores (they need the factor store): the heatmap only,
+        # its title naming the window (a trajectory under no module's name draws no module panel)
         for f in figs.draw(
-            lambda rows=rows, metric=metric: fit_plots(rows, {}, UNWRITTEN, metric),
+            lambda rows=rows, metric=metric, window=window: fit_plots(rows, {"": {"steps": window}}, UNWRITTEN, metric),
             {"r2_heatmap": "R² by layer × module type (in-sample, leave-one-out, against the step)"},
         ):
             sec.add(f)
