@@ -160,7 +160,7 @@ def _expected(out: dict[str, Path]) -> list[tuple[str, list[float]]]:
         )
     )
     lin = _csv(out["lin"] / "linearity.csv")
-    exp.append(("lin/summary.json", [_mean(r["explained_1"] for r in lin)]))
+    exp.append(("lin/summary.json", [_mean(r["explained_1"] for r in lin), _mean(r["coef_r2_1"] for r in lin)]))
     linear = sum(int(r["linear"]) for r in lin) / sum(int(r["changing"]) for r in lin)
     exp.append(("lin/summary.json", [linear]))
     fits = _csv(out["fits"] / "fits.csv")

@@ -3,7 +3,9 @@ the file and key that hold them (docs/commands/report.md#the-verdict). Every num
 input table, shown rounded; the page keeps the exact value in the element's `data-value`.
 
 Words follow fixed bars, the ones the docs use: a mean energy_1 of 0.8 or more is "nearly rank-1",
-below 0.5 "far from rank-1"; a trajectory EV of 0.9 or more "a line", below 0.7 "not a line"; PLS's
+below 0.5 "far from rank-1"; a trajectory EV of 0.9 or more "keeps one direction", below 0.7 "does
+not" (EV says the updates share a direction, not that they move along it at a steady pace: that is
+the coefficient R², quoted beside it, docs/concepts.md#the-two-meanings-of-rank-1); PLS's
 overfit warning is fit-pls's own (in-sample minus leave-one-out mean R² above OVERFIT_GAP).
 """
 
@@ -102,16 +104,21 @@ def decompose(inp: Input) -> list[Statement]:
 def linearity(inp: Input) -> list[Statement]:
     summary = inp.json("summary.json")
     ev = number((summary.get("mean") or {}).get("mean_explained_1"))
+    coef = number((summary.get("mean") or {}).get("mean_coef_r2_1"))
     share = number((summary.get("headline") or {}).get("frac_r2_above_0.7"))
     out = []
     if _finite(ev):
-        words = "a line" if ev >= 0.9 else ("not a line" if ev < 0.7 else "close to a line")
-        out.append(
-            Statement(
-                [f"The trajectory is {words} (trajectory EV ", num(ev), ", mean over tensors)."],
-                f"{inp.where('summary.json')}: mean.mean_explained_1",
-            )
+        words = (
+            "keeps one direction"
+            if ev >= 0.9
+            else ("does not keep one direction" if ev < 0.7 else "mostly keeps one direction")
         )
+        parts = [f"The trajectory {words} (trajectory EV ", num(ev), ", mean over tensors)"]
+        keys = "mean.mean_explained_1"
+        if _finite(coef):
+            parts += ["; its coefficient's R² against the step is ", num(coef), " (mean coef_r2_1)"]
+            keys += ", mean.mean_coef_r2_1"
+        out.append(Statement([*parts, "."], f"{inp.where('summary.json')}: {keys}"))
     if _finite(share):
         out.append(
             Statement(
