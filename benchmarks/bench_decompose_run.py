@@ -1,21 +1,25 @@
-"""Benchmark (issue #12): `rank1 decompose` of a whole run against the I/O floor and the cold start.
+"""Benchmark (issues #12, #25): `rank1 decompose` of a whole run against the I/O floor and the cold start.
 
 A generated bf16 run of the 135M Llama shape (`rank1tools.synthetic.make_run`, steps 10..100, 10
 checkpoints; about 3 GB). Six modes, each a whole process (imports included), run interleaved
 (floor, before, cold, warm, cold1, warm1, floor, ...) so that load from other processes hits them
 alike; medians of REPS runs:
   floor   read every base/checkpoint tensor once (rank1tools' reader, module-major), form the
-          float32 update and its norm: the work no decomposition can skip
-  before  `rank1 decompose BASE --run RUN --rank 8` of the code before issue #12 (commit
-          BASELINE, extracted with `git archive` into work/; skipped outside a git checkout)
+          float32 update and its norm: the work no decomposition can skip; with half the cores as
+          torch's intra-op threads, as decompose's workers have (cpu_threads): with every core, one
+          other busy process on a 2-core machine stalls each op on its second thread (the floor
+          took 7-50 s instead of 4 s while another engineer's tests ran)
+  before  `rank1 decompose BASE --run RUN --rank 8` of the code before issue #25 (commit
+          BASELINE, extracted with `git archive` into work/; skipped outside a git checkout):
+          σ₂..σ₈ certified to σ₁'s tolerance, which a bf16 noise bulk never reaches
   cold    the same command with `--cold-start`: this version's pipeline, every matrix from a fresh
           sketch with 4 power iterations (the SVD schedule before warm starts)
-  warm    `rank1 decompose BASE --run RUN --rank 8` (the default)
-  cold1, warm1  the same two at `--rank 1`, where only the top triplet is reported (σ₂..σ₈ of this
-          run are bf16 rounding noise: at rank 8 they take the cold schedule's steps either way)
+  warm    `rank1 decompose BASE --run RUN --rank 8` (the default: warm start, σ₂..σ₈ to --tail-tol 1e-2)
+  cold1, warm1  the same two at `--rank 1`, where only the top triplet is reported
 Each decompose output is checked: the SVD method of every row (an exact fallback means the
-certificate was missed) and the subspace-iteration steps it took.
-Targets (docs/benchmarks.md): warm <= 2.5x floor, warm >= 3x faster than the cold start.
+certificate was missed), the subspace-iteration steps it took and the largest bounds it recorded.
+Targets (issue #25, docs/benchmarks.md): warm <= 2.5x floor at rank 8, warm1 <= 1.5x floor at rank
+1, warm >= 2x faster than the cold start at rank 8; all ratios from one run of this script.
 
 `--reps N`: medians of N runs instead of 3 (the table's `runs` column says how many).
 `--quick` (or BENCH_QUICK=1): a 2-layer run of small matrices with 3 checkpoints, one repetition,
@@ -50,7 +54,7 @@ SHAPE = (
     if QUICK
     else "SHAPE_135M"
 )
-BASELINE = "7a456c9bd359200690cdb1825f6631c00b7599b5"  # main before issue #12 (cold-start decompose)
+BASELINE = "4eb37b680c417f172b4a995fb86acba7af73cf35"  # main before issue #25 (σ₂..σ_k certified to σ₁'s tolerance)
 MODES = ("cold", "warm", "cold1", "warm1")  # this version's decompose: schedule, and rank 8 or (…1) rank 1
 
 
@@ -74,6 +78,7 @@ FLOOR = """
 import json, sys, time
 t0 = time.perf_counter()
 import torch
+torch.set_num_threads(max(1, torch.get_num_threads() // 2))  # as decompose's workers (cpu_threads)
 from rank1tools.io import open_checkpoint
 from rank1tools.math.spectrum import frobenius
 from rank1tools.modules import select_tensors
@@ -162,6 +167,20 @@ def _decompose(mode: str, env: dict = ENV) -> dict:
     if "iterations" in rows[0]:  # the baseline's tables have no such column
         steps = [int(line["iterations"]) for line in rows]
         r.update({"steps_total": sum(steps), "steps_histogram": {str(k): steps.count(k) for k in sorted(set(steps))}})
+    if "sigma_1_bound" in rows[0]:  # the bounds recorded (issue #25), relative to sigma_1
+        k = int(rows[0]["k"])
+
+        def rel(line: dict, i: int) -> float:
+            return float(line[f"sigma_{i}_bound"]) / float(line["sigma_1"])
+
+        tail = [max(rel(line, i) for i in range(2, k + 1)) for line in rows] if k > 1 else []
+        r.update(
+            {
+                "max_sigma1_bound_rel": max(rel(line, 1) for line in rows),
+                "max_tail_bound_rel": max(tail) if tail else None,
+                "tail_above_1e-2": sum(t > 1e-2 for t in tail),
+            }
+        )
     return r
 
 
@@ -178,6 +197,7 @@ def main() -> None:
     raw: dict = {"machine_info": machine()}
     _ensure()
     baseline = _baseline_src()
+    measure([PY, "-c", FLOOR, str(ROOT), ",".join(map(str, STEPS))], ENV)  # untimed: the page cache holds the run
     runs: dict[str, list] = {"floor": [], "before": [], **{m: [] for m in MODES}}
     for _ in range(REPS):
         r = measure([PY, "-c", FLOOR, str(ROOT), ",".join(map(str, STEPS))], ENV)
@@ -208,20 +228,22 @@ def main() -> None:
 
 MEASURED = """A generated bf16 run of the 135M Llama shape (`rank1tools.synthetic.make_run`, steps 10..100:
 10 checkpoints plus the base, about 3 GB): 210 matrix modules × 10 checkpoints = 2100 matrices, CPU. Whole
-processes (imports included), the modes interleaved in one run of the benchmark, medians: the I/O floor (a
+processes (imports included), the modes interleaved in one run of the benchmark, medians of 3: the I/O floor (a
 process reading every base/checkpoint tensor once with rank1tools' reader, forming the float32 update and its
-norm: the work no decomposition can skip); `rank1 decompose --rank 8` of the code before issue #12 (commit
-7a456c9, extracted with `git archive`); this version with `--cold-start` (a fresh sketch and 4 power iterations
-per matrix) and with the default warm start; the last two again at `--rank 1`. Each output is checked: the SVD
-method of every row (an exact fallback means the certificate was missed) and the subspace-iteration steps
-(products of ΔW or ΔWᵀ with the sketch) it took."""
+norm: the work no decomposition can skip; with half the cores as torch's threads, as decompose's workers, after
+one untimed pass that fills the page cache); `rank1 decompose --rank 8` of the code before issue #25 (commit
+4eb37b6, extracted with `git archive`: σ₂..σ₈ certified to σ₁'s tolerance); this version with `--cold-start` (a
+fresh sketch and 4 power iterations per matrix) and with the default warm start (σ₂..σ₈ to `--tail-tol` 1e-2
+of σ₁); the last two again at `--rank 1`. Each output is checked: the SVD method of every row (an exact
+fallback means the certificate was missed), the subspace-iteration steps (products of ΔW or ΔWᵀ with the
+sketch) it took and the largest bounds it recorded (`sigma_i_bound` over σ₁)."""
 
 
 def summarise(raw: dict) -> dict:
     modes = raw["modes"]
     names = {
         "floor": "I/O floor: read, float32 update and its norm",
-        "before": "`rank1 decompose` before #12 (7a456c9)",
+        "before": "`rank1 decompose` before #25 (4eb37b6)",
         "cold": "`rank1 decompose --cold-start`",
         "warm": "`rank1 decompose` (warm start)",
         "cold1": "`--rank 1 --cold-start`",
@@ -246,6 +268,8 @@ def summarise(raw: dict) -> dict:
             m["steps_total"] / m["matrices"] if m.get("steps_total") is not None else None,
             ", ".join(f"{n}: {c}" for n, c in m.get("steps_histogram", {}).items()) or None,
             len(m["exact_fallbacks"]),
+            m.get("max_sigma1_bound_rel"),
+            m.get("max_tail_bound_rel"),
         ]
         for k, m in modes.items()
         if "exact_fallbacks" in m
@@ -255,27 +279,42 @@ def summarise(raw: dict) -> dict:
     targets = [
         target(
             "warm_over_floor",
-            "`rank1 decompose` of the run within 2.5× the I/O floor (issue #12)",
+            "`rank1 decompose --rank 8` of the run within 2.5× the I/O floor (issue #25)",
             "<=",
             2.5,
             sec["warm"] / sec["floor"],
             unit="×",
-            met_limit="Reading, upcasting, subtracting and the norm are paid by every mode; the SVD adds the rest.",
-            missed_limit="At rank 8 every matrix takes the cold schedule's 10 products: σ₂..σ₈ of this run are bf16 "
-            "rounding noise, which no certificate reaches, and they must be as accurate as the cold path's. The "
-            "SVD then costs what it cost before the warm start; the floor is a few seconds of it.",
+            met_limit="Reading, upcasting, subtracting and the norm are paid by every mode; the SVD adds the rest: "
+            "about 3.4 products per matrix now that σ₂..σ₈ need 1e-2 of σ₁, not 1e-4.",
+            missed_limit="Every mode pays the read, the upcast, the subtraction and the norm; on top of them come "
+            "the SVD's products (about 3.4 per matrix, each module's first checkpoint 10, from a Gaussian sketch), "
+            "one small SVD per step for the Rayleigh-Ritz certificates and the writes. On 2 shared cores the "
+            "two workers rarely get a core each.",
+        ),
+        target(
+            "warm1_over_floor",
+            "`rank1 decompose --rank 1` of the run within 1.5× the I/O floor (issue #25)",
+            "<=",
+            1.5,
+            sec["warm1"] / sec["floor"],
+            unit="×",
+            met_limit="σ₁ is certified in 1–3 products per matrix from the previous checkpoint's vectors.",
+            missed_limit="The SVD already takes 1–3 products per matrix (1.7 on average); the rest is the pipeline "
+            "around it: the Rayleigh-Ritz SVD and certificate per step, canonical signs, the factor and table "
+            "writes, which the floor does not do. On 2 shared cores the two workers rarely get a core each.",
         ),
         target(
             "cold_over_warm",
-            "warm start at least 3× faster than `--cold-start` (issue #12)",
+            "warm start at least 2× faster than `--cold-start` at rank 8 (issue #25)",
             ">=",
-            3.0,
+            2.0,
             sec["cold"] / sec["warm"],
             unit="×",
-            met_limit="The warm start certifies every reported value in a few products instead of 10.",
-            missed_limit="The warm start saves products only where every reported value can be certified: σ₁ at "
-            "rank 1 (see the rank-1 rows), or k values standing out of the noise. Here σ₂..σ₈ are noise that is "
-            "new at every checkpoint, so at rank 8 both schedules take 10 products per matrix.",
+            met_limit="With σ₂..σ₈ certified to 1e-2 of σ₁ the warm start stops after 2–3 products on most "
+            "matrices instead of the cold schedule's 10.",
+            missed_limit="The warm start takes about a third of the cold schedule's products (steps table); what "
+            "does not shrink with them (the read, the update, a small SVD per Rayleigh-Ritz step, the writes, and on a "
+            "loaded 2-core machine the waits of the two worker threads) keeps the whole run above half the cold one's.",
         ),
         target(
             "fallbacks",
@@ -289,29 +328,40 @@ def summarise(raw: dict) -> dict:
         ),
     ]
     notes = [
-        "What the warm start saves depends on k against the directions that stand out of the noise: the rank-1 rows "
-        "show it where only σ₁ is reported (1–2 products per matrix from the second checkpoint on, instead of 10).",
-        "Speed-ups common to both schedules, measured on the way during issue #12 (single-threaded, this machine): "
-        "the norm ‖ΔW‖_F from float32 sums over 1024-element blocks added in float64 instead of a float64 copy "
-        "(1.7 → 0.2 ms for a 1536 × 576 matrix); thin products formed as Xᵀ·ΔWᵀ (1.5 → 1.1 ms with 18 columns); the "
-        "SVD of the tall n × 18 block instead of the wide one (2.2 → 0.3 ms); the update formed in the read-ahead "
-        "thread; two workers taking whole modules on a multi-core CPU, torch's intra-op threads halved so that "
-        "they do not compete for every core; the tables reading only S and ‖ΔW‖ back from the factor files.",
+        "σ₁, u₁, v₁ are certified to 1e-4 in every mode; the default warm start certifies σ₂..σ₈ to 1e-2 of σ₁ "
+        "(`--tail-tol`), the code before #25 to 1e-4, which this run's σ₂..σ₈ (bf16 rounding noise, 0.3–5 % of "
+        "σ₁, new at every checkpoint) never reach: it took the cold schedule's 10 products on every matrix. The "
+        "steps table gives the largest bound each mode recorded, over σ₁; a module's first checkpoint (a "
+        "Gaussian sketch) takes the cold schedule's 10 products and may record a tail bound above 1e-2.",
+        "`--cold-start` now also records the bounds of σ₂..σ_k: one extra product with k − 1 columns per matrix.",
         "The floor includes the imports (about 1.8 s of it is importing torch), paid by every mode.",
-        "The benchmark runs on the CPU (`--device cpu`); the GPU path was not measured for issue #12 (no GPU was "
-        "lent to its sessions).",
+        "On 2 cores shared with other work the ratios move with its load (the load averages at the start and the "
+        "end are in the header above): the modes run at different moments of a load that changes, and a "
+        "process with two worker threads suffers from it differently from the single-threaded floor, so a ratio "
+        "near its threshold may land on either side of it in another run. The step counts and the bounds do not "
+        "depend on the load.",
+        "The benchmark runs on the CPU (`--device cpu`); the GPU path was not measured for issue #25.",
     ]
     return report(
         raw,
         name="decompose_run",
         title="`rank1 decompose` of a whole run",
-        issue="#12",
+        issue="#25",
         measured=MEASURED,
         table=table(rows, memory="peak RSS, whole process"),
         tables=[
             extra(
                 "Subspace-iteration steps",
-                ["mode", "matrices", "steps", "steps per matrix", "matrices by steps", "exact fallbacks"],
+                [
+                    "mode",
+                    "matrices",
+                    "steps",
+                    "steps per matrix",
+                    "matrices by steps",
+                    "exact fallbacks",
+                    "largest σ₁ bound / σ₁",
+                    "largest σ₂..σ_k bound / σ₁",
+                ],
                 steps,
             )
         ],

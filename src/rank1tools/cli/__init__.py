@@ -16,6 +16,7 @@ from . import extrapolate_commands  # noqa: F401 (registers extrapolate)
 from . import logprobs_commands  # noqa: F401 (registers logprobs)
 from . import generate_commands  # noqa: F401 (registers generate)
 from . import backtest_commands  # noqa: F401 (registers backtest)
+from . import report_commands  # noqa: F401 (registers report)
 from .app import app, main
 
 __all__ = ["app", "main"]

@@ -32,6 +32,8 @@ from .params import (
     JSON_OPT,
     QUIET_OPT,
     SHARD_OPT,
+    TAIL_REL_TOL,
+    TAIL_TOL_OPT,
     ExecutorFlags,
     RunSpec,
     choice_option,
@@ -97,6 +99,7 @@ def decompose(
         "iterations, instead of warm-starting from the module's previous checkpoint and "
         "stopping once the accuracy certificates pass.",
     ),
+    tail_tol: float | None = TAIL_TOL_OPT,
     include: list[str] | None = include_option(
         "Glob of tensor names (repeatable); replaces the default matrix-module set."
     ),
@@ -121,6 +124,11 @@ def decompose(
     rank_k = parse_positive_int(rank, "--rank")
     if cold_start and exact:
         raise UsageError("--cold-start selects the randomized SVD's start; it cannot be combined with --exact")
+    if tail_tol is not None and (cold_start or exact):
+        raise UsageError(
+            f"--tail-tol is the warm start's tolerance of σ₂..σ_k; it cannot be combined with "
+            f"{'--exact' if exact else '--cold-start'}"
+        )
     check_common_early(device)
     check_output_early(out, force, [base, *(checkpoints or []), run_spec.run])
     exec_opts = executor.check()
@@ -138,6 +146,7 @@ def decompose(
         device=device,
         plots=plots,
         warm_start=not cold_start,
+        tail_tol=TAIL_REL_TOL if tail_tol is None else tail_tol,
     )
     bar, update = stderr_progress(not quiet, "decompose")
     with interrupt_hint("finished modules are kept; rerun the same command to resume", out), bar:

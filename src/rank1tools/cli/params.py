@@ -74,6 +74,17 @@ BATCH_SIZE_OPT = typer.Option(
 )
 SHARD_OPT = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest shard file, e.g. 5GB, 500MB.")
 EXCLUDE_OPT = typer.Option(None, "--exclude", metavar="GLOB", help="Glob of tensor names to leave out (repeatable).")
+# decompose's tolerances, relative to sigma_1 (math/svd.py's SIGMA_REL_TOL and TAIL_REL_TOL; written
+# out here so that --help and option errors stay torch-free; tests/test_tail_tolerance.py checks them)
+HEAD_REL_TOL, TAIL_REL_TOL = 1e-4, 1e-2
+TAIL_TOL_OPT = typer.Option(
+    None,
+    "--tail-tol",
+    metavar="TOL",
+    parser=number("--tail-tol", at_least=HEAD_REL_TOL, at_most=1),
+    help=f"Certify σ₂..σ_k to TOL·σ₁ (default {TAIL_REL_TOL:g}; σ₁, u₁, v₁ always to {HEAD_REL_TOL:g}): "
+    f"{HEAD_REL_TOL:g} gives the warm schedule before issue #25. Not with --cold-start or --exact.",
+)
 HUB_CACHE_POLICIES = ("keep", "evict")
 HUB_CACHE_OPT = choice_option(
     None, "--hub-cache-policy", HUB_CACHE_POLICIES, "Hub shards: 'keep' in the cache (default) or 'evict' once read."

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from ..jsonutil import json_safe
-from ..math.spectrum import spectrum_figures
+from ..math.spectrum import figure_bounds, spectrum_figures
 from ..modules import LM_HEAD_NAME, is_embedding, parse_matrix_module
 
 TYPE_ORDER = {t: i for i, t in enumerate(["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"])}
@@ -49,19 +49,25 @@ COLUMNS_HEAD = [
     "rel_update",
 ]
 COLUMNS_TAIL = ["energy_1", "energy_k", "rank1pct_k", "energy_rank1pct", "norm_frac_1", "stable_rank"]
+# after the figures (their columns keep their places): the certified bounds (docs/formats.md)
+COLUMNS_BOUNDS = ["energy_1_bound", "energy_k_bound", "energy_rank1pct_bound", "norm_frac_1_bound", "stable_rank_bound"]
 
 
 def spectrum_rows(
     name: str, shape: tuple[int, ...], data: dict, methods: list[str], iterations: list[int] | None = None
 ) -> list[dict]:
-    """One row per step from a module's stored S, fro, base_fro and steps; `iterations`: the power
-    iterations each step's SVD ran (None: not recorded, an empty cell)."""
+    """One row per step from a module's stored S, S_bound, fro, base_fro and steps; `iterations`: the
+    power iterations each step's SVD ran (None: not recorded, an empty cell). A store without
+    S_bound (written before bounds were recorded) gives empty bound cells."""
     layer, mtype = module_labels(name, shape)
     base_fro = float(data["base_fro"][0])
     out = []
     for j, step in enumerate(data["steps"].tolist()):
         sig = [float(x) for x in data["S"][j]]
-        figs = spectrum_figures(sig, float(data["fro"][j]), base_fro, (shape[0], shape[1]))
+        bounds = [float(x) for x in data["S_bound"][j]] if "S_bound" in data else None
+        fro = float(data["fro"][j])
+        figs = spectrum_figures(sig, fro, base_fro, (shape[0], shape[1]))
+        figs.update(figure_bounds(sig, bounds, fro, (shape[0], shape[1])))
         out.append(
             {
                 "module": name,
@@ -94,7 +100,13 @@ def write_row_tables(folder: Path, stem: str, rows: list[dict], cols: list[str])
 
 
 def write_spectrum_tables(folder: Path, rows: list[dict], k: int) -> None:
-    write_row_tables(folder, "spectrum", rows, COLUMNS_HEAD + [f"sigma_{i + 1}" for i in range(k)] + COLUMNS_TAIL)
+    write_row_tables(folder, "spectrum", rows, spectrum_columns(k))
+
+
+def spectrum_columns(k: int) -> list[str]:
+    """The spectrum table's columns: those before issue #25 in their places, then the bounds."""
+    sig = [f"sigma_{i + 1}" for i in range(k)]
+    return COLUMNS_HEAD + sig + COLUMNS_TAIL + [f"{c}_bound" for c in sig] + COLUMNS_BOUNDS
 
 
 def _mean(values: list[float]) -> float:

@@ -108,14 +108,18 @@ class FactorStore:
         return path
 
     def load(self, name: str) -> dict[str, torch.Tensor]:
-        """All tensors of one module's factor file (steps, S, U, V, fro, base_fro), checked to be
-        that module's (the file records its module name) and of the manifest's shapes."""
+        """All tensors of one module's factor file (steps, S, U, V, fro, base_fro and, in stores
+        written since issue #25, S_bound), checked to be that module's (the file records its module
+        name) and of the manifest's shapes. A store without S_bound loads without it: its bounds
+        are unknown."""
 
         path = self.factor_path(name)
         data = read_module_file(path, name, "factor file")
         m, n = self.modules[name]["shape"]
         T, k = len(self.steps), min(self.rank, m, n)
         want = {"steps": (T,), "fro": (T,), "base_fro": (1,), "S": (T, k), "U": (T, m, k), "V": (T, n, k)}
+        if "S_bound" in data:
+            want["S_bound"] = (T, k)
         for key, dims in want.items():
             if key not in data or tuple(data[key].shape) != dims:
                 got = list(data[key].shape) if key in data else "missing"
@@ -140,20 +144,24 @@ def check_factors(path: Path, data: dict[str, torch.Tensor], steps: list[int]) -
     """What decompose writes and reconstruct / fit-pls rely on (docs/formats.md, "Factor store"):
     every tensor finite; norms ||dW_t||_F (`fro`, `base_fro`) >= 0; each step's singular values
     S >= 0, non-increasing, and at most `fro` in total energy (sqrt(sum S^2) <= fro); U and V
-    columns of unit norm where S > 0. A negative `fro` would flip the sign of a norm-matched
-    update; a NaN would reach the written weights."""
-    for key in ("S", "U", "V", "fro", "base_fro"):
+    columns of unit norm where S > 0; `S_bound`, where present, >= 0. A negative `fro` would flip
+    the sign of a norm-matched update; a NaN would reach the written weights."""
+    for key in ("S", "U", "V", "fro", "base_fro", *(("S_bound",) if "S_bound" in data else ())):
         t = data[key]
         if not t.is_floating_point():
             raise _bad(path, key, f"is {str(t.dtype).removeprefix('torch.')}, not floating point")
         if not bool(torch.isfinite(t).all()):
             raise _bad(path, key, "has non-finite values (NaN or Inf)")
     fro, S = data["fro"].double(), data["S"].double()
-    for key, t in (("fro", fro), ("base_fro", data["base_fro"].double())):
+    norms = [("fro", fro), ("base_fro", data["base_fro"].double())]
+    if "S_bound" in data:
+        norms.append(("S_bound", data["S_bound"].double().reshape(-1)))
+    for key, t in norms:
         if bool((t < 0).any()):
             i = int((t < 0).nonzero()[0, 0])
             where = f" at step {steps[i]}" if key == "fro" else ""
-            raise _bad(path, key, f"is negative{where} ({float(t[i]):.4g}); a norm is >= 0")
+            what = "a bound" if key == "S_bound" else "a norm"
+            raise _bad(path, key, f"is negative{where} ({float(t[i]):.4g}); {what} is >= 0")
     for i, step in enumerate(steps):
         row = S[i]
         if bool((row < 0).any()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .svd import TopK
+from .svd import ROUNDING_REL, TopK
 
 
 def factored_topk(L: torch.Tensor, R: torch.Tensor, k: int) -> tuple[TopK, float]:
@@ -27,4 +27,6 @@ def factored_topk(L: torch.Tensor, R: torch.Tensor, k: int) -> tuple[TopK, float
     fro = float(torch.linalg.vector_norm(S))  # ||M||_F: Q_L and Q_R have orthonormal columns
     U = (Q_l @ Uc[:, :k]).float().contiguous()
     V = (Q_r @ Vch[:k].T).float().contiguous()
-    return TopK(U, S[:k].float().contiguous(), V, "factored"), fro
+    # float64 work, float32 values: each within float32's rounding, the bound an exact SVD records
+    bounds = [ROUNDING_REL * float(S[0])] * k
+    return TopK(U, S[:k].float().contiguous(), V, "factored", bounds=bounds), fro

@@ -74,3 +74,42 @@ def spectrum_figures(sigmas: list[float], fro: float, base_fro: float, shape: tu
         "norm_frac_1": s1 / fro if fro > 0 else nan,
         "stable_rank": fro2 / (s1 * s1) if s1 > 0 else nan,
     }
+
+
+def figure_bounds(sigmas: list[float], bounds: list[float] | None, fro: float, shape: tuple[int, int]) -> dict:
+    """sigma_i_bound and the bounds the sigma bounds imply for the derived figures
+    (docs/concepts.md#certified-bounds-of-the-spectrum): with |sigma_i - true| <= b_i,
+
+        energy_j:    sum_{i<=j} (2 sigma_i b_i + b_i^2) / fro^2     (j = 1, k, rank-1%)
+        norm_frac_1: b_1 / fro
+        stable_rank: fro^2 / (sigma_1 - b_1)^2 - fro^2 / sigma_1^2  (inf when b_1 >= sigma_1)
+
+    ||dW||_F is taken as exact (float64-reduced: 1e-8 relative, below every bound here).
+    `bounds` None (a factor store written before bounds were recorded): every bound NaN; NaN too
+    wherever the figure itself is undefined."""
+    nan = float("nan")
+    k = len(sigmas)
+    keys = [f"sigma_{i + 1}_bound" for i in range(k)]
+    keys += ["energy_1_bound", "energy_k_bound", "energy_rank1pct_bound", "norm_frac_1_bound", "stable_rank_bound"]
+    if bounds is None or k == 0 or fro <= 0:
+        out = dict.fromkeys(keys, nan)
+        if bounds is not None:
+            out.update({f"sigma_{i + 1}_bound": b for i, b in enumerate(bounds)})
+        return out
+    fro2 = fro * fro
+    cum, acc = [], 0.0
+    for s, b in zip(sigmas, bounds):
+        acc += 2 * s * b + b * b
+        cum.append(acc / fro2)
+    k1pct = rank_for_fraction(0.01, shape)
+    s1, b1 = sigmas[0], bounds[0]
+    return {
+        **{f"sigma_{i + 1}_bound": b for i, b in enumerate(bounds)},
+        "energy_1_bound": cum[0],
+        "energy_k_bound": cum[-1],
+        "energy_rank1pct_bound": cum[k1pct - 1] if k1pct <= k else nan,
+        "norm_frac_1_bound": b1 / fro,
+        "stable_rank_bound": (fro2 / ((s1 - b1) ** 2) - fro2 / (s1 * s1))
+        if b1 < s1
+        else (nan if s1 <= 0 else math.inf),
+    }

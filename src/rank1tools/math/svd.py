@@ -19,8 +19,15 @@ Two schedules (docs/concepts.md, "Top-k SVD"):
 - adaptive, optionally warm-started: the sketch starts with given directions (a run's previous
   checkpoint's singular vectors of the same module) plus Gaussian columns, and the check runs
   after every product with M or M^T, stopping at the first pass of the top triplet's certificate
-  and of the values 2..k (`lower_values_bound`; values no certificate reaches, such as a noise
-  bulk, are accepted after the cold schedule's 2 + 2 niter steps instead).
+  and of the values 2..k (`lower_values_bound` within `tail_tol` sigma_1, with the margin of
+  `tail_margin`; values no certificate reaches, such as a noise bulk, are accepted after the cold
+  schedule's 2 + 2 niter steps instead). tail_tol = SIGMA_REL_TOL is the schedule before issue #25,
+  bit for bit; decompose's default is TAIL_REL_TOL (docs/concepts.md#certified-bounds-of-the-spectrum).
+
+Every result records per value the bound it was certified to (`TopK.bounds`, absolute):
+`value_bounds` for randomized results (from the residuals of the step returned; values 2..k of a
+step that followed a plain one get their residuals from one extra product, `direct_value_bounds`),
+ROUNDING_REL sigma_1 for exact ones.
 
 The random test matrix comes from a generator seeded per call (not the global RNG) and is drawn
 on the CPU, so results do not depend on processing order, resumption, or device RNG state.
@@ -45,10 +52,22 @@ from functools import lru_cache
 import torch
 
 from .spectrum import frobenius
+from .svd_certificates import (  # noqa: F401 (the tolerances and lower_values_bound: importable from here)
+    ROUNDING_REL,
+    SAFETY,
+    SIGMA_REL_TOL,
+    SIN_TOL,
+    TAIL_REL_TOL,
+    TAIL_SAFETY,
+    direct_value_bounds,
+    lower_value_bounds,
+    lower_values_bound,
+    tail_margin,
+    thin_times,
+    top_certificate,
+    value_bounds,
+)
 
-SIGMA_REL_TOL = 1e-4
-SIN_TOL = (1 - 0.9999**2) ** 0.5  # |cos| >= 0.9999
-SAFETY = 4.0  # bounds use the estimated gap; demand this much margin
 MIN_SKETCH = 16
 MIN_RANDOM = 4  # a warm-started sketch keeps at least this many Gaussian columns
 SAFE_FRO_MIN = 1e-12  # outside [SAFE_FRO_MIN, SAFE_FRO_MAX] the matrix is rescaled (module doc)
@@ -60,6 +79,7 @@ class TopK:
     """Top-k singular triplets: M ~ U diag(S) V^T with U (m, k), S (k,), V (n, k).
 
     `method` is "exact", "randomized", or "exact-fallback" (randomized missed the accuracy bar).
+    `bounds`: per value the certified bound |S_i - sigma_i| <= bounds[i] (module doc).
     `residual` is rho / sigma_1 for randomized results (0 for exact). `iterations`: the subspace
     iteration's steps, i.e. products of M or M^T with the thin sketch, before the result was
     accepted or, for "exact-fallback", given up (0 for "exact"). The cold default (4 power
@@ -72,11 +92,14 @@ class TopK:
     method: str
     residual: float = 0.0
     iterations: int = 0
+    bounds: list[float] | None = None  # per value: |S_i - true sigma_i| <= bounds[i]; None: not asked for
 
 
 def exact_topk(M: torch.Tensor, k: int) -> TopK:
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return TopK(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].T.contiguous(), "exact")
+    out = TopK(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].T.contiguous(), "exact")
+    out.bounds = [ROUNDING_REL * float(S[0])] * k if k else []
+    return out
 
 
 def sketch_width(k: int, oversample: int, m: int, n: int) -> int:
@@ -109,12 +132,6 @@ def start_sketch(
     )
 
 
-def _times(M: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """M X (or M^T X) for a thin X, formed as (X^T M^T)^T (or (X^T M)^T): MKL's float32 matmul with
-    the thin factor on the right is 1.5-4x slower, and erratic below 16 columns."""
-    return torch.mm(X.T.contiguous(), M if transpose else M.T).T
-
-
 def _ritz(
     M: torch.Tensor, X: torch.Tensor, transpose: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,50 +142,9 @@ def _ritz(
     transpose=True ("left step"): X (m x ell) orthonormal; Y = M^T X = P S Wh gives V = P and
     U = X Wh^T with M^T U = V diag(S) exactly (the projection B = Q^T M).
     The thin SVD is of a tall matrix (about 6x faster than of the wide B)."""
-    Y = _times(M, X, transpose)
+    Y = thin_times(M, X, transpose)
     P, S, Wh = torch.linalg.svd(Y, full_matrices=False)
     return Y, P, S, Wh
-
-
-def _top_certificate(
-    M: torch.Tensor, X: torch.Tensor, transpose: bool, P: torch.Tensor, S: torch.Tensor, Wh: torch.Tensor
-) -> tuple[float, bool]:
-    """rho / s_1 of the top Ritz triplet of `_ritz` and whether the bar is met (module doc): the
-    residual of the relation that is not exact, ||M^T u_1 - s_1 v_1|| for a right step,
-    ||M v_1 - s_1 u_1|| for a left one (one matrix-vector product)."""
-    s = S[:2].tolist()
-    if s[0] == 0.0:
-        return 0.0, True
-    w = torch.mv(M if transpose else M.T, P[:, 0])
-    rho = float(torch.linalg.vector_norm(w.sub_(torch.mv(X, Wh[0]), alpha=s[0]), dtype=torch.float64))
-    gap = max(s[0] - s[1] if len(s) > 1 else s[0], 1e-30)
-    sin_bound = rho / gap
-    sigma_bound = min(rho, rho * rho / gap) / s[0]
-    return rho / s[0], SAFETY * sin_bound <= SIN_TOL and SAFETY * sigma_bound <= SIGMA_REL_TOL
-
-
-def lower_values_bound(Y: torch.Tensor, prev_S: torch.Tensor, prev_other: torch.Tensor, S: torch.Tensor) -> float:
-    """Certificate of the singular values below the top one (the adaptive schedule, module doc): the
-    largest bound on |sigma_i - true sigma_i| / sigma_1, i = 2..k, of the Ritz values S of the
-    current step, or 0.0 for k = 1.
-
-    The previous Rayleigh-Ritz step left Ritz values prev_S and, on one side, vectors prev_other
-    (k columns) whose relation M x_i = s_i y_i (or M^T) is exact; Y, this step's product of M with
-    that step's other-side Ritz vectors, gives the residuals rho_i = ||Y_i - s_i prev_other_i||
-    of all k pairs at no extra product. Each previous value is within min(rho_i, rho_i^2 / gap_i)
-    of its true value (gap_i: distance to the neighbouring Ritz values); Ritz values never exceed
-    the true ones, so the current value, if it fell below the previous one (float32 rounding),
-    is off by at most that much more."""
-    k = prev_other.shape[1]
-    if k == 1:
-        return 0.0
-    rho = torch.linalg.vector_norm(Y[:, :k] - prev_other * prev_S[:k], dim=0, dtype=torch.float64).tolist()
-    p, s = prev_S[: k + 1].tolist(), S[:k].tolist()
-    worst = 0.0
-    for i in range(1, k):
-        gap = max(min(p[i - 1] - p[i], p[i] - p[i + 1] if i + 1 < len(p) else math.inf), 1e-30)
-        worst = max(worst, min(rho[i], rho[i] * rho[i] / gap) + max(0.0, p[i] - s[i]))
-    return worst / s[0] if s[0] > 0 else 0.0
 
 
 def check_steps(niter: int, max_niter: int, adaptive: bool, warm: bool = False) -> list[int]:
@@ -200,6 +176,8 @@ def randomized_topk(
     start: tuple[torch.Tensor, torch.Tensor] | None = None,
     adaptive: bool = False,
     early: bool = True,
+    tail_tol: float = SIGMA_REL_TOL,
+    bounds: bool = True,
 ) -> tuple[TopK, bool]:
     """Randomized top-k SVD and whether it passed the a-posteriori check.
 
@@ -210,8 +188,8 @@ def randomized_topk(
     comes back with False.
 
     The cold schedule certifies the top triplet; its values 2..k are those of the fixed schedule.
-    The adaptive one also needs values 2..k: certified (`lower_values_bound` within SIGMA_REL_TOL
-    sigma_1, with the SAFETY margin) or, where no certificate can pass (a noise bulk), computed with
+    The adaptive one also needs values 2..k: certified (`lower_values_bound` within `tail_tol`
+    sigma_1, with the margin of `tail_margin`) or, where no certificate can pass (a noise bulk), computed with
     at least the cold schedule's 2 + 2 niter steps, so that they are never less converged than there.
     The top triplet's certificate (a matrix-vector product) is evaluated only where values 2..k
     pass; the checks go on only while their bound at least halves per step, otherwise the steps up
@@ -221,7 +199,8 @@ def randomized_topk(
 
     `start` = (U, V) of a nearby matrix: the sketch starts on the smaller side (U when m < n, so
     the first product is M^T X), where a perturbation moves the singular vector least (its
-    angle grows with the square root of the dimension under dense noise)."""
+    angle grows with the square root of the dimension under dense noise). The result's `bounds`:
+    module doc."""
     m, n = M.shape
     ell = sketch_width(k, oversample, m, n)
     left = start is not None and m < n
@@ -232,25 +211,35 @@ def randomized_topk(
     if 1 in checks and resume <= 1:  # Rayleigh-Ritz on span(omega) itself needs an orthonormal basis of it
         X = torch.linalg.qr(X).Q
     step, transpose, prev, bound = 0, left, None, math.inf
+    margin = tail_margin(tail_tol)
     while True:
         step += 1
         if step in checks and step >= resume:
             Y, P, S, Wh = _ritz(M, X, transpose)
             other = X @ Wh[:k].T
-            rest = True  # values 2..k: certified, or given the cold schedule's steps
+            rest, lower = True, None  # values 2..k: certified, or given the cold schedule's steps
+            if adaptive and k > 1 and prev is not None:  # their bounds at no extra product
+                lower = lower_value_bounds(Y, *prev, S)
             if adaptive and k > 1 and step < full:
-                last_bound, bound = bound, math.inf if prev is None else lower_values_bound(Y, *prev, S)
-                rest = SAFETY * bound <= SIGMA_REL_TOL
+                s0 = float(S[0])
+                last_bound, bound = bound, math.inf if lower is None else (max(lower) / s0 if s0 > 0 else 0.0)
+                rest = margin * bound <= tail_tol
                 if not rest and not bound <= last_bound / 2:
                     resume = full  # a bulk: no certificate before `full`; plain steps until then
-            residual, ok = _top_certificate(M, X, transpose, P, S, Wh) if rest or step >= last else (math.nan, False)
+            residual, ok, top = (
+                top_certificate(M, X, transpose, P, S, Wh) if rest or step >= last else (math.nan, False, math.inf)
+            )
             ok = ok and rest
             if ok or step >= last:
+                if lower is None and bounds:
+                    lower = direct_value_bounds(M, X, transpose, P, S, Wh, k)
                 U, V = (other, P[:, :k]) if transpose else (P[:, :k], other)
-                return TopK(U.contiguous(), S[:k].contiguous(), V.contiguous(), "randomized", residual, step), ok
+                res = TopK(U.contiguous(), S[:k].contiguous(), V.contiguous(), "randomized", residual, step)
+                res.bounds = value_bounds(top, lower, float(S[0]), margin) if lower is not None else None
+                return res, ok
             X, prev = P, (S, other)
         else:
-            X, prev = torch.linalg.qr(_times(M, X, transpose)).Q, None
+            X, prev = torch.linalg.qr(thin_times(M, X, transpose)).Q, None
         transpose = not transpose
 
 
@@ -274,6 +263,8 @@ def topk_svd(
     start: tuple[torch.Tensor, torch.Tensor] | None = None,
     adaptive: bool = False,
     early: bool = True,
+    tail_tol: float = SIGMA_REL_TOL,
+    bounds: bool = True,
 ) -> TopK:
     """Top-k singular triplets of a finite float32 matrix (see module doc for the accuracy contract
     and the range handling). `fro`: ||M||_F if the caller has it (saves a pass).
@@ -282,7 +273,9 @@ def topk_svd(
     certificate fails, then exact. `start` = (U (m x j), V (n x j)): warm start, the sketch begins
     with the singular vectors of a nearby matrix (`randomized_topk`). `adaptive`: evaluate the certificate after every product with M
     or M^T (`check_steps`) and stop at the first pass (still up to `max_niter` power iterations,
-    then exact); `early` (`randomized_topk`)."""
+    then exact); `early` and `tail_tol`, the tolerance of values 2..k relative to sigma_1
+    (`randomized_topk`). `bounds` of the result: module doc; `bounds=False` (a caller that does not
+    record them) spares a randomized result the product they may need, and leaves them None."""
     if M.dim() != 2:
         raise ValueError(f"expected a matrix, got shape {list(M.shape)}")
     m, n = M.shape
@@ -308,11 +301,15 @@ def topk_svd(
         start=start,
         adaptive=adaptive,
         early=early,
+        tail_tol=tail_tol,
+        bounds=bounds,
     )
     if s == 1.0:
         return _topk_in_range(M, k, **opts)
     res = _topk_in_range(_times_power_of_two(M, -math.frexp(s)[1] + 1), k, **opts)
     res.S = (res.S.double() * s).to(res.S.dtype)  # inf where a singular value exceeds float32
+    if res.bounds is not None:
+        res.bounds = [b * s for b in res.bounds]
     return res
 
 

@@ -40,7 +40,7 @@ from ...io.run_inputs import open_run_inputs
 from ...io.work_folder import discard_unless_resumed, make_folder, open_work_folder
 from ...io.writer import provenance, write_provenance
 from ...jsonutil import json_safe as _json_safe
-from ...math.svd import MIN_SKETCH
+from ...math.svd import MIN_SKETCH, SIGMA_REL_TOL, TAIL_REL_TOL
 from ...modules import expert_slices, select_tensors
 from ...plot_common import draw_plots
 from ...plots import decompose_plots
@@ -64,6 +64,8 @@ class DecomposeOptions:
     # warm: each checkpoint's sketch starts from the previous checkpoint's factors of the same module and
     # iterates until the certificate passes; cold: a fresh Gaussian sketch, `niter` iterations
     warm_start: bool = True
+    # the warm start's tolerance of sigma_2..k, relative to sigma_1 (sigma_1, u_1, v_1: SIGMA_REL_TOL)
+    tail_tol: float = TAIL_REL_TOL
     prefetch: bool = True  # background threads: a second worker on a multi-core CPU, else read-ahead
     workers: int | None = None  # None: modules.worker_count; 1 or 2 to force
     plots: bool = False  # energy over steps by type and a layer x type heatmap (the `plot` extra)
@@ -111,6 +113,14 @@ class DecomposePlan:
     executor: ExecutorOptions
     out: str  # the output as the user named it
     force: bool
+
+
+def check_tail_tol(tail_tol: float) -> None:
+    """--tail-tol lies between sigma_1's tolerance (today's schedule) and 1."""
+    if not SIGMA_REL_TOL <= tail_tol <= 1:
+        raise UsageError(
+            f"--tail-tol {tail_tol:g}: must lie between {SIGMA_REL_TOL:g} (the tolerance of sigma_1) and 1"
+        )
 
 
 def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modules: list[str], rank: int) -> None:
@@ -180,6 +190,7 @@ def decompose(
     """
     if options.rank < 1:
         raise UsageError(f"--rank {options.rank}: must be at least 1")
+    check_tail_tol(options.tail_tol)
     inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
     base_ckpt, pairs, step_source = inputs.base, inputs.checkpoints, inputs.step_source
     shapes = tensor_shapes(base_ckpt, [c for _, c in pairs])  # with an lm_head the checkpoints untied
@@ -360,6 +371,7 @@ def _save_module(final: Path, name: str, steps: list[int], acc: dict, base_fro: 
     tensors = {
         "steps": torch.tensor(steps, dtype=torch.int64),
         "S": torch.stack(acc["S"]),
+        "S_bound": torch.stack(acc["S_bound"]),
         "U": torch.stack(acc["U"]),
         "V": torch.stack(acc["V"]),
         "fro": torch.tensor(acc["fro"], dtype=torch.float64),
@@ -381,16 +393,17 @@ def _save_module(final: Path, name: str, steps: list[int], acc: dict, base_fro: 
 
 
 def _stored_figures(path: Path) -> tuple[dict, dict]:
-    """What the tables need from a finished factor file: steps, S, fro, base_fro and the metadata
-    (U and V are not read)."""
+    """What the tables need from a finished factor file: steps, S, S_bound, fro, base_fro and the
+    metadata (U and V are not read)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return ({k: f.get_tensor(k) for k in ("steps", "S", "fro", "base_fro")}, json.loads(f.metadata()["rank1tools"]))
+        keys = ("steps", "S", "S_bound", "fro", "base_fro")
+        return ({k: f.get_tensor(k) for k in keys if k in f.keys()}, json.loads(f.metadata()["rank1tools"]))
 
 
 def _svd_parameters(options: DecomposeOptions) -> dict:
     """The manifest's description of the SVD schedule (a .partial folder of another one is not reused)."""
     if options.warm_start and not options.exact:
-        return {"start": "warm", "niter": "adaptive", "max_niter": options.max_niter}
+        return {"start": "warm", "niter": "adaptive", "max_niter": options.max_niter, "tail_tol": options.tail_tol}
     return {"start": "cold", "niter": options.niter, "max_niter": options.max_niter}

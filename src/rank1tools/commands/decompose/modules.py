@@ -25,7 +25,7 @@ from ...math.factored_svd import factored_topk
 from ...math.finite import all_finite, dtype_max, max_abs, nonfinite_update_cause
 from ...math.signs import canonicalize_signs
 from ...math.spectrum import frobenius
-from ...math.svd import TopK, topk_svd
+from ...math.svd import SIGMA_REL_TOL, TopK, topk_svd
 
 SVD_SEED = 0
 PARALLEL_MIN_NUMEL = 1 << 18  # two workers only when the largest matrix has this many elements
@@ -93,7 +93,8 @@ def module_factors(
     passing certificates; the Gaussian columns are seeded by the checkpoint's position. Where the
     previous checkpoint's values 2..k took the cold schedule's steps (a noise bulk), this one does
     not try to certify them earlier (`topk_svd(early=False)`: the same values up to rounding, without
-    the checks)."""
+    the checks) when they must reach sigma_1's tolerance; under a looser `tail_tol` a bulk's
+    certificate passes once it lies low enough under sigma_1, so every checkpoint tries."""
     held: dict = {}
 
     def load(i: int):
@@ -115,7 +116,16 @@ def module_factors(
         return t, frobenius(t)
 
     warm = options.warm_start and not options.exact
-    acc: dict[str, list] = {"U": [], "S": [], "V": [], "fro": [], "method": [], "residual": [], "iterations": []}
+    acc: dict[str, list] = {
+        "U": [],
+        "S": [],
+        "V": [],
+        "S_bound": [],
+        "fro": [],
+        "method": [],
+        "residual": [],
+        "iterations": [],
+    }
     base_t = prev = None
     early = True
     base_fro = 0.0
@@ -144,8 +154,9 @@ def module_factors(
             start=prev if warm else None,
             adaptive=warm,
             early=early,
+            tail_tol=options.tail_tol,
         )
-        early = res.iterations < 2 + 2 * options.niter
+        early = res.iterations < 2 + 2 * options.niter or options.tail_tol > SIGMA_REL_TOL
         del d
         if not all_finite(res.S):
             raise InputError(
@@ -157,6 +168,7 @@ def module_factors(
             ("U", U.cpu()),
             ("V", V.cpu()),
             ("S", res.S.cpu()),
+            ("S_bound", torch.tensor(res.bounds, dtype=torch.float64)),
             ("fro", fro),
             ("method", res.method),
             ("residual", res.residual),

@@ -308,7 +308,7 @@ def _write_module(name: str, plan: ReconstructPlan, device: torch.device, writer
                 f"{ck.label}: the update of tensor {name!r} overflows float32 "
                 f"(|values| up to {max(max_abs(theirs), max_abs(w0)):.3g} in base and checkpoint)"
             )
-        res = topk_svd(d, plan.kmax[name], exact=options.exact, fro=fro)
+        res = topk_svd(d, plan.kmax[name], exact=options.exact, fro=fro, bounds=False)
         del d
         if not all_finite(res.S):
             raise InputError(
