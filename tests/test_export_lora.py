@@ -511,3 +511,40 @@ def test_an_exported_adapter_reads_back_as_the_reconstruction(llama, tmp_path):
         g = got.read(name).float()
         scale = float(w.abs().max())
         assert float((g - w).abs().max()) <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("rest, save", [("base", []), ("checkpoint", ["--modules-to-save"])])
+def test_reconstruct_format_peft_is_export_lora(llama, tmp_path, rest, save):
+    """`reconstruct --format peft` writes export-lora's adapter for the same options, byte for byte
+    (`--rest checkpoint` as `--modules-to-save`)."""
+    k = 2
+    args = [llama / "base", llama / "ckpt_norms", "--rank", k, "--exact"]
+    code, _, err = _export(*args, *save, "--out", tmp_path / "export")
+    assert code == 0, err
+    r = run_main("reconstruct", *map(str, args), "--rest", rest, "--format", "peft", "--out", str(tmp_path / "rec"))
+    assert r.returncode == 0, r.stderr
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "rec" / f).read_bytes() == (tmp_path / "export" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--rank", "1,2"], "one integer --rank"),
+        (["--rank", "1%"], "one integer --rank"),
+        (["--rank", "2", "--alpha", "2"], "--alpha 2 applies to merged checkpoints"),
+    ],
+)
+def test_reconstruct_format_peft_refusals(llama, tmp_path, extra, words):
+    r = run_main(
+        "reconstruct",
+        str(llama / "base"),
+        str(llama / "ckpt"),
+        *extra,
+        "--format",
+        "peft",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()

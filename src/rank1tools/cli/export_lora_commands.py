@@ -76,7 +76,6 @@ def export_lora(
     check_common_early(device)
     check_output_early(out, force, [base, checkpoint, factors])
 
-    from ..commands.export_lora import export_lora as run_export
     from ..commands.export_lora.plan import ExportLoraOptions
 
     set_hub_cache_policy(hub_cache_policy)
@@ -92,7 +91,14 @@ def export_lora(
         factors=factors,
         modules_to_save=modules_to_save,
     )
-    bar, update = stderr_progress(not quiet, "export-lora")
+    run_and_render(base, checkpoint, out, opts, force, quiet, as_json, "export-lora")
+
+
+def run_and_render(base: str, checkpoint: str, out: str, opts, force: bool, quiet: bool, as_json: bool, label: str):
+    """Write the adapter and show it: export-lora, and reconstruct --format peft."""
+    from ..commands.export_lora import export_lora as run_export
+
+    bar, update = stderr_progress(not quiet, label)
     with interrupt_hint("nothing was written", out), bar:
         result = run_export(base, checkpoint, out, options=opts, force=force, progress=update)
     print_result_notes(result)

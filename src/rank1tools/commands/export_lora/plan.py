@@ -36,6 +36,35 @@ class ExportLoraOptions:
         check_choice(self.dtype, "--dtype", DTYPE_CHOICES)
 
 
+def from_reconstruct(options) -> ExportLoraOptions:
+    """`rank1 reconstruct --format peft` (docs/commands/reconstruct.md#as-a-peft-adapter): the
+    adapter of reconstruct's options (a commands/reconstruct ReconstructOptions). One integer rank
+    (an adapter has one r); --alpha 1 (the adapter's scale is lora_alpha / r = 1); `--rest
+    checkpoint` saves the changed tensors outside the targets in full (modules_to_save), `--rest
+    base` leaves them at the base's, as the merged checkpoint would."""
+    ranks = options.rank
+    if len(ranks) != 1 or ranks[0].count is None:
+        shown = ",".join(r.text for r in ranks)
+        raise UsageError(f"--format peft: one integer --rank (an adapter has one rank r), got {shown!r}")
+    if options.alpha != 1.0:
+        raise UsageError(
+            f"--format peft: --alpha {options.alpha:g} applies to merged checkpoints (an adapter's scale is "
+            "lora_alpha / r = 1; scale it when loading)"
+        )
+    return ExportLoraOptions(
+        rank=ranks[0].count,
+        norm_match=options.norm_match,
+        dtype=options.dtype,
+        include=list(options.include),
+        exclude=list(options.exclude),
+        all_2d=options.all_2d,
+        exact=options.exact,
+        device=options.device,
+        factors=options.factors,
+        modules_to_save=options.rest == "checkpoint",
+    )
+
+
 @dataclass
 class LeftOut:
     """A tensor whose update the adapter does not carry, and why."""

@@ -151,8 +151,8 @@ def reconstruct(
                     {"specs": [[s.name, s.shape, str(s.dtype)] for s in specs]},
                 ),
             )
-        # outputs are merged full checkpoints, a PEFT adapter's included (io/peft_adapter.py); a
-        # `--format peft` output (#23, the adapter writer) would write the rank-k factors here instead
+        # outputs are merged full checkpoints, a PEFT adapter's included (io/peft_adapter.py); the
+        # adapter output (`--format peft`) is export-lora's (commands/export_lora.from_reconstruct)
         outputs = _write_all(plan, target, units, progress)
     if untie:
         how = "reconstructed (selected)" if LM_HEAD_NAME in modules else "copied (--rest checkpoint)"
