@@ -20,6 +20,7 @@ import torch
 
 from ...engine.checkpoint_outputs import nonfinite_error, output_dtype
 from ...engine.executor_options import ExecutorOptions, task_device
+from ...engine.lora_targets import base_reference, check_targets, is_conv1d, lora_target, target_modules, task_type
 from ...errors import InputError, UsageError
 from ...io.compat import check_compatible, tensor_shapes
 from ...io.factor_store import FactorStore
@@ -37,7 +38,6 @@ from ...math.svd import MIN_SKETCH, topk_svd
 from ...modules import LM_HEAD_NAME, is_embedding, select_tensors
 from ...resources import check_largest_tensor, svd_bytes
 from .plan import ExportLoraOptions, ExportLoraResult, LeftOut
-from .targets import base_reference, check_targets, is_conv1d, lora_target, target_modules, task_type
 
 
 def export_lora(

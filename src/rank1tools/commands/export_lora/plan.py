@@ -1,5 +1,5 @@
 """What `rank1 export-lora` takes and returns: its options and result
-(docs/commands/export-lora.md). Which modules become LoRA targets and what is left out: targets.py;
+(docs/commands/export-lora.md). Which modules become LoRA targets and what is left out: engine/lora_targets.py;
 the pass: __init__.py.
 """
 

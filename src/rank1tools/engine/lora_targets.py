@@ -1,16 +1,17 @@
-"""Which tensors of a model become LoRA targets of `rank1 export-lora`, how PEFT names them, and
-which changed tensors the adapter leaves out (docs/commands/export-lora.md#what-the-adapter-holds).
+"""Which tensors of a model become LoRA targets of an adapter (`rank1 export-lora`, and
+`reconstruct`/`extrapolate alpharl --format peft`), how PEFT names them, and which changed tensors
+the adapter leaves out (docs/commands/export-lora.md#what-the-adapter-holds).
 
 Pure name and config logic, no tensors.
 """
 
 from __future__ import annotations
 
-from ...errors import UsageError
-from ...io.checkpoint import Checkpoint
-from ...io.hub_spec import is_hub_source, parse_hub_spec
-from ...io.lora_adapter import LoraTarget
-from ...modules import LM_HEAD_NAME, is_embedding
+from ..errors import UsageError
+from ..io.checkpoint import Checkpoint
+from ..io.hub_spec import is_hub_source, parse_hub_spec
+from ..io.lora_adapter import LoraTarget
+from ..modules import LM_HEAD_NAME, is_embedding
 
 # transformers models whose projections are GPT-2's Conv1D, which stores its weight in x out
 # (PEFT's fan_in_fan_out): their update's B A is the transpose of the stored tensor's
