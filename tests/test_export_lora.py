@@ -548,3 +548,65 @@ def test_reconstruct_format_peft_refusals(llama, tmp_path, extra, words):
     )
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def alpharl_fits(llama, tmp_path_factory):
+    """A three-checkpoint run of the tiny Llama (base + growing low-rank drift), decomposed at rank
+    1 and fitted against a metric: a fit store for extrapolate alpharl."""
+    root = tmp_path_factory.mktemp("alpharl")
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama / "base", dtype=torch.float32)
+    for step in (10, 20, 30):
+        _drift(model, 100 + step)
+        model.save_pretrained(root / "run" / f"checkpoint-{step}")
+    (root / "m.csv").write_text("step,acc\n10,0.2\n20,0.3\n30,0.41\n")
+    for args in (
+        ["decompose", str(llama / "base"), "--run", str(root / "run"), "--rank", "1", "--out", str(root / "f")],
+        ["fit-pls", str(root / "f"), "--metrics", str(root / "m.csv"), "--no-plots", "--out", str(root / "p")],
+    ):
+        r = run_main(*args, "-q")
+        assert r.returncode == 0, (args[0], r.stderr)
+    return root / "p"
+
+
+def test_alpharl_format_peft_merges_to_the_checkpoint(llama, alpharl_fits, tmp_path):
+    """extrapolate alpharl --format peft: a rank-1 adapter per target whose peft merge (and rank1's
+    own reader) equals the checkpoint --format checkpoint writes, and whose logits match it."""
+    common = ["extrapolate", str(llama / "base"), "--method", "alpharl", "--fits", str(alpharl_fits)]
+    common += ["--target-metric", "0.5,0.6", "--dtype", "float32", "-q"]
+    r = run_main(*common, "--out", str(tmp_path / "ck"))
+    assert r.returncode == 0, r.stderr
+    r = run_main(*common, "--format", "peft", "--out", str(tmp_path / "ad"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert [o["path"] for o in res["outputs"]] == [str(tmp_path / "ad" / f) for f in ("metric-0.5", "metric-0.6")]
+    from rank1tools.io.sources import open_source
+
+    for folder in ("metric-0.5", "metric-0.6"):
+        config = json.loads((tmp_path / "ad" / folder / "adapter_config.json").read_text())
+        assert config["r"] == 1 and config["lora_alpha"] == 1
+        want = _read(tmp_path / "ck" / folder)
+        merged = _peft_merged(llama / "base", tmp_path / "ad" / folder).merge_and_unload().state_dict()
+        ours = open_source(str(tmp_path / "ad" / folder), base=open_source(str(llama / "base")))
+        for name, w in want.items():
+            assert _rel(merged[name], w) <= 1e-6, name
+            assert _rel(ours.read(name).float(), w) <= 1e-6, name
+        written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / folder, dtype=torch.float32)
+        adapter = _peft_merged(llama / "base", tmp_path / "ad" / folder)
+        with torch.no_grad():
+            torch.testing.assert_close(adapter(IDS).logits, written.eval()(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--method", "alpharl", "--container", "last", "--format", "peft"], "--container base only"),
+        (["--method", "relex", "--run", "RUN", "--target-step", "40", "--format", "peft"], "--format"),
+    ],
+)
+def test_extrapolate_format_peft_refusals(llama, alpharl_fits, tmp_path, args, words):
+    args = [a.replace("RUN", str(alpharl_fits.parent / "run")) for a in args]
+    extra = ["--fits", str(alpharl_fits), "--target-metric", "0.5"] if "alpharl" in args else []
+    r = run_main("extrapolate", str(llama / "base"), *args, *extra, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
