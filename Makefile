@@ -38,10 +38,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -m "not ray and not training"
 
-# The GRPO demo in demo-out/, and the planted synthetic run in demo-synthetic/, on which the
-# examples of docs/commands/*.md run as written (seconds).
+# The GRPO demo in demo-out/ and its page (demo-out/report.html, the path printed), and the planted
+# synthetic run in demo-synthetic/, on which the examples of docs/commands/*.md run as written (seconds).
 demo: $(STAMP)
 	$(RANK1) demo --force
+	$(RANK1) report demo-out --out demo-out/report.html --force -q
 	$(RANK1) demo --synthetic --out demo-synthetic --force -q
 
 # Rerun every example of docs/commands/*.md and docs/cli.md and write their transcripts into the

@@ -117,9 +117,13 @@ def test_decompose_hub_run_on_ray_equals_local(worker_cache, hubenv, tmp_path, p
     }
     if policy == "keep":  # every base shard holding a selected module was downloaded and stays
         assert left == {shard for shard, names in holders.items() if names}
-    else:  # evict: a shard goes once the one task that reads all its selected modules read them
-        assert left == {shard for shard, names in holders.items() if len(names) >= 2}
-        assert any(len(names) == 1 for names in holders.values())
+    else:  # evict: a shard goes once the one task that reads all its selected modules read them.
+        # A shard whose modules several tasks read may stay or go: each task's source tracks its own
+        # reads, and whether another source in the same worker process still holds the file when one
+        # finishes depends on Ray's scheduling (seen both ways under load)
+        single = {shard for shard, names in holders.items() if len(names) == 1}
+        assert single and not (left & single)
+        assert left <= {shard for shard, names in holders.items() if len(names) >= 2}
     out.rename(tmp_path / "ray")
 
     p = run_main(*common)  # same --out: the recorded command lines then differ only by the executor options

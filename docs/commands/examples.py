@@ -16,7 +16,7 @@ source: an example is a block
 The examples run on what `make demo` leaves beside the GRPO demo: `rank1 demo --synthetic --out
 demo-synthetic`, the planted run, which is cheap (seconds) and gives the same figures on every
 run. SCRATCH_DIR (default: a temporary folder) gets that demo, then every block's commands in page
-order (inspect, decompose, reconstruct, fit-pls, linearity, extrapolate, backtest, then cli.md), so a later
+order (inspect, decompose, reconstruct, export-lora, fit-pls, linearity, extrapolate, backtest, report, then cli.md), so a later
 block may use an earlier one's output, as a reader following the pages does. A command's
 transcript is the command, its stdout, its stderr and, when not 0, `$ echo $?` and its exit code;
 tables are rendered as in a pipe (never cut, as wide as their values). A plain `rank1 ...` command runs in this process (no torch
@@ -46,7 +46,17 @@ HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent
 PAGES = [
     HERE / f"{name}.md"
-    for name in ("inspect", "decompose", "reconstruct", "fit-pls", "linearity", "extrapolate", "backtest")
+    for name in (
+        "inspect",
+        "decompose",
+        "reconstruct",
+        "export-lora",
+        "fit-pls",
+        "linearity",
+        "extrapolate",
+        "backtest",
+        "report",
+    )
 ]
 PAGES.append(DOCS / "cli.md")
 DEMO = "demo-synthetic"  # where `make demo` puts the planted run (Makefile)

@@ -49,7 +49,8 @@ class ModuleName:
     """A matrix module's place in the network."""
 
     layer: int
-    type: str  # q, k, v, o, gate, up, down, qkv, gate_up, or the projection's own name
+    type: str  # q, k, v, o, gate, up, down, qkv, gate_up, router, or the projection's own name
+    expert: int | str | None = None  # a routed expert's index, "shared" for a shared expert, None if dense
 
 
 def layer_index(name: str) -> int | None:
@@ -59,18 +60,77 @@ def layer_index(name: str) -> int | None:
 
 
 def parse_matrix_module(name: str, shape: tuple[int, ...] | list[int]) -> ModuleName | None:
-    """The module a 2-D `.weight` inside a decoder block is, or None if not a matrix module."""
+    """The module a 2-D `.weight` inside a decoder block is, or None if not a matrix module.
+    One expert of a fused expert tensor (`NAME[e]`, see `expert_slices`) is one too."""
+    sliced = split_expert_slice(name)
+    if sliced is not None and len(shape) == 2:
+        parent, index = sliced
+        parent = parent if parent.endswith(".weight") else parent + ".weight"
+        mod = parse_matrix_module(parent, shape)
+        return None if mod is None else ModuleName(layer=mod.layer, type=mod.type, expert=index)
     if len(shape) != 2 or not name.endswith(".weight"):
         return None
     layer = layer_index(name)
     if layer is None:
         return None
     proj = name[: -len(".weight")].rsplit(".", 1)[-1]
+    if proj in _ROUTER_NAMES and _MOE_BLOCK.search(name):
+        return ModuleName(layer=layer, type="router")
     if proj == "c_proj":  # GPT-2 uses c_proj for both attention output and MLP down
         mtype = "down" if ".mlp." in name else "o"
     else:
         mtype = _MODULE_TYPES.get(proj, proj)
-    return ModuleName(layer=layer, type=mtype)
+    return ModuleName(layer=layer, type=mtype, expert=expert_of(name))
+
+
+# Mixture-of-experts (docs/formats.md#mixture-of-experts-tensors). The router is the `gate` /
+# `router` linear of an MoE block (Qwen-MoE, DeepSeek: `mlp.gate`; Mixtral: `block_sparse_moe.gate`;
+# gpt-oss: `mlp.router`); routed experts sit under `experts.N.` (one 2-D weight per expert) or are
+# fused into one 3-D tensor `experts.<proj>` of shape [num_experts, out, in] (transformers 5.x in
+# memory); shared experts under `shared_expert.` / `shared_experts.`.
+_ROUTER_NAMES = ("gate", "router")
+_MOE_BLOCK = re.compile(r"\.(?:mlp|block_sparse_moe|moe|feed_forward)\.(?:gate|router)\.weight$")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_SHARED_EXPERT = re.compile(r"\.shared_experts?\.")
+# not gpt-oss's quantized `*_blocks` / `*_scales` (uint8) nor per-expert biases `*_bias`
+_FUSED_EXPERTS = re.compile(r"\.experts\.(?![A-Za-z_]\w*_(?:blocks|scales|bias)$)[A-Za-z_]\w*(?:\.weight)?$")
+_SLICE = re.compile(r"^(.+)\[(\d+)\]$")
+
+
+def expert_of(name: str) -> int | str | None:
+    """The expert a tensor belongs to: its index, "shared" for a shared expert, None for a dense one."""
+    if _SHARED_EXPERT.search(name):
+        return "shared"
+    m = _EXPERT.search(name)
+    return int(m.group(1)) if m else None
+
+
+def is_fused_experts(name: str, shape: tuple[int, ...] | list[int]) -> bool:
+    """A 3-D [num_experts, out, in] tensor holding every routed expert's matrix of one projection."""
+    return len(shape) == 3 and layer_index(name) is not None and _FUSED_EXPERTS.search(name) is not None
+
+
+def expert_slice_name(name: str, expert: int) -> str:
+    """The name of one expert's matrix inside a fused expert tensor: `NAME[e]`."""
+    return f"{name}[{expert}]"
+
+
+def split_expert_slice(name: str) -> tuple[str, int] | None:
+    """(fused tensor name, expert index) of a `NAME[e]` slice name, else None."""
+    m = _SLICE.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def expert_slices(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """`shapes` with each fused expert tensor replaced, in place, by its experts' matrices
+    (`NAME[e]`, shape [out, in]): a command selecting matrix modules then sees one matrix per expert."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if is_fused_experts(name, shape):
+            out.update({expert_slice_name(name, e): tuple(shape[1:]) for e in range(shape[0])})
+        else:
+            out[name] = shape
+    return out
 
 
 # The module holding a normalisation layer's parameters: input_layernorm, post_attention_layernorm,

@@ -4,8 +4,10 @@ run-to-run metadata, module-type order, and layer × type heatmaps with their va
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 INSTALL_HINT = "pip install 'rank1tools[plot]'"
@@ -98,7 +100,27 @@ def type_key(t) -> tuple:
     return (TYPE_ORDER.index(t) if t in TYPE_ORDER else len(TYPE_ORDER), t)
 
 
+_CAPTURES: list[dict[str, str]] = []  # open captured_svg() blocks, innermost last
+
+
+@contextmanager
+def captured_svg():
+    """Inside the block, figures are not written: each one's SVG text goes into the yielded dict
+    under its stem (`rank1 report` inlines them in its page; docs/commands/report.md#the-page)."""
+    figures: dict[str, str] = {}
+    _CAPTURES.append(figures)
+    try:
+        yield figures
+    finally:
+        _CAPTURES.remove(figures)
+
+
 def save(fig, out_dir: Path, stem: str) -> list[Path]:
+    if _CAPTURES:
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+        _CAPTURES[-1][stem] = buf.getvalue()
+        return [Path(out_dir) / f"{stem}.svg"]
     out_dir.mkdir(parents=True, exist_ok=True)
     png, svg = out_dir / f"{stem}.png", out_dir / f"{stem}.svg"
     fig.savefig(png, format="png", dpi=DPI, metadata={"Software": None})

@@ -307,6 +307,12 @@ def alpharl(
     r2_kind: str = choice_option(
         "r2", "--r2", R2_KINDS, "Which R² --min-r2 reads: r2 (in-sample, the paper's), loo_r2 or r2_step."
     ),
+    output_format: str = choice_option(
+        "checkpoint",
+        "--format",
+        ("checkpoint", "peft"),
+        "'checkpoint': merged checkpoints; 'peft': each target's rank-1 update as a PEFT LoRA adapter (container base).",
+    ),
     hub_cache_policy: str | None = HUB_CACHE_OPT,
     include: list[str] | None = INCLUDE_OPT,
     exclude: list[str] | None = EXCLUDE_OPT,
@@ -330,6 +336,7 @@ def alpharl(
         "last_checkpoint": last_checkpoint,
         "min_r2": min_r2,
         "r2_kind": r2_kind,
+        "output_format": output_format,
         "target_metrics": parse_number_list(target_metric, "--target-metric") if target_metric is not None else [],
     }
     _run(

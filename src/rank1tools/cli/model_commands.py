@@ -202,6 +202,12 @@ def reconstruct(
         None, "--factors", metavar="FACTORS_DIR", help="A decompose --out folder: take σ, u, v and ‖ΔW‖ from it."
     ),
     max_shard_size: str = SHARD_OPT,
+    output_format: str = choice_option(
+        "checkpoint",
+        "--format",
+        ("checkpoint", "peft"),
+        "'checkpoint': merged full checkpoints; 'peft': the rank-k update as a PEFT LoRA adapter (as export-lora).",
+    ),
     device: str = DEVICE_OPT,
     hub_cache_policy: str | None = HUB_CACHE_OPT,
     force: bool = FORCE_OPT,
@@ -240,6 +246,14 @@ def reconstruct(
         factors=factors,
         max_shard_size=shard_bytes,
     )
+    if output_format == "peft":
+        if exec_opts.is_ray:
+            raise UsageError("--format peft runs locally: leave out --executor ray")
+        from ..commands.export_lora.plan import from_reconstruct
+        from .export_lora_commands import run_and_render
+
+        run_and_render(base, checkpoint, out, from_reconstruct(opts), force, quiet, as_json, "reconstruct")
+        return
     bar, update = stderr_progress(not quiet, "reconstruct")
     with interrupt_hint(RESUME_HINT if exec_opts.is_ray else "nothing was written", out), bar:
         result = run_reconstruct(base, checkpoint, out, options=opts, force=force, progress=update, executor=exec_opts)

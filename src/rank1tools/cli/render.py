@@ -72,6 +72,14 @@ def model(report) -> None:
     )
     t.add_row("module types", ", ".join(f"{k}: {v}" for k, v in report.module_types.items()) or "none")
     t.add_row("lm_head", "tied to embedding" if report.lm_head_tied else "stored")
+    if report.adapter is not None:  # a PEFT adapter: the rows above count its own tensors
+        a = report.adapter
+        rs = ", rslora" if a.get("use_rslora") else ""
+        on = a.get("base_model_name_or_path") or "its base"
+        t.add_row(
+            "PEFT adapter",
+            escape(f"{a.get('peft_type')} r={a.get('r')}, lora_alpha={a.get('lora_alpha')}{rs}; read on {on}"),
+        )
     if report.revision:
         t.add_row("revision", escape(report.revision))
     _console().print(t)
@@ -102,7 +110,8 @@ def decompose(result) -> None:
 
     s = result.summary
     console = _console()
-    for key, title in (("by_type", "module type"), ("by_step", "step")):
+    experts = [("by_expert", "expert")] if "by_expert" in s else []  # a mixture-of-experts model
+    for key, title in (("by_type", "module type"), *experts, ("by_step", "step")):
         t = _table(f"mean rank-1 share of the update, by {title}")
         _column(t, title)
         _column(t, "energy_1 (σ₁²/‖ΔW‖²)", right=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import Rank1Error
 from ..io.runs import discover_run, lookalike_note, lookalikes, looks_like_run, select_steps
 from ..io.sources import discover_checkpoints, is_hub_source, open_source
-from ..modules import parse_matrix_module
+from ..modules import expert_slices, parse_matrix_module
 from ..values import StepSelection
 
 
@@ -27,9 +28,13 @@ class ModelReport:
     lm_head_tied: bool
     revision: str | None = None
     kind: str = "model"
+    adapter: dict | None = None  # a PEFT adapter folder: its config's summary (only then in JSON)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["adapter"] is None:
+            del out["adapter"]
+        return out
 
 
 @dataclass
@@ -65,12 +70,13 @@ def inspect_model(source: str) -> ModelReport:
     types: dict[str, int] = {}
     layers: set[int] = set()
     matrix_params = 0
-    for name, e in ckpt.entries.items():
-        mod = parse_matrix_module(name, e.shape)
+    shapes = expert_slices({name: e.shape for name, e in ckpt.entries.items()})  # one module per fused expert
+    for name, shape in shapes.items():
+        mod = parse_matrix_module(name, shape)
         if mod is not None:
             types[mod.type] = types.get(mod.type, 0) + 1
             layers.add(mod.layer)
-            matrix_params += e.numel
+            matrix_params += math.prod(shape)
     return ModelReport(
         source=source,
         tensors=len(ckpt.entries),
@@ -84,7 +90,17 @@ def inspect_model(source: str) -> ModelReport:
         layers=len(layers),
         lm_head_tied=ckpt.lm_head_tied,
         revision=ckpt.revision,
+        **_adapter_summary(ckpt.adapter_config),
     )
+
+
+def _adapter_summary(config: dict | None) -> dict:
+    """The `adapter` field of a PEFT adapter folder (its tensors are listed as stored; commands
+    read it on a BASE: docs/formats.md#peft-lora-adapters)."""
+    if config is None:
+        return {}
+    keys = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "base_model_name_or_path", "modules_to_save")
+    return {"adapter": {k: config.get(k) for k in keys}}
 
 
 def inspect_run(source: str, steps: StepSelection | str | None = None, checkpoints: list | None = None) -> RunReport:

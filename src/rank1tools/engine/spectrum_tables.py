@@ -28,7 +28,26 @@ def module_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
     return None, name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
 
 
-COLUMNS_HEAD = ["module", "layer", "type", "step", "rows", "cols", "k", "svd_method", "iterations", "fro", "rel_update"]
+def module_expert(name: str, shape: tuple[int, ...]) -> int | str | None:
+    """A spectrum row's expert: the routed expert's index, "shared", or None (a dense module)."""
+    mod = parse_matrix_module(name, shape)
+    return None if mod is None else mod.expert
+
+
+COLUMNS_HEAD = [
+    "module",
+    "layer",
+    "type",
+    "expert",
+    "step",
+    "rows",
+    "cols",
+    "k",
+    "svd_method",
+    "iterations",
+    "fro",
+    "rel_update",
+]
 COLUMNS_TAIL = ["energy_1", "energy_k", "rank1pct_k", "energy_rank1pct", "norm_frac_1", "stable_rank"]
 # after the figures (their columns keep their places): the certified bounds (docs/formats.md)
 COLUMNS_BOUNDS = ["energy_1_bound", "energy_k_bound", "energy_rank1pct_bound", "norm_frac_1_bound", "stable_rank_bound"]
@@ -54,6 +73,7 @@ def spectrum_rows(
                 "module": name,
                 "layer": layer,
                 "type": mtype,
+                "expert": module_expert(name, shape),
                 "step": step,
                 "rows": shape[0],
                 "cols": shape[1],
@@ -95,7 +115,8 @@ def _mean(values: list[float]) -> float:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Mean energy_1 and norm_frac_1 overall, by module type and by checkpoint step."""
+    """Mean energy_1 and norm_frac_1 overall, by module type and by checkpoint step; with experts
+    (a mixture-of-experts model) also by expert, routed experts in index order, then "shared"."""
 
     def group(key):
         groups: dict = {}
@@ -115,7 +136,7 @@ def summarize(rows: list[dict]) -> dict:
             for g, rs in groups.items()
         }
 
-    return {
+    summary = {
         "overall": {
             "energy_1": _mean([r["energy_1"] for r in rows]),
             "norm_frac_1": _mean([r["norm_frac_1"] for r in rows]),
@@ -123,4 +144,25 @@ def summarize(rows: list[dict]) -> dict:
         },
         "by_type": group("type"),
         "by_step": group("step"),
+    }
+    experts = [r for r in rows if r.get("expert") is not None]
+    if experts:
+        summary["by_expert"] = by_expert(experts)
+    return summary
+
+
+def by_expert(rows: list[dict]) -> dict:
+    """Per expert (over its modules, layers and steps): mean energy_1 and norm_frac_1, and the mean
+    relative update, which says which experts moved."""
+    groups: dict = {}
+    for r in sorted(rows, key=lambda r: (isinstance(r["expert"], str), str(r["expert"]).zfill(8))):
+        groups.setdefault(str(r["expert"]), []).append(r)
+    return {
+        g: {
+            "energy_1": _mean([r["energy_1"] for r in rs]),
+            "norm_frac_1": _mean([r["norm_frac_1"] for r in rs]),
+            "rel_update": _mean([r["rel_update"] for r in rs]),
+            "n": len(rs),
+        }
+        for g, rs in groups.items()
     }

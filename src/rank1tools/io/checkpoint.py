@@ -1,7 +1,9 @@
 """Checkpoint sources: a set of named tensors read lazily, one tensor (or slice) at a time.
 
 A source is a Hugging Face model directory (`model.safetensors`, or shards listed in
-`model.safetensors.index.json`) or a single `.safetensors` file. Pickle weights (`.bin`, `.pt`)
+`model.safetensors.index.json`), a single `.safetensors` file, or a PEFT adapter folder
+(`adapter_config.json` + `adapter_model.safetensors`: opened as its adapter tensors with
+`adapter_config` set; io/peft_adapter.py reads it on its base). Pickle weights (`.bin`, `.pt`)
 are refused: unpickling runs arbitrary code.
 """
 
@@ -13,13 +15,15 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..jsonutil import read_json_file
-from ..modules import EMBEDDING_NAMES, LM_HEAD_NAME
+from ..modules import EMBEDDING_NAMES, LM_HEAD_NAME, split_expert_slice
 from .safetensors_file import TensorEntry, read_entry, read_header
 
 if TYPE_CHECKING:
     import torch  # annotations only: opening a checkpoint reads headers, without torch
 
 SINGLE_FILE = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Files of a model folder that travel with its weights (config, tokenizer, chat template, remote code).
@@ -54,7 +58,11 @@ class Checkpoint:
         lm_head_tied: True when `lm_head.weight` is not stored because it is tied to the embedding;
             reading `lm_head.weight` then returns the embedding.
         revision: resolved revision (commit sha) for remote sources, None locally.
+        adapter_config: parsed adapter_config.json when the source is a PEFT adapter (its
+            `entries` are then the adapter's tensors, to be read on a base: io/peft_adapter.py).
     """
+
+    adapter_config: dict | None = None
 
     def __init__(
         self,
@@ -106,6 +114,9 @@ class Checkpoint:
         return out
 
     def __contains__(self, name: str) -> bool:
+        if name not in self.entries and (sliced := split_expert_slice(name)) is not None:
+            parent = self.entries.get(sliced[0])
+            return parent is not None and len(parent.shape) == 3 and sliced[1] < parent.shape[0]
         return name in self.entries or (name == LM_HEAD_NAME and self.lm_head_tied)
 
     def entry(self, name: str) -> TensorEntry:
@@ -114,6 +125,12 @@ class Checkpoint:
             return self.entries[name]
         if name == LM_HEAD_NAME and self.lm_head_tied:
             return self.entries[self._embedding_name()]
+        if name in self:  # one expert of a fused [num_experts, out, in] tensor: its contiguous bytes
+            parent, index = split_expert_slice(name)
+            e = self.entries[parent]
+            per = e.nbytes // e.shape[0]
+            offset = e.offset if e.offset < 0 else e.offset + index * per  # -1: remote, not downloaded yet
+            return TensorEntry(name, e.dtype, tuple(e.shape[1:]), e.shard, offset, per)
         raise InputError(f"{self.label}: has no tensor {name!r}")
 
     def _embedding_name(self) -> str | None:
@@ -186,8 +203,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             raise _pickle_error(label, p.name)
         if p.suffix != ".safetensors":
             raise InputError(f"{label}: not a .safetensors file")
+        if p.name == ADAPTER_FILE:
+            raise InputError(f"{label}: a PEFT adapter file; give its folder (with {ADAPTER_CONFIG}) instead")
         return Checkpoint(label, p.parent, _read_single(p), None, None)
     config = read_config(p)
+    if is_adapter_folder([f.name for f in p.iterdir()]):
+        ckpt = Checkpoint(label, p, _read_single(p / adapter_file(label, [f.name for f in p.iterdir()])), config, p)
+        ckpt.adapter_config = read_adapter_config(p / ADAPTER_CONFIG, f"{label}: {ADAPTER_CONFIG}")
+        return ckpt
     index = p / INDEX_FILE
     if index.is_file():
         entries = _read_sharded(p, index)
@@ -207,6 +230,35 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 raise _pickle_error(label, pickles[0])
             raise InputError(f"{label}: no safetensors weights (expected {SINGLE_FILE} or {INDEX_FILE})")
     return Checkpoint(label, p, entries, config, p)
+
+
+def is_adapter_folder(names) -> bool:
+    """A folder listing (file names) that holds a PEFT adapter: its config or its weights."""
+    return any(n == ADAPTER_CONFIG or n.startswith("adapter_model.") for n in names)
+
+
+def adapter_file(label: str, names) -> str:
+    """The adapter's weight file in a folder listing; a one-line InputError for a missing config,
+    pickled weights (adapter_model.bin: never unpickled) or no weights."""
+    names = set(names)
+    if ADAPTER_CONFIG not in names:
+        raise InputError(
+            f"{label}: PEFT adapter weights without {ADAPTER_CONFIG} (its r, lora_alpha and targets are needed)"
+        )
+    if ADAPTER_FILE in names:
+        return ADAPTER_FILE
+    pickles = sorted(n for n in names if n.startswith("adapter_model.") and n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise _pickle_error(label, pickles[0])
+    raise InputError(f"{label}: {ADAPTER_CONFIG} but no {ADAPTER_FILE} beside it")
+
+
+def read_adapter_config(path: Path, where: str) -> dict:
+    """Parsed adapter_config.json (checked in io/peft_adapter.py)."""
+    data = read_json_file(path, ADAPTER_CONFIG, where)
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: not a JSON object")
+    return data
 
 
 def read_config(folder: Path, where: str | None = None) -> dict | None:

@@ -19,7 +19,7 @@ FACTOR_FORMAT = "rank1tools.factors"
 FACTOR_FORMAT_VERSION = 1
 
 
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,150}")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,150}(?:\[\d{1,6}\])?")  # [e]: one expert of a fused tensor
 
 
 def factor_file(name: str) -> str:

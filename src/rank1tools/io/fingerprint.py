@@ -45,6 +45,14 @@ def fingerprint(ck: Checkpoint) -> dict | None:
     if cached is not None:
         return cached
     h = hashlib.sha256()
+    composed = getattr(ck, "fingerprint_parts", None)
+    if composed is not None:  # a PEFT adapter on its base (io/peft_adapter.py): its parts' content
+        parts, salt = composed()
+        h.update(salt)
+        for part in parts:
+            h.update(fingerprint(part)["sha256"].encode())
+        ck._rank1_fingerprint = fp = {"scheme": SCHEME, "sha256": h.hexdigest()}
+        return fp
     fds: dict[str, int] = {}
     try:
         for name in sorted(ck.entries):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..modules import split_expert_slice
 from .checkpoint import AUX_PATTERNS, Checkpoint
 from .hub_errors import _hub_errors
 from .hub_spec import HubSpec, _cache_dir, _endpoint, _storage_folder
@@ -227,11 +228,21 @@ class HubCheckpoint(Checkpoint):
     def expect(self, names) -> None:
         """Declare the tensors the consumer will read (evict: a shard goes once those of it are read)."""
         with self._lock:
-            self._needed = {self.entry(n).name for n in names}
+            self._needed = {self._stored(n)[0] for n in names}
+
+    def _stored(self, name: str) -> tuple[str, int]:
+        """(stored tensor, element offset) of a name: an expert `NAME[e]` of a fused tensor is a span
+        of NAME (its shard is done once every expert is read), anything else its own entry."""
+        sliced = None if name in self.entries else split_expert_slice(name)
+        if sliced is None:
+            return self.entry(name).name, 0
+        return sliced[0], sliced[1] * self.entry(name).numel
 
     def _mark(self, name: str, start: int, stop: int | None) -> None:
+        stop = self.entry(name).numel if stop is None else stop
+        name, offset = self._stored(name)
+        start, stop = start + offset, stop + offset
         e = self.entry(name)
-        stop = e.numel if stop is None else stop
         with self._lock:
             if e.name not in self._done:
                 spans = sorted(self._covered.get(e.name, []) + [(start, stop)])

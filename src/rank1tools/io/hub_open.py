@@ -23,14 +23,18 @@ from pathlib import Path
 from ..errors import InputError, UsageError
 from ..jsonutil import read_json_file
 from .checkpoint import (
+    ADAPTER_CONFIG,
     AUX_PATTERNS,
     INDEX_FILE,
     PICKLE_SUFFIXES,
     SINGLE_FILE,
     _pickle_error,
+    adapter_file,
     check_weight_map,
+    is_adapter_folder,
     merge_shards,
     parse_weight_map,
+    read_adapter_config,
     read_config,
 )
 from .hub_checkpoint import HubCheckpoint, _download
@@ -119,6 +123,8 @@ def _weight_files(
     """Which safetensors files form the model (like a local folder), and the index's weight map.
     `complete`: `files` is the repo folder's listing (not just what the cache holds)."""
     names = set(files)
+    if is_adapter_folder(names):  # a PEFT adapter (io/peft_adapter.py reads it on its base)
+        return [adapter_file(label, names)], None
     if SINGLE_FILE in names:
         return [SINGLE_FILE], None
     if INDEX_FILE in names:
@@ -217,6 +223,9 @@ def _open_online(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoin
         ckpt.root = ckpt.weight_dir
     elif not aux:
         ckpt.root = None
+    if ADAPTER_CONFIG in files:
+        path = Path(_download(hs, ADAPTER_CONFIG, sha=sha, label=label))
+        ckpt.adapter_config = read_adapter_config(path, f"{label}: {ADAPTER_CONFIG}")
     return ckpt
 
 
@@ -251,4 +260,7 @@ def _open_offline(hs: HubSpec, label: str, sha: str, policy: str) -> HubCheckpoi
     _check_weight_map(label, weight_map, entries, shards)
     config = read_config(folder, f"{label}: config.json")
     root = folder if _aux_names(present) else None
-    return HubCheckpoint(hs, label, sha, entries, config, aux_files=[], local=local, root=root, policy=policy)
+    ckpt = HubCheckpoint(hs, label, sha, entries, config, aux_files=[], local=local, root=root, policy=policy)
+    if ADAPTER_CONFIG in present:
+        ckpt.adapter_config = read_adapter_config(folder / ADAPTER_CONFIG, f"{label}: {ADAPTER_CONFIG}")
+    return ckpt

@@ -52,15 +52,31 @@ def _written_by_rank1(path: Path) -> str | None:
     return f'its first line has no "{PROVENANCE_KEY}": {{"tool": "rank1tools ..."}} record'
 
 
-def check_replaceable_file(target: Path, *, force: bool, label: str) -> None:
-    """Refuse an existing `target` unless it is a regular file, --force is given and rank1 wrote it."""
+def html_written_by_rank1(path: Path) -> str | None:
+    """None when the file at `path` is empty or a page `rank1 report` wrote: its first 512 bytes
+    hold `<meta name="generator" content="rank1tools ...">`; else why not."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if not head:
+        return None
+    if b'<meta name="generator" content="rank1tools' in head:
+        return None
+    return 'no <meta name="generator" content="rank1tools ..."> near its start'
+
+
+def check_replaceable_file(target: Path, *, force: bool, label: str, written_by=None) -> None:
+    """Refuse an existing `target` unless it is a regular file, --force is given and rank1 wrote it
+    (`written_by(path)`: None when rank1 wrote it, else why not; default: a JSONL file's first line)."""
     if not os.path.lexists(target):
         return
     if target.is_symlink() or not target.is_file():
         raise OutputError(f"{label}: exists and is not a regular file")
     if not force:
         raise OutputError(f"{label}: already exists; pass --force to replace it")
-    why = _written_by_rank1(target)
+    why = (written_by or _written_by_rank1)(target)
     if why is not None:
         raise OutputError(
             f"{label}: exists and was not written by rank1 ({why}); "
@@ -68,29 +84,50 @@ def check_replaceable_file(target: Path, *, force: bool, label: str) -> None:
         )
 
 
-def check_output_file(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None) -> Path:
-    """Resolve and check an output file before anything is opened (the run checks again, under its lock)."""
+def check_output_file(
+    out: str | os.PathLike,
+    *,
+    force: bool,
+    inputs=(),
+    label: str | None = None,
+    written_by=None,
+    inside_outputs: bool = False,
+) -> Path:
+    """Resolve and check an output file before anything is opened (the run checks again, under its
+    lock); `written_by`, `inside_outputs`: as for staged_file."""
     label = label or os.fspath(out)
     target = resolve_output(out, inputs=inputs, label=label)
-    check_outer(target, label, held=_HELD.__contains__)
-    check_replaceable_file(target, force=force, label=label)
+    check_outer(target, label, held=_HELD.__contains__, inside_outputs=inside_outputs)
+    check_replaceable_file(target, force=force, label=label, written_by=written_by)
     return target
 
 
 @contextmanager
-def staged_file(out: str | os.PathLike, *, force: bool, inputs=(), label: str | None = None):
+def staged_file(
+    out: str | os.PathLike,
+    *,
+    force: bool,
+    inputs=(),
+    label: str | None = None,
+    written_by=None,
+    inside_outputs: bool = False,
+):
     """Lock and check the output file `out`, yield a staging file beside it to write, and rename it
     over `out` when the block succeeds; on any failure the staging file is removed and `out` is
-    untouched. Yields the staging path (the target is `resolve_output(out)`)."""
+    untouched. Yields the staging path (the target is `resolve_output(out)`). `written_by`: how an
+    existing file is recognised as rank1's (check_replaceable_file); `inside_outputs`: the file may
+    lie inside a finished rank1 output folder (check_outer)."""
     label = label or os.fspath(out)
     target = resolve_output(out, inputs=inputs, label=label)
-    check_outer(target, label, held=_HELD.__contains__)
+    check_outer(target, label, held=_HELD.__contains__, inside_outputs=inside_outputs)
     lock = OutputLock(target, label).acquire()
     staging = None
     try:
-        check_outer(target, label, held=_HELD.__contains__)  # a run that started meanwhile
+        check_outer(
+            target, label, held=_HELD.__contains__, inside_outputs=inside_outputs
+        )  # a run that started meanwhile
         check_inner(target, label)
-        check_replaceable_file(target, force=force, label=label)
+        check_replaceable_file(target, force=force, label=label, written_by=written_by)
         with output_errors(target):
             fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
             os.close(fd)
@@ -98,7 +135,7 @@ def staged_file(out: str | os.PathLike, *, force: bool, inputs=(), label: str | 
             follow_umask(staging, directory=False)
         pause_for_test("staged")
         yield staging
-        check_replaceable_file(target, force=force, label=label)
+        check_replaceable_file(target, force=force, label=label, written_by=written_by)
         with deferred_signals(), output_errors(target):
             pause_for_test("publishing")
             os.replace(staging, target)

@@ -67,9 +67,10 @@ def read_holder(fd: int) -> str:
         return "pid unknown"
 
 
-def check_outer(target: Path, label: str, held: Callable[[Path], bool]) -> None:
+def check_outer(target: Path, label: str, held: Callable[[Path], bool], *, inside_outputs: bool = False) -> None:
     """Refuse `target` inside a live run's output, a rank1 output or a staging folder (module doc).
-    `held(folder)`: this process holds the lock of `folder` (its own output: allowed)."""
+    `held(folder)`: this process holds the lock of `folder` (its own output: allowed).
+    `inside_outputs`: a finished rank1 output may hold it (`rank1 report`'s page in demo-out)."""
     for outer in target.parents:
         if outer.parent == outer:
             break
@@ -87,7 +88,7 @@ def check_outer(target: Path, label: str, held: Callable[[Path], bool]) -> None:
                 f"writing ({holder}); it would be deleted when that run finishes: wait for it or "
                 "choose another --out"
             )
-        if is_rank1_output(outer):
+        if not inside_outputs and is_rank1_output(outer):
             raise OutputError(
                 f"{label}: lies inside {outer}, an output folder of rank1; rank1 replaces its "
                 "outputs whole (--force, a rerun), which would delete this one: choose an --out "

@@ -78,22 +78,30 @@ def open_run_inputs(
     if steps and not run:
         raise UsageError("--steps selects checkpoints of a --run")
     base_ckpt = open_source(base)
+    if base_ckpt.adapter_config is not None:
+        raise InputError(f"{base}: BASE is a PEFT adapter; give the model it was trained on")
     pairs: list[tuple[int, Checkpoint]] = []
     if run:
         for rc in select_steps(discover_checkpoints(run, **(hub_run or {})), steps):
             if rc.weights is None:
                 raise InputError(f"{rc.path}: " + (f"step {rc.step}: " if rc.step is not None else "") + rc.problem)
-            pairs.append((rc.step, open_source(rc.weights)))
+            pairs.append((rc.step, open_source(rc.weights, base=base_ckpt)))
         skipped = [] if is_hub_source(run) else lookalikes(run)
-        return RunInputs(base_ckpt, pairs, "trainer", run, [lookalike_note(run, skipped)] if skipped else [])
+        notes = [lookalike_note(run, skipped)] if skipped else []
+        return RunInputs(base_ckpt, pairs, "trainer", run, notes + _adapter_notes(pairs))
     inferred = [infer_step(c) for c in checkpoints]
     step_source = (
         "trainer" if all(s is not None for s in inferred) and len(set(inferred)) == len(inferred) else "position"
     )
     for i, c in enumerate(checkpoints):
-        pairs.append((inferred[i] if step_source == "trainer" else i + 1, open_source(c)))
+        pairs.append((inferred[i] if step_source == "trainer" else i + 1, open_source(c, base=base_ckpt)))
     pairs.sort(key=lambda p: p[0])
-    return RunInputs(base_ckpt, pairs, step_source, None)
+    return RunInputs(base_ckpt, pairs, step_source, None, _adapter_notes(pairs))
+
+
+def _adapter_notes(pairs: list[tuple[int, Checkpoint]]) -> list[str]:
+    """The notes of PEFT adapters read on the base (a base that may not be theirs), each once."""
+    return list(dict.fromkeys(n for _, c in pairs for n in getattr(c, "notes", [])))
 
 
 def prefetched(tasks: list, read: Callable, enabled: bool = True) -> Iterator:

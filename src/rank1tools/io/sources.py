@@ -12,13 +12,21 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .hub_spec import HUB_PREFIX, is_hub_source  # noqa: F401 (HUB_PREFIX: importable from here)
 
 
-def open_source(spec: str) -> Checkpoint:
-    """Open a local model folder / .safetensors file, or a Hub repo (headers only)."""
+def open_source(spec: str, *, base: Checkpoint | None = None) -> Checkpoint:
+    """Open a local model folder / .safetensors file, or a Hub repo (headers only). A PEFT adapter
+    folder opens as its adapter tensors, or, given `base`, as the checkpoint it makes of that base
+    (io/peft_adapter.py)."""
     if is_hub_source(spec):
         from .hub_open import open_hub_checkpoint  # noqa: PLC0415 (Hub client only when needed)
 
-        return open_hub_checkpoint(spec)
-    return open_checkpoint(spec)
+        ckpt = open_hub_checkpoint(spec)
+    else:
+        ckpt = open_checkpoint(spec)
+    if base is not None and ckpt.adapter_config is not None:
+        from .peft_adapter import on_base  # noqa: PLC0415
+
+        return on_base(ckpt, base)
+    return ckpt
 
 
 def discover_checkpoints(

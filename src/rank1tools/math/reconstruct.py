@@ -66,6 +66,17 @@ def update_norm(A: torch.Tensor, B: torch.Tensor) -> float:
     return float(((A64.T @ A64) * (B64.T @ B64)).sum().clamp_min(0)) ** 0.5
 
 
+def rank_k_scale(
+    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int, fro_full: float, *, alpha: float, norm_match: bool
+) -> float:
+    """The factor c of the written update c * dW_k: alpha * ||dW|| / ||dW_k|| with norm matching
+    (0 when dW_k is 0), else alpha. ||dW_k|| from the k x k Gram matrices (`update_norm`)."""
+    if not norm_match:
+        return float(alpha)
+    fk = update_norm(U[:, :k] * S[:k], V[:, :k])
+    return float(alpha * fro_full / fk) if fk > 0 else 0.0
+
+
 def apply_rank_k(
     base: torch.Tensor,
     U: torch.Tensor,
@@ -88,11 +99,7 @@ def apply_rank_k(
     """
     A = U[:, :k] * S[:k]
     B = V[:, :k]
-    scale = alpha
-    if norm_match:
-        fk = update_norm(A, B)
-        scale = alpha * fro_full / fk if fk > 0 else 0.0
-    A = A * float(scale)
+    A = A * rank_k_scale(U, S, V, k, fro_full, alpha=alpha, norm_match=norm_match)
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     stats = RoundingStats()
     rows = max(1, block_elems // max(1, base.shape[1]))

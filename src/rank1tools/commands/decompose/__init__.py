@@ -41,9 +41,10 @@ from ...io.work_folder import discard_unless_resumed, make_folder, open_work_fol
 from ...io.writer import provenance, write_provenance
 from ...jsonutil import json_safe as _json_safe
 from ...math.svd import MIN_SKETCH, SIGMA_REL_TOL, TAIL_REL_TOL
-from ...modules import select_tensors
+from ...modules import expert_slices, select_tensors
 from ...plot_common import draw_plots
 from ...plots import decompose_plots
+from ...plots_experts import expert_plots
 from ...resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
 from ...values import StepSelection
 from .modules import SVD_SEED, cpu_threads, in_order, module_factors, worker_count
@@ -193,6 +194,7 @@ def decompose(
     inputs = open_run_inputs(base, checkpoints, run, steps, hub_run)
     base_ckpt, pairs, step_source = inputs.base, inputs.checkpoints, inputs.step_source
     shapes = tensor_shapes(base_ckpt, [c for _, c in pairs])  # with an lm_head the checkpoints untied
+    shapes = expert_slices(shapes)  # a fused [experts, out, in] tensor is one matrix module per expert
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
     if not modules:
         raise UsageError("no tensors selected (check --include/--exclude)")
@@ -330,6 +332,8 @@ def _decompose_locked(
         (work / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
         write_provenance(work, provenance("decompose", [base_ckpt, *(c for _, c in pairs)], manifest["parameters"]))
         plots, hint = draw_plots(lambda: decompose_plots(rows, work / "plots")) if options.plots else ([], None)
+        if options.plots and hint is None:  # a mixture-of-experts model: layer x expert too
+            plots += [str(p) for p in expert_plots(rows, work / "plots")]
     publish(work, target, force=plan.force, label=out)
     return DecomposeResult(
         out=out,

@@ -14,16 +14,18 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from ...errors import InputError
 from ...io.checkpoint import Checkpoint
 from ...io.run_inputs import prefetched
+from ...math.factored_svd import factored_topk
 from ...math.finite import all_finite, dtype_max, max_abs, nonfinite_update_cause
 from ...math.signs import canonicalize_signs
 from ...math.spectrum import frobenius
-from ...math.svd import SIGMA_REL_TOL, topk_svd
+from ...math.svd import SIGMA_REL_TOL, TopK, topk_svd
 
 SVD_SEED = 0
 PARALLEL_MIN_NUMEL = 1 << 18  # two workers only when the largest matrix has this many elements
@@ -47,6 +49,27 @@ def bad_update(ck: Checkpoint, name: str, step: int, base_t: torch.Tensor) -> In
         f"{ck.label}: the update of tensor {name!r} at step {step} overflows float32 "
         f"(|values| up to {max(max_abs(theirs), max_abs(base_t)):.3g} in base and checkpoint)"
     )
+
+
+@dataclass
+class FactoredUpdate:
+    """dW of a PEFT adapter's LoRA target, given by its factors: its exact top-k (method
+    "factored", math/factored_svd.py) and norm, computed where the update is read."""
+
+    top: TopK
+    fro: float
+
+    def topk(self, k: int, **_) -> TopK:
+        """The top-k computed from the factors (k is decompose's --rank; the options of the
+        dense SVD do not apply)."""
+        return self.top
+
+
+def lora_update(ck: Checkpoint, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(L, R) with dW = L @ R when `ck` is a PEFT adapter and `name` one of its LoRA targets
+    (io/peft_adapter.py), else None."""
+    factors = getattr(ck, "lora_factors", None)
+    return None if factors is None else factors(name, device)
 
 
 def module_factors(
@@ -76,6 +99,15 @@ def module_factors(
 
     def load(i: int):
         ck = base_ckpt if i < 0 else pairs[i][1]
+        factors = lora_update(ck, name, device) if i >= 0 else None
+        if factors is not None:  # a PEFT adapter: dW from its factors, never W_t - W_0
+            L, R = factors
+            if not (all_finite(L) and all_finite(R)):
+                return L @ R, float("nan")  # reported by bad_update, as a checkpoint's NaN/Inf
+            if options.rank <= L.shape[1]:
+                return FactoredUpdate(*factored_topk(L, R, options.rank))
+            t = L @ R
+            return t, frobenius(t)
         t = ck.read_raw(name).to(device).to(torch.float32)  # a fresh tensor: subtract in place
         if i < 0:
             held["base"] = t
@@ -97,7 +129,8 @@ def module_factors(
     base_t = prev = None
     early = True
     base_fro = 0.0
-    for i, (d, fro) in prefetched(list(range(-1, len(pairs))), load, read_ahead):
+    for i, loaded in prefetched(list(range(-1, len(pairs))), load, read_ahead):
+        d, fro = (loaded, loaded.fro) if isinstance(loaded, FactoredUpdate) else loaded
         if stop.is_set():
             raise Cancelled
         if i < 0:
@@ -108,7 +141,8 @@ def module_factors(
         step, ck = pairs[i]
         if not math.isfinite(fro):  # the checkpoint's own NaN/Inf, or a float32 overflow of the difference
             raise bad_update(ck, name, step, base_t)
-        res = topk_svd(
+        svd = FactoredUpdate.topk if isinstance(d, FactoredUpdate) else topk_svd
+        res = svd(
             d,
             options.rank,
             exact=options.exact,

@@ -16,6 +16,7 @@ from .base import CommonOptions, ExtrapolateResult
 
 CONTAINERS = ("base", "last")
 R2_KINDS = ("r2", "loo_r2", "r2_step")
+OUTPUT_FORMATS = ("checkpoint", "peft")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class AlpharlOptions(CommonOptions):
         "last_checkpoint": ("--last-checkpoint",),
         "min_r2": ("--min-r2",),
         "r2_kind": ("--r2",),
+        "output_format": ("--format",),
     }
 
     fits: str | None = None
@@ -39,11 +41,17 @@ class AlpharlOptions(CommonOptions):
     last_checkpoint: str | None = None  # container last: default the fit store's record of it
     min_r2: float | None = None
     r2_kind: str = "r2"
+    output_format: str = "checkpoint"  # checkpoint | peft (a rank-1 LoRA adapter per target: alpharl_adapter.py)
 
     def check(self) -> None:
         super().check()
         check_choice(self.container, "--container", CONTAINERS)
         check_choice(self.r2_kind, "--r2", R2_KINDS)
+        check_choice(self.output_format, "--format", OUTPUT_FORMATS)
+        if self.output_format == "peft" and self.container != "base":
+            raise UsageError(
+                "--format peft writes the update as an adapter on the base: it takes --container base only"
+            )
         if self.min_r2 is not None and not math.isfinite(self.min_r2):
             raise UsageError(f"--min-r2 {self.min_r2}: must be a finite number")
         if not self.fits:

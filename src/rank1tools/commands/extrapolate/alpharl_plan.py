@@ -108,11 +108,14 @@ def r2_position(store: FitStore, options: AlpharlOptions) -> int:
     return R2_INDEX[options.r2_kind]
 
 
-def open_last_checkpoint(store: FitStore, options: AlpharlOptions, step: int, notes: list[str]) -> Checkpoint:
-    """The window's last checkpoint: --last-checkpoint, else the factor store's record of it."""
+def open_last_checkpoint(
+    store: FitStore, options: AlpharlOptions, step: int, notes: list[str], base: Checkpoint | None = None
+) -> Checkpoint:
+    """The window's last checkpoint: --last-checkpoint, else the factor store's record of it (a PEFT
+    adapter read on `base`, io/peft_adapter.py)."""
     rec = store.checkpoint_at(step)
     if options.last_checkpoint:
-        ck = open_source(options.last_checkpoint)
+        ck = open_source(options.last_checkpoint, base=base)
         if rec is not None and not matches(rec, ck)[0]:
             notes.append(
                 f"--last-checkpoint {ck.label} is not {rec['source']}, the checkpoint the fit store "
@@ -123,7 +126,7 @@ def open_last_checkpoint(store: FitStore, options: AlpharlOptions, step: int, no
     if rec is None:
         raise InputError(f"{need}, which fit store {options.fits} does not record; pass --last-checkpoint PATH")
     try:
-        ck = open_source(rec["source"])
+        ck = open_source(rec["source"], base=base)
     except Rank1Error as e:
         raise InputError(
             f"{need}: {rec['source']}, as fit store {options.fits} records it, cannot be opened "

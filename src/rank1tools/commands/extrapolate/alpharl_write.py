@@ -42,6 +42,7 @@ from ...engine.checkpoint_outputs import (
     tensor_specs,
     write_copied,
 )
+from ...engine.expert_tensors import selected_slices, write_fused
 from ...errors import UsageError
 from ...io.checkpoint import Checkpoint
 from ...io.compat import check_compatible, tensor_shapes
@@ -51,7 +52,7 @@ from ...io.sources import is_hub_source, open_source
 from ...io.writer import TensorSpec, provenance
 from ...math.finite import all_finite
 from ...math.reconstruct import RoundingStats, rounding_stats
-from ...modules import LM_HEAD_NAME
+from ...modules import LM_HEAD_NAME, expert_slices
 from ...resources import check_largest_tensor, reconstruct_peak_bytes
 from .alpharl_plan import (
     AlpharlOptions,
@@ -107,10 +108,11 @@ def write_alpharl(
     base_ck = open_source(base)
     store.check_base(base_ck, notes)
     last_step = store.window[-1]
-    last_ck = open_last_checkpoint(store, options, last_step, notes) if options.container == "last" else None
+    last_ck = open_last_checkpoint(store, options, last_step, notes, base_ck) if options.container == "last" else None
     if last_ck is not None:
         check_compatible(base_ck, last_ck, label=f"last checkpoint {last_ck.label}")
     shapes = tensor_shapes(base_ck, [last_ck] if last_ck is not None else [])
+    shapes = expert_slices(shapes)  # a fused [experts, out, in] tensor is one matrix module per expert
     if base_ck.lm_head_tied and LM_HEAD_NAME in store.modules and LM_HEAD_NAME not in shapes:
         shapes[LM_HEAD_NAME] = base_ck.entry(LM_HEAD_NAME).shape  # a head the run untied: selectable
     selected = select_modules(store, shapes, base_ck, options)
@@ -157,47 +159,77 @@ def write_alpharl(
     }
     inputs = [base_ck, fits, *([last_ck] if last_ck is not None else [])]
     local = [Path(c.label) for c in (base_ck, last_ck) if c is not None and not is_hub_source(c.label)] + [Path(fits)]
-    folders = [target_folder(kind, t) for t in targets]
-    with (
-        locked_output(out, force=force, inputs=local) as target_path,
-        CheckpointOutputs(target_path, folders, specs, max_shard_size=options.max_shard_size, force=force) as outs,
-    ):
-        stats = [dict() for _ in targets]
-        for i, name in enumerate(names):
-            plan = plans.get(name)
-            if plan is not None and plan.extrapolated:
-                _write_module(name, plan, container, targets, kind, device, outs.writers, stats)
-            else:
-                # the container's value; a value of the last checkpoint may not be NaN/Inf where the base
-                # is finite (the base's own non-finite values are kept, as reconstruct keeps them)
-                write_copied(name, container, outs.writers, described=f"{container.label} values", base=base_ck)
-            if progress:
-                progress(i + 1, len(names))
+    if options.output_format == "peft":  # rank-1 updates: one LoRA adapter per target (alpharl_adapter.py)
+        from .alpharl_adapter import write_adapters
+
         limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
-        reports = [_report(plans, i, t, kind, limits[i], store, options) for i, t in enumerate(targets)]
-        roundings = [rounding_report(st) for st in stats]
-        outs.commit(
-            copy_from=base_ck,
-            output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
-            provenances=[provenance("extrapolate", inputs, {**params, "target": t}) for t in targets],
-            reports=[{REPORT_FILE: rep, ROUNDING_FILE: rnd} for rep, rnd in zip(reports, roundings)],
-            parent_provenance=provenance("extrapolate", inputs, params),
-            label=out,
-            untie_word_embeddings=untie,
-        )
-        paths = outs.paths(out)
-    outputs = [
-        TargetOutput(
-            target=t,
+        outputs = write_adapters(
+            out,
+            force=force,
+            base_ck=base_ck,
+            shapes=shapes,
+            plans=plans,
+            targets=targets,
             kind=kind,
-            path=p,
-            flagged=rep["flagged"],
-            norm_ratio_median=rep["norm_ratio_median"],
-            norm_ratio_max=rep["norm_ratio_max"],
-            **{k: rnd[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")},
+            reports=[_report(plans, i, t, kind, limits[i], store, options) for i, t in enumerate(targets)],
+            params=params,
+            inputs=inputs,
+            local=local,
+            dtype=options.dtype,
+            progress=progress,
         )
-        for t, p, rep, rnd in zip(targets, paths, reports, roundings)
-    ]
+    else:
+        folders = [target_folder(kind, t) for t in targets]
+        with (
+            locked_output(out, force=force, inputs=local) as target_path,
+            CheckpointOutputs(target_path, folders, specs, max_shard_size=options.max_shard_size, force=force) as outs,
+        ):
+            stats = [dict() for _ in targets]
+            moved = {n for n, p in plans.items() if p.extrapolated}
+
+            def write_one(name: str, writers: list, stats: list[dict]) -> None:  # a module, or an expert of one
+                if name in moved:
+                    _write_module(name, plans[name], container, targets, kind, device, writers, stats)
+                else:
+                    write_copied(name, container, writers, described=f"{container.label} values", base=base_ck)
+
+            for i, name in enumerate(names):
+                plan = plans.get(name)
+                if plan is not None and plan.extrapolated:
+                    _write_module(name, plan, container, targets, kind, device, outs.writers, stats)
+                elif slices := selected_slices(name, base_ck.entry(name).shape, moved):
+                    write_fused(name, slices, outs.writers, stats, write_one)
+                else:
+                    # the container's value; a value of the last checkpoint may not be NaN/Inf where the base
+                    # is finite (the base's own non-finite values are kept, as reconstruct keeps them)
+                    write_copied(name, container, outs.writers, described=f"{container.label} values", base=base_ck)
+                if progress:
+                    progress(i + 1, len(names))
+            limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
+            reports = [_report(plans, i, t, kind, limits[i], store, options) for i, t in enumerate(targets)]
+            roundings = [rounding_report(st) for st in stats]
+            outs.commit(
+                copy_from=base_ck,
+                output_dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
+                provenances=[provenance("extrapolate", inputs, {**params, "target": t}) for t in targets],
+                reports=[{REPORT_FILE: rep, ROUNDING_FILE: rnd} for rep, rnd in zip(reports, roundings)],
+                parent_provenance=provenance("extrapolate", inputs, params),
+                label=out,
+                untie_word_embeddings=untie,
+            )
+            paths = outs.paths(out)
+        outputs = [
+            TargetOutput(
+                target=t,
+                kind=kind,
+                path=p,
+                flagged=rep["flagged"],
+                norm_ratio_median=rep["norm_ratio_median"],
+                norm_ratio_max=rep["norm_ratio_max"],
+                **{k: rnd[k] for k in ("lost_fraction", "rel_error", "updated_elements", "warning")},
+            )
+            for t, p, rep, rnd in zip(targets, paths, reports, roundings)
+        ]
     _notes(store, plans, options, kind, last_step, untie, notes, warnings)
     if kind == "step":
         warnings.extend(far_step_warnings(targets, last_step, options.flag_ratio))

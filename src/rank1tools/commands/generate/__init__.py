@@ -279,21 +279,32 @@ def generate(
     )
 
 
+def _open_model(spec: str, base):
+    """A checkpoint to run; a PEFT adapter is read on --base (io/peft_adapter.py), which it needs."""
+    from ...io.sources import open_source
+
+    ckpt = open_source(spec, base=base)
+    if ckpt.adapter_config is not None:
+        raise InputError(f"{spec}: a PEFT adapter; give the model it was trained on with --base")
+    return ckpt
+
+
 def _decoder(model: str, extrapolation: Extrapolation | None, alpha, options: GenerateOptions, model_opts):
     """The decoder over MODEL (and A), the device and the dtype it runs in."""
     from ...engine.logit_extrapolation import LogitExtrapolation
     from ...engine.model_loading import CausalLM
     from ...io.sources import open_source
 
-    ckpt_b = open_source(model)
-    config_source = open_source(options.base) if options.base else ckpt_b
+    base = open_source(options.base) if options.base else None
+    ckpt_b = _open_model(model, base)
+    config_source = base or ckpt_b
     tokenizer = _load_tokenizer(options.tokenizer) if options.tokenizer else None
     lm_b = CausalLM(config_source, model_opts, tokenizer=tokenizer, load_base=False)  # --base: its weights unread
     lm_b.load(ckpt_b)
     if extrapolation is None:
         decoder = LogitExtrapolation.single(lm_b.model, lm_b.tokenizer)
     else:
-        ckpt_a = open_source(extrapolation.earlier)
+        ckpt_a = _open_model(extrapolation.earlier, base)
         _check_same_vocabulary(lm_b, ckpt_a, ckpt_b, lm_b.tokenizer)
         lm_a = copy.copy(lm_b)  # a second model of the same config, without reading its weights again
         lm_a.model = copy.deepcopy(lm_b.model)

@@ -24,7 +24,15 @@ from pathlib import Path
 from ...engine.spectrum_tables import TYPE_ORDER, module_labels, write_row_tables
 from ...jsonutil import json_safe
 from ...math.linefit import FRAC_KEY, R2_LINEAR
-from ...modules import LM_HEAD_NAME, is_embedding, is_norm_parameter, layer_index, parse_matrix_module
+from ...modules import (
+    LM_HEAD_NAME,
+    expert_slice_name,
+    is_embedding,
+    is_fused_experts,
+    is_norm_parameter,
+    layer_index,
+    parse_matrix_module,
+)
 from .element_r2 import COLUMNS as R2_COLUMNS
 from .element_r2 import by_layer, pooled, settings_record
 
@@ -40,6 +48,8 @@ def tensor_labels(name: str, shape: tuple[int, ...]) -> tuple[int | None, str]:
     """(layer, type) of any tensor (see the module doc)."""
     if parse_matrix_module(name, shape) is not None or name == LM_HEAD_NAME or is_embedding(name):
         return module_labels(name, shape)  # as decompose's tables label them
+    if is_fused_experts(name, shape):  # every expert's matrix of one projection: that projection's type
+        return module_labels(expert_slice_name(name, 0), tuple(shape[1:]))
     layer = layer_index(name)
     if name.endswith(".bias"):
         return layer, "bias"

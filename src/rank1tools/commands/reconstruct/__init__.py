@@ -33,6 +33,7 @@ from ...engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WA
     write_copied,
 )
 from ...engine.executor_options import ExecutorOptions, task_device
+from ...engine.expert_tensors import selected_slices, write_fused
 from ...engine.tensor_units import (
     TensorGroup,
     TensorUnits,
@@ -54,7 +55,7 @@ from ...math.reconstruct import apply_rank_k, rounding_stats
 from ...math.signs import canonicalize_signs
 from ...math.spectrum import delta, frobenius
 from ...math.svd import MIN_SKETCH, topk_svd
-from ...modules import LM_HEAD_NAME, select_tensors
+from ...modules import LM_HEAD_NAME, expert_slices, select_tensors
 from ...options import RankSpec, parse_ranks  # noqa: F401 (RankSpec, parse_ranks: importable from here)
 from ...resources import check_largest_tensor, reconstruct_peak_bytes, svd_bytes
 from .plan import RankOutput, ReconstructOptions, ReconstructPlan, ReconstructResult
@@ -74,9 +75,11 @@ def reconstruct(
     (rank1tools.engine.executors); with Ray, one task per group of tensors writes into the planned shards."""
     options.check()  # a caller may have changed a field since construction
     ranks = options.rank
-    base_ck, ck = open_source(base), open_source(checkpoint)
-    notes: list[str] = []
+    base_ck = open_source(base)
+    ck = open_source(checkpoint, base=base_ck)  # a PEFT adapter: read on the base (io/peft_adapter.py)
+    notes: list[str] = list(getattr(ck, "notes", []))
     shapes = tensor_shapes(base_ck, [ck])  # with lm_head.weight when the checkpoint unties it
+    shapes = expert_slices(shapes)  # a fused [experts, out, in] tensor is one matrix module per expert
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
     if not modules:
         raise UsageError("no tensors selected (check --include/--exclude)")
@@ -148,6 +151,8 @@ def reconstruct(
                     {"specs": [[s.name, s.shape, str(s.dtype)] for s in specs]},
                 ),
             )
+        # outputs are merged full checkpoints, a PEFT adapter's included (io/peft_adapter.py); the
+        # adapter output (`--format peft`) is export-lora's (commands/export_lora.from_reconstruct)
         outputs = _write_all(plan, target, units, progress)
     if untie:
         how = "reconstructed (selected)" if LM_HEAD_NAME in modules else "copied (--rest checkpoint)"
@@ -242,6 +247,14 @@ def _tensors_task(group: TensorGroup, plan: ReconstructPlan, writers, on_tensor=
     for name in group.names:
         if name in selected:
             _write_module(name, plan, dev, writers, stats)
+        elif slices := selected_slices(name, plan.base.entry(name).shape, selected):
+            write_fused(
+                name,
+                slices,
+                writers,
+                stats,
+                lambda s, ws, sts: (_write_module if s in selected else _write_rest)(s, plan, dev, ws, sts),
+            )
         else:
             _write_rest(name, plan, dev, writers, stats)
         if on_tensor:
