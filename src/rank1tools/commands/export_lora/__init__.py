@@ -20,10 +20,10 @@ import torch
 
 from ...engine.checkpoint_outputs import nonfinite_error, output_dtype
 from ...engine.executor_options import ExecutorOptions, task_device
+from ...engine.factor_source import factors_for
 from ...engine.lora_targets import base_reference, check_targets, is_conv1d, lora_target, target_modules, task_type
 from ...errors import InputError, UsageError
 from ...io.compat import check_compatible, tensor_shapes
-from ...io.factor_store import FactorStore
 from ...io.lora_adapter import AdapterWriter, adapter_config
 from ...io.output_lock import locked_output
 from ...io.outputs import staged_output
@@ -66,19 +66,7 @@ def export_lora(
             raise UsageError(f"--rank {k} exceeds min(m, n) = {min(shapes[name])} of {name} {list(shapes[name])}")
     store, step_index = None, -1
     if options.factors:
-        store = FactorStore(options.factors)
-        store.check_base(base_ck, notes)
-        step_index = store.find_checkpoint(ck)
-        if step_index < 0:
-            raise InputError(f"{options.factors}: factor store holds no decomposition of {checkpoint}")
-        missing = [n for n in modules if n not in store.modules]
-        if missing:
-            raise InputError(f"{options.factors}: factor store has no module {missing[0]!r}")
-        if k > store.rank:
-            raise UsageError(
-                f"--rank {k} needs {k} triplets per module but {options.factors} holds {store.rank}; "
-                "rerun decompose with a larger --rank or drop --factors"
-            )
+        store, step_index = factors_for(options.factors, base_ck, ck, checkpoint, dict.fromkeys(modules, k), notes)
     check_compatible(base_ck, ck)  # the rest is compared too: what the adapter leaves out
     device = task_device(options.device, ExecutorOptions())
     dtype_of = {n: output_dtype(options.dtype, base_ck.entry(n).torch_dtype) for n in modules}

@@ -34,6 +34,7 @@ from ...engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WA
 )
 from ...engine.executor_options import ExecutorOptions, task_device
 from ...engine.expert_tensors import selected_slices, write_fused
+from ...engine.factor_source import factors_for
 from ...engine.tensor_units import (
     TensorGroup,
     TensorUnits,
@@ -46,7 +47,6 @@ from ...engine.tensor_units import (
 )
 from ...errors import InputError, UsageError
 from ...io.compat import check_compatible, tensor_shapes, untied_head
-from ...io.factor_store import FactorStore
 from ...io.output_lock import locked_output
 from ...io.sources import is_hub_source, open_source
 from ...io.writer import provenance
@@ -93,20 +93,7 @@ def reconstruct(
 
     store, step_index = None, -1
     if options.factors:
-        store = FactorStore(options.factors)
-        store.check_base(base_ck, notes)
-        step_index = store.find_checkpoint(ck)
-        if step_index < 0:
-            raise InputError(f"{options.factors}: factor store holds no decomposition of {checkpoint}")
-        missing = [n for n in modules if n not in store.modules]
-        if missing:
-            raise InputError(f"{options.factors}: factor store has no module {missing[0]!r}")
-        short = [n for n in modules if kmax[n] > store.rank]
-        if short:
-            raise UsageError(
-                f"--rank needs {kmax[short[0]]} triplets of {short[0]} but {options.factors} "
-                f"holds {store.rank}; rerun decompose with a larger --rank or drop --factors"
-            )
+        store, step_index = factors_for(options.factors, base_ck, ck, checkpoint, kmax, notes)
     if options.rest == "checkpoint" or store is None:
         check_compatible(base_ck, ck, modules if options.rest == "base" else None)
 
