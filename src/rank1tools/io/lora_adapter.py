@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from .outputs import output_errors
-from .safetensors_file import TORCH_TO_SAFETENSORS
-from .writer import ShardPlacement, TensorSpec
+from .writer import ShardPlacement, TensorSpec, plan_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -141,26 +140,14 @@ class AdapterWriter:
         if len(by_name) != len(specs):
             raise ValueError("duplicate tensor names in the adapter")
         self.path = self.folder / ADAPTER_WEIGHTS
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        pos = 0
-        for s in _layout(specs):
-            header[s.name] = {
-                "dtype": TORCH_TO_SAFETENSORS[s.dtype],
-                "shape": list(s.shape),
-                "data_offsets": [pos, pos + s.nbytes],
-            }
-            pos += s.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        start = 8 + len(raw)
+        prefix, offsets, size = plan_safetensors(_layout(specs))
         with output_errors(self.path):
             with open(self.path, "wb") as f:
-                f.write(len(raw).to_bytes(8, "little") + raw)
-                f.truncate(start + pos)  # sparse until written
-        where = {n: (str(self.path), start + h["data_offsets"][0]) for n, h in header.items() if n != "__metadata__"}
-        self.placement = ShardPlacement(by_name, where)
+                f.write(prefix)
+                f.truncate(size)  # sparse until written
+        self.placement = ShardPlacement(by_name, {n: (str(self.path), at) for n, at in offsets.items()})
         self.pending = set(by_name)
-        self.nbytes = start + pos
+        self.nbytes = size
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         self.placement.write(name, tensor)

@@ -30,6 +30,29 @@ PROVENANCE_FILE = MARKER_FILE  # every rank1 output folder holds it: how --force
 
 
 @dataclass(frozen=True)
+def plan_safetensors(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int], int]:
+    """The file safetensors would write for `specs` in this order, planned from names, shapes and
+    dtypes alone: (the 8-byte length and JSON header, each tensor's absolute data offset, the file
+    size). Data starts 8-byte aligned, as safetensors writes it."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for s in specs:
+        header[s.name] = {
+            "dtype": TORCH_TO_SAFETENSORS[s.dtype],
+            "shape": list(s.shape),
+            "data_offsets": [pos, pos + s.nbytes],
+        }
+        pos += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    return (
+        len(raw).to_bytes(8, "little") + raw,
+        {s.name: start + header[s.name]["data_offsets"][0] for s in specs},
+        start + pos,
+    )
+
+
 class TensorSpec:
     """A tensor the writer will receive: name, shape and the dtype it is stored in."""
 
@@ -112,28 +135,15 @@ class ShardedWriter:
     def _create_shard(self, path: Path, specs: list[TensorSpec], where: dict) -> bool:
         """Create a planned shard (header, then sparse data); True when it was kept instead: a kept
         staging folder already holds it with this header and size."""
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        pos = 0
-        for s in specs:
-            header[s.name] = {
-                "dtype": TORCH_TO_SAFETENSORS[s.dtype],
-                "shape": list(s.shape),
-                "data_offsets": [pos, pos + s.nbytes],
-            }
-            pos += s.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        start = 8 + len(raw)
-        prefix = len(raw).to_bytes(8, "little") + raw
-        for s in specs:
-            where[s.name] = (str(path), start + header[s.name]["data_offsets"][0])
-        if self.keep and path.is_file() and not path.is_symlink() and path.stat().st_size == start + pos:
+        prefix, offsets, size = plan_safetensors(specs)
+        where.update({name: (str(path), at) for name, at in offsets.items()})
+        if self.keep and path.is_file() and not path.is_symlink() and path.stat().st_size == size:
             with open(path, "rb") as f:
                 if f.read(len(prefix)) == prefix:
                     return True
         with open(path, "wb") as f:
             f.write(prefix)
-            f.truncate(start + pos)  # sparse until written
+            f.truncate(size)  # sparse until written
         return False
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

@@ -33,12 +33,14 @@ def factors(x: torch.Tensor, v: torch.Tensor, conv1d: bool) -> tuple[torch.Tenso
     return (v32[:, None], x32[None, :]) if conv1d else (x32[:, None], v32[None, :])
 
 
-def rounding_error_sq(x: torch.Tensor, v: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> tuple[float, float]:
-    """(‖B_c A_c − x vᵀ‖², ‖x vᵀ‖²) of the factors B, A as stored (cast), in float64 from the
-    vectors alone: ‖a bᵀ − c dᵀ‖² = ‖a‖²‖b‖² + ‖c‖²‖d‖² − 2 (a·c)(b·d)."""
+def rounding_error_sq(
+    x: torch.Tensor, v: torch.Tensor, B: torch.Tensor, A: torch.Tensor, conv1d: bool
+) -> tuple[float, float]:
+    """(‖B_c A_c − x vᵀ‖², ‖x vᵀ‖²) of the factors B, A as stored (cast; `factors`' orientation),
+    in float64 from the vectors alone: ‖a bᵀ − c dᵀ‖² = ‖a‖²‖b‖² + ‖c‖²‖d‖² − 2 (a·c)(b·d)."""
     a, b = x.double().flatten(), v.double().flatten()
     c, d = B.double().flatten(), A.double().flatten()
-    if c.numel() != a.numel():  # Conv1D: B A = v xᵀ
+    if conv1d:  # B A = v xᵀ: compare x with A and v with B
         c, d = d, c
     want = float(a.dot(a) * b.dot(b))
     err = want + float(c.dot(c) * d.dot(d)) - 2.0 * float(a.dot(c) * b.dot(d))
@@ -106,7 +108,8 @@ def write_adapters(
             err_sq = norm_sq = 0.0
             for name, lt in zip(moved, lora):
                 plan = plans[name]
-                B, A = factors(plan.x_hat[i], plan.v, is_conv1d(base_ck, name))
+                conv1d = is_conv1d(base_ck, name)
+                B, A = factors(plan.x_hat[i], plan.v, conv1d)
                 Bc, Ac = B.to(adapter_dtype), A.to(adapter_dtype)
                 if not (all_finite(Bc) and all_finite(Ac)):
                     raise InputError(
@@ -114,7 +117,7 @@ def write_adapters(
                         f"{str(adapter_dtype).removeprefix('torch.')} (norm ratio {plan.ratios[i]:.3g})"
                     )
                 writer.write_pair(lt.module, Bc, Ac)
-                e, w = rounding_error_sq(plan.x_hat[i], plan.v, Bc, Ac)
+                e, w = rounding_error_sq(plan.x_hat[i], plan.v, Bc, Ac, conv1d)
                 err_sq, norm_sq = err_sq + e, norm_sq + w
             writer.finish(config)
             (where / REPORT_FILE).write_text(json.dumps(reports[i], indent=2, sort_keys=True) + "\n")
