@@ -610,3 +610,22 @@ def test_extrapolate_format_peft_refusals(llama, alpharl_fits, tmp_path, args, w
     r = run_main("extrapolate", str(llama / "base"), *args, *extra, "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_alpharl_adapter_rounding_figure_of_square_factors(conv1d):
+    """The rounding figure of a rank-1 adapter pairs the factors by the layer's orientation, also
+    for a square Conv1D (where their lengths cannot tell): float32 factors lose only float32 rounding, bfloat16
+    ones lose what a direct float64 computation says."""
+    from rank1tools.commands.extrapolate.alpharl_adapter import factors, rounding_error_sq
+
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    B, A = factors(x, v, conv1d)
+    err, want = rounding_error_sq(x, v, B, A, conv1d)
+    assert want == pytest.approx(float((torch.outer(x, v) ** 2).sum()))
+    assert err <= 1e-12 * want
+    Bc, Ac = B.to(torch.bfloat16), A.to(torch.bfloat16)
+    product = (Bc.double() @ Ac.double()).T if conv1d else Bc.double() @ Ac.double()
+    err, _ = rounding_error_sq(x, v, Bc, Ac, conv1d)
+    assert err == pytest.approx(float(((product - torch.outer(x, v)) ** 2).sum()), rel=1e-6)

@@ -30,6 +30,25 @@ PROVENANCE_FILE = MARKER_FILE  # every rank1 output folder holds it: how --force
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """A tensor the writer will receive: name, shape and the dtype it is stored in."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
 def plan_safetensors(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int], int]:
     """The file safetensors would write for `specs` in this order, planned from names, shapes and
     dtypes alone: (the 8-byte length and JSON header, each tensor's absolute data offset, the file
@@ -51,25 +70,6 @@ def plan_safetensors(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int], in
         {s.name: start + header[s.name]["data_offsets"][0] for s in specs},
         start + pos,
     )
-
-
-class TensorSpec:
-    """A tensor the writer will receive: name, shape and the dtype it is stored in."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 class ShardedWriter:
