@@ -347,3 +347,47 @@ def test_cli_interrupt_says_how_to_resume(dec_run, tmp_path, monkeypatch):
     monkeypatch.setattr(dec, "topk_svd", real)
     r = _cli(*args)
     assert r.returncode == 0 and "resumed: 1 modules" in r.stderr
+
+
+def test_workers_take_modules_as_they_finish():
+    """as_finished: a worker done with a quick module takes the next one while a slow module is
+    still running (taken in order, the quick module would wait for the slow one), and every name
+    comes back once; one worker keeps the order of the names."""
+    import threading
+
+    from rank1tools.commands.decompose.modules import as_finished
+
+    released = threading.Event()
+
+    def work(name: str, stop: threading.Event) -> str:
+        if name == "slow":  # held until the modules after it have come back
+            assert released.wait(10), "the slow module was never released"
+        return name.upper()
+
+    got = []
+    for name, result in as_finished(["slow", "quick", "next"], work, 2):
+        got.append((name, result))
+        if name == "next":
+            released.set()
+    assert got == [("quick", "QUICK"), ("next", "NEXT"), ("slow", "SLOW")]
+    assert [n for n, _ in as_finished(["b", "a", "c"], lambda n, s: n, 1)] == ["b", "a", "c"]
+
+
+def test_a_failing_module_stops_the_others():
+    """A worker's error reaches the consumer, and `stop` is set for the module still running."""
+    import threading
+
+    from rank1tools.commands.decompose.modules import as_finished
+
+    seen_stop = threading.Event()
+
+    def work(name: str, stop: threading.Event) -> str:
+        if name == "bad":
+            raise InputError("bad data")
+        assert stop.wait(10)
+        seen_stop.set()
+        return name
+
+    with pytest.raises(InputError, match="bad data"):
+        list(as_finished(["long", "bad", "never"], work, 2))
+    assert seen_stop.is_set()

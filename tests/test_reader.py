@@ -12,6 +12,7 @@ import torch
 
 from rank1tools.errors import InputError
 from rank1tools.io import open_checkpoint, open_source
+from rank1tools.io.reused_reads import ReusedReads
 from rank1tools.synthetic import LlamaShape
 
 from _support import DTYPES, assert_bit_identical, build_checkpoint, reference_tensors, safetensors_files
@@ -87,6 +88,40 @@ def test_read_raw_is_bit_identical_in_stored_dtype(model):
         raw = ckpt.read_raw(name)
         assert raw.dtype == model.dtype
         assert_bit_identical(raw, r.tensor, name)
+
+
+def test_read_raw_into_a_reused_buffer(model):
+    """read_raw(out=): the same bits, as a view of the caller's buffer, one buffer for every tensor."""
+    ckpt = open_checkpoint(model.path)
+    ref = reference_tensors(model.path)
+    buf = torch.empty(max(ckpt.entry(n).nbytes for n in ref), dtype=torch.uint8)
+    for name, r in ref.items():
+        raw = ckpt.read_raw(name, out=buf)
+        assert raw.data_ptr() == buf.data_ptr() and raw.shape == r.tensor.shape
+        assert_bit_identical(raw, r.tensor, name)
+    name = next(iter(ref))
+    with pytest.raises(ValueError, match="at least"):
+        ckpt.read_raw(name, out=torch.empty(ckpt.entry(name).nbytes - 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        ckpt.read_raw(name, out=torch.empty(ckpt.entry(name).nbytes, dtype=torch.float32))
+
+
+def test_reused_reads_equal_fresh_reads(model):
+    """ReusedReads.float32: read(name) bit for bit; each slot's memory is reused whatever the tensor's
+    shape (small after large), and the slots are distinct, so a held view survives a read into
+    another slot."""
+    ckpt = open_checkpoint(model.path)
+    ref = reference_tensors(model.path)
+    names = sorted(ref, key=lambda n: -ref[n].tensor.numel())  # the largest first: later reads fit
+    reads = ReusedReads(slots=2)
+    first = reads.float32(ckpt, names[0], 0)
+    ptr = first.data_ptr()
+    held = reads.float32(ckpt, names[1], 1)
+    for name in names[2:]:
+        got = reads.float32(ckpt, name, 0)
+        assert got.data_ptr() == ptr and got.dtype == torch.float32
+        assert_bit_identical(got, ref[name].tensor.float(), name)
+    assert_bit_identical(held, ref[names[1]].tensor.float(), names[1])
 
 
 def _row_ranges(n: int) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from rank1tools.commands.decompose import DecomposeOptions, decompose
 from rank1tools.errors import InputError
 from rank1tools.math.spectrum import frobenius
-from rank1tools.math.svd import SIGMA_REL_TOL, lower_values_bound, topk_svd
+from rank1tools.math.svd import SIGMA_REL_TOL, TAIL_REL_TOL, lower_values_bound, topk_svd
 from rank1tools.synthetic import LlamaShape, base_tensor, matrix_module_names, write_model
 
 from _support import run_main
@@ -306,9 +306,12 @@ def test_command_warm_rows_meet_the_bar_for_every_value(drift_run, tmp_path):
             )
             r, c = rows[(name, step)], cold_rows[(name, step)]
             assert int(r["iterations"]) == meta["iterations"][j]
-            if r["svd_method"] == "randomized":  # no certificate for the bulk: the cold schedule's steps
+            if r["svd_method"] == "randomized":  # the bulk: certified to the tail tolerance, or the cold steps
                 assert c["svd_method"] == "randomized" and int(c["iterations"]) == 10
-                assert int(r["iterations"]) >= 10
+                bounds = [float(r[f"sigma_{i}_bound"]) for i in range(1, 5)]
+                for i in range(4):  # every recorded bound holds against float64
+                    assert abs(float(r[f"sigma_{i + 1}"]) - Sn[i]) <= bounds[i], (name, step, i)
+                assert max(bounds[1:]) <= TAIL_REL_TOL * Sn[0] or int(r["iterations"]) >= 10
     assert warm.fallbacks == []
 
 
@@ -316,17 +319,23 @@ def test_command_warm_start_takes_fewer_steps_at_rank_1(drift_run, tmp_path):
     _run(drift_run, tmp_path / "warm", rank=1)
     _run(drift_run, tmp_path / "cold", rank=1, warm_start=False)
     rows, cold_rows = _by_key(tmp_path / "warm"), _by_key(tmp_path / "cold")
-    randomized = [key for key, r in rows.items() if r["svd_method"] == "randomized"]
-    assert len(randomized) == 5 * SHAPE.layers * len(STEPS)  # all but k_proj, v_proj (24 x 48: exact)
+    # all but k_proj, v_proj (24 x 48: exact); this run's noise holds more than half of most updates,
+    # so the power path (math/power_top.py) gives up on them after 2 steps and the block path runs
+    randomized = [key for key, r in rows.items() if r["svd_method"] in ("randomized", "power")]
+    assert len(randomized) == 5 * SHAPE.layers * len(STEPS)
+    assert all(rows[key]["svd_method"] == "randomized" for key in randomized if key[1] == STEPS[0])
     for name, step in randomized:
         w, c = int(rows[(name, step)]["iterations"]), int(cold_rows[(name, step)]["iterations"])
         assert c >= 10 and (step == STEPS[0] or w < c), (name, step, w, c)
         assert float(rows[(name, step)]["sigma_1"]) == pytest.approx(
             float(cold_rows[(name, step)]["sigma_1"]), rel=2 * SIGMA_REL_TOL
         )
+    # steps count a matrix-vector product of the power path (its 2 per attempt included) like a
+    # 16-column product of the block path: the saving in time is larger than in steps
+    assert any(rows[key]["svd_method"] == "power" for key in randomized)
     assert (
         sum(int(rows[key]["iterations"]) for key in randomized)
-        < sum(int(cold_rows[key]["iterations"]) for key in randomized) / 2
+        < sum(int(cold_rows[key]["iterations"]) for key in randomized) * 2 / 3
     )
 
 

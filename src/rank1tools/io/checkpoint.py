@@ -154,10 +154,12 @@ class Checkpoint:
         path = self.shard_path(self.entry(name).shard)
         return path, self.entry(name)
 
-    def read_raw(self, name: str) -> torch.Tensor:
-        """The tensor in its stored dtype, on CPU, bit-exact."""
+    def read_raw(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor in its stored dtype, on CPU, bit-exact. `out`: a contiguous CPU uint8 tensor
+        to read into, reused from read to read (`ReusedReads`); the result is then a view of it
+        (sources that form the tensor instead of reading it return a new one)."""
         path, e = self.locate(name)
-        return read_entry(path, e).reshape(e.shape)
+        return read_entry(path, e, out=out).reshape(e.shape)
 
     def read(
         self,

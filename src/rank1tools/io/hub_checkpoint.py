@@ -196,8 +196,8 @@ class HubCheckpoint(Checkpoint):
             self._registered.add(str(path))
 
     # ---- reads, tracked for the evict policy
-    def read_raw(self, name: str) -> torch.Tensor:
-        t = super().read_raw(name)
+    def read_raw(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        t = super().read_raw(name, out)
         self._mark(name, 0, None)
         return t
 

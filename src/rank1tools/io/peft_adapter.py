@@ -331,13 +331,13 @@ class AdapterCheckpoint(Checkpoint):
             return self._embedding_name()
         return name
 
-    def read_raw(self, name: str) -> torch.Tensor:
+    def read_raw(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         name = self._stored_name(name)
-        if name in self.modules:
+        if name in self.modules:  # formed W + scale B A: a new tensor, `out` unused
             return self._merged(name, None, "cpu")
         if name in self.full:
-            return self.adapter.read_raw(self.full[name])
-        return self.base.read_raw(name)
+            return self.adapter.read_raw(self.full[name], out)
+        return self.base.read_raw(name, out)
 
     def read(self, name: str, *, device="cpu", dtype=None, rows=None) -> torch.Tensor:
         import torch

@@ -100,7 +100,7 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        codes = __getattr__("SAFETENSORS_DTYPES")
+        codes = globals().get("SAFETENSORS_DTYPES") or __getattr__("SAFETENSORS_DTYPES")  # built once
         if self.dtype not in codes:
             raise InputError(f"tensor {self.name!r}: dtype {self.dtype} needs a newer torch")
         return codes[self.dtype]
@@ -242,11 +242,18 @@ def _entries(
     return entries
 
 
-def read_bytes(path: Path, offset: int, nbytes: int) -> torch.Tensor:
-    """Read `nbytes` at `offset` into a new uint8 tensor (no memory map)."""
+def read_bytes(path: Path, offset: int, nbytes: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read `nbytes` at `offset` into a new uint8 tensor (no memory map), or into the first `nbytes`
+    of `out` (a contiguous CPU uint8 tensor, returned as that view): memory reused from read to read
+    has no fresh pages for the kernel to fault in and zero, which a fresh buffer of a few MB has."""
     import torch
 
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if out is None:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < nbytes:
+        raise ValueError(f"out must be a contiguous CPU uint8 tensor of at least {nbytes} bytes")
+    else:
+        buf = out.reshape(-1)[:nbytes]
     if nbytes == 0:
         return buf
     view = memoryview(buf.numpy()).cast("B")
@@ -269,13 +276,16 @@ def read_bytes(path: Path, offset: int, nbytes: int) -> torch.Tensor:
     return buf
 
 
-def read_entry(path: Path, entry: TensorEntry, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Elements [start, stop) of the flattened tensor, in its stored dtype, as a 1-D CPU tensor."""
+def read_entry(
+    path: Path, entry: TensorEntry, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Elements [start, stop) of the flattened tensor, in its stored dtype, as a 1-D CPU tensor
+    (a view of `out` when given: `read_bytes`)."""
     stop = entry.numel if stop is None else stop
     if not 0 <= start <= stop <= entry.numel:
         raise ValueError(f"element range [{start}, {stop}) outside tensor {entry.name!r} of {entry.numel} elements")
     itemsize = entry.nbytes // entry.numel if entry.numel else 1
-    raw = read_bytes(path, entry.offset + start * itemsize, (stop - start) * itemsize)
+    raw = read_bytes(path, entry.offset + start * itemsize, (stop - start) * itemsize, out)
     return raw.view(entry.torch_dtype)
 
 

@@ -24,6 +24,11 @@ Two schedules (docs/concepts.md, "Top-k SVD"):
   schedule's 2 + 2 niter steps instead). tail_tol = SIGMA_REL_TOL is the schedule before issue #25,
   bit for bit; decompose's default is TAIL_REL_TOL (docs/concepts.md#certified-bounds-of-the-spectrum).
 
+At k = 1 with a warm start and a tail tolerance looser than sigma_1's (decompose's default), a power
+iteration certified with a gap from ||M||_F comes first (math/power_top.py: two matrix-vector
+products per step instead of a 16-column block); where it does not pass (power_top.power_top1), the
+adaptive block path above runs as it would have.
+
 Every result records per value the bound it was certified to (`TopK.bounds`, absolute):
 `value_bounds` for randomized results (from the residuals of the step returned; values 2..k of a
 step that followed a plain one get their residuals from one extra product, `direct_value_bounds`),
@@ -51,6 +56,7 @@ from functools import lru_cache
 
 import torch
 
+from .power_top import power_top1
 from .spectrum import frobenius
 from .svd_certificates import (  # noqa: F401 (the tolerances and lower_values_bound: importable from here)
     ROUNDING_REL,
@@ -78,7 +84,9 @@ SAFE_FRO_MAX = 1e12
 class TopK:
     """Top-k singular triplets: M ~ U diag(S) V^T with U (m, k), S (k,), V (n, k).
 
-    `method` is "exact", "randomized", or "exact-fallback" (randomized missed the accuracy bar).
+    `method` is "exact", "randomized", "power" (k = 1 from a warm start, math/power_top.py; its
+    iterations count both of its products per step), or "exact-fallback" (randomized missed the
+    accuracy bar).
     `bounds`: per value the certified bound |S_i - sigma_i| <= bounds[i] (module doc).
     `residual` is rho / sigma_1 for randomized results (0 for exact). `iterations`: the subspace
     iteration's steps, i.e. products of M or M^T with the thin sketch, before the result was
@@ -192,8 +200,11 @@ def randomized_topk(
     sigma_1, with the margin of `tail_margin`) or, where no certificate can pass (a noise bulk), computed with
     at least the cold schedule's 2 + 2 niter steps, so that they are never less converged than there.
     The top triplet's certificate (a matrix-vector product) is evaluated only where values 2..k
-    pass; the checks go on only while their bound at least halves per step, otherwise the steps up
-    to 2 + 2 niter are plain ones (no Rayleigh-Ritz, cheaper). `early=False` (k > 1): no attempt
+    pass. At sigma_1's tolerance the checks go on only while their bound at least halves per step,
+    otherwise the steps up to 2 + 2 niter are plain ones (no Rayleigh-Ritz, cheaper: a bulk never
+    reaches that tolerance); under a looser `tail_tol` they go on at every step, since a bulk's
+    bound sinks below it after a few more steps (on the 135M benchmark run a module's first
+    checkpoint passed after 7-9 steps instead of 10, and a later one that missed after 2 after 3-5). `early=False` (k > 1): no attempt
     before 2 + 2 niter steps (a caller's hint that values 2..k are a noise bulk: the previous
     checkpoint of the same module needed those steps); the result is the same up to rounding.
 
@@ -224,7 +235,7 @@ def randomized_topk(
                 s0 = float(S[0])
                 last_bound, bound = bound, math.inf if lower is None else (max(lower) / s0 if s0 > 0 else 0.0)
                 rest = margin * bound <= tail_tol
-                if not rest and not bound <= last_bound / 2:
+                if not rest and not bound <= last_bound / 2 and tail_tol <= SIGMA_REL_TOL:
                     resume = full  # a bulk: no certificate before `full`; plain steps until then
             residual, ok, top = (
                 top_certificate(M, X, transpose, P, S, Wh) if rest or step >= last else (math.nan, False, math.inf)
@@ -305,8 +316,9 @@ def topk_svd(
         bounds=bounds,
     )
     if s == 1.0:
-        return _topk_in_range(M, k, **opts)
-    res = _topk_in_range(_times_power_of_two(M, -math.frexp(s)[1] + 1), k, **opts)
+        return _topk_in_range(M, k, fro=fro, **opts)
+    e = -math.frexp(s)[1] + 1
+    res = _topk_in_range(_times_power_of_two(M, e), k, fro=math.ldexp(fro, e), **opts)
     res.S = (res.S.double() * s).to(res.S.dtype)  # inf where a singular value exceeds float32
     if res.bounds is not None:
         res.bounds = [b * s for b in res.bounds]
@@ -329,11 +341,21 @@ def uses_exact(k: int, oversample: int, m: int, n: int) -> bool:
     return min(m, n) <= 2 * max(k + oversample, MIN_SKETCH)
 
 
-def _topk_in_range(M: torch.Tensor, k: int, *, exact: bool, max_niter: int, **kw) -> TopK:
+def _topk_in_range(M: torch.Tensor, k: int, *, exact: bool, max_niter: int, fro: float, **kw) -> TopK:
     m, n = M.shape
     if exact or uses_exact(k, kw["oversample"], m, n):
         return exact_topk(M, k)
+    before = 0  # products of a power path that did not pass
+    if k == 1 and kw["start"] is not None and kw["adaptive"] and kw["tail_tol"] > SIGMA_REL_TOL:
+        left = m < n  # the start on the smaller side, as randomized_topk's
+        p = power_top1(M, kw["start"][0 if left else 1][:, 0], fro, transpose=left)
+        if p.passed:
+            res = TopK(p.u[:, None], torch.tensor([p.sigma], dtype=M.dtype), p.v[:, None], "power", p.residual, p.steps)
+            res.bounds = [p.bound] if kw["bounds"] else None
+            return res
+        before = p.steps
     res, ok = randomized_topk(M, k, max_niter=max_niter, **kw)
+    res.iterations += before
     if ok:
         return res
     out = exact_topk(M, k)

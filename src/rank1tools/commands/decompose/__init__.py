@@ -36,6 +36,7 @@ from ...io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
 from ...io.fingerprint import source_record
 from ...io.output_lock import locked_output
 from ...io.outputs import follow_umask, output_errors, publish
+from ...io.reused_reads import ReusedReads
 from ...io.run_inputs import open_run_inputs
 from ...io.work_folder import discard_unless_resumed, make_folder, open_work_folder
 from ...io.writer import provenance, write_provenance
@@ -47,7 +48,7 @@ from ...plots import decompose_plots
 from ...plots_experts import expert_plots
 from ...resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
 from ...values import StepSelection
-from .modules import SVD_SEED, cpu_threads, in_order, module_factors, worker_count
+from .modules import SVD_SEED, as_finished, cpu_threads, module_factors, worker_count
 
 
 @dataclass
@@ -283,7 +284,11 @@ def _decompose_locked(
             if progress:
                 progress(count, total)
 
+    buffers = threading.local()  # each worker thread's read buffers, reused from module to module
+
     def compute(name: str, stop: threading.Event):
+        if not hasattr(buffers, "reads"):
+            buffers.reads = ReusedReads(slots=3)
         return module_factors(
             name,
             base_ckpt,
@@ -293,6 +298,7 @@ def _decompose_locked(
             read_ahead=options.prefetch and workers == 1,
             on_step=step_done,
             stop=stop,
+            reads=buffers.reads,
         )
 
     steps = [s for s, _ in pairs]
@@ -307,7 +313,7 @@ def _decompose_locked(
                 if on_module_done:
                     on_module_done(name)
         else:
-            with closing(in_order(todo, compute, workers)) as results:
+            with closing(as_finished(todo, compute, workers)) as results:
                 for name, (acc, base_fro) in results:
                     _save_module(work / "factors" / factor_file(name), name, steps, acc, base_fro)
                     if on_module_done:
