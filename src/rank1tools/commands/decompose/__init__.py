@@ -3,7 +3,8 @@
 Module-major: the base tensor is read once, then the same tensor from every checkpoint, so
 memory is a few tensors and each file is read once. The per-module work (modules.py) runs
 in two worker threads on a multi-core CPU, else in one whose next tensor is read and subtracted in
-a background thread while the current one is decomposed.
+a background thread while the current one is decomposed; each finished module's factor file is
+written and read back by factor_files.py.
 
 Outputs (docs/formats.md, "Factor store"): spectrum.csv / spectrum.jsonl (one row per module and
 step), summary.json, and the factor store (factors/<module>.safetensors + manifest.json) that
@@ -16,7 +17,6 @@ Only the complete folder is renamed to OUT.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable
 from contextlib import closing
@@ -35,7 +35,7 @@ from ...io.compat import check_compatible, tensor_shapes
 from ...io.factor_store import FACTOR_FORMAT, FACTOR_FORMAT_VERSION, factor_file
 from ...io.fingerprint import source_record
 from ...io.output_lock import locked_output
-from ...io.outputs import follow_umask, output_errors, publish
+from ...io.outputs import output_errors, publish
 from ...io.reused_reads import ReusedReads
 from ...io.run_inputs import open_run_inputs
 from ...io.work_folder import discard_unless_resumed, make_folder, open_work_folder
@@ -48,6 +48,7 @@ from ...plots import decompose_plots
 from ...plots_experts import expert_plots
 from ...resources import available_memory_bytes, check_memory, decompose_peak_bytes, svd_bytes
 from ...values import StepSelection
+from .factor_files import save_module, stored_figures, stored_module
 from .modules import SVD_SEED, as_finished, cpu_threads, module_factors, worker_count
 
 
@@ -131,17 +132,6 @@ def _check_selection(base: Checkpoint, pairs: list[tuple[int, Checkpoint]], modu
             raise UsageError(f"--rank {rank} exceeds min(m, n) = {min(shape)} of {name} {list(shape)}")
     for step, ck in pairs:
         check_compatible(base, ck, modules, label=f"{ck.label} (step {step})")
-
-
-def _stored_module(path: Path) -> str | None:
-    """The module name a finished factor file records, or None if unreadable (then it is redone)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return json.loads(f.metadata()["rank1tools"])["module"]
-    except Exception:  # noqa: BLE001 (any damage means: not finished work)
-        return None
 
 
 def _check_memory(
@@ -267,7 +257,7 @@ def _decompose_locked(
     work = open_work_folder(target, "manifest.json", manifest_bytes)
     make_folder(work / "factors")
 
-    done = [n for n in modules if _stored_module(work / "factors" / factor_file(n)) == n]
+    done = [n for n in modules if stored_module(work / "factors" / factor_file(n)) == n]
     done_set = set(done)
     todo = [n for n in modules if n not in done_set]
     total = len(modules) * len(pairs)
@@ -315,21 +305,21 @@ def _decompose_locked(
         else:
             with closing(as_finished(todo, compute, workers)) as results:
                 for name, (acc, base_fro) in results:
-                    _save_module(work / "factors" / factor_file(name), name, steps, acc, base_fro)
+                    save_module(work / "factors" / factor_file(name), name, steps, acc, base_fro)
                     if on_module_done:
                         on_module_done(name)
     except InputError:
         discard_unless_resumed(work, bool(done))
         raise
     except Exception:  # e.g. Ray unreachable: keep the work folder only when it holds a finished module
-        discard_unless_resumed(work, any(_stored_module(work / "factors" / factor_file(n)) == n for n in modules))
+        discard_unless_resumed(work, any(stored_module(work / "factors" / factor_file(n)) == n for n in modules))
         raise
 
     # Assemble the tables from the stored factors, so a resumed run equals an uninterrupted one.
     rows: list[dict] = []
     fallbacks: list[tuple[str, int]] = []
     for name in modules:
-        data, meta = _stored_figures(work / "factors" / factor_file(name))
+        data, meta = stored_figures(work / "factors" / factor_file(name))
         rows.extend(spectrum_rows(name, shapes[name], data, meta["methods"], meta.get("iterations")))
         fallbacks.extend((name, s) for s, m in zip(data["steps"].tolist(), meta["methods"]) if m == "exact-fallback")
     summary = summarize(rows)
@@ -367,45 +357,7 @@ def module_task(name: str, plan: DecomposePlan, factors: str, read_ahead: bool) 
         on_step=lambda: None,
         stop=threading.Event(),
     )
-    _save_module(Path(factors) / factor_file(name), name, [s for s, _ in plan.pairs], acc, base_fro)
-
-
-def _save_module(final: Path, name: str, steps: list[int], acc: dict, base_fro: float) -> None:
-    """Write one module's factor file atomically (tmp + rename)."""
-    from safetensors.torch import save_file
-
-    tensors = {
-        "steps": torch.tensor(steps, dtype=torch.int64),
-        "S": torch.stack(acc["S"]),
-        "S_bound": torch.stack(acc["S_bound"]),
-        "U": torch.stack(acc["U"]),
-        "V": torch.stack(acc["V"]),
-        "fro": torch.tensor(acc["fro"], dtype=torch.float64),
-        "base_fro": torch.tensor([base_fro], dtype=torch.float64),
-    }
-    # one metadata key: safetensors writes __metadata__ from a hash map, so several keys
-    # would come out in a different order from run to run (outputs must be byte-identical)
-    meta = {
-        "rank1tools": json.dumps(
-            {"module": name, "methods": acc["method"], "residuals": acc["residual"], "iterations": acc["iterations"]},
-            sort_keys=True,
-        )
-    }
-    tmp = final.with_suffix(".tmp")
-    with output_errors(final):
-        save_file(tensors, str(tmp), metadata=meta)
-        follow_umask(tmp, directory=False)  # safetensors creates files 0600
-        os.replace(tmp, final)
-
-
-def _stored_figures(path: Path) -> tuple[dict, dict]:
-    """What the tables need from a finished factor file: steps, S, S_bound, fro, base_fro and the
-    metadata (U and V are not read)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        keys = ("steps", "S", "S_bound", "fro", "base_fro")
-        return ({k: f.get_tensor(k) for k in keys if k in f.keys()}, json.loads(f.metadata()["rank1tools"]))
+    save_module(Path(factors) / factor_file(name), name, [s for s, _ in plan.pairs], acc, base_fro)
 
 
 def _svd_parameters(options: DecomposeOptions) -> dict:
