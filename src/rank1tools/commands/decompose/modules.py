@@ -192,7 +192,7 @@ def as_finished(names: list[str], work: Callable[[str, threading.Event], object]
     """(name, work(name, stop)) for every name, as each finishes, computed by `workers` threads with
     `workers` modules in flight. A worker never waits for an earlier module to be taken: with the
     modules taken in order, a worker done with a small module (k_proj) sat idle until its neighbour
-    finished a large one (gate_proj), a fifth of a run's time on two cores. The order cannot
+    finished a large one (gate_proj): about an eighth of the decomposition on two cores. The order cannot
     change a result: a module's factors depend only on its own tensors, and decompose reads the
     finished factor files back in the modules' order. With one worker, the order of `names`. When
     the consumer stops early or a worker fails, `stop` is set so the other workers give up at their
