@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .svd_certificates import ROUNDING_REL, SAFETY, SIGMA_REL_TOL, SIN_TOL
+from .svd_certificates import SAFETY, SIGMA_REL_TOL, SIN_TOL, residual_certificate, value_bounds
 
 MAX_POWER_ITERATIONS = 4  # then the caller's block path (a start this far off is no warm start)
 
@@ -78,10 +78,10 @@ def power_top1(
         rho = float(torch.linalg.vector_norm(z - x * s, dtype=torch.float64))
         gap = s - math.sqrt(max(fro2 - s * s, 0.0))
         if gap > 0.0:
-            top = min(rho, rho * rho / gap)
-            if SAFETY * rho / gap <= sin_tol and SAFETY * top <= sigma_tol * s:
+            ok, top = residual_certificate(rho, s, gap, sigma_tol, sin_tol)
+            if ok:
                 u, v = (x, w) if transpose else (w, x)
-                return PowerTop(True, 2 * it, u, s, v, SAFETY * top + ROUNDING_REL * s, rho / s)
+                return PowerTop(True, 2 * it, u, s, v, value_bounds(top, [], s, SAFETY)[0], rho / s)
         else:  # from a warm start s is near sigma_1 already: another step would not open a gap
             return PowerTop(False, 2 * it)
         norm = float(torch.linalg.vector_norm(z, dtype=torch.float64))

@@ -38,9 +38,19 @@ def top_certificate(
     w = torch.mv(M if transpose else M.T, P[:, 0])
     rho = float(torch.linalg.vector_norm(w.sub_(torch.mv(X, Wh[0]), alpha=s[0]), dtype=torch.float64))
     gap = max(s[0] - s[1] if len(s) > 1 else s[0], 1e-30)
-    sin_bound = rho / gap
-    sigma_bound = min(rho, rho * rho / gap) / s[0]
-    return rho / s[0], SAFETY * sin_bound <= SIN_TOL and SAFETY * sigma_bound <= SIGMA_REL_TOL, sigma_bound * s[0]
+    ok, bound = residual_certificate(rho, s[0], gap)
+    return rho / s[0], ok, bound
+
+
+def residual_certificate(
+    rho: float, s: float, gap: float, sigma_tol: float = SIGMA_REL_TOL, sin_tol: float = SIN_TOL
+) -> tuple[bool, float]:
+    """The bar of a top pair of value s > 0 whose residual is rho and whose distance to the rest of
+    the spectrum is at least gap (math/svd.py; math/power_top.py): SAFETY times the angle's bound
+    rho / gap within sin_tol and SAFETY times the value's bound min(rho, rho^2 / gap) within
+    sigma_tol s. Returns whether it is met and the value's bound (absolute)."""
+    sigma_bound = min(rho, rho * rho / gap) / s
+    return SAFETY * (rho / gap) <= sin_tol and SAFETY * sigma_bound <= sigma_tol, sigma_bound * s
 
 
 def lower_values_bound(Y: torch.Tensor, prev_S: torch.Tensor, prev_other: torch.Tensor, S: torch.Tensor) -> float:
