@@ -68,6 +68,11 @@ def shard_size(value: int | str, option: str = "--max-shard-size") -> int:
     return value
 
 
+def steps_text(steps: list[int]) -> str:
+    """Checkpoint steps for a message: all of up to 8, else the first two, ..., the last."""
+    return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
+
+
 def parse_steps(spec: str, option: str = "--steps") -> tuple[str, object]:
     """Parse a step selection (`--steps`, or an alias: the message names `option`, the one typed): a
     list `50,100,200` -> ("list", [50, 100, 200]), or an inclusive range `START:STOP[:EVERY]` with

@@ -5,8 +5,6 @@ one of the other method exits 2 with the same one line as extrapolate's flag rul
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
 from ..commands.backtest.plan import DEFAULT_MAX_ERROR, METHOD_CHOICES
@@ -171,9 +169,7 @@ def backtest(
             force=force,
             progress=update,
         )
-    print_result_notes(result)
-    if result.plot_hint:
-        sys.stderr.write(f"rank1: note: no plots: {result.plot_hint}\n")
+    print_result_notes(result)  # the plot hint's note included
     if as_json:
         print_json(result.to_dict())
     else:

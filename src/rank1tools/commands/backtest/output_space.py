@@ -50,10 +50,16 @@ def output_figures(base, cuts: list, names: list[str], rollouts: list, data: str
         tokenize_pair(predicted.tokenizer, r.prompt_input(), r.completion, f"{data}: line {r.line}", context)
         for r in rollouts
     ]
+    # each real checkpoint is loaded once, for every cut that predicts it; a cut's pass still
+    # predicts all its targets to fill one (its sink keeps the j-th): J^2 tensor fits per cut
+    later = {step: ck for cp in cuts for step, ck in zip(cp.targets, cp.target_checkpoints)}
     out = {}
-    for cp in cuts:
-        p = cp.history_pass
-        for j, (step, ck) in enumerate(zip(cp.targets, cp.target_checkpoints)):
+    for step in sorted(later):
+        real.load(later[step])
+        for cp in cuts:
+            if step not in cp.targets:
+                continue
+            p, j = cp.history_pass, cp.targets.index(step)
             sink = ModelSink(cp.target_checkpoints, j, tensors)
             for name in names:
                 source = p.plan.source.get(name)
@@ -61,7 +67,6 @@ def output_figures(base, cuts: list, names: list[str], rollouts: list, data: str
                     p.tensor_fn(name, sink)
                 elif source in ("last", "base"):
                     held_prediction(p.history, name, source, sink)
-            real.load(ck)
             out[(cp.cut, step)] = compare(real.model, predicted.model, pairs, model_options.batch_size)
     return out
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from ...errors import UsageError
+from ...values import steps_text
 from ..extrapolate.registry import METHODS, make_options
 
 # A jump holds while its relative update error ‖Δ̂ − Δ‖/‖Δ‖ stays below this: then the predicted
@@ -90,10 +91,6 @@ class CutPlan:
         return self.cut - self.window_start
 
 
-def _steps_text(steps: list[int]) -> str:
-    return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
-
-
 def plan_cuts(base: str, inputs, options: BacktestOptions, source_fields: dict, executor) -> list[CutPlan]:
     """Check every cut against the run (`inputs`: io.run_inputs.RunInputs, all its checkpoints)
     and build its pass; a bad cut is a usage error naming it, before any tensor is read."""
@@ -109,7 +106,7 @@ def plan_cuts(base: str, inputs, options: BacktestOptions, source_fields: dict, 
         if cut > steps[-1]:
             raise UsageError(f"--cuts {cut} is past the last checkpoint (step {steps[-1]})")
         if cut not in steps:
-            raise UsageError(f"--cuts {cut} is not a checkpoint step of the run ({_steps_text(steps)})")
+            raise UsageError(f"--cuts {cut} is not a checkpoint step of the run ({steps_text(steps)})")
         if cut == steps[-1]:
             raise UsageError(f"--cuts {cut} is the last checkpoint: no later checkpoint to predict")
         before = [s for s in steps if s <= cut]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...engine.spectrum_tables import write_row_tables
 from ...errors import InputError
-from ...jsonutil import json_safe
+from ...jsonutil import json_safe, read_json_file
 from .figures import Sums, recommended_jump
 
 FIGURES = ["rel_error", "cosine", "norm_ratio", "update_norm", "predicted_norm"]
@@ -92,12 +92,10 @@ def read_recommended_jump(folder: str | Path, cut: int | None = None) -> int:
     over its cuts; what the re-grounding callback can take its N from. A missing or foreign file,
     or a cut it lacks, is an InputError naming the file."""
     path = Path(folder) / "summary.json"
+    summary = read_json_file(path, "a backtest summary")
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
         cuts = {int(c["cut"]): int(c["recommended_jump"]) for c in summary["cuts"]}
         overall = int(summary["recommended_jump"])
-    except OSError as e:
-        raise InputError(f"{path}: cannot read a backtest summary ({e.strerror or e})") from None
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{path}: not a rank1 backtest summary (no cuts with a recommended_jump)") from None
     if cut is None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 from ...engine.executor_options import ExecutorOptions
 from ...errors import UsageError
 from ...options import check_choice
+from ...values import steps_text
 from .base import ExtrapolateResult, HistoryOptions
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def linear_pass(base: str, options: LinearOptions, executor: ExecutorOptions = E
         b = h.steps[-1] if options.to_step is None else options.to_step
         for flag, s in (("--from", a), ("--to", b)):
             if s not in h.steps and not (flag == "--from" and s == 0):  # --from 0: the base
-                raise UsageError(f"{flag} {s} is not a history step ({_steps_text(h.steps)}, or --from 0 for the base)")
+                raise UsageError(f"{flag} {s} is not a history step ({steps_text(h.steps)}, or --from 0 for the base)")
         if a == b:
             raise UsageError(f"--from and --to are both step {a}: a line needs two different steps")
         read = sorted({h.steps.index(x) for x in (a, b) if x in h.steps} | {T - 1})
@@ -114,10 +115,6 @@ def linear_pass(base: str, options: LinearOptions, executor: ExecutorOptions = E
             "--extrapolate-norms extrapolates them too"
         )
     return HistoryPass(h, plan, one, read, {**params, "copied_norms": copied}, notes)
-
-
-def _steps_text(steps: list[int]) -> str:
-    return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
 
 
 def _ratio(sq_pred: float, sq_last: float) -> float:
