@@ -32,7 +32,7 @@ from ..io.output_lock import locked_output
 from ..io.outputs import follow_umask, output_errors, staged_output
 from ..io.writer import provenance, write_provenance
 from ..jsonutil import json_safe
-from ..math.pls import fit_module
+from ..math.pls import OVERFIT_GAP, fit_module
 from ..math.signs import align_to_next
 from ..options import check_min_checkpoints
 from ..plot_common import draw_plots
@@ -41,7 +41,6 @@ from ..values import StepSelection
 from .gate import fail_below_gate
 
 LOO_GOOD = 0.9  # the share of modules above this LOO R² is reported
-OVERFIT_GAP = 0.5  # warn when mean in-sample R² exceeds mean LOO R² by this much
 COLUMNS = [
     "module",
     "layer",

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from ..jsonutil import json_safe
-from ..math.spectrum import figure_bounds, spectrum_figures
+from ..math.spectrum import BOUND_FIGURES, figure_bounds, spectrum_figures
 from ..modules import LM_HEAD_NAME, is_embedding, parse_matrix_module
 
 TYPE_ORDER = {t: i for i, t in enumerate(["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"])}
@@ -50,7 +50,7 @@ COLUMNS_HEAD = [
 ]
 COLUMNS_TAIL = ["energy_1", "energy_k", "rank1pct_k", "energy_rank1pct", "norm_frac_1", "stable_rank"]
 # after the figures (their columns keep their places): the certified bounds (docs/formats.md)
-COLUMNS_BOUNDS = ["energy_1_bound", "energy_k_bound", "energy_rank1pct_bound", "norm_frac_1_bound", "stable_rank_bound"]
+COLUMNS_BOUNDS = BOUND_FIGURES
 
 
 def spectrum_rows(
@@ -60,6 +60,7 @@ def spectrum_rows(
     power iterations each step's SVD ran (None: not recorded, an empty cell). A store without
     S_bound (written before bounds were recorded) gives empty bound cells."""
     layer, mtype = module_labels(name, shape)
+    expert = module_expert(name, shape)
     base_fro = float(data["base_fro"][0])
     out = []
     for j, step in enumerate(data["steps"].tolist()):
@@ -73,7 +74,7 @@ def spectrum_rows(
                 "module": name,
                 "layer": layer,
                 "type": mtype,
-                "expert": module_expert(name, shape),
+                "expert": expert,
                 "step": step,
                 "rows": shape[0],
                 "cols": shape[1],

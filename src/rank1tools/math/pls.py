@@ -13,6 +13,8 @@ import math
 import numpy as np
 
 EPS = np.finfo(np.float64).eps
+# fit-pls warns (and the report flags) where mean in-sample R² exceeds mean leave-one-out R² by this much
+OVERFIT_GAP = 0.5
 
 
 def _f64(a) -> np.ndarray:

@@ -76,6 +76,10 @@ def spectrum_figures(sigmas: list[float], fro: float, base_fro: float, shape: tu
     }
 
 
+# the derived figures' bounds, in the spectrum table's order (docs/formats.md)
+BOUND_FIGURES = ["energy_1_bound", "energy_k_bound", "energy_rank1pct_bound", "norm_frac_1_bound", "stable_rank_bound"]
+
+
 def figure_bounds(sigmas: list[float], bounds: list[float] | None, fro: float, shape: tuple[int, int]) -> dict:
     """sigma_i_bound and the bounds the sigma bounds imply for the derived figures
     (docs/concepts.md#certified-bounds-of-the-spectrum): with |sigma_i - true| <= b_i,
@@ -90,7 +94,7 @@ def figure_bounds(sigmas: list[float], bounds: list[float] | None, fro: float, s
     nan = float("nan")
     k = len(sigmas)
     keys = [f"sigma_{i + 1}_bound" for i in range(k)]
-    keys += ["energy_1_bound", "energy_k_bound", "energy_rank1pct_bound", "norm_frac_1_bound", "stable_rank_bound"]
+    keys += BOUND_FIGURES
     if bounds is None or k == 0 or fro <= 0:
         out = dict.fromkeys(keys, nan)
         if bounds is not None:

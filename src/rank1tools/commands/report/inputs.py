@@ -6,14 +6,13 @@ command outputs inside it. Anything else is refused with one line naming the fol
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import InputError
-from ...jsonutil import read_json_file
+from ...jsonutil import json_lines, read_json_file
 
 PROVENANCE = "rank1tools.json"
 EXTRAPOLATION = "rank1tools-extrapolation.json"
@@ -156,19 +155,15 @@ def read_jsonl(path: Path) -> list[dict]:
     """The rows of a JSON Lines table (null read as NaN where a number is expected by the caller)."""
     if not path.is_file():
         raise InputError(f"{path}: missing (the output is incomplete: rerun the command that wrote it)")
-    rows = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise InputError(f"{path}: line {n}: not a JSON object")
-                    rows.append(row)
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
-    except ValueError as e:
-        raise InputError(f"{path}: line {n}: not JSON ({e})") from None
+    rows = []
+    for _, row, at in json_lines(text, str(path)):  # one-line errors, nesting too deep included
+        if not isinstance(row, dict):
+            raise InputError(f"{at}: not a JSON object")
+        rows.append(row)
     return rows
 
 

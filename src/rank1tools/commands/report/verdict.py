@@ -6,7 +6,7 @@ Words follow fixed bars, the ones the docs use: a mean energy_1 of 0.8 or more i
 below 0.5 "far from rank-1"; a trajectory EV of 0.9 or more "keeps one direction", below 0.7 "does
 not" (EV says the updates share a direction, not that they move along it at a steady pace: that is
 the coefficient R², quoted beside it, docs/concepts.md#the-two-meanings-of-rank-1); PLS's
-overfit warning is fit-pls's own (in-sample minus leave-one-out mean R² above OVERFIT_GAP).
+overfit warning is fit-pls's own (in-sample minus leave-one-out mean R² above math.pls.OVERFIT_GAP).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import math
 import os
 from dataclasses import dataclass
 
+from ...math.pls import OVERFIT_GAP
 from .html import esc
 from .inputs import EXTRAPOLATION, ROUNDING, Input, number
-
-OVERFIT_GAP = 0.5  # = commands.fit_pls.OVERFIT_GAP (that module imports torch; a test checks they agree)
 
 
 @dataclass(frozen=True)
