@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_FILE
 from .outputs import output_errors
+from .peft_adapter import PREFIX
 from .writer import ShardPlacement, TensorSpec, plan_safetensors
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."  # what PeftModelForCausalLM's state dict keys start with
+# the file names and key prefix a PEFT adapter is read with (io/checkpoint.py, io/peft_adapter.py)
+ADAPTER_WEIGHTS, PEFT_PREFIX = ADAPTER_FILE, PREFIX
 PEFT_FORMAT_VERSION = "0.21.2"  # the peft whose save_pretrained this layout matches (tests check)
 
 

@@ -12,15 +12,14 @@ saved in full (`--modules-to-save`). Written into a staging folder, published wh
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ...engine.checkpoint_outputs import nonfinite_error, output_dtype
+from ...engine.checkpoint_outputs import output_dtype
 from ...engine.executor_options import ExecutorOptions, task_device
-from ...engine.factor_source import factors_for
+from ...engine.factor_source import factors_for, update_topk
 from ...engine.lora_targets import base_reference, check_targets, is_conv1d, lora_target, target_modules, task_type
 from ...errors import InputError, UsageError
 from ...io.compat import check_compatible, tensor_shapes
@@ -32,9 +31,7 @@ from ...io.writer import TensorSpec, provenance, write_provenance
 from ...math.finite import all_finite
 from ...math.lora import lora_factors
 from ...math.reconstruct import rank_k_scale
-from ...math.signs import canonicalize_signs
-from ...math.spectrum import delta, frobenius
-from ...math.svd import MIN_SKETCH, topk_svd
+from ...math.svd import MIN_SKETCH
 from ...modules import LM_HEAD_NAME, is_embedding, select_tensors
 from ...resources import check_largest_tensor, svd_bytes
 from .plan import ExportLoraOptions, ExportLoraResult, LeftOut
@@ -117,7 +114,7 @@ def export_lora(
     ):
         writer = AdapterWriter(staging, targets, k, adapter_dtype, saved_specs)
         for i, (name, t) in enumerate(zip(modules, targets)):
-            U, S, V, fro = _factors(name, base_ck, ck, store, step_index, k, options, device)
+            U, S, V, fro = update_topk(name, base_ck, ck, store, step_index, k, exact=options.exact, device=device)
             scale = rank_k_scale(U, S, V, k, fro, alpha=1.0, norm_match=options.norm_match)
             if is_conv1d(base_ck, name):  # stored (in, out): B A is the stored update's transpose
                 U, V = V, U
@@ -156,23 +153,6 @@ def export_lora(
         left_out=left_out,
         notes=notes,
     )
-
-
-def _factors(name, base_ck, ck, store, step_index, k, options, device):
-    """U, S, V (top k, float32) and ||dW||_F of one module's update: from the store, or the top-k
-    SVD of theta_t - theta_0 as `reconstruct` takes it."""
-    if store is not None:
-        f = store.load(name)
-        U, S, V = (f[key][step_index][..., :k].to(device) for key in ("U", "S", "V"))
-        return U, S, V, float(f["fro"][step_index])
-    d = delta(ck.read(name, device=device), base_ck.read(name, device=device))
-    fro = frobenius(d)
-    if not math.isfinite(fro):
-        bad = base_ck if not all_finite(base_ck.read(name)) else ck
-        raise nonfinite_error(bad.label, name)
-    res = topk_svd(d, k, exact=options.exact, fro=fro)
-    U, V = canonicalize_signs(res.U, res.V)
-    return U, res.S, V, fro
 
 
 def _check_memory(base_ck, ck, shapes, selected, k: int, *, exact: bool, from_store: bool) -> None:

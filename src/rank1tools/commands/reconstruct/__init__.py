@@ -34,7 +34,7 @@ from ...engine.checkpoint_outputs import (  # noqa: F401 (DTYPE_CHOICES, LOST_WA
 )
 from ...engine.executor_options import ExecutorOptions, task_device
 from ...engine.expert_tensors import selected_slices, write_fused
-from ...engine.factor_source import factors_for
+from ...engine.factor_source import factors_for, update_topk
 from ...engine.tensor_units import (
     TensorGroup,
     TensorUnits,
@@ -45,16 +45,15 @@ from ...engine.tensor_units import (
     stats_from,
     stats_record,
 )
-from ...errors import InputError, UsageError
+from ...errors import UsageError
 from ...io.compat import check_compatible, tensor_shapes, untied_head
 from ...io.output_lock import locked_output
 from ...io.sources import is_hub_source, open_source
 from ...io.writer import provenance
-from ...math.finite import all_finite, introduces_nonfinite, max_abs, nonfinite_update_cause
+from ...math.finite import all_finite, introduces_nonfinite, max_abs
 from ...math.reconstruct import apply_rank_k, rounding_stats
-from ...math.signs import canonicalize_signs
-from ...math.spectrum import delta, frobenius
-from ...math.svd import MIN_SKETCH, topk_svd
+from ...math.spectrum import delta
+from ...math.svd import MIN_SKETCH
 from ...modules import LM_HEAD_NAME, expert_slices, select_tensors
 from ...options import RankSpec, parse_ranks  # noqa: F401 (RankSpec, parse_ranks: importable from here)
 from ...resources import check_largest_tensor, reconstruct_peak_bytes, svd_bytes
@@ -279,30 +278,9 @@ def _check_memory(plan: ReconstructPlan) -> None:
 def _write_module(name: str, plan: ReconstructPlan, device: torch.device, writers, stats) -> None:
     base_ck, ck, store, step_index, options = plan.base, plan.checkpoint, plan.store, plan.step_index, plan.options
     w0 = base_ck.read(name, device=device)
-    if store is not None:
-        f = store.load(name)
-        U, S, V = (f[k][step_index].to(device) for k in ("U", "S", "V"))
-        fro = float(f["fro"][step_index])
-    else:
-        d = delta(ck.read(name, device=device), w0)
-        fro = frobenius(d)
-        if not math.isfinite(fro):  # NaN/Inf in the base or the checkpoint, or theta_t - theta_0 overflows
-            theirs = ck.read_raw(name)  # error path only
-            cause = nonfinite_update_cause(w0, theirs)
-            if cause != "overflow":
-                raise nonfinite_error((base_ck if cause == "base" else ck).label, name)
-            raise InputError(
-                f"{ck.label}: the update of tensor {name!r} overflows float32 "
-                f"(|values| up to {max(max_abs(theirs), max_abs(w0)):.3g} in base and checkpoint)"
-            )
-        res = topk_svd(d, plan.kmax[name], exact=options.exact, fro=fro, bounds=False)
-        del d
-        if not all_finite(res.S):
-            raise InputError(
-                f"{ck.label}: the update of tensor {name!r} has singular values beyond float32 (||dW||_F = {fro:.3g})"
-            )
-        U, V = canonicalize_signs(res.U, res.V)
-        S = res.S
+    U, S, V, fro = update_topk(
+        name, base_ck, ck, store, step_index, plan.kmax[name], exact=options.exact, device=device, w0=w0
+    )
     for r, w, st in zip(plan.ranks, writers, stats):
         stored, stat = apply_rank_k(
             w0,
