@@ -118,7 +118,7 @@ def plan_cuts(base: str, inputs, options: BacktestOptions, source_fields: dict, 
         later = [(s, c) for s, c in pairs if s > cut]
         fields = {**options.fit, **source_fields, "history_until": cut, "target_steps": [s for s, _ in later]}
         try:
-            p = passes[options.method](base, make_options(options.method, **fields), executor)
+            p = passes[options.method](base, make_options(options.method, **fields), executor, inputs)
         except UsageError as e:
             raise UsageError(f"--cuts {cut}: {e}") from None
         start = p.params["fit_steps"][0] if "fit_steps" in p.params else p.params["from"]

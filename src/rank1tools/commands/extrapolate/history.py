@@ -53,11 +53,16 @@ class History:
         return self.checkpoints[-1]
 
 
-def open_history(base: str, options: HistoryOptions, executor: ExecutorOptions = ExecutorOptions()) -> History:
+def open_history(
+    base: str, options: HistoryOptions, executor: ExecutorOptions = ExecutorOptions(), inputs: RunInputs | None = None
+) -> History:
     """Open the inputs and check what every history method needs: at least two checkpoints after
-    step 0 and no target before the first of them (targets inside the history are allowed)."""
+    step 0 and no target before the first of them (targets inside the history are allowed).
+    `inputs`: the run already opened from the same source options (a backtest opens it once for
+    all its cuts, so that every cut reads the same checkpoints and revisions)."""
     method = options.method
-    inputs = open_run_inputs(base, options.checkpoints, options.run, options.steps, options.hub_run)
+    if inputs is None:
+        inputs = open_run_inputs(base, options.checkpoints, options.run, options.steps, options.hub_run)
     inputs = inputs.until(options.history_until)
     notes = list(inputs.notes)
     zero = [c for s, c in inputs.checkpoints if s == 0]

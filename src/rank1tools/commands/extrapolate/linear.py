@@ -24,6 +24,7 @@ from ...values import steps_text
 from .base import ExtrapolateResult, HistoryOptions
 
 if TYPE_CHECKING:
+    from ...io.run_inputs import RunInputs
     from .history import History, HistoryPass
     from .history_write import TargetSink
 
@@ -67,7 +68,9 @@ def extrapolate_linear(
     return write_pass(linear_pass(base, options, executor), out, options, force, progress, executor)
 
 
-def linear_pass(base: str, options: LinearOptions, executor: ExecutorOptions = ExecutorOptions()) -> HistoryPass:
+def linear_pass(
+    base: str, options: LinearOptions, executor: ExecutorOptions = ExecutorOptions(), inputs: RunInputs | None = None
+) -> HistoryPass:
     """The checked history, plan and per-tensor lines giving θ̂(s) for every --target-step s."""
     from .history import HistoryPass, check_history_tensors, open_history, plan_tensors, window_size
 
@@ -77,7 +80,7 @@ def linear_pass(base: str, options: LinearOptions, executor: ExecutorOptions = E
         raise UsageError("--from/--to apply to --mode two-point")
     if two and options.fit_window is not None:
         raise UsageError("--fit-window applies to --mode lstsq (two-point uses --from and --to)")
-    h = open_history(base, options, executor)
+    h = open_history(base, options, executor, inputs)  # `inputs`: history.open_history
     T = len(h.steps)
     plan = plan_tensors(h, options, copy_norms=not options.extrapolate_norms)
     if two:

@@ -22,6 +22,7 @@ from ...errors import UsageError
 from .base import ExtrapolateResult, HistoryOptions
 
 if TYPE_CHECKING:
+    from ...io.run_inputs import RunInputs
     from .history import History, HistoryPass
     from .history_write import TargetSink
 
@@ -57,13 +58,15 @@ def extrapolate_relex(
     return write_pass(relex_pass(base, options, executor), out, options, force, progress, executor)
 
 
-def relex_pass(base: str, options: RelexOptions, executor: ExecutorOptions = ExecutorOptions()) -> HistoryPass:
+def relex_pass(
+    base: str, options: RelexOptions, executor: ExecutorOptions = ExecutorOptions(), inputs: RunInputs | None = None
+) -> HistoryPass:
     """The checked history, plan and per-tensor fit of θ̂(s) for every --target-step s."""
     from ...math.linefit import positions_for
     from .history import HistoryPass, check_history_tensors, open_history, plan_tensors, window_size
 
     options.check()  # a caller may have changed a field since construction
-    h = open_history(base, options, executor)
+    h = open_history(base, options, executor, inputs)  # `inputs`: history.open_history
     T = len(h.steps)
     if options.rank > T:
         raise UsageError(
