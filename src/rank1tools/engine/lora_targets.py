@@ -10,8 +10,8 @@ from __future__ import annotations
 from ..errors import UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.hub_spec import is_hub_source, parse_hub_spec
-from ..io.lora_adapter import LoraTarget
-from ..modules import LM_HEAD_NAME, is_embedding
+from ..io.lora_adapter import LoraTarget, adapter_config
+from ..modules import LM_HEAD_NAME, is_embedding, split_expert_slice
 
 # transformers models whose projections are GPT-2's Conv1D, which stores its weight in x out
 # (PEFT's fan_in_fan_out): their update's B A is the transpose of the stored tensor's
@@ -34,6 +34,11 @@ def check_targets(base: Checkpoint, names: list[str]) -> None:
     linear layer: not a `.weight`, an embedding (PEFT's embedding LoRA is another layout), or
     an lm_head tied to the embedding (merging would change the embedding too)."""
     for name in names:
+        if split_expert_slice(name) is not None:
+            raise UsageError(
+                f"{name}: one expert of a fused tensor, which a LoRA adapter cannot target; "
+                "write a checkpoint instead (--format checkpoint)"
+            )
         if not name.endswith(".weight"):
             raise UsageError(f"{name}: not a module's .weight, so not a LoRA target; leave it out (--exclude)")
         if is_embedding(name):
@@ -46,6 +51,37 @@ def check_targets(base: Checkpoint, names: list[str]) -> None:
                 f"{name}: tied to the embedding in base {base.label}; a LoRA on it would change the "
                 f"embedding too once merged (leave it out: --exclude '{name}')"
             )
+
+
+def adapter_dtype(base: Checkpoint, names: list[str], dtype_choice: str, what: str):
+    """The one dtype of an adapter over the modules `names`: `--dtype`, or for `auto` the base's,
+    which must then be the same for all of them (`what` names them in the usage error)."""
+    from .checkpoint_outputs import output_dtype  # torch: not at import
+
+    dtypes = {output_dtype(dtype_choice, base.entry(n).torch_dtype) for n in names}
+    if len(dtypes) > 1:
+        raise UsageError(
+            f"--dtype auto: the {what} modules are stored in several dtypes in the base; "
+            "an adapter has one: choose --dtype float32, bfloat16 or float16"
+        )
+    return dtypes.pop()
+
+
+def peft_config(
+    base: Checkpoint, shapes: dict[str, tuple[int, ...]], names: list[str], rank: int, modules_to_save=()
+) -> dict:
+    """The adapter_config.json of a rank-`rank` LoRA (lora_alpha = rank) on the modules `names`."""
+    name_or_path, revision = base_reference(base)
+    return adapter_config(
+        rank=rank,
+        lora_alpha=rank,
+        target_modules=target_modules(shapes, names),
+        modules_to_save=list(modules_to_save),
+        base_model_name_or_path=name_or_path,
+        revision=revision,
+        task_type=task_type(base),
+        fan_in_fan_out=any(is_conv1d(base, n) for n in names),
+    )
 
 
 def lora_target(base: Checkpoint, tensor: str, shape: tuple[int, ...]) -> LoraTarget:

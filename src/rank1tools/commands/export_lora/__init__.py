@@ -20,10 +20,10 @@ import torch
 from ...engine.checkpoint_outputs import output_dtype
 from ...engine.executor_options import ExecutorOptions, task_device
 from ...engine.factor_source import factors_for, update_topk
-from ...engine.lora_targets import base_reference, check_targets, is_conv1d, lora_target, target_modules, task_type
+from ...engine.lora_targets import adapter_dtype, check_targets, is_conv1d, lora_target, peft_config
 from ...errors import InputError, UsageError
 from ...io.compat import check_compatible, tensor_shapes
-from ...io.lora_adapter import AdapterWriter, adapter_config
+from ...io.lora_adapter import AdapterWriter
 from ...io.output_lock import locked_output
 from ...io.outputs import staged_output
 from ...io.sources import is_hub_source, open_source
@@ -66,13 +66,7 @@ def export_lora(
         store, step_index = factors_for(options.factors, base_ck, ck, checkpoint, dict.fromkeys(modules, k), notes)
     check_compatible(base_ck, ck)  # the rest is compared too: what the adapter leaves out
     device = task_device(options.device, ExecutorOptions())
-    dtype_of = {n: output_dtype(options.dtype, base_ck.entry(n).torch_dtype) for n in modules}
-    adapter_dtype = dtype_of[modules[0]]
-    if any(d != adapter_dtype for d in dtype_of.values()):
-        raise UsageError(
-            "--dtype auto: the selected modules are stored in several dtypes in the base; "
-            "an adapter has one: choose --dtype float32, bfloat16 or float16"
-        )
+    lora_dtype = adapter_dtype(base_ck, modules, options.dtype, "selected")
     selected = set(modules)
     _check_memory(base_ck, ck, shapes, selected, k, exact=options.exact, from_store=store is not None)
     targets = [lora_target(base_ck, n, shapes[n]) for n in modules]
@@ -80,18 +74,8 @@ def export_lora(
     saved, left_out = _split_rest(base_ck, changed, shapes, selected, options.modules_to_save)
     saved_specs = [TensorSpec(n, shapes[n], output_dtype(options.dtype, ck.entry(n).torch_dtype)) for n in saved]
     saved_modules = sorted({n.rsplit(".", 1)[0] for n in saved})
-    fan_in_fan_out = any(is_conv1d(base_ck, n) for n in modules)
-    name_or_path, revision = base_reference(base_ck)
-    config = adapter_config(
-        rank=k,
-        lora_alpha=k,
-        target_modules=target_modules(shapes, modules),
-        modules_to_save=saved_modules,
-        base_model_name_or_path=name_or_path,
-        revision=revision,
-        task_type=task_type(base_ck),
-        fan_in_fan_out=fan_in_fan_out,
-    )
+    config = peft_config(base_ck, shapes, modules, k, saved_modules)
+    fan_in_fan_out = config["fan_in_fan_out"]
     params = {
         "rank": k,
         "norm_match": options.norm_match,
@@ -112,7 +96,7 @@ def export_lora(
         locked_output(out, force=force, inputs=local) as target,
         staged_output(target, force=force, label=out) as staging,
     ):
-        writer = AdapterWriter(staging, targets, k, adapter_dtype, saved_specs)
+        writer = AdapterWriter(staging, targets, k, lora_dtype, saved_specs)
         for i, (name, t) in enumerate(zip(modules, targets)):
             U, S, V, fro = update_topk(name, base_ck, ck, store, step_index, k, exact=options.exact, device=device)
             scale = rank_k_scale(U, S, V, k, fro, alpha=1.0, norm_match=options.norm_match)
@@ -121,9 +105,10 @@ def export_lora(
             B, A = lora_factors(U, S, V, k, scale)
             if not (all_finite(B) and all_finite(A)):
                 raise InputError(f"{ck.label}: the LoRA factors of {name!r} are not finite (||dW||_F = {fro:.3g})")
-            if not (all_finite(B.to(adapter_dtype)) and all_finite(A.to(adapter_dtype))):
-                raise InputError(f"{name}: the LoRA factors overflow {str(adapter_dtype).removeprefix('torch.')}")
-            writer.write_pair(t.module, B, A)
+            Bc, Ac = B.to(lora_dtype), A.to(lora_dtype)  # cast once: checked, then written
+            if not (all_finite(Bc) and all_finite(Ac)):
+                raise InputError(f"{name}: the LoRA factors overflow {str(lora_dtype).removeprefix('torch.')}")
+            writer.write_pair(t.module, Bc, Ac)
             if progress:
                 progress(i + 1, total)
         for j, name in enumerate(saved):
@@ -147,7 +132,7 @@ def export_lora(
         modules_to_save=saved_modules,
         used_factors=store is not None,
         fan_in_fan_out=fan_in_fan_out,
-        dtype=str(adapter_dtype).removeprefix("torch."),
+        dtype=str(lora_dtype).removeprefix("torch."),
         adapter_bytes=adapter_bytes,
         checkpoint_bytes=ck.nbytes,
         left_out=left_out,

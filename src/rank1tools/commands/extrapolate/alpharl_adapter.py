@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ...engine.checkpoint_outputs import output_dtype
-from ...engine.lora_targets import base_reference, check_targets, is_conv1d, lora_target, target_modules, task_type
+from ...engine.lora_targets import adapter_dtype as lora_adapter_dtype
+from ...engine.lora_targets import check_targets, is_conv1d, lora_target, peft_config
 from ...errors import InputError, UsageError
-from ...io.lora_adapter import AdapterWriter, adapter_config
+from ...io.lora_adapter import AdapterWriter
 from ...io.output_lock import locked_output
 from ...io.outputs import staged_output
 from ...io.writer import provenance, write_provenance
@@ -69,32 +69,10 @@ def write_adapters(
         raise UsageError(
             "--format peft: no module is extrapolated (see --min-r2 and --include): the adapter would be empty"
         )
-    fused = [n for n in moved if n.endswith("]")]
-    if fused:
-        raise UsageError(
-            f"--format peft: {fused[0]} is one expert of a fused tensor, which a LoRA adapter cannot target; "
-            "write --format checkpoint"
-        )
-    check_targets(base_ck, moved)
-    dtypes = {output_dtype(dtype, base_ck.entry(n).torch_dtype) for n in moved}
-    if len(dtypes) > 1:
-        raise UsageError(
-            "--dtype auto: the extrapolated modules are stored in several dtypes in the base; an adapter has "
-            "one: choose --dtype float32, bfloat16 or float16"
-        )
-    adapter_dtype = dtypes.pop()
+    check_targets(base_ck, moved)  # one expert of a fused tensor included
+    adapter_dtype = lora_adapter_dtype(base_ck, moved, dtype, "extrapolated")
     lora = [lora_target(base_ck, n, shapes[n]) for n in moved]
-    name_or_path, revision = base_reference(base_ck)
-    config = adapter_config(
-        rank=1,
-        lora_alpha=1,
-        target_modules=target_modules(shapes, moved),
-        modules_to_save=[],
-        base_model_name_or_path=name_or_path,
-        revision=revision,
-        task_type=task_type(base_ck),
-        fan_in_fan_out=any(is_conv1d(base_ck, n) for n in moved),
-    )
+    config = peft_config(base_ck, shapes, moved, 1)
     folders = [target_folder(kind, t) for t in targets] if len(targets) > 1 else [""]
     outputs = []
     with (
