@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import InputError
+from ...io.outputs import MARKER_FILE
 from ...jsonutil import json_lines, read_json_file
 
-PROVENANCE = "rank1tools.json"
+PROVENANCE = MARKER_FILE
 EXTRAPOLATION = "rank1tools-extrapolation.json"
 ROUNDING = "rank1tools-rounding.json"
 # the commands whose outputs the page shows, in the order of its sections
@@ -87,8 +88,9 @@ def _targets(folder: Path, record: dict, marker: str) -> list[Path]:
     return [folder / str(n) for n in names if isinstance(n, str) and (folder / n / marker).is_file()]
 
 
-def _recognised(folder: Path, label: str) -> Input | None:
-    kind, record = _kind(folder)
+def _recognised(folder: Path, label: str, known: tuple[str | None, dict | None] | None = None) -> Input | None:
+    """The output in `folder`, or None; `known`: its `_kind`, when the caller has read it already."""
+    kind, record = known or _kind(folder)
     if kind is None:
         return None
     found = Input(kind, folder, label, record or {})
@@ -113,7 +115,7 @@ def recognise(arg: str) -> list[Input]:
             f"{arg}: {what}; rank1 report reads the outputs of {', '.join(KINDS)} "
             f"(recognised by their {PROVENANCE} or manifest.json)"
         )
-    found = [_recognised(folder, arg)]
+    found = [_recognised(folder, arg, (kind, record))]
     if kind == "demo":
         for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):
             inner = _recognised(child, f"{arg.rstrip('/')}/{child.name}")
