@@ -225,3 +225,34 @@ def run_main(*args: str) -> CliResult:
     finally:
         sys.argv = argv
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def build_tiny_llama_line_run(root: Path, transformers, steps=(10, 20, 30, 40)) -> Path:
+    """root/base/ (a 2-layer Llama built by transformers, with the demo tokenizer) and
+    root/run/checkpoint-{steps}/: its weights on a line (seeded direction) plus noise of 0.02."""
+    from rank1tools.demo.tokenizer import VOCAB, write_tokenizer
+
+    config = transformers.LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(root / "base")
+    write_tokenizer(root / "base")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    direction = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}
+    with torch.no_grad():
+        for s in steps:
+            for k, p in model.state_dict().items():
+                p.copy_(base[k] + s * direction[k] + 0.02 * torch.randn(p.shape, generator=g))
+            model.save_pretrained(root / "run" / f"checkpoint-{s}")
+    return root

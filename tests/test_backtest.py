@@ -25,7 +25,7 @@ from _extrapolate_support import (
     trajectory,
     write_planted,
 )
-from _support import run_main
+from _support import build_tiny_llama_line_run, run_main
 
 STEPS = [4, 8, 12, 16, 20, 24]
 TOL = 1e-6
@@ -373,32 +373,7 @@ def tiny_llama_run(tmp_path_factory):
     """base/ (with the demo tokenizer) and run/checkpoint-{10..40}/ of a Llama built by
     transformers, its weights on a line plus noise; rollouts.jsonl."""
     transformers = pytest.importorskip("transformers")
-    from rank1tools.demo.tokenizer import VOCAB, write_tokenizer
-
-    root = tmp_path_factory.mktemp("bt-llama")
-    config = transformers.LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        initializer_range=0.3,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(root / "base")
-    write_tokenizer(root / "base")
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    direction = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}
-    with torch.no_grad():
-        for s in (10, 20, 30, 40):
-            for k, p in model.state_dict().items():
-                p.copy_(base[k] + s * direction[k] + 0.02 * torch.randn(p.shape, generator=g))
-            model.save_pretrained(root / "run" / f"checkpoint-{s}")
+    root = build_tiny_llama_line_run(tmp_path_factory.mktemp("bt-llama"), transformers)
     rollouts = [("2+3=", "5"), ("12+30=", "42"), ("7+7=", "14+0"), ("1+1+1+1=", "4444")]
     (root / "rollouts.jsonl").write_text(
         "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rollouts)

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from rank1tools.commands.logprobs import LogprobsOptions, logprobs
-from rank1tools.demo.tokenizer import VOCAB, encode, write_tokenizer
+from rank1tools.demo.tokenizer import VOCAB, encode
 from rank1tools.engine.model_loading import ModelOptions
 from rank1tools.errors import InputError, UsageError
 from rank1tools.io.logprob_store import read_logprob_store
 
-from _support import run_main
+from _support import build_tiny_llama_line_run, run_main
 
 pytestmark = pytest.mark.integration
 
@@ -43,30 +43,7 @@ def transformers():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, transformers):
     """base/ and run/checkpoint-{10..40}/: a Llama whose weights move along a line plus noise."""
-    root = tmp_path_factory.mktemp("lp")
-    config = transformers.LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        initializer_range=0.3,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(root / "base")
-    write_tokenizer(root / "base")
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    direction = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}
-    with torch.no_grad():
-        for s in STEPS:
-            for k, p in model.state_dict().items():
-                p.copy_(base[k] + s * direction[k] + 0.02 * torch.randn(p.shape, generator=g))
-            model.save_pretrained(root / "run" / f"checkpoint-{s}")
+    root = build_tiny_llama_line_run(tmp_path_factory.mktemp("lp"), transformers, STEPS)
     data = root / "rollouts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROLLOUTS))
     return root
