@@ -128,18 +128,20 @@ def save(fig, out_dir: Path, stem: str) -> list[Path]:
     return [png, svg]
 
 
-def grid(rows: list[dict], key: str, step=None):
-    """(layers, types, matrix) of the mean of `key` per (layer, type); rows without a layer are left
-    out. With `step`, only the rows of that step count. Missing cells are NaN."""
+def grid(rows: list[dict], key: str, step=None, column: str = "type", order=type_key):
+    """(layers, columns, matrix) of the mean of `key` per (layer, row[column]): by module type, or
+    e.g. by expert (column="expert", order=plots_experts.expert_key). Rows without a layer or
+    without that column (a dense module's expert) are left out; with `step`, only the rows of that
+    step count. Missing cells are NaN."""
     cells: dict = {}
     for r in rows:
-        if r.get("layer") is None or (step is not None and r.get("step") != step):
+        if r.get("layer") is None or r.get(column) is None or (step is not None and r.get("step") != step):
             continue
-        cells.setdefault((int(r["layer"]), str(r["type"])), []).append(num(r.get(key)))
+        cells.setdefault((int(r["layer"]), r[column]), []).append(num(r.get(key)))
     layers = sorted({layer for layer, _ in cells})
-    types = sorted({t for _, t in cells}, key=type_key)
-    mat = [[nanmean(cells.get((layer, t), [])) for t in types] for layer in layers]
-    return layers, types, mat
+    cols = sorted({c for _, c in cells}, key=order)
+    mat = [[nanmean(cells.get((layer, c), [])) for c in cols] for layer in layers]
+    return layers, cols, mat
 
 
 def heatmap_panels(

@@ -16,14 +16,7 @@ def expert_key(e) -> tuple:
 def expert_grid(rows: list[dict], key: str, step) -> tuple[list[int], list, list[list[float]]]:
     """(layers, experts, matrix): the mean of `key` per (layer, expert) over the module types at `step`;
     rows of dense modules (no expert) are left out. Missing cells are NaN."""
-    cells: dict = {}
-    for r in rows:
-        if r.get("expert") is None or r.get("layer") is None or r.get("step") != step:
-            continue
-        cells.setdefault((int(r["layer"]), r["expert"]), []).append(common.num(r.get(key)))
-    layers = sorted({layer for layer, _ in cells})
-    experts = sorted({e for _, e in cells}, key=expert_key)
-    return layers, experts, [[common.nanmean(cells.get((layer, e), [])) for e in experts] for layer in layers]
+    return common.grid(rows, key, step, column="expert", order=expert_key)
 
 
 def expert_plots(rows: list[dict], out_dir: Path) -> list[Path]:
