@@ -170,7 +170,9 @@ def _label(row: dict) -> str:
     return _short(str(row["module"]), 24)
 
 
-def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path, metric_name: str | None) -> list[Path]:
+def fit_plots(
+    rows: list[dict], trajectories: dict[str, dict], out_dir: Path, metric_name: str | None, steps=None
+) -> list[Path]:
     """Figures for `rank1 fit-pls`. rows: one dict per module with module, layer, type, r2, loo_r2,
     r2_step (NaN allowed; r2 and loo_r2 None without a metric). trajectories[module]: steps,
     scores, metric (or None), score_line (a, b) with metric ≈ a + b·score; step_scores (the scores
@@ -180,13 +182,15 @@ def fit_plots(rows: list[dict], trajectories: dict[str, dict], out_dir: Path, me
     [-1, 1], each cell's (unclipped) value printed in it. linear_modules: the 5 most and 5 least
     linear modules (by loo_r2 when there is one, else r2_step), the metric (when given) and the step
     against the PLS score oriented so that they rise with it, points coloured by step, with the
-    fitted lines. Titles name the steps. Returns the files written, PNG then SVG per figure; a
-    figure with no data is not written."""
+    fitted lines. Titles name the steps (`steps`, default: the trajectories'). Returns the files
+    written, PNG then SVG per figure; a figure with no data is not written."""
     matplotlib, plt = common.pyplot()
     out_dir = Path(out_dir)
     written: list[Path] = []
     mname = metric_name or "metric"
-    span = steps_label(s for tr in trajectories.values() for s in (tr.get("steps") or []))
+    if steps is None:
+        steps = [s for tr in trajectories.values() for s in (tr.get("steps") or [])]
+    span = steps_label(steps)
     with matplotlib.rc_context(common.RC):
         # (1) R² heatmaps
         kinds = [(k, label) for k, label in _R2_KINDS if _present(rows, k)]

@@ -153,9 +153,9 @@ def fits_section(inputs: list[Input], figs: FigureMaker) -> Section:
                 )
             )
         # the fit store keeps no per-step scores (they need the factor store): the heatmap only,
-        # its title naming the window (a trajectory under no module's name draws no module panel)
+        # its title naming the window
         for f in figs.draw(
-            lambda rows=rows, metric=metric, window=window: fit_plots(rows, {"": {"steps": window}}, UNWRITTEN, metric),
+            lambda rows=rows, metric=metric, window=window: fit_plots(rows, {}, UNWRITTEN, metric, steps=window),
             {"r2_heatmap": "R² by layer × module type (in-sample, leave-one-out, against the step)"},
         ):
             sec.add(f)
