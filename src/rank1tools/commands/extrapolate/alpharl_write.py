@@ -159,10 +159,12 @@ def write_alpharl(
     }
     inputs = [base_ck, fits, *([last_ck] if last_ck is not None else [])]
     local = [Path(c.label) for c in (base_ck, last_ck) if c is not None and not is_hub_source(c.label)] + [Path(fits)]
+    # the reports depend on the plans only (fitted before any write): one per target, for both formats
+    limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
+    reports = [_report(plans, i, t, kind, limits[i], store, options) for i, t in enumerate(targets)]
     if options.output_format == "peft":  # rank-1 updates: one LoRA adapter per target (alpharl_adapter.py)
         from .alpharl_adapter import write_adapters
 
-        limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
         outputs = write_adapters(
             out,
             force=force,
@@ -171,7 +173,7 @@ def write_alpharl(
             plans=plans,
             targets=targets,
             kind=kind,
-            reports=[_report(plans, i, t, kind, limits[i], store, options) for i, t in enumerate(targets)],
+            reports=reports,
             params=params,
             inputs=inputs,
             local=local,
@@ -205,8 +207,6 @@ def write_alpharl(
                     write_copied(name, container, outs.writers, described=f"{container.label} values", base=base_ck)
                 if progress:
                     progress(i + 1, len(names))
-            limits = [flag_limit(kind, t, last_step if kind == "step" else None, options.flag_ratio) for t in targets]
-            reports = [_report(plans, i, t, kind, limits[i], store, options) for i, t in enumerate(targets)]
             roundings = [rounding_report(st) for st in stats]
             outs.commit(
                 copy_from=base_ck,
