@@ -415,3 +415,20 @@ def test_a_model_loaded_from_an_adapter_gives_peft_merged_logits(world):
     with torch.no_grad():
         got, want = lm.model(ids).logits, reference.eval()(ids).logits
     assert torch.allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_export_lora_of_an_adapter_checkpoint_gives_its_update_back(world, tmp_path):
+    """export-lora (and reconstruct --format peft) read an adapter CHECKPOINT on BASE, as the other
+    commands do: at --rank >= the adapter's r the exported adapter merges to peft's own merge."""
+    from rank1tools.io import open_source
+
+    root, merged = world
+    base, ckpt = root / "base", root / "run" / "checkpoint-20"
+    for cmd, extra in (("export-lora", []), ("reconstruct", ["--format", "peft"])):
+        out = tmp_path / cmd
+        r = run_main(cmd, str(base), str(ckpt), "--rank", "4", *extra, "--out", str(out), "--device", "cpu", "-q")
+        assert r.returncode == 0, r.stderr
+        exported = open_source(str(out), base=open_source(str(base)))
+        for name, ref in merged["run20"].items():
+            if any(m in name for m in ("q_proj", "v_proj", "down_proj")):
+                assert torch.allclose(exported.read(name), ref.float(), rtol=0, atol=1e-5), (cmd, name)

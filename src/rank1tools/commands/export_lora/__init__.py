@@ -49,7 +49,8 @@ def export_lora(
     """Write the adapter folder `out`; see the module doc."""
     options.check()
     k = options.rank
-    base_ck, ck = open_source(base), open_source(checkpoint)
+    base_ck = open_source(base)
+    ck = open_source(checkpoint, base=base_ck)  # a PEFT adapter: read on the base (io/peft_adapter.py)
     notes: list[str] = []
     shapes = tensor_shapes(base_ck, [ck])
     modules = select_tensors(shapes, include=options.include, exclude=options.exclude, all_2d=options.all_2d)
